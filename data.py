@@ -1,0 +1,388 @@
+"""Reading, writing, simulating and generating binary 3D stacks.
+
+Every stack in this project is a numpy array with axes ``(D, H, W)``:
+``D`` is the (anisotropic) Z axis, ``H`` and ``W`` the lateral Y and X axes.
+Masks are ``bool``; label images are unsigned integers with 0 = background.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tifffile
+
+PathLike = Union[str, os.PathLike]
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------- #
+def natural_sort_key(name: str) -> list:
+    """Key that sorts ``img_2.tif`` before ``img_10.tif``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def list_tiff_files(folder: PathLike) -> list:
+    """TIFF files directly inside ``folder``, in natural order."""
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES]
+    return sorted(files, key=lambda p: natural_sort_key(p.name))
+
+
+def read_stack(path: PathLike) -> np.ndarray:
+    """Read a stack as stored: a folder of 2D TIFF slices or one multipage TIFF.
+
+    Parameters
+    ----------
+    path : str or Path
+        A folder holding one 2D TIFF per Z slice (sorted in natural order), or a
+        single multipage / ImageJ / OME TIFF file with axes Z, Y, X.
+
+    Returns
+    -------
+    stack_dhw : ndarray, shape (D, H, W)
+        The stored values and dtype, untouched.
+
+    Raises
+    ------
+    FileNotFoundError
+        The path does not exist, or the folder holds no TIFF file.
+    ValueError
+        Slices of different sizes, or an image that is not a 3D stack.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Input path '{path}' does not exist. Set INPUT_IMAGES_DIRECTORY (or --input) "
+            "to a folder of 2D TIFF slices or to a multipage TIFF file."
+        )
+    if path.is_dir():
+        files = list_tiff_files(path)
+        if not files:
+            raise FileNotFoundError(
+                f"No TIFF files (*.tif, *.tiff) found in folder '{path}'. "
+                "Point the input to a folder of 2D TIFF slices or to a multipage TIFF file."
+            )
+        slices = [np.squeeze(tifffile.imread(f)) for f in files]
+        shapes = {s.shape for s in slices}
+        if len(shapes) != 1:
+            sizes = ", ".join(f"{f.name}: {s.shape}" for f, s in list(zip(files, slices))[:6])
+            raise ValueError(
+                f"Slices in '{path}' have different sizes ({sizes} ...). All slices of a "
+                "stack must share one height and width; crop or pad them to one size first."
+            )
+        if slices[0].ndim != 2:
+            raise ValueError(
+                f"Each file in the folder '{path}' must be one 2D slice, got shape "
+                f"{slices[0].shape}. For multipage TIFFs pass the file itself as input."
+            )
+        stack = np.stack(slices, axis=0)
+    else:
+        if path.suffix.lower() not in TIFF_SUFFIXES:
+            raise ValueError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
+        stack = np.squeeze(tifffile.imread(path))
+    if stack.ndim != 3:
+        raise ValueError(
+            f"'{path}' holds an image of shape {stack.shape}; expected a 3D stack (Z, Y, X) "
+            "of at least two slices. Multi-channel or time-lapse files must be split first."
+        )
+    return stack
+
+
+def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str = "input") -> np.ndarray:
+    """Convert a stack to ``bool`` by a documented rule.
+
+    Rule: with ``threshold=None`` every non-zero voxel is foreground; otherwise
+    voxels strictly greater than ``threshold`` are. A stack with more than two
+    distinct values, or two values other than {0, x}, triggers a ``UserWarning``
+    saying which rule was applied.
+    """
+    if stack.dtype == bool:
+        return stack
+    values = np.unique(stack) if stack.size <= 50_000_000 else np.unique(stack[:: max(1, stack.shape[0] // 16)])
+    if threshold is None:
+        if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+            warnings.warn(
+                f"{source} is not binary ({len(values)} distinct values, range {values.min()}..{values.max()}); "
+                "binarized as foreground = value != 0. Pass a threshold to use another cut "
+                "(label images: use apply.py --labels to keep object ids).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return stack != 0
+    if len(values) > 2:
+        warnings.warn(f"{source} is not binary; binarized as foreground = value > {threshold}.", UserWarning, stacklevel=2)
+    return stack > threshold
+
+
+def import_binary_tiff_sequence(path: PathLike, threshold: Optional[float] = None) -> np.ndarray:
+    """Read a binary stack from a slice folder or a multipage TIFF.
+
+    Parameters
+    ----------
+    path : str or Path
+        Folder of 2D TIFF slices (natural order) or one multipage TIFF.
+    threshold : float, optional
+        Foreground is ``value > threshold``; default: ``value != 0``.
+
+    Returns
+    -------
+    stack_dhw : ndarray of bool, shape (D, H, W)
+    """
+    return binarize(read_stack(path), threshold, source=f"'{path}'")
+
+
+def read_voxel_size(path: PathLike) -> Optional[Tuple[float, float, float]]:
+    """Voxel size ``(z, y, x)`` from ImageJ or OME metadata of a TIFF, else None.
+
+    For a folder of slices, the first slice's metadata is read (ImageJ keeps
+    the Z spacing there when a stack is saved as an image sequence).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = list_tiff_files(path)
+        if not files:
+            return None
+        path = files[0]
+    with tifffile.TiffFile(path) as tif:
+        if tif.ome_metadata:
+            size = _ome_voxel_size(tif.ome_metadata)
+            if size is not None:
+                return size
+        meta = tif.imagej_metadata or {}
+        spacing = meta.get("spacing")
+        tags = tif.pages[0].tags
+        if spacing is None or "XResolution" not in tags:
+            return None
+        x_num, x_den = tags["XResolution"].value
+        y_num, y_den = tags["YResolution"].value if "YResolution" in tags else (x_num, x_den)
+        if x_num == 0 or y_num == 0 or (x_num == 1 and x_den == 1 and float(spacing) == 1.0):
+            return None  # tifffile's default 1 px/unit: no real calibration stored
+        return float(spacing), y_den / y_num, x_den / x_num
+
+
+def _ome_voxel_size(ome_xml: str) -> Optional[Tuple[float, float, float]]:
+    root = ET.fromstring(ome_xml)
+    for element in root.iter():
+        if element.tag.endswith("Pixels"):
+            z, y, x = (element.get(f"PhysicalSize{a}") for a in "ZYX")
+            if z is not None and x is not None:
+                return float(z), float(y if y is not None else x), float(x)
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# Simulating anisotropy
+# --------------------------------------------------------------------------- #
+def resolution_factor(z_resolution: float, xy_resolution: float) -> int:
+    """Integer Z/XY resolution factor, ``z_resolution // xy_resolution`` as in the seed.
+
+    Raises ``ValueError`` when the factor is below 2 (nothing to restore).
+    """
+    if xy_resolution <= 0 or z_resolution <= 0:
+        raise ValueError(f"Resolutions must be positive, got Z_RESOLUTION={z_resolution}, XY_RESOLUTION={xy_resolution}.")
+    factor = int(z_resolution // xy_resolution)
+    if factor < 2:
+        raise ValueError(
+            f"Z_RESOLUTION / XY_RESOLUTION = {z_resolution}/{xy_resolution} gives a factor of {factor}; "
+            "it must be at least 2 for slices to be missing. Increase Z_RESOLUTION or decrease XY_RESOLUTION."
+        )
+    return factor
+
+
+def check_factor(factor: int, depth: int) -> None:
+    """Raise a clear ``ValueError`` unless ``2 <= factor`` and two slices are kept."""
+    if int(factor) != factor or factor < 2:
+        raise ValueError(f"The resolution factor must be an integer >= 2, got {factor}.")
+    if factor >= depth:
+        raise ValueError(
+            f"Resolution factor {factor} is not smaller than the stack depth {depth}: fewer than two "
+            "slices would be kept. Use a deeper stack or a smaller Z_RESOLUTION / XY_RESOLUTION ratio."
+        )
+
+
+def downsample_z(stack_dhw: np.ndarray, factor: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Keep slices ``0, factor, 2*factor, ...`` of a stack.
+
+    Returns
+    -------
+    sparse_dhw : ndarray, shape (len(kept_indices), H, W), same dtype
+    kept_indices : ndarray of int64
+    """
+    check_factor(factor, stack_dhw.shape[0])
+    kept_indices = np.arange(0, stack_dhw.shape[0], factor, dtype=np.int64)
+    return stack_dhw[kept_indices].copy(), kept_indices
+
+
+# --------------------------------------------------------------------------- #
+# Writing
+# --------------------------------------------------------------------------- #
+def _check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"'{path}' already exists; choose another output path or pass overwrite=True (--overwrite).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _as_savable(stack: np.ndarray) -> np.ndarray:
+    if stack.dtype == bool:
+        return stack.astype(np.uint8) * 255  # 0/255 shows as a mask in every viewer
+    if stack.dtype == np.float64:
+        return stack.astype(np.float32)
+    if stack.dtype in (np.int64, np.uint64, np.int32):
+        if stack.size and stack.max() > np.iinfo(np.uint16).max:
+            raise ValueError("Label ids above 65535 cannot be written as an ImageJ TIFF.")
+        return stack.astype(np.uint16)
+    return stack
+
+
+def save_stack(
+    path: PathLike,
+    stack_dhw: np.ndarray,
+    voxel_size_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+    unit: str = "um",
+    overwrite: bool = False,
+    as_slices: bool = False,
+) -> Path:
+    """Write a stack that Fiji/ImageJ and napari open with the right voxel size.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.tif`` file, or with ``as_slices=True`` a folder that receives
+        one ``slice_0000.tif`` per Z slice (the seed's format).
+    stack_dhw : ndarray, shape (D, H, W)
+        bool (written as uint8 0/255), uint8/uint16 labels or float32 probabilities.
+    voxel_size_zyx : (float, float, float)
+        Physical voxel size, stored as ImageJ ``spacing`` and X/Y resolution.
+    overwrite : bool
+        Existing files are never replaced unless this is True.
+
+    Returns
+    -------
+    Path written.
+    """
+    path = Path(path)
+    data = _as_savable(np.asarray(stack_dhw))
+    z, y, x = (float(v) for v in voxel_size_zyx)
+    kwargs = dict(
+        imagej=True,
+        resolution=(1.0 / x, 1.0 / y),
+        metadata={"spacing": z, "unit": unit, "axes": "ZYX"},
+        compression="zlib",
+    )
+    if as_slices:
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"Folder '{path}' is not empty; choose another output folder or pass overwrite=True.")
+        path.mkdir(parents=True, exist_ok=True)
+        for index, slice_hw in enumerate(data):
+            tifffile.imwrite(path / f"slice_{index:04d}.tif", slice_hw[None], **kwargs)
+        return path
+    _check_writable(path, overwrite)
+    tifffile.imwrite(path, data, **kwargs)
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Built-in sample
+# --------------------------------------------------------------------------- #
+def _paint_capsule(labels: np.ndarray, p0: np.ndarray, p1: np.ndarray, radius: float, label: int) -> None:
+    """Paint the voxels within ``radius`` of segment p0-p1 (coordinates z, y, x)."""
+    lo = np.maximum(np.floor(np.minimum(p0, p1) - radius).astype(int), 0)
+    hi = np.minimum(np.ceil(np.maximum(p0, p1) + radius).astype(int) + 1, labels.shape)
+    if np.any(hi <= lo):
+        return
+    grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), axis=-1).astype(np.float32)
+    seg = (p1 - p0).astype(np.float32)
+    t = np.clip(((grid - p0) @ seg) / max(float(seg @ seg), 1e-6), 0.0, 1.0)
+    dist2 = np.sum((grid - (p0 + t[..., None] * seg)) ** 2, axis=-1)
+    box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    box[dist2 <= radius**2] = label
+
+
+def _paint_ellipsoid(labels: np.ndarray, centre: np.ndarray, radii: np.ndarray, rotation: np.ndarray, label: int) -> None:
+    reach = float(np.max(radii))
+    lo = np.maximum(np.floor(centre - reach).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, labels.shape)
+    if np.any(hi <= lo):
+        return
+    grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), axis=-1).astype(np.float32)
+    local = (grid - centre) @ rotation  # coordinates in the ellipsoid's own frame
+    inside = np.sum((local / radii) ** 2, axis=-1) <= 1.0
+    box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    box[inside] = label
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def make_sample_labels(shape: Tuple[int, int, int] = (128, 128, 128), seed: int = 0) -> np.ndarray:
+    """Deterministic isotropic label phantom that looks like an organelle segmentation.
+
+    Contains what makes Z interpolation hard: branching tubes that wander
+    laterally (vessels, mitochondrial networks), ellipsoids of several sizes and
+    orientations (nuclei, mitochondria), flat objects only 2-5 slices thick that
+    fall between kept slices, and pairs of touching objects with distinct ids.
+
+    Parameters
+    ----------
+    shape : (D, H, W)
+    seed : int
+
+    Returns
+    -------
+    labels_dhw : ndarray of uint16, 0 = background, one id per object.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, dtype=np.uint16)
+    dims = np.array(shape, dtype=np.float32)
+    scale = float(np.cbrt(np.prod(dims) / 128.0**3))  # object count follows the volume
+    next_id = 1
+
+    # Branching tubes: random walks with smoothly turning direction.
+    for _ in range(max(1, round(6 * scale))):
+        stack = [(rng.uniform(0.1, 0.9, 3) * dims, rng.normal(size=3), 0)]
+        while stack:
+            point, direction, generation = stack.pop()
+            radius = rng.uniform(2.0, 5.0) / (1 + 0.3 * generation)
+            for _step in range(int(rng.integers(6, 14))):
+                direction = direction / np.linalg.norm(direction) + rng.normal(scale=0.35, size=3)
+                direction /= np.linalg.norm(direction)
+                new_point = point + direction * rng.uniform(4, 8)
+                _paint_capsule(labels, point, new_point, radius, next_id)
+                point = new_point
+                if generation < 2 and rng.random() < 0.12:
+                    stack.append((point.copy(), rng.normal(size=3), generation + 1))
+                if np.any(point < 0) or np.any(point >= dims):
+                    break
+        next_id += 1
+
+    # Ellipsoids of several sizes; some flat ones only a few slices thick.
+    n_blobs = max(4, round(55 * scale))
+    for index in range(n_blobs):
+        centre = rng.uniform(0.05, 0.95, 3) * dims
+        if index % 4 == 0:  # flat along Z: thinner than the gap between kept slices
+            radii = np.array([rng.uniform(1.0, 2.5), rng.uniform(3, 9), rng.uniform(3, 9)], dtype=np.float32)
+            rotation = np.eye(3, dtype=np.float32)
+        else:
+            radii = np.array(sorted(rng.uniform(3.0, 14.0, 3)), dtype=np.float32)
+            rotation = _random_rotation(rng)
+        _paint_ellipsoid(labels, centre, radii, rotation, next_id)
+        if index % 6 == 1:  # a touching partner with its own id
+            offset = rotation[:, 2] * (radii[2] * 1.6)
+            _paint_ellipsoid(labels, centre + offset, radii * 0.8, rotation, next_id + 1)
+            next_id += 1
+        next_id += 1
+    return labels
+
+
+def make_sample_stack(shape: Tuple[int, int, int] = (128, 128, 128), seed: int = 0) -> np.ndarray:
+    """Binary version of :func:`make_sample_labels`: ``(D, H, W)`` bool."""
+    return make_sample_labels(shape, seed) > 0

@@ -1,0 +1,365 @@
+"""Measure the method: simulate anisotropy on an isotropic mask, restore it, score it.
+
+Edit the constants below, or override any of them on the command line
+(``python eval.py --help`` lists every flag with its default). With no input
+configured the built-in sample phantom is used, so ``python eval.py`` runs on a
+fresh machine with no data.
+
+Workflow: load -> keep every ``factor``-th Z slice -> train on lateral crops
+of the kept slices -> restore the missing slices with the network -> restore
+them with shape-based interpolation (the baseline) -> IoU against the original
+-> save stacks, model, figures and ``metrics.json`` -> optional slice viewer.
+"""
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------
+# Configuration (edit here, or pass e.g. --num-epochs 20 on the command line)
+# ----------------------------------------------------------------------------
+INPUT_IMAGES_DIRECTORY = ""  # folder of 2D TIFF slices or one multipage TIFF; "" = built-in sample
+OUTPUT_PREDICTION_OUTDIRECTORY = ""  # predicted stacks; "" = <RUN_DIRECTORY>/predicted
+OUTPUT_INTERPOLATED_DIRECTORY = ""  # morphed (baseline) stack; "" = <RUN_DIRECTORY>/interpolated
+RUN_DIRECTORY = ""  # model, figures, metrics.json; "" = a new folder runs/eval-<date>-<time>
+OVERWRITE = False  # replace existing output files (never done silently)
+SAMPLE_SHAPE = (128, 128, 128)  # (D, H, W) of the built-in sample
+XY_RESOLUTION = 2.0  # lateral pixel size
+Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION // XY_RESOLUTION
+VOXEL_UNIT = "um"  # unit of the resolutions, written into the TIFF metadata
+BINARIZE_THRESHOLD = -1.0  # foreground = value > threshold; < 0 means value != 0
+TRAIN_XY_SIZE = 64  # lateral crop edge for training, in pixels
+TRAIN_Z_SIZE = 5  # neighbouring kept slices fed as channels (odd)
+TRAIN_NB = 1600  # number of training crops (train + validation)
+VAL_SPLIT = 0.1  # fraction of crops kept for validation
+MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
+RANDOM_STATE = 42  # seeds python, numpy and torch
+BATCH_SIZE = 16  # training batch size
+NUM_EPOCHS = 10  # passes over the training crops
+LEARNING_RATE = 3e-3  # peak learning rate (one-cycle schedule, Adam)
+DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
+BASE_FILTERS = 16  # width of the first U-Net level (32 or more on a GPU)
+DEPTH = 3  # U-Net down-sampling steps
+DROPOUT_RATE = 0.1  # bottleneck dropout
+INPUT_SKIP = True  # residual prediction: the network corrects the upscaled input
+UPSCALE_METHOD = "linear"  # interpolation that degrades training crops and upscales Z
+INFERENCE_TILE_SIZE = 256  # tile edge at inference (planes larger than this are tiled)
+INFERENCE_BATCH_SIZE = 16  # tiles per forward pass at inference
+ORIENTATIONS = "yx"  # predict planes along Y ("y"), along X ("x") or both, averaged ("yx")
+CHANNEL_STRIDE = 0  # spacing of the channel planes at inference; 0 = factor (as in training)
+TTA_FLIPS = False  # average predictions over flips along Z and along the lateral axis
+KEEP_KEPT_SLICES = True  # copy the known slices verbatim into the prediction
+PROBABILITY_THRESHOLD = 0.5  # probability above which a voxel is foreground
+DEVICE = ""  # "cpu", "cuda" or "" = CUDA when available
+SHOW = "auto"  # slice viewer after the run: "auto" (when a display exists), "yes", "no"
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+CONFIG_NAMES = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
+
+
+def default_settings() -> Dict[str, Any]:
+    """The configuration constants of this module, as a dict."""
+    return {name: globals()[name] for name in CONFIG_NAMES}
+
+
+def _parse_value(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+    if isinstance(default, tuple):
+        return tuple(int(part) for part in text.replace("x", ",").split(","))
+    return type(default)(text)
+
+
+def _constant_comments() -> Dict[str, str]:
+    """The comment after each constant in this file, used as its --help text."""
+    comments = {}
+    for line in Path(__file__).read_text().splitlines():
+        name, _, rest = line.partition(" = ")
+        if name in CONFIG_NAMES and "#" in rest:
+            comments[name] = rest.split("#", 1)[1].strip()
+    return comments
+
+
+def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True) -> argparse.ArgumentParser:
+    """A parser with one ``--kebab-case`` flag per configuration constant (or per name in ``names``)."""
+    settings = default_settings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _constant_comments()
+    for name in names or CONFIG_NAMES:
+        default = settings[name]
+        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, default=default, metavar="VALUE",
+                            type=lambda text, d=default: _parse_value(text, d), help=comments.get(name, ""))
+    return parser
+
+
+def validate_settings(settings: Dict[str, Any]) -> None:
+    """Reject settings that would fail later, with one clear message each."""
+    from data import resolution_factor
+
+    resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
+    if settings["TRAIN_Z_SIZE"] % 2 == 0 or settings["TRAIN_Z_SIZE"] < 1:
+        raise ValueError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
+    if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
+        raise ValueError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
+    if not 0 < settings["VAL_SPLIT"] < 1:
+        raise ValueError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
+    if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):
+        raise ValueError(f"SHOW must be auto, yes or no, got '{settings['SHOW']}'.")
+
+
+def training_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of ``train.fit_on_sparse_stack`` from the settings."""
+    return dict(train_xy_size=settings["TRAIN_XY_SIZE"], train_z_size=settings["TRAIN_Z_SIZE"],
+                train_nb=settings["TRAIN_NB"], batch_size=settings["BATCH_SIZE"], num_epochs=settings["NUM_EPOCHS"],
+                learning_rate=settings["LEARNING_RATE"], val_split=settings["VAL_SPLIT"],
+                min_content_ratio=settings["MIN_CONTENT_RATIO"], base_filters=settings["BASE_FILTERS"],
+                depth=settings["DEPTH"], dropout_rate=settings["DROPOUT_RATE"], input_skip=settings["INPUT_SKIP"],
+                dice_weight=settings["DICE_WEIGHT"], upscale_method=settings["UPSCALE_METHOD"],
+                random_state=settings["RANDOM_STATE"])
+
+
+def inference_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of ``apply.apply_model_to_stack_tiled_slice_by_slice`` from the settings."""
+    flips = ((), (-1,), (-2,), (-2, -1)) if settings["TTA_FLIPS"] else ((),)
+    return dict(train_depth=settings["TRAIN_Z_SIZE"], tile_size=max(settings["INFERENCE_TILE_SIZE"],
+                                                                      settings["TRAIN_XY_SIZE"]),
+                batch_size=settings["INFERENCE_BATCH_SIZE"], channel_stride=settings["CHANNEL_STRIDE"] or None,
+                orientations=tuple(settings["ORIENTATIONS"]), flips=flips,
+                keep_kept_slices=settings["KEEP_KEPT_SLICES"], upscale_method=settings["UPSCALE_METHOD"])
+
+
+def model_config(settings: Dict[str, Any], factor: int) -> Dict[str, Any]:
+    """What a saved model needs to be applied later without retraining."""
+    config = {key.lower(): value for key, value in settings.items()
+              if key in ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TILE_SIZE", "ORIENTATIONS",
+                         "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES", "PROBABILITY_THRESHOLD", "RANDOM_STATE")}
+    config["factor"] = int(factor)
+    return config
+
+
+def display_available() -> bool:
+    """True when matplotlib can open a window (an interactive backend and a screen)."""
+    import matplotlib
+
+    backend = matplotlib.get_backend().lower()
+    if backend in ("agg", "pdf", "svg", "ps", "cairo", "template") or "inline" in backend:
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def view_stacks_interactively(raw_dhw: np.ndarray, morphed_dhw: np.ndarray, predicted_dhw: np.ndarray,
+                              titles: Sequence[str] = ("raw", "morphed", "predicted"), block: bool = True):
+    """Matplotlib window "Slice Viewer": three stacks side by side, a slider over Z.
+
+    Returns the figure (and keeps a reference to the slider on it) so it can be
+    driven programmatically; blocks until closed when ``block`` and a display exists.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.widgets import Slider
+
+    stacks = [np.asarray(s) for s in (raw_dhw, morphed_dhw, predicted_dhw)]
+    depth = stacks[0].shape[0]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 5), num="Slice Viewer")
+    images = []
+    for axis, stack, title in zip(axes, stacks, titles):
+        images.append(axis.imshow(stack[depth // 2], cmap="gray", vmin=0, vmax=1, interpolation="nearest"))
+        axis.set_title(title)
+        axis.axis("off")
+    figure.subplots_adjust(bottom=0.15)
+    slider = Slider(figure.add_axes([0.2, 0.04, 0.6, 0.04]), "Z", 0, depth - 1, valinit=depth // 2, valstep=1)
+
+    def update(value: float) -> None:
+        for image, stack in zip(images, stacks):
+            image.set_data(stack[int(value)])
+        figure.canvas.draw_idle()
+
+    slider.on_changed(update)
+    figure.slider = slider
+    if block and display_available():
+        plt.show()
+    return figure
+
+
+def comparison_figure(truth_dhw: np.ndarray, nearest_dhw: np.ndarray, morphed_dhw: np.ndarray,
+                      predicted_dhw: np.ndarray, kept_indices: np.ndarray, path: Path, scores: Dict[str, float]) -> None:
+    """Orthogonal (Z, X) section and one reconstructed XY slice of each stack, errors coloured.
+
+    Colours: white = correct foreground, red = false positive, cyan = false negative.
+    """
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from metrics import reconstructed_indices
+
+    recon = reconstructed_indices(kept_indices, truth_dhw.shape[0])
+    y_section = int(np.argmax(truth_dhw.sum(axis=(0, 2))))  # the Y with most foreground
+    z_slice = int(recon[np.argmax(truth_dhw[recon].sum(axis=(1, 2)))]) if len(recon) else 0
+
+    def coloured(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+        rgb = np.zeros(pred.shape + (3,), dtype=np.float32)
+        rgb[pred & truth] = (1, 1, 1)
+        rgb[pred & ~truth] = (1, 0.2, 0.2)
+        rgb[~pred & truth] = (0, 0.8, 0.9)
+        return rgb
+
+    columns = [("ground truth", truth_dhw), ("kept slices (nearest)", nearest_dhw),
+               (f"shape-based IoU {scores['morphed']:.3f}", morphed_dhw),
+               (f"network IoU {scores['predicted']:.3f}", predicted_dhw)]
+    figure, axes = plt.subplots(2, 4, figsize=(16, 8.5))
+    for col, (title, stack) in enumerate(columns):
+        axes[0, col].imshow(coloured(stack[:, y_section, :], truth_dhw[:, y_section, :]), interpolation="nearest",
+                            aspect="auto")
+        axes[0, col].set_title(f"{title}\nXZ section at y={y_section}", fontsize=10)
+        axes[1, col].imshow(coloured(stack[z_slice], truth_dhw[z_slice]), interpolation="nearest")
+        axes[1, col].set_title(f"XY slice z={z_slice} (reconstructed)", fontsize=10)
+        for axis in axes[:, col]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    for z in kept_indices:
+        for col in range(4):
+            axes[0, col].axhline(z, color="yellow", lw=0.4, alpha=0.5)
+    figure.suptitle("IoU on reconstructed slices; red = false positive, cyan = false negative, "
+                    "yellow lines = kept slices", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    matplotlib.pyplot.close("all")
+
+
+def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
+    """Every file this run writes; checked before any long work starts."""
+    run_dir = Path(settings["RUN_DIRECTORY"] or Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
+    predicted_dir = Path(settings["OUTPUT_PREDICTION_OUTDIRECTORY"] or run_dir / "predicted")
+    interpolated_dir = Path(settings["OUTPUT_INTERPOLATED_DIRECTORY"] or run_dir / "interpolated")
+    paths = {
+        "model": run_dir / "model.pt",
+        "metrics": run_dir / "metrics.json",
+        "loss_curve": run_dir / "loss_curve.png",
+        "training_examples": run_dir / "training_examples.png",
+        "comparison": run_dir / "comparison.png",
+        "probabilities": predicted_dir / "predicted_probabilities.tif",
+        "predicted": predicted_dir / "predicted_stack.tif",
+        "morphed": interpolated_dir / "morphed_stack.tif",
+    }
+    if not settings["OVERWRITE"]:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"Output files already exist: {', '.join(existing)}. Choose other output "
+                                  "directories or pass --overwrite true.")
+    return paths
+
+
+def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The whole workflow; returns the metrics dict that is also saved as JSON."""
+    import torch
+
+    from apply import apply_model_to_stack_tiled_slice_by_slice
+    from data import downsample_z, import_binary_tiff_sequence, make_sample_stack, resolution_factor, save_stack
+    from metrics import score_reconstruction
+    from model import save_model, select_device
+    from morph import interpolate_along_axis, morph_stack_interpolated
+    from train import check_crop_size, display_training_results, fit_on_sparse_stack, plot_loss_history
+
+    validate_settings(settings)
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    device = select_device(settings["DEVICE"] or None)
+    print(f"Computation will be performed on device: {device.type}")
+
+    factor = resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
+    print("Loading the stack ...")
+    if settings["INPUT_IMAGES_DIRECTORY"]:
+        threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+        truth = import_binary_tiff_sequence(settings["INPUT_IMAGES_DIRECTORY"], threshold)
+        source = str(settings["INPUT_IMAGES_DIRECTORY"])
+    else:
+        truth = make_sample_stack(tuple(settings["SAMPLE_SHAPE"]), seed=settings["RANDOM_STATE"])
+        source = f"built-in sample {tuple(settings['SAMPLE_SHAPE'])}"
+    sparse, kept_indices = downsample_z(truth, factor)
+    check_crop_size(sparse.shape, (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"], settings["TRAIN_XY_SIZE"]),
+                    factor)
+    paths = output_paths(settings)
+    print(f"Stack {truth.shape} (D, H, W) from {source}; factor {factor}: {len(kept_indices)} slices kept.")
+    print(f"Outputs go to {paths['metrics'].parent}")
+
+    print("Generating training samples and training ...")
+    t0 = time.perf_counter()
+    model, history, (inputs, labels) = fit_on_sparse_stack(sparse, factor, device=device,
+                                                           **training_kwargs(settings))
+    timings["train_s"] = time.perf_counter() - t0
+
+    print("Applying the model to the stack ...")
+    t0 = time.perf_counter()
+    probabilities = apply_model_to_stack_tiled_slice_by_slice(model, sparse, factor, original_depth=truth.shape[0],
+                                                              device=device, **inference_kwargs(settings))
+    predicted = probabilities >= settings["PROBABILITY_THRESHOLD"]
+    timings["infer_s"] = time.perf_counter() - t0
+
+    print("Morphological (shape-based) interpolation ...")
+    t0 = time.perf_counter()
+    morphed = morph_stack_interpolated(sparse, kept_indices, truth.shape[0])
+    timings["morph_s"] = time.perf_counter() - t0
+    nearest = interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="nearest")
+
+    scores = {"morphed": score_reconstruction(morphed, truth, kept_indices),
+              "predicted": score_reconstruction(predicted, truth, kept_indices),
+              "nearest": score_reconstruction(nearest, truth, kept_indices)}
+    for name in ("morphed", "predicted"):
+        print(f"IoU for {name.capitalize()} Stack: {scores[name]['iou_stack']:.4f} "
+              f"(reconstructed slices only: {scores[name]['iou_recon']:.4f})")
+
+    print("Saving ...")
+    voxel = (settings["XY_RESOLUTION"],) * 3
+    unit, overwrite = settings["VOXEL_UNIT"], settings["OVERWRITE"]
+    save_model(paths["model"], model, model_config(settings, factor), overwrite=overwrite)
+    save_stack(paths["probabilities"], probabilities.astype(np.float32), voxel, unit, overwrite)
+    save_stack(paths["predicted"], predicted, voxel, unit, overwrite)
+    save_stack(paths["morphed"], morphed, voxel, unit, overwrite)
+    plot_loss_history(history, paths["loss_curve"])
+    display_training_results(model, inputs[-8:], labels[-8:], path=paths["training_examples"])
+    comparison_figure(truth, nearest, morphed, predicted, kept_indices, paths["comparison"],
+                      {k: v["iou_recon"] for k, v in scores.items()})
+    timings["total_s"] = time.perf_counter() - start
+    metrics = {
+        "source": source, "shape_dhw": list(truth.shape), "factor": factor,
+        "kept_indices": kept_indices.tolist(), "device": device.type, "scores": scores,
+        "loss_history": history, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+        "versions": {"numpy": np.__version__, "torch": torch.__version__},
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
+    paths["metrics"].write_text(json.dumps(metrics, indent=2))
+    print(f"Done in {timings['total_s']:.0f} s. Results in {paths['metrics'].parent}")
+
+    show = str(settings["SHOW"]).lower()
+    if show in ("yes", "true") or (show == "auto" and display_available()):
+        view_stacks_interactively(truth, morphed, predicted, titles=("raw (ground truth)", "morphed", "predicted"))
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    settings = vars(build_parser().parse_args(argv))
+    try:
+        run_evaluation(settings)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

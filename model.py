@@ -1,0 +1,174 @@
+"""AttentionResUNet: a 2D U-Net with residual blocks and attention-gated skips.
+
+The network sees ``in_channels`` neighbouring planes of a stack as channels and
+returns logits for the centre plane. Images are ``(N, C, H, W)`` float32
+tensors with values in [0, 1]; logits are ``(N, n_classes, H, W)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm stages; the shortcut (identity, or a 1x1
+    projection when the width changes) is added before the last ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al. 2018, "Attention U-Net").
+
+    The gating signal ``g`` comes from the next coarser decoder level (half the
+    resolution of the skip features ``x``). Both are projected to
+    ``inter_channels`` at the coarse resolution, summed, passed through ReLU,
+    a 1x1 conv and a sigmoid; the resulting mask is upsampled and multiplied
+    onto ``x``.
+    """
+
+    def __init__(self, skip_channels: int, gate_channels: int, inter_channels: int):
+        super().__init__()
+        self.theta_x = nn.Conv2d(skip_channels, inter_channels, 2, stride=2, bias=False)
+        self.phi_g = nn.Conv2d(gate_channels, inter_channels, 1, bias=True)
+        self.psi = nn.Sequential(nn.Conv2d(inter_channels, 1, 1, bias=True), nn.BatchNorm2d(1))
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return the gated skip features and the attention mask ``(N, 1, H, W)`` in [0, 1]."""
+        theta = self.theta_x(x)
+        phi = self.phi_g(g)
+        if phi.shape[-2:] != theta.shape[-2:]:
+            phi = F.interpolate(phi, size=theta.shape[-2:], mode="bilinear", align_corners=False)
+        attention = torch.sigmoid(self.psi(F.relu(theta + phi, inplace=True)))
+        attention = F.interpolate(attention, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return x * attention, attention
+
+
+class AttentionResUNet(nn.Module):
+    """2D attention residual U-Net.
+
+    Parameters
+    ----------
+    in_channels : int
+        Number of neighbouring planes fed as channels (``TRAIN_Z_SIZE``).
+    n_classes : int
+        Output channels (1 for a binary mask).
+    depth : int
+        Number of down-sampling steps.
+    base_filters : int
+        Width of the first level; each level doubles it.
+    dropout_rate : float
+        Dropout in the bottleneck.
+    input_skip : bool
+        Residual prediction: add ``input_skip_gain * (2 * centre - 1)`` to the
+        logits, so the network learns a correction of the upscaled centre
+        plane rather than drawing the mask from scratch.
+
+    Any H and W are accepted: inputs are padded to a multiple of ``2**depth``
+    (by edge replication) and the output is cropped back.
+    """
+
+    def __init__(self, in_channels: int = 5, n_classes: int = 1, depth: int = 3, base_filters: int = 16,
+                 dropout_rate: float = 0.1, input_skip: bool = True):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}.")
+        self.architecture = dict(in_channels=in_channels, n_classes=n_classes, depth=depth,
+                                 base_filters=base_filters, dropout_rate=dropout_rate, input_skip=input_skip)
+        widths = [base_filters * 2**level for level in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        previous = in_channels
+        for width in widths[:-1]:
+            self.encoders.append(ResidualBlock(previous, width))
+            previous = width
+        self.bottleneck = nn.Sequential(ResidualBlock(widths[-2], widths[-1]), nn.Dropout2d(dropout_rate))
+        self.gates = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for level in reversed(range(depth)):
+            coarse, fine = widths[level + 1], widths[level]
+            self.gates.append(AttentionGate(fine, coarse, max(fine // 2, 1)))
+            self.upsamples.append(nn.ConvTranspose2d(coarse, fine, 2, stride=2))
+            self.decoders.append(ResidualBlock(2 * fine, fine))
+        self.head = nn.Conv2d(widths[0], n_classes, 1)
+        self.input_skip_gain = nn.Parameter(torch.tensor(4.0)) if input_skip else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, n_classes, H, W)`` for images ``(N, in_channels, H, W)``."""
+        height, width = x.shape[-2:]
+        multiple = 2 ** self.architecture["depth"]
+        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        skips = []
+        features = padded
+        for encoder in self.encoders:
+            features = encoder(features)
+            skips.append(features)
+            features = F.max_pool2d(features, 2)
+        features = self.bottleneck(features)
+        for gate, upsample, decoder, skip in zip(self.gates, self.upsamples, self.decoders, reversed(skips)):
+            gated, _ = gate(skip, features)
+            features = decoder(torch.cat([upsample(features), gated], dim=1))
+        logits = self.head(features)[..., :height, :width]
+        if self.input_skip_gain is not None:
+            centre = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
+            logits = logits + self.input_skip_gain * (2.0 * centre - 1.0)
+        return logits
+
+
+def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Foreground probabilities (sigmoid of the logits), same shape as the logits."""
+    return torch.sigmoid(model(images))
+
+
+def select_device(device: Optional[str] = None) -> torch.device:
+    """The requested device, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_model(path: Union[str, Path], model: AttentionResUNet, config: Dict[str, Any], overwrite: bool = False) -> Path:
+    """Save weights, architecture and training config (factor, TRAIN_Z_SIZE,
+    tile size, ...) in one file that :func:`load_model` restores."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Model file '{path}' already exists; choose another path or pass overwrite=True.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": "axial-sr-model/1", "architecture": model.architecture, "config": dict(config),
+                "state_dict": state}, path)
+    return path
+
+
+def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[AttentionResUNet, Dict[str, Any]]:
+    """Load a model saved by :func:`save_model`, in eval mode, and its config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model file '{path}' does not exist. Train one with eval.py or apply.py --save-model.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != "axial-sr-model/1":
+        raise ValueError(f"'{path}' is not a model saved by this project (save_model).")
+    model = AttentionResUNet(**checkpoint["architecture"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.to(select_device(device)).eval()
+    return model, checkpoint["config"]

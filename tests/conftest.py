@@ -1,0 +1,11 @@
+"""Shared pytest setup: import the flat-layout modules from the repository root."""
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+# Put the repository root first so that ``import data`` etc. find the project's
+# modules and not an installed package of the same name.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

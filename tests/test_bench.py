@@ -1,0 +1,68 @@
+"""bench.py on a tiny generated stack: rows, JSON schema, scores computed from the arrays."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bench
+from data import downsample_z, make_sample_stack, save_stack
+from metrics import calculate_iou, reconstructed_indices
+from morph import interpolate_along_axis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_rows_and_scores(tmp_path):
+    truth = make_sample_stack((40, 48, 48), seed=2)
+    source = tmp_path / "tiny.tif"
+    save_stack(source, truth, (1.0, 1.0, 1.0))
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "bench.py", "--quick", "--input", str(source), "--factors", "4", "8",
+           "--methods", "nearest", "network", "--out", str(out),
+           "--set", "TRAIN_XY_SIZE=32", "TRAIN_Z_SIZE=3", "TRAIN_NB=64", "NUM_EPOCHS=1", "BASE_FILTERS=4", "DEPTH=2"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "bench_results.json").read_text())
+    assert set(report) == {"settings", "versions", "device", "date", "rows"}
+    rows = report["rows"]
+    assert [(r["factor"], r["method"]) for r in rows] == [(4, "nearest"), (4, "network"), (8, "nearest"), (8, "network")]
+    for row in rows:
+        assert tuple(row) == bench.ROW_KEYS
+        assert row["stack"] == "tiny.tif"
+        assert 0.0 <= row["iou_recon"] <= 1.0
+    for factor in (4, 8):
+        sparse, kept = downsample_z(truth, factor)
+        nearest = interpolate_along_axis(sparse, kept, truth.shape[0], method="nearest")
+        recon = reconstructed_indices(kept, truth.shape[0])
+        row = next(r for r in rows if r["factor"] == factor and r["method"] == "nearest")
+        assert row["iou_recon"] == pytest.approx(calculate_iou(nearest[recon], truth[recon]), abs=1e-5)
+        assert row["iou_stack"] == pytest.approx(calculate_iou(nearest, truth), abs=1e-5)
+        assert row["train_s"] is None
+    network = [r for r in rows if r["method"] == "network"]
+    assert all(r["train_s"] > 0 and r["voxels_per_s"] > 0 for r in network)
+    assert (out / "iou_vs_factor.png").stat().st_size > 1000
+    assert "| tiny.tif | 4 | nearest |" in result.stdout
+    # Never overwrites an existing output folder.
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_bench_rejects_missing_input(tmp_path):
+    assert bench.main(["--input", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_itk_mci_matches_sdf_closely_when_installed():
+    pytest.importorskip("itk")
+    truth = make_sample_stack((33, 48, 48), seed=4)
+    sparse, kept = downsample_z(truth, 4)
+    restored = bench.run_itk_mci(sparse, kept, truth.shape[0])
+    assert restored.shape == truth.shape
+    np.testing.assert_array_equal(restored[kept], sparse)
+    recon = reconstructed_indices(kept, truth.shape[0])
+    nearest = interpolate_along_axis(sparse, kept, truth.shape[0], method="nearest")
+    # A real interpolator: at least as good as copying the nearest slice, minus a small margin.
+    assert calculate_iou(restored[recon], truth[recon]) > calculate_iou(nearest[recon], truth[recon]) - 0.05

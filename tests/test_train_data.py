@@ -1,0 +1,142 @@
+"""Tests for the training-data helpers of train.py."""
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from data import downsample_z, make_sample_stack
+from train import create_cropped_image_dataset, downscale_upscale_height
+
+
+# --------------------------------------------------------------------------- #
+# downscale_upscale_height
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("phase", [0, 1, 2])
+def test_downscale_upscale_height_keeps_rows(phase):
+    rng = np.random.default_rng(phase)
+    image = rng.random((14, 9))
+    out = downscale_upscale_height(image, 3, phase=phase)
+    assert out.shape == image.shape
+    assert out.dtype == np.float32
+    kept = np.arange(phase, 14, 3)
+    assert np.allclose(out[kept], image[kept], atol=1e-7)
+    # linear blend in between
+    assert np.allclose(out[phase + 1], (2 * image[phase] + image[phase + 3]) / 3, atol=1e-6)
+    # rows before the first / after the last kept row copy it
+    assert np.allclose(out[:phase], image[phase], atol=1e-7)
+    assert np.allclose(out[kept[-1]:], image[kept[-1]], atol=1e-7)
+
+
+def test_downscale_upscale_height_3d_acts_on_axis_minus_2():
+    rng = np.random.default_rng(0)
+    crop = rng.random((3, 10, 7)) < 0.5
+    out = downscale_upscale_height(crop, 4, phase=1)
+    assert out.shape == crop.shape
+    assert out.dtype == np.float32
+    assert np.array_equal(out[:, 1::4], crop[:, 1::4].astype(np.float32))
+    for c in range(3):  # each channel degraded on its own, like a 2D image
+        assert np.array_equal(out[c], downscale_upscale_height(crop[c], 4, phase=1))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_downscale_upscale_height_nearest():
+    image = np.arange(8, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    out = downscale_upscale_height(image, 2, method="nearest")
+    assert out[:, 0].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
+
+
+def test_downscale_upscale_height_too_few_rows():
+    with pytest.raises(ValueError, match="fewer than two rows"):
+        downscale_upscale_height(np.zeros((5, 5)), 4, phase=2)
+
+
+# --------------------------------------------------------------------------- #
+# create_cropped_image_dataset
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def sparse_stack():
+    stack = make_sample_stack((24, 40, 40), seed=3)
+    sparse, _ = downsample_z(stack, 4)
+    assert sparse.shape == (6, 40, 40)
+    return sparse
+
+
+def _find_source(sparse, inputs_i, label_i, factor, method="linear"):
+    """(z0, y0, x0, transposed, phase) of a crop that yields this sample, or None."""
+    depth, height, width = inputs_i.shape
+    for transposed in (False, True):
+        view = sparse.transpose(0, 2, 1) if transposed else sparse
+        windows = sliding_window_view(view, (height, width), axis=(1, 2))  # (K, Y, X, h, w)
+        centre_match = np.all(windows == label_i.astype(bool), axis=(-2, -1))
+        for zc, y0, x0 in zip(*np.nonzero(centre_match)):
+            z0 = zc - depth // 2
+            if z0 < 0 or z0 + depth > view.shape[0]:
+                continue
+            crop = view[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
+            for phase in range(factor):
+                if np.array_equal(downscale_upscale_height(crop, factor, phase=phase, method=method), inputs_i):
+                    return z0, y0, x0, transposed, phase
+    return None
+
+
+def test_cropped_dataset_shapes_and_values(sparse_stack):
+    inputs, labels = create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=6, factor=4,
+                                                  random_state=0)
+    assert inputs.shape == (6, 3, 16, 16) and inputs.dtype == np.float32
+    assert labels.shape == (6, 1, 16, 16) and labels.dtype == np.float32
+    assert set(np.unique(labels).tolist()) <= {0.0, 1.0}
+    assert inputs.min() >= 0 and inputs.max() <= 1
+    assert np.all(labels.mean(axis=(1, 2, 3)) >= 0.005)
+    sources = []
+    for i in range(6):
+        # on kept rows, the degraded centre channel equals the label (for the sample's phase)
+        centre = inputs[i, 1]
+        assert any(np.array_equal(centre[p::4], labels[i, 0, p::4]) for p in range(4)), i
+        # and the sample is an actual crop of the sparse stack, degraded along its height
+        sources.append(_find_source(sparse_stack, inputs[i], labels[i, 0], 4))
+        assert sources[-1] is not None, i
+    assert {source[3] for source in sources} == {False, True}  # square crops: both lateral orientations
+    assert len({source[4] for source in sources}) > 1  # random row phase
+
+
+def test_cropped_dataset_deterministic(sparse_stack):
+    a = create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=4, factor=4, random_state=7)
+    b = create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=4, factor=4, random_state=7)
+    c = create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=4, factor=4, random_state=8)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+
+
+def test_cropped_dataset_non_square_and_five_channels(sparse_stack):
+    inputs, labels = create_cropped_image_dataset(sparse_stack, (5, 16, 12), n_samples=3, factor=4,
+                                                  method="nearest")
+    assert inputs.shape == (3, 5, 16, 12)
+    assert labels.shape == (3, 1, 16, 12)
+    for i in range(3):
+        source = _find_source(sparse_stack, inputs[i], labels[i, 0], 4, method="nearest")
+        assert source is not None and source[3] is False  # non-square crops are never transposed
+
+
+def test_cropped_dataset_empty_stack():
+    with pytest.raises(ValueError, match="MIN_CONTENT_RATIO"):
+        create_cropped_image_dataset(np.zeros((5, 20, 20), bool), (3, 16, 16), n_samples=2, factor=4)
+
+
+def test_cropped_dataset_even_depth():
+    with pytest.raises(ValueError, match="TRAIN_Z_SIZE must be odd"):
+        create_cropped_image_dataset(np.ones((5, 20, 20), bool), (4, 16, 16), n_samples=2, factor=4)
+
+
+def test_cropped_dataset_depth_larger_than_stack():
+    with pytest.raises(ValueError, match="TRAIN_Z_SIZE=7 is larger"):
+        create_cropped_image_dataset(np.ones((5, 20, 20), bool), (7, 16, 16), n_samples=2, factor=4)
+
+
+@pytest.mark.parametrize("crop", [(3, 24, 16), (3, 16, 24)])
+def test_cropped_dataset_crop_larger_than_slices(crop):
+    with pytest.raises(ValueError, match="TRAIN_XY_SIZE"):
+        create_cropped_image_dataset(np.ones((5, 20, 20), bool), crop, n_samples=2, factor=4)
+
+
+def test_cropped_dataset_crop_too_small_for_factor():
+    with pytest.raises(ValueError, match="too small for factor 4"):
+        create_cropped_image_dataset(np.ones((5, 20, 20), bool), (3, 6, 6), n_samples=2, factor=4)

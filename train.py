@@ -1,0 +1,352 @@
+"""Self-supervised training data and training loop.
+
+The sparse (Z-downsampled) stack has full resolution in X and Y. A lateral
+crop degraded along one in-plane axis, exactly as Z was degraded (keep every
+``factor``-th row, then upscale back with the interpolation used at
+inference), is a training input whose answer is known: the undegraded crop.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from model import AttentionResUNet, select_device
+from morph import interpolate_along_axis
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch so that a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, method: str = "linear") -> np.ndarray:
+    """Degrade an image along its height axis (axis -2) the way Z was degraded.
+
+    Keeps rows ``phase, phase + factor, ...`` and fills the others with
+    :func:`morph.interpolate_along_axis`, the same function that upscales Z at
+    inference. Rows before the first / after the last kept row copy it.
+
+    Parameters
+    ----------
+    image : ndarray, shape (..., H, W)
+    factor : int
+    phase : int, 0 <= phase < factor
+    method : {'linear', 'nearest', 'sdf'}
+
+    Returns
+    -------
+    ndarray of float32, shape (..., H, W)
+    """
+    height = image.shape[-2]
+    kept_rows = np.arange(phase, height, factor)
+    if len(kept_rows) < 2:
+        raise ValueError(f"An image of height {height} keeps fewer than two rows at factor {factor}; "
+                         "use a larger TRAIN_XY_SIZE.")
+    sparse = np.take(image, kept_rows, axis=-2)
+    return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32)
+
+
+def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
+    """Raise a clear ``ValueError`` for a crop that cannot be cut from the sparse stack."""
+    depth, height, width = crop_size_zyx
+    if depth % 2 == 0 or depth < 1:
+        raise ValueError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {depth}. Use e.g. 3 or 5.")
+    if depth > stack_shape[0]:
+        raise ValueError(
+            f"TRAIN_Z_SIZE={depth} is larger than the {stack_shape[0]} slices kept at factor {factor}; "
+            "use a smaller TRAIN_Z_SIZE or a smaller resolution factor."
+        )
+    if height > stack_shape[1] or width > stack_shape[2]:
+        raise ValueError(
+            f"TRAIN_XY_SIZE={height}x{width} is larger than the stack's slices ({stack_shape[1]}x{stack_shape[2]}); "
+            "use a TRAIN_XY_SIZE no larger than the image."
+        )
+    if min(height, width) < 2 * factor:
+        raise ValueError(f"TRAIN_XY_SIZE={min(height, width)} is too small for factor {factor}: "
+                         f"use at least {2 * factor}.")
+
+
+def create_cropped_image_dataset(
+    downscaled_stack_dhw: np.ndarray,
+    crop_size_zyx: Sequence[int],
+    n_samples: int,
+    factor: int,
+    min_content_ratio: float = 0.005,
+    random_state: int = 0,
+    method: str = "linear",
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Random lateral crops of the sparse stack, degraded along their height.
+
+    Half of the crops are transposed before degradation, so the network learns
+    to restore along both lateral axes (it is applied with Z along Y and along
+    X). The degraded row phase is random, so the network does not depend on
+    where the kept rows fall in a tile.
+
+    Parameters
+    ----------
+    downscaled_stack_dhw : ndarray of bool, shape (K, H, W)
+        The kept slices.
+    crop_size_zyx : (C, h, w)
+        C neighbouring kept slices (odd) by an h x w lateral window.
+    n_samples : int
+    factor : int
+    min_content_ratio : float
+        Crops whose label has a smaller foreground fraction are rejected.
+    random_state : int
+    method : str
+        Interpolation passed to :func:`downscale_upscale_height`.
+
+    Returns
+    -------
+    inputs : ndarray of float32, shape (n_samples, C, h, w)
+    labels : ndarray of float32, shape (n_samples, 1, h, w), values 0/1
+    """
+    stack = np.asarray(downscaled_stack_dhw) != 0
+    check_crop_size(stack.shape, crop_size_zyx, factor)
+    depth, height, width = crop_size_zyx
+    rng = np.random.default_rng(random_state)
+    inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
+    labels = np.empty((n_samples, 1, height, width), dtype=np.float32)
+    accepted, attempts, max_attempts = 0, 0, 200 * n_samples
+    while accepted < n_samples and attempts < max_attempts:
+        attempts += 1
+        z0 = rng.integers(0, stack.shape[0] - depth + 1)
+        y0 = rng.integers(0, stack.shape[1] - height + 1)
+        x0 = rng.integers(0, stack.shape[2] - width + 1)
+        crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
+        if height == width and rng.random() < 0.5:
+            crop = crop.transpose(0, 2, 1)
+        label = crop[depth // 2]
+        if label.mean() < min_content_ratio:
+            continue
+        inputs[accepted] = downscale_upscale_height(crop, factor, phase=int(rng.integers(factor)), method=method)
+        labels[accepted, 0] = label
+        accepted += 1
+    if accepted < n_samples:
+        raise ValueError(
+            f"Only {accepted} of {n_samples} random crops had a centre slice with at least "
+            f"{min_content_ratio:.3%} foreground after {attempts} tries. Lower MIN_CONTENT_RATIO, "
+            "lower TRAIN_NB, or use a smaller TRAIN_XY_SIZE."
+        )
+    return inputs, labels
+
+
+def augment_data(inputs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Random flips of one sample along height and/or width, applied identically
+    to input ``(C, h, w)`` and label ``(1, h, w)``. The degraded axis stays the
+    height axis (no transposes here)."""
+    for axis in (-2, -1):
+        if rng.random() < 0.5:
+            inputs, labels = np.flip(inputs, axis), np.flip(labels, axis)
+    return np.ascontiguousarray(inputs), np.ascontiguousarray(labels)
+
+
+class CustomDataset(Dataset):
+    """Pairs of degraded inputs ``(C, h, w)`` and labels ``(1, h, w)`` as float32 tensors."""
+
+    def __init__(self, inputs: np.ndarray, labels: np.ndarray, augment: bool = False, random_state: int = 0):
+        self.inputs, self.labels, self.augment = inputs, labels, augment
+        self.rng = np.random.default_rng(random_state)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.inputs[index], self.labels[index]
+        if self.augment:
+            x, y = augment_data(x, y, self.rng)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def make_loaders(inputs: np.ndarray, labels: np.ndarray, val_split: float, batch_size: int,
+                 random_state: int) -> Tuple[DataLoader, DataLoader]:
+    """Training (shuffled, augmented) and validation loaders from one sample set."""
+    train_x, val_x, train_y, val_y = train_test_split(inputs, labels, test_size=val_split, random_state=random_state)
+    generator = torch.Generator().manual_seed(random_state)
+    train_loader = DataLoader(CustomDataset(train_x, train_y, augment=True, random_state=random_state),
+                              batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(train_x) > batch_size)
+    val_loader = DataLoader(CustomDataset(val_x, val_y), batch_size=batch_size, shuffle=False)
+    return train_loader, val_loader
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice over the batch (smoothed so empty targets are defined)."""
+    probabilities = torch.sigmoid(logits)
+    intersection = (probabilities * targets).sum()
+    return 1.0 - (2.0 * intersection + eps) / (probabilities.sum() + targets.sum() + eps)
+
+
+def train_execution_process(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    num_epochs: int,
+    learning_rate: float,
+    device: Optional[torch.device] = None,
+    dice_weight: float = 0.0,
+    progress: bool = True,
+) -> Tuple[nn.Module, Dict[str, List[float]]]:
+    """Train with Adam and BCE-with-logits (+ optional soft Dice), cosine LR decay.
+
+    Prints ``Epoch [X/Y] Train Loss: ..., Val Loss: ...`` after each epoch and
+    returns the model with the weights of the best validation epoch, plus the
+    loss history ``{"train": [...], "val": [...]}``.
+    """
+    device = device or select_device()
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    total_steps = max(1, num_epochs * len(train_loader))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps,
+                                                    pct_start=0.1)
+    bce = nn.BCEWithLogitsLoss()
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = bce(logits, targets)
+        return loss + dice_weight * soft_dice_loss(logits, targets) if dice_weight else loss
+
+    history: Dict[str, List[float]] = {"train": [], "val": []}
+    best_val, best_state = float("inf"), None
+    bar = tqdm(total=total_steps, desc="Training", unit="step", disable=not progress)
+    for epoch in range(num_epochs):
+        model.train()
+        running, seen = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += loss.item() * len(x)
+            seen += len(x)
+            bar.update(1)
+        train_loss = running / max(seen, 1)
+        val_loss = evaluate_loss(model, val_loader, loss_fn, device)
+        history["train"].append(train_loss)
+        history["val"].append(val_loss)
+        bar.write(f"Epoch [{epoch + 1}/{num_epochs}] Train Loss: {train_loss:.4f}, Val Loss: {val_loss:.4f}")
+        if val_loss < best_val:
+            best_val = val_loss
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+@torch.inference_mode()
+def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn, device: torch.device) -> float:
+    """Mean loss over a loader in eval mode."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        total += loss_fn(model(x), y).item() * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def fit_on_sparse_stack(
+    sparse_dhw: np.ndarray,
+    factor: int,
+    train_xy_size: int = 64,
+    train_z_size: int = 5,
+    train_nb: int = 1600,
+    batch_size: int = 16,
+    num_epochs: int = 10,
+    learning_rate: float = 3e-3,
+    val_split: float = 0.1,
+    min_content_ratio: float = 0.005,
+    base_filters: int = 16,
+    depth: int = 3,
+    dropout_rate: float = 0.1,
+    input_skip: bool = True,
+    dice_weight: float = 0.0,
+    upscale_method: str = "linear",
+    random_state: int = 42,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> Tuple[AttentionResUNet, Dict[str, List[float]], Tuple[np.ndarray, np.ndarray]]:
+    """The complete self-supervised training on a sparse stack.
+
+    This is the one training recipe that ``eval.py``, ``apply.py`` and
+    ``bench.py`` share.
+
+    Returns
+    -------
+    model : AttentionResUNet in eval mode (best validation weights)
+    history : dict of per-epoch losses
+    samples : (inputs, labels) arrays the model was trained and validated on
+    """
+    seed_everything(random_state)
+    inputs, labels = create_cropped_image_dataset(sparse_dhw, (train_z_size, train_xy_size, train_xy_size), train_nb,
+                                                  factor, min_content_ratio, random_state, upscale_method)
+    train_loader, val_loader = make_loaders(inputs, labels, val_split, batch_size, random_state)
+    model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
+                             dropout_rate=dropout_rate, input_skip=input_skip)
+    model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
+                                             dice_weight=dice_weight, progress=progress)
+    return model, history, (inputs, labels)
+
+
+# --------------------------------------------------------------------------- #
+# Figures
+# --------------------------------------------------------------------------- #
+def _finish_figure(figure, path: Optional[Path], show: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+    if show and plt.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template"):
+        plt.show()
+    plt.close(figure)
+
+
+def plot_loss_history(history: Dict[str, List[float]], path: Optional[Path] = None, show: bool = False) -> None:
+    """Training and validation loss per epoch, saved as PNG."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    epochs = np.arange(1, len(history["train"]) + 1)
+    axis.plot(epochs, history["train"], "o-", label="train")
+    axis.plot(epochs, history["val"], "o-", label="validation")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss")
+    axis.set_title("Training history")
+    axis.legend()
+    _finish_figure(figure, path, show)
+
+
+@torch.inference_mode()
+def display_training_results(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, n_examples: int = 4,
+                             path: Optional[Path] = None, show: bool = False) -> None:
+    """Degraded input (centre channel) / label / prediction for a few samples."""
+    import matplotlib.pyplot as plt
+
+    n_examples = min(n_examples, len(inputs))
+    device = next(model.parameters()).device
+    model.eval()
+    probabilities = torch.sigmoid(model(torch.from_numpy(inputs[:n_examples]).to(device))).cpu().numpy()
+    figure, axes = plt.subplots(n_examples, 3, figsize=(7.5, 2.5 * n_examples), squeeze=False)
+    centre = inputs.shape[1] // 2
+    for row in range(n_examples):
+        for axis, image, title in zip(axes[row], (inputs[row, centre], labels[row, 0], probabilities[row, 0]),
+                                      ("degraded input", "label", "prediction")):
+            axis.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axis.set_title(title, fontsize=9)
+            axis.axis("off")
+    _finish_figure(figure, path, show)
