@@ -87,7 +87,7 @@ def read_stack(path: PathLike) -> np.ndarray:
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise ValueError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
         stack = np.squeeze(tifffile.imread(path))
-    if stack.ndim != 3:
+    if stack.ndim != 3 or stack.shape[0] < 2:
         raise ValueError(
             f"'{path}' holds an image of shape {stack.shape}; expected a 3D stack (Z, Y, X) "
             "of at least two slices. Multi-channel or time-lapse files must be split first."
@@ -234,9 +234,10 @@ def _as_savable(stack: np.ndarray) -> np.ndarray:
         return stack.astype(np.uint8) * 255  # 0/255 shows as a mask in every viewer
     if stack.dtype == np.float64:
         return stack.astype(np.float32)
-    if stack.dtype in (np.int64, np.uint64, np.int32):
-        if stack.size and stack.max() > np.iinfo(np.uint16).max:
-            raise ValueError("Label ids above 65535 cannot be written as an ImageJ TIFF.")
+    if stack.dtype in (np.int8, np.int16, np.int32, np.int64, np.uint32, np.uint64):
+        if stack.size and (stack.min() < 0 or stack.max() > np.iinfo(np.uint16).max):
+            raise ValueError("ImageJ TIFFs hold label ids 0..65535 only; relabel the stack (e.g. "
+                             "skimage.segmentation.relabel_sequential) before saving.")
         return stack.astype(np.uint16)
     return stack
 
@@ -280,6 +281,8 @@ def save_stack(
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"Folder '{path}' is not empty; choose another output folder or pass overwrite=True.")
         path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("slice_*.tif"):  # a deeper stack written before must not leave extra slices
+            stale.unlink()
         for index, slice_hw in enumerate(data):
             tifffile.imwrite(path / f"slice_{index:04d}.tif", slice_hw[None], **kwargs)
         return path
@@ -343,7 +346,7 @@ def make_sample_labels(shape: Tuple[int, int, int] = (128, 128, 128), seed: int 
     rng = np.random.default_rng(seed)
     labels = np.zeros(shape, dtype=np.uint16)
     dims = np.array(shape, dtype=np.float32)
-    scale = float(np.cbrt(np.prod(dims) / 128.0**3))  # object count follows the volume
+    scale = float(np.prod(dims) / 128.0**3)  # object count follows the volume: similar density at any size
     next_id = 1
 
     # Branching tubes: random walks with smoothly turning direction.

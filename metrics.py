@@ -65,25 +65,26 @@ def mean_surface_distance(a: np.ndarray, b: np.ndarray, z_indices: Sequence[int]
 
 
 def mean_label_iou(predicted_labels: np.ndarray, true_labels: np.ndarray, z_indices: Sequence[int] = None) -> float:
-    """Mean over ground-truth labels of the IoU between same-id regions.
+    """Mean over label ids of the IoU between same-id regions.
 
-    Restricted to ``z_indices`` when given; labels absent from those slices in
-    both stacks are skipped. 1.0 when there is no label at all.
+    Every non-zero id found in either stack counts (an id only in the
+    prediction scores 0). Restricted to ``z_indices`` when given; ids absent
+    from those slices in both stacks are skipped. 1.0 when there is no label.
     """
     _check_same_shape(predicted_labels, true_labels)
     if z_indices is not None:
         predicted_labels, true_labels = predicted_labels[z_indices], true_labels[z_indices]
-    ids = np.union1d(np.unique(true_labels), np.unique(predicted_labels))
-    ids = ids[ids != 0]
-    if ids.size == 0:
+    ids, inverse = np.unique(np.concatenate([true_labels.ravel(), predicted_labels.ravel()]), return_inverse=True)
+    if np.count_nonzero(ids) == 0:
         return 1.0
-    n = int(ids.max()) + 1
-    # One pass over the voxels: a joint histogram of (true id, predicted id).
-    joint = np.bincount(true_labels.ravel().astype(np.int64) * n + predicted_labels.ravel().astype(np.int64),
-                        minlength=n * n).reshape(n, n)
-    intersection = np.diag(joint)[ids]
-    union = joint.sum(axis=1)[ids] + joint.sum(axis=0)[ids] - intersection
-    return float(np.mean(intersection / union))
+    # Ids renumbered to 0..n-1, then one joint histogram of (true id, predicted id).
+    n = len(ids)
+    true_index, predicted_index = np.split(inverse.ravel().astype(np.int64), 2)
+    joint = np.bincount(true_index * n + predicted_index, minlength=n * n).reshape(n, n)
+    intersection = np.diag(joint)
+    union = joint.sum(axis=1) + joint.sum(axis=0) - intersection
+    present = (ids != 0) & (union > 0)
+    return float(np.mean(intersection[present] / union[present]))
 
 
 def score_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices: Sequence[int]) -> Dict[str, float]:

@@ -165,7 +165,10 @@ def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[At
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Model file '{path}' does not exist. Train one with eval.py or apply.py --save-model.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises assorted errors for files it cannot parse
+        raise ValueError(f"'{path}' is not a model saved by this project (save_model): {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "axial-sr-model/1":
         raise ValueError(f"'{path}' is not a model saved by this project (save_model).")
     model = AttentionResUNet(**checkpoint["architecture"])

@@ -79,6 +79,13 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     return (inside - outside).astype(np.float32)
 
 
+def _stand_in_for_uniform(full: bool, partner: np.ndarray) -> np.ndarray:
+    """Signed distance standing in for an empty (or full) slice: minus the
+    partner's largest inside distance (or plus its largest outside distance)."""
+    value = max(-float(partner.min()), 1.0) if full else -max(float(partner.max()), 1.0)
+    return np.full_like(partner, value)
+
+
 def _blend_sdf(sdf_a: np.ndarray, sdf_b: np.ndarray, weight: float) -> np.ndarray:
     """Foreground of the linear blend of two signed distances.
 
@@ -90,9 +97,9 @@ def _blend_sdf(sdf_a: np.ndarray, sdf_b: np.ndarray, weight: float) -> np.ndarra
     if np.isinf(sdf_a).all() and np.isinf(sdf_b).all():
         return (sdf_a > 0) if weight < 0.5 else (sdf_b > 0)
     if np.isinf(sdf_a).all():
-        sdf_a = np.full_like(sdf_b, np.sign(sdf_a.flat[0]) * np.abs(sdf_b).max())
+        sdf_a = _stand_in_for_uniform(sdf_a.flat[0] > 0, sdf_b)
     if np.isinf(sdf_b).all():
-        sdf_b = np.full_like(sdf_a, np.sign(sdf_b.flat[0]) * np.abs(sdf_a).max())
+        sdf_b = _stand_in_for_uniform(sdf_b.flat[0] > 0, sdf_a)
     return (1.0 - weight) * sdf_a + weight * sdf_b > 0
 
 

@@ -273,8 +273,6 @@ def test_save_stack_as_slices_round_trip(tmp_path):
         save_stack(folder, stack, as_slices=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: save_stack(as_slices=True, overwrite=True) leaves stale "
-                                       "slice files from a deeper previous stack in the folder")
 def test_save_stack_as_slices_overwrite_with_fewer_slices(tmp_path):
     folder = tmp_path / "slices"
     save_stack(folder, np.zeros((6, 4, 4), bool), as_slices=True)
@@ -335,9 +333,6 @@ def test_make_sample_stack_foreground_fraction(shape, seed):
     assert 0.01 <= fraction <= 0.20
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: make_sample_labels scales the object count with the cube root of "
-                                       "the volume (np.cbrt), not the volume, so small stacks are over-filled "
-                                       "(about 31% foreground at (40, 64, 48), 52% at 32^3)")
 def test_make_sample_stack_foreground_fraction_small_stack():
     fraction = make_sample_stack((40, 64, 48), seed=0).mean()
     assert 0.01 <= fraction <= 0.20

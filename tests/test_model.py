@@ -180,8 +180,6 @@ def test_load_torch_file_that_is_not_a_model(tmp_path, content):
         load_model(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_model of a file that is not a torch checkpoint (e.g. text) "
-                                       "raises a bare KeyError/UnpicklingError from torch.load, not ValueError")
 def test_load_non_torch_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello, not a model")

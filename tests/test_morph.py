@@ -209,10 +209,6 @@ def test_morph_slices_after_last_kept_copy_it():
     assert np.array_equal(out[34], truth[32])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _blend_sdf replaces an empty slice by -abs(partner sdf).max(), which "
-                                       "is usually the largest OUTSIDE distance (the docstring says the largest "
-                                       "inside distance), so how fast an object vanishes depends on how much "
-                                       "background surrounds it")
 def test_morph_vanishing_does_not_depend_on_background_extent():
     small = np.zeros((24, 24), bool)
     small[(YY[:24, :24] - 12) ** 2 + (XX[:24, :24] - 12) ** 2 <= 36] = True

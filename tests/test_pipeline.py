@@ -194,8 +194,10 @@ def test_assign_labels_keeps_ids_and_never_merges():
     restored = assign_labels(labels > 0, sparse, 4)
     np.testing.assert_array_equal(restored[::4], sparse)
     assert set(np.unique(restored)) <= set(np.unique(sparse))
-    # With the true foreground, every voxel's id comes from its object in a neighbouring kept slice.
-    assert mean_label_iou(restored, labels, reconstructed_indices(np.arange(0, 33, 4), 33)) > 0.8
+    # With the true foreground, nearly every voxel gets the id of its own object (the rest belong to
+    # objects that no kept slice shows, which no method can name).
+    foreground = labels > 0
+    assert np.mean(restored[foreground] == labels[foreground]) > 0.9
 
 
 def test_restore_command_from_metadata(tmp_path, tiny_problem):
