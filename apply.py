@@ -435,7 +435,8 @@ def build_apply_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", choices=("auto", "yes", "no"), default="auto",
                         help="restore instance ids; auto = when the stack has more than two values")
     parser.add_argument("--save-probabilities", choices=("none", "uint8", "float16"), default="none",
-                        help="also write the foreground probability stack next to the output")
+                        help="also write the foreground probability stack next to the output: uint8 (0-255, one "
+                             "byte per voxel) or float16 (held as float16, written as 32-bit float for ImageJ)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="", help="cpu or cuda; default CUDA when available")
     return parser
@@ -451,72 +452,79 @@ def _unit_of(path: Path) -> Optional[str]:
         return (tif.imagej_metadata or {}).get("unit")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python apply.py --input STACK --output OUT.tif``: see ``--help``."""
+def restore_files(args: argparse.Namespace) -> None:
+    """Restore every input of the command line; all inputs and outputs are
+    checked before any long work starts."""
     from data import read_stack, read_voxel_size, save_stack
     from eval import default_settings
     from model import load_model, save_model
 
-    args = build_apply_parser().parse_args(argv)
     settings = default_settings()
-    settings.update({name: getattr(args, name) for name in RESTORE_SETTING_NAMES})
+    explicit = {name: getattr(args, name) for name in RESTORE_SETTING_NAMES if getattr(args, name) != settings[name]}
     settings["DEVICE"] = args.device
-    try:
-        inputs = expand_inputs(args.input)
-        output = Path(args.output)
-        if args.save_model and len(inputs) > 1:
-            raise ValueError("--save-model takes one input; restore several stacks with --model instead.")
-        if (args.z_step is None) != (args.xy_size is None):
-            raise ValueError("Give both --z-step and --xy-size, or neither (then they are read from the file).")
-        targets = [output_path_for(p, output, len(inputs)) for p in inputs]
-        extra = [t.with_name(t.stem + "_probabilities.tif") for t in targets] if args.save_probabilities != "none" else []
-        if args.save_model:
-            extra.append(Path(args.save_model))
-        clashes = [str(t) for t in targets + extra if t.exists()]
-        if clashes and not args.overwrite:
-            raise FileExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite.")
-        model, model_config = (load_model(args.model, args.device or None) if args.model else (None, {}))
-        plans = []
-        for path in inputs:  # every input is checked before any long work starts
-            if args.z_step is not None:
-                z_step, xy_size = args.z_step, args.xy_size
-            else:
-                voxel = read_voxel_size(path)
-                if voxel is None:
-                    raise ValueError(f"'{path}' carries no voxel size (ImageJ spacing + resolution, or OME "
-                                     "PhysicalSizeZ/X). Pass --z-step and --xy-size, or set the voxel size in "
-                                     "Fiji (Image > Properties) and save again.")
-                z_step, xy_size = voxel[0], voxel[2]
-            factor, out_z = factor_from_voxel_size(z_step, xy_size)
-            if model_config and model_config.get("factor") not in (None, factor):
-                warnings.warn(f"The model was trained at factor {model_config['factor']}, this stack needs {factor}.")
-            plans.append((path, factor, out_z, xy_size))
-        for (path, factor, out_z, xy_size), target in zip(plans, targets):
-            stack = read_stack(path)
-            use_labels = args.labels == "yes" or (args.labels == "auto" and is_label_image(stack))
-            if args.labels == "auto" and use_labels:
-                print(f"{path.name}: more than two values, restoring as an instance label image (--labels no "
-                      "to treat it as one binary mask).")
-            print(f"{path.name}: {stack.shape} (Z, Y, X), factor {factor} -> {(stack.shape[0] - 1) * factor + 1} slices")
-            restored, probabilities, used_model, info = restore_stack(
-                stack, factor, settings, model=model, labels=use_labels,
-                probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8)
-            unit = args.unit or _unit_of(path) or "um"
-            voxel = (out_z, xy_size, xy_size)
-            save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
-            if args.save_probabilities != "none":
-                save_stack(target.with_name(target.stem + "_probabilities.tif"), probabilities, voxel, unit,
-                           overwrite=args.overwrite)
-            if args.save_model and model is None:
-                from eval import model_config as make_config
+    inputs = expand_inputs(args.input)
+    output = Path(args.output)
+    if args.save_model and len(inputs) > 1:
+        raise ValueError("--save-model takes one input; restore several stacks with --model instead.")
+    if (args.z_step is None) != (args.xy_size is None):
+        raise ValueError("Give both --z-step and --xy-size, or neither (then they are read from the file).")
+    targets = [output_path_for(p, output, len(inputs)) for p in inputs]
+    extra = [t.with_name(t.stem + "_probabilities.tif") for t in targets] if args.save_probabilities != "none" else []
+    if args.save_model:
+        extra.append(Path(args.save_model))
+    clashes = [str(t) for t in targets + extra if t.exists()]
+    if clashes and not args.overwrite:
+        raise FileExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite.")
+    model, model_config = (load_model(args.model, args.device or None) if args.model else (None, {}))
+    # A saved model brings its own recipe (channels, interpolation, ...); explicit flags still win.
+    settings.update({key.upper(): value for key, value in model_config.items() if key.upper() in settings})
+    settings.update(explicit)
+    if model is not None:
+        settings["TRAIN_Z_SIZE"] = model.architecture["in_channels"]
+    plans = []
+    for path in inputs:  # every input is checked before any long work starts
+        if args.z_step is not None:
+            z_step, xy_size = args.z_step, args.xy_size
+        else:
+            voxel = read_voxel_size(path)
+            if voxel is None:
+                raise ValueError(f"'{path}' carries no voxel size (ImageJ spacing + resolution, or OME "
+                                 "PhysicalSizeZ/X). Pass --z-step and --xy-size, or set the voxel size in "
+                                 "Fiji (Image > Properties) and save again.")
+            z_step, xy_size = voxel[0], voxel[2]
+        factor, out_z = factor_from_voxel_size(z_step, xy_size)
+        if model_config and model_config.get("factor") not in (None, factor):
+            warnings.warn(f"The model was trained at factor {model_config['factor']}, this stack needs {factor}.")
+        plans.append((path, factor, out_z, xy_size))
+    for (path, factor, out_z, xy_size), target in zip(plans, targets):
+        stack = read_stack(path)
+        use_labels = args.labels == "yes" or (args.labels == "auto" and is_label_image(stack))
+        if args.labels == "auto" and use_labels:
+            print(f"{path.name}: more than two values, restoring as an instance label image (--labels no "
+                  "to treat it as one binary mask).")
+        print(f"{path.name}: {stack.shape} (Z, Y, X), factor {factor} -> {(stack.shape[0] - 1) * factor + 1} slices")
+        restored, probabilities, used_model, info = restore_stack(
+            stack, factor, settings, model=model, labels=use_labels,
+            probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8)
+        unit = args.unit or _unit_of(path) or "um"
+        voxel = (out_z, xy_size, xy_size)
+        save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
+        if args.save_probabilities != "none":
+            save_stack(target.with_name(target.stem + "_probabilities.tif"), probabilities, voxel, unit,
+                       overwrite=args.overwrite)
+        if args.save_model and model is None:
+            from eval import model_config as make_config
 
-                save_model(args.save_model, used_model, make_config(settings, factor), overwrite=args.overwrite)
-            print(f"Wrote {target} (voxel {out_z:.4g} x {xy_size:.4g} x {xy_size:.4g} {unit}); "
-                  f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+            save_model(args.save_model, used_model, make_config(settings, factor), overwrite=args.overwrite)
+        print(f"Wrote {target} (voxel {out_z:.4g} x {xy_size:.4g} x {xy_size:.4g} {unit}); "
+              f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python apply.py --input STACK --output OUT.tif``: see ``--help``."""
+    from eval import run_cli
+
+    return run_cli(restore_files, build_apply_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -229,10 +229,18 @@ def _check_writable(path: Path, overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _as_savable(stack: np.ndarray) -> np.ndarray:
+def _as_savable(stack: np.ndarray):
+    """Data for tifffile: bool masks become 0/255 uint8 (shown as a mask in every
+    viewer), converted page by page so a large mask is never copied whole."""
     if stack.dtype == bool:
-        return stack.astype(np.uint8) * 255  # 0/255 shows as a mask in every viewer
-    if stack.dtype == np.float64:
+        return (page.view(np.uint8) * np.uint8(255) for page in stack), dict(shape=stack.shape, dtype=np.uint8)
+    if stack.dtype == np.float16:  # ImageJ reads no 16-bit floats: written as float32, page by page
+        return (page.astype(np.float32) for page in stack), dict(shape=stack.shape, dtype=np.float32)
+    return _as_savable_array(stack), {}
+
+
+def _as_savable_array(stack: np.ndarray) -> np.ndarray:
+    if stack.dtype == np.float64:  # ImageJ reads 32-bit floats only
         return stack.astype(np.float32)
     if stack.dtype in (np.int8, np.int16, np.int32, np.int64, np.uint32, np.uint64):
         if stack.size and (stack.min() < 0 or stack.max() > np.iinfo(np.uint16).max):
@@ -269,7 +277,10 @@ def save_stack(
     Path written.
     """
     path = Path(path)
-    data = _as_savable(np.asarray(stack_dhw))
+    stack_dhw = np.asarray(stack_dhw)
+    if stack_dhw.ndim != 3:
+        raise ValueError(f"save_stack expects a (D, H, W) stack, got shape {stack_dhw.shape}.")
+    data, page_kwargs = _as_savable(stack_dhw)
     z, y, x = (float(v) for v in voxel_size_zyx)
     kwargs = dict(
         imagej=True,
@@ -284,10 +295,10 @@ def save_stack(
         for stale in path.glob("slice_*.tif"):  # a deeper stack written before must not leave extra slices
             stale.unlink()
         for index, slice_hw in enumerate(data):
-            tifffile.imwrite(path / f"slice_{index:04d}.tif", slice_hw[None], **kwargs)
+            tifffile.imwrite(path / f"slice_{index:04d}.tif", np.asarray(slice_hw)[None], **kwargs)
         return path
     _check_writable(path, overwrite)
-    tifffile.imwrite(path, data, **kwargs)
+    tifffile.imwrite(path, data, **page_kwargs, **kwargs)
     return path
 
 

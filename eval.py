@@ -254,6 +254,7 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
         "probabilities": predicted_dir / "predicted_probabilities.tif",
         "predicted": predicted_dir / "predicted_stack.tif",
         "morphed": interpolated_dir / "morphed_stack.tif",
+        "predicted_labels": predicted_dir / "predicted_labels.tif",  # written for label-image inputs
     }
     if not settings["OVERWRITE"]:
         existing = [str(p) for p in paths.values() if p.exists()]
@@ -267,9 +268,9 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The whole workflow; returns the metrics dict that is also saved as JSON."""
     import torch
 
-    from apply import apply_model_to_stack_tiled_slice_by_slice
-    from data import downsample_z, import_binary_tiff_sequence, make_sample_stack, resolution_factor, save_stack
-    from metrics import score_reconstruction
+    from apply import apply_model_to_stack_tiled_slice_by_slice, assign_labels, is_label_image
+    from data import binarize, downsample_z, make_sample_labels, read_stack, resolution_factor, save_stack
+    from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
     from model import save_model, select_device
     from morph import interpolate_along_axis, morph_stack_interpolated
     from train import check_crop_size, display_training_results, fit_on_sparse_stack, plot_loss_history
@@ -282,12 +283,19 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
 
     factor = resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     print("Loading the stack ...")
+    true_labels = None  # instance labels, when the input is a label image
     if settings["INPUT_IMAGES_DIRECTORY"]:
-        threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
-        truth = import_binary_tiff_sequence(settings["INPUT_IMAGES_DIRECTORY"], threshold)
+        raw = read_stack(settings["INPUT_IMAGES_DIRECTORY"])
         source = str(settings["INPUT_IMAGES_DIRECTORY"])
+        if settings["BINARIZE_THRESHOLD"] < 0 and is_label_image(raw):
+            print("The input has more than two values: treated as an instance label image (foreground = "
+                  "label != 0; ids restored too). Set BINARIZE_THRESHOLD >= 0 to binarize it instead.")
+            true_labels = raw
+        threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+        truth = raw != 0 if true_labels is not None else binarize(raw, threshold, source=f"'{source}'")
     else:
-        truth = make_sample_stack(tuple(settings["SAMPLE_SHAPE"]), seed=settings["RANDOM_STATE"])
+        true_labels = make_sample_labels(tuple(settings["SAMPLE_SHAPE"]), seed=settings["RANDOM_STATE"])
+        truth = true_labels > 0
         source = f"built-in sample {tuple(settings['SAMPLE_SHAPE'])}"
     sparse, kept_indices = downsample_z(truth, factor)
     check_crop_size(sparse.shape, (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"], settings["TRAIN_XY_SIZE"]),
@@ -298,7 +306,7 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
 
     print("Generating training samples and training ...")
     t0 = time.perf_counter()
-    model, history, (inputs, labels) = fit_on_sparse_stack(sparse, factor, device=device,
+    model, history, samples = fit_on_sparse_stack(sparse, factor, device=device,
                                                            **training_kwargs(settings))
     timings["train_s"] = time.perf_counter() - t0
 
@@ -321,6 +329,14 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     for name in ("morphed", "predicted"):
         print(f"IoU for {name.capitalize()} Stack: {scores[name]['iou_stack']:.4f} "
               f"(reconstructed slices only: {scores[name]['iou_recon']:.4f})")
+    restored_labels = {}
+    if true_labels is not None:
+        recon = reconstructed_indices(kept_indices, truth.shape[0])
+        for name, restored in (("morphed", morphed), ("predicted", predicted)):
+            restored_labels[name] = assign_labels(restored, true_labels[kept_indices], factor)
+            scores[name]["label_iou_recon"] = mean_label_iou(restored_labels[name], true_labels, recon)
+        print(f"Mean per-label IoU on reconstructed slices: morphed {scores['morphed']['label_iou_recon']:.4f}, "
+              f"predicted {scores['predicted']['label_iou_recon']:.4f}")
 
     print("Saving ...")
     voxel = (settings["XY_RESOLUTION"],) * 3
@@ -329,8 +345,10 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     save_stack(paths["probabilities"], probabilities.astype(np.float32), voxel, unit, overwrite)
     save_stack(paths["predicted"], predicted, voxel, unit, overwrite)
     save_stack(paths["morphed"], morphed, voxel, unit, overwrite)
+    if restored_labels:
+        save_stack(paths["predicted_labels"], restored_labels["predicted"], voxel, unit, overwrite)
     plot_loss_history(history, paths["loss_curve"])
-    display_training_results(model, inputs[-8:], labels[-8:], path=paths["training_examples"])
+    display_training_results(model, samples, path=paths["training_examples"])
     comparison_figure(truth, nearest, morphed, predicted, kept_indices, paths["comparison"],
                       {k: v["iou_recon"] for k, v in scores.items()})
     timings["total_s"] = time.perf_counter() - start
@@ -340,7 +358,7 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
         "loss_history": history, "timings": {k: round(v, 2) for k, v in timings.items()},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
         "versions": {"numpy": np.__version__, "torch": torch.__version__},
-        "outputs": {k: str(v) for k, v in paths.items()},
+        "outputs": {k: str(v) for k, v in paths.items() if v.exists() or k == "metrics"},
     }
     paths["metrics"].write_text(json.dumps(metrics, indent=2))
     print(f"Done in {timings['total_s']:.0f} s. Results in {paths['metrics'].parent}")
@@ -351,14 +369,19 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     return metrics
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    settings = vars(build_parser().parse_args(argv))
+def run_cli(job, *args) -> int:
+    """Run a command-line job: a user error (bad path, existing output, bad
+    setting) prints one ``error: ...`` line and gives exit status 2, no traceback."""
     try:
-        run_evaluation(settings)
+        job(*args)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_cli(run_evaluation, vars(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

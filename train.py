@@ -279,7 +279,7 @@ def fit_on_sparse_stack(
     random_state: int = 42,
     device: Optional[torch.device] = None,
     progress: bool = True,
-) -> Tuple[AttentionResUNet, Dict[str, List[float]], Tuple[np.ndarray, np.ndarray]]:
+) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """The complete self-supervised training on a sparse stack.
 
     This is the one training recipe that ``eval.py``, ``apply.py`` and
@@ -289,7 +289,8 @@ def fit_on_sparse_stack(
     -------
     model : AttentionResUNet in eval mode (best validation weights)
     history : dict of per-epoch losses
-    samples : (inputs, labels) arrays the model was trained and validated on
+    samples : dict ``{"train": (inputs, labels), "validation": (inputs, labels)}``,
+        the arrays the model was trained and validated on
     """
     seed_everything(random_state)
     inputs, labels = create_cropped_image_dataset(sparse_dhw, (train_z_size, train_xy_size, train_xy_size), train_nb,
@@ -299,7 +300,9 @@ def fit_on_sparse_stack(
                              dropout_rate=dropout_rate, input_skip=input_skip)
     model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
                                              dice_weight=dice_weight, progress=progress)
-    return model, history, (inputs, labels)
+    samples = {"train": (train_loader.dataset.inputs, train_loader.dataset.labels),
+               "validation": (val_loader.dataset.inputs, val_loader.dataset.labels)}
+    return model, history, samples
 
 
 # --------------------------------------------------------------------------- #
@@ -332,21 +335,27 @@ def plot_loss_history(history: Dict[str, List[float]], path: Optional[Path] = No
 
 
 @torch.inference_mode()
-def display_training_results(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, n_examples: int = 4,
-                             path: Optional[Path] = None, show: bool = False) -> None:
-    """Degraded input (centre channel) / label / prediction for a few samples."""
+def display_training_results(model: nn.Module, samples: Dict[str, Tuple[np.ndarray, np.ndarray]],
+                             n_examples: int = 3, path: Optional[Path] = None, show: bool = False) -> None:
+    """Degraded input (centre channel) / label / prediction for a few samples of each set.
+
+    ``samples`` maps a set name ("train", "validation") to ``(inputs (N, C, h, w),
+    labels (N, 1, h, w))``, as returned by :func:`fit_on_sparse_stack`.
+    """
     import matplotlib.pyplot as plt
 
-    n_examples = min(n_examples, len(inputs))
     device = next(model.parameters()).device
     model.eval()
-    probabilities = torch.sigmoid(model(torch.from_numpy(inputs[:n_examples]).to(device))).cpu().numpy()
-    figure, axes = plt.subplots(n_examples, 3, figsize=(7.5, 2.5 * n_examples), squeeze=False)
-    centre = inputs.shape[1] // 2
-    for row in range(n_examples):
-        for axis, image, title in zip(axes[row], (inputs[row, centre], labels[row, 0], probabilities[row, 0]),
-                                      ("degraded input", "label", "prediction")):
+    rows = []
+    for name, (inputs, labels) in samples.items():
+        count = min(n_examples, len(inputs))
+        probabilities = torch.sigmoid(model(torch.from_numpy(inputs[:count]).to(device))).cpu().numpy()
+        centre = inputs.shape[1] // 2
+        rows += [(name, inputs[i, centre], labels[i, 0], probabilities[i, 0]) for i in range(count)]
+    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
+    for axes_row, (name, *images) in zip(axes, rows):
+        for axis, image, title in zip(axes_row, images, ("degraded input", "label", "prediction")):
             axis.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            axis.set_title(title, fontsize=9)
+            axis.set_title(f"{name}: {title}", fontsize=9)
             axis.axis("off")
     _finish_figure(figure, path, show)

@@ -1,0 +1,94 @@
+"""Ablation of the network's design choices on one stack and factor.
+
+Each training variant is trained once; every inference variant is applied to
+that one model, so inference-only levers cost no extra training. Prints a
+Markdown table (IoU on reconstructed slices, times) and saves it as JSON.
+
+    python ablation.py --input ../shared/data/urocell_fib1-4-3-0_mito.tif --factor 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from apply import apply_model_to_stack_tiled_slice_by_slice
+from bench import load_inputs, parse_overrides
+from data import downsample_z
+from eval import default_settings, inference_kwargs, training_kwargs
+from metrics import score_reconstruction
+from model import select_device
+from morph import interpolate_along_axis, morph_stack_interpolated
+from train import fit_on_sparse_stack
+
+# name -> eval.py constants changed from the defaults
+TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
+    "default": {},
+    "no input skip (draw from scratch)": {"INPUT_SKIP": "false"},
+    "BCE + 0.5 Dice": {"DICE_WEIGHT": "0.5"},
+    "half the training (TRAIN_NB 800)": {"TRAIN_NB": "800"},
+    "wider (BASE_FILTERS 24)": {"BASE_FILTERS": "24"},
+}
+INFERENCE_VARIANTS: Dict[str, Dict[str, str]] = {
+    "default": {},
+    "channels 1 voxel apart": {"CHANNEL_STRIDE": "1"},
+    "one orientation (planes along Y)": {"ORIENTATIONS": "y"},
+    "kept slices not copied": {"KEEP_KEPT_SLICES": "false"},
+    "test-time flips (x4)": {"TTA_FLIPS": "true"},
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, nargs="*", default=[], help="TIFF stack (default: built-in sample)")
+    parser.add_argument("--factor", type=int, default=8)
+    parser.add_argument("--training", nargs="*", choices=list(TRAINING_VARIANTS), default=list(TRAINING_VARIANTS))
+    parser.add_argument("--inference", nargs="*", choices=list(INFERENCE_VARIANTS),
+                        default=list(INFERENCE_VARIANTS))
+    parser.add_argument("--out", type=Path, help="JSON file for the rows")
+    args = parser.parse_args(argv)
+    if args.out and args.out.exists():
+        print(f"error: '{args.out}' already exists", file=sys.stderr)
+        return 2
+    (name, truth), = load_inputs(args.input, quick=False, sample_shape=(128, 128, 128))
+    sparse, kept = downsample_z(truth, args.factor)
+    device = select_device()
+    rows: List[dict] = []
+    baselines = {"nearest": interpolate_along_axis(sparse, kept, truth.shape[0], method="nearest"),
+                 "sdf": morph_stack_interpolated(sparse, kept, truth.shape[0], progress=False)}
+    for label, restored in baselines.items():
+        rows.append({"training": label, "inference": "", "iou_recon": score_reconstruction(restored, truth, kept)
+                     ["iou_recon"], "train_s": None, "infer_s": None})
+    print(f"{name} {truth.shape}, factor {args.factor}\n")
+    print("| training | inference | IoU recon | train s | infer s |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['training']} | | {row['iou_recon']:.4f} | | |", flush=True)
+    for training in args.training:
+        settings = parse_overrides([f"{k}={v}" for k, v in TRAINING_VARIANTS[training].items()], default_settings())
+        start = time.perf_counter()
+        model, _, _ = fit_on_sparse_stack(sparse, args.factor, device=device, progress=False,
+                                          **training_kwargs(settings))
+        train_s = time.perf_counter() - start
+        for inference in (args.inference if training == "default" else ["default"]):
+            variant = parse_overrides([f"{k}={v}" for k, v in INFERENCE_VARIANTS[inference].items()], settings)
+            start = time.perf_counter()
+            probabilities = apply_model_to_stack_tiled_slice_by_slice(
+                model, sparse, args.factor, original_depth=truth.shape[0], device=device, progress=False,
+                **inference_kwargs(variant))
+            infer_s = time.perf_counter() - start
+            iou = score_reconstruction(probabilities >= 0.5, truth, kept)["iou_recon"]
+            rows.append({"training": training, "inference": inference, "iou_recon": iou, "train_s": train_s,
+                         "infer_s": infer_s})
+            print(f"| {training} | {inference} | {iou:.4f} | {train_s:.0f} | {infer_s:.0f} |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"stack": name, "factor": args.factor, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
