@@ -11,20 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 
-from apply import apply_model_to_stack_tiled_slice_by_slice
+from apply import restore_probabilities, threshold_probabilities
 from bench import load_inputs, parse_overrides
 from data import downsample_z
-from eval import default_settings, inference_kwargs, training_kwargs
+from eval import default_settings
 from metrics import score_reconstruction
 from model import select_device
 from morph import interpolate_along_axis, morph_stack_interpolated
-from train import fit_on_sparse_stack
 
 # name -> eval.py constants changed from the defaults
 TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
@@ -55,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out and args.out.exists():
         print(f"error: '{args.out}' already exists", file=sys.stderr)
         return 2
-    (name, truth), = load_inputs(args.input, quick=False, sample_shape=(128, 128, 128))
+    (name, truth, _labels), = load_inputs(args.input, quick=False, sample_shape=(128, 128, 128))
     sparse, kept = downsample_z(truth, args.factor)
     device = select_device()
     rows: List[dict] = []
@@ -70,18 +67,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {row['training']} | | {row['iou_recon']:.4f} | | |", flush=True)
     for training in args.training:
         settings = parse_overrides([f"{k}={v}" for k, v in TRAINING_VARIANTS[training].items()], default_settings())
-        start = time.perf_counter()
-        model, _, _ = fit_on_sparse_stack(sparse, args.factor, device=device, progress=False,
-                                          **training_kwargs(settings))
-        train_s = time.perf_counter() - start
+        model, train_s = None, None
         for inference in (args.inference if training == "default" else ["default"]):
             variant = parse_overrides([f"{k}={v}" for k, v in INFERENCE_VARIANTS[inference].items()], settings)
-            start = time.perf_counter()
-            probabilities = apply_model_to_stack_tiled_slice_by_slice(
-                model, sparse, args.factor, original_depth=truth.shape[0], device=device, progress=False,
-                **inference_kwargs(variant))
-            infer_s = time.perf_counter() - start
-            iou = score_reconstruction(probabilities >= 0.5, truth, kept)["iou_recon"]
+            # The first variant trains; the others reuse that model.
+            probabilities, model, info = restore_probabilities(sparse, args.factor, variant, model,
+                                                               original_depth=truth.shape[0], device=device,
+                                                               progress=False)
+            train_s = info["train_s"] if train_s is None else train_s
+            infer_s = info["infer_s"]
+            predicted = threshold_probabilities(probabilities, variant["PROBABILITY_THRESHOLD"])
+            iou = score_reconstruction(predicted, truth, kept)["iou_recon"]
             rows.append({"training": training, "inference": inference, "iou_recon": iou, "train_s": train_s,
                          "infer_s": infer_s})
             print(f"| {training} | {inference} | {iou:.4f} | {train_s:.0f} | {infer_s:.0f} |", flush=True)

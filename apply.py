@@ -27,7 +27,7 @@ from morph import interpolate_along_axis
 
 ORIENTATIONS = ("y", "x")
 # eval.py constants that apply.py's command line also accepts (training and inference recipe).
-RESTORE_SETTING_NAMES = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB", "VAL_SPLIT", "MIN_CONTENT_RATIO",
+RESTORE_SETTING_NAMES = ("BINARIZE_THRESHOLD", "TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB", "VAL_SPLIT", "MIN_CONTENT_RATIO",
                          "RANDOM_STATE", "BATCH_SIZE", "NUM_EPOCHS", "LEARNING_RATE", "DICE_WEIGHT", "BASE_FILTERS",
                          "DEPTH", "DROPOUT_RATE", "INPUT_SKIP", "UPSCALE_METHOD", "INFERENCE_TILE_SIZE",
                          "INFERENCE_BATCH_SIZE", "ORIENTATIONS", "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES",
@@ -202,8 +202,9 @@ def apply_model_to_stack_tiled_slice_by_slice(
     probabilities_dhw : ndarray of ``out_dtype``, shape (D, H, W), values in [0, 1]
         (0..255 for an integer ``out_dtype``)
 
-    Memory stays bounded by one chunk of planes (about 16 MB of inputs) plus
-    the output array: the upscaled stack is never built whole.
+    Memory stays bounded by one chunk of planes (about 16 MB of inputs, or one
+    plane of ``C x D x W`` floats if that is larger) plus the output array: the
+    upscaled stack is never built whole.
     """
     if train_depth % 2 == 0:
         raise ValueError(f"train_depth (TRAIN_Z_SIZE) must be odd, got {train_depth}.")
@@ -331,67 +332,124 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
     return out
 
 
-def is_label_image(stack: np.ndarray) -> bool:
-    """True for an integer stack with more than two distinct values (instance labels)."""
-    if not np.issubdtype(stack.dtype, np.integer):
-        return False
-    sample = stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
-    return len(np.unique(sample)) > 2
+def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+                          model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
+                          device: Optional[torch.device] = None, out_dtype=np.float32,
+                          progress: bool = True) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
+    """Train on the kept slices (unless a model is given), then restore them.
+
+    The one train-then-apply recipe shared by ``eval.py``, ``apply.py``,
+    ``bench.py`` and ``ablation.py``.
+
+    Parameters
+    ----------
+    sparse_khw : ndarray, shape (K, H, W)
+        Kept slices, Z step ``factor`` (non-zero = foreground).
+    factor : int
+    settings : dict
+        ``eval.default_settings()``-style constants (training and inference).
+    model : nn.Module, optional
+        A trained model; without one, a model is trained on ``sparse_khw``.
+    original_depth : int, optional
+        Output depth; default ``(K - 1) * factor + 1``.
+    out_dtype : numpy dtype
+        Probability dtype (uint8 stores 0-255).
+
+    Returns
+    -------
+    probabilities : ndarray of ``out_dtype``, shape (D, H, W)
+    model : the model used
+    info : dict with ``train_s``, ``infer_s``, ``history`` and ``samples``
+        (``None`` / 0 when a model was given)
+    """
+    from eval import inference_kwargs, training_kwargs
+    from train import fit_on_sparse_stack
+
+    device = device or select_device(settings.get("DEVICE") or None)
+    foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
+    info: Dict[str, Any] = {"train_s": 0.0, "history": None, "samples": None}
+    if model is None:
+        start = time.perf_counter()
+        model, info["history"], info["samples"] = fit_on_sparse_stack(foreground, factor, device=device,
+                                                                      progress=progress, **training_kwargs(settings))
+        info["train_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, original_depth=original_depth,
+                                                              device=device, out_dtype=out_dtype, progress=progress,
+                                                              **inference_kwargs(settings))
+    info["infer_s"] = time.perf_counter() - start
+    return probabilities, model, info
+
+
+def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground mask ``p >= threshold``, slice by slice (no float copy of the
+    stack); uint8 probabilities are read as 0-255."""
+    scale = 255.0 if np.issubdtype(probabilities_dhw.dtype, np.integer) else 1.0
+    mask = np.empty(probabilities_dhw.shape, dtype=bool)
+    for z in range(len(mask)):
+        mask[z] = probabilities_dhw[z] >= threshold * scale
+    return mask
 
 
 def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], model: Optional[nn.Module] = None,
-                  labels: bool = False, device: Optional[torch.device] = None,
+                  labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
                   probability_dtype=np.uint8) -> Tuple[np.ndarray, np.ndarray, nn.Module, Dict[str, Any]]:
     """Restore an anisotropic stack to ``(K - 1) * factor + 1`` slices.
 
     Parameters
     ----------
-    stack_khw : ndarray, shape (K, H, W)
-        The acquired slices: a binary mask, or instance labels with ``labels``.
+    stack_khw : ndarray of bool, shape (K, H, W)
+        The acquired slices (foreground mask).
     factor : int
     settings : dict
         ``eval.default_settings()``-style constants (training and inference).
     model : nn.Module, optional
         A trained model; without one, a model is trained on ``stack_khw``
         itself, exactly as ``eval.py`` trains.
-    labels : bool
-        Restore instance ids (see :func:`assign_labels`).
+    labels : ndarray of uint, shape (K, H, W), optional
+        Instance ids of the acquired slices: ids are restored too
+        (see :func:`assign_labels`).
     probability_dtype : numpy dtype
         uint8 (0-255) keeps memory at one byte per output voxel.
 
     Returns
     -------
     restored : ndarray, shape (D, H, W)
-        bool mask, or labels of the input dtype. Input slices sit verbatim at
+        bool mask, or labels of ``labels``' dtype. Input slices sit verbatim at
         ``0, factor, 2*factor, ...``.
     probabilities : ndarray of ``probability_dtype``, shape (D, H, W)
     model : the model used
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
-    from eval import inference_kwargs, training_kwargs
-    from train import fit_on_sparse_stack
-
-    device = device or select_device(settings.get("DEVICE") or None)
-    foreground = stack_khw != 0
-    info: Dict[str, Any] = {"train_s": 0.0, "history": None}
-    if model is None:
-        start = time.perf_counter()
-        model, info["history"], _ = fit_on_sparse_stack(foreground, factor, device=device,
-                                                        **training_kwargs(settings))
-        info["train_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, device=device,
-                                                              out_dtype=probability_dtype,
-                                                              **inference_kwargs(settings))
-    scale = 255.0 if np.issubdtype(probabilities.dtype, np.integer) else 1.0
-    threshold = settings["PROBABILITY_THRESHOLD"] * scale
-    restored = np.empty(probabilities.shape, dtype=bool)
-    for z in range(len(restored)):  # slice by slice: no float copy of the whole stack
-        restored[z] = probabilities[z] >= threshold
-    if labels:
-        restored = assign_labels(restored, stack_khw, factor)
-    info["infer_s"] = time.perf_counter() - start
+    probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
+                                                       out_dtype=probability_dtype)
+    restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
+    if labels is not None:
+        restored = assign_labels(restored, labels, factor)
     return restored, probabilities, model, info
+
+
+def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: int, path: Path) -> None:
+    """XZ section through the most populated Y row: the acquired slices drawn at
+    their true Z spacing (each repeated ``factor`` times) beside the restoration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = int(np.argmax((stack_khw != 0).sum(axis=(0, 2))))
+    before = np.repeat(stack_khw[:, y, :] != 0, factor, axis=0)[: restored_dhw.shape[0]]
+    after = restored_dhw[:, y, :] != 0
+    figure, axes = plt.subplots(2, 1, figsize=(10, 2 * 2.2 * max(after.shape[0] / after.shape[1], 0.25) + 1.2))
+    for axis, image, title in zip(axes, (before, after), (f"acquired (Z step = {factor} px), XZ at y={y}",
+                                                          "restored, isotropic")):
+        axis.imshow(image, cmap="gray", interpolation="nearest", aspect="equal")
+        axis.set_title(title, fontsize=10)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def expand_inputs(patterns: Sequence[str]) -> List[Path]:
@@ -420,7 +478,9 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int) -> Path:
 def build_apply_parser() -> argparse.ArgumentParser:
     from eval import build_parser
 
-    shared = build_parser(names=RESTORE_SETTING_NAMES, add_help=False)
+    # Shared settings default to "not given", so that a saved model's recipe is only
+    # overridden by flags the user actually typed.
+    shared = build_parser(names=RESTORE_SETTING_NAMES, add_help=False, suppress_defaults=True)
     parser = argparse.ArgumentParser(
         parents=[shared], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Restore anisotropic binary or label stacks to isotropic voxels. Without --model, a network "
@@ -428,95 +488,95 @@ def build_apply_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", nargs="+", required=True, help="multipage TIFF(s), slice folder(s) or a glob")
     parser.add_argument("--output", required=True, help="output .tif for one input, or a folder for several")
     parser.add_argument("--model", help="a model saved by eval.py or --save-model; skips training")
-    parser.add_argument("--save-model", help="where to save the trained model (one input only)")
+    parser.add_argument("--save-model", help="where to save the trained model (one input, no --model)")
     parser.add_argument("--z-step", type=float, help="Z step between slices (else read from the file's metadata)")
     parser.add_argument("--xy-size", type=float, help="lateral pixel size, same unit as --z-step")
     parser.add_argument("--unit", default=None, help="unit written to the output (default: the input's, else um)")
     parser.add_argument("--labels", choices=("auto", "yes", "no"), default="auto",
-                        help="restore instance ids; auto = when the stack has more than two values")
+                        help="restore instance ids; auto = when an integer stack has more than two values")
     parser.add_argument("--save-probabilities", choices=("none", "uint8", "float16"), default="none",
                         help="also write the foreground probability stack next to the output: uint8 (0-255, one "
                              "byte per voxel) or float16 (held as float16, written as 32-bit float for ImageJ)")
+    parser.add_argument("--preview", action="store_true",
+                        help="also save <output>_preview.png: an XZ section before and after restoration")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--device", default="", help="cpu or cuda; default CUDA when available")
     return parser
 
 
-def _unit_of(path: Path) -> Optional[str]:
-    import tifffile
-
-    target = path if path.is_file() else next(iter(sorted(path.glob("*.tif*"))), None)
-    if target is None:
-        return None
-    with tifffile.TiffFile(target) as tif:
-        return (tif.imagej_metadata or {}).get("unit")
-
-
 def restore_files(args: argparse.Namespace) -> None:
-    """Restore every input of the command line; all inputs and outputs are
-    checked before any long work starts."""
-    from data import read_stack, read_voxel_size, save_stack
-    from eval import default_settings
+    """Restore every input of the command line. Inputs, outputs, voxel sizes and
+    settings are all checked before any long work starts."""
+    from data import read_calibration, read_mask_or_labels, save_stack, stack_shape
+    from eval import default_settings, model_config, validate_settings
     from model import load_model, save_model
+    from train import check_crop_size
 
-    settings = default_settings()
-    explicit = {name: getattr(args, name) for name in RESTORE_SETTING_NAMES if getattr(args, name) != settings[name]}
-    settings["DEVICE"] = args.device
     inputs = expand_inputs(args.input)
     output = Path(args.output)
-    if args.save_model and len(inputs) > 1:
-        raise ValueError("--save-model takes one input; restore several stacks with --model instead.")
+    if args.save_model and (len(inputs) > 1 or args.model):
+        raise ValueError("--save-model keeps the model trained on one input; it cannot be combined with --model "
+                         "or several inputs.")
     if (args.z_step is None) != (args.xy_size is None):
         raise ValueError("Give both --z-step and --xy-size, or neither (then they are read from the file).")
     targets = [output_path_for(p, output, len(inputs)) for p in inputs]
+    if len(set(targets)) < len(targets):
+        raise ValueError("Several inputs would be written to the same output name; give inputs with distinct "
+                         "names or restore them in separate calls.")
     extra = [t.with_name(t.stem + "_probabilities.tif") for t in targets] if args.save_probabilities != "none" else []
-    if args.save_model:
-        extra.append(Path(args.save_model))
+    extra += [t.with_name(t.stem + "_preview.png") for t in targets] if args.preview else []
+    extra += [Path(args.save_model)] if args.save_model else []
     clashes = [str(t) for t in targets + extra if t.exists()]
     if clashes and not args.overwrite:
         raise FileExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite.")
-    model, model_config = (load_model(args.model, args.device or None) if args.model else (None, {}))
-    # A saved model brings its own recipe (channels, interpolation, ...); explicit flags still win.
-    settings.update({key.upper(): value for key, value in model_config.items() if key.upper() in settings})
-    settings.update(explicit)
+
+    settings = default_settings()
+    model, saved_config = load_model(args.model, args.device or None) if args.model else (None, {})
+    # A saved model brings its own recipe (channels, interpolation, ...); flags typed by the user win.
+    settings.update({key.upper(): value for key, value in saved_config.items() if key.upper() in settings})
+    settings.update({name: getattr(args, name) for name in RESTORE_SETTING_NAMES if hasattr(args, name)})
+    settings["DEVICE"] = args.device
     if model is not None:
         settings["TRAIN_Z_SIZE"] = model.architecture["in_channels"]
+    validate_settings(settings)
+
     plans = []
-    for path in inputs:  # every input is checked before any long work starts
+    for path in inputs:
+        calibration = read_calibration(path)
         if args.z_step is not None:
-            z_step, xy_size = args.z_step, args.xy_size
+            z_step, y_size, xy_size = args.z_step, args.xy_size, args.xy_size
+        elif calibration is None:
+            raise ValueError(f"'{path}' carries no voxel size (ImageJ spacing + resolution, or OME "
+                             "PhysicalSizeZ/X). Pass --z-step and --xy-size, or set the voxel size in "
+                             "Fiji (Image > Properties) and save again.")
         else:
-            voxel = read_voxel_size(path)
-            if voxel is None:
-                raise ValueError(f"'{path}' carries no voxel size (ImageJ spacing + resolution, or OME "
-                                 "PhysicalSizeZ/X). Pass --z-step and --xy-size, or set the voxel size in "
-                                 "Fiji (Image > Properties) and save again.")
-            z_step, xy_size = voxel[0], voxel[2]
+            z_step, y_size, xy_size = calibration[0]
         factor, out_z = factor_from_voxel_size(z_step, xy_size)
-        if model_config and model_config.get("factor") not in (None, factor):
-            warnings.warn(f"The model was trained at factor {model_config['factor']}, this stack needs {factor}.")
-        plans.append((path, factor, out_z, xy_size))
-    for (path, factor, out_z, xy_size), target in zip(plans, targets):
-        stack = read_stack(path)
-        use_labels = args.labels == "yes" or (args.labels == "auto" and is_label_image(stack))
-        if args.labels == "auto" and use_labels:
-            print(f"{path.name}: more than two values, restoring as an instance label image (--labels no "
-                  "to treat it as one binary mask).")
-        print(f"{path.name}: {stack.shape} (Z, Y, X), factor {factor} -> {(stack.shape[0] - 1) * factor + 1} slices")
+        shape = stack_shape(path)
+        if model is None:
+            check_crop_size(shape, (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"], settings["TRAIN_XY_SIZE"]),
+                            factor)
+        elif saved_config.get("factor") not in (None, factor):
+            warnings.warn(f"The model was trained at factor {saved_config['factor']}; '{path}' needs {factor}.")
+        unit = args.unit or (calibration[1] if calibration else None) or "um"
+        plans.append((path, factor, (out_z, y_size, xy_size), unit))
+
+    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+    for (path, factor, voxel, unit), target in zip(plans, targets):
+        mask, labels = read_mask_or_labels(path, threshold, args.labels)
+        print(f"{path.name}: {mask.shape} (Z, Y, X), factor {factor} -> {(mask.shape[0] - 1) * factor + 1} slices")
         restored, probabilities, used_model, info = restore_stack(
-            stack, factor, settings, model=model, labels=use_labels,
+            mask, factor, settings, model=model, labels=labels,
             probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8)
-        unit = args.unit or _unit_of(path) or "um"
-        voxel = (out_z, xy_size, xy_size)
         save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
         if args.save_probabilities != "none":
             save_stack(target.with_name(target.stem + "_probabilities.tif"), probabilities, voxel, unit,
                        overwrite=args.overwrite)
-        if args.save_model and model is None:
-            from eval import model_config as make_config
-
-            save_model(args.save_model, used_model, make_config(settings, factor), overwrite=args.overwrite)
-        print(f"Wrote {target} (voxel {out_z:.4g} x {xy_size:.4g} x {xy_size:.4g} {unit}); "
+        if args.preview:
+            preview_figure(mask, restored, factor, target.with_name(target.stem + "_preview.png"))
+        if args.save_model:
+            save_model(args.save_model, used_model, model_config(settings, factor), overwrite=args.overwrite)
+        print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "
               f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
 
 

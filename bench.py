@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from data import binarize, check_factor, downsample_z, list_tiff_files, make_sample_labels, read_stack
+from data import check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
 from metrics import calculate_dice, calculate_iou, mean_label_iou, mean_surface_distance, reconstructed_indices
 from morph import interpolate_along_axis, morph_stack_interpolated
 
@@ -103,20 +103,14 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
     elif method == "itk_mci":
         restored = run_itk_mci(sparse, kept, depth)
     elif method == "network":
-        from apply import apply_model_to_stack_tiled_slice_by_slice
-        from eval import inference_kwargs, training_kwargs
-        from train import fit_on_sparse_stack
+        from apply import restore_probabilities, threshold_probabilities
 
-        model, _, _ = fit_on_sparse_stack(sparse, factor, device=device, **training_kwargs(settings))
-        train_s = time.perf_counter() - start
-        start = time.perf_counter()
-        probabilities = apply_model_to_stack_tiled_slice_by_slice(model, sparse, factor, original_depth=depth,
-                                                                  device=device, **inference_kwargs(settings))
-        restored = probabilities >= settings["PROBABILITY_THRESHOLD"]
+        probabilities, _, info = restore_probabilities(sparse, factor, settings, original_depth=depth, device=device)
+        restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
+        return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"]}
     else:
         raise ValueError(f"Unknown method '{method}'; choose from {METHODS}.")
-    infer_s = time.perf_counter() - start
-    return {"restored": restored, "train_s": train_s, "infer_s": infer_s}
+    return {"restored": restored, "train_s": train_s, "infer_s": time.perf_counter() - start}
 
 
 def score_row(stack_name: str, factor: int, method: str, restored: np.ndarray, truth: np.ndarray,
@@ -186,22 +180,17 @@ def load_inputs(paths: Sequence[Path], quick: bool, sample_shape) -> List[tuple]
     Integer stacks with more than two values are instance label images: their
     foreground is benchmarked, and the ids are restored and scored too.
     """
-    from apply import is_label_image
-
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"Input '{path}' does not exist. Give TIFF files or folders of TIFF slices.")
-    stacks = []
-    for path in paths:
-        raw = read_stack(path)
-        raw = central_crop(raw, QUICK_SHAPE) if quick else raw
-        labels = raw if is_label_image(raw) else None
-        stacks.append((Path(path).name, raw != 0 if labels is not None else binarize(raw, source=f"'{path}'"),
-                       labels))
+    named = [(Path(path).name, *read_mask_or_labels(path)) for path in paths]
     if not paths:
         labels = make_sample_labels(tuple(sample_shape), seed=0)
-        stacks.append((f"sample{tuple(sample_shape)}", labels > 0, labels))
-    return stacks
+        named.append((f"sample{tuple(sample_shape)}", labels > 0, labels))
+    if quick:
+        named = [(name, central_crop(mask, QUICK_SHAPE), None if labels is None else central_crop(labels, QUICK_SHAPE))
+                 for name, mask, labels in named]
+    return named
 
 
 def parse_overrides(pairs: Sequence[str], settings: Dict[str, Any]) -> Dict[str, Any]:
@@ -240,6 +229,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
 
     from eval import default_settings
     from model import select_device
+    from train import check_crop_size
 
     settings = default_settings()
     if args.quick:
@@ -254,6 +244,10 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         for factor in args.factors:
             try:
                 check_factor(factor, stack.shape[0])
+                if "network" in args.methods:
+                    n_kept = len(range(0, stack.shape[0], factor))
+                    check_crop_size((n_kept,) + stack.shape[1:], (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"],
+                                                                   settings["TRAIN_XY_SIZE"]), factor)
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
     out_dir.mkdir(parents=True)
@@ -262,6 +256,22 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
           f"factors {args.factors}")
     rows: List[Dict[str, Any]] = []
     label_rows: List[Dict[str, Any]] = []  # per-label IoU, for label-image inputs
+    report = {
+        "settings": {"factors": args.factors, "methods": args.methods, "quick": args.quick,
+                     "inputs": [str(p) for p in paths] or "built-in sample",
+                     "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
+        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+        "device": f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+
+    def save_report() -> None:  # after every row, so a crash late in a long run loses nothing
+        if label_rows:
+            report["label_rows"] = label_rows
+        (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
+        (out_dir / "bench_results.md").write_text(markdown_table(rows) + "\n")
+
     print(markdown_table([]), flush=True)
     for name, truth, labels in stacks:
         for factor in args.factors:
@@ -273,6 +283,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 except ImportError as error:
                     print(f"| {name} | {factor} | {label} | unavailable: {error} |", flush=True)
                     rows.append(unavailable_row(name, factor, label))
+                    save_report()
                     continue
                 row = score_row(name, factor, label, result["restored"], truth, kept, result["train_s"],
                                 result["infer_s"])
@@ -285,19 +296,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     recon = reconstructed_indices(kept, truth.shape[0])
                     label_rows.append({"stack": name, "factor": int(factor), "method": label,
                                        "label_iou_recon": round(mean_label_iou(restored_labels, labels, recon), 5)})
-    report = {
-        "settings": {"factors": args.factors, "methods": args.methods, "quick": args.quick,
-                     "inputs": [str(p) for p in paths] or "built-in sample",
-                     "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
-        "device": f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "date": datetime.now().isoformat(timespec="seconds"),
-        "rows": rows,
-    }
-    if label_rows:
-        report["label_rows"] = label_rows
-    (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "bench_results.md").write_text(markdown_table(rows) + "\n")
+                save_report()
     plot_iou_vs_factor(rows, out_dir / "iou_vs_factor.png")
     print(f"\nResults in {out_dir}\n")
     print(markdown_table(rows))

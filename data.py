@@ -95,13 +95,30 @@ def read_stack(path: PathLike) -> np.ndarray:
     return stack
 
 
+def stack_shape(path: PathLike) -> Tuple[int, ...]:
+    """Shape of a stack read from its metadata only (no pixels), to validate
+    inputs before long work. :func:`read_stack` gives the detailed errors."""
+    path = Path(path)
+    if path.is_dir():
+        files = list_tiff_files(path)
+        if not files:
+            raise FileNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
+        with tifffile.TiffFile(files[0]) as tif:
+            return (len(files),) + tuple(s for s in tif.series[0].shape if s != 1)[-2:]
+    with tifffile.TiffFile(path) as tif:
+        shape = tuple(s for s in tif.series[0].shape if s != 1)
+    if len(shape) != 3:
+        raise ValueError(f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X).")
+    return shape
+
+
 def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str = "input") -> np.ndarray:
     """Convert a stack to ``bool`` by a documented rule.
 
     Rule: with ``threshold=None`` every non-zero voxel is foreground; otherwise
-    voxels strictly greater than ``threshold`` are. A stack with more than two
-    distinct values, or two values other than {0, x}, triggers a ``UserWarning``
-    saying which rule was applied.
+    voxels strictly greater than ``threshold`` are. A ``UserWarning`` says which
+    rule was applied when the stack has more than two distinct values (or, with
+    no threshold, two values other than {0, x}).
     """
     if stack.dtype == bool:
         return stack
@@ -138,11 +155,16 @@ def import_binary_tiff_sequence(path: PathLike, threshold: Optional[float] = Non
     return binarize(read_stack(path), threshold, source=f"'{path}'")
 
 
-def read_voxel_size(path: PathLike) -> Optional[Tuple[float, float, float]]:
-    """Voxel size ``(z, y, x)`` from ImageJ or OME metadata of a TIFF, else None.
+LENGTH_UNITS_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "um": 1.0, "µm": 1.0, "micron": 1.0, "mm": 1e3,
+                      "cm": 1e4, "m": 1e6}
 
-    For a folder of slices, the first slice's metadata is read (ImageJ keeps
-    the Z spacing there when a stack is saved as an image sequence).
+
+def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[float, float, float], Optional[str]]]:
+    """Voxel size ``(z, y, x)`` and its unit from OME or ImageJ metadata, else None.
+
+    OME sizes given in different units per axis are converted to the unit of
+    X. For a folder of slices, the first slice (natural order) is read:
+    ImageJ keeps the Z spacing there when a stack is saved as an image sequence.
     """
     path = Path(path)
     if path.is_dir():
@@ -152,9 +174,9 @@ def read_voxel_size(path: PathLike) -> Optional[Tuple[float, float, float]]:
         path = files[0]
     with tifffile.TiffFile(path) as tif:
         if tif.ome_metadata:
-            size = _ome_voxel_size(tif.ome_metadata)
-            if size is not None:
-                return size
+            calibration = _ome_calibration(tif.ome_metadata)
+            if calibration is not None:
+                return calibration
         meta = tif.imagej_metadata or {}
         spacing = meta.get("spacing")
         tags = tif.pages[0].tags
@@ -164,17 +186,73 @@ def read_voxel_size(path: PathLike) -> Optional[Tuple[float, float, float]]:
         y_num, y_den = tags["YResolution"].value if "YResolution" in tags else (x_num, x_den)
         if x_num == 0 or y_num == 0 or (x_num == 1 and x_den == 1 and float(spacing) == 1.0):
             return None  # tifffile's default 1 px/unit: no real calibration stored
-        return float(spacing), y_den / y_num, x_den / x_num
+        unit = meta.get("unit")
+        unit = "um" if unit in ("micron", "\\u00B5m") else unit
+        return (float(spacing), y_den / y_num, x_den / x_num), unit
 
 
-def _ome_voxel_size(ome_xml: str) -> Optional[Tuple[float, float, float]]:
+def read_voxel_size(path: PathLike) -> Optional[Tuple[float, float, float]]:
+    """Voxel size ``(z, y, x)`` from ImageJ or OME metadata of a TIFF, else None."""
+    calibration = read_calibration(path)
+    return None if calibration is None else calibration[0]
+
+
+def _ome_calibration(ome_xml: str) -> Optional[Tuple[Tuple[float, float, float], Optional[str]]]:
     root = ET.fromstring(ome_xml)
     for element in root.iter():
         if element.tag.endswith("Pixels"):
             z, y, x = (element.get(f"PhysicalSize{a}") for a in "ZYX")
-            if z is not None and x is not None:
-                return float(z), float(y if y is not None else x), float(x)
+            if z is None or x is None:
+                return None
+            unit_x = element.get("PhysicalSizeXUnit", "µm")
+            sizes = []
+            for axis, value in zip("ZYX", (z, y if y is not None else x, x)):
+                unit = element.get(f"PhysicalSize{axis}Unit", "µm")
+                scale = 1.0
+                if unit != unit_x and unit in LENGTH_UNITS_IN_UM and unit_x in LENGTH_UNITS_IN_UM:
+                    scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[unit_x]
+                sizes.append(float(value) * scale)
+            return tuple(sizes), ("um" if unit_x == "µm" else unit_x)
     return None
+
+
+def is_label_image(stack: np.ndarray) -> bool:
+    """True for an integer stack with more than two distinct values (instance labels)."""
+    if not np.issubdtype(stack.dtype, np.integer) or stack.dtype == bool:
+        return False
+    sample = stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
+    return len(np.unique(sample)) > 2
+
+
+def read_mask_or_labels(path: PathLike, threshold: Optional[float] = None,
+                        labels: str = "auto") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read a stack as a mask, keeping instance labels when it is a label image.
+
+    Parameters
+    ----------
+    path : folder of slices or multipage TIFF
+    threshold : float, optional
+        Binarization cut for non-label images (see :func:`binarize`).
+    labels : {'auto', 'yes', 'no'}
+        'auto' treats integer stacks with more than two values as label images
+        (and says so); 'no' binarizes them with a warning.
+
+    Returns
+    -------
+    mask_dhw : ndarray of bool, shape (D, H, W)
+    labels_dhw : ndarray of uint, shape (D, H, W), or None
+    """
+    raw = read_stack(path)
+    use_labels = labels == "yes" or (labels == "auto" and threshold is None and is_label_image(raw))
+    if not use_labels:
+        return binarize(raw, threshold, source=f"'{path}'"), None
+    if labels == "auto":
+        print(f"'{Path(path).name}' has more than two values: treated as an instance label image "
+              "(foreground = label != 0, ids restored too).")
+    if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
+        raise ValueError(f"Label ids of '{path}' must lie in 0..65535 (ImageJ TIFF); relabel the stack first "
+                         "(skimage.segmentation.relabel_sequential).")
+    return raw != 0, raw.astype(np.uint16, copy=False)
 
 
 # --------------------------------------------------------------------------- #
@@ -187,7 +265,7 @@ def resolution_factor(z_resolution: float, xy_resolution: float) -> int:
     """
     if xy_resolution <= 0 or z_resolution <= 0:
         raise ValueError(f"Resolutions must be positive, got Z_RESOLUTION={z_resolution}, XY_RESOLUTION={xy_resolution}.")
-    factor = int(z_resolution // xy_resolution)
+    factor = int(np.floor(z_resolution / xy_resolution + 1e-9))  # 0.3 // 0.1 would give 2
     if factor < 2:
         raise ValueError(
             f"Z_RESOLUTION / XY_RESOLUTION = {z_resolution}/{xy_resolution} gives a factor of {factor}; "
@@ -292,6 +370,10 @@ def save_stack(
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise FileExistsError(f"Folder '{path}' is not empty; choose another output folder or pass overwrite=True.")
         path.mkdir(parents=True, exist_ok=True)
+        foreign = [p.name for p in list_tiff_files(path) if not re.fullmatch(r"slice_\d{4,}\.tif", p.name)]
+        if foreign:  # they would be read back as part of the stack; never delete a user's files
+            raise FileExistsError(f"Folder '{path}' holds other TIFF files ({', '.join(foreign[:3])}); "
+                                  "choose an empty output folder.")
         for stale in path.glob("slice_*.tif"):  # a deeper stack written before must not leave extra slices
             stale.unlink()
         for index, slice_hw in enumerate(data):

@@ -91,16 +91,23 @@ def _constant_comments() -> Dict[str, str]:
     return comments
 
 
-def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True) -> argparse.ArgumentParser:
-    """A parser with one ``--kebab-case`` flag per configuration constant (or per name in ``names``)."""
+def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
+                 suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """A parser with one ``--kebab-case`` flag per configuration constant (or per name in ``names``).
+
+    With ``suppress_defaults``, flags not given on the command line are absent
+    from the parsed namespace (their default is still shown in ``--help``).
+    """
     settings = default_settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     comments = _constant_comments()
     for name in names or CONFIG_NAMES:
         default = settings[name]
-        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, default=default, metavar="VALUE",
-                            type=lambda text, d=default: _parse_value(text, d), help=comments.get(name, ""))
+        help_text = comments.get(name, "") + (f" (default: {default})" if suppress_defaults else "")
+        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar="VALUE",
+                            default=argparse.SUPPRESS if suppress_defaults else default,
+                            type=lambda text, d=default: _parse_value(text, d), help=help_text)
     return parser
 
 
@@ -113,6 +120,10 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise ValueError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
     if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
         raise ValueError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
+    if settings["UPSCALE_METHOD"] not in ("linear", "nearest"):
+        # 'sdf' would blend distance maps across the channel planes of a 2D crop,
+        # so training and inference would not see the same interpolation.
+        raise ValueError(f"UPSCALE_METHOD must be 'linear' or 'nearest', got '{settings['UPSCALE_METHOD']}'.")
     if not 0 < settings["VAL_SPLIT"] < 1:
         raise ValueError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):
@@ -268,31 +279,24 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The whole workflow; returns the metrics dict that is also saved as JSON."""
     import torch
 
-    from apply import apply_model_to_stack_tiled_slice_by_slice, assign_labels, is_label_image
-    from data import binarize, downsample_z, make_sample_labels, read_stack, resolution_factor, save_stack
+    from apply import assign_labels, restore_probabilities, threshold_probabilities
+    from data import downsample_z, make_sample_labels, read_mask_or_labels, resolution_factor, save_stack
     from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
     from model import save_model, select_device
     from morph import interpolate_along_axis, morph_stack_interpolated
-    from train import check_crop_size, display_training_results, fit_on_sparse_stack, plot_loss_history
+    from train import check_crop_size, display_training_results, plot_loss_history
 
     validate_settings(settings)
-    timings: Dict[str, float] = {}
     start = time.perf_counter()
     device = select_device(settings["DEVICE"] or None)
     print(f"Computation will be performed on device: {device.type}")
 
     factor = resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     print("Loading the stack ...")
-    true_labels = None  # instance labels, when the input is a label image
     if settings["INPUT_IMAGES_DIRECTORY"]:
-        raw = read_stack(settings["INPUT_IMAGES_DIRECTORY"])
         source = str(settings["INPUT_IMAGES_DIRECTORY"])
-        if settings["BINARIZE_THRESHOLD"] < 0 and is_label_image(raw):
-            print("The input has more than two values: treated as an instance label image (foreground = "
-                  "label != 0; ids restored too). Set BINARIZE_THRESHOLD >= 0 to binarize it instead.")
-            true_labels = raw
         threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
-        truth = raw != 0 if true_labels is not None else binarize(raw, threshold, source=f"'{source}'")
+        truth, true_labels = read_mask_or_labels(source, threshold)  # true_labels: None for a mask
     else:
         true_labels = make_sample_labels(tuple(settings["SAMPLE_SHAPE"]), seed=settings["RANDOM_STATE"])
         truth = true_labels > 0
@@ -304,18 +308,11 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     print(f"Stack {truth.shape} (D, H, W) from {source}; factor {factor}: {len(kept_indices)} slices kept.")
     print(f"Outputs go to {paths['metrics'].parent}")
 
-    print("Generating training samples and training ...")
-    t0 = time.perf_counter()
-    model, history, samples = fit_on_sparse_stack(sparse, factor, device=device,
-                                                           **training_kwargs(settings))
-    timings["train_s"] = time.perf_counter() - t0
-
-    print("Applying the model to the stack ...")
-    t0 = time.perf_counter()
-    probabilities = apply_model_to_stack_tiled_slice_by_slice(model, sparse, factor, original_depth=truth.shape[0],
-                                                              device=device, **inference_kwargs(settings))
-    predicted = probabilities >= settings["PROBABILITY_THRESHOLD"]
-    timings["infer_s"] = time.perf_counter() - t0
+    print("Generating training samples, training and applying the model ...")
+    probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=truth.shape[0],
+                                                       device=device)
+    predicted = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
+    timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
 
     print("Morphological (shape-based) interpolation ...")
     t0 = time.perf_counter()
@@ -341,24 +338,25 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     print("Saving ...")
     voxel = (settings["XY_RESOLUTION"],) * 3
     unit, overwrite = settings["VOXEL_UNIT"], settings["OVERWRITE"]
-    save_model(paths["model"], model, model_config(settings, factor), overwrite=overwrite)
-    save_stack(paths["probabilities"], probabilities.astype(np.float32), voxel, unit, overwrite)
-    save_stack(paths["predicted"], predicted, voxel, unit, overwrite)
-    save_stack(paths["morphed"], morphed, voxel, unit, overwrite)
+    written = [save_model(paths["model"], model, model_config(settings, factor), overwrite=overwrite),
+               save_stack(paths["probabilities"], probabilities, voxel, unit, overwrite),
+               save_stack(paths["predicted"], predicted, voxel, unit, overwrite),
+               save_stack(paths["morphed"], morphed, voxel, unit, overwrite)]
     if restored_labels:
-        save_stack(paths["predicted_labels"], restored_labels["predicted"], voxel, unit, overwrite)
-    plot_loss_history(history, paths["loss_curve"])
-    display_training_results(model, samples, path=paths["training_examples"])
+        written.append(save_stack(paths["predicted_labels"], restored_labels["predicted"], voxel, unit, overwrite))
+    plot_loss_history(info["history"], paths["loss_curve"])
+    display_training_results(model, info["samples"], path=paths["training_examples"])
     comparison_figure(truth, nearest, morphed, predicted, kept_indices, paths["comparison"],
                       {k: v["iou_recon"] for k, v in scores.items()})
+    written += [paths["loss_curve"], paths["training_examples"], paths["comparison"], paths["metrics"]]
     timings["total_s"] = time.perf_counter() - start
     metrics = {
         "source": source, "shape_dhw": list(truth.shape), "factor": factor,
         "kept_indices": kept_indices.tolist(), "device": device.type, "scores": scores,
-        "loss_history": history, "timings": {k: round(v, 2) for k, v in timings.items()},
+        "loss_history": info["history"], "timings": {k: round(v, 2) for k, v in timings.items()},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
         "versions": {"numpy": np.__version__, "torch": torch.__version__},
-        "outputs": {k: str(v) for k, v in paths.items() if v.exists() or k == "metrics"},
+        "outputs": [str(p) for p in written],
     }
     paths["metrics"].write_text(json.dumps(metrics, indent=2))
     print(f"Done in {timings['total_s']:.0f} s. Results in {paths['metrics'].parent}")

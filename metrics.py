@@ -77,12 +77,11 @@ def mean_label_iou(predicted_labels: np.ndarray, true_labels: np.ndarray, z_indi
     ids, inverse = np.unique(np.concatenate([true_labels.ravel(), predicted_labels.ravel()]), return_inverse=True)
     if np.count_nonzero(ids) == 0:
         return 1.0
-    # Ids renumbered to 0..n-1, then one joint histogram of (true id, predicted id).
+    # Ids renumbered to 0..n-1; per-id areas and same-id overlaps, memory linear in n.
     n = len(ids)
-    true_index, predicted_index = np.split(inverse.ravel().astype(np.int64), 2)
-    joint = np.bincount(true_index * n + predicted_index, minlength=n * n).reshape(n, n)
-    intersection = np.diag(joint)
-    union = joint.sum(axis=1) + joint.sum(axis=0) - intersection
+    true_index, predicted_index = np.split(inverse.ravel(), 2)
+    intersection = np.bincount(true_index[true_index == predicted_index], minlength=n)
+    union = np.bincount(true_index, minlength=n) + np.bincount(predicted_index, minlength=n) - intersection
     present = (ids != 0) & (union > 0)
     return float(np.mean(intersection[present] / union[present]))
 

@@ -348,3 +348,37 @@ def test_make_sample_labels_ids_and_touching_pair():
     assert len(_touching_pairs(labels)) >= 1
     assert np.array_equal(make_sample_stack((64, 64, 64), seed=0), labels > 0)
 
+
+
+def test_ome_sizes_in_different_units_are_converted(tmp_path):
+    from data import read_calibration
+
+    path = tmp_path / "mixed.ome.tif"
+    tifffile.imwrite(path, np.zeros((3, 16, 16), np.uint8), ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 0.04, "PhysicalSizeZUnit": "µm",
+                               "PhysicalSizeY": 5, "PhysicalSizeYUnit": "nm",
+                               "PhysicalSizeX": 5, "PhysicalSizeXUnit": "nm"})
+    voxel, unit = read_calibration(path)
+    assert voxel == pytest.approx((40.0, 5.0, 5.0)) and unit == "nm"
+
+
+def test_resolution_factor_is_robust_to_decimal_sizes():
+    assert resolution_factor(0.3, 0.1) == 3
+    assert resolution_factor(0.7, 0.1) == 7
+
+
+def test_read_mask_or_labels(tmp_path):
+    from data import read_mask_or_labels
+
+    labels = np.zeros((4, 16, 16), np.uint16)
+    labels[:, 2:6, 2:6], labels[:, 8:12, 8:12] = 3, 7
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    mask, restored_labels = read_mask_or_labels(tmp_path / "labels.tif")
+    np.testing.assert_array_equal(mask, labels > 0)
+    np.testing.assert_array_equal(restored_labels, labels)
+    with pytest.warns(UserWarning, match="binarized"):
+        mask, none = read_mask_or_labels(tmp_path / "labels.tif", labels="no")
+    assert none is None and mask.sum() == (labels > 0).sum()
+    tifffile.imwrite(tmp_path / "big.tif", labels.astype(np.uint32) * 20000)
+    with pytest.raises(ValueError, match="0..65535"):
+        read_mask_or_labels(tmp_path / "big.tif")

@@ -210,7 +210,9 @@ def test_restore_command_from_metadata(tmp_path, tiny_problem):
     save_model(model_path, model, {"factor": 4, "train_z_size": 3})
     out = tmp_path / "out.tif"
     common = ["--model", str(model_path), "--train-z-size", "3", "--inference-tile-size", "64"]
-    assert apply.main(["--input", str(source), "--output", str(out), "--save-probabilities", "uint8", *common]) == 0
+    assert apply.main(["--input", str(source), "--output", str(out), "--save-probabilities", "uint8", "--preview",
+                       *common]) == 0
+    assert (tmp_path / "out_preview.png").stat().st_size > 1000
     restored = tifffile.imread(out) > 0
     assert restored.shape == ((len(sparse) - 1) * 4 + 1, 64, 64)
     np.testing.assert_array_equal(restored[::4], sparse)
@@ -251,3 +253,35 @@ def test_restore_ome_metadata_and_label_round_trip(tmp_path, tiny_problem):
     # No two input objects merged: every restored id region overlaps its own true object most.
     recon = reconstructed_indices(np.arange(0, 41, 4), 41)
     assert mean_label_iou(restored, labels, recon) > 0.3
+
+
+def test_restore_command_flag_beats_saved_recipe(tmp_path, tiny_problem):
+    truth, sparse, kept, model, _ = tiny_problem
+    from model import save_model
+
+    source = tmp_path / "aniso.tif"
+    save_stack(source, sparse, voxel_size_zyx=(0.8, 0.2, 0.2))
+    save_model(tmp_path / "strict.pt", model, {"factor": 4, "train_z_size": 3, "probability_threshold": 0.999})
+    common = ["--input", str(source), "--model", str(tmp_path / "strict.pt"), "--inference-tile-size", "64"]
+    assert apply.main(common + ["--output", str(tmp_path / "strict.tif")]) == 0
+    # 0.5 is eval.py's default, yet typed explicitly it must override the model's 0.999.
+    assert apply.main(common + ["--output", str(tmp_path / "half.tif"), "--probability-threshold", "0.5"]) == 0
+    strict, half = (tifffile.imread(tmp_path / name) > 0 for name in ("strict.tif", "half.tif"))
+    assert half.sum() > strict.sum()
+
+
+def test_restore_command_rejects_conflicts_before_work(tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        save_stack(tmp_path / folder / "s.tif", make_sample_stack((6, 32, 32), seed=0), (0.8, 0.2, 0.2))
+    out = tmp_path / "out"
+    assert apply.main(["--input", str(tmp_path / "a" / "s.tif"), str(tmp_path / "b" / "s.tif"),
+                       "--output", str(out)]) == 2
+    assert "same output name" in capsys.readouterr().err
+    assert apply.main(["--input", str(tmp_path / "a" / "s.tif"), "--output", str(tmp_path / "o.tif"),
+                       "--model", "m.pt", "--save-model", str(tmp_path / "n.pt")]) == 2
+    assert "--save-model" in capsys.readouterr().err
+    assert apply.main(["--input", str(tmp_path / "a" / "s.tif"), "--output", str(tmp_path / "o.tif"),
+                       "--upscale-method", "sdf"]) == 2
+    assert "UPSCALE_METHOD" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "o.tif").exists()
