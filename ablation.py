@@ -27,6 +27,7 @@ from morph import interpolate_along_axis, morph_stack_interpolated
 TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
     "default": {},
     "no input skip (draw from scratch)": {"INPUT_SKIP": "false"},
+    "nearest-slice upscaling": {"UPSCALE_METHOD": "nearest"},
     "BCE + 0.5 Dice": {"DICE_WEIGHT": "0.5"},
     "half the training (TRAIN_NB 800)": {"TRAIN_NB": "800"},
     "wider (BASE_FILTERS 24)": {"BASE_FILTERS": "24"},

@@ -381,10 +381,22 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
     return probabilities, model, info
 
 
-def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float) -> np.ndarray:
+def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_place: bool = False) -> np.ndarray:
     """Foreground mask ``p >= threshold``, slice by slice (no float copy of the
-    stack); uint8 probabilities are read as 0-255."""
+    stack); uint8 probabilities are read as 0-255.
+
+    With ``in_place`` (uint8 probabilities only) the mask is written over the
+    probabilities and returned as a bool view of the same memory: the
+    probabilities are gone, and no second output-sized array is allocated.
+    """
     scale = 255.0 if np.issubdtype(probabilities_dhw.dtype, np.integer) else 1.0
+    if in_place:
+        if probabilities_dhw.dtype != np.uint8:
+            raise ValueError("In-place thresholding needs uint8 probabilities.")
+        mask = probabilities_dhw.view(np.bool_)
+        for z in range(len(mask)):  # 0/1 bytes are valid bools
+            np.greater_equal(probabilities_dhw[z], threshold * scale, out=mask[z])
+        return mask
     mask = np.empty(probabilities_dhw.shape, dtype=bool)
     for z in range(len(mask)):
         mask[z] = probabilities_dhw[z] >= threshold * scale
@@ -393,7 +405,8 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float) -> 
 
 def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], model: Optional[nn.Module] = None,
                   labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
-                  probability_dtype=np.uint8) -> Tuple[np.ndarray, np.ndarray, nn.Module, Dict[str, Any]]:
+                  probability_dtype=np.uint8, keep_probabilities: bool = True
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:
     """Restore an anisotropic stack to ``(K - 1) * factor + 1`` slices.
 
     Parameters
@@ -411,19 +424,24 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], 
         (see :func:`assign_labels`).
     probability_dtype : numpy dtype
         uint8 (0-255) keeps memory at one byte per output voxel.
+    keep_probabilities : bool
+        False (with uint8) thresholds in place: peak memory about one byte per
+        output voxel, and ``None`` is returned for the probabilities.
 
     Returns
     -------
     restored : ndarray, shape (D, H, W)
         bool mask, or labels of ``labels``' dtype. Input slices sit verbatim at
         ``0, factor, 2*factor, ...``.
-    probabilities : ndarray of ``probability_dtype``, shape (D, H, W)
+    probabilities : ndarray of ``probability_dtype``, shape (D, H, W), or None
     model : the model used
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
     probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
                                                        out_dtype=probability_dtype)
-    restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
+    in_place = not keep_probabilities and probabilities.dtype == np.uint8
+    restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=in_place)
+    probabilities = None if in_place else probabilities
     if labels is not None:
         restored = assign_labels(restored, labels, factor)
     return restored, probabilities, model, info
@@ -567,7 +585,8 @@ def restore_files(args: argparse.Namespace) -> None:
         print(f"{path.name}: {mask.shape} (Z, Y, X), factor {factor} -> {(mask.shape[0] - 1) * factor + 1} slices")
         restored, probabilities, used_model, info = restore_stack(
             mask, factor, settings, model=model, labels=labels,
-            probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8)
+            probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
+            keep_probabilities=args.save_probabilities != "none")
         save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
         if args.save_probabilities != "none":
             save_stack(target.with_name(target.stem + "_probabilities.tif"), probabilities, voxel, unit,

@@ -285,3 +285,17 @@ def test_restore_command_rejects_conflicts_before_work(tmp_path, capsys):
                        "--upscale-method", "sdf"]) == 2
     assert "UPSCALE_METHOD" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "o.tif").exists()
+
+
+def test_threshold_in_place_matches_copy():
+    from apply import threshold_probabilities
+
+    probabilities = (np.random.default_rng(0).random((4, 9, 7)) * 255).astype(np.uint8)
+    expected = probabilities >= 128  # 0.5 of 255, rounded up
+    copy = threshold_probabilities(probabilities.copy(), 0.5)
+    in_place = threshold_probabilities(probabilities, 0.5, in_place=True)
+    np.testing.assert_array_equal(copy, expected)
+    np.testing.assert_array_equal(in_place, expected)
+    assert np.shares_memory(in_place, probabilities)
+    with pytest.raises(ValueError, match="uint8"):
+        threshold_probabilities(np.zeros((1, 2, 2), np.float32), 0.5, in_place=True)
