@@ -372,13 +372,13 @@ def test_read_mask_or_labels(tmp_path):
 
     labels = np.zeros((4, 16, 16), np.uint16)
     labels[:, 2:6, 2:6], labels[:, 8:12, 8:12] = 3, 7
-    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
     mask, restored_labels = read_mask_or_labels(tmp_path / "labels.tif")
     np.testing.assert_array_equal(mask, labels > 0)
     np.testing.assert_array_equal(restored_labels, labels)
     with pytest.warns(UserWarning, match="binarized"):
         mask, none = read_mask_or_labels(tmp_path / "labels.tif", labels="no")
     assert none is None and mask.sum() == (labels > 0).sum()
-    tifffile.imwrite(tmp_path / "big.tif", labels.astype(np.uint32) * 20000)
+    tifffile.imwrite(tmp_path / "big.tif", labels.astype(np.uint32) * 20000, photometric="minisblack")
     with pytest.raises(ValueError, match="0..65535"):
         read_mask_or_labels(tmp_path / "big.tif")
