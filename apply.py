@@ -9,6 +9,7 @@ function, :func:`predict_tiled`, and their probabilities are averaged.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import math
 import sys
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from model import select_device
-from morph import interpolate_along_axis
+from morph import bracket, interpolate_along_axis
 
 ORIENTATIONS = ("y", "x")
 # eval.py constants that apply.py's command line also accepts (training and inference recipe).
@@ -300,26 +301,18 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
     """
     from scipy import ndimage
 
-    from morph import bracket
-
     depth = foreground_dhw.shape[0]
     kept_positions = np.arange(len(sparse_labels_khw)) * factor
     lower, upper, _ = bracket(kept_positions, depth)
     out = np.zeros(foreground_dhw.shape, dtype=sparse_labels_khw.dtype)
-    nearest_cache: dict = {}
-
+    @functools.lru_cache(maxsize=2)  # slices are visited in order: two kept slices suffice
     def nearest_label(k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Label of, and squared distance to, the nearest labelled pixel of kept slice k."""
-        if k not in nearest_cache:
-            if len(nearest_cache) >= 2:
-                nearest_cache.pop(min(nearest_cache))
-            labels_hw = sparse_labels_khw[k]
-            if not labels_hw.any():
-                nearest_cache[k] = (np.zeros_like(labels_hw), np.full(labels_hw.shape, np.inf, np.float32))
-            else:
-                distance, (iy, ix) = ndimage.distance_transform_edt(labels_hw == 0, return_indices=True)
-                nearest_cache[k] = (labels_hw[iy, ix], (distance**2).astype(np.float32))
-        return nearest_cache[k]
+        labels_hw = sparse_labels_khw[k]
+        if not labels_hw.any():
+            return np.zeros_like(labels_hw), np.full(labels_hw.shape, np.inf, np.float32)
+        distance, (iy, ix) = ndimage.distance_transform_edt(labels_hw == 0, return_indices=True)
+        return labels_hw[iy, ix], (distance**2).astype(np.float32)
 
     for z in tqdm(range(depth), desc="Assigning label ids", unit="slice", leave=False):
         label_a, dist_a = nearest_label(int(lower[z]))

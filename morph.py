@@ -18,6 +18,7 @@ Conventions (all methods)
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -150,14 +151,9 @@ def interpolate_along_axis(
         out = low + w * (high - low)
     else:
         out = np.empty((length,) + moved.shape[1:], dtype=bool)
-        cache = {}
-
+        @functools.lru_cache(maxsize=2)  # gaps are visited in order: two kept slices suffice
         def sdf_of(k: int) -> np.ndarray:
-            if k not in cache:
-                if len(cache) >= 2:  # gaps are visited in order: drop the oldest
-                    cache.pop(min(cache))
-                cache[k] = signed_distance(moved[k])
-            return cache[k]
+            return signed_distance(moved[k])
 
         for i in tqdm(range(length), desc="Shape-based interpolation", unit="slice", disable=not progress, leave=False):
             if weight[i] == 0:

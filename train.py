@@ -55,7 +55,7 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
         raise ValueError(f"An image of height {height} keeps fewer than two rows at factor {factor}; "
                          "use a larger TRAIN_XY_SIZE.")
     sparse = np.take(image, kept_rows, axis=-2)
-    return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32)
+    return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
 
 
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
