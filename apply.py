@@ -27,6 +27,8 @@ from model import select_device
 from morph import bracket, interpolate_along_axis
 
 ORIENTATIONS = ("y", "x")
+# Network inputs built at a time (float32 values, 16 MB): inference memory is the output plus a few of these.
+CHUNK_VALUES = 4_000_000
 # eval.py constants that apply.py's command line also accepts (training and inference recipe).
 RESTORE_SETTING_NAMES = ("BINARIZE_THRESHOLD", "TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB", "VAL_SPLIT", "MIN_CONTENT_RATIO",
                          "RANDOM_STATE", "BATCH_SIZE", "NUM_EPOCHS", "LEARNING_RATE", "DICE_WEIGHT", "BASE_FILTERS",
@@ -230,13 +232,14 @@ def apply_model_to_stack_tiled_slice_by_slice(
         sparse_view = sparse if orientation == "y" else sparse.transpose(0, 2, 1)
         output_view = output if orientation == "y" else output.transpose(0, 2, 1)
         n_planes, plane_width = sparse_view.shape[1], sparse_view.shape[2]
-        chunk = max(1, int(4e6 // (train_depth * depth * plane_width)))
+        chunk = max(1, CHUNK_VALUES // (train_depth * depth * plane_width))
         bar = tqdm(total=n_planes, desc=f"Inference (planes along {orientation.upper()})", unit="plane",
                    disable=not progress, leave=False)
         for start in range(0, n_planes, chunk):
             planes = np.arange(start, min(start + chunk, n_planes))
             images = _plane_chunk(sparse_view, planes, offsets, factor, depth, upscale_method)
             probabilities = predict_tiled(model, images, tile_size, overlap, batch_size, device, flips)
+            del images  # else it lives on while the next chunk is built: two chunks at the peak, not one
             block = probabilities.transpose(1, 0, 2)  # (D, n, L)
             if n_done:  # running mean over orientations
                 current = output_view[:, planes[0]:planes[-1] + 1, :].astype(np.float32) / scale
@@ -245,8 +248,10 @@ def apply_model_to_stack_tiled_slice_by_slice(
             bar.update(len(planes))
         bar.close()
     if keep_kept_slices:
-        kept = np.arange(n_kept) * factor
-        output[kept[kept < depth]] = (sparse[: len(kept[kept < depth])] != 0) * scale
+        # Slice by slice: a whole-stack ``(sparse != 0) * scale`` would be a float64 copy of every kept slice.
+        for k, z in enumerate(range(0, min(n_kept * factor, depth), factor)):
+            output[z] = sparse[k] != 0
+            output[z] *= output.dtype.type(scale)
     return output
 
 

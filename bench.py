@@ -41,9 +41,10 @@ QUICK_SHAPE = (96, 128, 128)  # central crop (D, H, W) for --quick
 QUICK_SETTINGS = {"TRAIN_NB": 480, "NUM_EPOCHS": 3}
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and its finished children, in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_rss_mb(children_only: bool = False) -> float:
+    """Peak resident memory of this process and its finished children (or of
+    the children only), in MiB."""
+    own = 0 if children_only else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     divisor = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
     return max(own, children) / divisor
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", default="network", help="method name written for the network rows")
     parser.add_argument("--sample-shape", type=int, nargs=3, default=[128, 128, 128],
                         help="built-in sample size when no input is given")
+    parser.add_argument("--restore-memory", type=int, nargs=3, metavar=("K", "H", "W"),
+                        help="instead of the benchmark: wall time and peak memory of apply.py restoring a K x H x W "
+                             "mask at factor 8 with a small saved model (e.g. 125 1024 1024 -> 993 x 1024 x 1024)")
     parser.add_argument("--itk-worker", nargs=2, help=argparse.SUPPRESS)
     return parser
 
@@ -307,6 +311,50 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
+def measure_restore_memory(shape_khw: Sequence[int], factor: int, out_dir: Path) -> Dict[str, Any]:
+    """Wall time and peak memory of ``apply.py`` restoring a large mask.
+
+    Builds an anisotropic ``(K, H, W)`` mask (the built-in sample, every
+    ``factor``-th slice, tiled laterally) with voxel size ``factor x 1 x 1``,
+    saves a small untrained model (the memory of a restore does not depend on
+    the weights, and training would dominate the time), and runs ``apply.py``
+    in a child process, whose peak resident memory is reported next to the
+    size of the uint8 output. The restored mask itself is meaningless.
+    """
+    import torch
+
+    from data import make_sample_stack, save_stack
+    from model import AttentionResUNet, save_model
+
+    n_kept, height, width = (int(v) for v in shape_khw)
+    if out_dir.exists():
+        raise FileExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+    out_dir.mkdir(parents=True)
+    tile = make_sample_stack((128, 128, 128), seed=1)[::factor]
+    reps = [-(-want // have) for want, have in zip((n_kept, height, width), tile.shape)]  # ceil
+    save_stack(out_dir / "aniso.tif", np.tile(tile, reps)[:n_kept, :height, :width], (factor, 1.0, 1.0))
+    torch.manual_seed(0)
+    save_model(out_dir / "small_model.pt", AttentionResUNet(in_channels=5, depth=1, base_filters=4),
+               {"factor": factor})
+    command = [sys.executable, str(Path(__file__).resolve().parent / "apply.py"), "--input", str(out_dir / "aniso.tif"),
+               "--output", str(out_dir / "restored.tif"), "--model", str(out_dir / "small_model.pt"),
+               "--orientations", "y", "--inference-batch-size", "4"]
+    print(" ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    output_mb = ((n_kept - 1) * factor + 1) * height * width / 2**20
+    result = {"input_shape": [n_kept, height, width], "factor": factor,
+              "output_shape": [(n_kept - 1) * factor + 1, height, width], "wall_s": round(time.perf_counter() - start, 1),
+              "peak_rss_mb": round(peak_rss_mb(children_only=True), 1),
+              "uint8_output_mb": round(output_mb, 3)}
+    result["peak_over_output"] = round(result["peak_rss_mb"] / output_mb, 2)
+    (out_dir / "memory.json").write_text(json.dumps(result, indent=2))
+    print(f"apply.py restored {tuple(result['input_shape'])} -> {tuple(result['output_shape'])} in "
+          f"{result['wall_s']} s; peak memory {result['peak_rss_mb']:.0f} MiB = {result['peak_over_output']}x "
+          f"the uint8 output ({output_mb:.0f} MiB)")
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.itk_worker:
@@ -314,6 +362,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from eval import run_cli
 
+    if args.restore_memory:
+        out_dir = args.out or Path("bench_runs") / datetime.now().strftime("memory-%Y%m%d-%H%M%S")
+        return run_cli(lambda _: measure_restore_memory(args.restore_memory, 8, out_dir), args)
     return run_cli(run_benchmark, args)
 
 

@@ -147,8 +147,11 @@ def interpolate_along_axis(
         out = moved[np.where(weight <= 0.5, lower, upper)]
     elif method == "linear":
         w = weight.reshape((-1,) + (1,) * (moved.ndim - 1))
-        low, high = moved[lower].astype(np.float32), moved[upper].astype(np.float32)
-        out = low + w * (high - low)
+        low = moved[lower].astype(np.float32)
+        out = moved[upper].astype(np.float32)
+        out -= low  # in place: inference calls this on chunks of tens of MB, so no temporaries
+        out *= w
+        out += low
     else:
         out = np.empty((length,) + moved.shape[1:], dtype=bool)
         @functools.lru_cache(maxsize=2)  # gaps are visited in order: two kept slices suffice

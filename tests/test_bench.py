@@ -66,3 +66,21 @@ def test_itk_mci_matches_sdf_closely_when_installed():
     nearest = interpolate_along_axis(sparse, kept, truth.shape[0], method="nearest")
     # A real interpolator: at least as good as copying the nearest slice, minus a small margin.
     assert calculate_iou(restored[recon], truth[recon]) > calculate_iou(nearest[recon], truth[recon]) - 0.05
+
+
+def test_restore_memory_case_reports_peak_and_writes_isotropic_stack(tmp_path):
+    import tifffile
+
+    out = tmp_path / "memory"
+    result = bench.measure_restore_memory((5, 96, 160), 8, out)
+    assert result["output_shape"] == [33, 96, 160]
+    assert result["uint8_output_mb"] == pytest.approx(33 * 96 * 160 / 2**20, abs=1e-3)
+    assert result["peak_rss_mb"] > 50  # a child running torch, measured, not assumed
+    assert result["peak_over_output"] == pytest.approx(result["peak_rss_mb"] / result["uint8_output_mb"], rel=0.01)
+    assert json.loads((out / "memory.json").read_text()) == result
+    restored = tifffile.imread(out / "restored.tif")
+    source = tifffile.imread(out / "aniso.tif")
+    assert restored.shape == (33, 96, 160)
+    np.testing.assert_array_equal(restored[::8], source)  # kept slices verbatim
+    with pytest.raises(FileExistsError):
+        bench.measure_restore_memory((5, 96, 160), 8, out)
