@@ -388,16 +388,12 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
     probabilities are gone, and no second output-sized array is allocated.
     """
     scale = 255.0 if np.issubdtype(probabilities_dhw.dtype, np.integer) else 1.0
-    if in_place:
-        if probabilities_dhw.dtype != np.uint8:
-            raise ValueError("In-place thresholding needs uint8 probabilities.")
-        mask = probabilities_dhw.view(np.bool_)
-        for z in range(len(mask)):  # 0/1 bytes are valid bools
-            np.greater_equal(probabilities_dhw[z], threshold * scale, out=mask[z])
-        return mask
-    mask = np.empty(probabilities_dhw.shape, dtype=bool)
+    if in_place and probabilities_dhw.dtype != np.uint8:
+        raise ValueError("In-place thresholding needs uint8 probabilities.")
+    # In place, slice z is read before it is overwritten, and 0/1 bytes are valid bools.
+    mask = probabilities_dhw.view(np.bool_) if in_place else np.empty(probabilities_dhw.shape, dtype=bool)
     for z in range(len(mask)):
-        mask[z] = probabilities_dhw[z] >= threshold * scale
+        np.greater_equal(probabilities_dhw[z], threshold * scale, out=mask[z])
     return mask
 
 

@@ -342,9 +342,10 @@ def measure_restore_memory(shape_khw: Sequence[int], factor: int, out_dir: Path)
     print(" ".join(command), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    output_mb = ((n_kept - 1) * factor + 1) * height * width / 2**20
+    depth = (n_kept - 1) * factor + 1
+    output_mb = depth * height * width / 2**20
     result = {"input_shape": [n_kept, height, width], "factor": factor,
-              "output_shape": [(n_kept - 1) * factor + 1, height, width], "wall_s": round(time.perf_counter() - start, 1),
+              "output_shape": [depth, height, width], "wall_s": round(time.perf_counter() - start, 1),
               "peak_rss_mb": round(peak_rss_mb(children_only=True), 1),
               "uint8_output_mb": round(output_mb, 3)}
     result["peak_over_output"] = round(result["peak_rss_mb"] / output_mb, 2)
