@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 
-from apply import restore_probabilities, threshold_probabilities
 from bench import load_inputs, parse_overrides
 from data import downsample_z
 from eval import default_settings
 from metrics import score_reconstruction
 from model import select_device
 from morph import interpolate_along_axis, morph_stack_interpolated
+from restore import restore_probabilities, threshold_probabilities
 
 # name -> eval.py constants changed from the defaults
 TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {

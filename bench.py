@@ -29,9 +29,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from data import check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
+from data import InputNotFoundError, OutputExistsError, UserError, check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
 from metrics import calculate_dice, calculate_iou, mean_label_iou, mean_surface_distance, reconstructed_indices
 from morph import interpolate_along_axis, morph_stack_interpolated
+from restore import assign_labels, restore_probabilities, threshold_probabilities
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
 ROW_KEYS = ("stack", "factor", "method", "iou_recon", "dice_recon", "iou_stack", "assd_vox", "train_s", "infer_s",
@@ -104,13 +105,11 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
     elif method == "itk_mci":
         restored = run_itk_mci(sparse, kept, depth)
     elif method == "network":
-        from apply import restore_probabilities, threshold_probabilities
-
         probabilities, _, info = restore_probabilities(sparse, factor, settings, original_depth=depth, device=device)
         restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
         return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"]}
     else:
-        raise ValueError(f"Unknown method '{method}'; choose from {METHODS}.")
+        raise UserError(f"Unknown method '{method}'; choose from {METHODS}.")
     return {"restored": restored, "train_s": train_s, "infer_s": time.perf_counter() - start}
 
 
@@ -183,7 +182,7 @@ def load_inputs(paths: Sequence[Path], quick: bool, sample_shape) -> List[tuple]
     """
     for path in paths:
         if not Path(path).exists():
-            raise FileNotFoundError(f"Input '{path}' does not exist. Give TIFF files or folders of TIFF slices.")
+            raise InputNotFoundError(f"Input '{path}' does not exist. Give TIFF files or folders of TIFF slices.")
     named = [(Path(path).name, *read_mask_or_labels(path)) for path in paths]
     if not paths:
         labels = make_sample_labels(tuple(sample_shape), seed=0)
@@ -202,7 +201,7 @@ def parse_overrides(pairs: Sequence[str], settings: Dict[str, Any]) -> Dict[str,
     for pair in pairs:
         name, _, value = pair.partition("=")
         if name not in settings or not value:
-            raise ValueError(f"--set takes NAME=VALUE with NAME one of eval.py's constants, got '{pair}'.")
+            raise UserError(f"--set takes NAME=VALUE with NAME one of eval.py's constants, got '{pair}'.")
         out[name] = _parse_value(value, settings[name])
     return out
 
@@ -241,7 +240,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     settings = parse_overrides(args.set, settings)
     out_dir = args.out or Path("bench_runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if out_dir.exists():
-        raise FileExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+        raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
     paths = args.input if args.input else default_inputs()
     stacks = load_inputs(paths, args.quick, args.sample_shape)
     for name, stack, _ in stacks:
@@ -253,7 +252,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     check_crop_size((n_kept,) + stack.shape[1:], (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"],
                                                                    settings["TRAIN_XY_SIZE"]), factor)
             except ValueError as error:
-                raise ValueError(f"{name}: {error}") from None
+                raise UserError(f"{name}: {error}") from None
     out_dir.mkdir(parents=True)
     device = select_device(settings["DEVICE"] or None)
     print(f"Device: {device.type}; stacks: {', '.join(f'{n} {s.shape}' for n, s, _ in stacks)}; "
@@ -294,8 +293,6 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 rows.append(row)
                 print(markdown_table([row]).splitlines()[-1], flush=True)
                 if labels is not None:
-                    from apply import assign_labels
-
                     restored_labels = assign_labels(result["restored"], labels[kept], factor)
                     recon = reconstructed_indices(kept, truth.shape[0])
                     label_rows.append({"stack": name, "factor": int(factor), "method": label,
@@ -328,7 +325,7 @@ def measure_restore_memory(shape_khw: Sequence[int], factor: int, out_dir: Path)
 
     n_kept, height, width = (int(v) for v in shape_khw)
     if out_dir.exists():
-        raise FileExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+        raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
     out_dir.mkdir(parents=True)
     tile = make_sample_stack((128, 128, 128), seed=1)[::factor]
     reps = [-(-want // have) for want, have in zip((n_kept, height, width), tile.shape)]  # ceil

@@ -6,9 +6,14 @@ Masks are ``bool``; label images are unsigned integers with 0 = background.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import re
+import struct
 import warnings
+import zlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
@@ -18,6 +23,24 @@ import tifffile
 
 PathLike = Union[str, os.PathLike]
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class UserError(ValueError):
+    """A problem with the user's input, settings or outputs: the command line prints
+    its message as one ``error: ...`` line (exit status 2). Every other exception
+    is a programming error and keeps its traceback."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """An input path that does not exist, or a folder without slices."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output that exists and may not be replaced."""
+
+
+class DamagedFileError(UserError):
+    """A file that is cut short or is not what its header says."""
 
 
 # --------------------------------------------------------------------------- #
@@ -33,6 +56,48 @@ def list_tiff_files(folder: PathLike) -> list:
     folder = Path(folder)
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES]
     return sorted(files, key=lambda p: natural_sort_key(p.name))
+
+
+class _TiffComplaints(logging.Handler):
+    """Collects what tifffile logs while it reads: it logs, rather than raises, when
+    a file is cut short or its offsets point nowhere, and then returns partial data."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _tiff_guard(path: Path):
+    """Turn tifffile's complaints and decoder errors about ``path`` into one :class:`DamagedFileError`."""
+    logger = logging.getLogger("tifffile")
+    complaints = _TiffComplaints()
+    logger.addHandler(complaints)
+    try:
+        yield
+    except UserError:
+        raise
+    except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, IndexError, KeyError, ValueError,
+            OSError) as error:  # only the read of one file runs inside: these are the file's faults
+        raise DamagedFileError(f"'{path}' is damaged or not a valid TIFF ({type(error).__name__}: {error}). "
+                               "Check that the file was copied completely, or export it again.") from error
+    finally:
+        logger.removeHandler(complaints)
+    damaged = [m for m in complaints.messages if any(w in m.lower() for w in ("invalid", "corrupt", "truncat"))]
+    if damaged:
+        raise DamagedFileError(f"'{path}' is damaged or not a valid TIFF (tifffile: {damaged[0]}). "
+                               "Check that the file was copied completely, or export it again.")
+
+
+def read_tiff(path: PathLike) -> np.ndarray:
+    """``tifffile.imread`` that refuses damaged files (cut short, random bytes behind
+    a TIFF header) with one :class:`DamagedFileError` naming the file."""
+    path = Path(path)
+    with _tiff_guard(path):
+        return tifffile.imread(path)
 
 
 def read_stack(path: PathLike) -> np.ndarray:
@@ -58,37 +123,37 @@ def read_stack(path: PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"Input path '{path}' does not exist. Set INPUT_IMAGES_DIRECTORY (or --input) "
             "to a folder of 2D TIFF slices or to a multipage TIFF file."
         )
     if path.is_dir():
         files = list_tiff_files(path)
         if not files:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"No TIFF files (*.tif, *.tiff) found in folder '{path}'. "
                 "Point the input to a folder of 2D TIFF slices or to a multipage TIFF file."
             )
-        slices = [np.squeeze(tifffile.imread(f)) for f in files]
+        slices = [np.squeeze(read_tiff(f)) for f in files]
         shapes = {s.shape for s in slices}
         if len(shapes) != 1:
             sizes = ", ".join(f"{f.name}: {s.shape}" for f, s in list(zip(files, slices))[:6])
-            raise ValueError(
+            raise UserError(
                 f"Slices in '{path}' have different sizes ({sizes} ...). All slices of a "
                 "stack must share one height and width; crop or pad them to one size first."
             )
         if slices[0].ndim != 2:
-            raise ValueError(
+            raise UserError(
                 f"Each file in the folder '{path}' must be one 2D slice, got shape "
                 f"{slices[0].shape}. For multipage TIFFs pass the file itself as input."
             )
         stack = np.stack(slices, axis=0)
     else:
         if path.suffix.lower() not in TIFF_SUFFIXES:
-            raise ValueError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
-        stack = np.squeeze(tifffile.imread(path))
+            raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
+        stack = np.squeeze(read_tiff(path))
     if stack.ndim != 3 or stack.shape[0] < 2:
-        raise ValueError(
+        raise UserError(
             f"'{path}' holds an image of shape {stack.shape}; expected a 3D stack (Z, Y, X) "
             "of at least two slices. Multi-channel or time-lapse files must be split first."
         )
@@ -102,13 +167,13 @@ def stack_shape(path: PathLike) -> Tuple[int, ...]:
     if path.is_dir():
         files = list_tiff_files(path)
         if not files:
-            raise FileNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
-        with tifffile.TiffFile(files[0]) as tif:
+            raise InputNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
+        with _tiff_guard(files[0]), tifffile.TiffFile(files[0]) as tif:
             return (len(files),) + tuple(s for s in tif.series[0].shape if s != 1)[-2:]
-    with tifffile.TiffFile(path) as tif:
+    with _tiff_guard(path), tifffile.TiffFile(path) as tif:
         shape = tuple(s for s in tif.series[0].shape if s != 1)
     if len(shape) != 3:
-        raise ValueError(f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X).")
+        raise UserError(f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X).")
     return shape
 
 
@@ -159,39 +224,68 @@ LENGTH_UNITS_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "um": 1.0, "µm": 1.0,
                       "cm": 1e4, "m": 1e6}
 
 
-def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[float, float, float], Optional[str]]]:
-    """Voxel size ``(z, y, x)`` and its unit from OME or ImageJ metadata, else None.
+def _normal_unit(unit: Optional[str]) -> Optional[str]:
+    """'micron', 'µm' and ImageJ's escaped '\\u00B5m' all mean um."""
+    if unit is None or str(unit).strip() in ("", "pixel", "pixels"):
+        return None
+    unit = str(unit).strip()
+    return "um" if unit in ("micron", "microns", "µm", "μm", "\\u00B5m", "u") else unit
 
-    OME sizes given in different units per axis are converted to the unit of
-    X. For a folder of slices, the first slice (natural order) is read:
-    ImageJ keeps the Z spacing there when a stack is saved as an image sequence.
+
+def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], float, float], Optional[str]]]:
+    """Voxel size ``(z, y, x)`` and its unit from a TIFF's OME or ImageJ metadata.
+
+    Read as Fiji/ImageJ reads them:
+
+    * OME-XML ``PhysicalSizeZ/Y/X`` with their units; axes in different units
+      (Z in um, XY in nm) are converted to the unit of X.
+    * ImageJ: X/Y from the resolution tags, Z from ``spacing``. ImageJ writes
+      ``spacing`` only when the Z step is not 1, so a file with ImageJ metadata
+      and a calibrated resolution but no ``spacing`` has a Z step of 1.
+    * Without an ImageJ unit, the TIFF ResolutionUnit (inch or centimetre) is
+      converted to um.
+    * A folder of slices: X/Y from the first slice (natural order); Z is None
+      (a 2D slice has no Z step: pass ``--z-step``).
+
+    Returns
+    -------
+    ((z, y, x), unit) or None when the lateral size is not calibrated (tifffile's
+    and ImageJ's default of 1 pixel per unit with no unit). ``z`` is None when
+    the file does not say it; ``unit`` is None when the file names none.
     """
     path = Path(path)
-    if path.is_dir():
+    from_folder = path.is_dir()
+    if from_folder:
         files = list_tiff_files(path)
         if not files:
             return None
         path = files[0]
-    with tifffile.TiffFile(path) as tif:
+    with _tiff_guard(path), tifffile.TiffFile(path) as tif:
         if tif.ome_metadata:
             calibration = _ome_calibration(tif.ome_metadata)
             if calibration is not None:
-                return calibration
-        meta = tif.imagej_metadata or {}
-        spacing = meta.get("spacing")
+                (z, y, x), unit = calibration
+                return ((None if from_folder else z), y, x), unit
+        meta = tif.imagej_metadata
         tags = tif.pages[0].tags
-        if spacing is None or "XResolution" not in tags:
+        if "XResolution" not in tags:
             return None
         x_num, x_den = tags["XResolution"].value
         y_num, y_den = tags["YResolution"].value if "YResolution" in tags else (x_num, x_den)
-        if x_num == 0 or y_num == 0 or (x_num == 1 and x_den == 1 and float(spacing) == 1.0):
-            return None  # tifffile's default 1 px/unit: no real calibration stored
-        unit = meta.get("unit")
-        unit = "um" if unit in ("micron", "\\u00B5m") else unit
-        return (float(spacing), y_den / y_num, x_den / x_num), unit
+        unit = _normal_unit((meta or {}).get("unit"))
+        scale = 1.0
+        if unit is None and "ResolutionUnit" in tags:
+            scale = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value), 1.0)  # inch, cm -> um
+            unit = "um" if scale != 1.0 else None
+        if x_num == 0 or y_num == 0 or (x_num == x_den and y_num == y_den and unit is None):
+            return None  # 1 pixel per (no) unit: the default of tifffile and ImageJ, no calibration stored
+        z = None
+        if meta is not None and not from_folder:
+            z = float(meta.get("spacing", 1.0)) * scale
+        return (z, y_den / y_num * scale, x_den / x_num * scale), unit
 
 
-def read_voxel_size(path: PathLike) -> Optional[Tuple[float, float, float]]:
+def read_voxel_size(path: PathLike) -> Optional[Tuple[Optional[float], float, float]]:
     """Voxel size ``(z, y, x)`` from ImageJ or OME metadata of a TIFF, else None."""
     calibration = read_calibration(path)
     return None if calibration is None else calibration[0]
@@ -202,17 +296,21 @@ def _ome_calibration(ome_xml: str) -> Optional[Tuple[Tuple[float, float, float],
     for element in root.iter():
         if element.tag.endswith("Pixels"):
             z, y, x = (element.get(f"PhysicalSize{a}") for a in "ZYX")
-            if z is None or x is None:
+            if x is None:
                 return None
             unit_x = element.get("PhysicalSizeXUnit", "µm")
             sizes = []
             for axis, value in zip("ZYX", (z, y if y is not None else x, x)):
                 unit = element.get(f"PhysicalSize{axis}Unit", "µm")
-                scale = 1.0
-                if unit != unit_x and unit in LENGTH_UNITS_IN_UM and unit_x in LENGTH_UNITS_IN_UM:
-                    scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[unit_x]
+                if value is None:
+                    sizes.append(None)
+                    continue
+                if unit != unit_x and not (unit in LENGTH_UNITS_IN_UM and unit_x in LENGTH_UNITS_IN_UM):
+                    raise UserError(f"OME metadata gives {axis} in '{unit}' and X in '{unit_x}', which cannot be "
+                                    "converted; pass --z-step, --xy-size and --unit.")
+                scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[unit_x] if unit != unit_x else 1.0
                 sizes.append(float(value) * scale)
-            return tuple(sizes), ("um" if unit_x == "µm" else unit_x)
+            return tuple(sizes), _normal_unit(unit_x)
     return None
 
 
@@ -250,7 +348,7 @@ def read_mask_or_labels(path: PathLike, threshold: Optional[float] = None,
         print(f"'{Path(path).name}' has more than two values: treated as an instance label image "
               "(foreground = label != 0, ids restored too).")
     if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-        raise ValueError(f"Label ids of '{path}' must lie in 0..65535 (ImageJ TIFF); relabel the stack first "
+        raise UserError(f"Label ids of '{path}' must lie in 0..65535 (ImageJ TIFF); relabel the stack first "
                          "(skimage.segmentation.relabel_sequential).")
     return raw != 0, raw.astype(np.uint16, copy=False)
 
@@ -258,28 +356,48 @@ def read_mask_or_labels(path: PathLike, threshold: Optional[float] = None,
 # --------------------------------------------------------------------------- #
 # Simulating anisotropy
 # --------------------------------------------------------------------------- #
-def resolution_factor(z_resolution: float, xy_resolution: float) -> int:
-    """Integer Z/XY resolution factor, ``z_resolution // xy_resolution`` as in the seed.
+def factor_from_voxel_size(z_step: float, xy_size: float) -> Tuple[int, float]:
+    """The project's one factor rule: the Z/XY ratio rounded to the nearest integer (halves up).
 
-    Raises ``ValueError`` when the factor is below 2 (nothing to restore).
+    Used by ``eval.py`` to simulate and by ``apply.py`` to restore. Rounding
+    (rather than flooring) keeps the restored Z voxel, ``z_step / factor``, as
+    close to the lateral size as an integer factor allows: a ratio of 3.9
+    restores 4 slices per step (Z voxel 0.98 x XY) instead of 3 (1.3 x XY).
+    The kept slices stay on the output grid, verbatim, and training degrades
+    by the same integer factor that inference undoes. A warning states the
+    resulting voxel size when the ratio is not an integer (within 1 %).
+
+    Returns
+    -------
+    factor : int
+    output_z_step : float, ``z_step / factor``
     """
-    if xy_resolution <= 0 or z_resolution <= 0:
-        raise ValueError(f"Resolutions must be positive, got Z_RESOLUTION={z_resolution}, XY_RESOLUTION={xy_resolution}.")
-    factor = int(np.floor(z_resolution / xy_resolution + 1e-9))  # 0.3 // 0.1 would give 2
+    if not (z_step > 0 and xy_size > 0):
+        raise UserError(f"Voxel sizes must be positive, got Z step {z_step} and XY size {xy_size}.")
+    ratio = z_step / xy_size
+    factor = int(math.floor(ratio + 0.5))
     if factor < 2:
-        raise ValueError(
-            f"Z_RESOLUTION / XY_RESOLUTION = {z_resolution}/{xy_resolution} gives a factor of {factor}; "
-            "it must be at least 2 for slices to be missing. Increase Z_RESOLUTION or decrease XY_RESOLUTION."
-        )
-    return factor
+        raise UserError(f"The Z step ({z_step:g}) is only {ratio:.2f} times the XY pixel size ({xy_size:g}), a factor "
+                        f"of {factor}; it must be at least 2 for slices to be missing: the stack is already (nearly) "
+                        "isotropic. Check the voxel size (Z_RESOLUTION/XY_RESOLUTION, or --z-step/--xy-size).")
+    if abs(ratio - factor) > 0.01 * ratio:
+        warnings.warn(f"Z/XY ratio {ratio:.3f} is not an integer; restoring {factor} slices per input step. "
+                      f"Output voxel size: Z {z_step / factor:.4g} x Y {xy_size:.4g} x X {xy_size:.4g} "
+                      f"({(z_step / factor) / xy_size:.3f} times XY along Z).", UserWarning, stacklevel=2)
+    return factor, z_step / factor
+
+
+def resolution_factor(z_resolution: float, xy_resolution: float) -> int:
+    """Integer Z/XY factor of ``eval.py``'s resolutions, by :func:`factor_from_voxel_size`'s rule."""
+    return factor_from_voxel_size(z_resolution, xy_resolution)[0]
 
 
 def check_factor(factor: int, depth: int) -> None:
     """Raise a clear ``ValueError`` unless ``2 <= factor`` and two slices are kept."""
     if int(factor) != factor or factor < 2:
-        raise ValueError(f"The resolution factor must be an integer >= 2, got {factor}.")
+        raise UserError(f"The resolution factor must be an integer >= 2, got {factor}.")
     if factor >= depth:
-        raise ValueError(
+        raise UserError(
             f"Resolution factor {factor} is not smaller than the stack depth {depth}: fewer than two "
             "slices would be kept. Use a deeper stack or a smaller Z_RESOLUTION / XY_RESOLUTION ratio."
         )
@@ -303,7 +421,7 @@ def downsample_z(stack_dhw: np.ndarray, factor: int) -> Tuple[np.ndarray, np.nda
 # --------------------------------------------------------------------------- #
 def _check_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise FileExistsError(f"'{path}' already exists; choose another output path or pass overwrite=True (--overwrite).")
+        raise OutputExistsError(f"'{path}' already exists; choose another output path or pass overwrite=True (--overwrite).")
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -322,7 +440,7 @@ def _as_savable_array(stack: np.ndarray) -> np.ndarray:
         return stack.astype(np.float32)
     if stack.dtype in (np.int8, np.int16, np.int32, np.int64, np.uint32, np.uint64):
         if stack.size and (stack.min() < 0 or stack.max() > np.iinfo(np.uint16).max):
-            raise ValueError("ImageJ TIFFs hold label ids 0..65535 only; relabel the stack (e.g. "
+            raise UserError("ImageJ TIFFs hold label ids 0..65535 only; relabel the stack (e.g. "
                              "skimage.segmentation.relabel_sequential) before saving.")
         return stack.astype(np.uint16)
     return stack
@@ -357,7 +475,7 @@ def save_stack(
     path = Path(path)
     stack_dhw = np.asarray(stack_dhw)
     if stack_dhw.ndim != 3:
-        raise ValueError(f"save_stack expects a (D, H, W) stack, got shape {stack_dhw.shape}.")
+        raise UserError(f"save_stack expects a (D, H, W) stack, got shape {stack_dhw.shape}.")
     data, page_kwargs = _as_savable(stack_dhw)
     z, y, x = (float(v) for v in voxel_size_zyx)
     kwargs = dict(
@@ -368,11 +486,11 @@ def save_stack(
     )
     if as_slices:
         if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"Folder '{path}' is not empty; choose another output folder or pass overwrite=True.")
+            raise OutputExistsError(f"Folder '{path}' is not empty; choose another output folder or pass overwrite=True.")
         path.mkdir(parents=True, exist_ok=True)
         foreign = [p.name for p in list_tiff_files(path) if not re.fullmatch(r"slice_\d{4,}\.tif", p.name)]
         if foreign:  # they would be read back as part of the stack; never delete a user's files
-            raise FileExistsError(f"Folder '{path}' holds other TIFF files ({', '.join(foreign[:3])}); "
+            raise OutputExistsError(f"Folder '{path}' holds other TIFF files ({', '.join(foreign[:3])}); "
                                   "choose an empty output folder.")
         for stale in path.glob("slice_*.tif"):  # a deeper stack written before must not leave extra slices
             stale.unlink()

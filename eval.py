@@ -22,7 +22,7 @@ RUN_DIRECTORY = ""  # model, figures, metrics.json; "" = a new folder runs/eval-
 OVERWRITE = False  # replace existing output files (never done silently)
 SAMPLE_SHAPE = (128, 128, 128)  # (D, H, W) of the built-in sample
 XY_RESOLUTION = 2.0  # lateral pixel size
-Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION // XY_RESOLUTION
+Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION / XY_RESOLUTION rounded to the nearest integer
 VOXEL_UNIT = "um"  # unit of the resolutions, written into the TIFF metadata
 BINARIZE_THRESHOLD = -1.0  # foreground = value > threshold; < 0 means value != 0
 TRAIN_XY_SIZE = 64  # lateral crop edge for training, in pixels
@@ -46,6 +46,8 @@ ORIENTATIONS = "yx"  # predict planes along Y ("y"), along X ("x") or both, aver
 CHANNEL_STRIDE = 0  # spacing of the channel planes at inference; 0 = factor (as in training)
 TTA_FLIPS = False  # average predictions over flips along Z and along the lateral axis
 KEEP_KEPT_SLICES = True  # copy the known slices verbatim into the prediction
+SKIP_EMPTY_TILES = True  # tiles that are zero in every channel reuse the model's output on zeros (exact)
+PRECISION = "auto"  # network arithmetic: "auto" (bfloat16 where the CPU/GPU has it natively), "fp32", "bf16"
 PROBABILITY_THRESHOLD = 0.5  # probability above which a voxel is foreground
 DEVICE = ""  # "cpu", "cuda" or "" = CUDA when available
 SHOW = "auto"  # slice viewer after the run: "auto" (when a display exists), "yes", "no"
@@ -113,51 +115,24 @@ def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
 
 def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
-    from data import resolution_factor
+    from data import UserError, resolution_factor
+    from model import PRECISIONS
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     if settings["TRAIN_Z_SIZE"] % 2 == 0 or settings["TRAIN_Z_SIZE"] < 1:
-        raise ValueError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
+        raise UserError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
     if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
-        raise ValueError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
+        raise UserError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
     if settings["UPSCALE_METHOD"] not in ("linear", "nearest"):
         # 'sdf' would blend distance maps across the channel planes of a 2D crop,
         # so training and inference would not see the same interpolation.
-        raise ValueError(f"UPSCALE_METHOD must be 'linear' or 'nearest', got '{settings['UPSCALE_METHOD']}'.")
+        raise UserError(f"UPSCALE_METHOD must be 'linear' or 'nearest', got '{settings['UPSCALE_METHOD']}'.")
     if not 0 < settings["VAL_SPLIT"] < 1:
-        raise ValueError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
+        raise UserError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):
-        raise ValueError(f"SHOW must be auto, yes or no, got '{settings['SHOW']}'.")
-
-
-def training_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments of ``train.fit_on_sparse_stack`` from the settings."""
-    return dict(train_xy_size=settings["TRAIN_XY_SIZE"], train_z_size=settings["TRAIN_Z_SIZE"],
-                train_nb=settings["TRAIN_NB"], batch_size=settings["BATCH_SIZE"], num_epochs=settings["NUM_EPOCHS"],
-                learning_rate=settings["LEARNING_RATE"], val_split=settings["VAL_SPLIT"],
-                min_content_ratio=settings["MIN_CONTENT_RATIO"], base_filters=settings["BASE_FILTERS"],
-                depth=settings["DEPTH"], dropout_rate=settings["DROPOUT_RATE"], input_skip=settings["INPUT_SKIP"],
-                dice_weight=settings["DICE_WEIGHT"], upscale_method=settings["UPSCALE_METHOD"],
-                random_state=settings["RANDOM_STATE"])
-
-
-def inference_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments of ``apply.apply_model_to_stack_tiled_slice_by_slice`` from the settings."""
-    flips = ((), (-1,), (-2,), (-2, -1)) if settings["TTA_FLIPS"] else ((),)
-    return dict(train_depth=settings["TRAIN_Z_SIZE"], tile_size=max(settings["INFERENCE_TILE_SIZE"],
-                                                                      settings["TRAIN_XY_SIZE"]),
-                batch_size=settings["INFERENCE_BATCH_SIZE"], channel_stride=settings["CHANNEL_STRIDE"] or None,
-                orientations=tuple(settings["ORIENTATIONS"]), flips=flips,
-                keep_kept_slices=settings["KEEP_KEPT_SLICES"], upscale_method=settings["UPSCALE_METHOD"])
-
-
-def model_config(settings: Dict[str, Any], factor: int) -> Dict[str, Any]:
-    """What a saved model needs to be applied later without retraining."""
-    config = {key.lower(): value for key, value in settings.items()
-              if key in ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TILE_SIZE", "ORIENTATIONS",
-                         "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES", "PROBABILITY_THRESHOLD", "RANDOM_STATE")}
-    config["factor"] = int(factor)
-    return config
+        raise UserError(f"SHOW must be auto, yes or no, got '{settings['SHOW']}'.")
+    if settings["PRECISION"] not in PRECISIONS:
+        raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got '{settings['PRECISION']}'.")
 
 
 def display_available() -> bool:
@@ -253,6 +228,8 @@ def comparison_figure(truth_dhw: np.ndarray, nearest_dhw: np.ndarray, morphed_dh
 
 def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
     """Every file this run writes; checked before any long work starts."""
+    from data import OutputExistsError
+
     run_dir = Path(settings["RUN_DIRECTORY"] or Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
     predicted_dir = Path(settings["OUTPUT_PREDICTION_OUTDIRECTORY"] or run_dir / "predicted")
     interpolated_dir = Path(settings["OUTPUT_INTERPOLATED_DIRECTORY"] or run_dir / "interpolated")
@@ -270,7 +247,7 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
     if not settings["OVERWRITE"]:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
-            raise FileExistsError(f"Output files already exist: {', '.join(existing)}. Choose other output "
+            raise OutputExistsError(f"Output files already exist: {', '.join(existing)}. Choose other output "
                                   "directories or pass --overwrite true.")
     return paths
 
@@ -279,11 +256,11 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The whole workflow; returns the metrics dict that is also saved as JSON."""
     import torch
 
-    from apply import assign_labels, restore_probabilities, threshold_probabilities
     from data import downsample_z, make_sample_labels, read_mask_or_labels, resolution_factor, save_stack
     from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
     from model import save_model, select_device
     from morph import interpolate_along_axis, morph_stack_interpolated
+    from restore import assign_labels, model_config, restore_probabilities, threshold_probabilities
     from train import check_crop_size, display_training_results, plot_loss_history
 
     validate_settings(settings)
@@ -310,7 +287,7 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
 
     print("Generating training samples, training and applying the model ...")
     probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=truth.shape[0],
-                                                       device=device)
+                                                       device=device, out_dtype=np.uint8)
     predicted = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
     timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
 
@@ -345,7 +322,7 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     if restored_labels:
         written.append(save_stack(paths["predicted_labels"], restored_labels["predicted"], voxel, unit, overwrite))
     plot_loss_history(info["history"], paths["loss_curve"])
-    display_training_results(model, info["samples"], path=paths["training_examples"])
+    display_training_results(model, info["examples"], path=paths["training_examples"])
     comparison_figure(truth, nearest, morphed, predicted, kept_indices, paths["comparison"],
                       {k: v["iou_recon"] for k, v in scores.items()})
     written += [paths["loss_curve"], paths["training_examples"], paths["comparison"], paths["metrics"]]
@@ -368,11 +345,14 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_cli(job, *args) -> int:
-    """Run a command-line job: a user error (bad path, existing output, bad
-    setting) prints one ``error: ...`` line and gives exit status 2, no traceback."""
+    """Run a command-line job: a user error (``data.UserError``: bad path, damaged
+    file, existing output, bad setting) prints one ``error: ...`` line and gives
+    exit status 2. Any other exception is a bug and keeps its traceback."""
+    from data import UserError
+
     try:
         job(*args)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -6,12 +6,18 @@ tensors with values in [0, 1]; logits are ``(N, n_classes, H, W)``.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from data import InputNotFoundError, OutputExistsError, UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ResidualBlock(nn.Module):
@@ -135,9 +141,55 @@ class AttentionResUNet(nn.Module):
         return logits
 
 
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm folded into the
+    convolution before it (same outputs up to float rounding, fewer passes over
+    memory). The model itself is left untouched; a model that is already fused,
+    or is no ``AttentionResUNet``, is returned as it is."""
+    if not isinstance(model, AttentionResUNet) or getattr(model, "fused", False):
+        return model
+    fused = copy.deepcopy(model).eval()
+
+    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+        return fuse_conv_bn_eval(conv, bn)
+
+    for block in fused.modules():
+        if isinstance(block, ResidualBlock):
+            block.conv1, block.bn1 = fold(block.conv1, block.bn1), nn.Identity()
+            block.conv2, block.bn2 = fold(block.conv2, block.bn2), nn.Identity()
+            if isinstance(block.shortcut, nn.Sequential):
+                block.shortcut = fold(block.shortcut[0], block.shortcut[1])
+        elif isinstance(block, AttentionGate):
+            block.psi = fold(block.psi[0], block.psi[1])
+    fused.fused = True
+    return fused
+
+
 def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Foreground probabilities (sigmoid of the logits), same shape as the logits."""
     return torch.sigmoid(model(images))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``PRECISION``: 'auto' is bfloat16 where the hardware
+    computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else float32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"PRECISION must be one of {PRECISIONS}, got '{precision}'.")
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                      or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    if precision == "bf16" or native:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for ``dtype`` (a no-op for float32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def select_device(device: Optional[str] = None) -> torch.device:
@@ -152,7 +204,7 @@ def save_model(path: Union[str, Path], model: AttentionResUNet, config: Dict[str
     tile size, ...) in one file that :func:`load_model` restores."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"Model file '{path}' already exists; choose another path or pass overwrite=True.")
+        raise OutputExistsError(f"Model file '{path}' already exists; choose another path or pass overwrite=True.")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"format": "axial-sr-model/1", "architecture": model.architecture, "config": dict(config),
@@ -164,13 +216,13 @@ def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[At
     """Load a model saved by :func:`save_model`, in eval mode, and its config."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Model file '{path}' does not exist. Train one with eval.py or apply.py --save-model.")
+        raise InputNotFoundError(f"Model file '{path}' does not exist. Train one with eval.py or apply.py --save-model.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises assorted errors for files it cannot parse
-        raise ValueError(f"'{path}' is not a model saved by this project (save_model): {error}") from None
+        raise UserError(f"'{path}' is not a model saved by this project (save_model): {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "axial-sr-model/1":
-        raise ValueError(f"'{path}' is not a model saved by this project (save_model).")
+        raise UserError(f"'{path}' is not a model saved by this project (save_model).")
     model = AttentionResUNet(**checkpoint["architecture"])
     model.load_state_dict(checkpoint["state_dict"])
     model.to(select_device(device)).eval()

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from model import AttentionResUNet, select_device
+from data import UserError
+from model import AttentionResUNet, autocast, resolve_precision, select_device
 from morph import interpolate_along_axis
 
 
@@ -52,7 +53,7 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
     height = image.shape[-2]
     kept_rows = np.arange(phase, height, factor)
     if len(kept_rows) < 2:
-        raise ValueError(f"An image of height {height} keeps fewer than two rows at factor {factor}; "
+        raise UserError(f"An image of height {height} keeps fewer than two rows at factor {factor}; "
                          "use a larger TRAIN_XY_SIZE.")
     sparse = np.take(image, kept_rows, axis=-2)
     return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
@@ -62,19 +63,19 @@ def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], fa
     """Raise a clear ``ValueError`` for a crop that cannot be cut from the sparse stack."""
     depth, height, width = crop_size_zyx
     if depth % 2 == 0 or depth < 1:
-        raise ValueError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {depth}. Use e.g. 3 or 5.")
+        raise UserError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {depth}. Use e.g. 3 or 5.")
     if depth > stack_shape[0]:
-        raise ValueError(
+        raise UserError(
             f"TRAIN_Z_SIZE={depth} is larger than the {stack_shape[0]} slices kept at factor {factor}; "
             "use a smaller TRAIN_Z_SIZE or a smaller resolution factor."
         )
     if height > stack_shape[1] or width > stack_shape[2]:
-        raise ValueError(
+        raise UserError(
             f"TRAIN_XY_SIZE={height}x{width} is larger than the stack's slices ({stack_shape[1]}x{stack_shape[2]}); "
             "use a TRAIN_XY_SIZE no larger than the image."
         )
     if min(height, width) < 2 * factor:
-        raise ValueError(f"TRAIN_XY_SIZE={min(height, width)} is too small for factor {factor}: "
+        raise UserError(f"TRAIN_XY_SIZE={min(height, width)} is too small for factor {factor}: "
                          f"use at least {2 * factor}.")
 
 
@@ -135,7 +136,7 @@ def create_cropped_image_dataset(
         labels[accepted, 0] = label
         accepted += 1
     if accepted < n_samples:
-        raise ValueError(
+        raise UserError(
             f"Only {accepted} of {n_samples} random crops had a centre slice with at least "
             f"{min_content_ratio:.3%} foreground after {attempts} tries. Lower MIN_CONTENT_RATIO, "
             "lower TRAIN_NB, or use a smaller TRAIN_XY_SIZE."
@@ -197,15 +198,20 @@ def train_execution_process(
     device: Optional[torch.device] = None,
     dice_weight: float = 0.0,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> Tuple[nn.Module, Dict[str, List[float]]]:
-    """Train with Adam and BCE-with-logits (+ optional soft Dice), cosine LR decay.
+    """Train with Adam and BCE-with-logits (+ optional soft Dice), one-cycle LR.
 
     Prints ``Epoch [X/Y] Train Loss: ..., Val Loss: ...`` after each epoch and
     returns the model with the weights of the best validation epoch, plus the
-    loss history ``{"train": [...], "val": [...]}``.
+    loss history ``{"train": [...], "val": [...]}``. ``precision`` 'bf16' (or
+    'auto' where the hardware has native bfloat16) runs the forward and
+    backward passes under bfloat16 autocast, weights and optimizer in float32;
+    model and inputs are channels-last, the layout oneDNN and cuDNN prefer.
     """
     device = device or select_device()
-    model.to(device)
+    compute_dtype = resolve_precision(precision, device)
+    model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     total_steps = max(1, num_epochs * len(train_loader))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps,
@@ -223,9 +229,11 @@ def train_execution_process(
         model.train()
         running, seen = 0.0, 0
         for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with autocast(device, compute_dtype):
+                loss = loss_fn(model(x).float(), y)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -233,7 +241,7 @@ def train_execution_process(
             seen += len(x)
             bar.update(1)
         train_loss = running / max(seen, 1)
-        val_loss = evaluate_loss(model, val_loader, loss_fn, device)
+        val_loss = evaluate_loss(model, val_loader, loss_fn, device, compute_dtype)
         history["train"].append(train_loss)
         history["val"].append(val_loss)
         bar.write(f"Epoch [{epoch + 1}/{num_epochs}] Train Loss: {train_loss:.4f}, Val Loss: {val_loss:.4f}")
@@ -248,13 +256,16 @@ def train_execution_process(
 
 
 @torch.inference_mode()
-def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn, device: torch.device) -> float:
+def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn, device: torch.device,
+                  compute_dtype: torch.dtype = torch.float32) -> float:
     """Mean loss over a loader in eval mode."""
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        total += loss_fn(model(x), y).item() * len(x)
+        x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+        with autocast(device, compute_dtype):
+            logits = model(x).float()
+        total += loss_fn(logits, y).item() * len(x)
         count += len(x)
     return total / max(count, 1)
 
@@ -277,6 +288,7 @@ def fit_on_sparse_stack(
     dice_weight: float = 0.0,
     upscale_method: str = "linear",
     random_state: int = 42,
+    precision: str = "fp32",
     device: Optional[torch.device] = None,
     progress: bool = True,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
@@ -299,7 +311,7 @@ def fit_on_sparse_stack(
     model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
                              dropout_rate=dropout_rate, input_skip=input_skip)
     model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
-                                             dice_weight=dice_weight, progress=progress)
+                                             dice_weight=dice_weight, progress=progress, precision=precision)
     samples = {"train": (train_loader.dataset.inputs, train_loader.dataset.labels),
                "validation": (val_loader.dataset.inputs, val_loader.dataset.labels)}
     return model, history, samples

@@ -11,9 +11,10 @@ import torch
 
 import apply
 import eval as eval_module
-from apply import (apply_model_to_stack_tiled_slice_by_slice, assign_labels, factor_from_voxel_size,
-                   predict_tiled, reflect_indices, tile_starts, upscale_height)
-from data import downsample_z, make_sample_labels, make_sample_stack, save_stack
+import restore
+from data import downsample_z, factor_from_voxel_size, make_sample_labels, make_sample_stack, save_stack
+from restore import (apply_model_to_stack_tiled_slice_by_slice, assign_labels, predict_tiled, reflect_indices,
+                     tile_starts, upscale_height)
 from metrics import calculate_iou, mean_label_iou, reconstructed_indices, score_reconstruction
 from model import AttentionResUNet, load_model
 from train import downscale_upscale_height, fit_on_sparse_stack, seed_everything
@@ -135,7 +136,7 @@ def test_eval_end_to_end(tmp_path):
     morphed = tifffile.imread(run_dir / "interpolated" / "morphed_stack.tif") > 0
     probabilities = tifffile.imread(run_dir / "predicted" / "predicted_probabilities.tif")
     assert predicted.shape == morphed.shape == probabilities.shape == (32, 64, 64)
-    assert probabilities.dtype == np.float32
+    assert probabilities.dtype == np.uint8  # held and written as 0-255, one byte per voxel
     # The reported scores are the scores of the saved arrays.
     recon = reconstructed_indices(kept, 32)
     assert metrics["scores"]["predicted"]["iou_recon"] == pytest.approx(calculate_iou(predicted[recon], truth[recon]))
@@ -184,6 +185,13 @@ def test_factor_from_voxel_size():
     with pytest.warns(UserWarning, match="not an integer"):
         factor, z = factor_from_voxel_size(0.5, 0.22)
     assert factor == 2 and z == pytest.approx(0.25)
+    # One rule for eval.py and apply.py: nearest integer, halves up (2.5 -> 3, 3.5 -> 4, 3.4 -> 3).
+    with pytest.warns(UserWarning):
+        assert [factor_from_voxel_size(r, 1.0)[0] for r in (2.5, 3.5, 3.4, 3.9)] == [3, 4, 3, 4]
+    assert eval_module.default_settings()["Z_RESOLUTION"] / eval_module.default_settings()["XY_RESOLUTION"] == 8
+    from data import resolution_factor
+    with pytest.warns(UserWarning):
+        assert resolution_factor(7.8, 2.0) == 4  # the seed's floor would have given 3
     with pytest.raises(ValueError, match="isotropic"):
         factor_from_voxel_size(1.2, 1.0)
 
@@ -228,7 +236,7 @@ def test_restore_command_needs_a_voxel_size(tmp_path, capsys):
     source = tmp_path / "plain.tif"
     tifffile.imwrite(source, make_sample_stack((8, 32, 32), seed=0).astype(np.uint8))
     assert apply.main(["--input", str(source), "--output", str(tmp_path / "o.tif")]) == 2
-    assert "--z-step and --xy-size" in capsys.readouterr().err
+    assert "carries no lateral pixel size" in capsys.readouterr().err
 
 
 def test_restore_ome_metadata_and_label_round_trip(tmp_path, tiny_problem):
@@ -288,7 +296,7 @@ def test_restore_command_rejects_conflicts_before_work(tmp_path, capsys):
 
 
 def test_threshold_in_place_matches_copy():
-    from apply import threshold_probabilities
+    from restore import threshold_probabilities
 
     probabilities = (np.random.default_rng(0).random((4, 9, 7)) * 255).astype(np.uint8)
     expected = probabilities >= 128  # 0.5 of 255, rounded up
@@ -299,31 +307,3 @@ def test_threshold_in_place_matches_copy():
     assert np.shares_memory(in_place, probabilities)
     with pytest.raises(ValueError, match="uint8"):
         threshold_probabilities(np.zeros((1, 2, 2), np.float32), 0.5, in_place=True)
-
-
-def test_inference_memory_is_output_plus_one_chunk(monkeypatch):
-    """The restore keeps one chunk of planes beside the output: no array the size
-    of the stack (e.g. a float64 copy of the kept slices) is ever allocated.
-    numpy reports its buffers to tracemalloc; the network is replaced by a cheap
-    stand-in so that only the stitching code is measured."""
-    import tracemalloc
-
-    def centre_channel(model, images_nchw, *args, **kwargs):
-        return images_nchw[:, images_nchw.shape[1] // 2].copy()
-
-    monkeypatch.setattr(apply, "predict_tiled", centre_channel)
-    sparse = np.zeros((9, 2048, 512), dtype=bool)
-    sparse[:, 100:1900, 50:450] = True
-    output_bytes = 65 * 2048 * 512  # uint8 output of depth (9 - 1) * 8 + 1
-    tracemalloc.start()
-    try:
-        output = apply_model_to_stack_tiled_slice_by_slice(
-            torch.nn.Identity(), sparse, factor=8, train_depth=5, tile_size=64, orientations="yx",
-            out_dtype=np.uint8, device=torch.device("cpu"), progress=False)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert output.shape == (65, 2048, 512) and output.dtype == np.uint8
-    assert output[3, 1000, 200] == 255 and output[3, 10, 10] == 0
-    # One chunk of float32 inputs, its interpolation buffers and the blended block: under four chunks.
-    assert peak - output_bytes < 4 * apply.CHUNK_VALUES * 4, f"peak {peak / 1e6:.0f} MB for a {output_bytes / 1e6:.0f} MB output"

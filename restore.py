@@ -1,0 +1,739 @@
+"""The restore engine: from the kept slices of a stack to its isotropic probabilities.
+
+The network was trained on lateral crops degraded along their height. At
+inference the stack is upsampled along Z with the same interpolation and cut
+into 2D planes in which Z is the height axis: ``(Z, X)`` planes along Y and
+``(Z, Y)`` planes along X. Both orientations are predicted with the one tiling
+function, :func:`predict_tiled`, and their probabilities are averaged.
+
+One kernel, :func:`restore_block`, restores one lateral *region* of the output
+(all of Z) from a *read window* of the kept slices, on the global tile grid of
+the whole stack: the in-memory restore is the block that covers everything, and
+the block-wise restore of large volumes (``blocks.py``) runs the same kernel
+block by block, so its result does not depend on the block size. The kernel is
+written in torch: on a GPU the kept slices go to the device once and only the
+probabilities come back; on a CPU the same code runs with bfloat16 where the
+processor has native support.
+
+This module also holds the train-then-restore recipe shared by every script,
+label-id assignment and the table that maps ``eval.py``'s constants to the
+engine's arguments. It imports nothing above it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from data import UserError
+from model import autocast, fuse_for_inference, resolve_precision, select_device
+from morph import bracket, interpolate_along_axis
+
+ORIENTATIONS = ("y", "x")
+# Network inputs built at a time (values, 16 MB as float32): memory is the output plus a few of these.
+CHUNK_VALUES = 4_000_000
+
+# --------------------------------------------------------------------------- #
+# The settings table: which eval.py constant feeds which engine argument
+# --------------------------------------------------------------------------- #
+# name -> (stage, keyword); stage 'train' goes to train.fit_on_sparse_stack, 'infer' to restore_block,
+# 'restore' is read by the recipe itself. Every name here is also an apply.py flag.
+SETTINGS: Dict[str, Tuple[str, str]] = {
+    "TRAIN_XY_SIZE": ("train", "train_xy_size"),
+    "TRAIN_Z_SIZE": ("train", "train_z_size"),
+    "TRAIN_NB": ("train", "train_nb"),
+    "VAL_SPLIT": ("train", "val_split"),
+    "MIN_CONTENT_RATIO": ("train", "min_content_ratio"),
+    "RANDOM_STATE": ("train", "random_state"),
+    "BATCH_SIZE": ("train", "batch_size"),
+    "NUM_EPOCHS": ("train", "num_epochs"),
+    "LEARNING_RATE": ("train", "learning_rate"),
+    "DICE_WEIGHT": ("train", "dice_weight"),
+    "BASE_FILTERS": ("train", "base_filters"),
+    "DEPTH": ("train", "depth"),
+    "DROPOUT_RATE": ("train", "dropout_rate"),
+    "INPUT_SKIP": ("train", "input_skip"),
+    "UPSCALE_METHOD": ("train", "upscale_method"),
+    "PRECISION": ("train", "precision"),
+    "INFERENCE_TILE_SIZE": ("infer", "tile_size"),
+    "INFERENCE_BATCH_SIZE": ("infer", "batch_size"),
+    "ORIENTATIONS": ("infer", "orientations"),
+    "CHANNEL_STRIDE": ("infer", "channel_stride"),
+    "TTA_FLIPS": ("infer", "flips"),
+    "KEEP_KEPT_SLICES": ("infer", "keep_kept_slices"),
+    "SKIP_EMPTY_TILES": ("infer", "skip_empty"),
+    "BINARIZE_THRESHOLD": ("restore", "binarize_threshold"),
+    "PROBABILITY_THRESHOLD": ("restore", "probability_threshold"),
+    "DEVICE": ("restore", "device"),
+}
+# Saved with a model: what applying it later needs to see the geometry it was trained on.
+MODEL_RECIPE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TILE_SIZE", "ORIENTATIONS",
+                "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES", "PROBABILITY_THRESHOLD", "RANDOM_STATE")
+
+
+def training_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of ``train.fit_on_sparse_stack`` from ``eval.py``-style settings."""
+    return {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "train"}
+
+
+def inference_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Keyword arguments of :func:`restore_block` from ``eval.py``-style settings."""
+    kwargs = {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "infer"}
+    kwargs.update(
+        train_depth=settings["TRAIN_Z_SIZE"], upscale_method=settings["UPSCALE_METHOD"],
+        precision=settings["PRECISION"], tile_size=max(settings["INFERENCE_TILE_SIZE"], settings["TRAIN_XY_SIZE"]),
+        channel_stride=settings["CHANNEL_STRIDE"] or None, orientations=tuple(settings["ORIENTATIONS"]),
+        flips=((), (-1,), (-2,), (-2, -1)) if settings["TTA_FLIPS"] else ((),))
+    return kwargs
+
+
+def model_config(settings: Dict[str, Any], factor: int) -> Dict[str, Any]:
+    """What a saved model needs to be applied later without retraining."""
+    config = {name.lower(): settings[name] for name in MODEL_RECIPE}
+    config["factor"] = int(factor)
+    return config
+
+
+# --------------------------------------------------------------------------- #
+# Geometry: upscaling, mirrored channel planes, the tile grid
+# --------------------------------------------------------------------------- #
+def upscale_height(sparse: np.ndarray, factor: int, original_depth: Optional[int] = None, axis: int = 0,
+                   method: str = "linear") -> np.ndarray:
+    """Upsample the sparse axis of a stack (kept slices at ``0, factor, ...``).
+
+    The interpolation is :func:`morph.interpolate_along_axis`, the function
+    that also degrades training inputs (``train.downscale_upscale_height``);
+    :func:`upscale_along_z` is its torch twin used inside the engine.
+
+    Parameters
+    ----------
+    sparse : ndarray, shape (K, ...) along ``axis``
+    factor : int
+    original_depth : int, optional
+        Output length; default ``(K - 1) * factor + 1``. Slices after the last
+        kept one copy it.
+
+    Returns
+    -------
+    ndarray of float32 ('linear') with ``axis`` of length ``original_depth``.
+    """
+    n_kept = sparse.shape[axis]
+    depth = (n_kept - 1) * factor + 1 if original_depth is None else int(original_depth)
+    return interpolate_along_axis(sparse, np.arange(n_kept) * factor, depth, axis=axis, method=method)
+
+
+def upscale_along_z(sparse: torch.Tensor, factor: int, depth: int, method: str = "linear") -> torch.Tensor:
+    """Torch twin of :func:`upscale_height` along dim 0, for the engine (any device).
+
+    The arithmetic is the one of ``morph.interpolate_along_axis`` (``low +
+    weight * (high - low)`` in float32), so both give the same values.
+    """
+    lower, upper, weight = bracket(np.arange(sparse.shape[0]) * factor, depth)
+    if method == "nearest":
+        return sparse[torch.from_numpy(np.where(weight <= 0.5, lower, upper)).to(sparse.device)].float()
+    if method != "linear":
+        raise ValueError(f"The engine upscales with 'linear' or 'nearest', got '{method}'.")
+    low = sparse[torch.from_numpy(lower).to(sparse.device)].float()
+    out = sparse[torch.from_numpy(upper).to(sparse.device)].float()
+    out -= low
+    out *= torch.from_numpy(weight).to(sparse.device).view((-1,) + (1,) * (sparse.ndim - 1))
+    out += low
+    return out
+
+
+def reflect_indices(indices: np.ndarray, size: int) -> np.ndarray:
+    """Mirror out-of-range indices back into ``[0, size)`` (numpy 'reflect' mode)."""
+    if size == 1:
+        return np.zeros_like(indices)
+    period = 2 * (size - 1)
+    folded = np.abs(indices) % period
+    return np.where(folded >= size, period - folded, folded)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> np.ndarray:
+    """Start offsets of tiles of length ``tile`` covering ``size`` with at least ``overlap``."""
+    if size <= tile:
+        return np.array([0])
+    n_tiles = math.ceil((size - overlap) / (tile - overlap))
+    return np.round(np.linspace(0, size - tile, n_tiles)).astype(int)
+
+
+def blending_window(height: int, width: int) -> np.ndarray:
+    """Separable cosine (Hann) window ``(height, width)`` with a small floor so
+    that image borders covered by one tile only still get weight."""
+    def hann(n: int) -> np.ndarray:
+        return np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
+    return np.maximum(np.outer(hann(height), hann(width)), 1e-3).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles along one image axis that a region needs, on the axis' global grid.
+
+    ``starts`` are relative to ``lo``: the image handed to :func:`predict_tiled`
+    spans ``[lo, hi)`` of the global axis, the output keeps ``[keep_lo, keep_hi)``
+    of that image.
+    """
+    lo: int
+    hi: int
+    tile: int
+    starts: np.ndarray
+    keep_lo: int
+    keep_hi: int
+
+
+def tile_grid(size: int, tile_size: int, overlap: int, region: Tuple[int, int]) -> TileGrid:
+    """Tiles of the global grid over ``[0, size)`` that overlap ``region = (start, stop)``.
+
+    Every output pixel of the region then gets the blend of exactly the tiles
+    that cover it in the whole image, so a region restores identically alone
+    or as part of the whole.
+    """
+    tile = min(tile_size, size)
+    starts = tile_starts(size, tile, min(overlap, tile // 2))
+    start, stop = region
+    needed = starts[(starts < stop) & (starts + tile > start)]
+    lo, hi = int(needed[0]), int(needed[-1]) + tile
+    return TileGrid(lo, hi, tile, needed - lo, start - lo, stop - lo)
+
+
+def channel_offsets(train_depth: int, stride: int) -> np.ndarray:
+    """Plane offsets of the network's input channels: ``(c - C // 2) * stride``."""
+    return (np.arange(train_depth) - train_depth // 2) * stride
+
+
+def read_window(global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], train_depth: int, stride: int, tile_size: int, overlap: int,
+                orientations: Sequence[str] = ORIENTATIONS) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """The lateral window of kept slices that restoring ``region_yx`` reads.
+
+    Along the plane axis of an orientation: the region's planes plus the
+    channel planes (``train_depth // 2 * stride`` either side, mirrored at the
+    stack's borders); along its image axis: the tiles of the global grid that
+    overlap the region.
+
+    Returns
+    -------
+    ((y0, y1), (x0, x1)) : global index ranges
+    """
+    halo = (train_depth // 2) * stride
+    ranges = [list(region_yx[0]), list(region_yx[1])]
+    window = [[r[0], r[1]] for r in ranges]
+    for orientation in orientations:
+        plane_axis, image_axis = (0, 1) if orientation == "y" else (1, 0)
+        lo, hi = ranges[plane_axis]
+        window[plane_axis] = [min(window[plane_axis][0], max(0, lo - halo)),
+                              max(window[plane_axis][1], min(global_hw[plane_axis], hi + halo))]
+        grid = tile_grid(global_hw[image_axis], tile_size, overlap, tuple(ranges[image_axis]))
+        window[image_axis] = [min(window[image_axis][0], grid.lo), max(window[image_axis][1], grid.hi)]
+    return (window[0][0], window[0][1]), (window[1][0], window[1][1])
+
+
+# --------------------------------------------------------------------------- #
+# Precision and the tiling function
+# --------------------------------------------------------------------------- #
+def _tile_sums(occupied: torch.Tensor, starts_h: np.ndarray, starts_w: np.ndarray, tile_h: int,
+               tile_w: int) -> torch.Tensor:
+    """Count of occupied pixels in every tile ``(N, n_h, n_w)`` from one summed-area table."""
+    table = torch.nn.functional.pad(occupied.to(torch.int32).cumsum(1).cumsum(2), (1, 0, 1, 0))
+    y0, x0 = (torch.from_numpy(s).to(occupied.device) for s in (starts_h, starts_w))
+    y1, x1 = y0 + tile_h, x0 + tile_w
+    return (table[:, y1][:, :, x1] - table[:, y0][:, :, x1] - table[:, y1][:, :, x0] + table[:, y0][:, :, x0])
+
+
+@torch.inference_mode()
+def predict_tiled(model: nn.Module, images_nchw, tile_size: int, overlap: int, batch_size: int,
+                  device: Optional[torch.device] = None, flips: Sequence[Tuple[int, ...]] = ((),),
+                  precision: str = "fp32", skip_empty: bool = True,
+                  grids: Optional[Tuple[TileGrid, TileGrid]] = None, activation=torch.sigmoid):
+    """Probabilities of 2D images, tiled with smooth blending.
+
+    Every image is cut into ``tile_size`` tiles (smaller images are one tile)
+    overlapping by ``overlap`` pixels; tiles of all images are batched
+    together, and overlapping predictions are blended with a cosine window so
+    no seams show. This is the one function that owns tiling, overlap and
+    blending.
+
+    Parameters
+    ----------
+    model : nn.Module returning logits ``(N, 1, h, w)``
+    images_nchw : ndarray or tensor of float32, shape (N, C, H, W)
+    tile_size, overlap, batch_size : int
+    flips : sequence of tuples of axes
+        Test-time augmentation: each entry flips the tile along those axes
+        (-2 = height, -1 = width) and the predictions are averaged.
+    precision : {'fp32', 'bf16', 'auto'}
+    skip_empty : bool
+        A tile that is zero in every channel gives the output of the model on
+        zeros, computed once: such tiles are not run (exact, not approximate).
+    grids : (TileGrid, TileGrid), optional
+        The tiles along height and width (see :func:`tile_grid`); default: the
+        image's own grid. The output is cropped to the grids' kept range.
+    activation : callable
+        Applied to the logits (sigmoid: foreground probability).
+
+    Returns
+    -------
+    probabilities : same type as ``images_nchw`` (ndarray or tensor on the
+        images' device), float32, shape (N, keep_h, keep_w)
+    """
+    as_numpy = isinstance(images_nchw, np.ndarray)
+    device = device or next(model.parameters()).device
+    images = torch.from_numpy(images_nchw) if as_numpy else images_nchw
+    images = images.to(device)
+    n_images, n_channels, height, width = images.shape
+    if grids is None:
+        grids = (tile_grid(height, tile_size, overlap, (0, height)), tile_grid(width, tile_size, overlap, (0, width)))
+    grid_h, grid_w = grids
+    tile_h, tile_w = grid_h.tile, grid_w.tile
+    compute_dtype = resolve_precision(precision, device)
+    window = torch.from_numpy(blending_window(tile_h, tile_w)).to(device)
+    weights = torch.zeros((height, width), device=device)
+    for y in grid_h.starts:
+        for x in grid_w.starts:
+            weights[y:y + tile_h, x:x + tile_w] += window
+    summed = torch.zeros((n_images, height, width), device=device)
+    positions = [(i, int(y), int(x)) for i in range(n_images) for y in grid_h.starts for x in grid_w.starts]
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        out = torch.zeros((len(batch), tile_h, tile_w), device=device)
+        with autocast(device, compute_dtype):
+            for dims in flips:
+                flipped = torch.flip(batch, dims) if dims else batch
+                prediction = activation(model(flipped)[:, 0].float())
+                out += torch.flip(prediction, dims) if dims else prediction
+        return out / len(flips) * window
+
+    if skip_empty:
+        counts = _tile_sums(images.ne(0).any(dim=1), grid_h.starts, grid_w.starts, tile_h, tile_w).cpu().numpy()
+        empty = counts.reshape(-1) == 0
+        if empty.any():
+            blank = run(torch.zeros((1, n_channels, tile_h, tile_w), device=device))[0]
+            for (i, y, x) in (p for p, e in zip(positions, empty) if e):
+                summed[i, y:y + tile_h, x:x + tile_w] += blank
+        positions = [p for p, e in zip(positions, empty) if not e]
+    for start in range(0, len(positions), batch_size):
+        batch = positions[start:start + batch_size]
+        tiles = run(torch.stack([images[i, :, y:y + tile_h, x:x + tile_w] for i, y, x in batch]))
+        for (i, y, x), tile in zip(batch, tiles):
+            summed[i, y:y + tile_h, x:x + tile_w] += tile
+    summed /= weights
+    summed = summed[:, grid_h.keep_lo:grid_h.keep_hi, grid_w.keep_lo:grid_w.keep_hi]
+    return summed.cpu().numpy() if as_numpy else summed
+
+
+# --------------------------------------------------------------------------- #
+# The kernel: one lateral region, every orientation, from its read window
+# --------------------------------------------------------------------------- #
+def _as_engine_tensor(sparse: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Kept slices on the device: masks as one byte per voxel (0/1), intensities as float32."""
+    array = np.asarray(sparse)
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array != 0
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tuple[int, int],
+                  global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: int, *,
+                  train_depth: int, tile_size: int, batch_size: int = 16, depth: Optional[int] = None,
+                  channel_stride: Optional[int] = None, orientations: Sequence[str] = ORIENTATIONS,
+                  flips: Sequence[Tuple[int, ...]] = ((),), keep_kept_slices: bool = True,
+                  upscale_method: str = "linear", overlap: Optional[int] = None, out_dtype=np.float32,
+                  precision: str = "fp32", skip_empty: bool = True, device: Optional[torch.device] = None,
+                  progress: bool = True) -> np.ndarray:
+    """Probabilities of one lateral region of the restored stack, all of Z.
+
+    Parameters
+    ----------
+    model : trained network with ``train_depth`` input channels
+    sparse_window : ndarray, shape (K, wh, ww)
+        The kept slices (Z step ``factor``) inside the read window, which must
+        contain :func:`read_window` of the region.
+    window_origin : (y, x)
+        Global index of the window's first row and column.
+    global_hw : (H, W)
+        Lateral size of the whole stack (mirroring and the tile grid use it).
+    region_yx : ((y0, y1), (x0, x1))
+        The output region, global indices.
+    factor : int
+    train_depth, tile_size, batch_size, channel_stride, orientations, flips,
+    keep_kept_slices, upscale_method, overlap, precision, skip_empty :
+        See :func:`apply_model_to_stack_tiled_slice_by_slice`.
+    depth : int, optional
+        Output depth D; default ``(K - 1) * factor + 1``.
+    out_dtype : numpy dtype
+        float32, float16, or uint8 (stores ``round(255 * p)``).
+
+    Returns
+    -------
+    probabilities : ndarray of ``out_dtype``, shape (D, y1 - y0, x1 - x0)
+    """
+    if train_depth % 2 == 0:
+        raise UserError(f"train_depth (TRAIN_Z_SIZE) must be odd, got {train_depth}.")
+    unknown = set(orientations) - set(ORIENTATIONS)
+    if unknown or not orientations:
+        raise UserError(f"orientations must be a non-empty subset of {ORIENTATIONS}, got {orientations}.")
+    device = device or select_device()
+    model = fuse_for_inference(model).to(device, memory_format=torch.channels_last).eval()
+    n_kept = sparse_window.shape[0]
+    depth = (n_kept - 1) * factor + 1 if depth is None else int(depth)
+    stride = factor if channel_stride is None else int(channel_stride)
+    offsets = channel_offsets(train_depth, stride)
+    overlap = tile_size // 4 if overlap is None else overlap
+    (y0, y1), (x0, x1) = region_yx
+    sparse = _as_engine_tensor(sparse_window, device)
+    torch_out = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}.get(np.dtype(out_dtype),
+                                                                                         torch.float32)
+    output = torch.zeros((depth, y1 - y0, x1 - x0), dtype=torch_out, device=device)
+    scale = 255.0 if torch_out == torch.uint8 else 1.0  # uint8 output holds round(255 * p)
+    grid_z = tile_grid(depth, tile_size, overlap, (0, depth))
+
+    for n_done, orientation in enumerate(orientations):
+        # A transposed view turns planes along X into planes along Y, so one code path serves both.
+        flip = orientation == "x"
+        sparse_view = sparse.transpose(1, 2) if flip else sparse
+        output_view = output.transpose(1, 2) if flip else output
+        (p0, p1), (l0, l1) = ((x0, x1), (y0, y1)) if flip else ((y0, y1), (x0, x1))
+        origin_p, origin_l = (window_origin[1], window_origin[0]) if flip else window_origin
+        n_planes_global, width_global = (global_hw[1], global_hw[0]) if flip else global_hw
+        grid_l = tile_grid(width_global, tile_size, overlap, (l0, l1))
+        columns = slice(grid_l.lo - origin_l, grid_l.hi - origin_l)
+        chunk = max(1, CHUNK_VALUES // (train_depth * depth * (grid_l.hi - grid_l.lo)))
+        bar = tqdm(total=p1 - p0, desc=f"Inference (planes along {orientation.upper()})", unit="plane",
+                   disable=not progress, leave=False)
+        for start in range(p0, p1, chunk):
+            planes = np.arange(start, min(start + chunk, p1))
+            channel_planes = reflect_indices(planes[:, None] + offsets[None, :], n_planes_global) - origin_p
+            gathered = sparse_view[:, torch.from_numpy(channel_planes.ravel()).to(device), columns]  # (K, n*C, L)
+            images = upscale_along_z(gathered, factor, depth, upscale_method)  # (D, n*C, L)
+            del gathered
+            images = images.view(depth, len(planes), train_depth, -1).permute(1, 2, 0, 3)  # (n, C, D, L)
+            probabilities = predict_tiled(model, images, tile_size, overlap, batch_size, device, flips, precision,
+                                          skip_empty, grids=(grid_z, grid_l))
+            del images  # else it lives on while the next chunk is built: two chunks at the peak, not one
+            block = probabilities.transpose(0, 1)  # (D, n, L)
+            target = output_view[:, planes[0] - p0:planes[-1] - p0 + 1, :]
+            if n_done:  # running mean over orientations
+                block = target.float() / scale + (block - target.float() / scale) / (n_done + 1)
+            target.copy_(torch.round(block * scale) if scale != 1.0 else block)
+            bar.update(len(planes))
+        bar.close()
+    if keep_kept_slices:
+        rows = slice(y0 - window_origin[0], y1 - window_origin[0])
+        cols = slice(x0 - window_origin[1], x1 - window_origin[1])
+        for k, z in enumerate(range(0, min(n_kept * factor, depth), factor)):
+            output[z] = sparse[k, rows, cols].float() * scale
+    return output.cpu().numpy()
+
+
+def apply_model_to_stack_tiled_slice_by_slice(
+    model: nn.Module,
+    sparse_dhw: np.ndarray,
+    factor: int,
+    train_depth: int,
+    tile_size: int,
+    batch_size: int = 32,
+    original_depth: Optional[int] = None,
+    channel_stride: Optional[int] = None,
+    orientations: Sequence[str] = ORIENTATIONS,
+    flips: Sequence[Tuple[int, ...]] = ((),),
+    keep_kept_slices: bool = True,
+    upscale_method: str = "linear",
+    overlap: Optional[int] = None,
+    out_dtype=np.float32,
+    precision: str = "fp32",
+    skip_empty: bool = True,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Restore the full-depth probability stack from the kept slices (in memory).
+
+    This is :func:`restore_block` with one block covering the whole stack.
+
+    Parameters
+    ----------
+    model : trained network with ``train_depth`` input channels
+    sparse_dhw : ndarray, shape (K, H, W)
+        The kept slices, Z step ``factor`` (bool or [0, 1] values).
+    factor : int
+    train_depth : int
+        Channels of the model (``TRAIN_Z_SIZE``), odd.
+    tile_size : int
+        Tile edge (``TRAIN_XY_SIZE`` or larger); planes larger than this are tiled.
+    batch_size : int
+        Tiles per forward pass.
+    original_depth : int, optional
+        Output depth D; default ``(K - 1) * factor + 1``.
+    channel_stride : int, optional
+        Spacing of the neighbouring planes used as channels. In training the
+        channels are kept slices ``factor`` voxels apart, so the default is
+        ``factor``, which gives the network the geometry it was trained on.
+    orientations : subset of ('y', 'x')
+        'y': planes along Y, images ``(Z, X)``; 'x': planes along X, images
+        ``(Z, Y)``. Probabilities of several orientations are averaged.
+    flips : sequence of axis tuples
+        Test-time flips (see :func:`predict_tiled`); ``((),)`` = none.
+    keep_kept_slices : bool
+        Copy the kept slices verbatim into the output (they are known).
+    upscale_method : str
+        Must match the training degradation (``train.downscale_upscale_height``).
+    overlap : int, optional
+        Tile overlap in pixels; default a quarter tile.
+    out_dtype : numpy dtype
+        float32 by default; float16 halves the memory of large outputs, and
+        uint8 quarters it, storing ``round(255 * p)``.
+    precision : {'fp32', 'bf16', 'auto'}
+        Compute dtype of the network ('auto': bfloat16 where native).
+    skip_empty : bool
+        Skip tiles that are zero in every channel (exact, see :func:`predict_tiled`).
+
+    Returns
+    -------
+    probabilities_dhw : ndarray of ``out_dtype``, shape (D, H, W), values in [0, 1]
+        (0..255 for an integer ``out_dtype``)
+
+    Memory stays bounded by one chunk of planes (about 16 MB of inputs, or one
+    plane of ``C x D x W`` floats if that is larger) plus the output array: the
+    upscaled stack is never built whole.
+    """
+    _, height, width = sparse_dhw.shape
+    return restore_block(model, sparse_dhw, (0, 0), (height, width), ((0, height), (0, width)), factor,
+                         train_depth=train_depth, tile_size=tile_size, batch_size=batch_size, depth=original_depth,
+                         channel_stride=channel_stride, orientations=orientations, flips=flips,
+                         keep_kept_slices=keep_kept_slices, upscale_method=upscale_method, overlap=overlap,
+                         out_dtype=out_dtype, precision=precision, skip_empty=skip_empty, device=device,
+                         progress=progress)
+
+
+# --------------------------------------------------------------------------- #
+# Label ids, thresholds, the train-then-restore recipe
+# --------------------------------------------------------------------------- #
+def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: int) -> np.ndarray:
+    """Give every restored foreground voxel the id of the nearest labelled voxel of
+    the two neighbouring kept slices, among the ids its own restored object touches.
+
+    Each restored slice is split into connected foreground components (2D,
+    4-connected). A component can take only the ids whose labelled voxels it
+    overlaps (in XY) in the kept slices that bracket it; each voxel takes the
+    nearest voxel of those ids (3D distance, Z step = ``factor`` voxels). A
+    component that overlaps no label takes the nearest id of all.
+
+    Guaranteed: ids only come from the kept slices; kept slices keep their ids
+    verbatim; a voxel never takes the id of an object that its own restored
+    component does not touch, so where object A's restored region moves away
+    from a touching object B, B cannot lend A's voxels its id. Where A and B
+    share one restored component, the boundary between them is the midway
+    surface between their labelled voxels. An object seen in a single kept
+    slice can shrink away with the foreground.
+
+    Parameters
+    ----------
+    foreground_dhw : ndarray of bool, shape (D, H, W)
+    sparse_labels_khw : ndarray of uint, shape (K, H, W), 0 = background
+    factor : int
+
+    Returns
+    -------
+    labels_dhw : ndarray, dtype of ``sparse_labels_khw``, shape (D, H, W)
+    """
+    from scipy import ndimage
+
+    depth = foreground_dhw.shape[0]
+    kept_positions = np.arange(len(sparse_labels_khw)) * factor
+    lower, upper, _ = bracket(kept_positions, depth)
+    out = np.zeros(foreground_dhw.shape, dtype=sparse_labels_khw.dtype)
+
+    @functools.lru_cache(maxsize=2)  # slices are visited in order: two kept slices suffice
+    def nearest_label(k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Label of, and squared distance to, the nearest labelled pixel of kept slice k."""
+        labels_hw = sparse_labels_khw[k]
+        if not labels_hw.any():
+            return np.zeros_like(labels_hw), np.full(labels_hw.shape, np.inf, np.float32)
+        distance, (iy, ix) = ndimage.distance_transform_edt(labels_hw == 0, return_indices=True)
+        return labels_hw[iy, ix], (distance**2).astype(np.float32)
+
+    for z in tqdm(range(depth), desc="Assigning label ids", unit="slice", leave=False):
+        foreground = foreground_dhw[z]
+        if not foreground.any():
+            continue
+        sides = [(sparse_labels_khw[k], float(z - kept_positions[k]) ** 2) for k in (int(lower[z]), int(upper[z]))]
+        (label_a, dist_a), (label_b, dist_b) = nearest_label(int(lower[z])), nearest_label(int(upper[z]))
+        nearest = np.where(dist_a + sides[0][1] <= dist_b + sides[1][1], label_a, label_b)
+        components, _ = ndimage.label(foreground)
+        touched = _touched_ids(components, [labels_hw for labels_hw, _ in sides])
+        stray = foreground & ~_allowed(components, nearest, touched)
+        for component in np.unique(components[stray]):
+            voxels = stray & (components == component)
+            nearest[voxels] = _nearest_of_ids(voxels, touched[component], sides)
+        out[z] = np.where(foreground, nearest, 0)
+    kept = kept_positions[kept_positions < depth]
+    out[kept] = sparse_labels_khw[: len(kept)]
+    return out
+
+
+def _touched_ids(components: np.ndarray, kept_labels: Sequence[np.ndarray]) -> Dict[int, np.ndarray]:
+    """For each restored component, the ids it overlaps in the kept slices (components touching none are absent)."""
+    pairs = [np.stack([components[both], labels_hw[both].astype(np.int64)], axis=1)
+             for labels_hw in kept_labels for both in [(components > 0) & (labels_hw > 0)]]
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    return {int(c): pairs[pairs[:, 0] == c, 1] for c in np.unique(pairs[:, 0])}
+
+
+def _allowed(components: np.ndarray, ids: np.ndarray, touched: Dict[int, np.ndarray]) -> np.ndarray:
+    """True where a voxel's id is one its component touches, or its component touches none."""
+    keys = components.astype(np.int64) * (int(ids.max()) + 1) + ids
+    allowed_keys = [c * (int(ids.max()) + 1) + i for c, touched_ids in touched.items() for i in touched_ids]
+    return np.isin(keys, allowed_keys) | ~np.isin(components, list(touched))
+
+
+def _nearest_of_ids(voxels: np.ndarray, ids: np.ndarray, sides: Sequence[Tuple[np.ndarray, float]]) -> np.ndarray:
+    """Ids of the nearest voxel (3D, over both bracketing kept slices) carrying one of ``ids``,
+    for the pixels of ``voxels``. ``sides`` holds each kept slice's labels and its squared Z distance."""
+    from scipy import ndimage
+
+    best_id, best_d2 = None, None
+    for labels_hw, dz2 in sides:
+        source = np.isin(labels_hw, ids)
+        if not source.any():
+            continue
+        distance, (iy, ix) = ndimage.distance_transform_edt(~source, return_indices=True)
+        d2, found = distance[voxels] ** 2 + dz2, labels_hw[iy, ix][voxels]
+        if best_id is None:
+            best_id, best_d2 = found, d2
+        else:
+            best_id = np.where(d2 < best_d2, found, best_id)
+            best_d2 = np.minimum(d2, best_d2)
+    return best_id
+
+
+def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_place: bool = False) -> np.ndarray:
+    """Foreground mask ``p >= threshold``, slice by slice (no float copy of the
+    stack); uint8 probabilities are read as 0-255.
+
+    With ``in_place`` (uint8 probabilities only) the mask is written over the
+    probabilities and returned as a bool view of the same memory: the
+    probabilities are gone, and no second output-sized array is allocated.
+    """
+    scale = 255.0 if np.issubdtype(probabilities_dhw.dtype, np.integer) else 1.0
+    if in_place and probabilities_dhw.dtype != np.uint8:
+        raise ValueError("In-place thresholding needs uint8 probabilities.")
+    # In place, slice z is read before it is overwritten, and 0/1 bytes are valid bools.
+    mask = probabilities_dhw.view(np.bool_) if in_place else np.empty(probabilities_dhw.shape, dtype=bool)
+    for z in range(len(mask)):
+        np.greater_equal(probabilities_dhw[z], threshold * scale, out=mask[z])
+    return mask
+
+
+def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+                   device: Optional[torch.device] = None, progress: bool = True
+                   ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Train a model on the kept slices with ``settings``' recipe.
+
+    Returns the model and ``info`` with ``train_s``, ``history`` and
+    ``examples`` (three training and three validation samples for figures; the
+    full sample arrays are freed before this returns).
+    """
+    from train import fit_on_sparse_stack
+
+    device = device or select_device(settings.get("DEVICE") or None)
+    foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
+    start = time.perf_counter()
+    model, history, samples = fit_on_sparse_stack(foreground, factor, device=device, progress=progress,
+                                                  **training_kwargs(settings))
+    examples = {name: (inputs[:3].copy(), labels[:3].copy()) for name, (inputs, labels) in samples.items()}
+    del samples
+    return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}
+
+
+def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+                          model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
+                          device: Optional[torch.device] = None, out_dtype=np.uint8,
+                          progress: bool = True) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
+    """Train on the kept slices (unless a model is given), then restore them.
+
+    The one train-then-apply recipe shared by ``eval.py``, ``apply.py``,
+    ``bench.py`` and ``ablation.py``.
+
+    Parameters
+    ----------
+    sparse_khw : ndarray, shape (K, H, W)
+        Kept slices, Z step ``factor`` (non-zero = foreground).
+    factor : int
+    settings : dict
+        ``eval.default_settings()``-style constants (training and inference).
+    model : nn.Module, optional
+        A trained model; without one, a model is trained on ``sparse_khw``.
+    original_depth : int, optional
+        Output depth; default ``(K - 1) * factor + 1``.
+    out_dtype : numpy dtype
+        Probability dtype (uint8, the default, stores 0-255: one byte per voxel).
+
+    Returns
+    -------
+    probabilities : ndarray of ``out_dtype``, shape (D, H, W)
+    model : the model used
+    info : dict with ``train_s``, ``infer_s``, ``history`` and ``examples``
+        (``None`` / 0 when a model was given)
+    """
+    device = device or select_device(settings.get("DEVICE") or None)
+    foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
+    info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
+    if model is None:
+        model, info = train_on_stack(foreground, factor, settings, device, progress)
+    start = time.perf_counter()
+    probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, original_depth=original_depth,
+                                                              device=device, out_dtype=out_dtype, progress=progress,
+                                                              **inference_kwargs(settings))
+    info["infer_s"] = time.perf_counter() - start
+    return probabilities, model, info
+
+
+def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], model: Optional[nn.Module] = None,
+                  labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
+                  probability_dtype=np.uint8, keep_probabilities: bool = True
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:
+    """Restore an anisotropic stack to ``(K - 1) * factor + 1`` slices.
+
+    Parameters
+    ----------
+    stack_khw : ndarray of bool, shape (K, H, W)
+        The acquired slices (foreground mask).
+    factor : int
+    settings : dict
+        ``eval.default_settings()``-style constants (training and inference).
+    model : nn.Module, optional
+        A trained model; without one, a model is trained on ``stack_khw``
+        itself, exactly as ``eval.py`` trains.
+    labels : ndarray of uint, shape (K, H, W), optional
+        Instance ids of the acquired slices: ids are restored too
+        (see :func:`assign_labels`).
+    probability_dtype : numpy dtype
+        uint8 (0-255) keeps memory at one byte per output voxel.
+    keep_probabilities : bool
+        False (with uint8) thresholds in place: peak memory about one byte per
+        output voxel, and ``None`` is returned for the probabilities.
+
+    Returns
+    -------
+    restored : ndarray, shape (D, H, W)
+        bool mask, or labels of ``labels``' dtype. Input slices sit verbatim at
+        ``0, factor, 2*factor, ...``.
+    probabilities : ndarray of ``probability_dtype``, shape (D, H, W), or None
+    model : the model used
+    info : dict with ``train_s``, ``infer_s``, ``history``
+    """
+    probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
+                                                       out_dtype=probability_dtype)
+    in_place = not keep_probabilities and probabilities.dtype == np.uint8
+    restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=in_place)
+    probabilities = None if in_place else probabilities
+    if labels is not None:
+        restored = assign_labels(restored, labels, factor)
+    return restored, probabilities, model, info
