@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 
 from bench import load_inputs, parse_overrides
 from data import downsample_z
@@ -26,6 +27,8 @@ from restore import restore_probabilities, threshold_probabilities
 # name -> eval.py constants changed from the defaults
 TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
     "default": {},
+    "previous budget (64 px crops, 1600 x 10 epochs)": {"TRAIN_XY_SIZE": "64", "TRAIN_NB": "1600", "NUM_EPOCHS": "10"},
+    "fp32 training": {"PRECISION": "fp32"},
     "no input skip (draw from scratch)": {"INPUT_SKIP": "false"},
     "nearest-slice upscaling": {"UPSCALE_METHOD": "nearest"},
     "BCE + 0.5 Dice": {"DICE_WEIGHT": "0.5"},
@@ -38,6 +41,8 @@ INFERENCE_VARIANTS: Dict[str, Dict[str, str]] = {
     "one orientation (planes along Y)": {"ORIENTATIONS": "y"},
     "kept slices not copied": {"KEEP_KEPT_SLICES": "false"},
     "test-time flips (x4)": {"TTA_FLIPS": "true"},
+    "fp32 inference (reference precision)": {"PRECISION": "fp32"},
+    "every tile computed (no empty-tile skipping)": {"SKIP_EMPTY_TILES": "false"},
 }
 
 
@@ -63,9 +68,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append({"training": label, "inference": "", "iou_recon": score_reconstruction(restored, truth, kept)
                      ["iou_recon"], "train_s": None, "infer_s": None})
     print(f"{name} {truth.shape}, factor {args.factor}\n")
-    print("| training | inference | IoU recon | train s | infer s |\n|---|---|---|---|---|")
+    print("| training | inference | IoU recon | train s | infer s | voxels changed vs default |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['training']} | | {row['iou_recon']:.4f} | | |", flush=True)
+        print(f"| {row['training']} | | {row['iou_recon']:.4f} | | | |", flush=True)
+    reference = None  # the default model's default inference: what the other variants are compared with
     for training in args.training:
         settings = parse_overrides([f"{k}={v}" for k, v in TRAINING_VARIANTS[training].items()], default_settings())
         model, train_s = None, None
@@ -77,11 +83,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                progress=False)
             train_s = info["train_s"] if train_s is None else train_s
             infer_s = info["infer_s"]
-            predicted = threshold_probabilities(probabilities, variant["PROBABILITY_THRESHOLD"])
+            predicted = threshold_probabilities(probabilities, variant["PROBABILITY_THRESHOLD"], in_place=True)
             iou = score_reconstruction(predicted, truth, kept)["iou_recon"]
+            reference = predicted if reference is None else reference
+            changed = int(np.count_nonzero(predicted != reference))
             rows.append({"training": training, "inference": inference, "iou_recon": iou, "train_s": train_s,
-                         "infer_s": infer_s})
-            print(f"| {training} | {inference} | {iou:.4f} | {train_s:.0f} | {infer_s:.0f} |", flush=True)
+                         "infer_s": infer_s, "voxels_changed": changed, "fraction_changed": changed / predicted.size})
+            print(f"| {training} | {inference} | {iou:.4f} | {train_s:.0f} | {infer_s:.1f} | "
+                  f"{changed} ({changed / predicted.size:.2e}) |", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"stack": name, "factor": args.factor, "rows": rows}, indent=2))
     return 0

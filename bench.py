@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -29,17 +30,21 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from data import InputNotFoundError, OutputExistsError, UserError, check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
+from data import InputNotFoundError, OutputExistsError, UserError, as_grey_values, check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
 from metrics import calculate_dice, calculate_iou, mean_label_iou, mean_surface_distance, reconstructed_indices
 from morph import interpolate_along_axis, morph_stack_interpolated
 from restore import assign_labels, restore_probabilities, threshold_probabilities
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
+INTENSITY_METHODS = ("linear", "cubic", "network")
+INTENSITY_ROW_KEYS = ("stack", "factor", "method", "psnr_recon", "ssim_recon", "train_s", "infer_s", "voxels_per_s",
+                      "infer_gflop_per_s", "train_gflop_per_s", "peak_rss_mb")
 ROW_KEYS = ("stack", "factor", "method", "iou_recon", "dice_recon", "iou_stack", "assd_vox", "train_s", "infer_s",
-            "voxels_per_s", "peak_rss_mb")
+            "voxels_per_s", "infer_gflop_per_s", "train_gflop_per_s", "peak_rss_mb")
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 QUICK_SHAPE = (96, 128, 128)  # central crop (D, H, W) for --quick
 QUICK_SETTINGS = {"TRAIN_NB": 480, "NUM_EPOCHS": 3}
+OUT_OF_CORE_SHAPE = (61, 3072, 3072)  # kept slices at factor 8: the restored stack has 481 x 3072 x 3072 = 4.5e9 voxels
 
 
 def peak_rss_mb(children_only: bool = False) -> float:
@@ -91,6 +96,44 @@ def _itk_worker(source: str, target: str) -> None:
     np.save(target, itk.array_from_image(restored))
 
 
+def model_flops(model, input_nchw: Sequence[int], backward: bool = False) -> int:
+    """Floating-point operations of one forward (and backward) pass of ``model`` on
+    a float32 input of shape ``input_nchw``, counted by ``torch.utils.flop_counter``
+    (convolutions and matrix products; a multiply-add counts 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    x = torch.zeros(tuple(input_nchw), device=next(model.parameters()).device)
+    was_training = model.training
+    model.train(backward)
+    with counter:
+        out = model(x)
+        if backward:
+            out.sum().backward()
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def network_throughput(model, settings: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    """Achieved GFLOP/s of inference (the tiles actually run, see ``restore.predict_tiled``)
+    and of training (samples seen, forward + backward), from counted model FLOPs."""
+    channels, crop = settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"]
+    per_pixel = model_flops(model, (1, channels, crop, crop)) / crop**2
+    pixels_run = info.get("inference", {}).get("pixels_run", 0)
+    result = {"infer_gflop_per_s": round(per_pixel * pixels_run / info["infer_s"] / 1e9, 1) if info["infer_s"] else None,
+              "train_gflop_per_s": None}
+    if info.get("history"):
+        n_train = round(settings["TRAIN_NB"] * (1 - settings["VAL_SPLIT"]))
+        n_val = settings["TRAIN_NB"] - n_train
+        epochs = len(info["history"]["train"])
+        per_sample = model_flops(model, (1, channels, crop, crop), backward=True)
+        flops = epochs * (n_train * per_sample + n_val * per_pixel * crop**2)
+        result["train_gflop_per_s"] = round(flops / info["train_s"] / 1e9, 1)
+    return result
+
+
 def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, factor: int,
                  settings: Dict[str, Any], device) -> Dict[str, Any]:
     """Run one method; returns the restored bool stack and its costs."""
@@ -105,16 +148,19 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
     elif method == "itk_mci":
         restored = run_itk_mci(sparse, kept, depth)
     elif method == "network":
-        probabilities, _, info = restore_probabilities(sparse, factor, settings, original_depth=depth, device=device)
-        restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
-        return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"]}
+        probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=depth,
+                                                           device=device)
+        restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=True)
+        return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"],
+                **network_throughput(model, settings, info)}
     else:
         raise UserError(f"Unknown method '{method}'; choose from {METHODS}.")
     return {"restored": restored, "train_s": train_s, "infer_s": time.perf_counter() - start}
 
 
 def score_row(stack_name: str, factor: int, method: str, restored: np.ndarray, truth: np.ndarray,
-              kept: np.ndarray, train_s: Optional[float], infer_s: float) -> Dict[str, Any]:
+              kept: np.ndarray, train_s: Optional[float], infer_s: float, infer_gflop_per_s: Optional[float] = None,
+              train_gflop_per_s: Optional[float] = None) -> Dict[str, Any]:
     """One result row, every score computed from the arrays."""
     recon = reconstructed_indices(kept, truth.shape[0])
     return {
@@ -126,6 +172,8 @@ def score_row(stack_name: str, factor: int, method: str, restored: np.ndarray, t
         "train_s": None if train_s is None else round(train_s, 2),
         "infer_s": round(infer_s, 3),
         "voxels_per_s": round(truth.size / infer_s) if infer_s > 0 else None,
+        "infer_gflop_per_s": infer_gflop_per_s,
+        "train_gflop_per_s": train_gflop_per_s,
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
@@ -136,9 +184,9 @@ def unavailable_row(stack_name: str, factor: int, method: str) -> Dict[str, Any]
     return row
 
 
-def markdown_table(rows: List[Dict[str, Any]]) -> str:
-    header = "| " + " | ".join(ROW_KEYS) + " |\n|" + "---|" * len(ROW_KEYS) + "\n"
-    lines = ["| " + " | ".join("n/a" if row[k] is None else str(row[k]) for k in ROW_KEYS) + " |" for row in rows]
+def markdown_table(rows: List[Dict[str, Any]], keys: Sequence[str] = ROW_KEYS) -> str:
+    header = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    lines = ["| " + " | ".join("n/a" if row[k] is None else str(row[k]) for k in keys) + " |" for row in rows]
     return header + "\n".join(lines)
 
 
@@ -211,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", type=Path, help="TIFF files or slice folders (default: ../shared/data)")
     parser.add_argument("--factors", nargs="+", type=int, default=[4, 8, 10])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS + ("cubic",),
+                        help=f"masks: {' '.join(METHODS)} (default: all); --kind intensity: "
+                             f"{' '.join(INTENSITY_METHODS)} (default: all)")
+    parser.add_argument("--kind", choices=("mask", "intensity"), default="mask",
+                        help="mask: segmentations (IoU); intensity: grey-scale stacks (PSNR/SSIM), default inputs "
+                             "../shared/data/intensity/*.tif")
     parser.add_argument("--out", type=Path, help="output folder (new; default bench_runs/<date>-<time>)")
     parser.add_argument("--quick", action="store_true",
                         help=f"central crop {QUICK_SHAPE} and a shorter training {QUICK_SETTINGS}")
@@ -223,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restore-memory", type=int, nargs=3, metavar=("K", "H", "W"),
                         help="instead of the benchmark: wall time and peak memory of apply.py restoring a K x H x W "
                              "mask at factor 8 with a small saved model (e.g. 125 1024 1024 -> 993 x 1024 x 1024)")
+    parser.add_argument("--out-of-core", action="store_true",
+                        help="instead of the benchmark: restore a generated OME-Zarr mask block by block on a local "
+                             "Dask cluster (--workers, --worker-memory) at --out-of-core-shape and at a quarter of "
+                             "it; report each worker's peak memory against its limit, restarts, spilling, voxels/s")
+    parser.add_argument("--out-of-core-shape", type=int, nargs=3, metavar=("K", "H", "W"),
+                        default=list(OUT_OF_CORE_SHAPE),
+                        help="kept slices of the --out-of-core input at factor 8 (61 x 3072 x 3072 restores to "
+                             "481 x 3072 x 3072 = 4.5e9 voxels)")
+    parser.add_argument("--workers", type=int, default=2, help="--out-of-core: local Dask workers")
+    parser.add_argument("--worker-memory", default="1GiB", help="--out-of-core: memory limit of each worker")
+    parser.add_argument("--block-size", type=int, default=512, help="--out-of-core: lateral block edge")
+    parser.add_argument("--engine-levers", action="store_true",
+                        help="instead of the benchmark: forward throughput of the network under each engine lever "
+                             "(channels-last, BatchNorm folding, bfloat16), side by side")
     parser.add_argument("--itk-worker", nargs=2, help=argparse.SUPPRESS)
     return parser
 
@@ -289,7 +356,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     save_report()
                     continue
                 row = score_row(name, factor, label, result["restored"], truth, kept, result["train_s"],
-                                result["infer_s"])
+                                result["infer_s"], result.get("infer_gflop_per_s"), result.get("train_gflop_per_s"))
                 rows.append(row)
                 print(markdown_table([row]).splitlines()[-1], flush=True)
                 if labels is not None:
@@ -305,6 +372,131 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         print("\nMean per-label IoU on reconstructed slices (ids restored by nearest kept-slice label):")
         for row in label_rows:
             print(f"| {row['stack']} | {row['factor']} | {row['method']} | {row['label_iou_recon']} |")
+    return report
+
+
+def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> List[Dict[str, Any]]:
+    """Forward throughput of the default network under each engine lever, side by side in one run.
+
+    The levers are applied one on top of the other to the same weights on the
+    same batch of ``batch`` tiles of ``tile`` x ``tile`` (5 channels): the seed's
+    float32 NCHW model, then channels-last memory format, then BatchNorm folded
+    into the convolutions, then bfloat16 autocast (where the hardware has it
+    natively; else the row says so). Each row gives the median seconds per
+    batch, output pixels per second, GFLOP/s (counted by
+    ``torch.utils.flop_counter``), the speed-up over the seed layout and the
+    largest probability difference from the seed layout.
+    """
+    import torch
+
+    from model import AttentionResUNet, autocast, fuse_for_inference, resolve_precision
+
+    torch.manual_seed(0)
+    model = AttentionResUNet(in_channels=5)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+        for _ in range(3):
+            model(torch.rand(4, 5, 64, 64))
+    model.eval()
+    device = next(model.parameters()).device
+    images = (torch.rand(batch, 5, tile, tile) > 0.7).float()
+    flops = model_flops(model, (batch, 5, tile, tile))
+    bf16 = resolve_precision("auto", device) == torch.bfloat16
+    variants = [("seed: float32, NCHW", model, images, torch.float32),
+                ("+ channels-last", model.to(memory_format=torch.channels_last),
+                 images.contiguous(memory_format=torch.channels_last), torch.float32)]
+    fused = fuse_for_inference(model).to(memory_format=torch.channels_last)
+    variants.append(("+ BatchNorm folded", fused, variants[-1][2], torch.float32))
+    variants.append(("+ bfloat16 autocast" + ("" if bf16 else " (not native here: emulated)"), fused,
+                     variants[-1][2], torch.bfloat16))
+    rows, reference, seed_time = [], None, None
+    for name, net, x, dtype in variants:
+        times = []
+        with torch.inference_mode(), autocast(device, dtype):
+            out = torch.sigmoid(net(x).float())
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = torch.sigmoid(net(x).float())
+                times.append(time.perf_counter() - start)
+        seconds = float(np.median(times))
+        reference = out if reference is None else reference
+        seed_time = seconds if seed_time is None else seed_time
+        rows.append({"lever": name, "s_per_batch": round(seconds, 4),
+                     "mpixel_per_s": round(batch * tile * tile / seconds / 1e6, 2),
+                     "gflop_per_s": round(flops / seconds / 1e9, 1), "speedup": round(seed_time / seconds, 2),
+                     "max_abs_diff": float(f"{(out - reference).abs().max().item():.2e}")})
+        print(f"| {name} | {rows[-1]['s_per_batch']} | {rows[-1]['mpixel_per_s']} | {rows[-1]['gflop_per_s']} | "
+              f"{rows[-1]['speedup']}x | {rows[-1]['max_abs_diff']} |", flush=True)
+    return rows
+
+
+def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    """Grey-scale stacks: linear and cubic interpolation along Z and the network, PSNR and SSIM
+    on the reconstructed slices of the identical sparse stack, one Markdown row at a time."""
+    import torch
+
+    from data import read_typed_stack
+    from eval import default_settings
+    from metrics import score_intensity_reconstruction
+    from model import select_device
+    from restore import restore_intensity
+
+    methods = args.methods or list(INTENSITY_METHODS)
+    unknown = [m for m in methods if m not in INTENSITY_METHODS]
+    if unknown:
+        raise UserError(f"--kind intensity benchmarks {', '.join(INTENSITY_METHODS)}, not {', '.join(unknown)}.")
+    settings = parse_overrides(args.set, dict(default_settings(), **(QUICK_SETTINGS if args.quick else {})))
+    out_dir = args.out or Path("bench_runs") / datetime.now().strftime("intensity-%Y%m%d-%H%M%S")
+    if out_dir.exists():
+        raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+    paths = args.input or sorted((SHARED_DATA / "intensity").glob("*.tif"))
+    if not paths:
+        raise InputNotFoundError("No grey-scale input: give --input, or put stacks in ../shared/data/intensity/.")
+    stacks = []
+    for path in paths:
+        if not Path(path).exists():
+            raise InputNotFoundError(f"Input '{path}' does not exist.")
+        _, image, _ = read_typed_stack(path, "intensity")
+        stacks.append((Path(path).name, central_crop(image, QUICK_SHAPE) if args.quick else image))
+    for name, image in stacks:
+        for factor in args.factors:
+            check_factor(factor, image.shape[0])
+    out_dir.mkdir(parents=True)
+    device = select_device(settings["DEVICE"] or None)
+    rows: List[Dict[str, Any]] = []
+    report = {"kind": "intensity", "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+              "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+              "device": f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "date": datetime.now().isoformat(timespec="seconds"), "rows": rows}
+    print(f"Device: {device.type}; stacks: {', '.join(f'{n} {s.shape}' for n, s in stacks)}; factors {args.factors}")
+    print(markdown_table([], INTENSITY_ROW_KEYS), flush=True)
+    for name, truth in stacks:
+        for factor in args.factors:
+            sparse, kept = downsample_z(truth, factor)
+            for method in methods:
+                start = time.perf_counter()
+                costs: Dict[str, Any] = {"train_s": None}
+                if method == "network":
+                    restored, model, info = restore_intensity(sparse, factor, settings, original_depth=truth.shape[0],
+                                                              device=device)
+                    costs = {"train_s": round(info["train_s"], 2), **network_throughput(model, settings, info)}
+                    infer_s = info["infer_s"]
+                else:
+                    values = interpolate_along_axis(sparse, kept, truth.shape[0], method=method)
+                    restored = as_grey_values(values, truth.dtype)
+                    infer_s = time.perf_counter() - start
+                scores = score_intensity_reconstruction(restored, truth, kept)
+                row = {"stack": name, "factor": int(factor), "method": args.label if method == "network" else method,
+                       "psnr_recon": round(scores["psnr_recon"], 3), "ssim_recon": round(scores["ssim_recon"], 4),
+                       "train_s": costs["train_s"], "infer_s": round(infer_s, 3),
+                       "voxels_per_s": round(truth.size / infer_s) if infer_s > 0 else None,
+                       "infer_gflop_per_s": costs.get("infer_gflop_per_s"),
+                       "train_gflop_per_s": costs.get("train_gflop_per_s"), "peak_rss_mb": round(peak_rss_mb(), 1)}
+                rows.append(row)
+                print(markdown_table([row], INTENSITY_ROW_KEYS).splitlines()[-1], flush=True)
+                (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
+                (out_dir / "bench_results.md").write_text(markdown_table(rows, INTENSITY_ROW_KEYS) + "\n")
+    print(f"\nResults in {out_dir}")
     return report
 
 
@@ -353,6 +545,93 @@ def measure_restore_memory(shape_khw: Sequence[int], factor: int, out_dir: Path)
     return result
 
 
+def write_tiled_sample_zarr(path: Path, shape_khw: Sequence[int], factor: int) -> None:
+    """An anisotropic OME-Zarr mask ``(K, H, W)``, voxel ``factor x 1 x 1`` um: every ``factor``-th slice
+    of the built-in sample, tiled, written chunk by chunk (never whole in memory)."""
+    import zarr_io
+    from data import make_sample_stack
+
+    tile = make_sample_stack((128, 128, 128), seed=1)[::factor]
+    layout = zarr_io.create_output(path, shape_khw, (float(factor), 1.0, 1.0), "um", pyramid=False)
+    for region in zarr_io.pyramid_regions(layout.image, 0):  # the chunks of level 0
+        indices = [np.arange(r.start, r.stop) % size for r, size in zip(region, tile.shape)]  # tiled
+        layout.image.write(region, tile[np.ix_(*indices)].view(np.uint8) * np.uint8(255))
+
+
+def _worker_report(dask_worker) -> Dict[str, Any]:
+    """Run on each Dask worker: its process, peak memory, limit and what it spilled to disk."""
+    spilled = getattr(dask_worker.data, "spilled_total", None)
+    return {"pid": os.getpid(), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "limit_mb": round((dask_worker.memory_manager.memory_limit or 0) / 2**20, 1),
+            "spilled_bytes": int(spilled.disk) if spilled is not None else 0}
+
+
+def measure_out_of_core(shape_khw: Sequence[int], factor: int, out_dir: Path, workers: int = 2,
+                        worker_memory: str = "1GiB", block_size: int = 512) -> Dict[str, Any]:
+    """Peak memory per worker of the block-wise restore, at ``shape_khw`` and at a quarter of it.
+
+    For each size: write a tiled sample mask as OME-Zarr (chunk by chunk), save
+    a small untrained model (memory does not depend on the weights), start a
+    local Dask cluster of ``workers`` processes with ``worker_memory`` each,
+    and run ``apply.py --scheduler`` (a child process) into an OME-Zarr
+    output. Reported per size: each worker's peak resident memory and limit,
+    whether a worker was restarted (its process changed) or spilled to disk,
+    wall time and restored voxels per second. The restored mask itself is
+    meaningless.
+    """
+    import torch
+    from distributed import Client, LocalCluster
+
+    from model import AttentionResUNet, save_model
+
+    if out_dir.exists():
+        raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+    n_kept, height, width = (int(v) for v in shape_khw)
+    if min(n_kept, height, width) < 3 or workers < 1:
+        raise UserError("--out-of-core-shape needs at least 3 x 3 x 3 kept voxels and --workers at least 1.")
+    out_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    model_path = save_model(out_dir / "small_model.pt", AttentionResUNet(in_channels=5, depth=1, base_filters=4),
+                            {"factor": factor})
+    runs = []
+    for name, shape in (("quarter", (n_kept, max(3, height // 2), max(3, width // 2))),
+                        ("full", (n_kept, height, width))):
+        source, target = out_dir / f"{name}_input.ome.zarr", out_dir / f"{name}_restored.ome.zarr"
+        write_tiled_sample_zarr(source, shape, factor)
+        depth = (shape[0] - 1) * factor + 1
+        with LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=worker_memory,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            pids_before = sorted(client.run(os.getpid).values())
+            command = [sys.executable, str(Path(__file__).resolve().parent / "apply.py"), "--input", str(source),
+                       "--output", str(target), "--model", str(model_path), "--scheduler", cluster.scheduler_address,
+                       "--block-size", str(block_size), "--orientations", "y", "--inference-batch-size", "4"]
+            print(" ".join(command), flush=True)
+            start = time.perf_counter()
+            subprocess.run(command, check=True)
+            wall_s = time.perf_counter() - start
+            reports = sorted(client.run(_worker_report).values(), key=lambda r: r["pid"])
+            restarted = sorted(r["pid"] for r in reports) != pids_before
+        voxels = depth * shape[1] * shape[2]
+        runs.append({"name": name, "input_shape": list(shape), "output_shape": [depth, shape[1], shape[2]],
+                     "output_voxels": voxels, "wall_s": round(wall_s, 1), "voxels_per_s": round(voxels / wall_s),
+                     "workers": reports, "worker_restarted": restarted,
+                     "spilled": any(r["spilled_bytes"] for r in reports),
+                     "max_worker_peak_mb": max(r["peak_rss_mb"] for r in reports)})
+        run = runs[-1]
+        print(f"{name}: {tuple(run['input_shape'])} -> {tuple(run['output_shape'])} ({voxels:.3g} voxels) in "
+              f"{run['wall_s']} s = {run['voxels_per_s']:.3g} voxels/s; worker peaks "
+              f"{', '.join(str(r['peak_rss_mb']) for r in reports)} MiB of {reports[0]['limit_mb']} MiB; restarted: "
+              f"{restarted}; spilled: {run['spilled']}", flush=True)
+    result = {"factor": factor, "workers": workers, "worker_memory": worker_memory, "block_size": block_size,
+              "runs": runs,
+              "peak_full_over_quarter": round(runs[1]["max_worker_peak_mb"] / runs[0]["max_worker_peak_mb"], 3),
+              "voxels_full_over_quarter": round(runs[1]["output_voxels"] / runs[0]["output_voxels"], 3)}
+    (out_dir / "out_of_core.json").write_text(json.dumps(result, indent=2))
+    print(f"Worker peak memory, full over quarter size: {result['peak_full_over_quarter']}x for "
+          f"{result['voxels_full_over_quarter']}x the voxels")
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.itk_worker:
@@ -363,6 +642,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.restore_memory:
         out_dir = args.out or Path("bench_runs") / datetime.now().strftime("memory-%Y%m%d-%H%M%S")
         return run_cli(lambda _: measure_restore_memory(args.restore_memory, 8, out_dir), args)
+    if args.out_of_core:
+        out_dir = args.out or Path("bench_runs") / datetime.now().strftime("out-of-core-%Y%m%d-%H%M%S")
+        return run_cli(lambda _: measure_out_of_core(args.out_of_core_shape, 8, out_dir, args.workers,
+                                                     args.worker_memory, args.block_size), args)
+    if args.engine_levers:
+        import torch
+
+        print(f"Network forward on 8 tiles of 256 x 256, {torch.get_num_threads()} threads\n"
+              "| lever | s per batch | Mpixel/s | GFLOP/s | speed-up | max prob. diff |\n|---|---|---|---|---|---|")
+        return run_cli(lambda _: measure_engine_levers(), args)
+    if args.kind == "intensity":
+        return run_cli(run_intensity_benchmark, args)
     return run_cli(run_benchmark, args)
 
 

@@ -81,7 +81,7 @@ def _tiff_guard(path: Path):
     except UserError:
         raise
     except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, IndexError, KeyError, ValueError,
-            OSError) as error:  # only the read of one file runs inside: these are the file's faults
+            OSError, ET.ParseError) as error:  # only the read of one file runs inside: these are the file's faults
         raise DamagedFileError(f"'{path}' is damaged or not a valid TIFF ({type(error).__name__}: {error}). "
                                "Check that the file was copied completely, or export it again.") from error
     finally:
@@ -224,12 +224,13 @@ LENGTH_UNITS_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "um": 1.0, "µm": 1.0,
                       "cm": 1e4, "m": 1e6}
 
 
-def _normal_unit(unit: Optional[str]) -> Optional[str]:
-    """'micron', 'µm' and ImageJ's escaped '\\u00B5m' all mean um."""
+def normal_unit(unit: Optional[str]) -> Optional[str]:
+    """A unit as this project writes it: ImageJ's ``\\uXXXX`` escapes decoded, and
+    'micron', 'µm' (either micro sign) all mean um; no unit or 'pixel' is None."""
     if unit is None or str(unit).strip() in ("", "pixel", "pixels"):
         return None
-    unit = str(unit).strip()
-    return "um" if unit in ("micron", "microns", "µm", "μm", "\\u00B5m", "u") else unit
+    unit = re.sub(r"\\u([0-9A-Fa-f]{4})", lambda m: chr(int(m.group(1), 16)), str(unit).strip())
+    return "um" if unit in ("micron", "microns", "µm", "μm", "u") else unit
 
 
 def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], float, float], Optional[str]]]:
@@ -272,7 +273,7 @@ def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], fl
             return None
         x_num, x_den = tags["XResolution"].value
         y_num, y_den = tags["YResolution"].value if "YResolution" in tags else (x_num, x_den)
-        unit = _normal_unit((meta or {}).get("unit"))
+        unit = normal_unit((meta or {}).get("unit"))
         scale = 1.0
         if unit is None and "ResolutionUnit" in tags:
             scale = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value), 1.0)  # inch, cm -> um
@@ -310,7 +311,7 @@ def _ome_calibration(ome_xml: str) -> Optional[Tuple[Tuple[float, float, float],
                                     "converted; pass --z-step, --xy-size and --unit.")
                 scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[unit_x] if unit != unit_x else 1.0
                 sizes.append(float(value) * scale)
-            return tuple(sizes), _normal_unit(unit_x)
+            return tuple(sizes), normal_unit(unit_x)
     return None
 
 
@@ -419,6 +420,11 @@ def downsample_z(stack_dhw: np.ndarray, factor: int) -> Tuple[np.ndarray, np.nda
 # --------------------------------------------------------------------------- #
 # Writing
 # --------------------------------------------------------------------------- #
+def _imagej_unit(unit: str) -> str:
+    """ImageJ's description is ASCII: it writes non-ASCII letters as ``\\uXXXX`` (µm is ``\\u00B5m``)."""
+    return "".join(c if ord(c) < 128 else f"\\u{ord(c):04X}" for c in str(unit))
+
+
 def _check_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise OutputExistsError(f"'{path}' already exists; choose another output path or pass overwrite=True (--overwrite).")
@@ -481,7 +487,7 @@ def save_stack(
     kwargs = dict(
         imagej=True,
         resolution=(1.0 / x, 1.0 / y),
-        metadata={"spacing": z, "unit": unit, "axes": "ZYX"},
+        metadata={"spacing": z, "unit": _imagej_unit(unit), "axes": "ZYX"},
         compression="zlib",
     )
     if as_slices:
@@ -600,3 +606,127 @@ def make_sample_labels(shape: Tuple[int, int, int] = (128, 128, 128), seed: int 
 def make_sample_stack(shape: Tuple[int, int, int] = (128, 128, 128), seed: int = 0) -> np.ndarray:
     """Binary version of :func:`make_sample_labels`: ``(D, H, W)`` bool."""
     return make_sample_labels(shape, seed) > 0
+
+
+# --------------------------------------------------------------------------- #
+# Kinds of stack: masks, label images, grey-scale intensities
+# --------------------------------------------------------------------------- #
+KINDS = ("auto", "mask", "labels", "intensity")
+
+
+def decide_kind(stack: np.ndarray, kind: str = "auto", source: str = "input") -> str:
+    """The kind of a stack: ``kind`` itself when given, else decided only where it cannot be wrong.
+
+    'auto' reads a stack with at most two values, one of them 0 (or a bool
+    stack), as a mask, and a floating-point stack with more values as
+    grey-scale intensities. An integer stack with more than two values may be
+    a label image or a grey-scale image: 'auto' refuses it with an error
+    asking for ``--kind labels`` or ``--kind intensity``.
+    """
+    if kind not in KINDS:
+        raise UserError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
+    if kind != "auto":
+        return kind
+    if stack.dtype == bool:
+        return "mask"
+    sample = stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
+    values = np.unique(sample)
+    if len(values) <= 2 and values[0] == 0:
+        return "mask"
+    if np.issubdtype(stack.dtype, np.floating):
+        return "intensity"
+    raise UserError(f"{source} is an integer stack with {len(values)} distinct values: it could be a label image "
+                    "(one id per object) or a grey-scale image. Say which with --kind labels or --kind intensity "
+                    "(or --kind mask to binarise it).")
+
+
+def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[float] = None
+                     ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
+    """Read a stack and decide its kind (see :func:`decide_kind`).
+
+    Returns
+    -------
+    kind : {'mask', 'labels', 'intensity'}
+    stack_dhw : ndarray, shape (D, H, W)
+        bool foreground for masks and label images, the stored values for intensities
+    labels_dhw : ndarray of uint16 or None (label images only)
+    """
+    raw = read_stack(path)
+    kind = "mask" if kind == "auto" and threshold is not None else decide_kind(raw, kind, f"'{path}'")
+    if kind == "intensity":
+        return kind, raw, None
+    if kind == "labels":
+        return kind, *_as_labels(raw, path)
+    return kind, binarize(raw, threshold, source=f"'{path}'"), None
+
+
+def _as_labels(raw: np.ndarray, path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """Foreground and uint16 ids of a label image."""
+    if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.round(raw)):
+        raise UserError(f"'{path}' holds non-integer values; a label image holds integer ids (0 = background).")
+    if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
+        raise UserError(f"Label ids of '{path}' must lie in 0..65535 (ImageJ TIFF); relabel the stack first "
+                        "(skimage.segmentation.relabel_sequential).")
+    return raw != 0, raw.astype(np.uint16, copy=False)
+
+
+def intensity_range(stack: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.8
+                    ) -> Tuple[float, float]:
+    """Robust grey-value range ``(lo, hi)`` of a stack: the given percentiles of
+    (a subsample of at most about 10 million of) its values, as CARE normalises.
+    ``hi > lo`` always."""
+    values = np.asarray(stack).ravel()
+    values = values[:: max(1, values.size // 10_000_000)]
+    lo, hi = (float(v) for v in np.percentile(values, (low_percentile, high_percentile)))
+    return lo, (hi if hi > lo else lo + 1.0)
+
+
+def normalize_intensity(stack: np.ndarray, value_range: Tuple[float, float]) -> np.ndarray:
+    """``(stack - lo) / (hi - lo)`` as float32: the network's grey-value scale."""
+    lo, hi = value_range
+    out = np.asarray(stack, dtype=np.float32) - np.float32(lo)
+    out *= np.float32(1.0 / (hi - lo))
+    return out
+
+
+def denormalize_intensity(values: np.ndarray, value_range: Tuple[float, float], dtype) -> np.ndarray:
+    """Back from the network's scale to grey values of ``dtype`` (see :func:`as_grey_values`)."""
+    lo, hi = value_range
+    out = np.asarray(values, dtype=np.float32) * np.float32(hi - lo)
+    out += np.float32(lo)
+    return as_grey_values(out, dtype)
+
+
+def as_grey_values(values: np.ndarray, dtype) -> np.ndarray:
+    """Float grey values as ``dtype``: rounded and clipped to the range of an integer
+    dtype (never wrapped around), float32 for float dtypes of 32 bits or fewer."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return np.asarray(values).astype(np.float32 if dtype.itemsize <= 4 else dtype, copy=False)
+
+
+def make_sample_intensity(shape: Tuple[int, int, int] = (128, 128, 128), seed: int = 0) -> np.ndarray:
+    """Deterministic isotropic grey-scale phantom, EM-like, for ``--kind intensity`` runs without data.
+
+    The objects of :func:`make_sample_labels` drawn as bright organelles with a
+    dark membrane on a textured cytoplasm, blurred by a small point spread
+    function and with shot-like noise.
+
+    Returns
+    -------
+    image_dhw : ndarray of uint8, shape (D, H, W)
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed + 1)
+    labels = make_sample_labels(shape, seed)
+    inside = labels > 0
+    membrane = inside & ~ndimage.binary_erosion(inside, iterations=1)
+    texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 2.0)
+    image = 0.45 + 0.6 * texture / (np.abs(texture).max() + 1e-6) * 0.25
+    image += 0.25 * inside - 0.45 * membrane
+    image = ndimage.gaussian_filter(image.astype(np.float32), 0.8)
+    image += rng.normal(scale=0.05, size=shape).astype(np.float32)
+    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 # Configuration (edit here, or pass e.g. --num-epochs 20 on the command line)
 # ----------------------------------------------------------------------------
 INPUT_IMAGES_DIRECTORY = ""  # folder of 2D TIFF slices or one multipage TIFF; "" = built-in sample
+KIND = "auto"  # "mask", "labels", "intensity" (grey-scale) or "auto" (decided only where it cannot be wrong)
 OUTPUT_PREDICTION_OUTDIRECTORY = ""  # predicted stacks; "" = <RUN_DIRECTORY>/predicted
 OUTPUT_INTERPOLATED_DIRECTORY = ""  # morphed (baseline) stack; "" = <RUN_DIRECTORY>/interpolated
 RUN_DIRECTORY = ""  # model, figures, metrics.json; "" = a new folder runs/eval-<date>-<time>
@@ -25,14 +26,14 @@ XY_RESOLUTION = 2.0  # lateral pixel size
 Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION / XY_RESOLUTION rounded to the nearest integer
 VOXEL_UNIT = "um"  # unit of the resolutions, written into the TIFF metadata
 BINARIZE_THRESHOLD = -1.0  # foreground = value > threshold; < 0 means value != 0
-TRAIN_XY_SIZE = 64  # lateral crop edge for training, in pixels
+TRAIN_XY_SIZE = 128  # lateral crop edge for training, in pixels
 TRAIN_Z_SIZE = 5  # neighbouring kept slices fed as channels (odd)
-TRAIN_NB = 1600  # number of training crops (train + validation); 800 halves training time, 6400+ on a GPU
+TRAIN_NB = 720  # number of training crops (train + validation); 3000+ on a GPU
 VAL_SPLIT = 0.1  # fraction of crops kept for validation
 MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
 RANDOM_STATE = 42  # seeds python, numpy and torch
-BATCH_SIZE = 16  # training batch size
-NUM_EPOCHS = 10  # passes over the training crops
+BATCH_SIZE = 8  # training batch size
+NUM_EPOCHS = 5  # passes over the training crops
 LEARNING_RATE = 3e-3  # peak learning rate (one-cycle schedule, Adam)
 DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
 BASE_FILTERS = 16  # width of the first U-Net level (32 or more on a GPU)
@@ -40,7 +41,9 @@ DEPTH = 3  # U-Net down-sampling steps
 DROPOUT_RATE = 0.1  # bottleneck dropout
 INPUT_SKIP = True  # residual prediction: the network corrects the upscaled input
 UPSCALE_METHOD = "linear"  # interpolation that degrades training crops and upscales Z
-INFERENCE_TILE_SIZE = 256  # tile edge at inference (planes larger than this are tiled)
+SLICE_PROFILE_FWHM = 0.0  # grey-scale: Gaussian slice profile of the training degradation, FWHM in Z steps (0 = none)
+INTENSITY_LOSS = "l1"  # grey-scale: regression loss, "l1" or "mse"
+INFERENCE_TILE_SIZE = 1024  # largest tile edge at inference (larger planes are tiled, tiles shrunk to fit)
 INFERENCE_BATCH_SIZE = 16  # tiles per forward pass at inference
 ORIENTATIONS = "yx"  # predict planes along Y ("y"), along X ("x") or both, averaged ("yx")
 CHANNEL_STRIDE = 0  # spacing of the channel planes at inference; 0 = factor (as in training)
@@ -53,6 +56,7 @@ DEVICE = ""  # "cpu", "cuda" or "" = CUDA when available
 SHOW = "auto"  # slice viewer after the run: "auto" (when a display exists), "yes", "no"
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -115,7 +119,7 @@ def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
 
 def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
-    from data import UserError, resolution_factor
+    from data import KINDS, UserError, resolution_factor
     from model import PRECISIONS
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
@@ -131,6 +135,10 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise UserError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):
         raise UserError(f"SHOW must be auto, yes or no, got '{settings['SHOW']}'.")
+    if settings["KIND"] not in KINDS:
+        raise UserError(f"KIND must be one of {', '.join(KINDS)}, got '{settings['KIND']}'.")
+    if settings["INTENSITY_LOSS"] not in ("l1", "mse"):
+        raise UserError(f"INTENSITY_LOSS must be 'l1' or 'mse', got '{settings['INTENSITY_LOSS']}'.")
     if settings["PRECISION"] not in PRECISIONS:
         raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got '{settings['PRECISION']}'.")
 
@@ -159,10 +167,12 @@ def view_stacks_interactively(raw_dhw: np.ndarray, morphed_dhw: np.ndarray, pred
 
     stacks = [np.asarray(s) for s in (raw_dhw, morphed_dhw, predicted_dhw)]
     depth = stacks[0].shape[0]
+    # Masks on 0..1; grey-scale stacks on the ground truth's range, the same for all three.
+    vmin, vmax = (0, 1) if stacks[0].dtype == bool else (float(stacks[0].min()), float(stacks[0].max()))
     figure, axes = plt.subplots(1, 3, figsize=(13, 5), num="Slice Viewer")
     images = []
     for axis, stack, title in zip(axes, stacks, titles):
-        images.append(axis.imshow(stack[depth // 2], cmap="gray", vmin=0, vmax=1, interpolation="nearest"))
+        images.append(axis.imshow(stack[depth // 2], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest"))
         axis.set_title(title)
         axis.axis("off")
     figure.subplots_adjust(bottom=0.15)
@@ -226,6 +236,43 @@ def comparison_figure(truth_dhw: np.ndarray, nearest_dhw: np.ndarray, morphed_dh
     matplotlib.pyplot.close("all")
 
 
+def intensity_comparison_figure(truth_dhw: np.ndarray, linear_dhw: np.ndarray, cubic_dhw: np.ndarray,
+                                predicted_dhw: np.ndarray, kept_indices: np.ndarray, path: Path,
+                                scores: Dict[str, Dict[str, float]]) -> None:
+    """Grey-scale XZ section (centre row) and one reconstructed XY slice of each stack,
+    with PSNR / SSIM on the reconstructed slices in the titles."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from metrics import reconstructed_indices
+
+    recon = reconstructed_indices(kept_indices, truth_dhw.shape[0])
+    y_section = truth_dhw.shape[1] // 2
+    z_slice = int(recon[len(recon) // 2]) if len(recon) else 0
+    vmin, vmax = np.percentile(truth_dhw[:: max(1, truth_dhw.shape[0] // 16)], (0.5, 99.5))
+
+    def title(name: str) -> str:
+        return f"{name} {scores[name]['psnr_recon']:.2f} dB / SSIM {scores[name]['ssim_recon']:.3f}"
+
+    columns = [("ground truth", truth_dhw), (title("linear"), linear_dhw), (title("cubic"), cubic_dhw),
+               (title("predicted").replace("predicted", "network"), predicted_dhw)]
+    figure, axes = plt.subplots(2, 4, figsize=(16, 8.5))
+    for col, (name, stack) in enumerate(columns):
+        axes[0, col].imshow(stack[:, y_section, :], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest",
+                            aspect="auto")
+        axes[0, col].set_title(f"{name}\nXZ section at y={y_section}", fontsize=10)
+        axes[1, col].imshow(stack[z_slice], cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        axes[1, col].set_title(f"XY slice z={z_slice} (reconstructed)", fontsize=10)
+        for axis in axes[:, col]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle("Grey-scale restoration; PSNR / SSIM on the reconstructed slices", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    matplotlib.pyplot.close("all")
+
+
 def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
     """Every file this run writes; checked before any long work starts."""
     from data import OutputExistsError
@@ -241,7 +288,7 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
         "comparison": run_dir / "comparison.png",
         "probabilities": predicted_dir / "predicted_probabilities.tif",
         "predicted": predicted_dir / "predicted_stack.tif",
-        "morphed": interpolated_dir / "morphed_stack.tif",
+        "morphed": interpolated_dir / "morphed_stack.tif",  # grey-scale: linear interpolation along Z
         "predicted_labels": predicted_dir / "predicted_labels.tif",  # written for label-image inputs
     }
     if not settings["OVERWRITE"]:
@@ -252,15 +299,96 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
     return paths
 
 
+def load_evaluation_stack(settings: Dict[str, Any]):
+    """The isotropic ground truth: ``(kind, stack, labels or None, source)``.
+
+    ``kind`` is 'mask', 'labels' or 'intensity' (``KIND``, or decided by
+    ``data.decide_kind``); ``stack`` is bool for masks and label images, the
+    stored grey values for intensities. Without an input, the built-in sample
+    (a label phantom, or its grey-scale rendering for ``KIND = intensity``).
+    """
+    from data import make_sample_intensity, make_sample_labels, read_typed_stack
+
+    if settings["INPUT_IMAGES_DIRECTORY"]:
+        source = str(settings["INPUT_IMAGES_DIRECTORY"])
+        threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+        kind, truth, labels = read_typed_stack(source, settings["KIND"], threshold)
+        return kind, truth, labels, source
+    shape, seed = tuple(settings["SAMPLE_SHAPE"]), settings["RANDOM_STATE"]
+    source = f"built-in sample {shape}"
+    if settings["KIND"] == "intensity":
+        return "intensity", make_sample_intensity(shape, seed=seed), None, source + ", grey-scale"
+    labels = make_sample_labels(shape, seed=seed)
+    return "labels" if settings["KIND"] != "mask" else "mask", labels > 0, labels, source
+
+
+def _evaluate_masks(settings, truth, true_labels, sparse, kept_indices, factor, device):
+    """Network, shape-based and nearest restorations of a mask, with IoU (and per-label IoU)."""
+    from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
+    from morph import interpolate_along_axis, morph_stack_interpolated
+    from restore import assign_labels, restore_probabilities, threshold_probabilities
+
+    print("Generating training samples, training and applying the model ...")
+    probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=truth.shape[0],
+                                                       device=device, out_dtype=np.uint8)
+    predicted = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
+    timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
+    print("Morphological (shape-based) interpolation ...")
+    t0 = time.perf_counter()
+    morphed = morph_stack_interpolated(sparse, kept_indices, truth.shape[0])
+    timings["morph_s"] = time.perf_counter() - t0
+    nearest = interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="nearest")
+    scores = {"morphed": score_reconstruction(morphed, truth, kept_indices),
+              "predicted": score_reconstruction(predicted, truth, kept_indices),
+              "nearest": score_reconstruction(nearest, truth, kept_indices)}
+    for name in ("morphed", "predicted"):
+        print(f"IoU for {name.capitalize()} Stack: {scores[name]['iou_stack']:.4f} "
+              f"(reconstructed slices only: {scores[name]['iou_recon']:.4f})")
+    stacks = {"probabilities": probabilities, "predicted": predicted, "morphed": morphed}
+    if true_labels is not None:
+        recon = reconstructed_indices(kept_indices, truth.shape[0])
+        for name, restored in (("morphed", morphed), ("predicted", predicted)):
+            restored_labels = assign_labels(restored, true_labels[kept_indices], factor)
+            scores[name]["label_iou_recon"] = mean_label_iou(restored_labels, true_labels, recon)
+            if name == "predicted":
+                stacks["predicted_labels"] = restored_labels
+        print(f"Mean per-label IoU on reconstructed slices: morphed {scores['morphed']['label_iou_recon']:.4f}, "
+              f"predicted {scores['predicted']['label_iou_recon']:.4f}")
+    figure = (comparison_figure, (truth, nearest, morphed, predicted, kept_indices),
+              {k: v["iou_recon"] for k, v in scores.items()})
+    return stacks, scores, model, info, timings, figure
+
+
+def _evaluate_intensities(settings, truth, sparse, kept_indices, factor, device):
+    """Network, linear and cubic restorations of a grey-scale stack, with PSNR and SSIM."""
+    from data import as_grey_values
+    from metrics import score_intensity_reconstruction
+    from morph import interpolate_along_axis
+    from restore import restore_intensity
+
+    print("Generating training samples, training and applying the model (grey-scale) ...")
+    predicted, model, info = restore_intensity(sparse, factor, settings, original_depth=truth.shape[0], device=device)
+    timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
+    as_truth = functools.partial(as_grey_values, dtype=truth.dtype)
+    linear = as_truth(interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="linear"))
+    cubic = as_truth(interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="cubic"))
+    scores = {name: score_intensity_reconstruction(stack, truth, kept_indices)
+              for name, stack in (("linear", linear), ("cubic", cubic), ("predicted", predicted))}
+    for name in ("linear", "cubic", "predicted"):
+        print(f"PSNR / SSIM for {name.capitalize()} Stack (reconstructed slices): "
+              f"{scores[name]['psnr_recon']:.2f} dB / {scores[name]['ssim_recon']:.4f}")
+    stacks = {"predicted": predicted, "morphed": linear}
+    figure = (intensity_comparison_figure, (truth, linear, cubic, predicted, kept_indices), scores)
+    return stacks, scores, model, info, timings, figure
+
+
 def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The whole workflow; returns the metrics dict that is also saved as JSON."""
     import torch
 
-    from data import downsample_z, make_sample_labels, read_mask_or_labels, resolution_factor, save_stack
-    from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
+    from data import downsample_z, resolution_factor, save_stack
     from model import save_model, select_device
-    from morph import interpolate_along_axis, morph_stack_interpolated
-    from restore import assign_labels, model_config, restore_probabilities, threshold_probabilities
+    from restore import model_config
     from train import check_crop_size, display_training_results, plot_loss_history
 
     validate_settings(settings)
@@ -270,65 +398,35 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
 
     factor = resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     print("Loading the stack ...")
-    if settings["INPUT_IMAGES_DIRECTORY"]:
-        source = str(settings["INPUT_IMAGES_DIRECTORY"])
-        threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
-        truth, true_labels = read_mask_or_labels(source, threshold)  # true_labels: None for a mask
-    else:
-        true_labels = make_sample_labels(tuple(settings["SAMPLE_SHAPE"]), seed=settings["RANDOM_STATE"])
-        truth = true_labels > 0
-        source = f"built-in sample {tuple(settings['SAMPLE_SHAPE'])}"
+    kind, truth, true_labels, source = load_evaluation_stack(settings)
     sparse, kept_indices = downsample_z(truth, factor)
     check_crop_size(sparse.shape, (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"], settings["TRAIN_XY_SIZE"]),
                     factor)
     paths = output_paths(settings)
-    print(f"Stack {truth.shape} (D, H, W) from {source}; factor {factor}: {len(kept_indices)} slices kept.")
+    print(f"Stack {truth.shape} (D, H, W), {kind}, from {source}; factor {factor}: {len(kept_indices)} slices kept.")
     print(f"Outputs go to {paths['metrics'].parent}")
 
-    print("Generating training samples, training and applying the model ...")
-    probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=truth.shape[0],
-                                                       device=device, out_dtype=np.uint8)
-    predicted = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
-    timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
-
-    print("Morphological (shape-based) interpolation ...")
-    t0 = time.perf_counter()
-    morphed = morph_stack_interpolated(sparse, kept_indices, truth.shape[0])
-    timings["morph_s"] = time.perf_counter() - t0
-    nearest = interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="nearest")
-
-    scores = {"morphed": score_reconstruction(morphed, truth, kept_indices),
-              "predicted": score_reconstruction(predicted, truth, kept_indices),
-              "nearest": score_reconstruction(nearest, truth, kept_indices)}
-    for name in ("morphed", "predicted"):
-        print(f"IoU for {name.capitalize()} Stack: {scores[name]['iou_stack']:.4f} "
-              f"(reconstructed slices only: {scores[name]['iou_recon']:.4f})")
-    restored_labels = {}
-    if true_labels is not None:
-        recon = reconstructed_indices(kept_indices, truth.shape[0])
-        for name, restored in (("morphed", morphed), ("predicted", predicted)):
-            restored_labels[name] = assign_labels(restored, true_labels[kept_indices], factor)
-            scores[name]["label_iou_recon"] = mean_label_iou(restored_labels[name], true_labels, recon)
-        print(f"Mean per-label IoU on reconstructed slices: morphed {scores['morphed']['label_iou_recon']:.4f}, "
-              f"predicted {scores['predicted']['label_iou_recon']:.4f}")
+    if kind == "intensity":
+        stacks, scores, model, info, timings, figure = _evaluate_intensities(settings, truth, sparse, kept_indices,
+                                                                             factor, device)
+    else:
+        stacks, scores, model, info, timings, figure = _evaluate_masks(settings, truth, true_labels, sparse,
+                                                                       kept_indices, factor, device)
 
     print("Saving ...")
     voxel = (settings["XY_RESOLUTION"],) * 3
     unit, overwrite = settings["VOXEL_UNIT"], settings["OVERWRITE"]
-    written = [save_model(paths["model"], model, model_config(settings, factor), overwrite=overwrite),
-               save_stack(paths["probabilities"], probabilities, voxel, unit, overwrite),
-               save_stack(paths["predicted"], predicted, voxel, unit, overwrite),
-               save_stack(paths["morphed"], morphed, voxel, unit, overwrite)]
-    if restored_labels:
-        written.append(save_stack(paths["predicted_labels"], restored_labels["predicted"], voxel, unit, overwrite))
+    config = dict(model_config(settings, factor), kind=kind)
+    written = [save_model(paths["model"], model, config, overwrite=overwrite)]
+    written += [save_stack(paths[name], stack, voxel, unit, overwrite) for name, stack in stacks.items()]
     plot_loss_history(info["history"], paths["loss_curve"])
     display_training_results(model, info["examples"], path=paths["training_examples"])
-    comparison_figure(truth, nearest, morphed, predicted, kept_indices, paths["comparison"],
-                      {k: v["iou_recon"] for k, v in scores.items()})
+    draw, arrays, figure_scores = figure
+    draw(*arrays, paths["comparison"], figure_scores)
     written += [paths["loss_curve"], paths["training_examples"], paths["comparison"], paths["metrics"]]
     timings["total_s"] = time.perf_counter() - start
     metrics = {
-        "source": source, "shape_dhw": list(truth.shape), "factor": factor,
+        "source": source, "kind": kind, "shape_dhw": list(truth.shape), "factor": factor,
         "kept_indices": kept_indices.tolist(), "device": device.type, "scores": scores,
         "loss_history": info["history"], "timings": {k: round(v, 2) for k, v in timings.items()},
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
@@ -340,7 +438,9 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
 
     show = str(settings["SHOW"]).lower()
     if show in ("yes", "true") or (show == "auto" and display_available()):
-        view_stacks_interactively(truth, morphed, predicted, titles=("raw (ground truth)", "morphed", "predicted"))
+        baseline = "linear" if kind == "intensity" else "morphed"
+        view_stacks_interactively(truth, stacks["morphed"], stacks["predicted"],
+                                  titles=("raw (ground truth)", baseline, "predicted"))
     return metrics
 
 

@@ -106,3 +106,33 @@ def score_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices:
         "iou_stack": calculate_iou(predicted, truth),
         "dice_stack": calculate_dice(predicted, truth),
     }
+
+
+def score_intensity_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices: Sequence[int],
+                                   data_range: float = None) -> Dict[str, float]:
+    """PSNR and SSIM of a restored grey-scale stack on the reconstructed slices.
+
+    Parameters
+    ----------
+    predicted, truth : ndarray, shape (D, H, W), any numeric dtype
+    kept_indices : sequence of int
+    data_range : float, optional
+        Default: the full range of ``truth``'s integer dtype (255 for uint8),
+        or ``truth.max() - truth.min()`` for floats.
+
+    Returns
+    -------
+    dict with ``psnr_recon`` (dB, over all reconstructed voxels) and
+    ``ssim_recon`` (mean of the per-slice ``skimage.metrics.structural_similarity``).
+    """
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    _check_same_shape(predicted, truth)
+    if data_range is None:
+        data_range = (float(np.iinfo(truth.dtype).max - np.iinfo(truth.dtype).min)
+                      if np.issubdtype(truth.dtype, np.integer) else float(truth.max() - truth.min()))
+    recon = reconstructed_indices(kept_indices, truth.shape[0])
+    pred, true = predicted[recon].astype(np.float64), truth[recon].astype(np.float64)
+    ssim = [structural_similarity(t, p, data_range=data_range) for t, p in zip(true, pred)]
+    return {"psnr_recon": float(peak_signal_noise_ratio(true, pred, data_range=data_range)),
+            "ssim_recon": float(np.mean(ssim))}

@@ -85,21 +85,28 @@ class AttentionResUNet(nn.Module):
     dropout_rate : float
         Dropout in the bottleneck.
     input_skip : bool
-        Residual prediction: add ``input_skip_gain * (2 * centre - 1)`` to the
-        logits, so the network learns a correction of the upscaled centre
-        plane rather than drawing the mask from scratch.
+        Residual prediction: the network learns a correction of the upscaled
+        centre plane rather than drawing the output from scratch. For masks it
+        adds ``input_skip_gain * (2 * centre - 1)`` to the logits; for
+        intensities it adds the centre plane itself.
+    output : {'logits', 'intensity'}
+        'logits': foreground logits of a mask (apply a sigmoid); 'intensity':
+        normalised grey values, used as they are (no sigmoid).
 
     Any H and W are accepted: inputs are padded to a multiple of ``2**depth``
     (by edge replication) and the output is cropped back.
     """
 
     def __init__(self, in_channels: int = 5, n_classes: int = 1, depth: int = 3, base_filters: int = 16,
-                 dropout_rate: float = 0.1, input_skip: bool = True):
+                 dropout_rate: float = 0.1, input_skip: bool = True, output: str = "logits"):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}.")
+        if output not in ("logits", "intensity"):
+            raise ValueError(f"output must be 'logits' or 'intensity', got '{output}'.")
         self.architecture = dict(in_channels=in_channels, n_classes=n_classes, depth=depth,
-                                 base_filters=base_filters, dropout_rate=dropout_rate, input_skip=input_skip)
+                                 base_filters=base_filters, dropout_rate=dropout_rate, input_skip=input_skip,
+                                 output=output)
         widths = [base_filters * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList()
         previous = in_channels
@@ -116,10 +123,10 @@ class AttentionResUNet(nn.Module):
             self.upsamples.append(nn.ConvTranspose2d(coarse, fine, 2, stride=2))
             self.decoders.append(ResidualBlock(2 * fine, fine))
         self.head = nn.Conv2d(widths[0], n_classes, 1)
-        self.input_skip_gain = nn.Parameter(torch.tensor(4.0)) if input_skip else None
+        self.input_skip_gain = nn.Parameter(torch.tensor(4.0)) if input_skip and output == "logits" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, n_classes, H, W)`` for images ``(N, in_channels, H, W)``."""
+        """Logits (masks) or normalised intensities ``(N, n_classes, H, W)`` for images ``(N, in_channels, H, W)``."""
         height, width = x.shape[-2:]
         multiple = 2 ** self.architecture["depth"]
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
@@ -135,9 +142,11 @@ class AttentionResUNet(nn.Module):
             gated, _ = gate(skip, features)
             features = decoder(torch.cat([upsample(features), gated], dim=1))
         logits = self.head(features)[..., :height, :width]
+        centre = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
         if self.input_skip_gain is not None:
-            centre = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
             logits = logits + self.input_skip_gain * (2.0 * centre - 1.0)
+        elif self.architecture["input_skip"]:  # intensities: a correction of the linear upscaling
+            logits = logits + centre
         return logits
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-METHODS = ("nearest", "linear", "sdf")
+METHODS = ("nearest", "linear", "cubic", "sdf")
 
 
 def bracket(kept_positions: Sequence[int], length: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,9 +124,11 @@ def interpolate_along_axis(
         Output length along ``axis``.
     axis : int
         The axis to fill (Z for a ``(D, H, W)`` stack; rows for a 2D crop).
-    method : {'nearest', 'linear', 'sdf'}
+    method : {'nearest', 'linear', 'cubic', 'sdf'}
         'nearest' copies the nearest kept slice (ties go to the lower one);
-        'linear' blends intensities, returning float32 in [0, 1]; 'sdf' blends
+        'linear' blends intensities, returning float32 (in [0, 1] for masks);
+        'cubic' is a cubic spline through the kept slices (not-a-knot ends,
+        float32; grey-scale baseline, it overshoots at edges); 'sdf' blends
         signed distances of each kept slice (shape-based interpolation,
         Raya & Udupa 1990) and returns bool.
     progress : bool
@@ -145,6 +147,14 @@ def interpolate_along_axis(
     lower, upper, weight = bracket(kept_positions, length)
     if method == "nearest":
         out = moved[np.where(weight <= 0.5, lower, upper)]
+    elif method == "cubic":
+        from scipy.interpolate import CubicSpline
+
+        positions = np.asarray(kept_positions)
+        inside = np.arange(length)[(np.arange(length) >= positions[0]) & (np.arange(length) <= positions[-1])]
+        out = moved[np.where(weight <= 0.5, lower, upper)].astype(np.float32)  # outside the kept range: copies
+        if len(positions) >= 2:
+            out[inside] = CubicSpline(positions, moved.astype(np.float32), axis=0)(inside)
     elif method == "linear":
         w = weight.reshape((-1,) + (1,) * (moved.ndim - 1))
         low = moved[lower].astype(np.float32)

@@ -62,6 +62,8 @@ SETTINGS: Dict[str, Tuple[str, str]] = {
     "INPUT_SKIP": ("train", "input_skip"),
     "UPSCALE_METHOD": ("train", "upscale_method"),
     "PRECISION": ("train", "precision"),
+    "SLICE_PROFILE_FWHM": ("train", "profile_fwhm"),
+    "INTENSITY_LOSS": ("train", "intensity_loss"),
     "INFERENCE_TILE_SIZE": ("infer", "tile_size"),
     "INFERENCE_BATCH_SIZE": ("infer", "batch_size"),
     "ORIENTATIONS": ("infer", "orientations"),
@@ -69,6 +71,7 @@ SETTINGS: Dict[str, Tuple[str, str]] = {
     "TTA_FLIPS": ("infer", "flips"),
     "KEEP_KEPT_SLICES": ("infer", "keep_kept_slices"),
     "SKIP_EMPTY_TILES": ("infer", "skip_empty"),
+    "KIND": ("restore", "kind"),
     "BINARIZE_THRESHOLD": ("restore", "binarize_threshold"),
     "PROBABILITY_THRESHOLD": ("restore", "probability_threshold"),
     "DEVICE": ("restore", "device"),
@@ -189,6 +192,30 @@ class TileGrid:
     keep_hi: int
 
 
+MAX_OVERLAP = 64  # pixels of tile overlap: a few times the network's border effects, whatever the tile size
+
+
+def default_overlap(tile_size: int) -> int:
+    """Tile overlap used when none is given: a quarter tile, at most ``MAX_OVERLAP``."""
+    return min(tile_size // 4, MAX_OVERLAP)
+
+
+def fitted_tile(size: int, tile_size: int, overlap: int) -> Tuple[int, int]:
+    """Tile length and overlap along an axis of ``size``: as few tiles as ``tile_size``
+    allows, each shrunk so that together they just cover the axis.
+
+    A 1024-pixel axis with 768-pixel tiles takes two tiles of 544 (overlap 64)
+    rather than two of 768 (1.5 times the pixels): work follows the image, not
+    the tile size.
+    """
+    tile = min(tile_size, size)
+    overlap = min(overlap, tile // 2)
+    if size <= tile:
+        return size, overlap
+    n_tiles = math.ceil((size - overlap) / (tile - overlap))
+    return min(tile, math.ceil((size + (n_tiles - 1) * overlap) / n_tiles)), overlap
+
+
 def tile_grid(size: int, tile_size: int, overlap: int, region: Tuple[int, int]) -> TileGrid:
     """Tiles of the global grid over ``[0, size)`` that overlap ``region = (start, stop)``.
 
@@ -196,8 +223,8 @@ def tile_grid(size: int, tile_size: int, overlap: int, region: Tuple[int, int]) 
     that cover it in the whole image, so a region restores identically alone
     or as part of the whole.
     """
-    tile = min(tile_size, size)
-    starts = tile_starts(size, tile, min(overlap, tile // 2))
+    tile, overlap = fitted_tile(size, tile_size, overlap)
+    starts = tile_starts(size, tile, overlap)
     start, stop = region
     needed = starts[(starts < stop) & (starts + tile > start)]
     lo, hi = int(needed[0]), int(needed[-1]) + tile
@@ -209,8 +236,8 @@ def channel_offsets(train_depth: int, stride: int) -> np.ndarray:
     return (np.arange(train_depth) - train_depth // 2) * stride
 
 
-def read_window(global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], train_depth: int, stride: int, tile_size: int, overlap: int,
-                orientations: Sequence[str] = ORIENTATIONS) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def read_window(global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], train_depth: int,
+                stride: int, tile_size: int, overlap: Optional[int] = None, orientations: Sequence[str] = ORIENTATIONS) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """The lateral window of kept slices that restoring ``region_yx`` reads.
 
     Along the plane axis of an orientation: the region's planes plus the
@@ -222,6 +249,7 @@ def read_window(global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tu
     -------
     ((y0, y1), (x0, x1)) : global index ranges
     """
+    overlap = default_overlap(tile_size) if overlap is None else overlap
     halo = (train_depth // 2) * stride
     ranges = [list(region_yx[0]), list(region_yx[1])]
     window = [[r[0], r[1]] for r in ranges]
@@ -251,7 +279,8 @@ def _tile_sums(occupied: torch.Tensor, starts_h: np.ndarray, starts_w: np.ndarra
 def predict_tiled(model: nn.Module, images_nchw, tile_size: int, overlap: int, batch_size: int,
                   device: Optional[torch.device] = None, flips: Sequence[Tuple[int, ...]] = ((),),
                   precision: str = "fp32", skip_empty: bool = True,
-                  grids: Optional[Tuple[TileGrid, TileGrid]] = None, activation=torch.sigmoid):
+                  grids: Optional[Tuple[TileGrid, TileGrid]] = None, activation=torch.sigmoid,
+                  stats: Optional[Dict[str, int]] = None):
     """Probabilities of 2D images, tiled with smooth blending.
 
     Every image is cut into ``tile_size`` tiles (smaller images are one tile)
@@ -277,6 +306,9 @@ def predict_tiled(model: nn.Module, images_nchw, tile_size: int, overlap: int, b
         image's own grid. The output is cropped to the grids' kept range.
     activation : callable
         Applied to the logits (sigmoid: foreground probability).
+    stats : dict, optional
+        Counters to add to: ``tiles_run``, ``tiles_skipped``, ``pixels_run``
+        (pixels through the network, flips included), for throughput reports.
 
     Returns
     -------
@@ -319,6 +351,11 @@ def predict_tiled(model: nn.Module, images_nchw, tile_size: int, overlap: int, b
             for (i, y, x) in (p for p, e in zip(positions, empty) if e):
                 summed[i, y:y + tile_h, x:x + tile_w] += blank
         positions = [p for p, e in zip(positions, empty) if not e]
+    if stats is not None:
+        n_skipped = n_images * len(grid_h.starts) * len(grid_w.starts) - len(positions)
+        stats["tiles_skipped"] = stats.get("tiles_skipped", 0) + n_skipped
+        stats["tiles_run"] = stats.get("tiles_run", 0) + len(positions)
+        stats["pixels_run"] = stats.get("pixels_run", 0) + len(positions) * tile_h * tile_w * len(flips)
     for start in range(0, len(positions), batch_size):
         batch = positions[start:start + batch_size]
         tiles = run(torch.stack([images[i, :, y:y + tile_h, x:x + tile_w] for i, y, x in batch]))
@@ -340,6 +377,10 @@ def _as_engine_tensor(sparse: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
+def _identity(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
 def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tuple[int, int],
                   global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: int, *,
                   train_depth: int, tile_size: int, batch_size: int = 16, depth: Optional[int] = None,
@@ -347,7 +388,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
                   flips: Sequence[Tuple[int, ...]] = ((),), keep_kept_slices: bool = True,
                   upscale_method: str = "linear", overlap: Optional[int] = None, out_dtype=np.float32,
                   precision: str = "fp32", skip_empty: bool = True, device: Optional[torch.device] = None,
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, stats: Optional[Dict[str, int]] = None) -> np.ndarray:
     """Probabilities of one lateral region of the restored stack, all of Z.
 
     Parameters
@@ -355,7 +396,9 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     model : trained network with ``train_depth`` input channels
     sparse_window : ndarray, shape (K, wh, ww)
         The kept slices (Z step ``factor``) inside the read window, which must
-        contain :func:`read_window` of the region.
+        contain :func:`read_window` of the region: a mask (bool or integer,
+        non-zero = foreground) for a mask model, normalised float32 grey values
+        for an intensity model (``model.architecture['output'] == 'intensity'``).
     window_origin : (y, x)
         Global index of the window's first row and column.
     global_hw : (H, W)
@@ -366,6 +409,8 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     train_depth, tile_size, batch_size, channel_stride, orientations, flips,
     keep_kept_slices, upscale_method, overlap, precision, skip_empty :
         See :func:`apply_model_to_stack_tiled_slice_by_slice`.
+    stats : dict, optional
+        Tile and pixel counters (see :func:`predict_tiled`).
     depth : int, optional
         Output depth D; default ``(K - 1) * factor + 1``.
     out_dtype : numpy dtype
@@ -374,6 +419,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     Returns
     -------
     probabilities : ndarray of ``out_dtype``, shape (D, y1 - y0, x1 - x0)
+        Foreground probabilities, or normalised grey values for an intensity model.
     """
     if train_depth % 2 == 0:
         raise UserError(f"train_depth (TRAIN_Z_SIZE) must be odd, got {train_depth}.")
@@ -382,11 +428,16 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
         raise UserError(f"orientations must be a non-empty subset of {ORIENTATIONS}, got {orientations}.")
     device = device or select_device()
     model = fuse_for_inference(model).to(device, memory_format=torch.channels_last).eval()
+    # Masks: foreground probability; intensity models return normalised grey values as they are.
+    intensity = getattr(model, "architecture", {}).get("output") == "intensity"
+    activation = _identity if intensity else torch.sigmoid
+    if intensity and np.dtype(out_dtype).kind != "f":
+        raise ValueError("An intensity model restores float values: use a float out_dtype.")
     n_kept = sparse_window.shape[0]
     depth = (n_kept - 1) * factor + 1 if depth is None else int(depth)
     stride = factor if channel_stride is None else int(channel_stride)
     offsets = channel_offsets(train_depth, stride)
-    overlap = tile_size // 4 if overlap is None else overlap
+    overlap = default_overlap(tile_size) if overlap is None else overlap
     (y0, y1), (x0, x1) = region_yx
     sparse = _as_engine_tensor(sparse_window, device)
     torch_out = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}.get(np.dtype(out_dtype),
@@ -416,7 +467,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
             del gathered
             images = images.view(depth, len(planes), train_depth, -1).permute(1, 2, 0, 3)  # (n, C, D, L)
             probabilities = predict_tiled(model, images, tile_size, overlap, batch_size, device, flips, precision,
-                                          skip_empty, grids=(grid_z, grid_l))
+                                          skip_empty, grids=(grid_z, grid_l), activation=activation, stats=stats)
             del images  # else it lives on while the next chunk is built: two chunks at the peak, not one
             block = probabilities.transpose(0, 1)  # (D, n, L)
             target = output_view[:, planes[0] - p0:planes[-1] - p0 + 1, :]
@@ -452,6 +503,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
     skip_empty: bool = True,
     device: Optional[torch.device] = None,
     progress: bool = True,
+    stats: Optional[Dict[str, int]] = None,
 ) -> np.ndarray:
     """Restore the full-depth probability stack from the kept slices (in memory).
 
@@ -485,7 +537,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
     upscale_method : str
         Must match the training degradation (``train.downscale_upscale_height``).
     overlap : int, optional
-        Tile overlap in pixels; default a quarter tile.
+        Tile overlap in pixels; default a quarter tile, at most ``MAX_OVERLAP``.
     out_dtype : numpy dtype
         float32 by default; float16 halves the memory of large outputs, and
         uint8 quarters it, storing ``round(255 * p)``.
@@ -509,13 +561,14 @@ def apply_model_to_stack_tiled_slice_by_slice(
                          channel_stride=channel_stride, orientations=orientations, flips=flips,
                          keep_kept_slices=keep_kept_slices, upscale_method=upscale_method, overlap=overlap,
                          out_dtype=out_dtype, precision=precision, skip_empty=skip_empty, device=device,
-                         progress=progress)
+                         progress=progress, stats=stats)
 
 
 # --------------------------------------------------------------------------- #
 # Label ids, thresholds, the train-then-restore recipe
 # --------------------------------------------------------------------------- #
-def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: int) -> np.ndarray:
+def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: int,
+                  progress: bool = True) -> np.ndarray:
     """Give every restored foreground voxel the id of the nearest labelled voxel of
     the two neighbouring kept slices, among the ids its own restored object touches.
 
@@ -538,6 +591,8 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
     foreground_dhw : ndarray of bool, shape (D, H, W)
     sparse_labels_khw : ndarray of uint, shape (K, H, W), 0 = background
     factor : int
+    progress : bool
+        Show a tqdm bar over the slices.
 
     Returns
     -------
@@ -559,7 +614,7 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
         distance, (iy, ix) = ndimage.distance_transform_edt(labels_hw == 0, return_indices=True)
         return labels_hw[iy, ix], (distance**2).astype(np.float32)
 
-    for z in tqdm(range(depth), desc="Assigning label ids", unit="slice", leave=False):
+    for z in tqdm(range(depth), desc="Assigning label ids", unit="slice", leave=False, disable=not progress):
         foreground = foreground_dhw[z]
         if not foreground.any():
             continue
@@ -632,9 +687,13 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
 
 
 def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any],
-                   device: Optional[torch.device] = None, progress: bool = True
+                   device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask"
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe.
+
+    ``kind`` 'mask' binarises ``sparse_khw`` (non-zero = foreground);
+    'intensity' takes it as normalised float32 grey values
+    (``data.normalize_intensity``) and trains an intensity model.
 
     Returns the model and ``info`` with ``train_s``, ``history`` and
     ``examples`` (three training and three validation samples for figures; the
@@ -643,9 +702,10 @@ def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any]
     from train import fit_on_sparse_stack
 
     device = device or select_device(settings.get("DEVICE") or None)
-    foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
+    if kind == "mask":
+        sparse_khw = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     start = time.perf_counter()
-    model, history, samples = fit_on_sparse_stack(foreground, factor, device=device, progress=progress,
+    model, history, samples = fit_on_sparse_stack(sparse_khw, factor, device=device, progress=progress, kind=kind,
                                                   **training_kwargs(settings))
     examples = {name: (inputs[:3].copy(), labels[:3].copy()) for name, (inputs, labels) in samples.items()}
     del samples
@@ -680,19 +740,83 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
     probabilities : ndarray of ``out_dtype``, shape (D, H, W)
     model : the model used
     info : dict with ``train_s``, ``infer_s``, ``history`` and ``examples``
-        (``None`` / 0 when a model was given)
+        (``None`` / 0 when a model was given), ``steps`` (training steps) and
+        ``inference`` (tile counters, see :func:`predict_tiled`)
     """
     device = device or select_device(settings.get("DEVICE") or None)
     foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     if model is None:
         model, info = train_on_stack(foreground, factor, settings, device, progress)
+    _check_model_kind(model, "mask")
     start = time.perf_counter()
+    info["inference"] = {}
     probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, original_depth=original_depth,
                                                               device=device, out_dtype=out_dtype, progress=progress,
-                                                              **inference_kwargs(settings))
+                                                              stats=info["inference"], **inference_kwargs(settings))
     info["infer_s"] = time.perf_counter() - start
     return probabilities, model, info
+
+
+def _check_model_kind(model: nn.Module, kind: str) -> None:
+    """A mask model cannot restore grey values, nor the reverse: say so before any work."""
+    output = getattr(model, "architecture", {}).get("output", "logits")
+    if (output == "intensity") != (kind == "intensity"):
+        trained = "grey-scale intensities" if output == "intensity" else "masks"
+        raise UserError(f"The model was trained on {trained}; it cannot restore a {kind} stack. Train a model on "
+                        "this kind of stack (leave out --model) or pass the matching --kind.")
+
+
+def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+                      model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
+                      device: Optional[torch.device] = None, out_dtype=None, progress: bool = True
+                      ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
+    """Train on the kept grey-scale slices (unless a model is given), then restore them.
+
+    The stack is normalised by its own robust range (``data.intensity_range``:
+    1st and 99.8th percentiles), restored by the same engine as masks (with an
+    intensity model, no sigmoid), mapped back to grey values, and the kept
+    slices are copied verbatim.
+
+    Parameters
+    ----------
+    stack_khw : ndarray, shape (K, H, W), any numeric dtype
+    factor : int
+    settings : dict
+    model : intensity model, optional
+    original_depth : int, optional
+    out_dtype : numpy dtype, optional
+        Default: the input's dtype (integer grey values are rounded and clipped
+        to its range); float32 on request.
+
+    Returns
+    -------
+    restored : ndarray of ``out_dtype``, shape (D, H, W)
+    model : the model used
+    info : as :func:`restore_probabilities`, plus ``value_range``
+    """
+    from data import denormalize_intensity, intensity_range, normalize_intensity
+
+    device = device or select_device(settings.get("DEVICE") or None)
+    value_range = intensity_range(stack_khw)
+    normalized = normalize_intensity(stack_khw, value_range)
+    info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
+    if model is None:
+        model, info = train_on_stack(normalized, factor, settings, device, progress, kind="intensity")
+    _check_model_kind(model, "intensity")
+    start = time.perf_counter()
+    info["inference"] = {}
+    restored = apply_model_to_stack_tiled_slice_by_slice(model, normalized, factor, original_depth=original_depth,
+                                                         device=device, out_dtype=np.float32, progress=progress,
+                                                         stats=info["inference"], **inference_kwargs(settings))
+    del normalized
+    restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
+    if settings["KEEP_KEPT_SLICES"]:
+        kept = np.arange(0, min(len(stack_khw) * factor, len(restored)), factor)
+        restored[kept] = stack_khw[: len(kept)]
+    info["infer_s"] = time.perf_counter() - start
+    info["value_range"] = value_range
+    return restored, model, info
 
 
 def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], model: Optional[nn.Module] = None,

@@ -32,7 +32,8 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, method: str = "linear") -> np.ndarray:
+def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, method: str = "linear",
+                             profile_fwhm: float = 0.0) -> np.ndarray:
     """Degrade an image along its height axis (axis -2) the way Z was degraded.
 
     Keeps rows ``phase, phase + factor, ...`` and fills the others with
@@ -45,6 +46,10 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
     factor : int
     phase : int, 0 <= phase < factor
     method : {'linear', 'nearest', 'sdf'}
+    profile_fwhm : float
+        Slice profile: before rows are dropped, blur along the height with a
+        Gaussian of this full width at half maximum, in Z steps (``factor``
+        pixels), as a thick physical section blurs along Z. 0 = pure skipping.
 
     Returns
     -------
@@ -55,6 +60,11 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
     if len(kept_rows) < 2:
         raise UserError(f"An image of height {height} keeps fewer than two rows at factor {factor}; "
                          "use a larger TRAIN_XY_SIZE.")
+    if profile_fwhm > 0:
+        from scipy.ndimage import gaussian_filter1d
+
+        sigma = profile_fwhm * factor / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+        image = gaussian_filter1d(np.asarray(image, dtype=np.float32), sigma, axis=-2, mode="reflect")
     sparse = np.take(image, kept_rows, axis=-2)
     return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
 
@@ -87,6 +97,8 @@ def create_cropped_image_dataset(
     min_content_ratio: float = 0.005,
     random_state: int = 0,
     method: str = "linear",
+    kind: str = "mask",
+    profile_fwhm: float = 0.0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Random lateral crops of the sparse stack, degraded along their height.
 
@@ -97,8 +109,9 @@ def create_cropped_image_dataset(
 
     Parameters
     ----------
-    downscaled_stack_dhw : ndarray of bool, shape (K, H, W)
-        The kept slices.
+    downscaled_stack_dhw : ndarray, shape (K, H, W)
+        The kept slices: a mask (non-zero = foreground) or, with
+        ``kind='intensity'``, normalised float32 intensities.
     crop_size_zyx : (C, h, w)
         C neighbouring kept slices (odd) by an h x w lateral window.
     n_samples : int
@@ -108,13 +121,22 @@ def create_cropped_image_dataset(
     random_state : int
     method : str
         Interpolation passed to :func:`downscale_upscale_height`.
+    kind : {'mask', 'intensity'}
+        Masks are binarised and crops with too little foreground rejected;
+        intensities are used as they are, every crop accepted.
+    profile_fwhm : float
+        Slice profile of the degradation (see :func:`downscale_upscale_height`).
 
     Returns
     -------
     inputs : ndarray of float32, shape (n_samples, C, h, w)
-    labels : ndarray of float32, shape (n_samples, 1, h, w), values 0/1
+    labels : ndarray of float32, shape (n_samples, 1, h, w): 0/1 for masks
     """
-    stack = np.asarray(downscaled_stack_dhw) != 0
+    if kind == "mask":
+        stack = np.asarray(downscaled_stack_dhw) != 0
+    else:
+        stack = np.asarray(downscaled_stack_dhw, dtype=np.float32)
+        min_content_ratio = -np.inf
     check_crop_size(stack.shape, crop_size_zyx, factor)
     depth, height, width = crop_size_zyx
     rng = np.random.default_rng(random_state)
@@ -132,7 +154,8 @@ def create_cropped_image_dataset(
         label = crop[depth // 2]
         if label.mean() < min_content_ratio:
             continue
-        inputs[accepted] = downscale_upscale_height(crop, factor, phase=int(rng.integers(factor)), method=method)
+        inputs[accepted] = downscale_upscale_height(crop, factor, phase=int(rng.integers(factor)), method=method,
+                                                    profile_fwhm=profile_fwhm)
         labels[accepted, 0] = label
         accepted += 1
     if accepted < n_samples:
@@ -199,8 +222,10 @@ def train_execution_process(
     dice_weight: float = 0.0,
     progress: bool = True,
     precision: str = "fp32",
+    intensity_loss: str = "l1",
 ) -> Tuple[nn.Module, Dict[str, List[float]]]:
-    """Train with Adam and BCE-with-logits (+ optional soft Dice), one-cycle LR.
+    """Train with Adam and BCE-with-logits (+ optional soft Dice; L1 for an
+    intensity model), one-cycle LR.
 
     Prints ``Epoch [X/Y] Train Loss: ..., Val Loss: ...`` after each epoch and
     returns the model with the weights of the best validation epoch, plus the
@@ -214,9 +239,14 @@ def train_execution_process(
     model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     total_steps = max(1, num_epochs * len(train_loader))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=total_steps,
-                                                    pct_start=0.1)
-    bce = nn.BCEWithLogitsLoss()
+    # Warm-up over 10 % of the steps, but at least 2 (OneCycleLR divides by the warm-up length).
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(total_steps, 4),
+                                                    pct_start=max(0.1, 2.0 / max(total_steps, 4)))
+    intensity = getattr(model, "architecture", {}).get("output") == "intensity"
+    if intensity:  # grey values are regressed, L1 by default (robust to the shot noise of the targets)
+        bce = {"l1": nn.L1Loss(), "mse": nn.MSELoss()}[intensity_loss]
+    else:
+        bce = nn.BCEWithLogitsLoss()
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = bce(logits, targets)
@@ -289,6 +319,9 @@ def fit_on_sparse_stack(
     upscale_method: str = "linear",
     random_state: int = 42,
     precision: str = "fp32",
+    kind: str = "mask",
+    profile_fwhm: float = 0.0,
+    intensity_loss: str = "l1",
     device: Optional[torch.device] = None,
     progress: bool = True,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
@@ -306,12 +339,15 @@ def fit_on_sparse_stack(
     """
     seed_everything(random_state)
     inputs, labels = create_cropped_image_dataset(sparse_dhw, (train_z_size, train_xy_size, train_xy_size), train_nb,
-                                                  factor, min_content_ratio, random_state, upscale_method)
+                                                  factor, min_content_ratio, random_state, upscale_method, kind,
+                                                  profile_fwhm)
     train_loader, val_loader = make_loaders(inputs, labels, val_split, batch_size, random_state)
     model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
-                             dropout_rate=dropout_rate, input_skip=input_skip)
+                             dropout_rate=dropout_rate, input_skip=input_skip,
+                             output="intensity" if kind == "intensity" else "logits")
     model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
-                                             dice_weight=dice_weight, progress=progress, precision=precision)
+                                             dice_weight=dice_weight, progress=progress, precision=precision,
+                                             intensity_loss=intensity_loss)
     samples = {"train": (train_loader.dataset.inputs, train_loader.dataset.labels),
                "validation": (val_loader.dataset.inputs, val_loader.dataset.labels)}
     return model, history, samples

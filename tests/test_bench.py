@@ -84,3 +84,26 @@ def test_restore_memory_case_reports_peak_and_writes_isotropic_stack(tmp_path):
     np.testing.assert_array_equal(restored[::8], source)  # kept slices verbatim
     with pytest.raises(FileExistsError):
         bench.measure_restore_memory((5, 96, 160), 8, out)
+
+
+def test_out_of_core_case_reports_worker_memory_at_two_sizes(tmp_path):
+    import zarr_io
+
+    out = tmp_path / "out_of_core"
+    result = bench.measure_out_of_core((3, 64, 96), 8, out, workers=2, worker_memory="1GiB", block_size=32)
+    quarter, full = result["runs"]
+    assert (quarter["name"], full["name"]) == ("quarter", "full")
+    assert full["output_shape"] == [17, 64, 96] and quarter["output_shape"] == [17, 32, 48]
+    assert result["voxels_full_over_quarter"] == 4.0
+    for run in result["runs"]:
+        assert len(run["workers"]) == 2
+        for worker in run["workers"]:  # measured in each worker process, below the limit it was given
+            assert 50 < worker["peak_rss_mb"] < worker["limit_mb"] == 1024.0
+        assert not run["worker_restarted"] and not run["spilled"] and run["voxels_per_s"] > 0
+    assert json.loads((out / "out_of_core.json").read_text()) == result
+    restored = zarr_io.open_image(out / "full_restored.ome.zarr")
+    source = zarr_io.open_image(out / "full_input.ome.zarr")
+    assert source.voxel_size_zyx == (8.0, 1.0, 1.0) and restored.voxel_size_zyx == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(restored.read()[::8], source.read())  # kept slices verbatim
+    with pytest.raises(FileExistsError):
+        bench.measure_out_of_core((3, 64, 96), 8, out)

@@ -46,7 +46,7 @@ def test_depth_below_one_raises():
 def test_architecture_recorded():
     net = AttentionResUNet(in_channels=5, n_classes=1, depth=2, base_filters=8, dropout_rate=0.2, input_skip=False)
     assert net.architecture == dict(in_channels=5, n_classes=1, depth=2, base_filters=8, dropout_rate=0.2,
-                                    input_skip=False)
+                                    input_skip=False, output="logits")
     assert net.input_skip_gain is None
 
 

@@ -105,8 +105,8 @@ def test_interpolate_along_other_axis():
 
 
 def test_unknown_method_raises():
-    with pytest.raises(ValueError, match="Unknown interpolation method 'cubic'"):
-        interpolate_along_axis(np.zeros((2, 3, 3)), [0, 2], 3, method="cubic")
+    with pytest.raises(ValueError, match="Unknown interpolation method 'quintic'"):
+        interpolate_along_axis(np.zeros((2, 3, 3)), [0, 2], 3, method="quintic")
 
 
 def test_positions_count_mismatch_raises():

@@ -253,7 +253,9 @@ def test_restore_ome_metadata_and_label_round_trip(tmp_path, tiny_problem):
     out_dir = tmp_path / "restored"
     # No --train-z-size: the channel count comes from the saved model.
     assert apply.main(["--input", str(source), "--output", str(out_dir), "--model", str(model_path),
-                       "--inference-tile-size", "64"]) == 0
+                       "--inference-tile-size", "64"]) == 2  # many integer values: labels or grey-scale? it asks
+    assert apply.main(["--input", str(source), "--output", str(out_dir), "--model", str(model_path),
+                       "--inference-tile-size", "64", "--labels"]) == 0
     restored = tifffile.imread(out_dir / "labels.ome_restored.tif")
     assert restored.shape == (41, 64, 64)
     np.testing.assert_array_equal(restored[::4], sparse_labels)

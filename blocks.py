@@ -1,0 +1,825 @@
+"""Block-wise restore of large volumes on Dask: plan output blocks, read each
+block's input window, write its region, retries, resume.
+
+The restored stack is cut into *blocks*: all of Z by ``block_size`` x
+``block_size`` lateral pixels, aligned to the output's chunks so that no two
+blocks write the same chunk. A block reads only its *read window* of kept
+slices (:func:`restore.read_window`), runs the in-memory engine's own kernel
+(:func:`restore.restore_block`, on the global tile grid, so the result does not
+depend on the block size), thresholds it and writes its region into an
+OME-Zarr output (``zarr_io.py``). Memory per block is set by the block size
+and the depth, never by the lateral size of the volume.
+
+Passes, each a list of independent tasks: (1) probabilities and mask per
+block; (2) for label images, ids per block from the mask of the block and a
+halo around it (:func:`restore.assign_labels` works on 2D components and
+distances, so the halo grows until the conditions under which the block's ids
+match the whole-slice ones hold, see :func:`_ids_could_differ`); (3) the
+pyramid, level by level.
+
+Tasks run in this process one after the other (``workers=0``), on a local
+Dask cluster of worker processes, or on an existing cluster
+(``scheduler='tcp://host:port'``). Workers read and write the stores
+themselves (only task descriptions pass through the scheduler) and load the
+model once each from the model file kept in the output. A failing task is
+retried; every finished block is recorded in the output right after its data,
+so an interrupted run continues with ``resume=True`` and gives the same result.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import zarr
+from dask.utils import parse_bytes
+from torch import nn
+from tqdm.auto import tqdm
+
+import restore
+import zarr_io
+from data import OutputExistsError, UserError
+from model import fuse_for_inference, load_model, save_model, select_device
+from zarr_io import OmeZarrImage, ZarrImage
+
+# Lateral edge of a block. Its uint8 output is depth x 512 x 512 bytes (120 MiB at 481 slices); a CPU
+# worker restoring such a block peaked at 0.5 GiB (bench.py --out-of-core).
+BLOCK_SIZE = 512
+RETRIES = 2  # extra attempts of a failing block before the run stops
+LABEL_HALO = 64  # first halo (pixels) of the label-id pass; doubled while a block's ids could still differ
+MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids are accepted and reported
+LABEL_SLAB_VOXELS = 16_000_000  # voxels of mask per label-id step (a few kept-slice intervals at a time)
+TRAINING_BYTES = 256 * 2**20  # kept-slice bytes read from a large store to train on
+# Host memory a worker using CUDA adds (context and libraries): measured 1.2-1.35 GiB peak per worker on an
+# H200 with torch 2.11, against 0.35-0.5 GiB on CPU; such workers need --worker-memory 2GiB or more.
+CUDA_HOST_BYTES = 1 * 2**30
+PROGRESS_GROUP = "restore_progress"  # markers of finished blocks (and staged inputs), removed when complete
+MODEL_FILE = "restore_model.pt"  # the model of a run, in the output until it completes (resume, workers)
+Region = Tuple[Tuple[int, int], Tuple[int, int]]
+Source = Union[ZarrImage, np.ndarray]
+
+
+# --------------------------------------------------------------------------- #
+# The plan
+# --------------------------------------------------------------------------- #
+def chunk_edge(block_size: int) -> int:
+    """Lateral chunk edge of the output for ``block_size``: 256, or the block itself when smaller.
+
+    Raises
+    ------
+    UserError
+        A block size that is not positive, or above 256 and not a multiple of
+        256 (blocks must cover whole chunks so that no two write one chunk).
+    """
+    if block_size < 1:
+        raise UserError(f"--block-size must be positive, got {block_size}.")
+    if block_size <= zarr_io.CHUNK_XY:
+        return block_size
+    if block_size % zarr_io.CHUNK_XY:
+        raise UserError(f"--block-size {block_size} is not a multiple of the output chunk edge {zarr_io.CHUNK_XY}; "
+                        f"use e.g. {zarr_io.CHUNK_XY * max(1, round(block_size / zarr_io.CHUNK_XY))}.")
+    return zarr_io.CHUNK_XY
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The output's lateral blocks: all of Z by ``block_size`` x ``block_size`` pixels, row by row."""
+    shape_dhw: Tuple[int, int, int]
+    block_size: int
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """Blocks along Y and X."""
+        return tuple(math.ceil(size / self.block_size) for size in self.shape_dhw[1:])
+
+    def __len__(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def region(self, index: int) -> Region:
+        """``((y0, y1), (x0, x1))`` of block ``index`` (global output pixels)."""
+        by, bx = divmod(index, self.grid[1])
+        _, height, width = self.shape_dhw
+        size = self.block_size
+        return (by * size, min((by + 1) * size, height)), (bx * size, min((bx + 1) * size, width))
+
+
+def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None)) -> np.ndarray:
+    """Kept slices of a window, as stored (a Zarr image reads only the chunks it touches)."""
+    if isinstance(source, np.ndarray):
+        return source[z, rows, cols]
+    return source.read(z, rows, cols)
+
+
+def _read_foreground(source: Source, rows: slice, cols: slice, threshold: Optional[float],
+                     slices_per_read: int = 16) -> np.ndarray:
+    """The mask of a window of kept slices ``(K, h, w)``, read a few slices at a time so that an id
+    image (4 or 8 bytes per voxel) is never held whole next to its mask."""
+    depth = source.shape[0]
+    mask = np.empty((depth, rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    for k0 in range(0, depth, slices_per_read):
+        z = slice(k0, min(k0 + slices_per_read, depth))
+        mask[z] = zarr_io.foreground(_read_kept(source, rows, cols, z), threshold)
+    return mask
+
+
+# --------------------------------------------------------------------------- #
+# Markers of finished blocks
+# --------------------------------------------------------------------------- #
+def _marker_path(name: str) -> str:
+    return f"{PROGRESS_GROUP}/{name}"
+
+
+def create_markers(output: str, name: str, count: int) -> None:
+    """One byte per block, one chunk per byte: workers mark their own blocks without sharing a chunk."""
+    zarr.open_group(output, mode="r+").require_group(PROGRESS_GROUP).create_array(
+        name, shape=(count,), chunks=(1,), dtype="uint8", fill_value=0, overwrite=True)
+
+
+def mark_finished(output: str, name: str, index: int) -> None:
+    """Record block ``index`` as finished (called after its data is written)."""
+    zarr.open_array(store=output, path=_marker_path(name), mode="r+")[index] = 1
+
+
+def finished_blocks(output: str, name: str) -> set:
+    """Indices of the blocks recorded as finished; an unreadable marker (a run killed while writing
+    it) counts as not finished, so its block is done again."""
+    markers = zarr.open_array(store=output, path=_marker_path(name), mode="r")
+    try:
+        return set(np.flatnonzero(markers[:]).tolist())
+    except Exception:  # one damaged marker chunk: read them one by one
+        done = set()
+        for index in range(markers.shape[0]):
+            with contextlib.suppress(Exception):
+                if markers[index]:
+                    done.add(index)
+        return done
+
+
+# --------------------------------------------------------------------------- #
+# Worker side: the model, pass 1 (probabilities and mask), pass 2 (ids), pass 3 (pyramid)
+# --------------------------------------------------------------------------- #
+_MODELS: Dict[Tuple[str, int, int, str], nn.Module] = {}
+
+
+def cached_model(path: str, device: Optional[str] = None) -> nn.Module:
+    """The model saved at ``path``, loaded (and BatchNorm-folded) once per worker process."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size, str(device))
+    if key not in _MODELS:
+        _MODELS.clear()  # one model at a time
+        model, _ = load_model(path, device or None)
+        _MODELS[key] = fuse_for_inference(model)
+    return _MODELS[key]
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    """Everything a worker needs to restore any block of one volume (small and picklable,
+    except an in-memory ``source``, which only this process' own runs accept).
+
+    Attributes
+    ----------
+    source : ZarrImage or ndarray, shape (K, H, W)
+        The kept slices (masks, grey values or ids: foreground by ``binarize_threshold``).
+    plan : BlockPlan of the output ``(D, H, W)``
+    factor : int
+    inference : dict
+        Keyword arguments of :func:`restore.restore_block` (``restore.inference_kwargs``).
+    probability_threshold : float
+    kernel_dtype : str
+        dtype the kernel computes probabilities into (uint8 stores ``round(255 p)``).
+    mask : OmeZarrImage
+        The output image (uint8, 0/255).
+    probabilities : OmeZarrImage or None
+        Where probabilities go, when they are kept.
+    output : str
+        The output store (markers, model file).
+    model_path : str
+    device : str or None
+    binarize_threshold : float or None
+    """
+    source: Any
+    plan: BlockPlan
+    factor: int
+    inference: Dict[str, Any]
+    probability_threshold: float
+    kernel_dtype: str
+    mask: OmeZarrImage
+    probabilities: Optional[OmeZarrImage]
+    output: str
+    model_path: str
+    device: Optional[str] = None
+    binarize_threshold: Optional[float] = None
+
+
+def read_window_for(global_hw: Tuple[int, int], region: Region, factor: int, inference: Dict[str, Any]) -> Region:
+    """The kept-slice window that restoring ``region`` reads: :func:`restore.read_window` with the
+    geometry :func:`restore.restore_block` uses for ``inference`` (its keyword arguments)."""
+    tile = inference["tile_size"]
+    overlap = inference.get("overlap")  # None: restore_block's default
+    stride = inference.get("channel_stride") or factor
+    return restore.read_window(global_hw, region, inference["train_depth"], stride, tile, overlap,
+                               inference.get("orientations", restore.ORIENTATIONS))
+
+
+def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
+    """Pass 1 for block ``index``: read its window, run the kernel, threshold, write, mark it finished.
+
+    Returns
+    -------
+    dict with ``index``, ``seconds`` and ``foreground`` (voxels)
+    """
+    start = time.perf_counter()
+    region = job.plan.region(index)
+    (y0, y1), (x0, x1) = region
+    (wy0, wy1), (wx0, wx1) = read_window_for(job.plan.shape_dhw[1:], region, job.factor, job.inference)
+    kept = _read_foreground(job.source, slice(wy0, wy1), slice(wx0, wx1), job.binarize_threshold)
+    model = cached_model(job.model_path, job.device)
+    probabilities = restore.restore_block(model, kept, (wy0, wx0), job.plan.shape_dhw[1:], region, job.factor,
+                                          depth=job.plan.shape_dhw[0], out_dtype=np.dtype(job.kernel_dtype),
+                                          device=torch.device(job.device) if job.device else None, progress=False,
+                                          **job.inference)
+    del kept
+    target = (slice(None), slice(y0, y1), slice(x0, x1))
+    if job.probabilities is not None:
+        stored = np.dtype(job.probabilities.dtype)
+        job.probabilities.write(target, probabilities.astype(stored, copy=False))
+    # Without kept probabilities the uint8 ones are overwritten by the mask: one output-sized array per block.
+    in_place = job.probabilities is None and probabilities.dtype == np.uint8
+    mask = restore.threshold_probabilities(probabilities, job.probability_threshold, in_place=in_place)
+    del probabilities
+    values = mask.view(np.uint8)
+    values *= 255  # 0/255, as the TIFF output stores masks
+    job.mask.write(target, values)
+    mark_finished(job.output, "restore", index)
+    return {"index": index, "seconds": time.perf_counter() - start, "foreground": int(np.count_nonzero(values))}
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """Everything a worker needs to give the ids of any block (see :func:`label_block`)."""
+    labels_source: Any
+    plan: BlockPlan
+    factor: int
+    mask: OmeZarrImage
+    labels: OmeZarrImage
+    output: str
+    halo: int = LABEL_HALO
+    max_halo: int = LABEL_HALO * 8
+
+
+def _slabs(n_kept: int, factor: int, window_pixels: int) -> List[Tuple[int, int]]:
+    """Kept-slice ranges ``(ka, kb)`` (inclusive) covering the stack, a few intervals each."""
+    intervals = max(1, LABEL_SLAB_VOXELS // max(1, factor * window_pixels))
+    return [(ka, min(ka + intervals, n_kept - 1)) for ka in range(0, n_kept - 1, intervals)]
+
+
+def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: int, inner: Tuple[slice, slice],
+                      open_edges: Dict[str, bool], halo: int) -> bool:
+    """Whether :func:`restore.assign_labels` on this window could give the region other ids than on
+    whole slices.
+
+    The ids of a region's voxel depend on (a) its 2D connected component and
+    (b) the nearest labelled pixel of the two kept slices around it. Both are
+    the same as on whole slices when (a) no component in the region reaches
+    an edge of the window that is not the image's edge, and (b) every
+    foreground voxel of the region has a labelled pixel closer than ``halo``
+    (pixels outside the window are farther than that). Not covered: equal
+    distances to two ids (ties), and the restricted search for voxels whose
+    nearest id is not one their component touches.
+    """
+    from scipy import ndimage
+
+    edges = [(0, slice(None)) if open_edges["top"] else None, (-1, slice(None)) if open_edges["bottom"] else None,
+             (slice(None), 0) if open_edges["left"] else None, (slice(None), -1) if open_edges["right"] else None]
+    edges = [e for e in edges if e is not None]
+    if not edges:
+        return False
+    n_kept = labels_slab.shape[0]
+    squared: List[Optional[np.ndarray]] = [None] * n_kept  # squared distance to the nearest labelled pixel
+
+    def nearest_squared(k: int) -> Optional[np.ndarray]:
+        if squared[k] is None and labels_slab[k].any():
+            squared[k] = ndimage.distance_transform_edt(labels_slab[k] == 0).astype(np.float32) ** 2
+        return squared[k]
+
+    for z in range(mask_slab.shape[0]):
+        lower, offset = divmod(z, factor)
+        region_mask = mask_slab[z][inner]
+        if offset == 0 or not region_mask.any():
+            continue  # a kept slice keeps its ids verbatim
+        components, _ = ndimage.label(mask_slab[z])  # assign_labels' components (4-connected)
+        on_edges = np.unique(np.concatenate([components[e].ravel() for e in edges]))
+        in_region = np.unique(components[inner][region_mask])
+        if np.intersect1d(on_edges[on_edges > 0], in_region).size:
+            return True
+        best = np.full(region_mask.shape, np.inf, dtype=np.float32)
+        for k, dz in ((lower, offset), (lower + 1, factor - offset)):
+            distances = nearest_squared(k) if k < n_kept else None
+            if distances is not None:
+                np.minimum(best, distances[inner] + float(dz) ** 2, out=best)
+        if np.any(best[region_mask] >= halo ** 2):
+            return True
+    return False
+
+
+def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
+    """Pass 2 for block ``index``: ids of its restored voxels, written into the label image.
+
+    :func:`restore.assign_labels` runs on the block plus a halo, a few
+    kept-slice intervals at a time (each restored slice only looks at the two
+    kept slices around it, so the intervals are independent). The halo doubles
+    while :func:`_ids_could_differ` says the block's ids could differ from
+    the whole-slice ones, up to ``max_halo``; a block accepted at that limit
+    is reported (``exact`` False).
+    """
+    start = time.perf_counter()
+    depth, height, width = job.plan.shape_dhw
+    (y0, y1), (x0, x1) = job.plan.region(index)
+    n_kept = job.labels_source.shape[0]
+    halo = min(job.halo, job.max_halo)
+    while True:
+        wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
+        open_edges = {"top": wy0 > 0, "bottom": wy1 < height, "left": wx0 > 0, "right": wx1 < width}
+        inner = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+        ids = np.zeros((depth, y1 - y0, x1 - x0), dtype=np.dtype(job.labels.dtype))
+        could_differ = False
+        for ka, kb in _slabs(n_kept, job.factor, (wy1 - wy0) * (wx1 - wx0)):
+            z = slice(ka * job.factor, kb * job.factor + 1)
+            mask_slab = job.mask.level(0, mode="r")[z, wy0:wy1, wx0:wx1] != 0
+            labels_slab = _read_kept(job.labels_source, slice(wy0, wy1), slice(wx0, wx1), slice(ka, kb + 1))
+            if _ids_could_differ(mask_slab, labels_slab, job.factor, inner, open_edges, halo):
+                could_differ = True
+                if halo < job.max_halo:
+                    break  # try again with a larger halo
+            ids[z] = restore.assign_labels(mask_slab, labels_slab, job.factor,
+                                           progress=False)[(slice(None),) + inner]  # our bar counts blocks
+        if not could_differ or halo >= job.max_halo:
+            break
+        halo = min(2 * halo, job.max_halo)
+    job.labels.write((slice(None), slice(y0, y1), slice(x0, x1)), ids)
+    mark_finished(job.output, "labels", index)
+    return {"index": index, "seconds": time.perf_counter() - start, "halo": halo, "exact": not could_differ}
+
+
+# --------------------------------------------------------------------------- #
+# Running tasks: in this process, or on a Dask cluster
+# --------------------------------------------------------------------------- #
+class BlockFailedError(RuntimeError):
+    """A task failed on every attempt; the blocks finished before it stay recorded."""
+
+
+@contextlib.contextmanager
+def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Optional[str] = None,
+                processes: bool = True) -> Iterator[Optional[Any]]:
+    """A ``distributed.Client``: on ``scheduler`` when given, else on a new local cluster of
+    ``workers`` processes (one thread each, ``worker_memory`` each), else None (run here)."""
+    if not scheduler and workers <= 0:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 'dashboard needs bokeh' and port notices
+        if scheduler:
+            try:
+                client = Client(scheduler, timeout="30s")
+            except OSError as error:
+                raise UserError(f"Cannot reach the Dask scheduler at {scheduler} ({error}).") from None
+            cluster = None
+        else:
+            # Threads (processes=False, for tests) share this process, whose memory a per-worker limit
+            # would misread as theirs (and pause them): they get none.
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
+                                   memory_limit=worker_memory if processes else 0, processes=processes,
+                                   dashboard_address=":0")
+            client = Client(cluster)
+    try:
+        n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        dashboard = client.dashboard_link if importlib.util.find_spec("bokeh") or scheduler else \
+            "none (pip install bokeh for one)"
+        print(f"Dask: {'scheduler ' + scheduler if scheduler else 'local cluster'} with {n_workers} worker(s); "
+              f"dashboard: {dashboard}", flush=True)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence[Any], client=None,
+              retries: int = RETRIES, desc: str = "Blocks", progress: bool = True,
+              bar: Optional[tqdm] = None) -> List[Dict[str, Any]]:
+    """``function(job, item)`` for every item, with one progress bar (``bar``, or a new one); each
+    failure is retried ``retries`` times (Dask's ``retries=`` on a cluster), then the run stops with
+    :class:`BlockFailedError`."""
+    results: List[Dict[str, Any]] = []
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm(total=len(items), desc=desc, unit="block", disable=not progress or not items)
+    try:
+        if client is None:
+            for item in items:
+                for attempt in range(retries + 1):
+                    try:
+                        results.append(function(job, item))
+                        break
+                    except Exception as error:
+                        if attempt == retries:
+                            raise BlockFailedError(f"{desc}: task {item} failed {retries + 1} times "
+                                                   f"({type(error).__name__}: {error}). Finished blocks are "
+                                                   "kept: continue with --resume.") from error
+                bar.update(1)
+            return results
+        from distributed import as_completed
+
+        futures = [client.submit(function, job, item, retries=retries, pure=False) for item in items]
+        try:
+            for future in as_completed(futures):
+                if future.status == "error":
+                    error = future.exception()
+                    hint = (" Workers died while running it: most often a block needs more memory than "
+                            "--worker-memory; give more or a smaller --block-size." if
+                            type(error).__name__ == "KilledWorker" else "")
+                    raise BlockFailedError(f"{desc}: a task failed {retries + 1} times "
+                                           f"({type(error).__name__}: {error}).{hint} Finished blocks are "
+                                           "kept: continue with --resume.") from error
+                results.append(future.result())
+                bar.update(1)
+        finally:
+            client.cancel([f for f in futures if not f.done()])
+        return results
+    finally:
+        if own_bar:
+            bar.close()
+
+
+# --------------------------------------------------------------------------- #
+# Training on a large store
+# --------------------------------------------------------------------------- #
+def training_stack(source: Source, settings: Dict[str, Any], binarize_threshold: Optional[float] = None,
+                   max_bytes: int = TRAINING_BYTES) -> np.ndarray:
+    """Kept slices to train on, at most ``max_bytes`` of them read from the store.
+
+    An in-memory source, or a store that small, is used whole (the training is
+    then exactly the in-memory one). A larger store gives random lateral
+    windows of all K slices, ``8 x TRAIN_XY_SIZE`` wide, as many as hold about
+    ``2 x TRAIN_NB`` training crops (and fit in ``max_bytes``), laid side by
+    side along X. A window whose middle slice has less foreground than
+    ``MIN_CONTENT_RATIO`` is drawn again (a few times).
+
+    Returns
+    -------
+    ndarray of bool, shape (K, h, w)
+    """
+    if isinstance(source, np.ndarray):
+        return zarr_io.foreground(source, binarize_threshold)
+    n_kept, height, width = source.shape
+    if n_kept * height * width <= max_bytes:
+        return _read_foreground(source, slice(0, height), slice(0, width), binarize_threshold)
+    crop = int(settings["TRAIN_XY_SIZE"])
+    side = min(height, width, 8 * crop)
+    wanted = math.ceil(2 * settings["TRAIN_NB"] * crop ** 2 / side ** 2)
+    count = max(1, min(wanted, max_bytes // (n_kept * side * side)))
+    rng = np.random.default_rng(settings["RANDOM_STATE"])
+    windows = []
+    for _ in range(count):
+        for _attempt in range(4):
+            y0, x0 = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+            window = _read_foreground(source, slice(y0, y0 + side), slice(x0, x0 + side), binarize_threshold)
+            if window[n_kept // 2].mean() >= settings["MIN_CONTENT_RATIO"]:
+                break
+        windows.append(window)
+    return np.concatenate(windows, axis=2)
+
+
+# --------------------------------------------------------------------------- #
+# The driver
+# --------------------------------------------------------------------------- #
+def _json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparing plans."""
+    return json.loads(json.dumps(value))
+
+
+def _describe(source: Source, name: Optional[str]) -> Dict[str, Any]:
+    if isinstance(source, np.ndarray):
+        return {"name": name, "shape": list(source.shape), "dtype": str(source.dtype)}
+    return {"name": name or os.path.abspath(source.path), "component": source.component,
+            "shape": list(source.shape), "dtype": source.dtype}
+
+
+def _stage(output: str, name: str, values: np.ndarray) -> ZarrImage:
+    """An in-memory input written into the output's progress group, so that worker processes can read it."""
+    group = zarr.open_group(output, mode="r+").require_group(PROGRESS_GROUP)
+    chunks = (1,) + tuple(min(s, zarr_io.CHUNK_XY * 4) for s in values.shape[1:])
+    array = group.create_array(name, shape=values.shape, chunks=chunks, dtype=values.dtype, fill_value=0,
+                               overwrite=True)
+    array[:] = values
+    return ZarrImage(os.path.join(output, PROGRESS_GROUP, name), "", (), tuple(values.shape), str(values.dtype))
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _same_weights(first: nn.Module, second: nn.Module) -> bool:
+    """Same architecture and identical weights."""
+    a, b = first.state_dict(), second.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def estimate_block_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str) -> int:
+    """Rough peak bytes of one restore task: the block's probabilities (and their mask), the read
+    window of kept slices twice (stored values and the engine's copy) and the network's tiles."""
+    depth = plan.shape_dhw[0]
+    size = min(plan.block_size, max(plan.shape_dhw[1:]))
+    window = (size + 2 * inference["tile_size"]) ** 2
+    tiles = inference["batch_size"] * inference["tile_size"] ** 2 * 4 * 64  # activations, a generous constant
+    return depth * size * size * (np.dtype(kernel_dtype).itemsize + 1) + 2 * n_kept * window + tiles + 300 * 2**20
+
+
+def restore_to_ome_zarr(
+    source: Source,
+    output: Union[str, Path],
+    factor: int,
+    settings: Dict[str, Any],
+    voxel_size_zyx: Sequence[float],
+    unit: str,
+    *,
+    model: Optional[nn.Module] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    labels_source: Optional[Source] = None,
+    label_name: str = "restored",
+    translation_zyx: Sequence[float] = (0.0, 0.0, 0.0),
+    source_name: Optional[str] = None,
+    binarize_threshold: Optional[float] = None,
+    block_size: int = BLOCK_SIZE,
+    ngff_version: str = zarr_io.DEFAULT_NGFF_VERSION,
+    probabilities: Optional[str] = None,
+    probabilities_output: Optional[Union[str, Path]] = None,
+    workers: int = 0,
+    worker_memory: str = "1GiB",
+    scheduler: Optional[str] = None,
+    processes: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    retries: int = RETRIES,
+    max_blocks: Optional[int] = None,
+    label_halo: int = LABEL_HALO,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Restore the kept slices ``source`` block by block into an OME-Zarr output.
+
+    Parameters
+    ----------
+    source : ZarrImage or ndarray, shape (K, H, W)
+        Kept slices (Z step ``factor``); foreground is non-zero (or
+        ``> binarize_threshold``). An ndarray is staged into the output when
+        worker processes are used.
+    output : path of the new ``.ome.zarr``
+    factor : int
+    settings : dict
+        ``eval.default_settings()``-style constants (training and inference).
+    voxel_size_zyx, unit : the output's voxel size (isotropic-ish) and unit
+    model : nn.Module, optional
+        A trained model; without one, a model is trained on (a bounded part of)
+        ``source`` (:func:`training_stack`).
+    model_config : dict, optional
+        Stored with the model file (``model.save_model``'s ``config``).
+    labels_source : ZarrImage or ndarray of uint, shape (K, H, W), optional
+        Instance ids of the kept slices: the output gets ``labels/<label_name>``.
+    translation_zyx : the input's origin, written to the output
+    block_size : int
+        Lateral block edge (256 or less, or a multiple of 256).
+    ngff_version : '0.4' (Zarr v2, default) or '0.5' (Zarr v3)
+    probabilities : {'uint8', 'float16', 'float32'}, optional
+        Also write the probabilities (float16 is computed in float16, stored as
+        float32 for Fiji) to ``probabilities_output``.
+    workers, worker_memory, scheduler, processes :
+        ``workers=0`` and no scheduler: run here, block after block; else a Dask
+        cluster (see :func:`dask_client`).
+    resume : bool
+        Continue an interrupted run into the existing ``output`` (same plan and
+        model), skipping its finished blocks; a missing output starts afresh.
+    overwrite : bool
+        Replace an existing output.
+    retries : int
+        Extra attempts per failing task.
+    max_blocks : int, optional
+        Restore at most this many blocks now (then stop; ``resume`` continues).
+    label_halo : int
+        First halo of the label-id pass.
+
+    Returns
+    -------
+    dict with ``state`` ('complete' or 'partial'), ``blocks``, ``skipped``,
+    ``restored`` (blocks restored by this call), ``train_s``, ``restore_s``,
+    ``label_blocks_inexact``, ``model`` (the model used), ``layout``
+    (:class:`zarr_io.OutputLayout`).
+    """
+    output = os.path.abspath(str(output))
+    chunk_xy = chunk_edge(block_size)
+    zarr_io.ngff_format(ngff_version)  # validates the version
+    if resume and overwrite:
+        raise UserError("--resume continues an existing output and --overwrite replaces it: give one of them.")
+    if probabilities not in (None, "uint8", "float16", "float32"):
+        raise UserError(f"probabilities must be uint8, float16 or float32, got '{probabilities}'.")
+    if probabilities and not probabilities_output:
+        raise UserError("Probabilities need a probabilities_output path.")
+    targets = [output] + ([os.path.abspath(str(probabilities_output))] if probabilities else [])
+    exists = [t for t in targets if os.path.exists(t)]
+    resuming = resume and os.path.exists(output)
+    if exists and not (overwrite or resuming):
+        raise OutputExistsError(f"Output exists: {', '.join(exists)}. Choose another --output, pass --overwrite to "
+                                "replace it or --resume to continue an interrupted run.")
+    n_kept, height, width = source.shape
+    if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
+        raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
+    plan = BlockPlan(((n_kept - 1) * factor + 1, height, width), block_size)
+    inference = restore.inference_kwargs(settings)
+    kernel_dtype = {"float16": "float16", "float32": "float32"}.get(probabilities, "uint8")
+    _check_worker_memory(plan, n_kept, inference, kernel_dtype, worker_memory, bool(workers or scheduler),
+                         settings.get("DEVICE") or None)
+    plan_record = _json({
+        "input": _describe(source, source_name),
+        "labels_input": None if labels_source is None else _describe(labels_source, source_name),
+        "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(block_size),
+        "ngff_version": ngff_version, "probabilities": probabilities, "binarize_threshold": binarize_threshold,
+        "probability_threshold": float(settings["PROBABILITY_THRESHOLD"]),
+        "inference": {k: v for k, v in inference.items() if k != "batch_size"}})  # batch size: same result
+
+    train_s = 0.0
+    if resuming:
+        record, model = _resumed_run(output, plan_record, model)
+        if record["state"] == "complete":
+            print(f"'{output}' is already complete; nothing to resume.")
+            return {"state": "complete", "blocks": len(plan), "skipped": len(plan), "restored": 0, "train_s": 0.0,
+                    "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
+                    "layout": zarr_io.layout_from_record(record["layout"], output)}
+    else:
+        if model is None:
+            stack = training_stack(source, settings, binarize_threshold)
+            print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
+            model, info = restore.train_on_stack(stack, factor, settings, progress=progress)
+            train_s = info["train_s"]
+            del stack
+        if overwrite:
+            for target in targets:
+                zarr_io.remove_store(target)
+        record = _new_run(output, plan, plan_record, model, model_config, voxel_size_zyx, unit, translation_zyx,
+                          ngff_version, chunk_xy, labels_source, label_name,
+                          probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8"),
+                          probabilities_output)
+    layout = zarr_io.layout_from_record(record["layout"], output)
+    prob_layout = (zarr_io.layout_from_record(record["probabilities_layout"], targets[1]) if probabilities
+                   else None)
+
+    with dask_client(workers, worker_memory, scheduler, processes) as client:
+        if client is not None:  # worker processes read inputs from a store, never from this process' memory
+            if isinstance(source, np.ndarray):
+                source = _stage(output, "input", source)
+            if isinstance(labels_source, np.ndarray):
+                labels_source = _stage(output, "labels_input", labels_source)
+        job = RestoreJob(source, plan, factor, inference, float(settings["PROBABILITY_THRESHOLD"]), kernel_dtype,
+                         layout.image, prob_layout.image if prob_layout else None, output,
+                         str(Path(output) / MODEL_FILE), settings.get("DEVICE") or None, binarize_threshold)
+        done = finished_blocks(output, "restore")
+        todo = [i for i in range(len(plan)) if i not in done]
+        now = todo if max_blocks is None else todo[:max(0, max_blocks)]
+        start = time.perf_counter()
+        results = run_tasks(restore_one_block, job, now, client, retries, "Restoring blocks", progress)
+        summary = {"state": "partial", "blocks": len(plan), "skipped": len(done), "restored": len(results),
+                   "train_s": train_s, "restore_s": time.perf_counter() - start, "label_blocks_inexact": 0,
+                   "label_halos": [], "model": model, "layout": layout, "probabilities_layout": prob_layout}
+        if len(now) < len(todo):
+            print(f"{len(done) + len(results)} of {len(plan)} blocks restored; continue with --resume.")
+            return summary
+        if labels_source is not None:
+            label_job = LabelJob(labels_source, plan, factor, layout.image, layout.labels, output, label_halo,
+                                 max(label_halo, MAX_LABEL_HALO_BLOCKS * block_size))
+            labelled = finished_blocks(output, "labels")
+            label_results = run_tasks(label_block, label_job, [i for i in range(len(plan)) if i not in labelled],
+                                      client, retries, "Label ids", progress)
+            summary["label_blocks_inexact"] = sum(not r["exact"] for r in label_results)
+            summary["label_halos"] = sorted(r["halo"] for r in label_results)
+            if summary["label_blocks_inexact"]:
+                warnings.warn(f"{summary['label_blocks_inexact']} block(s) reached the largest label halo; their ids "
+                              "near the block borders may differ from a whole-slice assignment.")
+        _write_pyramids(output, record, [("image", layout.image), ("labels", layout.labels),
+                                         ("probabilities", prob_layout.image if prob_layout else None)],
+                        client, retries, progress)
+    _finish(output, record)
+    summary["state"] = "complete"
+    return summary
+
+
+def _check_worker_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str,
+                         worker_memory: str, on_workers: bool, device: Optional[str]) -> None:
+    """Reject a worker memory that is no size; warn when a block likely needs more than it."""
+    try:
+        limit = parse_bytes(worker_memory)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
+    need = estimate_block_memory(plan, n_kept, inference, kernel_dtype)
+    if select_device(device).type == "cuda":
+        need += CUDA_HOST_BYTES
+    if on_workers and need > limit:
+        warnings.warn(f"A block of {plan.block_size} x {plan.block_size} x {plan.shape_dhw[0]} slices may need about "
+                      f"{need / 2**20:.0f} MiB, more than --worker-memory {worker_memory}; pass a smaller "
+                      "--block-size if workers are restarted.")
+
+
+def _resumed_run(output: str, plan_record: Dict[str, Any], model: Optional[nn.Module]
+                 ) -> Tuple[Dict[str, Any], nn.Module]:
+    """The record and model of the interrupted run in ``output``, after checking that this run is the same."""
+    _, record = zarr_io.open_output(output)
+    if not record:
+        raise UserError(f"'{output}' was not written by apply.py (no '{zarr_io.RESTORE_ATTRIBUTE}' record); it "
+                        "cannot be resumed. Pass --overwrite to replace it.")
+    if record.get("state") == "complete":
+        return record, model
+    differences = [key for key in plan_record if plan_record[key] != record.get("plan", {}).get(key)]
+    if differences:
+        raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(differences)}; run "
+                        "with the same input and settings, or pass --overwrite.")
+    model_file = Path(output) / MODEL_FILE
+    if not model_file.exists():
+        raise UserError(f"'{output}' has no model file ({MODEL_FILE}) to resume with; pass --overwrite.")
+    stored_model = load_model(model_file)[0]
+    if model is not None and not _same_weights(model, stored_model):
+        raise UserError("--resume: --model is not the model of the interrupted run; pass --overwrite.")
+    return record, stored_model if model is None else model
+
+
+def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: nn.Module,
+             model_config: Optional[Dict[str, Any]], voxel_size_zyx: Sequence[float], unit: str,
+             translation_zyx: Sequence[float], ngff_version: str, chunk_xy: int, labels_source: Optional[Source],
+             label_name: str, probabilities_dtype: Optional[str], probabilities_output) -> Dict[str, Any]:
+    """Lay out the output (and the probabilities' output), keep the model in it, create the markers and
+    the run's record; returns the record."""
+    layout = zarr_io.create_output(output, plan.shape_dhw, voxel_size_zyx, unit, translation_zyx, ngff_version,
+                                   label_dtype=None if labels_source is None else labels_source.dtype,
+                                   label_name=label_name, chunk_xy=chunk_xy)
+    prob_layout = None
+    if probabilities_dtype:
+        prob_layout = zarr_io.create_output(probabilities_output, plan.shape_dhw, voxel_size_zyx, unit,
+                                            translation_zyx, ngff_version, image_dtype=probabilities_dtype,
+                                            image_downsampling="stride", chunk_xy=chunk_xy)
+    model_file = save_model(Path(output) / MODEL_FILE, model, model_config or {}, overwrite=True)
+    create_markers(output, "restore", len(plan))
+    if labels_source is not None:
+        create_markers(output, "labels", len(plan))
+    record = {"state": "running", "plan": plan_record, "model_sha256": _file_sha256(model_file),
+              "layout": zarr_io.layout_record(layout), "pyramid_levels_done": {},
+              "probabilities_layout": zarr_io.layout_record(prob_layout) if prob_layout else None}
+    _save_record(output, record)
+    return record
+
+
+def _write_pyramids(output: str, record: Dict[str, Any], images: Sequence[Tuple[str, Optional[OmeZarrImage]]],
+                    client, retries: int, progress: bool) -> None:
+    """Pass 3 for every image, level after level (each is made from the one before), one progress bar;
+    each finished level is recorded so that a resumed run starts at the next."""
+    levels = [(name, image, level) for name, image in images if image is not None
+              for level in range(record["pyramid_levels_done"].get(name, 0) + 1, len(image.levels))]
+    total = sum(len(zarr_io.pyramid_regions(image, level)) for _, image, level in levels)
+    with tqdm(total=total, desc="Pyramid", unit="chunk", disable=not progress or not levels) as bar:
+        for name, image, level in levels:
+            run_tasks(pyramid_region_task, (image, level), zarr_io.pyramid_regions(image, level), client, retries,
+                      "Pyramid", progress, bar)
+            record["pyramid_levels_done"][name] = level
+            _save_record(output, record)
+
+
+def pyramid_region_task(image_and_level: Tuple[OmeZarrImage, int], region: Tuple[slice, slice, slice]
+                        ) -> Dict[str, Any]:
+    """Pass 3: one chunk of a pyramid level from the level before (``function(job, item)`` form)."""
+    image, level = image_and_level
+    zarr_io.write_pyramid_region(image, level, region)
+    return {"level": level}
+
+
+def _save_record(output: str, record: Dict[str, Any]) -> None:
+    """Write the run's record into the output's root attributes (only this process writes them)."""
+    zarr.open_group(output, mode="r+").attrs[zarr_io.RESTORE_ATTRIBUTE] = _json(record)
+
+
+def _finish(output: str, record: Dict[str, Any]) -> None:
+    """Mark the output complete and remove the run's scaffolding (markers, staged inputs, model file)."""
+    root = zarr.open_group(output, mode="r+")
+    if PROGRESS_GROUP in root:
+        del root[PROGRESS_GROUP]
+    with contextlib.suppress(FileNotFoundError):
+        (Path(output) / MODEL_FILE).unlink()
+    record = dict(record, state="complete")
+    _save_record(output, record)

@@ -1,0 +1,446 @@
+"""Block-wise restore (blocks.py) and OME-Zarr I/O (zarr_io.py): the same result as the in-memory
+engine, in this process, on a local cluster and on a real scheduler; retries, resume, metadata, CLI."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+import apply
+import blocks
+import restore
+import zarr_io
+from data import OutputExistsError, UserError, downsample_z, make_sample_labels, save_stack
+from eval import default_settings
+from model import AttentionResUNet, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (31, 50, 90)  # (D, H, W) of the isotropic truth; H and W are not multiples of the block size
+BLOCK = 32
+THRESHOLD = 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return AttentionResUNet(in_channels=3, depth=1, base_filters=4).eval()
+
+
+def tiny_settings(**overrides):
+    settings = default_settings()
+    settings.update(TRAIN_Z_SIZE=3, TRAIN_XY_SIZE=16, INFERENCE_TILE_SIZE=32, INFERENCE_BATCH_SIZE=8,
+                    PRECISION="fp32", PROBABILITY_THRESHOLD=THRESHOLD, DEVICE="cpu")
+    settings.update(overrides)
+    return settings
+
+
+def kept_labels(factor, seed=0, shape=SHAPE):
+    return downsample_z(make_sample_labels(shape, seed=seed), factor)[0]
+
+
+def write_input(path, sparse_ids, voxel=(4.0, 1.0, 1.0), unit="um", translation=(0.0, 0.0, 0.0), version="0.4"):
+    """An anisotropic OME-Zarr input: the mask as the image, the ids as labels/cells."""
+    layout = zarr_io.create_output(path, sparse_ids.shape, voxel, unit, translation, version,
+                                   label_dtype=sparse_ids.dtype, label_name="cells", chunk_xy=32, pyramid=False)
+    layout.image.write((slice(None),) * 3, ((sparse_ids > 0) * 255).astype(np.uint8))
+    layout.labels.write((slice(None),) * 3, sparse_ids)
+    return zarr_io.open_image(path), zarr_io.open_image(Path(path) / "labels" / "cells")
+
+
+def in_memory_probabilities(model, sparse_mask, factor, settings):
+    return restore.apply_model_to_stack_tiled_slice_by_slice(model, sparse_mask, factor, out_dtype=np.float32,
+                                                             progress=False, **restore.inference_kwargs(settings))
+
+
+def assert_masks_agree(mask, probabilities):
+    """Identical except voxels whose probability lies within 1e-3 of the threshold."""
+    differ = mask != (probabilities >= THRESHOLD)
+    assert not np.any(differ & (np.abs(probabilities - THRESHOLD) > 1e-3))
+
+
+def read_level(path, level=0):
+    return np.asarray(zarr.open_array(store=str(path), path=f"s{level}", mode="r")[:])
+
+
+# --------------------------------------------------------------------------- #
+# (a) the block-wise result is the in-memory result
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("factor,version", [(2, "0.4"), (3, "0.5"), (4, "0.4"), (10, "0.5")])
+def test_blockwise_equals_in_memory(tmp_path, tiny_model, factor, version):
+    settings = tiny_settings()
+    ids = kept_labels(factor, seed=factor)
+    image, _ = write_input(tmp_path / "in.ome.zarr", ids, version=version)
+    out, probs = tmp_path / "out.ome.zarr", tmp_path / "probs.ome.zarr"
+    summary = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                                         block_size=BLOCK, ngff_version=version, probabilities="float32",
+                                         probabilities_output=probs, progress=False)
+    plan = blocks.BlockPlan(((ids.shape[0] - 1) * factor + 1,) + ids.shape[1:], BLOCK)
+    assert summary["state"] == "complete" and summary["restored"] == len(plan) == 6
+    # Blocks really read less than the stack: the kernel's read window of the first block.
+    (wy0, wy1), (wx0, wx1) = blocks.read_window_for(ids.shape[1:], plan.region(0), factor,
+                                                    restore.inference_kwargs(settings))
+    assert (wy1 - wy0) * (wx1 - wx0) < ids.shape[1] * ids.shape[2]
+
+    expected = in_memory_probabilities(tiny_model, ids > 0, factor, settings)
+    probabilities, mask = read_level(probs), read_level(out)
+    assert probabilities.shape == mask.shape == expected.shape == plan.shape_dhw
+    np.testing.assert_allclose(probabilities, expected, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(mask[::factor], np.where(ids > 0, 255, 0))  # kept slices verbatim
+    assert set(np.unique(mask)) <= {0, 255}
+    assert_masks_agree(mask != 0, expected)
+
+
+def test_label_ids_and_pyramid_match_whole_stack(tmp_path, tiny_model):
+    factor = 3
+    ids = kept_labels(factor, seed=5, shape=(31, 70, 90))
+    _, labels = write_input(tmp_path / "in.ome.zarr", ids)
+    out = tmp_path / "out.ome.zarr"
+    summary = blocks.restore_to_ome_zarr(labels, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um",
+                                         model=tiny_model, labels_source=labels, label_name="cells",
+                                         block_size=BLOCK, label_halo=4, progress=False)
+    mask = read_level(out) != 0
+    restored_ids = read_level(out / "labels" / "cells")
+    # Whole-slice assignment on the same mask: the halo grew where it had to, and the ids agree everywhere.
+    np.testing.assert_array_equal(restored_ids, restore.assign_labels(mask, ids, factor))
+    assert summary["label_blocks_inexact"] == 0 and max(summary["label_halos"]) > 4
+    assert restored_ids.dtype == ids.dtype
+    # Pyramid: max-pooled mask, strided ids; scratch data of the run removed.
+    level1 = read_level(out, 1)
+    padded = np.pad(mask, [(0, s % 2) for s in mask.shape]).astype(np.uint8) * 255
+    np.testing.assert_array_equal(level1, padded.reshape(level1.shape[0], 2, level1.shape[1], 2, level1.shape[2],
+                                                         2).max(axis=(1, 3, 5)))
+    np.testing.assert_array_equal(read_level(out / "labels" / "cells", 1), restored_ids[::2, ::2, ::2])
+    assert not (out / blocks.PROGRESS_GROUP).exists() and not (out / blocks.MODEL_FILE).exists()
+    assert zarr.open_group(str(out)).attrs[zarr_io.RESTORE_ATTRIBUTE]["state"] == "complete"
+
+
+# --------------------------------------------------------------------------- #
+# (b) a local cluster of two worker processes, (c) a real scheduler and two workers
+# --------------------------------------------------------------------------- #
+def test_local_cluster_of_two_processes(tmp_path, tiny_model):
+    factor = 4
+    ids = kept_labels(factor, seed=7)
+    settings = tiny_settings()
+    out = tmp_path / "out.ome.zarr"
+    # In-memory (TIFF-like) inputs are staged into the output for the worker processes.
+    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                                         labels_source=ids, label_name="cells", block_size=BLOCK, workers=2,
+                                         worker_memory="1GiB", processes=True, progress=False)
+    assert summary["state"] == "complete" and summary["restored"] == 6
+    mask = read_level(out) != 0
+    assert_masks_agree(mask, in_memory_probabilities(tiny_model, ids > 0, factor, settings))
+    np.testing.assert_array_equal(read_level(out / "labels" / "cells"), restore.assign_labels(mask, ids, factor))
+
+
+@pytest.fixture
+def dask_scheduler(tmp_path):
+    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, stopped after the test."""
+    scheduler_file = tmp_path / "scheduler.json"
+    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    common = dict(cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                   "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                                  **common)]
+    try:
+        deadline = time.time() + 60
+        while not scheduler_file.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for _ in range(2):
+            processes.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address,
+                                               "--host", "127.0.0.1", "--nthreads", "1", "--memory-limit", "1GiB",
+                                               "--no-dashboard", "--no-nanny"], **common))
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=90)
+        yield address
+    finally:
+        for process in processes[1:]:  # workers without nannies: nothing of theirs outlives them
+            process.kill()
+        processes[0].terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_scheduler_with_two_worker_subprocesses(tmp_path, tiny_model, dask_scheduler):
+    factor = 3
+    ids = kept_labels(factor, seed=8)
+    image, _ = write_input(tmp_path / "in.ome.zarr", ids)
+    settings = tiny_settings()
+    out = tmp_path / "out.ome.zarr"
+    summary = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                                         block_size=BLOCK, scheduler=dask_scheduler, progress=False)
+    assert summary["state"] == "complete" and summary["restored"] == 6
+    local = tmp_path / "local.ome.zarr"
+    blocks.restore_to_ome_zarr(image, local, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                               block_size=BLOCK, progress=False)
+    np.testing.assert_array_equal(read_level(out), read_level(local))
+    np.testing.assert_array_equal(read_level(out, 1), read_level(local, 1))
+    assert_masks_agree(read_level(out) != 0, in_memory_probabilities(tiny_model, ids > 0, factor, settings))
+
+
+# --------------------------------------------------------------------------- #
+# (d) retries, resume, existing outputs
+# --------------------------------------------------------------------------- #
+class FlakyKernel:
+    """restore.restore_block that fails the first attempt at each region in ``fail_regions``."""
+
+    def __init__(self, fail_regions=()):
+        self.fail_regions, self.calls, self.kernel = set(fail_regions), 0, restore.restore_block
+
+    def __call__(self, model, window, origin, global_hw, region, *args, **kwargs):
+        self.calls += 1
+        if region in self.fail_regions:
+            self.fail_regions.discard(region)
+            raise RuntimeError(f"simulated failure at {region}")
+        return self.kernel(model, window, origin, global_hw, region, *args, **kwargs)
+
+
+def block_regions(factor, n_kept_shape, indices):
+    plan = blocks.BlockPlan(((n_kept_shape[0] - 1) * factor + 1,) + tuple(n_kept_shape[1:]), BLOCK)
+    return [plan.region(i) for i in indices]
+
+
+def test_interrupted_run_resumes_to_identical_result(tmp_path, tiny_model, monkeypatch):
+    factor = 4
+    ids = kept_labels(factor, seed=2)
+    image, labels = write_input(tmp_path / "in.ome.zarr", ids)
+    settings = tiny_settings()
+    run = dict(model=tiny_model, labels_source=labels, label_name="cells", block_size=BLOCK, progress=False)
+    clean = tmp_path / "clean.ome.zarr"
+    blocks.restore_to_ome_zarr(labels, clean, factor, settings, (1.0, 1.0, 1.0), "um", **run)
+
+    out = tmp_path / "out.ome.zarr"
+    monkeypatch.setattr(restore, "restore_block", FlakyKernel(block_regions(factor, ids.shape, [3])))
+    with pytest.raises(blocks.BlockFailedError, match="failed 1 times"):
+        blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", retries=0, **run)
+    assert blocks.finished_blocks(str(out), "restore") == {0, 1, 2}
+    # A block half-written when the run died: its data is there, its marker is not.
+    (y0, y1), (x0, x1) = blocks.BlockPlan(read_level(clean).shape, BLOCK).region(3)
+    zarr.open_array(store=str(out), path="s0", mode="r+")[:5, y0:y1, x0:x1] = 77
+    with pytest.raises(OutputExistsError):
+        blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", **run)
+    with pytest.raises(UserError, match="block_size"):
+        blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True,
+                                   **dict(run, block_size=64))
+
+    counting = FlakyKernel()
+    monkeypatch.setattr(restore, "restore_block", counting)
+    summary = blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True,
+                                         **dict(run, model=None))  # the model kept in the output is used
+    assert counting.calls == 3 and summary["skipped"] == 3 and summary["restored"] == 3
+    for level in range(2):
+        np.testing.assert_array_equal(read_level(out, level), read_level(clean, level))
+        np.testing.assert_array_equal(read_level(out / "labels" / "cells", level),
+                                      read_level(clean / "labels" / "cells", level))
+    again = blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True, **run)
+    assert again["restored"] == 0 and again["state"] == "complete"
+
+
+def test_failed_blocks_are_retried_here_and_on_dask(tmp_path, tiny_model, monkeypatch):
+    factor = 4
+    ids = kept_labels(factor, seed=3)
+    settings = tiny_settings()
+    flaky = FlakyKernel(block_regions(factor, ids.shape, [1, 4]))
+    monkeypatch.setattr(restore, "restore_block", flaky)
+    summary = blocks.restore_to_ome_zarr(ids > 0, tmp_path / "here.ome.zarr", factor, settings, (1.0, 1.0, 1.0),
+                                         "um", model=tiny_model, block_size=BLOCK, retries=1, progress=False)
+    assert summary["state"] == "complete" and flaky.calls == 6 + 2
+    # Dask's retries=: threads share this process' (patched) kernel, so its failures are seen.
+    flaky = FlakyKernel(block_regions(factor, ids.shape, [0, 2]))
+    monkeypatch.setattr(restore, "restore_block", flaky)
+    image, _ = write_input(tmp_path / "in.ome.zarr", ids)
+    summary = blocks.restore_to_ome_zarr(image, tmp_path / "dask.ome.zarr", factor, settings, (1.0, 1.0, 1.0), "um",
+                                         model=tiny_model, block_size=BLOCK, retries=1, workers=1, processes=False,
+                                         progress=False)
+    assert summary["state"] == "complete" and flaky.calls == 6 + 2
+    np.testing.assert_array_equal(read_level(tmp_path / "dask.ome.zarr"), read_level(tmp_path / "here.ome.zarr"))
+
+
+def test_existing_outputs_are_never_touched_without_overwrite_or_resume(tmp_path, tiny_model):
+    factor = 4
+    ids = kept_labels(factor, seed=1, shape=(13, 40, 40))
+    settings = tiny_settings()
+    out = tmp_path / "out.ome.zarr"
+    blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                               block_size=BLOCK, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                                   block_size=BLOCK, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                               block_size=BLOCK, progress=False, overwrite=True)
+    assert read_level(out).shape == (13, 40, 40)
+    assert all(p.stat().st_mtime_ns != before[p] for p in [out / ".zattrs"])
+    # --overwrite deletes Zarr stores only, and --resume needs a run's own record.
+    folder = tmp_path / "notes.ome.zarr"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a Zarr store"):
+        blocks.restore_to_ome_zarr(ids > 0, folder, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                                   overwrite=True, progress=False)
+    assert (folder / "notes.txt").read_text() == "mine"
+    foreign = tmp_path / "foreign.ome.zarr"
+    write_input(foreign, ids)
+    with pytest.raises(UserError, match="not written by apply.py"):
+        blocks.restore_to_ome_zarr(ids > 0, foreign, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
+                                   resume=True, progress=False)
+
+
+# --------------------------------------------------------------------------- #
+# (e) metadata read back by ome_zarr.reader (what napari uses)
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_reader_reads_voxel_size_unit_and_translation(tmp_path, tiny_model, version):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    factor = 4
+    ids = kept_labels(factor, seed=4, shape=(13, 40, 70))
+    _, labels = write_input(tmp_path / "in.ome.zarr", ids, voxel=(2.0, 0.5, 0.5), translation=(3.0, 1.5, -2.0),
+                            version=version)
+    assert (labels.voxel_size_zyx, labels.unit, labels.translation_zyx) == ((2.0, 0.5, 0.5), "um", (3.0, 1.5, -2.0))
+    assert labels.is_label and labels.ngff_version == version
+    out = tmp_path / "out.ome.zarr"
+    blocks.restore_to_ome_zarr(labels, out, factor, tiny_settings(), (0.5, 0.5, 0.5), "um", model=tiny_model,
+                               labels_source=labels, label_name="cells", translation_zyx=labels.translation_zyx,
+                               ngff_version=version, block_size=BLOCK, progress=False)
+    nodes = list(Reader(parse_url(str(out)))())
+    image = next(n for n in nodes if n.load(Multiscales) and not n.load(Label))
+    label = next(n for n in nodes if n.load(Label))
+    for node, shift in ((image, 0.25), (label, 0.0)):  # max-pooled levels sit at their block's centre
+        transforms = node.metadata["coordinateTransformations"]
+        assert transforms[0] == [{"type": "scale", "scale": [0.5, 0.5, 0.5]},
+                                 {"type": "translation", "translation": [3.0, 1.5, -2.0]}]
+        assert transforms[1][0]["scale"] == [1.0, 1.0, 1.0]
+        assert transforms[1][1]["translation"] == [3.0 + shift, 1.5 + shift, -2.0 + shift]
+        assert [axis["unit"] for axis in node.metadata["axes"]] == ["micrometer"] * 3
+        assert node.data[0].shape == (13, 40, 70)
+    assert label.metadata["name"] == "cells"
+    assert np.array_equal(np.asarray(label.data[0][::factor]), ids)
+    version_seen = zarr.open_group(str(out)).attrs.asdict()
+    assert (version_seen["ome"]["version"] if version == "0.5" else version_seen["multiscales"][0]["version"]) \
+        == version
+    assert zarr.open_group(str(out)).info._zarr_format == (2 if version == "0.4" else 3)
+
+
+def test_reading_units_plain_arrays_and_bad_stores(tmp_path):
+    group = zarr.open_group(str(tmp_path / "mixed.ome.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=(1, 5, 8, 9), chunks=(1, 5, 8, 9), dtype="uint8")
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "c", "type": "channel"}, {"name": "z", "type": "space", "unit": "micrometer"},
+        {"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.2, 50, 50]},
+                                                                 {"type": "translation",
+                                                                  "translation": [0, 1, 100, 0]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 2, 2]}]}]
+    image = zarr_io.open_image(tmp_path / "mixed.ome.zarr")
+    assert image.shape == (5, 8, 9) and image.leading_index == (0,) and image.unit == "nm"
+    np.testing.assert_allclose(image.voxel_size_zyx, (200.0, 100.0, 100.0))  # z converted to nm, global scale
+    np.testing.assert_allclose(image.translation_zyx, (1000.0, 200.0, 0.0))
+    assert image.lazy().shape == (5, 8, 9)
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 6, 6), chunks=(4, 6, 6), dtype="uint16")
+    plain = zarr_io.open_image(tmp_path / "plain.zarr")
+    assert plain.voxel_size_zyx is None and zarr_io.read_calibration(tmp_path / "plain.zarr") is None
+    zarr.open_group(str(tmp_path / "two_channels.zarr"), mode="w").create_array("a", shape=(2, 3, 4, 4), dtype="u1")
+    with pytest.raises(UserError, match="expected a 3D stack"):
+        zarr_io.open_image(tmp_path / "two_channels.zarr" / "a")
+    with pytest.raises(UserError, match="labels group"):
+        zarr_io.open_image(write_input(tmp_path / "l.ome.zarr", np.ones((3, 4, 4), np.uint16))[0].path + "/labels")
+
+
+# --------------------------------------------------------------------------- #
+# (f) apply.py end to end
+# --------------------------------------------------------------------------- #
+def test_cli_zarr_to_zarr_with_resume_and_zarr_to_tif(tmp_path, tiny_model, capsys):
+    factor = 4
+    ids = kept_labels(factor, seed=6)
+    write_input(tmp_path / "seg.ome.zarr", ids, voxel=(2.0, 0.5, 0.5), translation=(1.0, 0.0, 0.0))
+    model_path = save_model(tmp_path / "m.pt", tiny_model, {"factor": factor, "inference_tile_size": 32,
+                                                            "train_xy_size": 16})
+    common = ["--model", str(model_path), "--precision", "fp32", "--device", "cpu"]
+    source = str(tmp_path / "seg.ome.zarr" / "labels" / "cells")
+    iso = tmp_path / "seg_iso.ome.zarr"
+    zarr_args = ["--input", source, "--output", str(iso), "--block-size", str(BLOCK)] + common
+    assert apply.main(zarr_args + ["--max-blocks", "2"]) == 0
+    assert "2 of 6 blocks restored" in capsys.readouterr().out
+    assert apply.main(zarr_args) == 2 and "--resume" in capsys.readouterr().err
+    assert apply.main(zarr_args + ["--resume", "--ngff-version", "0.4"]) == 0
+    assert "4 blocks restored, 2 already done" in capsys.readouterr().out
+    assert apply.main(["--input", source, "--output", str(tmp_path / "seg_iso.tif")] + common) == 0
+    in_memory = tifffile.imread(tmp_path / "seg_iso.tif")
+    blockwise = zarr_io.open_image(iso / "labels" / "cells")
+    assert blockwise.voxel_size_zyx == (0.5, 0.5, 0.5) and blockwise.translation_zyx == (1.0, 0.0, 0.0)
+    ids_blockwise = blockwise.read()
+    assert ids_blockwise.shape == in_memory.shape == ((ids.shape[0] - 1) * factor + 1,) + ids.shape[1:]
+    np.testing.assert_array_equal(ids_blockwise, in_memory)  # block by block = whole stack in memory
+    np.testing.assert_array_equal(ids_blockwise[::factor], ids)
+
+    # TIFF in, Zarr out (the TIFF carries the voxel size); flags that need an OME-Zarr output are refused.
+    save_stack(tmp_path / "aniso.tif", ids > 0, (2.0, 0.5, 0.5), "um")
+    assert apply.main(["--input", str(tmp_path / "aniso.tif"), "--output", str(tmp_path / "from_tif.ome.zarr"),
+                       "--workers", "0", "--ngff-version", "0.5"] + common) == 0
+    assert np.array_equal(read_level(tmp_path / "from_tif.ome.zarr") != 0, ids_blockwise != 0)
+    assert apply.main(["--input", str(tmp_path / "aniso.tif"), "--output", str(tmp_path / "x.tif"), "--workers",
+                       "2"] + common) == 2
+    assert "OME-Zarr output" in capsys.readouterr().err and not (tmp_path / "x.tif").exists()
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 32, 32), chunks=(4, 32, 32), dtype="uint8")
+    assert apply.main(["--input", str(tmp_path / "plain.zarr"), "--output", str(tmp_path / "p.ome.zarr")]
+                      + common) == 2
+    assert "--xy-size" in capsys.readouterr().err and not (tmp_path / "p.ome.zarr").exists()
+    assert apply.main(["--input", source, "--output", str(tmp_path / "b.ome.zarr"), "--block-size", "300"]
+                      + common) == 2
+    assert "multiple of the output chunk" in capsys.readouterr().err
+
+
+def test_training_on_a_large_store_reads_bounded_windows(tmp_path, monkeypatch):
+    ids = kept_labels(4, seed=9, shape=(41, 200, 260))
+    image, _ = write_input(tmp_path / "in.ome.zarr", ids)
+    settings = tiny_settings(TRAIN_NB=200, MIN_CONTENT_RATIO=0.0)  # every window drawn is kept
+    np.testing.assert_array_equal(blocks.training_stack(image, settings), ids > 0)  # a small store: all of it
+    reads = []
+    original_read = zarr_io.ZarrImage.read
+
+    def spy(self, z=slice(None), y=slice(None), x=slice(None)):
+        reads.append((y, x))
+        return original_read(self, z, y, x)
+
+    monkeypatch.setattr(zarr_io.ZarrImage, "read", spy)
+    budget = ids.shape[0] * 128 * 128 * 3  # three windows of 8 x TRAIN_XY_SIZE = 128 pixels, all K slices
+    stack = blocks.training_stack(image, settings, max_bytes=budget)
+    assert stack.shape == (ids.shape[0], 128, 3 * 128) and stack.nbytes <= budget
+    assert len(reads) == 3  # only the windows were read, each once
+    for j, (y, x) in enumerate(reads):
+        assert (y.stop - y.start, x.stop - x.start) == (128, 128)
+        np.testing.assert_array_equal(stack[:, :, j * 128:(j + 1) * 128], ids[:, y, x] > 0)
+
+
+def test_cli_trains_on_a_zarr_input_and_resume_reuses_its_model(tmp_path, capsys):
+    ids = kept_labels(4, seed=6)
+    write_input(tmp_path / "seg.ome.zarr", ids, voxel=(2.0, 0.5, 0.5))
+    recipe = ["--train-xy-size", "16", "--train-z-size", "3", "--train-nb", "32", "--num-epochs", "1",
+              "--base-filters", "4", "--depth", "1", "--inference-tile-size", "32", "--precision", "fp32",
+              "--device", "cpu", "--block-size", str(BLOCK), "--input", str(tmp_path / "seg.ome.zarr")]
+    out = tmp_path / "iso.ome.zarr"
+    assert apply.main(recipe + ["--output", str(out), "--max-blocks", "2", "--save-model",
+                                str(tmp_path / "m.pt")]) == 0
+    assert "Training on kept slices (8, 50, 90)" in capsys.readouterr().out
+    assert apply.main(recipe + ["--output", str(out), "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert "Training" not in resumed and "4 blocks restored, 2 already done" in resumed
+    assert apply.main(recipe + ["--output", str(tmp_path / "again.ome.zarr"), "--model", str(tmp_path / "m.pt")]) == 0
+    np.testing.assert_array_equal(read_level(out), read_level(tmp_path / "again.ome.zarr"))

@@ -1,0 +1,161 @@
+"""Grey-scale stacks: kind detection, normalisation, cubic baseline, scores, the engine and the workflow."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+import apply
+from data import (UserError, decide_kind, denormalize_intensity, downsample_z, intensity_range,
+                  make_sample_intensity, normalize_intensity, save_stack)
+from eval import default_settings
+from metrics import score_intensity_reconstruction
+from morph import interpolate_along_axis
+from restore import restore_intensity, upscale_height
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--train-xy-size", "32", "--train-z-size", "3", "--train-nb", "96", "--num-epochs", "1",
+        "--base-filters", "4", "--depth", "2", "--inference-tile-size", "48"]
+
+
+class CentreChannel(nn.Module):
+    """Stand-in intensity model: returns its centre input channel, i.e. the linear upscaling."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.architecture = {"in_channels": channels, "output": "intensity"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, x.shape[1] // 2: x.shape[1] // 2 + 1] + 0 * self.dummy
+
+
+def test_decide_kind_only_where_it_cannot_be_wrong():
+    assert decide_kind(np.zeros((2, 3, 3), bool)) == "mask"
+    assert decide_kind(np.array([0, 255], np.uint8).repeat(9).reshape(2, 3, 3)) == "mask"
+    assert decide_kind(np.linspace(0, 1, 18, dtype=np.float32).reshape(2, 3, 3)) == "intensity"
+    with pytest.raises(UserError, match="--kind labels or --kind intensity"):
+        decide_kind(np.arange(18, dtype=np.uint8).reshape(2, 3, 3))
+    assert decide_kind(np.arange(18, dtype=np.uint8).reshape(2, 3, 3), "labels") == "labels"
+    with pytest.raises(UserError, match="--kind must be one of"):
+        decide_kind(np.zeros((2, 3, 3)), "grey")
+
+
+def test_normalisation_round_trip_and_range():
+    stack = np.random.default_rng(0).integers(0, 256, (4, 50, 50)).astype(np.uint8)
+    lo, hi = intensity_range(stack)
+    assert lo == pytest.approx(np.percentile(stack, 1.0)) and hi == pytest.approx(np.percentile(stack, 99.8))
+    normalized = normalize_intensity(stack, (lo, hi))
+    assert normalized.dtype == np.float32
+    np.testing.assert_allclose(normalized, (stack - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
+    back = denormalize_intensity(normalized, (lo, hi), np.uint8)
+    assert back.dtype == np.uint8
+    np.testing.assert_array_equal(back, stack)
+    # Out-of-range values are clipped to the dtype, not wrapped around.
+    np.testing.assert_array_equal(denormalize_intensity(np.array([-5.0, 5.0]), (0, 255), np.uint8), [0, 255])
+    assert intensity_range(np.full((2, 2, 2), 7.0)) == (7.0, 8.0)  # a flat stack still has hi > lo
+
+
+def test_cubic_interpolation_reproduces_a_cubic_along_z():
+    z = np.arange(25, dtype=np.float64)
+    profile = 0.001 * (z - 3) * (z - 11) * (z - 20) + 2.0
+    stack = (profile[:, None, None] * np.ones((1, 2, 3))).astype(np.float32)
+    kept = np.arange(0, 25, 4)
+    cubic = interpolate_along_axis(stack[kept], kept, 25, method="cubic")
+    np.testing.assert_allclose(cubic[: kept[-1] + 1], stack[: kept[-1] + 1], rtol=1e-4)
+    np.testing.assert_array_equal(cubic[kept[-1]:], np.repeat(stack[kept[-1]][None], 25 - kept[-1], axis=0))
+
+
+def test_psnr_and_ssim_on_reconstructed_slices_only():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 256, (9, 32, 32)).astype(np.uint8)
+    predicted = truth.copy()
+    predicted[1:4] = np.clip(truth[1:4].astype(int) + 10, 0, 255)  # error in reconstructed slices only
+    predicted[0] = 0  # kept slice: not scored
+    scores = score_intensity_reconstruction(predicted, truth, kept_indices=[0, 4, 8])
+    mse = np.mean((predicted[[1, 2, 3, 5, 6, 7]].astype(float) - truth[[1, 2, 3, 5, 6, 7]]) ** 2)
+    assert scores["psnr_recon"] == pytest.approx(10 * np.log10(255**2 / mse), rel=1e-6)
+    assert 0 < scores["ssim_recon"] < 1
+    assert score_intensity_reconstruction(truth, truth, [0, 4, 8])["ssim_recon"] == pytest.approx(1.0)
+
+
+def test_engine_with_a_pass_through_model_is_linear_interpolation():
+    """Independent reference: a model returning its centre channel restores exactly the
+    linear interpolation along Z, mapped back to uint8; kept slices verbatim."""
+    image = make_sample_intensity((33, 40, 48), seed=2)
+    sparse, kept = downsample_z(image, 4)
+    settings = dict(default_settings(), TRAIN_Z_SIZE=3, INFERENCE_TILE_SIZE=32, PRECISION="fp32")
+    restored, _, info = restore_intensity(sparse, 4, settings, model=CentreChannel(3), original_depth=33,
+                                          device=torch.device("cpu"))
+    assert restored.dtype == np.uint8 and restored.shape == image.shape
+    np.testing.assert_array_equal(restored[kept], sparse)
+    lo, hi = info["value_range"]
+    expected = denormalize_intensity(upscale_height(normalize_intensity(sparse, (lo, hi)), 4, 33), (lo, hi), np.uint8)
+    assert np.abs(restored.astype(int) - expected).max() <= 1  # float rounding at .5 only
+    assert np.mean(restored != expected) < 1e-3
+
+
+def test_intensity_model_cannot_restore_a_mask_and_vice_versa():
+    from restore import restore_probabilities
+
+    sparse = np.zeros((5, 16, 16), bool)
+    with pytest.raises(UserError, match="trained on grey-scale"):
+        restore_probabilities(sparse, 4, dict(default_settings(), TRAIN_Z_SIZE=3), model=CentreChannel(3))
+
+
+def test_trained_intensity_network_beats_linear_on_a_tiny_problem():
+    """A short training on the grey-scale phantom improves on linear interpolation along Z."""
+    torch.set_num_threads(2)
+    truth = make_sample_intensity((41, 64, 64), seed=3)
+    sparse, kept = downsample_z(truth, 4)
+    settings = dict(default_settings(), TRAIN_XY_SIZE=32, TRAIN_Z_SIZE=3, TRAIN_NB=400, NUM_EPOCHS=4,
+                    BASE_FILTERS=8, DEPTH=2, INFERENCE_TILE_SIZE=64, RANDOM_STATE=0)
+    restored, _, info = restore_intensity(sparse, 4, settings, original_depth=truth.shape[0], progress=False)
+    linear = np.clip(np.rint(interpolate_along_axis(sparse, kept, truth.shape[0], method="linear")), 0, 255)
+    network = score_intensity_reconstruction(restored, truth, kept)
+    baseline = score_intensity_reconstruction(linear.astype(np.uint8), truth, kept)
+    assert network["psnr_recon"] > baseline["psnr_recon"] + 0.3, (network, baseline)
+    assert info["history"]["val"][-1] < info["history"]["val"][0]
+
+
+def test_eval_intensity_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--kind", "intensity", "--sample-shape", "32,64,64", "--z-resolution", "8", "--xy-resolution", "2",
+            *TINY, "--show", "no", "--run-directory", str(run_dir)]
+    result = subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    printed = [line for line in result.stdout.splitlines() if line.startswith("PSNR / SSIM for")]
+    assert [line.split()[4] for line in printed] == ["Linear", "Cubic", "Predicted"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["kind"] == "intensity"
+    truth = make_sample_intensity((32, 64, 64), seed=42)
+    predicted = tifffile.imread(run_dir / "predicted" / "predicted_stack.tif")
+    assert predicted.dtype == np.uint8 and predicted.shape == truth.shape
+    kept = np.array(metrics["kept_indices"])
+    np.testing.assert_array_equal(predicted[kept], truth[kept])
+    scored = score_intensity_reconstruction(predicted, truth, kept)
+    assert metrics["scores"]["predicted"]["psnr_recon"] == pytest.approx(scored["psnr_recon"])
+    assert (run_dir / "comparison.png").stat().st_size > 1000
+
+
+def test_apply_intensity_keeps_dtype_range_and_voxel_size(tmp_path):
+    image = make_sample_intensity((48, 64, 64), seed=5)
+    sparse = (image[::4].astype(np.uint16) * 200)  # 16-bit grey values
+    source = tmp_path / "em.tif"
+    save_stack(source, sparse, (0.2, 0.05, 0.05), "um")
+    out = tmp_path / "em_iso.tif"
+    assert apply.main(["--input", str(source), "--output", str(out), *TINY]) == 2  # uint16, many values: which kind?
+    assert not out.exists()
+    assert apply.main(["--input", str(source), "--output", str(out), "--kind", "intensity", *TINY]) == 0
+    restored = tifffile.imread(out)
+    assert restored.dtype == np.uint16 and restored.shape == ((len(sparse) - 1) * 4 + 1, 64, 64)
+    np.testing.assert_array_equal(restored[::4], sparse)
+    assert restored.max() <= 255 * 200 * 1.1  # no wrap-around, grey values in the input's range
+    with tifffile.TiffFile(out) as tif:
+        assert tif.imagej_metadata["spacing"] == pytest.approx(0.05)

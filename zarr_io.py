@@ -1,0 +1,575 @@
+"""OME-Zarr reading and writing: voxel size, unit, translation, pyramid, labels.
+
+Reading: an OME-Zarr image (NGFF 0.4 on Zarr v2, NGFF 0.5 on Zarr v3), one of
+its label images (``image.ome.zarr/labels/NAME``) or a plain Zarr array. The
+voxel size, unit and translation come from the multiscale's
+``coordinateTransformations`` and ``axes``; a plain array has none (the
+command line then needs ``--z-step``, ``--xy-size`` and ``--unit``). Pixels are
+never loaded whole: :class:`ZarrImage` names the array and reads windows.
+
+Writing: :func:`create_output` lays out an OME-Zarr whose arrays are filled
+later, region by region (``blocks.py`` writes them from many processes): the
+restored mask as the image (uint8, 0/255 as in the TIFF output), the restored
+ids as a label image under ``labels/NAME`` with ``image-label`` metadata, and
+a pyramid made by max-pooling (masks) or striding (labels, probabilities),
+never by interpolation. The metadata is written with the ``ome-zarr``
+package's writer; ``ome_zarr.reader`` (what napari uses) reads it back.
+
+NGFF 0.4 (Zarr v2) is the default: Fiji's readers (N5/BigDataViewer,
+MoBIE) and most released tools read it, while 0.5 (Zarr v3) readers are
+still arriving. ``--ngff-version 0.5`` writes the newer format.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import zarr
+
+from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, UserError, normal_unit,
+                  binarize, is_label_image)
+
+PathLike = Union[str, Path]
+NGFF_VERSIONS = ("0.4", "0.5")
+DEFAULT_NGFF_VERSION = "0.4"
+# Output chunks (Z, Y, X): 64 x 256 x 256 bytes = 4 MiB of uint8 per chunk, a size that viewers
+# (napari, neuroglancer, BigDataViewer) load quickly in 2D and 3D, and few enough files per volume.
+CHUNK_Z = 64
+CHUNK_XY = 256
+# The project's short units (data.LENGTH_UNITS_IN_UM) and their NGFF (UDUNITS-2) names.
+NGFF_UNITS = {"pm": "picometer", "Å": "angstrom", "nm": "nanometer", "um": "micrometer", "mm": "millimeter",
+              "cm": "centimeter", "m": "meter"}
+SHORT_UNITS = {name: short for short, name in NGFF_UNITS.items()}
+# Where an apply.py run keeps its own record in the output's attributes (outside the 'ome' namespace).
+RESTORE_ATTRIBUTE = "axial_restore"
+
+
+def is_zarr_path(path: PathLike) -> bool:
+    """True for a name ending in ``.zarr`` (``.ome.zarr``) or a folder holding Zarr metadata."""
+    text = str(path).rstrip("/")
+    if text.lower().endswith(".zarr"):
+        return True
+    folder = Path(text)
+    return folder.is_dir() and any((folder / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
+
+
+def zarr_stem(path: PathLike) -> str:
+    """A store's name without ``.zarr`` and ``.ome`` (``seg.ome.zarr`` -> ``seg``)."""
+    name = Path(str(path).rstrip("/")).name
+    for suffix in (".zarr", ".ome"):
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    return name
+
+
+def ngff_unit(unit: str) -> str:
+    """The NGFF name of a unit (``um`` -> ``micrometer``); NGFF names pass through."""
+    normal = normal_unit(unit) or unit
+    return NGFF_UNITS.get(normal, normal)
+
+
+def short_unit(unit: Optional[str]) -> Optional[str]:
+    """The project's short name of an NGFF unit (``micrometer`` -> ``um``), as TIFF metadata writes it."""
+    if unit is None:
+        return None
+    return SHORT_UNITS.get(unit, unit)
+
+
+# --------------------------------------------------------------------------- #
+# Reading
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class ZarrImage:
+    """One 3D image in a Zarr store, described without its pixels (small, picklable).
+
+    Attributes
+    ----------
+    path : str
+        The group (OME-Zarr image or label image) or plain array the user named.
+    component : str
+        The array inside ``path`` holding full resolution (``'0'``, ``'s0'``), ``''`` for a plain array.
+    leading_index : tuple of int
+        Indices of the singleton axes (``t``, ``c``) in front of ``z, y, x``.
+    shape : (K, H, W)
+    dtype : str
+    voxel_size_zyx : (float, float, float) or None
+        None when the store says nothing (a plain array, or scale 1 without units).
+    unit : str or None
+        Short unit (``um``, ``nm``), as ``data.read_calibration`` gives it.
+    translation_zyx : (float, float, float)
+        Physical position of voxel (0, 0, 0), in ``unit``.
+    is_label : bool
+        The group carries ``image-label`` metadata.
+    name : str
+        The image's (or label's) name: the last part of ``path``.
+    ngff_version : str or None
+    """
+    path: str
+    component: str
+    leading_index: Tuple[int, ...]
+    shape: Tuple[int, int, int]
+    dtype: str
+    voxel_size_zyx: Optional[Tuple[float, float, float]] = None
+    unit: Optional[str] = None
+    translation_zyx: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    is_label: bool = False
+    name: str = ""
+    ngff_version: Optional[str] = None
+
+    def array(self, mode: str = "r") -> zarr.Array:
+        """The lazy Zarr array (all its axes, ``t``/``c`` included)."""
+        return _open_array(self.path, self.component, mode)
+
+    def read(self, z: slice = slice(None), y: slice = slice(None), x: slice = slice(None)) -> np.ndarray:
+        """The pixels of one window, ``(z, y, x)`` order, as stored; only the chunks it touches are read."""
+        return np.asarray(self.array()[self.leading_index + (z, y, x)])
+
+    def lazy(self):
+        """A dask array ``(K, H, W)`` over the store (nothing read until computed)."""
+        import dask.array as da
+
+        return da.from_zarr(self.array())[self.leading_index]
+
+
+def _open_array(path: str, component: str, mode: str = "r") -> zarr.Array:
+    """Open an array (reads one small metadata document; not cached, so a rewritten store is seen anew)."""
+    return zarr.open_array(store=path, path=component or None, mode=mode)
+
+
+def _ome_attributes(node: Union[zarr.Group, zarr.Array]) -> Dict[str, Any]:
+    """The OME metadata of a node: under ``ome`` for NGFF 0.5 (Zarr v3), at the top for 0.4."""
+    attributes = node.attrs.asdict()
+    return attributes.get("ome", attributes)
+
+
+def _spatial_layout(axes: Optional[list], shape: Tuple[int, ...], where: str) -> Tuple[Tuple[int, ...], List[str]]:
+    """Indices fixing the non-spatial axes, and each spatial axis' unit (or None)."""
+    if axes is None:  # NGFF 0.1/0.2: always t, c, z, y, x
+        axes = ["t", "c", "z", "y", "x"][-len(shape):]
+    names = [a if isinstance(a, str) else a.get("name") for a in axes]
+    units = [None if isinstance(a, str) else a.get("unit") for a in axes]
+    if names[-3:] != ["z", "y", "x"]:
+        raise UserError(f"'{where}' has axes {names}; expected a 3D image with axes z, y, x last.")
+    extra = [(name, size) for name, size in zip(names[:-3], shape[:-3]) if size != 1]
+    if extra:
+        raise UserError(f"'{where}' has {', '.join(f'{n}={s}' for n, s in extra)}: restore one channel and time "
+                        "point at a time (write them as separate images first).")
+    return (0,) * (len(shape) - 3), units[-3:]
+
+
+def _transform_of(transformations: Optional[list], ndim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Scale and translation vectors of an NGFF ``coordinateTransformations`` list (identity when absent)."""
+    scale, translation = np.ones(ndim), np.zeros(ndim)
+    for transform in transformations or []:
+        if transform.get("type") == "scale" and "scale" in transform:
+            scale = scale * np.asarray(transform["scale"], dtype=float)
+        elif transform.get("type") == "translation" and "translation" in transform:
+            translation = translation + np.asarray(transform["translation"], dtype=float)
+        elif transform.get("type") not in (None, "identity", "scale", "translation") or "path" in transform:
+            raise UserError(f"Unsupported coordinate transformation {transform}; only scale and translation "
+                            "values stored in the metadata are read.")
+    return scale, translation
+
+
+def open_image(path: PathLike) -> ZarrImage:
+    """Describe the 3D image at ``path`` (OME-Zarr image, label image or plain array) without reading pixels.
+
+    Raises
+    ------
+    InputNotFoundError
+        Nothing at ``path``.
+    UserError
+        Not a Zarr store, not 3D, several channels or time points, or a
+        ``labels`` group instead of one label image.
+    """
+    path_text = str(path)
+    if "://" not in path_text and not Path(path_text).exists():
+        raise InputNotFoundError(f"Input '{path_text}' does not exist.")
+    try:
+        node = zarr.open(store=path_text, mode="r")
+    except Exception as error:  # zarr raises assorted errors for folders that are not stores
+        raise DamagedFileError(f"'{path_text}' is not a readable Zarr store ({type(error).__name__}: {error}).") from None
+    name = zarr_stem(path_text)
+    if isinstance(node, zarr.Array):
+        if node.ndim < 3 or any(size != 1 for size in node.shape[:-3]):
+            raise UserError(f"'{path_text}' holds an array of shape {node.shape}; expected a 3D stack (Z, Y, X).")
+        return ZarrImage(path_text, "", (0,) * (node.ndim - 3), tuple(node.shape[-3:]), str(node.dtype), name=name)
+    ome = _ome_attributes(node)
+    multiscales = ome.get("multiscales")
+    if not multiscales:
+        if "labels" in ome:
+            raise UserError(f"'{path_text}' is a labels group holding {ome['labels']}: give one label image, "
+                            f"e.g. {path_text.rstrip('/')}/{ome['labels'][0]}.")
+        raise UserError(f"'{path_text}' is a Zarr group without OME-Zarr 'multiscales' metadata; give an OME-Zarr "
+                        "image or a Zarr array.")
+    multiscale = multiscales[0]
+    dataset = multiscale["datasets"][0]
+    array = node[dataset["path"]]
+    leading, units = _spatial_layout(multiscale.get("axes"), array.shape, path_text)
+    ndim = array.ndim
+    scale, translation = _transform_of(dataset.get("coordinateTransformations"), ndim)
+    global_scale, global_translation = _transform_of(multiscale.get("coordinateTransformations"), ndim)
+    # The multiscale-level transformations apply after the dataset's (NGFF 0.4 and 0.5).
+    scale, translation = scale * global_scale, translation * global_scale + global_translation
+    voxel, offset = scale[-3:], translation[-3:]
+    unit_x = units[2] or units[1] or units[0]
+    voxel_size: Optional[Tuple[float, float, float]] = tuple(float(v) for v in voxel)
+    if unit_x is None and np.allclose(voxel, 1.0):
+        voxel_size = None  # scale 1 without a unit is a writer's default, not a calibration
+    elif unit_x is not None:
+        converted = []
+        for axis, unit in zip("zyx", units):
+            unit = unit or unit_x
+            if unit != unit_x:
+                short, short_x = short_unit(unit), short_unit(unit_x)
+                if short not in LENGTH_UNITS_IN_UM or short_x not in LENGTH_UNITS_IN_UM:
+                    raise UserError(f"'{path_text}' gives {axis} in '{unit}' and x in '{unit_x}', which cannot be "
+                                    "converted; pass --z-step, --xy-size and --unit.")
+                converted.append(LENGTH_UNITS_IN_UM[short] / LENGTH_UNITS_IN_UM[short_x])
+            else:
+                converted.append(1.0)
+        voxel_size = tuple(float(v * c) for v, c in zip(voxel, converted))
+        offset = np.asarray(offset) * np.asarray(converted)
+    version = multiscale.get("version") or ome.get("version")
+    return ZarrImage(path_text, dataset["path"], leading, tuple(array.shape[-3:]), str(array.dtype), voxel_size,
+                     short_unit(unit_x), tuple(float(v) for v in offset), "image-label" in ome, name,
+                     None if version is None else str(version))
+
+
+def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], float, float], Optional[str]]]:
+    """Voxel size ``(z, y, x)`` and unit of a Zarr image, as ``data.read_calibration`` gives them for a TIFF.
+
+    Returns None when the store holds no calibration (a plain array, or scale 1 without units).
+    """
+    image = open_image(path)
+    return None if image.voxel_size_zyx is None else (image.voxel_size_zyx, image.unit)
+
+
+def sample_for_label_detection(image: ZarrImage, max_side: int = 2048) -> np.ndarray:
+    """The central window (at most ``max_side`` square) of the middle slice: enough to tell a label image."""
+    depth, height, width = image.shape
+    y0, x0 = max(0, (height - max_side) // 2), max(0, (width - max_side) // 2)
+    return image.read(slice(depth // 2, depth // 2 + 1), slice(y0, y0 + max_side), slice(x0, x0 + max_side))
+
+
+def wants_labels(image: ZarrImage, labels: str = "auto", threshold: Optional[float] = None) -> bool:
+    """Whether ``image`` is restored with its ids: ``labels`` 'yes'/'no', or 'auto': a label image by its
+    ``image-label`` metadata, or an integer image with more than two values in a central sample (the rule
+    of ``data.read_mask_or_labels``), unless a binarization threshold is set."""
+    if labels != "auto":
+        return labels == "yes"
+    if threshold is not None:
+        return False
+    if image.is_label:
+        return True
+    return is_label_image(sample_for_label_detection(image))
+
+
+def read_mask_or_labels(image: ZarrImage, threshold: Optional[float] = None,
+                        labels: str = "auto") -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The whole image in memory as a mask (and ids), by the rules of ``data.read_mask_or_labels``.
+
+    For outputs held in memory anyway (a TIFF output, whose ids are limited to
+    0..65535); the block-wise restore reads windows instead.
+
+    Returns
+    -------
+    mask_dhw : ndarray of bool, shape (K, H, W)
+    labels_dhw : ndarray of uint16, shape (K, H, W), or None
+    """
+    raw = image.read()
+    if not wants_labels(image, labels, threshold):
+        return binarize(raw, threshold, source=f"'{image.path}'"), None
+    if labels == "auto":
+        print(f"'{image.path}' is a label image: ids restored too (foreground = label != 0).")
+    if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
+        raise UserError(f"Label ids of '{image.path}' must lie in 0..65535 for a TIFF output; write an OME-Zarr "
+                        "output (--output NAME.ome.zarr) or relabel the stack first.")
+    return raw != 0, raw.astype(np.uint16, copy=False)
+
+
+def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
+    """Mask of a window by ``data.binarize``'s rule (non-zero, or ``> threshold``), without its
+    whole-stack value census (a window cannot tell a binary stack from a grey one)."""
+    if window.dtype == bool:
+        return window
+    return window != 0 if threshold is None else window > threshold
+
+
+# --------------------------------------------------------------------------- #
+# Writing
+# --------------------------------------------------------------------------- #
+def _ome_zarr_writer():
+    """``ome_zarr.writer``, imported without the DeprecationWarning it raises about its own defaults."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr import writer
+    return writer
+
+
+def ngff_format(ngff_version: str):
+    """The ome-zarr package's Format of an NGFF version, or a UserError naming the versions written."""
+    from ome_zarr.format import FormatV04, FormatV05
+
+    if ngff_version not in NGFF_VERSIONS:
+        raise UserError(f"--ngff-version must be one of {', '.join(NGFF_VERSIONS)}, got '{ngff_version}'.")
+    return FormatV04() if ngff_version == "0.4" else FormatV05()
+
+
+def output_chunks(shape_dhw: Sequence[int], chunk_xy: int = CHUNK_XY) -> Tuple[int, int, int]:
+    """Chunks ``(Z, Y, X)`` of an output array, clipped to its shape."""
+    depth, height, width = shape_dhw
+    return min(CHUNK_Z, depth), min(chunk_xy, height), min(chunk_xy, width)
+
+
+def pyramid_factors(shape_dhw: Sequence[int], chunk_xy: int, max_levels: int = 8) -> List[Tuple[int, int, int]]:
+    """Per-level downsampling factors ``(z, y, x)`` relative to the level before (level 0: none).
+
+    Every axis longer than one voxel halves at each level (the restored stack
+    is isotropic, so all of its levels are too), until the lateral extent fits
+    in one chunk.
+    """
+    factors = [(1, 1, 1)]
+    shape = list(shape_dhw)
+    while max(shape[1:]) > chunk_xy and len(factors) < max_levels:
+        step = tuple(2 if size > 1 else 1 for size in shape)
+        shape = [math.ceil(size / f) for size, f in zip(shape, step)]
+        factors.append(step)
+    return factors
+
+
+@dataclass(frozen=True)
+class OmeZarrImage:
+    """An OME-Zarr multiscale image being written (small, picklable: workers open it by path).
+
+    ``downsampling`` is ``'max'`` (masks: max-pooling, a voxel of a coarse
+    level is foreground when any voxel below it is) or ``'stride'`` (labels,
+    probabilities: every second voxel, ids are never mixed).
+    """
+    path: str
+    levels: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, int, int], ...]
+    factors: Tuple[Tuple[int, int, int], ...]
+    chunks: Tuple[int, int, int]
+    dtype: str
+    downsampling: str = "max"
+
+    def level(self, index: int = 0, mode: str = "r+") -> zarr.Array:
+        return zarr.open_array(store=self.path, path=self.levels[index], mode=mode)
+
+    def write(self, region_zyx: Tuple[slice, slice, slice], values: np.ndarray, level: int = 0) -> None:
+        """Write one region of a level (chunk-aligned regions: no two writers share a chunk)."""
+        self.level(level)[region_zyx] = values
+
+
+def _level_transforms(voxel_size_zyx: Sequence[float], translation_zyx: Sequence[float],
+                      factors: Sequence[Tuple[int, int, int]], downsampling: str) -> List[List[Dict[str, Any]]]:
+    """Scale and translation of every level. Striding keeps voxel 0 where it was; max-pooling puts a
+    coarse voxel at the centre of the block it summarises."""
+    transforms, cumulative = [], np.ones(3)
+    for step in factors:
+        cumulative = cumulative * np.asarray(step)
+        scale = np.asarray(voxel_size_zyx, dtype=float) * cumulative
+        shift = np.zeros(3) if downsampling == "stride" else (cumulative - 1) / 2 * np.asarray(voxel_size_zyx)
+        translation = np.asarray(translation_zyx, dtype=float) + shift
+        transforms.append([{"type": "scale", "scale": [float(v) for v in scale]},
+                           {"type": "translation", "translation": [float(v) for v in translation]}])
+    return transforms
+
+
+def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], dtype, voxel_size_zyx: Sequence[float],
+                            unit: str, translation_zyx: Sequence[float], ngff_version: str, downsampling: str,
+                            chunk_xy: int = CHUNK_XY, name: Optional[str] = None, pyramid: bool = True
+                            ) -> OmeZarrImage:
+    """Create the (empty, zero-filled) arrays of a multiscale image in ``group`` and write its metadata.
+
+    Parameters
+    ----------
+    group : zarr.Group of the NGFF version's Zarr format
+    shape_dhw : (D, H, W) of level 0
+    dtype : numpy dtype of every level
+    voxel_size_zyx, translation_zyx : level 0's voxel size and origin, in ``unit``
+    unit : short (``um``) or NGFF (``micrometer``) unit name
+    downsampling : {'max', 'stride'}
+    chunk_xy : lateral chunk edge (Z chunks are ``CHUNK_Z``)
+    pyramid : bool
+        False: level 0 only.
+
+    Returns
+    -------
+    OmeZarrImage
+    """
+    fmt = ngff_format(ngff_version)
+    factors = pyramid_factors(shape_dhw, chunk_xy) if pyramid else [(1, 1, 1)]
+    shapes, shape = [], tuple(int(s) for s in shape_dhw)
+    chunks = output_chunks(shape, chunk_xy)
+    extra = ({"chunk_key_encoding": {"name": "v2", "separator": "/"}} if fmt.zarr_format == 2
+             else {"dimension_names": ["z", "y", "x"]})
+    levels = []
+    for index, step in enumerate(factors):
+        shape = tuple(math.ceil(s / f) for s, f in zip(shape, step))
+        shapes.append(shape)
+        levels.append(f"s{index}")
+        group.create_array(levels[-1], shape=shape, chunks=tuple(min(c, s) for c, s in zip(chunks, shape)),
+                           dtype=dtype, fill_value=0, overwrite=True, **extra)
+    transforms = _level_transforms(voxel_size_zyx, translation_zyx, factors, downsampling)
+    datasets = [{"path": level, "coordinateTransformations": transform} for level, transform in zip(levels, transforms)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ome-zarr warns about units outside its list; ours are valid
+        _ome_zarr_writer().write_multiscales_metadata(group, datasets, fmt=fmt, axes=["z", "y", "x"],
+                                                      axes_units={axis: ngff_unit(unit) for axis in "zyx"},
+                                                      name=name)
+    store_path = str(Path(str(group.store.root)) / group.path) if group.path else str(group.store.root)
+    return OmeZarrImage(store_path, tuple(levels), tuple(shapes), tuple(factors), chunks, str(np.dtype(dtype)),
+                        downsampling)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What :func:`create_output` laid out: the image, and the label image when ids are restored."""
+    path: str
+    ngff_version: str
+    image: OmeZarrImage
+    labels: Optional[OmeZarrImage] = None
+    label_name: Optional[str] = None
+
+
+def looks_like_zarr_store(path: PathLike) -> bool:
+    """A folder with Zarr metadata at its top (the only kind of folder --overwrite may delete)."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
+
+
+def remove_store(path: PathLike) -> None:
+    """Delete an existing Zarr store; refuse anything else (a user's folder is never deleted)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not looks_like_zarr_store(path):
+        raise OutputExistsError(f"'{path}' exists and is not a Zarr store; it is not replaced. Choose another "
+                                "output.")
+    shutil.rmtree(path)
+
+
+def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequence[float], unit: str,
+                  translation_zyx: Sequence[float] = (0.0, 0.0, 0.0), ngff_version: str = DEFAULT_NGFF_VERSION,
+                  label_dtype=None, label_name: str = "restored", image_dtype=np.uint8,
+                  image_downsampling: str = "max", chunk_xy: int = CHUNK_XY, name: Optional[str] = None,
+                  pyramid: bool = True) -> OutputLayout:
+    """Create a new OME-Zarr output (the folder must not exist) with empty arrays and full metadata.
+
+    The image at the root holds the restored mask (uint8 0/255, max-pooled
+    pyramid). With ``label_dtype``, ``labels/<label_name>`` is a label image
+    (``image-label`` metadata, strided pyramid) of that dtype.
+
+    Parameters
+    ----------
+    path : output folder (``.ome.zarr``)
+    shape_dhw : (D, H, W) of the restored stack
+    voxel_size_zyx : isotropic voxel size of the output, in ``unit``
+    translation_zyx : the input's origin (voxel 0 of the output is voxel 0 of the input)
+    ngff_version : '0.4' (Zarr v2) or '0.5' (Zarr v3)
+    label_dtype : numpy dtype, optional
+    image_dtype, image_downsampling : the root image's dtype and pyramid rule
+    pyramid : bool
+        False: level 0 only (e.g. an input written for a test or a benchmark).
+
+    Returns
+    -------
+    OutputLayout
+    """
+    path = Path(path)
+    if path.exists():
+        raise OutputExistsError(f"'{path}' already exists.")
+    fmt = ngff_format(ngff_version)
+    root = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
+    image = create_multiscale_image(root, shape_dhw, image_dtype, voxel_size_zyx, unit, translation_zyx,
+                                    ngff_version, image_downsampling, chunk_xy, name=name or path.name, pyramid=pyramid)
+    labels = None
+    if label_dtype is not None:
+        labels_group = root.create_group("labels")
+        label_group = labels_group.create_group(label_name)
+        labels = create_multiscale_image(label_group, shape_dhw, label_dtype, voxel_size_zyx, unit, translation_zyx,
+                                         ngff_version, "stride", chunk_xy, name=label_name, pyramid=pyramid)
+        _ome_zarr_writer().write_label_metadata(labels_group, label_name, fmt=fmt, source={"image": "../../"})
+    return OutputLayout(str(path), ngff_version, image, labels, label_name if labels else None)
+
+
+def open_output(path: PathLike) -> Tuple[zarr.Group, Dict[str, Any]]:
+    """The root group of an existing output and its ``axial_restore`` record ({} when absent)."""
+    root = zarr.open_group(str(path), mode="r+")
+    return root, dict(root.attrs.asdict().get(RESTORE_ATTRIBUTE, {}))
+
+
+def layout_from_record(record: Dict[str, Any], path: PathLike) -> OutputLayout:
+    """Rebuild the :class:`OutputLayout` of the output at ``path`` from :func:`layout_record`'s record."""
+    def image(entry: Optional[Dict[str, Any]]) -> Optional[OmeZarrImage]:
+        if entry is None:
+            return None
+        return OmeZarrImage(os.path.normpath(os.path.join(str(path), entry["path"])), tuple(entry["levels"]),
+                            tuple(tuple(s) for s in entry["shapes"]), tuple(tuple(f) for f in entry["factors"]),
+                            tuple(entry["chunks"]), entry["dtype"], entry["downsampling"])
+
+    return OutputLayout(str(path), record["ngff_version"], image(record["image"]), image(record.get("labels")),
+                        record.get("label_name"))
+
+
+def layout_record(layout: OutputLayout) -> Dict[str, Any]:
+    """A JSON-able description of an :class:`OutputLayout`, paths relative to the output (stored in it for
+    ``--resume``, which then works after the output was moved)."""
+    def entry(image: Optional[OmeZarrImage]) -> Optional[Dict[str, Any]]:
+        if image is None:
+            return None
+        return {"path": os.path.relpath(image.path, layout.path), "levels": list(image.levels),
+                "shapes": [list(s) for s in image.shapes], "factors": [list(f) for f in image.factors],
+                "chunks": list(image.chunks), "dtype": image.dtype, "downsampling": image.downsampling}
+
+    return {"ngff_version": layout.ngff_version, "image": entry(layout.image), "labels": entry(layout.labels),
+            "label_name": layout.label_name}
+
+
+def pyramid_regions(image: OmeZarrImage, level: int) -> List[Tuple[slice, slice, slice]]:
+    """The chunks of a pyramid level, one region each (each is written by one task)."""
+    shape = image.shapes[level]
+    chunks = tuple(min(c, s) for c, s in zip(image.chunks, shape))
+    return [(slice(z, min(z + chunks[0], shape[0])), slice(y, min(y + chunks[1], shape[1])),
+             slice(x, min(x + chunks[2], shape[2])))
+            for z in range(0, shape[0], chunks[0]) for y in range(0, shape[1], chunks[1])
+            for x in range(0, shape[2], chunks[2])]
+
+
+def downsample(values: np.ndarray, factors: Sequence[int], method: str) -> np.ndarray:
+    """One pyramid step of a block: max-pooling (padding with zeros at the end) or striding.
+
+    Parameters
+    ----------
+    values : ndarray, shape (d, h, w)
+    factors : per-axis factors (1 or 2)
+    method : {'max', 'stride'}
+
+    Returns
+    -------
+    ndarray, shape ``ceil(d / fz), ceil(h / fy), ceil(w / fx)``, same dtype
+    """
+    if method == "stride":
+        return values[:: factors[0], :: factors[1], :: factors[2]]
+    if method != "max":
+        raise ValueError(f"Unknown downsampling '{method}'.")
+    padded_shape = [math.ceil(s / f) * f for s, f in zip(values.shape, factors)]
+    if list(values.shape) != padded_shape:
+        values = np.pad(values, [(0, p - s) for p, s in zip(padded_shape, values.shape)])
+    (d, h, w), (fz, fy, fx) = values.shape, factors
+    return values.reshape(d // fz, fz, h // fy, fy, w // fx, fx).max(axis=(1, 3, 5))
+
+
+def write_pyramid_region(image: OmeZarrImage, level: int, region: Tuple[slice, slice, slice]) -> None:
+    """Compute one region of ``level`` from the level before it (reads twice the region, at most)."""
+    factors = image.factors[level]
+    source = tuple(slice(r.start * f, r.stop * f) for r, f in zip(region, factors))
+    values = image.level(level - 1, mode="r")[source]
+    image.write(region, downsample(values, factors, image.downsampling), level=level)
