@@ -382,7 +382,7 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
     same batch of ``batch`` tiles of ``tile`` x ``tile`` (5 channels): the seed's
     float32 NCHW model, then channels-last memory format, then BatchNorm folded
     into the convolutions, then bfloat16 autocast (where the hardware has it
-    natively; else the row says so). Each row gives the median seconds per
+    natively; else the row says so); a last row drops channels-last again. Each row gives the median seconds per
     batch, output pixels per second, GFLOP/s (counted by
     ``torch.utils.flop_counter``), the speed-up over the seed layout and the
     largest probability difference from the seed layout.
@@ -409,6 +409,9 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
     variants.append(("+ BatchNorm folded", fused, variants[-1][2], torch.float32))
     variants.append(("+ bfloat16 autocast" + ("" if bf16 else " (not native here: emulated)"), fused,
                      variants[-1][2], torch.bfloat16))
+    # bfloat16 without channels-last: shows which of the two carries the speed-up
+    variants.append(("bfloat16, BatchNorm folded, NCHW", fuse_for_inference(model).to(memory_format=torch.contiguous_format),
+                     images, torch.bfloat16))
     rows, reference, seed_time = [], None, None
     for name, net, x, dtype in variants:
         times = []

@@ -348,10 +348,7 @@ def read_mask_or_labels(path: PathLike, threshold: Optional[float] = None,
     if labels == "auto":
         print(f"'{Path(path).name}' has more than two values: treated as an instance label image "
               "(foreground = label != 0, ids restored too).")
-    if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-        raise UserError(f"Label ids of '{path}' must lie in 0..65535 (ImageJ TIFF); relabel the stack first "
-                         "(skimage.segmentation.relabel_sequential).")
-    return raw != 0, raw.astype(np.uint16, copy=False)
+    return as_label_image(raw, path)
 
 
 # --------------------------------------------------------------------------- #
@@ -656,17 +653,19 @@ def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[flo
     if kind == "intensity":
         return kind, raw, None
     if kind == "labels":
-        return kind, *_as_labels(raw, path)
+        return kind, *as_label_image(raw, path)
     return kind, binarize(raw, threshold, source=f"'{path}'"), None
 
 
-def _as_labels(raw: np.ndarray, path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
-    """Foreground and uint16 ids of a label image."""
+def as_label_image(raw: np.ndarray, source: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """Foreground (bool) and uint16 ids of a label image read from ``source``; a clear error
+    for non-integer values and for ids that a TIFF (ImageJ) label image cannot hold."""
     if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.round(raw)):
-        raise UserError(f"'{path}' holds non-integer values; a label image holds integer ids (0 = background).")
+        raise UserError(f"'{source}' holds non-integer values; a label image holds integer ids (0 = background).")
     if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-        raise UserError(f"Label ids of '{path}' must lie in 0..65535 (ImageJ TIFF); relabel the stack first "
-                        "(skimage.segmentation.relabel_sequential).")
+        raise UserError(f"Label ids of '{source}' must lie in 0..65535 for a TIFF (ImageJ) output; relabel the "
+                        "stack first (skimage.segmentation.relabel_sequential) or write an OME-Zarr output "
+                        "(--output NAME.ome.zarr).")
     return raw != 0, raw.astype(np.uint16, copy=False)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 
 from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  binarize, is_label_image)
+                  as_label_image, binarize, is_label_image)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -287,10 +287,7 @@ def read_mask_or_labels(image: ZarrImage, threshold: Optional[float] = None,
         return binarize(raw, threshold, source=f"'{image.path}'"), None
     if labels == "auto":
         print(f"'{image.path}' is a label image: ids restored too (foreground = label != 0).")
-    if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-        raise UserError(f"Label ids of '{image.path}' must lie in 0..65535 for a TIFF output; write an OME-Zarr "
-                        "output (--output NAME.ome.zarr) or relabel the stack first.")
-    return raw != 0, raw.astype(np.uint16, copy=False)
+    return as_label_image(raw, image.path)
 
 
 def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:

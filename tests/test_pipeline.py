@@ -11,7 +11,6 @@ import torch
 
 import apply
 import eval as eval_module
-import restore
 from data import downsample_z, factor_from_voxel_size, make_sample_labels, make_sample_stack, save_stack
 from restore import (apply_model_to_stack_tiled_slice_by_slice, assign_labels, predict_tiled, reflect_indices,
                      tile_starts, upscale_height)

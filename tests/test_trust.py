@@ -18,7 +18,7 @@ import apply
 import data
 import eval as eval_module
 import restore
-from data import DamagedFileError, UserError, make_sample_labels, make_sample_stack, read_calibration, read_stack
+from data import DamagedFileError, UserError, make_sample_stack, read_calibration, read_stack
 from model import save_model
 from morph import interpolate_along_axis
 from train import fit_on_sparse_stack
