@@ -315,11 +315,16 @@ def _ome_calibration(ome_xml: str) -> Optional[Tuple[Tuple[float, float, float],
     return None
 
 
+def _value_sample(stack: np.ndarray) -> np.ndarray:
+    """The stack, or every few slices of a large one: enough to count its distinct values cheaply."""
+    return stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
+
+
 def is_label_image(stack: np.ndarray) -> bool:
     """True for an integer stack with more than two distinct values (instance labels)."""
     if not np.issubdtype(stack.dtype, np.integer) or stack.dtype == bool:
         return False
-    sample = stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
+    sample = _value_sample(stack)
     return len(np.unique(sample)) > 2
 
 
@@ -626,7 +631,7 @@ def decide_kind(stack: np.ndarray, kind: str = "auto", source: str = "input") ->
         return kind
     if stack.dtype == bool:
         return "mask"
-    sample = stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
+    sample = _value_sample(stack)
     values = np.unique(sample)
     if len(values) <= 2 and values[0] == 0:
         return "mask"
