@@ -439,7 +439,7 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     from data import read_typed_stack
-    from eval import default_settings
+    from eval import default_settings, intensity_comparison_figure
     from metrics import score_intensity_reconstruction
     from model import select_device
     from restore import restore_intensity
@@ -476,6 +476,7 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     for name, truth in stacks:
         for factor in args.factors:
             sparse, kept = downsample_z(truth, factor)
+            restored_by_method, scores_by_method = {}, {}
             for method in methods:
                 start = time.perf_counter()
                 costs: Dict[str, Any] = {"train_s": None}
@@ -489,6 +490,7 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     restored = as_grey_values(values, truth.dtype)
                     infer_s = time.perf_counter() - start
                 scores = score_intensity_reconstruction(restored, truth, kept)
+                restored_by_method[method], scores_by_method[method] = restored, scores
                 row = {"stack": name, "factor": int(factor), "method": args.label if method == "network" else method,
                        "psnr_recon": round(scores["psnr_recon"], 3), "ssim_recon": round(scores["ssim_recon"], 4),
                        "train_s": costs["train_s"], "infer_s": round(infer_s, 3),
@@ -499,6 +501,12 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 print(markdown_table([row], INTENSITY_ROW_KEYS).splitlines()[-1], flush=True)
                 (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
                 (out_dir / "bench_results.md").write_text(markdown_table(rows, INTENSITY_ROW_KEYS) + "\n")
+            if set(INTENSITY_METHODS) <= set(restored_by_method):  # the before/after figure needs all three
+                scores_by_method["predicted"] = scores_by_method["network"]
+                intensity_comparison_figure(truth, restored_by_method["linear"], restored_by_method["cubic"],
+                                            restored_by_method["network"], kept,
+                                            out_dir / f"comparison_{Path(name).stem}_f{factor}.png", scores_by_method)
+            del restored_by_method
     print(f"\nResults in {out_dir}")
     return report
 

@@ -33,7 +33,7 @@ VAL_SPLIT = 0.1  # fraction of crops kept for validation
 MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
 RANDOM_STATE = 42  # seeds python, numpy and torch
 BATCH_SIZE = 8  # training batch size
-NUM_EPOCHS = 5  # passes over the training crops
+NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 5 for masks and label images, 10 for grey values
 LEARNING_RATE = 3e-3  # peak learning rate (one-cycle schedule, Adam)
 DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
 BASE_FILTERS = 16  # width of the first U-Net level (32 or more on a GPU)
@@ -41,6 +41,7 @@ DEPTH = 3  # U-Net down-sampling steps
 DROPOUT_RATE = 0.1  # bottleneck dropout
 INPUT_SKIP = True  # residual prediction: the network corrects the upscaled input
 UPSCALE_METHOD = "linear"  # interpolation that degrades training crops and upscales Z
+TRAIN_LATERAL_AXES = "yx"  # degrade training crops along Y and X at random ("yx") or along Y only ("y")
 SLICE_PROFILE_FWHM = 0.0  # grey-scale: Gaussian slice profile of the training degradation, FWHM in Z steps (0 = none)
 INTENSITY_LOSS = "mse"  # grey-scale: regression loss, "mse" (default: +0.4 dB over "l1" on EM) or "l1"
 INFERENCE_TILE_SIZE = 1024  # largest tile edge at inference (larger planes are tiled, tiles shrunk to fit)
@@ -127,10 +128,14 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise UserError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
     if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
         raise UserError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
+    if settings["TRAIN_LATERAL_AXES"] not in ("yx", "y"):
+        raise UserError(f"TRAIN_LATERAL_AXES must be 'yx' or 'y', got '{settings['TRAIN_LATERAL_AXES']}'.")
     if settings["UPSCALE_METHOD"] not in ("linear", "nearest"):
         # 'sdf' would blend distance maps across the channel planes of a 2D crop,
         # so training and inference would not see the same interpolation.
         raise UserError(f"UPSCALE_METHOD must be 'linear' or 'nearest', got '{settings['UPSCALE_METHOD']}'.")
+    if settings["NUM_EPOCHS"] < 0:
+        raise UserError(f"NUM_EPOCHS must be 0 (by kind) or a positive number of epochs, got {settings['NUM_EPOCHS']}.")
     if not 0 < settings["VAL_SPLIT"] < 1:
         raise UserError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):

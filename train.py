@@ -99,13 +99,14 @@ def create_cropped_image_dataset(
     method: str = "linear",
     kind: str = "mask",
     profile_fwhm: float = 0.0,
+    lateral_axes: str = "yx",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Random lateral crops of the sparse stack, degraded along their height.
 
-    Half of the crops are transposed before degradation, so the network learns
-    to restore along both lateral axes (it is applied with Z along Y and along
-    X). The degraded row phase is random, so the network does not depend on
-    where the kept rows fall in a tile.
+    With ``lateral_axes='yx'`` half of the square crops are transposed before
+    degradation, so the network learns to restore along both lateral axes (it
+    is applied with Z along Y and along X). The degraded row phase is random,
+    so the network does not depend on where the kept rows fall in a tile.
 
     Parameters
     ----------
@@ -126,6 +127,8 @@ def create_cropped_image_dataset(
         intensities are used as they are, every crop accepted.
     profile_fwhm : float
         Slice profile of the degradation (see :func:`downscale_upscale_height`).
+    lateral_axes : {'yx', 'y'}
+        'yx': degrade along Y or X at random (square crops); 'y': along Y only.
 
     Returns
     -------
@@ -138,6 +141,8 @@ def create_cropped_image_dataset(
         stack = np.asarray(downscaled_stack_dhw, dtype=np.float32)
         min_content_ratio = -np.inf
     check_crop_size(stack.shape, crop_size_zyx, factor)
+    if lateral_axes not in ("yx", "y"):
+        raise UserError(f"TRAIN_LATERAL_AXES must be 'yx' or 'y', got '{lateral_axes}'.")
     depth, height, width = crop_size_zyx
     rng = np.random.default_rng(random_state)
     inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
@@ -149,7 +154,7 @@ def create_cropped_image_dataset(
         y0 = rng.integers(0, stack.shape[1] - height + 1)
         x0 = rng.integers(0, stack.shape[2] - width + 1)
         crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
-        if height == width and rng.random() < 0.5:
+        if rng.random() < 0.5 and height == width and lateral_axes == "yx":
             crop = crop.transpose(0, 2, 1)
         label = crop[depth // 2]
         if label.mean() < min_content_ratio:
@@ -321,6 +326,7 @@ def fit_on_sparse_stack(
     precision: str = "fp32",
     kind: str = "mask",
     profile_fwhm: float = 0.0,
+    lateral_axes: str = "yx",
     intensity_loss: str = "l1",
     device: Optional[torch.device] = None,
     progress: bool = True,
@@ -340,7 +346,7 @@ def fit_on_sparse_stack(
     seed_everything(random_state)
     inputs, labels = create_cropped_image_dataset(sparse_dhw, (train_z_size, train_xy_size, train_xy_size), train_nb,
                                                   factor, min_content_ratio, random_state, upscale_method, kind,
-                                                  profile_fwhm)
+                                                  profile_fwhm, lateral_axes)
     train_loader, val_loader = make_loaders(inputs, labels, val_split, batch_size, random_state)
     model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
                              dropout_rate=dropout_rate, input_skip=input_skip,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import bench
-from data import downsample_z, make_sample_stack, save_stack
-from metrics import calculate_iou, reconstructed_indices
+from data import downsample_z, make_sample_intensity, make_sample_stack, save_stack
+from metrics import calculate_iou, reconstructed_indices, score_intensity_reconstruction
 from morph import interpolate_along_axis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +48,27 @@ def test_bench_quick_rows_and_scores(tmp_path):
     # Never overwrites an existing output folder.
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_bench_intensity_rows_scores_and_before_after_figure(tmp_path):
+    truth = make_sample_intensity((24, 48, 48), seed=1)  # uint8 grey values
+    source = tmp_path / "grey.tif"
+    save_stack(source, truth, (1.0, 1.0, 1.0))
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "bench.py", "--kind", "intensity", "--input", str(source), "--factors", "4", "--out",
+           str(out), "--set", "TRAIN_XY_SIZE=32", "TRAIN_Z_SIZE=3", "TRAIN_NB=32", "NUM_EPOCHS=1", "BASE_FILTERS=4",
+           "DEPTH=2", "INFERENCE_TILE_SIZE=48"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "bench_results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["linear", "cubic", "network"]
+    sparse, kept = downsample_z(truth, 4)
+    linear = np.clip(np.rint(interpolate_along_axis(sparse, kept, truth.shape[0], method="linear")), 0, 255)
+    expected = score_intensity_reconstruction(linear.astype(np.uint8), truth, kept)
+    assert rows[0]["psnr_recon"] == pytest.approx(expected["psnr_recon"], abs=1e-3)
+    assert rows[0]["ssim_recon"] == pytest.approx(expected["ssim_recon"], abs=1e-4)
+    assert rows[2]["train_s"] > 0 and rows[0]["train_s"] is None
+    assert (out / "comparison_grey_f4.png").stat().st_size > 10_000  # the XZ before/after section
 
 
 def test_bench_rejects_missing_input(tmp_path):

@@ -16,7 +16,7 @@ from data import (UserError, decide_kind, denormalize_intensity, downsample_z, i
 from eval import default_settings
 from metrics import score_intensity_reconstruction
 from morph import interpolate_along_axis
-from restore import restore_intensity, upscale_height
+from restore import EPOCHS_BY_KIND, restore_intensity, training_kwargs, upscale_height
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-xy-size", "32", "--train-z-size", "3", "--train-nb", "96", "--num-epochs", "1",
@@ -107,6 +107,18 @@ def test_intensity_model_cannot_restore_a_mask_and_vice_versa():
     sparse = np.zeros((5, 16, 16), bool)
     with pytest.raises(UserError, match="trained on grey-scale"):
         restore_probabilities(sparse, 4, dict(default_settings(), TRAIN_Z_SIZE=3), model=CentreChannel(3))
+
+
+def test_training_budget_by_kind_unless_num_epochs_is_given():
+    settings = default_settings()
+    assert settings["NUM_EPOCHS"] == 0  # the default: each kind's own budget
+    assert training_kwargs(settings, "mask")["num_epochs"] == EPOCHS_BY_KIND["mask"] == 5
+    assert training_kwargs(settings, "intensity")["num_epochs"] == EPOCHS_BY_KIND["intensity"] == 10
+    settings["NUM_EPOCHS"] = 3
+    assert training_kwargs(settings, "mask")["num_epochs"] == training_kwargs(settings, "intensity")["num_epochs"] == 3
+    result = subprocess.run([sys.executable, "eval.py", "--num-epochs", "-1", "--show", "no"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "NUM_EPOCHS must be 0 (by kind)" in result.stderr
 
 
 def test_trained_intensity_network_beats_linear_on_a_tiny_problem():

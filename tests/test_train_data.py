@@ -116,6 +116,16 @@ def test_cropped_dataset_non_square_and_five_channels(sparse_stack):
         assert source is not None and source[3] is False  # non-square crops are never transposed
 
 
+def test_cropped_dataset_lateral_axes_y_degrades_along_y_only(sparse_stack):
+    inputs, labels = create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=8, factor=4,
+                                                  random_state=0, lateral_axes="y")
+    for i in range(8):
+        source = _find_source(sparse_stack, inputs[i], labels[i, 0], 4)
+        assert source is not None and source[3] is False, i
+    with pytest.raises(ValueError, match="TRAIN_LATERAL_AXES must be 'yx' or 'y'"):
+        create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=2, factor=4, lateral_axes="x")
+
+
 def test_cropped_dataset_empty_stack():
     with pytest.raises(ValueError, match="MIN_CONTENT_RATIO"):
         create_cropped_image_dataset(np.zeros((5, 20, 20), bool), (3, 16, 16), n_samples=2, factor=4)
