@@ -17,8 +17,7 @@ import numpy as np
 import blocks
 import zarr_io
 from data import (KINDS, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  factor_from_voxel_size, read_calibration, read_mask_or_labels, read_typed_stack, save_stack,
-                  stack_shape)
+                  factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_shape)
 from eval import build_parser, default_settings, run_cli, validate_settings
 from model import load_model, save_model
 from restore import SETTINGS, model_config, restore_intensity, restore_stack
@@ -96,8 +95,8 @@ def build_apply_parser() -> argparse.ArgumentParser:
     shared = build_parser(names=RESTORE_SETTING_NAMES, add_help=False, suppress_defaults=True)
     parser = argparse.ArgumentParser(
         parents=[shared], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Restore anisotropic binary or label stacks to isotropic voxels. Without --model, a network "
-                    "is trained on each input itself (self-supervised, as in eval.py).")
+        description="Restore anisotropic masks, label images or grey-scale stacks to isotropic voxels. Without "
+                    "--model, a network is trained on each input itself (self-supervised, as in eval.py).")
     parser.add_argument("--input", nargs="+", required=True,
                         help="multipage TIFF(s), slice folder(s), OME-Zarr image(s) or label image(s), or a glob")
     parser.add_argument("--output", required=True,
@@ -206,10 +205,7 @@ def restore_files(args: argparse.Namespace) -> None:
         raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
                         "names or restore them in separate calls.")
     check_large_volume_flags(args, targets)
-    if kind == "intensity" and (args.save_probabilities != "none" or any(
-            zarr_io.is_zarr_path(p) for p in list(inputs) + targets)):
-        raise UserError("Grey-scale stacks (--kind intensity) are restored from and into TIFF, in memory; they have "
-                        "no probabilities (--save-probabilities) and are not yet restored block-wise into OME-Zarr.")
+    check_kind_flags(args, kind)
     extra = [probabilities_path_for(t) for t in targets] if args.save_probabilities != "none" else []
     extra += [t.with_name(t.stem + "_preview.png") for t in targets] if args.preview else []
     extra += [Path(args.save_model)] if args.save_model else []
@@ -230,10 +226,15 @@ def restore_files(args: argparse.Namespace) -> None:
         settings["TRAIN_Z_SIZE"] = model.architecture["in_channels"]
     validate_settings(settings)
 
+    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
     plans = []
     for path in inputs:
         # first: a damaged file is named as damaged, not as uncalibrated
-        shape = zarr_io.open_image(path).shape if zarr_io.is_zarr_path(path) else stack_shape(path)
+        image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None
+        shape = image.shape if image is not None else stack_shape(path)
+        # A Zarr input's kind is told from a sample, before any work; a TIFF's ('auto') once it is read.
+        input_kind = kind if image is None else zarr_io.image_kind(image, kind, threshold)
+        check_kind_flags(args, input_kind, path)
         (z_step, y_size, xy_size), unit, said = voxel_size_for(path, args.z_step, args.xy_size, args.unit)
         factor, out_z = factor_from_voxel_size(z_step, xy_size)
         if model is None:
@@ -241,20 +242,18 @@ def restore_files(args: argparse.Namespace) -> None:
                             factor)
         elif saved_config.get("factor") not in (None, factor):
             warnings.warn(f"The model was trained at factor {saved_config['factor']}; '{path}' needs {factor}.")
-        plans.append((path, factor, (out_z, y_size, xy_size), unit, said))
+        plans.append((path, input_kind, factor, (out_z, y_size, xy_size), unit, said))
 
-    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
-    for (path, factor, voxel, unit, said), target in zip(plans, targets):
-        labels_flag = {"labels": "yes", "mask": "no"}.get(kind, "auto")
+    for (path, input_kind, factor, voxel, unit, said), target in zip(plans, targets):
         if zarr_io.is_zarr_path(target):
-            args.labels = labels_flag
-            restore_into_ome_zarr(args, path, target, factor, voxel, unit, said, settings, model, threshold)
+            restore_into_ome_zarr(args, input_kind, path, target, factor, voxel, unit, said, settings, model,
+                                  threshold)
             continue
         if zarr_io.is_zarr_path(path):  # a TIFF output holds the whole stack in memory: so may the input
-            mask, labels = zarr_io.read_mask_or_labels(zarr_io.open_image(path), threshold, labels_flag)
-            stack_kind = "labels" if labels is not None else "mask"
+            stack_kind, mask, labels = zarr_io.read_typed_image(zarr_io.open_image(path), input_kind, threshold)
         else:
-            stack_kind, mask, labels = read_typed_stack(path, kind, threshold)
+            stack_kind, mask, labels = read_typed_stack(path, input_kind, threshold)
+            check_kind_flags(args, stack_kind, path)
         print(f"{path.name}: {mask.shape} (Z, Y, X), {stack_kind}; factor {factor} from {said} -> "
               f"{(mask.shape[0] - 1) * factor + 1} slices")
         if stack_kind == "intensity":
@@ -278,6 +277,14 @@ def restore_files(args: argparse.Namespace) -> None:
               f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
 
 
+def check_kind_flags(args: argparse.Namespace, kind: str, path: Optional[Path] = None) -> None:
+    """Reject flags that a stack of ``kind`` cannot use (the command line's kind, or one input's)."""
+    if kind == "intensity" and args.save_probabilities != "none":
+        what = f"'{path}' is a grey-scale stack" if path else "Grey-scale stacks (--kind intensity) are"
+        raise UserError(f"{what} restored as grey values, which have no foreground probabilities: leave out "
+                        "--save-probabilities.")
+
+
 def check_large_volume_flags(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     """Reject flags of the block-wise restore that cannot apply, before any work."""
     to_zarr = [zarr_io.is_zarr_path(t) for t in targets]
@@ -297,32 +304,37 @@ def check_large_volume_flags(args: argparse.Namespace, targets: Sequence[Path]) 
         blocks.chunk_edge(args.block_size)
 
 
-def restore_into_ome_zarr(args: argparse.Namespace, path: Path, target: Path, factor: int,
+def restore_into_ome_zarr(args: argparse.Namespace, kind: str, path: Path, target: Path, factor: int,
                           voxel: Tuple[float, float, float], unit: str, said: str, settings: dict, model,
                           threshold: Optional[float]) -> None:
     """One input into an OME-Zarr output, block by block (``blocks.restore_to_ome_zarr``). A Zarr input is
-    read window by window; a TIFF input is read whole (it fits in memory) and restored block by block."""
+    read window by window; a TIFF input is read whole (it fits in memory) and restored block by block.
+    ``kind`` may be 'auto' (decided here by the rule of ``data.read_typed_stack``)."""
     if zarr_io.is_zarr_path(path):
         image = zarr_io.open_image(path)
+        stack_kind = zarr_io.image_kind(image, kind, threshold)
         source, translation, name = image, image.translation_zyx, image.name
-        labels = image if zarr_io.wants_labels(image, args.labels, threshold) else None
+        labels = image if stack_kind == "labels" else None
     else:
-        source, labels = read_mask_or_labels(path, threshold, args.labels)
+        stack_kind, source, labels = read_typed_stack(path, kind, threshold)
         translation, name = (0.0, 0.0, 0.0), path.stem
+    check_kind_flags(args, stack_kind, path)
     depth = (source.shape[0] - 1) * factor + 1
-    print(f"{path.name}: {tuple(source.shape)} (Z, Y, X){' with label ids' if labels is not None else ''}; "
-          f"factor {factor} from {said} -> {depth} slices, into {target} (NGFF {args.ngff_version}, blocks of "
-          f"{args.block_size} x {args.block_size} pixels)")
+    print(f"{path.name}: {tuple(source.shape)} (Z, Y, X), {stack_kind}; factor {factor} from {said} -> {depth} "
+          f"slices, into {target} (NGFF {args.ngff_version}, blocks of {args.block_size} x {args.block_size} "
+          "pixels)")
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
+    config = dict(model_config(settings, factor), kind=stack_kind)
     result = blocks.restore_to_ome_zarr(
-        source, target, factor, settings, voxel, unit, model=model, model_config=model_config(settings, factor),
-        labels_source=labels, label_name=name, translation_zyx=translation, source_name=str(path),
-        binarize_threshold=threshold, block_size=args.block_size, ngff_version=args.ngff_version,
-        probabilities=probabilities, probabilities_output=probabilities_path_for(target) if probabilities else None,
-        workers=args.workers, worker_memory=args.worker_memory, scheduler=args.scheduler, resume=args.resume,
-        overwrite=args.overwrite, max_blocks=args.max_blocks)
+        source, target, factor, settings, voxel, unit, kind="intensity" if stack_kind == "intensity" else "mask",
+        model=model, model_config=config, labels_source=labels, label_name=name, translation_zyx=translation,
+        source_name=str(path), binarize_threshold=threshold, block_size=args.block_size,
+        ngff_version=args.ngff_version, probabilities=probabilities,
+        probabilities_output=probabilities_path_for(target) if probabilities else None, workers=args.workers,
+        worker_memory=args.worker_memory, scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
+        max_blocks=args.max_blocks)
     if args.save_model and result["model"] is not None:
-        save_model(args.save_model, result["model"], model_config(settings, factor), overwrite=args.overwrite)
+        save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
     if result["state"] == "complete":
         print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "
               f"training {result['train_s']:.0f} s, restoring {result['restore_s']:.0f} s "

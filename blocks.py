@@ -6,16 +6,18 @@ The restored stack is cut into *blocks*: all of Z by ``block_size`` x
 blocks write the same chunk. A block reads only its *read window* of kept
 slices (:func:`restore.read_window`), runs the in-memory engine's own kernel
 (:func:`restore.restore_block`, on the global tile grid, so the result does not
-depend on the block size), thresholds it and writes its region into an
-OME-Zarr output (``zarr_io.py``). Memory per block is set by the block size
-and the depth, never by the lateral size of the volume.
+depend on the block size), thresholds it (masks) or maps it back to grey values
+(grey-scale stacks, normalised by one range of the whole volume,
+:func:`volume_intensity_range`) and writes its region into an OME-Zarr output
+(``zarr_io.py``). Memory per block is set by the block size and the depth,
+never by the lateral size of the volume.
 
-Passes, each a list of independent tasks: (1) probabilities and mask per
-block; (2) for label images, ids per block from the mask of the block and a
-halo around it (:func:`restore.assign_labels` works on 2D components and
-distances, so the halo grows until the conditions under which the block's ids
-match the whole-slice ones hold, see :func:`_ids_could_differ`); (3) the
-pyramid, level by level.
+Passes, each a list of independent tasks: (1) probabilities and mask, or grey
+values, per block; (2) for label images, ids per block from the mask of the
+block and a halo around it (:func:`restore.assign_labels` works on 2D
+components and distances, so the halo grows until the conditions under which
+the block's ids match the whole-slice ones hold, see :func:`_ids_could_differ`);
+(3) the pyramid, level by level.
 
 Tasks run in this process one after the other (``workers=0``), on a local
 Dask cluster of worker processes, or on an existing cluster
@@ -48,7 +50,8 @@ from tqdm.auto import tqdm
 
 import restore
 import zarr_io
-from data import OutputExistsError, UserError
+from data import (OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
+                  normalize_intensity)
 from model import fuse_for_inference, load_model, save_model, select_device
 from zarr_io import OmeZarrImage, ZarrImage
 
@@ -60,6 +63,7 @@ LABEL_HALO = 64  # first halo (pixels) of the label-id pass; doubled while a blo
 MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids are accepted and reported
 LABEL_SLAB_VOXELS = 16_000_000  # voxels of mask per label-id step (a few kept-slice intervals at a time)
 TRAINING_BYTES = 256 * 2**20  # kept-slice bytes read from a large store to train on
+INTENSITY_SAMPLE_VALUES = 10_000_000  # grey values read to find a store's range (data.intensity_range's sample)
 # Host memory a worker using CUDA adds (context and libraries): measured 1.2-1.35 GiB peak per worker on an
 # H200 with torch 2.11, against 0.35-0.5 GiB on CPU; such workers need --worker-memory 2GiB or more.
 CUDA_HOST_BYTES = 1 * 2**30
@@ -120,16 +124,27 @@ def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None))
     return source.read(z, rows, cols)
 
 
-def _read_foreground(source: Source, rows: slice, cols: slice, threshold: Optional[float],
-                     slices_per_read: int = 16) -> np.ndarray:
-    """The mask of a window of kept slices ``(K, h, w)``, read a few slices at a time so that an id
-    image (4 or 8 bytes per voxel) is never held whole next to its mask."""
+def _engine_input(values: np.ndarray, threshold: Optional[float],
+                  value_range: Optional[Tuple[float, float]]) -> np.ndarray:
+    """What the kernel takes of stored values: their mask (``zarr_io.foreground``), or with
+    ``value_range`` the grey values normalised by it (float32, ``data.normalize_intensity``)."""
+    if value_range is None:
+        return zarr_io.foreground(values, threshold)
+    return normalize_intensity(values, value_range)
+
+
+def _read_engine_input(source: Source, rows: slice, cols: slice, threshold: Optional[float],
+                       value_range: Optional[Tuple[float, float]] = None, slices_per_read: int = 16) -> np.ndarray:
+    """:func:`_engine_input` of a window of kept slices ``(K, h, w)`` (bool, or float32 with
+    ``value_range``), read a few slices at a time so that the stored values (an id image: 4 or 8
+    bytes per voxel) are never held whole next to it."""
     depth = source.shape[0]
-    mask = np.empty((depth, rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    out = np.empty((depth, rows.stop - rows.start, cols.stop - cols.start),
+                   dtype=bool if value_range is None else np.float32)
     for k0 in range(0, depth, slices_per_read):
         z = slice(k0, min(k0 + slices_per_read, depth))
-        mask[z] = zarr_io.foreground(_read_kept(source, rows, cols, z), threshold)
-    return mask
+        out[z] = _engine_input(_read_kept(source, rows, cols, z), threshold, value_range)
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -190,23 +205,29 @@ class RestoreJob:
     Attributes
     ----------
     source : ZarrImage or ndarray, shape (K, H, W)
-        The kept slices (masks, grey values or ids: foreground by ``binarize_threshold``).
+        The kept slices (masks, grey values or ids: foreground by
+        ``binarize_threshold``; grey values restored as such with ``value_range``).
     plan : BlockPlan of the output ``(D, H, W)``
     factor : int
     inference : dict
         Keyword arguments of :func:`restore.restore_block` (``restore.inference_kwargs``).
     probability_threshold : float
     kernel_dtype : str
-        dtype the kernel computes probabilities into (uint8 stores ``round(255 p)``).
-    mask : OmeZarrImage
-        The output image (uint8, 0/255).
+        dtype the kernel computes probabilities into (uint8 stores ``round(255 p)``);
+        float32 for grey values.
+    image : OmeZarrImage
+        The output image: the mask (uint8, 0/255), or grey values of the input's
+        dtype (``data.grey_dtype``).
     probabilities : OmeZarrImage or None
-        Where probabilities go, when they are kept.
+        Where probabilities go, when they are kept (masks only).
     output : str
         The output store (markers, model file).
     model_path : str
     device : str or None
     binarize_threshold : float or None
+    value_range : (lo, hi) or None
+        Grey-scale stacks: the range of the whole volume that normalises every
+        block (:func:`volume_intensity_range`); None for masks.
     """
     source: Any
     plan: BlockPlan
@@ -214,12 +235,13 @@ class RestoreJob:
     inference: Dict[str, Any]
     probability_threshold: float
     kernel_dtype: str
-    mask: OmeZarrImage
+    image: OmeZarrImage
     probabilities: Optional[OmeZarrImage]
     output: str
     model_path: str
     device: Optional[str] = None
     binarize_threshold: Optional[float] = None
+    value_range: Optional[Tuple[float, float]] = None
 
 
 def read_window_for(global_hw: Tuple[int, int], region: Region, factor: int, inference: Dict[str, Any]) -> Region:
@@ -233,23 +255,38 @@ def read_window_for(global_hw: Tuple[int, int], region: Region, factor: int, inf
 
 
 def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
-    """Pass 1 for block ``index``: read its window, run the kernel, threshold, write, mark it finished.
+    """Pass 1 for block ``index``: read its window, run the kernel, threshold it (masks) or map it back
+    to grey values, write, mark it finished.
 
     Returns
     -------
-    dict with ``index``, ``seconds`` and ``foreground`` (voxels)
+    dict with ``index``, ``seconds`` and, for masks, ``foreground`` (voxels)
     """
     start = time.perf_counter()
     region = job.plan.region(index)
-    (y0, y1), (x0, x1) = region
+    write = _write_mask if job.value_range is None else _write_grey_values
+    # The kernel's output goes straight to the writer (no reference kept here), which frees it early.
+    result = write(job, region, _restore_region(job, region))
+    mark_finished(job.output, "restore", index)
+    return dict(result, index=index, seconds=time.perf_counter() - start)
+
+
+def _restore_region(job: RestoreJob, region: Region) -> np.ndarray:
+    """The kernel's output for ``region`` (all of Z): probabilities of ``job.kernel_dtype``, or
+    normalised grey values (float32); its read window is freed on return."""
     (wy0, wy1), (wx0, wx1) = read_window_for(job.plan.shape_dhw[1:], region, job.factor, job.inference)
-    kept = _read_foreground(job.source, slice(wy0, wy1), slice(wx0, wx1), job.binarize_threshold)
+    kept = _read_engine_input(job.source, slice(wy0, wy1), slice(wx0, wx1), job.binarize_threshold,
+                              job.value_range)
     model = cached_model(job.model_path, job.device)
-    probabilities = restore.restore_block(model, kept, (wy0, wx0), job.plan.shape_dhw[1:], region, job.factor,
-                                          depth=job.plan.shape_dhw[0], out_dtype=np.dtype(job.kernel_dtype),
-                                          device=torch.device(job.device) if job.device else None, progress=False,
-                                          **job.inference)
-    del kept
+    return restore.restore_block(model, kept, (wy0, wx0), job.plan.shape_dhw[1:], region, job.factor,
+                                 depth=job.plan.shape_dhw[0], out_dtype=np.dtype(job.kernel_dtype),
+                                 device=torch.device(job.device) if job.device else None, progress=False,
+                                 **job.inference)
+
+
+def _write_mask(job: RestoreJob, region: Region, probabilities: np.ndarray) -> Dict[str, Any]:
+    """Write a block's probabilities (when kept) and its mask (0/255); returns ``foreground`` (voxels)."""
+    (y0, y1), (x0, x1) = region
     target = (slice(None), slice(y0, y1), slice(x0, x1))
     if job.probabilities is not None:
         stored = np.dtype(job.probabilities.dtype)
@@ -260,9 +297,26 @@ def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
     del probabilities
     values = mask.view(np.uint8)
     values *= 255  # 0/255, as the TIFF output stores masks
-    job.mask.write(target, values)
-    mark_finished(job.output, "restore", index)
-    return {"index": index, "seconds": time.perf_counter() - start, "foreground": int(np.count_nonzero(values))}
+    job.image.write(target, values)
+    return {"foreground": int(np.count_nonzero(values))}
+
+
+def _write_grey_values(job: RestoreJob, region: Region, normalized: np.ndarray,
+                       slices_per_step: int = 16) -> Dict[str, Any]:
+    """Write a block's grey values: the kernel's normalised values mapped back with the volume's range
+    to the output's dtype, the kept slices copied verbatim, as ``restore.restore_intensity`` does.
+    Returns no counters."""
+    (y0, y1), (x0, x1) = region
+    values = np.empty(normalized.shape, dtype=job.image.dtype)
+    # A few slices at a time: the way back makes float32 temporaries, which whole would triple the block.
+    for z0 in range(0, len(values), slices_per_step):
+        z = slice(z0, z0 + slices_per_step)
+        values[z] = denormalize_intensity(normalized[z], job.value_range, values.dtype)
+    del normalized
+    if job.inference.get("keep_kept_slices", True):
+        restore.copy_kept_slices(values, _read_kept(job.source, slice(y0, y1), slice(x0, x1)), job.factor)
+    job.image.write((slice(None), slice(y0, y1), slice(x0, x1)), values)
+    return {}
 
 
 @dataclass(frozen=True)
@@ -468,39 +522,70 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
 # Training on a large store
 # --------------------------------------------------------------------------- #
 def training_stack(source: Source, settings: Dict[str, Any], binarize_threshold: Optional[float] = None,
-                   max_bytes: int = TRAINING_BYTES) -> np.ndarray:
+                   max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None
+                   ) -> np.ndarray:
     """Kept slices to train on, at most ``max_bytes`` of them read from the store.
 
     An in-memory source, or a store that small, is used whole (the training is
     then exactly the in-memory one). A larger store gives random lateral
     windows of all K slices, ``8 x TRAIN_XY_SIZE`` wide, as many as hold about
     ``2 x TRAIN_NB`` training crops (and fit in ``max_bytes``), laid side by
-    side along X. A window whose middle slice has less foreground than
-    ``MIN_CONTENT_RATIO`` is drawn again (a few times).
+    side along X. For a mask, a window whose middle slice has less foreground
+    than ``MIN_CONTENT_RATIO`` is drawn again (a few times); grey values take
+    every window (training takes every grey-value crop too).
+
+    Parameters
+    ----------
+    value_range : (lo, hi), optional
+        Grey-scale stacks: read grey values normalised by this range (the
+        volume's, :func:`volume_intensity_range`) instead of a mask.
 
     Returns
     -------
-    ndarray of bool, shape (K, h, w)
+    ndarray of bool (masks) or float32 (normalised grey values), shape (K, h, w)
     """
     if isinstance(source, np.ndarray):
-        return zarr_io.foreground(source, binarize_threshold)
+        return _engine_input(source, binarize_threshold, value_range)
     n_kept, height, width = source.shape
-    if n_kept * height * width <= max_bytes:
-        return _read_foreground(source, slice(0, height), slice(0, width), binarize_threshold)
+    itemsize = 1 if value_range is None else 4  # bytes per voxel of what is returned
+    if n_kept * height * width * itemsize <= max_bytes:
+        return _read_engine_input(source, slice(0, height), slice(0, width), binarize_threshold, value_range)
     crop = int(settings["TRAIN_XY_SIZE"])
     side = min(height, width, 8 * crop)
     wanted = math.ceil(2 * settings["TRAIN_NB"] * crop ** 2 / side ** 2)
-    count = max(1, min(wanted, max_bytes // (n_kept * side * side)))
+    count = max(1, min(wanted, max_bytes // (n_kept * side * side * itemsize)))
     rng = np.random.default_rng(settings["RANDOM_STATE"])
     windows = []
     for _ in range(count):
         for _attempt in range(4):
             y0, x0 = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-            window = _read_foreground(source, slice(y0, y0 + side), slice(x0, x0 + side), binarize_threshold)
-            if window[n_kept // 2].mean() >= settings["MIN_CONTENT_RATIO"]:
+            window = _read_engine_input(source, slice(y0, y0 + side), slice(x0, x0 + side), binarize_threshold,
+                                        value_range)
+            if value_range is not None or window[n_kept // 2].mean() >= settings["MIN_CONTENT_RATIO"]:
                 break
         windows.append(window)
     return np.concatenate(windows, axis=2)
+
+
+def volume_intensity_range(source: Source, max_values: int = INTENSITY_SAMPLE_VALUES) -> Tuple[float, float]:
+    """One grey-value range ``(lo, hi)`` for the whole volume (``data.intensity_range``), found once
+    before any block so that every block is normalised alike.
+
+    An in-memory source gives exactly ``data.intensity_range`` of it (so the
+    block-wise restore equals the in-memory one), and so does a store of at
+    most ``max_values`` values. A larger store gives the range of a sample of
+    about ``max_values`` values: every n-th kept slice and every m-th row of
+    those (as many slices as rows are skipped), read slice by slice.
+    """
+    if isinstance(source, np.ndarray):
+        return intensity_range(source)
+    n_kept, height, width = source.shape
+    excess = n_kept * height * width / max_values
+    slice_step = max(1, min(n_kept, int(math.sqrt(excess))))
+    n_slices = math.ceil(n_kept / slice_step)
+    row_step = max(1, math.ceil(n_slices * height * width / max_values))
+    sample = [source.read(slice(k, k + 1), slice(0, height, row_step)).ravel() for k in range(0, n_kept, slice_step)]
+    return intensity_range(np.concatenate(sample))
 
 
 # --------------------------------------------------------------------------- #
@@ -538,14 +623,19 @@ def _same_weights(first: nn.Module, second: nn.Module) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
-def estimate_block_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str) -> int:
-    """Rough peak bytes of one restore task: the block's probabilities (and their mask), the read
-    window of kept slices twice (stored values and the engine's copy) and the network's tiles."""
+def estimate_block_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str,
+                          grey_values: Optional[str] = None) -> int:
+    """Rough peak bytes of one restore task: the block's kernel output and what is written of it (the
+    mask, or grey values of dtype ``grey_values``), the read window of kept slices twice (stored
+    values and the engine's copy: bytes for a mask, float32 for normalised grey values) and the
+    network's tiles."""
     depth = plan.shape_dhw[0]
     size = min(plan.block_size, max(plan.shape_dhw[1:]))
     window = (size + 2 * inference["tile_size"]) ** 2
     tiles = inference["batch_size"] * inference["tile_size"] ** 2 * 4 * 64  # activations, a generous constant
-    return depth * size * size * (np.dtype(kernel_dtype).itemsize + 1) + 2 * n_kept * window + tiles + 300 * 2**20
+    written, kept = (1, 1) if grey_values is None else (np.dtype(grey_values).itemsize, 4)
+    return (depth * size * size * (np.dtype(kernel_dtype).itemsize + written) + 2 * n_kept * window * kept + tiles
+            + 300 * 2**20)
 
 
 def restore_to_ome_zarr(
@@ -556,6 +646,7 @@ def restore_to_ome_zarr(
     voxel_size_zyx: Sequence[float],
     unit: str,
     *,
+    kind: str = "mask",
     model: Optional[nn.Module] = None,
     model_config: Optional[Dict[str, Any]] = None,
     labels_source: Optional[Source] = None,
@@ -584,16 +675,22 @@ def restore_to_ome_zarr(
     ----------
     source : ZarrImage or ndarray, shape (K, H, W)
         Kept slices (Z step ``factor``); foreground is non-zero (or
-        ``> binarize_threshold``). An ndarray is staged into the output when
-        worker processes are used.
+        ``> binarize_threshold``), or grey values. An ndarray is staged into
+        the output when worker processes are used.
     output : path of the new ``.ome.zarr``
     factor : int
     settings : dict
         ``eval.default_settings()``-style constants (training and inference).
     voxel_size_zyx, unit : the output's voxel size (isotropic-ish) and unit
+    kind : {'mask', 'intensity'}
+        'intensity': ``source`` holds grey values, restored as
+        ``restore.restore_intensity`` restores them (one range for the whole
+        volume, :func:`volume_intensity_range`, kept in the run's record) into
+        an image of the input's dtype (``data.grey_dtype``) with an averaged
+        pyramid; no labels, no probabilities. Label ids come with ``labels_source``.
     model : nn.Module, optional
-        A trained model; without one, a model is trained on (a bounded part of)
-        ``source`` (:func:`training_stack`).
+        A trained model (of ``kind``); without one, a model is trained on (a
+        bounded part of) ``source`` (:func:`training_stack`).
     model_config : dict, optional
         Stored with the model file (``model.save_model``'s ``config``).
     labels_source : ZarrImage or ndarray of uint, shape (K, H, W), optional
@@ -625,7 +722,7 @@ def restore_to_ome_zarr(
     dict with ``state`` ('complete' or 'partial'), ``blocks``, ``skipped``,
     ``restored`` (blocks restored by this call), ``train_s``, ``restore_s``,
     ``label_blocks_inexact``, ``model`` (the model used), ``layout``
-    (:class:`zarr_io.OutputLayout`).
+    (:class:`zarr_io.OutputLayout`), ``value_range`` (grey values, else None).
     """
     output = os.path.abspath(str(output))
     chunk_xy = chunk_edge(block_size)
@@ -636,6 +733,7 @@ def restore_to_ome_zarr(
         raise UserError(f"probabilities must be uint8, float16 or float32, got '{probabilities}'.")
     if probabilities and not probabilities_output:
         raise UserError("Probabilities need a probabilities_output path.")
+    _check_kind(kind, model, labels_source, probabilities)
     targets = [output] + ([os.path.abspath(str(probabilities_output))] if probabilities else [])
     exists = [t for t in targets if os.path.exists(t)]
     resuming = resume and os.path.exists(output)
@@ -647,11 +745,15 @@ def restore_to_ome_zarr(
         raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
     plan = BlockPlan(((n_kept - 1) * factor + 1, height, width), block_size)
     inference = restore.inference_kwargs(settings)
-    kernel_dtype = {"float16": "float16", "float32": "float32"}.get(probabilities, "uint8")
+    grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None  # the output's dtype
+    kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
+                                                                                                  "uint8")
     _check_worker_memory(plan, n_kept, inference, kernel_dtype, worker_memory, bool(workers or scheduler),
-                         settings.get("DEVICE") or None)
+                         settings.get("DEVICE") or None, grey_values)
+    # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
+    value_range = volume_intensity_range(source) if grey_values else None
     plan_record = _json({
-        "input": _describe(source, source_name),
+        "input": _describe(source, source_name), "kind": kind, "value_range": value_range,
         "labels_input": None if labels_source is None else _describe(labels_source, source_name),
         "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(block_size),
         "ngff_version": ngff_version, "probabilities": probabilities, "binarize_threshold": binarize_threshold,
@@ -665,12 +767,12 @@ def restore_to_ome_zarr(
             print(f"'{output}' is already complete; nothing to resume.")
             return {"state": "complete", "blocks": len(plan), "skipped": len(plan), "restored": 0, "train_s": 0.0,
                     "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
-                    "layout": zarr_io.layout_from_record(record["layout"], output)}
+                    "layout": zarr_io.layout_from_record(record["layout"], output), "value_range": value_range}
     else:
         if model is None:
-            stack = training_stack(source, settings, binarize_threshold)
+            stack = training_stack(source, settings, binarize_threshold, value_range=value_range)
             print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
-            model, info = restore.train_on_stack(stack, factor, settings, progress=progress)
+            model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
             train_s = info["train_s"]
             del stack
         if overwrite:
@@ -679,7 +781,7 @@ def restore_to_ome_zarr(
         record = _new_run(output, plan, plan_record, model, model_config, voxel_size_zyx, unit, translation_zyx,
                           ngff_version, chunk_xy, labels_source, label_name,
                           probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8"),
-                          probabilities_output)
+                          probabilities_output, grey_values)
     layout = zarr_io.layout_from_record(record["layout"], output)
     prob_layout = (zarr_io.layout_from_record(record["probabilities_layout"], targets[1]) if probabilities
                    else None)
@@ -692,7 +794,8 @@ def restore_to_ome_zarr(
                 labels_source = _stage(output, "labels_input", labels_source)
         job = RestoreJob(source, plan, factor, inference, float(settings["PROBABILITY_THRESHOLD"]), kernel_dtype,
                          layout.image, prob_layout.image if prob_layout else None, output,
-                         str(Path(output) / MODEL_FILE), settings.get("DEVICE") or None, binarize_threshold)
+                         str(Path(output) / MODEL_FILE), settings.get("DEVICE") or None, binarize_threshold,
+                         value_range)
         done = finished_blocks(output, "restore")
         todo = [i for i in range(len(plan)) if i not in done]
         now = todo if max_blocks is None else todo[:max(0, max_blocks)]
@@ -700,7 +803,8 @@ def restore_to_ome_zarr(
         results = run_tasks(restore_one_block, job, now, client, retries, "Restoring blocks", progress)
         summary = {"state": "partial", "blocks": len(plan), "skipped": len(done), "restored": len(results),
                    "train_s": train_s, "restore_s": time.perf_counter() - start, "label_blocks_inexact": 0,
-                   "label_halos": [], "model": model, "layout": layout, "probabilities_layout": prob_layout}
+                   "label_halos": [], "model": model, "layout": layout, "probabilities_layout": prob_layout,
+                   "value_range": value_range}
         if len(now) < len(todo):
             print(f"{len(done) + len(results)} of {len(plan)} blocks restored; continue with --resume.")
             return summary
@@ -723,14 +827,29 @@ def restore_to_ome_zarr(
     return summary
 
 
+def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[Source],
+                probabilities: Optional[str]) -> None:
+    """Refuse, before any work, a kind that is not restored block-wise, a model of the other kind, and
+    label ids or probabilities of grey values."""
+    if kind not in ("mask", "intensity"):
+        raise UserError(f"kind must be 'mask' or 'intensity' (label ids come with labels_source), got '{kind}'.")
+    if model is not None:
+        restore.check_model_kind(model, kind)
+    if kind == "intensity" and (labels_source is not None or probabilities):
+        raise UserError("Grey-scale stacks (--kind intensity) are restored as grey values: they have no label ids "
+                        "and no probabilities (--save-probabilities).")
+
+
 def _check_worker_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str,
-                         worker_memory: str, on_workers: bool, device: Optional[str]) -> None:
-    """Reject a worker memory that is no size; warn when a block likely needs more than it."""
+                         worker_memory: str, on_workers: bool, device: Optional[str],
+                         grey_values: Optional[str] = None) -> None:
+    """Reject a worker memory that is no size; warn when a block likely needs more than it
+    (:func:`estimate_block_memory`)."""
     try:
         limit = parse_bytes(worker_memory)
     except (ValueError, TypeError) as error:
         raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
-    need = estimate_block_memory(plan, n_kept, inference, kernel_dtype)
+    need = estimate_block_memory(plan, n_kept, inference, kernel_dtype, grey_values)
     if select_device(device).type == "cuda":
         need += CUDA_HOST_BYTES
     if on_workers and need > limit:
@@ -764,12 +883,15 @@ def _resumed_run(output: str, plan_record: Dict[str, Any], model: Optional[nn.Mo
 def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: nn.Module,
              model_config: Optional[Dict[str, Any]], voxel_size_zyx: Sequence[float], unit: str,
              translation_zyx: Sequence[float], ngff_version: str, chunk_xy: int, labels_source: Optional[Source],
-             label_name: str, probabilities_dtype: Optional[str], probabilities_output) -> Dict[str, Any]:
+             label_name: str, probabilities_dtype: Optional[str], probabilities_output,
+             grey_values: Optional[str] = None) -> Dict[str, Any]:
     """Lay out the output (and the probabilities' output), keep the model in it, create the markers and
-    the run's record; returns the record."""
+    the run's record; returns the record. The image is a mask (uint8, max-pooled pyramid) or, with
+    ``grey_values`` (a dtype), grey values with an averaged pyramid."""
+    image_format = {"image_dtype": grey_values, "image_downsampling": "mean"} if grey_values else {}
     layout = zarr_io.create_output(output, plan.shape_dhw, voxel_size_zyx, unit, translation_zyx, ngff_version,
                                    label_dtype=None if labels_source is None else labels_source.dtype,
-                                   label_name=label_name, chunk_xy=chunk_xy)
+                                   label_name=label_name, chunk_xy=chunk_xy, **image_format)
     prob_layout = None
     if probabilities_dtype:
         prob_layout = zarr_io.create_output(probabilities_output, plan.shape_dhw, voxel_size_zyx, unit,

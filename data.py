@@ -655,11 +655,24 @@ def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[flo
     """
     raw = read_stack(path)
     kind = "mask" if kind == "auto" and threshold is not None else decide_kind(raw, kind, f"'{path}'")
+    return kind, *as_typed_stack(raw, kind, threshold, path)
+
+
+def as_typed_stack(raw: np.ndarray, kind: str, threshold: Optional[float], source: PathLike
+                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """What the engine restores of a stack of a decided ``kind`` (the values read from ``source``).
+
+    Returns
+    -------
+    stack_dhw : ndarray, shape (D, H, W)
+        the stored values for 'intensity', else the bool foreground (:func:`binarize`)
+    labels_dhw : ndarray of uint16 or None ('labels' only)
+    """
     if kind == "intensity":
-        return kind, raw, None
+        return raw, None
     if kind == "labels":
-        return kind, *as_label_image(raw, path)
-    return kind, binarize(raw, threshold, source=f"'{path}'"), None
+        return as_label_image(raw, source)
+    return binarize(raw, threshold, source=f"'{source}'"), None
 
 
 def as_label_image(raw: np.ndarray, source: PathLike) -> Tuple[np.ndarray, np.ndarray]:
@@ -701,14 +714,23 @@ def denormalize_intensity(values: np.ndarray, value_range: Tuple[float, float], 
     return as_grey_values(out, dtype)
 
 
-def as_grey_values(values: np.ndarray, dtype) -> np.ndarray:
-    """Float grey values as ``dtype``: rounded and clipped to the range of an integer
-    dtype (never wrapped around), float32 for float dtypes of 32 bits or fewer."""
+def grey_dtype(dtype) -> np.dtype:
+    """The dtype grey values of ``dtype`` are written in: an integer dtype itself, float32 for
+    float dtypes of 32 bits or fewer (float16 is not an ImageJ type), wider floats themselves."""
     dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer) or dtype.itemsize > 4:
+        return dtype
+    return np.dtype(np.float32)
+
+
+def as_grey_values(values: np.ndarray, dtype) -> np.ndarray:
+    """Float grey values as :func:`grey_dtype` of ``dtype``: rounded and clipped to the range
+    of an integer dtype (never wrapped around)."""
+    dtype = grey_dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return np.asarray(values).astype(np.float32 if dtype.itemsize <= 4 else dtype, copy=False)
+    return np.asarray(values).astype(dtype, copy=False)
 
 
 def make_sample_intensity(shape: Tuple[int, int, int] = (128, 128, 128), seed: int = 0) -> np.ndarray:

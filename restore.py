@@ -760,7 +760,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     if model is None:
         model, info = train_on_stack(foreground, factor, settings, device, progress)
-    _check_model_kind(model, "mask")
+    check_model_kind(model, "mask")
     start = time.perf_counter()
     info["inference"] = {}
     probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, original_depth=original_depth,
@@ -770,13 +770,21 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
     return probabilities, model, info
 
 
-def _check_model_kind(model: nn.Module, kind: str) -> None:
+def check_model_kind(model: nn.Module, kind: str) -> None:
     """A mask model cannot restore grey values, nor the reverse: say so before any work."""
     output = getattr(model, "architecture", {}).get("output", "logits")
     if (output == "intensity") != (kind == "intensity"):
         trained = "grey-scale intensities" if output == "intensity" else "masks"
         raise UserError(f"The model was trained on {trained}; it cannot restore a {kind} stack. Train a model on "
                         "this kind of stack (leave out --model) or pass the matching --kind.")
+
+
+def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: int) -> None:
+    """Write the kept grey values verbatim at ``0, factor, ...`` of ``restored_dhw`` (in place; those
+    within its depth). The engine's own copy holds normalised values, and the way back to grey values
+    is not exact in floating point."""
+    kept = np.arange(0, min(len(kept_khw) * factor, len(restored_dhw)), factor)
+    restored_dhw[kept] = kept_khw[: len(kept)]
 
 
 def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any],
@@ -815,7 +823,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, An
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     if model is None:
         model, info = train_on_stack(normalized, factor, settings, device, progress, kind="intensity")
-    _check_model_kind(model, "intensity")
+    check_model_kind(model, "intensity")
     start = time.perf_counter()
     info["inference"] = {}
     restored = apply_model_to_stack_tiled_slice_by_slice(model, normalized, factor, original_depth=original_depth,
@@ -824,8 +832,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, An
     del normalized
     restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
     if settings["KEEP_KEPT_SLICES"]:
-        kept = np.arange(0, min(len(stack_khw) * factor, len(restored)), factor)
-        restored[kept] = stack_khw[: len(kept)]
+        copy_kept_slices(restored, stack_khw, factor)
     info["infer_s"] = time.perf_counter() - start
     info["value_range"] = value_range
     return restored, model, info

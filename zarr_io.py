@@ -9,11 +9,13 @@ never loaded whole: :class:`ZarrImage` names the array and reads windows.
 
 Writing: :func:`create_output` lays out an OME-Zarr whose arrays are filled
 later, region by region (``blocks.py`` writes them from many processes): the
-restored mask as the image (uint8, 0/255 as in the TIFF output), the restored
-ids as a label image under ``labels/NAME`` with ``image-label`` metadata, and
-a pyramid made by max-pooling (masks) or striding (labels, probabilities),
-never by interpolation. The metadata is written with the ``ome-zarr``
-package's writer; ``ome_zarr.reader`` (what napari uses) reads it back.
+restored mask as the image (uint8, 0/255 as in the TIFF output) or the restored
+grey values (in the input's dtype), the restored ids as a label image under
+``labels/NAME`` with ``image-label`` metadata, and a pyramid made by
+max-pooling (masks), averaging (grey values) or striding (labels,
+probabilities), never by interpolation. The metadata is written with the
+``ome-zarr`` package's writer; ``ome_zarr.reader`` (what napari uses) reads it
+back.
 
 NGFF 0.4 (Zarr v2) is the default: Fiji's readers (N5/BigDataViewer,
 MoBIE) and most released tools read it, while 0.5 (Zarr v3) readers are
@@ -33,7 +35,7 @@ import numpy as np
 import zarr
 
 from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  as_label_image, binarize, is_label_image)
+                  as_grey_values, as_typed_stack, decide_kind)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -251,43 +253,43 @@ def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], fl
 
 
 def sample_for_label_detection(image: ZarrImage, max_side: int = 2048) -> np.ndarray:
-    """The central window (at most ``max_side`` square) of the middle slice: enough to tell a label image."""
+    """The central window (at most ``max_side`` square) of the middle slice: enough to tell a mask, a
+    label image and a grey-scale image apart."""
     depth, height, width = image.shape
     y0, x0 = max(0, (height - max_side) // 2), max(0, (width - max_side) // 2)
     return image.read(slice(depth // 2, depth // 2 + 1), slice(y0, y0 + max_side), slice(x0, x0 + max_side))
 
 
-def wants_labels(image: ZarrImage, labels: str = "auto", threshold: Optional[float] = None) -> bool:
-    """Whether ``image`` is restored with its ids: ``labels`` 'yes'/'no', or 'auto': a label image by its
-    ``image-label`` metadata, or an integer image with more than two values in a central sample (the rule
-    of ``data.read_mask_or_labels``), unless a binarization threshold is set."""
-    if labels != "auto":
-        return labels == "yes"
+def image_kind(image: ZarrImage, kind: str = "auto", threshold: Optional[float] = None) -> str:
+    """The kind of ``image`` by the rule of ``data.read_typed_stack``: ``kind`` when given; with 'auto',
+    a mask when a binarization threshold is set, a label image by its ``image-label`` metadata, else
+    ``data.decide_kind`` on a central sample (a two-valued image is a mask, a float one grey-scale, an
+    integer one with more values needs ``--kind``)."""
+    if kind != "auto":
+        return decide_kind(np.zeros(0, bool), kind)  # checks the name only: nothing needs reading
     if threshold is not None:
-        return False
+        return "mask"
     if image.is_label:
-        return True
-    return is_label_image(sample_for_label_detection(image))
+        return "labels"
+    return decide_kind(sample_for_label_detection(image), kind, f"'{image.path}'")
 
 
-def read_mask_or_labels(image: ZarrImage, threshold: Optional[float] = None,
-                        labels: str = "auto") -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """The whole image in memory as a mask (and ids), by the rules of ``data.read_mask_or_labels``.
+def read_typed_image(image: ZarrImage, kind: str = "auto", threshold: Optional[float] = None
+                     ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
+    """The whole image in memory, typed as ``data.read_typed_stack`` types a TIFF (see :func:`image_kind`).
 
     For outputs held in memory anyway (a TIFF output, whose ids are limited to
     0..65535); the block-wise restore reads windows instead.
 
     Returns
     -------
-    mask_dhw : ndarray of bool, shape (K, H, W)
+    kind : {'mask', 'labels', 'intensity'}
+    stack_dhw : ndarray, shape (K, H, W)
+        bool foreground for masks and label images, the stored values for intensities
     labels_dhw : ndarray of uint16, shape (K, H, W), or None
     """
-    raw = image.read()
-    if not wants_labels(image, labels, threshold):
-        return binarize(raw, threshold, source=f"'{image.path}'"), None
-    if labels == "auto":
-        print(f"'{image.path}' is a label image: ids restored too (foreground = label != 0).")
-    return as_label_image(raw, image.path)
+    kind = image_kind(image, kind, threshold)
+    return kind, *as_typed_stack(image.read(), kind, threshold, image.path)
 
 
 def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
@@ -345,8 +347,9 @@ class OmeZarrImage:
     """An OME-Zarr multiscale image being written (small, picklable: workers open it by path).
 
     ``downsampling`` is ``'max'`` (masks: max-pooling, a voxel of a coarse
-    level is foreground when any voxel below it is) or ``'stride'`` (labels,
-    probabilities: every second voxel, ids are never mixed).
+    level is foreground when any voxel below it is), ``'mean'`` (grey values:
+    the average of the voxels below, in the image's dtype) or ``'stride'``
+    (labels, probabilities: every second voxel, ids are never mixed).
     """
     path: str
     levels: Tuple[str, ...]
@@ -366,8 +369,8 @@ class OmeZarrImage:
 
 def _level_transforms(voxel_size_zyx: Sequence[float], translation_zyx: Sequence[float],
                       factors: Sequence[Tuple[int, int, int]], downsampling: str) -> List[List[Dict[str, Any]]]:
-    """Scale and translation of every level. Striding keeps voxel 0 where it was; max-pooling puts a
-    coarse voxel at the centre of the block it summarises."""
+    """Scale and translation of every level. Striding keeps voxel 0 where it was; max-pooling and
+    averaging put a coarse voxel at the centre of the block it summarises."""
     transforms, cumulative = [], np.ones(3)
     for step in factors:
         cumulative = cumulative * np.asarray(step)
@@ -392,7 +395,7 @@ def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], dtype, 
     dtype : numpy dtype of every level
     voxel_size_zyx, translation_zyx : level 0's voxel size and origin, in ``unit``
     unit : short (``um``) or NGFF (``micrometer``) unit name
-    downsampling : {'max', 'stride'}
+    downsampling : {'max', 'mean', 'stride'}
     chunk_xy : lateral chunk edge (Z chunks are ``CHUNK_Z``)
     pyramid : bool
         False: level 0 only.
@@ -461,8 +464,9 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
     """Create a new OME-Zarr output (the folder must not exist) with empty arrays and full metadata.
 
     The image at the root holds the restored mask (uint8 0/255, max-pooled
-    pyramid). With ``label_dtype``, ``labels/<label_name>`` is a label image
-    (``image-label`` metadata, strided pyramid) of that dtype.
+    pyramid) or, with ``image_dtype`` and ``image_downsampling='mean'``, the
+    restored grey values. With ``label_dtype``, ``labels/<label_name>`` is a
+    label image (``image-label`` metadata, strided pyramid) of that dtype.
 
     Parameters
     ----------
@@ -541,13 +545,17 @@ def pyramid_regions(image: OmeZarrImage, level: int) -> List[Tuple[slice, slice,
 
 
 def downsample(values: np.ndarray, factors: Sequence[int], method: str) -> np.ndarray:
-    """One pyramid step of a block: max-pooling (padding with zeros at the end) or striding.
+    """One pyramid step of a block: max-pooling (padding with zeros at the end), averaging or striding.
+
+    Averaging pads by repeating the last voxel (factors are 1 or 2, so a block cut
+    by the image's end averages the voxels it has) and rounds integer grey values
+    (``data.as_grey_values``).
 
     Parameters
     ----------
     values : ndarray, shape (d, h, w)
     factors : per-axis factors (1 or 2)
-    method : {'max', 'stride'}
+    method : {'max', 'mean', 'stride'}
 
     Returns
     -------
@@ -555,13 +563,16 @@ def downsample(values: np.ndarray, factors: Sequence[int], method: str) -> np.nd
     """
     if method == "stride":
         return values[:: factors[0], :: factors[1], :: factors[2]]
-    if method != "max":
+    if method not in ("max", "mean"):
         raise ValueError(f"Unknown downsampling '{method}'.")
-    padded_shape = [math.ceil(s / f) * f for s, f in zip(values.shape, factors)]
-    if list(values.shape) != padded_shape:
-        values = np.pad(values, [(0, p - s) for p, s in zip(padded_shape, values.shape)])
+    padding = [(0, math.ceil(s / f) * f - s) for s, f in zip(values.shape, factors)]
+    if any(after for _, after in padding):
+        values = np.pad(values, padding, mode="constant" if method == "max" else "edge")
     (d, h, w), (fz, fy, fx) = values.shape, factors
-    return values.reshape(d // fz, fz, h // fy, fy, w // fx, fx).max(axis=(1, 3, 5))
+    blocks = values.reshape(d // fz, fz, h // fy, fy, w // fx, fx)
+    if method == "max":
+        return blocks.max(axis=(1, 3, 5))
+    return as_grey_values(blocks.mean(axis=(1, 3, 5), dtype=np.float64), values.dtype)
 
 
 def write_pyramid_region(image: OmeZarrImage, level: int, region: Tuple[slice, slice, slice]) -> None:

@@ -17,7 +17,8 @@ import apply
 import blocks
 import restore
 import zarr_io
-from data import OutputExistsError, UserError, downsample_z, make_sample_labels, save_stack
+from data import (OutputExistsError, UserError, downsample_z, intensity_range, make_sample_intensity,
+                  make_sample_labels, normalize_intensity, save_stack)
 from eval import default_settings
 from model import AttentionResUNet, save_model
 
@@ -444,3 +445,181 @@ def test_cli_trains_on_a_zarr_input_and_resume_reuses_its_model(tmp_path, capsys
     assert "Training" not in resumed and "4 blocks restored, 2 already done" in resumed
     assert apply.main(recipe + ["--output", str(tmp_path / "again.ome.zarr"), "--model", str(tmp_path / "m.pt")]) == 0
     np.testing.assert_array_equal(read_level(out), read_level(tmp_path / "again.ome.zarr"))
+
+
+# --------------------------------------------------------------------------- #
+# (g) grey-scale stacks: the same block-wise path, grey values out
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def tiny_intensity_model():
+    torch.manual_seed(1)
+    return AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity").eval()
+
+
+def kept_grey_values(factor, dtype=np.uint8, seed=0, shape=SHAPE):
+    """Kept slices of the grey-scale phantom: uint8 as made, uint16 scaled, float32 with negative values."""
+    sparse = downsample_z(make_sample_intensity(shape, seed=seed), factor)[0]
+    if np.dtype(dtype) == np.uint16:
+        return sparse.astype(np.uint16) * 200
+    return sparse if np.dtype(dtype) == np.uint8 else (sparse / np.float32(255) * 3.7 - 0.5).astype(dtype)
+
+
+def write_grey_input(path, sparse, voxel=(4.0, 1.0, 1.0), unit="um"):
+    """An anisotropic grey-scale OME-Zarr input (one level, no labels)."""
+    layout = zarr_io.create_output(path, sparse.shape, voxel, unit, image_dtype=sparse.dtype,
+                                   image_downsampling="mean", chunk_xy=32, pyramid=False)
+    layout.image.write((slice(None),) * 3, sparse)
+    return zarr_io.open_image(path)
+
+
+def mean_pooled(values):
+    """Reference pyramid step of grey values: 2 x 2 x 2 means, the image's last voxel repeated at odd ends."""
+    padded = np.pad(values.astype(np.float64), [(0, s % 2) for s in values.shape], mode="edge")
+    d, h, w = padded.shape
+    return padded.reshape(d // 2, 2, h // 2, 2, w // 2, 2).mean(axis=(1, 3, 5))
+
+
+# float32 grey values are compared with one tile per network call: oneDNN's convolutions round the last bit
+# differently for some batch sizes, and blocks batch their tiles differently from the whole stack (integer grey
+# values round such differences away, so uint8 runs with the usual batches).
+@pytest.mark.parametrize("dtype,batch_size,shape,block_sizes", [(np.uint8, 8, SHAPE, (32, 48)),
+                                                                 (np.float32, 1, (13, 30, 40), (16, 24))])
+def test_blockwise_grey_values_equal_in_memory(tmp_path, tiny_intensity_model, dtype, batch_size, shape,
+                                               block_sizes):
+    factor = 4
+    sparse = kept_grey_values(factor, dtype, seed=3, shape=shape)
+    settings = tiny_settings(INFERENCE_BATCH_SIZE=batch_size)
+    expected, _, info = restore.restore_intensity(sparse, factor, settings, model=tiny_intensity_model,
+                                                  progress=False)
+    assert blocks.volume_intensity_range(sparse) == info["value_range"]
+    for block_size in block_sizes:
+        out = tmp_path / f"grey_{block_size}.ome.zarr"
+        summary = blocks.restore_to_ome_zarr(sparse, out, factor, settings, (1.0, 1.0, 1.0), "um", kind="intensity",
+                                             model=tiny_intensity_model, block_size=block_size, progress=False)
+        assert summary["state"] == "complete" and summary["value_range"] == info["value_range"]
+        restored = read_level(out)
+        assert restored.dtype == expected.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(restored, expected)  # the same bytes, whatever the block size
+        np.testing.assert_array_equal(restored[::factor], sparse)
+        record = zarr.open_group(str(out)).attrs[zarr_io.RESTORE_ATTRIBUTE]
+        assert record["plan"]["kind"] == "intensity" and record["plan"]["value_range"] == list(info["value_range"])
+        # Pyramid: averaged grey values (integers rounded), in the input's dtype.
+        level1 = read_level(out, 1)
+        assert level1.dtype == np.dtype(dtype)
+        if np.issubdtype(dtype, np.integer):
+            np.testing.assert_array_equal(level1, np.rint(mean_pooled(restored)).astype(dtype))
+        else:
+            np.testing.assert_allclose(level1, mean_pooled(restored), rtol=1e-6)
+
+
+def test_blockwise_grey_values_on_dask_workers(tmp_path, tiny_intensity_model):
+    factor = 3
+    sparse = kept_grey_values(factor, np.uint8, seed=4)
+    settings = tiny_settings()
+    expected = restore.restore_intensity(sparse, factor, settings, model=tiny_intensity_model, progress=False)[0]
+    out = tmp_path / "dask.ome.zarr"
+    # Two worker threads (the in-memory input is staged into the output for them, as for worker processes).
+    summary = blocks.restore_to_ome_zarr(sparse, out, factor, settings, (1.0, 1.0, 1.0), "um", kind="intensity",
+                                         model=tiny_intensity_model, block_size=BLOCK, workers=2, processes=False,
+                                         progress=False)
+    assert summary["state"] == "complete" and summary["restored"] == 6
+    np.testing.assert_array_equal(read_level(out), expected)
+    assert not (out / blocks.PROGRESS_GROUP).exists()
+
+
+def test_grey_value_run_resumes_to_identical_bytes(tmp_path, tiny_intensity_model):
+    factor = 4
+    sparse = kept_grey_values(factor, np.uint16, seed=5)
+    image = write_grey_input(tmp_path / "em.ome.zarr", sparse)
+    settings = tiny_settings()
+    run = dict(kind="intensity", model=tiny_intensity_model, block_size=BLOCK, progress=False)
+    clean = tmp_path / "clean.ome.zarr"
+    blocks.restore_to_ome_zarr(image, clean, factor, settings, (1.0, 1.0, 1.0), "um", **run)
+    out = tmp_path / "out.ome.zarr"
+    partial = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", max_blocks=2, **run)
+    assert partial["state"] == "partial" and blocks.finished_blocks(str(out), "restore") == {0, 1}
+
+    # The volume's range is part of the run: changed grey values are refused, not mixed into one output.
+    brighter = np.minimum(sparse.astype(np.uint32) * 2, 65535).astype(np.uint16)
+    zarr.open_array(store=str(image.path), path=image.component, mode="r+")[:] = brighter
+    with pytest.raises(UserError, match="value_range"):
+        blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True, **run)
+    zarr.open_array(store=str(image.path), path=image.component, mode="r+")[:] = sparse
+
+    resumed = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True,
+                                         **dict(run, model=None))  # the model kept in the output
+    assert resumed["state"] == "complete" and (resumed["skipped"], resumed["restored"]) == (2, 4)
+    levels = len(zarr_io.layout_from_record(
+        zarr.open_group(str(out)).attrs[zarr_io.RESTORE_ATTRIBUTE]["layout"], out).image.levels)
+    assert levels > 1
+    for level in range(levels):
+        resumed_values, clean_values = read_level(out, level), read_level(clean, level)
+        assert resumed_values.dtype == np.uint16 and resumed_values.tobytes() == clean_values.tobytes()
+
+
+def test_grey_value_range_and_training_windows_of_a_store(tmp_path, monkeypatch):
+    sparse = kept_grey_values(4, np.uint16, seed=6, shape=(41, 200, 260))
+    image = write_grey_input(tmp_path / "em.ome.zarr", sparse)
+    value_range = blocks.volume_intensity_range(image)
+    assert value_range == intensity_range(sparse)  # a small store: all of it, as in memory
+    reads = []
+    original_read = zarr_io.ZarrImage.read
+
+    def spy(self, z=slice(None), y=slice(None), x=slice(None)):
+        reads.append(original_read(self, z, y, x).size)
+        return original_read(self, z, y, x)
+
+    monkeypatch.setattr(zarr_io.ZarrImage, "read", spy)
+    sampled = blocks.volume_intensity_range(image, max_values=50_000)
+    assert sum(reads) <= 50_000 + len(reads) * sparse.shape[2]  # about max_values, one slice at a time
+    assert len(reads) > 1 and np.allclose(sampled, value_range, rtol=0.1)
+
+    # Training windows hold normalised grey values (float32), every window drawn is kept.
+    settings = tiny_settings(TRAIN_NB=200, MIN_CONTENT_RATIO=1.0)  # no mask window would pass this
+    np.testing.assert_array_equal(blocks.training_stack(sparse, settings, value_range=value_range),
+                                  normalize_intensity(sparse, value_range))
+    budget = sparse.shape[0] * 128 * 128 * 4 * 2  # two windows of 128 x 128 float32 values
+    stack = blocks.training_stack(image, settings, max_bytes=budget, value_range=value_range)
+    assert stack.dtype == np.float32 and stack.shape == (sparse.shape[0], 128, 2 * 128) and stack.nbytes <= budget
+
+
+def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):
+    factor = 4
+    sparse = kept_grey_values(factor, np.uint16, seed=7)
+    source = tmp_path / "em.tif"
+    save_stack(source, sparse, (2.0, 0.5, 0.5), "um")
+    recipe = ["--train-xy-size", "16", "--train-z-size", "3", "--train-nb", "32", "--num-epochs", "1",
+              "--base-filters", "4", "--depth", "1", "--inference-tile-size", "32", "--precision", "fp32",
+              "--device", "cpu", "--input", str(source)]
+    out = tmp_path / "em_iso.ome.zarr"
+    # Probabilities of grey values: one clear error, before any work.
+    assert apply.main(recipe + ["--output", str(out), "--kind", "intensity", "--save-probabilities", "uint8"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("error:") == 1 and "--save-probabilities" in captured.err
+    assert "Training" not in captured.out and not out.exists()
+
+    assert apply.main(recipe + ["--output", str(out), "--kind", "intensity", "--block-size", str(BLOCK),
+                                "--save-model", str(tmp_path / "m.pt")]) == 0
+    assert ", intensity;" in capsys.readouterr().out
+    written = zarr_io.open_image(out)
+    assert written.dtype == "uint16" and written.shape == ((len(sparse) - 1) * factor + 1,) + sparse.shape[1:]
+    assert written.voxel_size_zyx == (0.5, 0.5, 0.5) and written.unit == "um"
+    restored = written.read()
+    np.testing.assert_array_equal(restored[::factor], sparse)
+    # The same model in memory, into a TIFF: the same grey values (up to the rounding of a last float bit).
+    tif = tmp_path / "em_iso.tif"
+    assert apply.main(recipe + ["--output", str(tif), "--kind", "intensity", "--model", str(tmp_path / "m.pt")]) == 0
+    in_memory = tifffile.imread(tif)
+    assert in_memory.dtype == np.uint16 and np.abs(in_memory.astype(int) - restored).max() <= 1
+    assert np.mean(in_memory != restored) < 1e-3
+
+    # A Zarr input follows the TIFF rule for 'auto': float grey values are grey-scale, integers with many
+    # values need --kind.
+    floats = write_grey_input(tmp_path / "float.ome.zarr", kept_grey_values(factor, np.float32, seed=7),
+                              voxel=(2.0, 0.5, 0.5))
+    common = ["--model", str(tmp_path / "m.pt"), "--precision", "fp32", "--device", "cpu", "--block-size", str(BLOCK)]
+    assert apply.main(["--input", floats.path, "--output", str(tmp_path / "f.ome.zarr")] + common) == 0
+    assert ", intensity;" in capsys.readouterr().out and zarr_io.open_image(tmp_path / "f.ome.zarr").dtype == "float32"
+    integers = write_grey_input(tmp_path / "int.ome.zarr", sparse, voxel=(2.0, 0.5, 0.5))
+    assert apply.main(["--input", integers.path, "--output", str(tmp_path / "i.ome.zarr")] + common) == 2
+    assert "--kind labels or --kind intensity" in capsys.readouterr().err and not (tmp_path / "i.ome.zarr").exists()
