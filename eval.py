@@ -34,7 +34,7 @@ MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than t
 RANDOM_STATE = 42  # seeds python, numpy and torch
 BATCH_SIZE = 8  # training batch size
 NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 5 for masks and label images, 10 for grey values
-LEARNING_RATE = 3e-3  # peak learning rate (one-cycle schedule, Adam)
+LEARNING_RATE = 0.0  # peak learning rate (one-cycle schedule, Adam); 0 = by kind: 3e-3 for masks, 6e-3 for grey values
 DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
 BASE_FILTERS = 16  # width of the first U-Net level (32 or more on a GPU)
 DEPTH = 3  # U-Net down-sampling steps
@@ -136,6 +136,8 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise UserError(f"UPSCALE_METHOD must be 'linear' or 'nearest', got '{settings['UPSCALE_METHOD']}'.")
     if settings["NUM_EPOCHS"] < 0:
         raise UserError(f"NUM_EPOCHS must be 0 (by kind) or a positive number of epochs, got {settings['NUM_EPOCHS']}.")
+    if settings["LEARNING_RATE"] < 0:
+        raise UserError(f"LEARNING_RATE must be 0 (by kind) or positive, got {settings['LEARNING_RATE']}.")
     if not 0 < settings["VAL_SPLIT"] < 1:
         raise UserError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):

@@ -16,7 +16,7 @@ from data import (UserError, decide_kind, denormalize_intensity, downsample_z, i
 from eval import default_settings
 from metrics import score_intensity_reconstruction
 from morph import interpolate_along_axis
-from restore import EPOCHS_BY_KIND, restore_intensity, training_kwargs, upscale_height
+from restore import RECIPE_BY_KIND, restore_intensity, training_kwargs, upscale_height
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-xy-size", "32", "--train-z-size", "3", "--train-nb", "96", "--num-epochs", "1",
@@ -109,13 +109,16 @@ def test_intensity_model_cannot_restore_a_mask_and_vice_versa():
         restore_probabilities(sparse, 4, dict(default_settings(), TRAIN_Z_SIZE=3), model=CentreChannel(3))
 
 
-def test_training_budget_by_kind_unless_num_epochs_is_given():
+def test_training_recipe_by_kind_unless_given():
     settings = default_settings()
-    assert settings["NUM_EPOCHS"] == 0  # the default: each kind's own budget
-    assert training_kwargs(settings, "mask")["num_epochs"] == EPOCHS_BY_KIND["mask"] == 5
-    assert training_kwargs(settings, "intensity")["num_epochs"] == EPOCHS_BY_KIND["intensity"] == 10
-    settings["NUM_EPOCHS"] = 3
-    assert training_kwargs(settings, "mask")["num_epochs"] == training_kwargs(settings, "intensity")["num_epochs"] == 3
+    assert settings["NUM_EPOCHS"] == 0 and settings["LEARNING_RATE"] == 0  # the defaults: each kind's recipe
+    mask, grey = training_kwargs(settings, "mask"), training_kwargs(settings, "intensity")
+    assert (mask["num_epochs"], mask["learning_rate"]) == (5, 3e-3)
+    assert (grey["num_epochs"], grey["learning_rate"]) == (10, 6e-3)
+    assert all(mask[k] == grey[k] for k in mask if k not in RECIPE_BY_KIND["mask"])
+    settings.update(NUM_EPOCHS=3, LEARNING_RATE=1e-3)
+    for kind in ("mask", "intensity"):
+        assert (training_kwargs(settings, kind)["num_epochs"], training_kwargs(settings, kind)["learning_rate"]) == (3, 1e-3)
     result = subprocess.run([sys.executable, "eval.py", "--num-epochs", "-1", "--show", "no"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "NUM_EPOCHS must be 0 (by kind)" in result.stderr
