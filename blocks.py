@@ -67,6 +67,10 @@ INTENSITY_SAMPLE_VALUES = 10_000_000  # grey values read to find a store's range
 # Host memory a worker using CUDA adds (context and libraries): measured 1.2-1.35 GiB peak per worker on an
 # H200 with torch 2.11, against 0.35-0.5 GiB on CPU; such workers need --worker-memory 2GiB or more.
 CUDA_HOST_BYTES = 1 * 2**30
+# Network activations per tile pixel at inference: about 64 float32 values (the widest level's features,
+# its skip and the blend), a generous bound for the default network.
+ACTIVATION_BYTES = 256
+PROCESS_BYTES = 300 * 2**20  # Python, torch and the model in a worker
 PROGRESS_GROUP = "restore_progress"  # markers of finished blocks (and staged inputs), removed when complete
 MODEL_FILE = "restore_model.pt"  # the model of a run, in the output until it completes (resume, workers)
 Region = Tuple[Tuple[int, int], Tuple[int, int]]
@@ -623,19 +627,33 @@ def _same_weights(first: nn.Module, second: nn.Module) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
-def estimate_block_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str,
+def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: int, inference: Dict[str, Any], kernel_dtype: str,
                           grey_values: Optional[str] = None) -> int:
-    """Rough peak bytes of one restore task: the block's kernel output and what is written of it (the
-    mask, or grey values of dtype ``grey_values``), the read window of kept slices twice (stored
-    values and the engine's copy: bytes for a mask, float32 for normalised grey values) and the
-    network's tiles."""
-    depth = plan.shape_dhw[0]
-    size = min(plan.block_size, max(plan.shape_dhw[1:]))
-    window = (size + 2 * inference["tile_size"]) ** 2
-    tiles = inference["batch_size"] * inference["tile_size"] ** 2 * 4 * 64  # activations, a generous constant
+    """Rough peak bytes of one restore task.
+
+    The block's kernel output and what is written of it (the mask, or grey
+    values of dtype ``grey_values``); the read window of a middle block (the
+    widest, :func:`read_window_for`) twice: stored values and the engine's
+    copy (bytes for a mask, float32 for normalised grey values); a batch of
+    network tiles as the engine cuts them (fitted to the planes,
+    ``restore.fitted_tile``) at :data:`ACTIVATION_BYTES` per tile pixel; and
+    the process itself. A 161 x 512 x 512 grey-scale block (uint8, default
+    network) is estimated at 0.9 GiB and measured at 1.05 GiB for the whole
+    ``apply.py`` process.
+    """
+    depth, height, width = plan.shape_dhw
+    grid_y, grid_x = plan.grid
+    region = plan.region((grid_y // 2) * grid_x + grid_x // 2)
+    (wy0, wy1), (wx0, wx1) = read_window_for((height, width), region, factor, inference)
+    block_voxels = depth * (region[0][1] - region[0][0]) * (region[1][1] - region[1][0])
+    tile = inference["tile_size"]
+    overlap = restore.default_overlap(tile) if inference.get("overlap") is None else inference["overlap"]
+    tile_pixels = restore.fitted_tile(depth, tile, overlap)[0] * restore.fitted_tile(max(height, width), tile,
+                                                                                      overlap)[0]
     written, kept = (1, 1) if grey_values is None else (np.dtype(grey_values).itemsize, 4)
-    return (depth * size * size * (np.dtype(kernel_dtype).itemsize + written) + 2 * n_kept * window * kept + tiles
-            + 300 * 2**20)
+    return (block_voxels * (np.dtype(kernel_dtype).itemsize + written)
+            + 2 * n_kept * (wy1 - wy0) * (wx1 - wx0) * kept
+            + inference["batch_size"] * tile_pixels * ACTIVATION_BYTES + PROCESS_BYTES)
 
 
 def restore_to_ome_zarr(
@@ -748,7 +766,7 @@ def restore_to_ome_zarr(
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None  # the output's dtype
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
-    _check_worker_memory(plan, n_kept, inference, kernel_dtype, worker_memory, bool(workers or scheduler),
+    _check_worker_memory(plan, n_kept, factor, inference, kernel_dtype, worker_memory, bool(workers or scheduler),
                          settings.get("DEVICE") or None, grey_values)
     # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
     value_range = volume_intensity_range(source) if grey_values else None
@@ -840,7 +858,7 @@ def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[S
                         "and no probabilities (--save-probabilities).")
 
 
-def _check_worker_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any], kernel_dtype: str,
+def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: int, inference: Dict[str, Any], kernel_dtype: str,
                          worker_memory: str, on_workers: bool, device: Optional[str],
                          grey_values: Optional[str] = None) -> None:
     """Reject a worker memory that is no size; warn when a block likely needs more than it
@@ -849,7 +867,7 @@ def _check_worker_memory(plan: BlockPlan, n_kept: int, inference: Dict[str, Any]
         limit = parse_bytes(worker_memory)
     except (ValueError, TypeError) as error:
         raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
-    need = estimate_block_memory(plan, n_kept, inference, kernel_dtype, grey_values)
+    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values)
     if select_device(device).type == "cuda":
         need += CUDA_HOST_BYTES
     if on_workers and need > limit:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -623,3 +624,21 @@ def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):
     integers = write_grey_input(tmp_path / "int.ome.zarr", sparse, voxel=(2.0, 0.5, 0.5))
     assert apply.main(["--input", integers.path, "--output", str(tmp_path / "i.ome.zarr")] + common) == 2
     assert "--kind labels or --kind intensity" in capsys.readouterr().err and not (tmp_path / "i.ome.zarr").exists()
+
+
+def test_worker_memory_warning_follows_the_fitted_tiles_and_the_volume():
+    """Default settings: a modest volume fits a 1 GiB worker without a warning (its planes are cut
+    into tiles of 161 x 512, not 1024 x 1024); a deep, wide one warns; grey values need more than masks."""
+    inference = restore.inference_kwargs(default_settings())
+    modest, deep = blocks.BlockPlan((161, 512, 512), 512), blocks.BlockPlan((481, 3072, 3072), 512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blocks._check_worker_memory(modest, 21, 8, inference, "uint8", "1GiB", True, "cpu")
+    with pytest.warns(UserWarning, match="may need about"):
+        blocks._check_worker_memory(deep, 61, 8, inference, "uint8", "1GiB", True, "cpu")
+    mask = blocks.estimate_block_memory(modest, 21, 8, inference, "uint8")
+    grey = blocks.estimate_block_memory(modest, 21, 8, inference, "float32", "uint8")
+    assert grey > mask
+    # the tiles follow the planes: 16 tiles of 161 x 512 pixels, not of 1024 x 1024
+    small_tiles = dict(inference, batch_size=1)
+    assert mask - blocks.estimate_block_memory(modest, 21, 8, small_tiles, "uint8") == 15 * 161 * 512 * blocks.ACTIVATION_BYTES
