@@ -154,6 +154,7 @@ def create_cropped_image_dataset(
         y0 = rng.integers(0, stack.shape[1] - height + 1)
         x0 = rng.integers(0, stack.shape[2] - width + 1)
         crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
+        # The coin is tossed for every crop, so that 'y' draws the very crops of 'yx' (a fair ablation).
         if rng.random() < 0.5 and height == width and lateral_axes == "yx":
             crop = crop.transpose(0, 2, 1)
         label = crop[depth // 2]
