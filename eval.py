@@ -33,7 +33,7 @@ VAL_SPLIT = 0.1  # fraction of crops kept for validation
 MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
 RANDOM_STATE = 42  # seeds python, numpy and torch
 BATCH_SIZE = 8  # training batch size
-NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 5 for masks and label images, 10 for grey values
+NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 5 for masks and label images, 20 for grey values
 LEARNING_RATE = 0.0  # peak learning rate (one-cycle schedule, Adam); 0 = by kind: 3e-3 for masks, 6e-3 for grey values
 DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
 BASE_FILTERS = 16  # width of the first U-Net level (32 or more on a GPU)

@@ -114,7 +114,7 @@ def test_training_recipe_by_kind_unless_given():
     assert settings["NUM_EPOCHS"] == 0 and settings["LEARNING_RATE"] == 0  # the defaults: each kind's recipe
     mask, grey = training_kwargs(settings, "mask"), training_kwargs(settings, "intensity")
     assert (mask["num_epochs"], mask["learning_rate"]) == (5, 3e-3)
-    assert (grey["num_epochs"], grey["learning_rate"]) == (10, 6e-3)
+    assert (grey["num_epochs"], grey["learning_rate"]) == (20, 6e-3)
     assert all(mask[k] == grey[k] for k in mask if k not in RECIPE_BY_KIND["mask"])
     settings.update(NUM_EPOCHS=3, LEARNING_RATE=1e-3)
     for kind in ("mask", "intensity"):
