@@ -122,14 +122,14 @@ def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
     from data import KINDS, UserError, resolution_factor
     from model import PRECISIONS
+    from train import check_lateral_axes
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     if settings["TRAIN_Z_SIZE"] % 2 == 0 or settings["TRAIN_Z_SIZE"] < 1:
         raise UserError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
     if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
         raise UserError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
-    if settings["TRAIN_LATERAL_AXES"] not in ("yx", "y"):
-        raise UserError(f"TRAIN_LATERAL_AXES must be 'yx' or 'y', got '{settings['TRAIN_LATERAL_AXES']}'.")
+    check_lateral_axes(settings["TRAIN_LATERAL_AXES"])
     if settings["UPSCALE_METHOD"] not in ("linear", "nearest"):
         # 'sdf' would blend distance maps across the channel planes of a 2D crop,
         # so training and inference would not see the same interpolation.

@@ -23,6 +23,9 @@ from model import AttentionResUNet, autocast, resolve_precision, select_device
 from morph import interpolate_along_axis
 
 
+LATERAL_AXES = ("yx", "y")  # training crops degraded along Y or X at random, or along Y only
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch so that a CPU run repeats exactly."""
     random.seed(seed)
@@ -67,6 +70,12 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
         image = gaussian_filter1d(np.asarray(image, dtype=np.float32), sigma, axis=-2, mode="reflect")
     sparse = np.take(image, kept_rows, axis=-2)
     return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
+
+
+def check_lateral_axes(lateral_axes: str) -> None:
+    """Raise a clear error for a ``TRAIN_LATERAL_AXES`` that is not one of :data:`LATERAL_AXES`."""
+    if lateral_axes not in LATERAL_AXES:
+        raise UserError(f"TRAIN_LATERAL_AXES must be one of {', '.join(LATERAL_AXES)}, got '{lateral_axes}'.")
 
 
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
@@ -141,8 +150,7 @@ def create_cropped_image_dataset(
         stack = np.asarray(downscaled_stack_dhw, dtype=np.float32)
         min_content_ratio = -np.inf
     check_crop_size(stack.shape, crop_size_zyx, factor)
-    if lateral_axes not in ("yx", "y"):
-        raise UserError(f"TRAIN_LATERAL_AXES must be 'yx' or 'y', got '{lateral_axes}'.")
+    check_lateral_axes(lateral_axes)
     depth, height, width = crop_size_zyx
     rng = np.random.default_rng(random_state)
     inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)

@@ -122,7 +122,7 @@ def test_cropped_dataset_lateral_axes_y_degrades_along_y_only(sparse_stack):
     for i in range(8):
         source = _find_source(sparse_stack, inputs[i], labels[i, 0], 4)
         assert source is not None and source[3] is False, i
-    with pytest.raises(ValueError, match="TRAIN_LATERAL_AXES must be 'yx' or 'y'"):
+    with pytest.raises(ValueError, match="TRAIN_LATERAL_AXES must be one of yx, y, got 'x'"):
         create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=2, factor=4, lateral_axes="x")
 
 
