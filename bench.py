@@ -96,6 +96,15 @@ def _itk_worker(source: str, target: str) -> None:
     np.save(target, itk.array_from_image(restored))
 
 
+def describe_device(device) -> str:
+    """The compute device in words, for reports: the GPU's name, or the CPU and its torch threads."""
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def model_flops(model, input_nchw: Sequence[int], backward: bool = False) -> int:
     """Floating-point operations of one forward (and backward) pass of ``model`` on
     a float32 input of shape ``input_nchw``, counted by ``torch.utils.flop_counter``
@@ -322,7 +331,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 raise UserError(f"{name}: {error}") from None
     out_dir.mkdir(parents=True)
     device = select_device(settings["DEVICE"] or None)
-    print(f"Device: {device.type}; stacks: {', '.join(f'{n} {s.shape}' for n, s, _ in stacks)}; "
+    print(f"Device: {describe_device(device)}; stacks: {', '.join(f'{n} {s.shape}' for n, s, _ in stacks)}; "
           f"factors {args.factors}")
     rows: List[Dict[str, Any]] = []
     label_rows: List[Dict[str, Any]] = []  # per-label IoU, for label-image inputs
@@ -331,7 +340,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                      "inputs": [str(p) for p in paths] or "built-in sample",
                      "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
-        "device": f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": describe_device(device),
         "date": datetime.now().isoformat(timespec="seconds"),
         "rows": rows,
     }
@@ -469,9 +478,9 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     report = {"kind": "intensity", "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
               "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
-              "device": f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+              "device": describe_device(device),
               "date": datetime.now().isoformat(timespec="seconds"), "rows": rows}
-    print(f"Device: {device.type}; stacks: {', '.join(f'{n} {s.shape}' for n, s in stacks)}; factors {args.factors}")
+    print(f"Device: {describe_device(device)}; stacks: {', '.join(f'{n} {s.shape}' for n, s in stacks)}; factors {args.factors}")
     print(markdown_table([], INTENSITY_ROW_KEYS), flush=True)
     for name, truth in stacks:
         for factor in args.factors:

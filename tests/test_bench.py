@@ -27,6 +27,13 @@ def test_bench_quick_rows_and_scores(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "bench_results.json").read_text())
     assert set(report) == {"settings", "versions", "device", "date", "rows"}
+    # The report names the hardware the times were taken on.
+    import torch
+    if torch.cuda.is_available():
+        assert report["device"].startswith("cuda (") and torch.cuda.get_device_name() in report["device"]
+    else:
+        processor = bench.platform.processor() or bench.platform.machine()
+        assert report["device"].startswith(f"cpu ({processor}, ") and report["device"].endswith(" threads)")
     rows = report["rows"]
     assert [(r["factor"], r["method"]) for r in rows] == [(4, "nearest"), (4, "network"), (8, "nearest"), (8, "network")]
     for row in rows:
