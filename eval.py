@@ -42,6 +42,7 @@ DROPOUT_RATE = 0.1  # bottleneck dropout
 INPUT_SKIP = True  # residual prediction: the network corrects the upscaled input
 UPSCALE_METHOD = "linear"  # interpolation that degrades training crops and upscales Z
 TRAIN_LATERAL_AXES = "yx"  # degrade training crops along Y and X at random ("yx") or along Y only ("y")
+CROP_POOL = 1.0  # draw TRAIN_NB x CROP_POOL candidate crops, train on the TRAIN_NB that interpolation gets most wrong (1 = random crops)
 SLICE_PROFILE_FWHM = 0.0  # grey-scale: Gaussian slice profile of the training degradation, FWHM in Z steps (0 = none)
 INTENSITY_LOSS = "mse"  # grey-scale: regression loss, "mse" (+0.4 dB over "l1" at factor 4 on EM, a tie at 8) or "l1"
 INFERENCE_TILE_SIZE = 1024  # largest tile edge at inference (larger planes are tiled, tiles shrunk to fit)
@@ -122,7 +123,7 @@ def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
     from data import KINDS, UserError, resolution_factor
     from model import PRECISIONS
-    from train import check_lateral_axes
+    from train import check_crop_pool, check_lateral_axes
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     if settings["TRAIN_Z_SIZE"] % 2 == 0 or settings["TRAIN_Z_SIZE"] < 1:
@@ -138,6 +139,7 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise UserError(f"NUM_EPOCHS must be 0 (by kind) or a positive number of epochs, got {settings['NUM_EPOCHS']}.")
     if settings["LEARNING_RATE"] < 0:
         raise UserError(f"LEARNING_RATE must be 0 (by kind) or positive, got {settings['LEARNING_RATE']}.")
+    check_crop_pool(settings["CROP_POOL"])
     if not 0 < settings["VAL_SPLIT"] < 1:
         raise UserError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):

@@ -63,6 +63,7 @@ SETTINGS: Dict[str, Tuple[str, str]] = {
     "UPSCALE_METHOD": ("train", "upscale_method"),
     "PRECISION": ("train", "precision"),
     "TRAIN_LATERAL_AXES": ("train", "lateral_axes"),
+    "CROP_POOL": ("train", "crop_pool"),
     "SLICE_PROFILE_FWHM": ("train", "profile_fwhm"),
     "INTENSITY_LOSS": ("train", "intensity_loss"),
     "INFERENCE_TILE_SIZE": ("infer", "tile_size"),

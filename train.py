@@ -78,6 +78,12 @@ def check_lateral_axes(lateral_axes: str) -> None:
         raise UserError(f"TRAIN_LATERAL_AXES must be one of {', '.join(LATERAL_AXES)}, got '{lateral_axes}'.")
 
 
+def check_crop_pool(crop_pool: float) -> None:
+    """Raise a clear error for a ``CROP_POOL`` below 1."""
+    if not crop_pool >= 1:
+        raise UserError(f"CROP_POOL must be at least 1 (1 = every crop drawn is used), got {crop_pool}.")
+
+
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
     """Raise a clear ``ValueError`` for a crop that cannot be cut from the sparse stack."""
     depth, height, width = crop_size_zyx
@@ -109,6 +115,7 @@ def create_cropped_image_dataset(
     kind: str = "mask",
     profile_fwhm: float = 0.0,
     lateral_axes: str = "yx",
+    crop_pool: float = 1.0,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Random lateral crops of the sparse stack, degraded along their height.
 
@@ -138,6 +145,12 @@ def create_cropped_image_dataset(
         Slice profile of the degradation (see :func:`downscale_upscale_height`).
     lateral_axes : {'yx', 'y'}
         'yx': degrade along Y or X at random (square crops); 'y': along Y only.
+    crop_pool : float >= 1
+        ``round(n_samples * crop_pool)`` candidate crops are drawn and the
+        ``n_samples`` whose centre slice the interpolation gets most wrong
+        (:func:`interpolation_error`) are kept, in the order drawn. 1 keeps
+        every crop drawn; the candidates are the crops ``crop_pool=1`` would
+        draw for that many samples.
 
     Returns
     -------
@@ -151,34 +164,67 @@ def create_cropped_image_dataset(
         min_content_ratio = -np.inf
     check_crop_size(stack.shape, crop_size_zyx, factor)
     check_lateral_axes(lateral_axes)
+    check_crop_pool(crop_pool)
     depth, height, width = crop_size_zyx
+    n_candidates = max(n_samples, int(round(n_samples * crop_pool)))
     rng = np.random.default_rng(random_state)
-    inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
-    labels = np.empty((n_samples, 1, height, width), dtype=np.float32)
-    accepted, attempts, max_attempts = 0, 0, 200 * n_samples
-    while accepted < n_samples and attempts < max_attempts:
+    draws = []  # (z0, y0, x0, transposed, phase) of each accepted crop, in the order drawn
+    attempts, max_attempts = 0, 200 * n_candidates
+    while len(draws) < n_candidates and attempts < max_attempts:
         attempts += 1
         z0 = rng.integers(0, stack.shape[0] - depth + 1)
         y0 = rng.integers(0, stack.shape[1] - height + 1)
         x0 = rng.integers(0, stack.shape[2] - width + 1)
-        crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
         # The coin is tossed for every crop, so that 'y' draws the very crops of 'yx' (a fair ablation).
-        if rng.random() < 0.5 and height == width and lateral_axes == "yx":
-            crop = crop.transpose(0, 2, 1)
-        label = crop[depth // 2]
+        transposed = bool(rng.random() < 0.5 and height == width and lateral_axes == "yx")
+        label = stack[z0 + depth // 2, y0:y0 + height, x0:x0 + width]
         if label.mean() < min_content_ratio:
             continue
-        inputs[accepted] = downscale_upscale_height(crop, factor, phase=int(rng.integers(factor)), method=method,
-                                                    profile_fwhm=profile_fwhm)
-        labels[accepted, 0] = label
-        accepted += 1
-    if accepted < n_samples:
+        draws.append((z0, y0, x0, transposed, int(rng.integers(factor))))
+    if len(draws) < n_candidates:
         raise UserError(
-            f"Only {accepted} of {n_samples} random crops had a centre slice with at least "
+            f"Only {len(draws)} of {n_candidates} random crops had a centre slice with at least "
             f"{min_content_ratio:.3%} foreground after {attempts} tries. Lower MIN_CONTENT_RATIO, "
-            "lower TRAIN_NB, or use a smaller TRAIN_XY_SIZE."
+            "lower TRAIN_NB (or CROP_POOL), or use a smaller TRAIN_XY_SIZE."
         )
+
+    def crop_at(z0: int, y0: int, x0: int, transposed: bool, channels: slice) -> np.ndarray:
+        crop = stack[z0 + channels.start:z0 + channels.stop, y0:y0 + height, x0:x0 + width]
+        return crop.transpose(0, 2, 1) if transposed else crop
+
+    centre = slice(depth // 2, depth // 2 + 1)
+    if n_candidates > n_samples:
+        errors = np.array([interpolation_error(crop_at(*draw[:4], centre)[0], factor, draw[4], method, profile_fwhm, kind)
+                           for draw in draws])
+        hardest = np.sort(np.argsort(-errors, kind="stable")[:n_samples])
+        draws = [draws[i] for i in hardest]
+    inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
+    labels = np.empty((n_samples, 1, height, width), dtype=np.float32)
+    for i, (z0, y0, x0, transposed, phase) in enumerate(draws):
+        crop = crop_at(z0, y0, x0, transposed, slice(0, depth))
+        inputs[i] = downscale_upscale_height(crop, factor, phase=phase, method=method, profile_fwhm=profile_fwhm)
+        labels[i, 0] = crop[depth // 2]
     return inputs, labels
+
+
+def interpolation_error(label_hw: np.ndarray, factor: int, phase: int, method: str = "linear",
+                        profile_fwhm: float = 0.0, kind: str = "mask") -> float:
+    """How wrong the degraded-then-interpolated version of one label image is.
+
+    Masks: the fraction of pixels whose class the interpolation (at 0.5)
+    gets wrong; grey values: the mean absolute difference. This is what the
+    network has to correct in that crop, so it ranks candidate crops.
+
+    Parameters
+    ----------
+    label_hw : ndarray, shape (h, w), bool/0-1 (masks) or float32 (grey values)
+    factor, phase, method, profile_fwhm : as in :func:`downscale_upscale_height`
+    kind : {'mask', 'intensity'}
+    """
+    degraded = downscale_upscale_height(label_hw, factor, phase=phase, method=method, profile_fwhm=profile_fwhm)
+    if kind == "mask":
+        return float(np.mean((degraded >= 0.5) != (label_hw != 0)))
+    return float(np.mean(np.abs(degraded - label_hw)))
 
 
 def augment_data(inputs: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
@@ -336,6 +382,7 @@ def fit_on_sparse_stack(
     kind: str = "mask",
     profile_fwhm: float = 0.0,
     lateral_axes: str = "yx",
+    crop_pool: float = 1.0,
     intensity_loss: str = "l1",
     device: Optional[torch.device] = None,
     progress: bool = True,
@@ -355,7 +402,7 @@ def fit_on_sparse_stack(
     seed_everything(random_state)
     inputs, labels = create_cropped_image_dataset(sparse_dhw, (train_z_size, train_xy_size, train_xy_size), train_nb,
                                                   factor, min_content_ratio, random_state, upscale_method, kind,
-                                                  profile_fwhm, lateral_axes)
+                                                  profile_fwhm, lateral_axes, crop_pool)
     train_loader, val_loader = make_loaders(inputs, labels, val_split, batch_size, random_state)
     model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
                              dropout_rate=dropout_rate, input_skip=input_skip,

@@ -126,6 +126,31 @@ def test_cropped_dataset_lateral_axes_y_degrades_along_y_only(sparse_stack):
         create_cropped_image_dataset(sparse_stack, (3, 16, 16), n_samples=2, factor=4, lateral_axes="x")
 
 
+@pytest.mark.parametrize("kind", ["mask", "intensity"])
+def test_cropped_dataset_crop_pool_keeps_the_crops_interpolation_gets_most_wrong(sparse_stack, kind):
+    stack = sparse_stack if kind == "mask" else sparse_stack.astype(np.float32) * 0.6 + 0.2
+    n = 6
+    # CROP_POOL 2 ranks the 2n crops that CROP_POOL 1 draws for 2n samples, and keeps the worse half in order.
+    all_x, all_y = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=2 * n, factor=4, random_state=3, kind=kind)
+    pool_x, pool_y = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=n, factor=4, random_state=3, kind=kind,
+                                                  crop_pool=2)
+    centre, truth = all_x[:, 1], all_y[:, 0]
+    if kind == "mask":  # the fraction of pixels on the wrong side of 0.5, computed here independently
+        error = ((centre >= 0.5) != (truth > 0)).mean(axis=(1, 2))
+    else:
+        error = np.abs(centre - truth).mean(axis=(1, 2))
+    hardest = np.sort(np.argsort(-error, kind="stable")[:n])
+    assert error[hardest].min() >= np.median(error)
+    np.testing.assert_array_equal(pool_x, all_x[hardest])
+    np.testing.assert_array_equal(pool_y, all_y[hardest])
+    # CROP_POOL 1 is the plain random draw.
+    one_x, _ = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=n, factor=4, random_state=3, kind=kind,
+                                            crop_pool=1)
+    np.testing.assert_array_equal(one_x, all_x[:n])
+    with pytest.raises(ValueError, match="CROP_POOL must be at least 1"):
+        create_cropped_image_dataset(stack, (3, 16, 16), n_samples=n, factor=4, crop_pool=0.5)
+
+
 def test_cropped_dataset_empty_stack():
     with pytest.raises(ValueError, match="MIN_CONTENT_RATIO"):
         create_cropped_image_dataset(np.zeros((5, 20, 20), bool), (3, 16, 16), n_samples=2, factor=4)
