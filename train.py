@@ -188,20 +188,19 @@ def create_cropped_image_dataset(
             "lower TRAIN_NB (or CROP_POOL), or use a smaller TRAIN_XY_SIZE."
         )
 
-    def crop_at(z0: int, y0: int, x0: int, transposed: bool, channels: slice) -> np.ndarray:
-        crop = stack[z0 + channels.start:z0 + channels.stop, y0:y0 + height, x0:x0 + width]
+    def crop_at(z0: int, y0: int, x0: int, transposed: bool) -> np.ndarray:  # a view: nothing is copied
+        crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
         return crop.transpose(0, 2, 1) if transposed else crop
 
-    centre = slice(depth // 2, depth // 2 + 1)
     if n_candidates > n_samples:
-        errors = np.array([interpolation_error(crop_at(*draw[:4], centre)[0], factor, draw[4], method, profile_fwhm, kind)
-                           for draw in draws])
+        errors = np.array([interpolation_error(crop_at(*draw[:4])[depth // 2], factor, draw[4], method, profile_fwhm,
+                                               kind) for draw in draws])
         hardest = np.sort(np.argsort(-errors, kind="stable")[:n_samples])
         draws = [draws[i] for i in hardest]
     inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
     labels = np.empty((n_samples, 1, height, width), dtype=np.float32)
     for i, (z0, y0, x0, transposed, phase) in enumerate(draws):
-        crop = crop_at(z0, y0, x0, transposed, slice(0, depth))
+        crop = crop_at(z0, y0, x0, transposed)
         inputs[i] = downscale_upscale_height(crop, factor, phase=phase, method=method, profile_fwhm=profile_fwhm)
         labels[i, 0] = crop[depth // 2]
     return inputs, labels
