@@ -135,3 +135,13 @@ def test_out_of_core_case_reports_worker_memory_at_two_sizes(tmp_path):
     np.testing.assert_array_equal(restored.read()[::8], source.read())  # kept slices verbatim
     with pytest.raises(FileExistsError):
         bench.measure_out_of_core((3, 64, 96), 8, out)
+
+
+def test_training_levers_rows_side_by_side():
+    rows = bench.measure_training_levers(crop=16, batch=2, rounds=1, steps=1)
+    assert [row["lever"].split(" (")[0] for row in rows] == [
+        "seed: float32, NCHW", "+ channels-last", "+ bfloat16 autocast", "+ fused Adam"]
+    assert rows[0]["speedup"] == 1.0
+    for row in rows:
+        assert row["s_per_step"] > 0 and row["gflop_per_s"] > 0
+        assert row["samples_per_s"] == pytest.approx(2 / row["s_per_step"], rel=0.02)
