@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
-from model import autocast, fuse_for_inference, resolve_precision, select_device
+from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import bracket, interpolate_along_axis
 
 ORIENTATIONS = ("y", "x")
@@ -73,6 +73,7 @@ SETTINGS: Dict[str, Tuple[str, str]] = {
     "TTA_FLIPS": ("infer", "flips"),
     "KEEP_KEPT_SLICES": ("infer", "keep_kept_slices"),
     "SKIP_EMPTY_TILES": ("infer", "skip_empty"),
+    "COMPILE": ("infer", "compile"),
     "KIND": ("restore", "kind"),
     "BINARIZE_THRESHOLD": ("restore", "binarize_threshold"),
     "PROBABILITY_THRESHOLD": ("restore", "probability_threshold"),
@@ -405,8 +406,9 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
                   channel_stride: Optional[int] = None, orientations: Sequence[str] = ORIENTATIONS,
                   flips: Sequence[Tuple[int, ...]] = ((),), keep_kept_slices: bool = True,
                   upscale_method: str = "linear", overlap: Optional[int] = None, out_dtype=np.float32,
-                  precision: str = "fp32", skip_empty: bool = True, device: Optional[torch.device] = None,
-                  progress: bool = True, stats: Optional[Dict[str, int]] = None) -> np.ndarray:
+                  precision: str = "fp32", skip_empty: bool = True, compile: bool = False,
+                  device: Optional[torch.device] = None, progress: bool = True,
+                  stats: Optional[Dict[str, int]] = None) -> np.ndarray:
     """Probabilities of one lateral region of the restored stack, all of Z.
 
     Parameters
@@ -429,6 +431,9 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
         See :func:`apply_model_to_stack_tiled_slice_by_slice`.
     stats : dict, optional
         Tile and pixel counters (see :func:`predict_tiled`).
+    compile : bool
+        Run the network compiled (:func:`model.compile_for_inference`): a faster
+        forward pass after a compilation per tile shape, cached across calls.
     depth : int, optional
         Output depth D; default ``(K - 1) * factor + 1``.
     out_dtype : numpy dtype
@@ -445,7 +450,10 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     if unknown or not orientations:
         raise UserError(f"orientations must be a non-empty subset of {ORIENTATIONS}, got {orientations}.")
     device = device or select_device()
-    model = fuse_for_inference(model).to(device, memory_format=torch.channels_last).eval()
+    if compile:
+        model = compile_for_inference(model, device)
+    else:
+        model = fuse_for_inference(model).to(device, memory_format=torch.channels_last).eval()
     # Masks: foreground probability; intensity models return normalised grey values as they are.
     intensity = getattr(model, "architecture", {}).get("output") == "intensity"
     activation = _identity if intensity else torch.sigmoid
@@ -519,6 +527,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
     out_dtype=np.float32,
     precision: str = "fp32",
     skip_empty: bool = True,
+    compile: bool = False,
     device: Optional[torch.device] = None,
     progress: bool = True,
     stats: Optional[Dict[str, int]] = None,
@@ -563,6 +572,8 @@ def apply_model_to_stack_tiled_slice_by_slice(
         Compute dtype of the network ('auto': bfloat16 where native).
     skip_empty : bool
         Skip tiles that are zero in every channel (exact, see :func:`predict_tiled`).
+    compile : bool
+        Run the network compiled (see :func:`restore_block`).
 
     Returns
     -------
@@ -578,8 +589,8 @@ def apply_model_to_stack_tiled_slice_by_slice(
                          train_depth=train_depth, tile_size=tile_size, batch_size=batch_size, depth=original_depth,
                          channel_stride=channel_stride, orientations=orientations, flips=flips,
                          keep_kept_slices=keep_kept_slices, upscale_method=upscale_method, overlap=overlap,
-                         out_dtype=out_dtype, precision=precision, skip_empty=skip_empty, device=device,
-                         progress=progress, stats=stats)
+                         out_dtype=out_dtype, precision=precision, skip_empty=skip_empty, compile=compile,
+                         device=device, progress=progress, stats=stats)
 
 
 # --------------------------------------------------------------------------- #
