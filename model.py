@@ -182,7 +182,7 @@ class CompiledNetwork(nn.Module):
     chunk of planes, the last short batch). A batch of one sample is run
     duplicated, because the compiler specialises the sizes 0 and 1 and would
     compile again for it. A compiler failure (no C++ compiler for inductor, no
-    Triton for CUDA) becomes one clear error.
+    Triton for CUDA, a compiler bug) becomes one clear error.
     """
 
     def __init__(self, network: nn.Module):
