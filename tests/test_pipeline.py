@@ -95,20 +95,19 @@ def test_compiled_restore_equals_the_eager_restore_and_is_cached():
     """COMPILE runs the same network through torch.compile: the restored stack
     equals the eager one up to float rounding, for every batch size (a batch of
     one included); the second call reuses the compilation."""
-    from data import UserError
+    import shutil
+
     from model import CompiledNetwork, fuse_for_inference, compile_for_inference
 
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile (inductor) needs a C++ compiler, and this machine has none")
     seed_everything(0)
     model = AttentionResUNet(in_channels=3, depth=2, base_filters=4).eval()
     sparse = np.random.default_rng(0).random((5, 24, 32)) > 0.6
     # Two tile shapes, 17 x 32 (planes along Y) and 17 x 24 (along X): the second compiles anew, static.
     settings = dict(factor=4, train_depth=3, tile_size=32, batch_size=3, precision="fp32", progress=False)
     eager = apply_model_to_stack_tiled_slice_by_slice(model, sparse, **settings)
-    try:
-        compiled = apply_model_to_stack_tiled_slice_by_slice(model, sparse, compile=True, **settings)
-    except UserError as error:  # no C++ compiler on this machine: the option says so clearly
-        assert "Run without COMPILE" in str(error)
-        pytest.skip(f"torch.compile cannot compile here: {error}")
+    compiled = apply_model_to_stack_tiled_slice_by_slice(model, sparse, compile=True, **settings)
     assert compiled.shape == eager.shape == (17, 24, 32)
     np.testing.assert_allclose(compiled, eager, atol=1e-5)
     network = compile_for_inference(model, torch.device("cpu"))
@@ -119,6 +118,24 @@ def test_compiled_restore_equals_the_eager_restore_and_is_cached():
         reference = fuse_for_inference(model)(tiles)
         for count in (1, 2, 3):  # a batch of one is run duplicated, and only its own output returned
             torch.testing.assert_close(network(tiles[:count]), reference[:count], atol=1e-5, rtol=1e-5)
+
+
+def test_compile_failure_is_one_clear_error():
+    """Where torch.compile cannot compile (no C++ compiler, a compiler bug), the
+    run stops with a UserError that names the reason and says to run without it."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from data import UserError
+    from model import CompiledNetwork
+
+    class FailingCompiler(torch.nn.Module):  # raises what torch.compile raises when inductor fails
+        def forward(self, x):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("no C++ compiler found"), None)
+
+    network = CompiledNetwork(AttentionResUNet(in_channels=3, depth=2, base_filters=4).eval())
+    network.compiled = FailingCompiler()
+    with pytest.raises(UserError, match="no C\\+\\+ compiler found.*Run without COMPILE"):
+        network(torch.rand(2, 3, 16, 16))
 
 
 def test_apply_shape_orientations_and_kept_slices(tiny_problem):
