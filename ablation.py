@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from bench import load_inputs, parse_overrides
-from data import downsample_z
+from data import UserError, downsample_z
 from eval import default_settings
 from metrics import score_reconstruction
 from model import select_device
@@ -34,6 +34,9 @@ TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
     "BCE + 0.5 Dice": {"DICE_WEIGHT": "0.5"},
     "half the training (TRAIN_NB 800)": {"TRAIN_NB": "800"},
     "wider (BASE_FILTERS 24)": {"BASE_FILTERS": "24"},
+    "previous network (concatenated skips, shortcut BatchNorm)": {"SKIP_MERGE": "concat", "SHORTCUT_NORM": "true"},
+    "concatenated skips (SKIP_MERGE concat)": {"SKIP_MERGE": "concat"},
+    "shortcut BatchNorm (SHORTCUT_NORM true)": {"SHORTCUT_NORM": "true"},
 }
 INFERENCE_VARIANTS: Dict[str, Dict[str, str]] = {
     "default": {},
@@ -56,10 +59,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--training", nargs="*", choices=list(TRAINING_VARIANTS), default=list(TRAINING_VARIANTS))
     parser.add_argument("--inference", nargs="*", choices=list(INFERENCE_VARIANTS),
                         default=list(INFERENCE_VARIANTS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="eval.py constants changed for every row (the rows' own changes go on top)")
     parser.add_argument("--out", type=Path, help="JSON file for the rows")
     args = parser.parse_args(argv)
     if args.out and args.out.exists():
         print(f"error: '{args.out}' already exists", file=sys.stderr)
+        return 2
+    try:  # a bad setting fails before any work
+        base_settings = parse_overrides(args.set, default_settings())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     (name, truth, _labels), = load_inputs(args.input, quick=False, sample_shape=(128, 128, 128))
     sparse, kept = downsample_z(truth, args.factor)
@@ -76,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {row['training']} | | {row['iou_recon']:.4f} | | | |", flush=True)
     reference = None  # the default model's default inference: what the other variants are compared with
     for training in args.training:
-        settings = parse_overrides([f"{k}={v}" for k, v in TRAINING_VARIANTS[training].items()], default_settings())
+        settings = parse_overrides([f"{k}={v}" for k, v in TRAINING_VARIANTS[training].items()], base_settings)
         model, train_s = None, None
         for inference in (args.inference if training == "default" else ["default"]):
             variant = parse_overrides([f"{k}={v}" for k, v in INFERENCE_VARIANTS[inference].items()], settings)

@@ -385,45 +385,59 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
-def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> List[Dict[str, Any]]:
-    """Forward throughput of the default network under each engine lever, side by side in one run.
+# The network before SKIP_MERGE / SHORTCUT_NORM changed the default: the seed rows of the lever tables.
+PREVIOUS_NETWORK = {"skip_merge": "concat", "shortcut_norm": True}
 
-    The levers are applied one on top of the other to the same weights on the
-    same batch of ``batch`` tiles of ``tile`` x ``tile`` (5 channels): the seed's
-    float32 NCHW model, then channels-last memory format, then BatchNorm folded
-    into the convolutions, then bfloat16 autocast (where the hardware has it
-    natively; else the row says so); a last row drops channels-last again. Each row gives the median seconds per
-    batch, output pixels per second, GFLOP/s (counted by
-    ``torch.utils.flop_counter``), the speed-up over the seed layout and the
-    largest probability difference from the seed layout.
+
+def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> List[Dict[str, Any]]:
+    """Forward throughput of the network under each engine lever, side by side in one run.
+
+    The levers are applied one on top of the other on the same batch of
+    ``batch`` tiles of ``tile`` x ``tile`` (5 channels): the seed (the previous
+    network, float32, NCHW), then channels-last memory format, then BatchNorm
+    folded into the convolutions, then bfloat16 autocast (where the hardware has
+    it natively; else the row says so); a row drops channels-last again, and the
+    last row is the default network (additive skips, no shortcut BatchNorm) with
+    every engine lever. Each row gives the median seconds per batch, output
+    pixels per second, GFLOP/s (each network's own FLOPs, counted by
+    ``torch.utils.flop_counter``), the speed-up over the seed and the largest
+    probability difference from the seed (not defined for the default network,
+    whose weights are others: ``None``).
     """
     import torch
 
     from model import AttentionResUNet, autocast, fuse_for_inference, resolve_precision
 
-    torch.manual_seed(0)
-    model = AttentionResUNet(in_channels=5)
-    model.train()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
-        for _ in range(3):
-            model(torch.rand(4, 5, 64, 64))
-    model.eval()
-    device = next(model.parameters()).device
+    def network(**architecture):
+        torch.manual_seed(0)
+        model = AttentionResUNet(in_channels=5, **architecture).train()
+        with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
+            for _ in range(3):
+                model(torch.rand(4, 5, 64, 64))
+        return model.eval()
+
+    previous, default = network(**PREVIOUS_NETWORK), network()
     images = (torch.rand(batch, 5, tile, tile) > 0.7).float()
-    flops = model_flops(model, (batch, 5, tile, tile))
+    images_cl = images.contiguous(memory_format=torch.channels_last)
+    device = next(previous.parameters()).device
     bf16 = resolve_precision("auto", device) == torch.bfloat16
-    variants = [("seed: float32, NCHW", model, images, torch.float32),
-                ("+ channels-last", model.to(memory_format=torch.channels_last),
-                 images.contiguous(memory_format=torch.channels_last), torch.float32)]
-    fused = fuse_for_inference(model).to(memory_format=torch.channels_last)
-    variants.append(("+ BatchNorm folded", fused, variants[-1][2], torch.float32))
-    variants.append(("+ bfloat16 autocast" + ("" if bf16 else " (not native here: emulated)"), fused,
-                     variants[-1][2], torch.bfloat16))
-    # bfloat16 without channels-last: shows which of the two carries the speed-up
-    variants.append(("bfloat16, BatchNorm folded, NCHW", fuse_for_inference(model).to(memory_format=torch.contiguous_format),
-                     images, torch.bfloat16))
+    emulated = "" if bf16 else " (not native here: emulated)"
+    folded = fuse_for_inference(previous).to(memory_format=torch.channels_last)
+    # (name, network, input, compute dtype, unfolded network for FLOPs, same weights as the seed)
+    variants = [("seed: previous network, float32, NCHW", previous, images, torch.float32, previous, True),
+                ("+ channels-last", previous.to(memory_format=torch.channels_last), images_cl, torch.float32,
+                 previous, True),
+                ("+ BatchNorm folded", folded, images_cl, torch.float32, previous, True),
+                ("+ bfloat16 autocast" + emulated, folded, images_cl, torch.bfloat16, previous, True),
+                # bfloat16 without channels-last: shows which of the two carries the speed-up
+                ("bfloat16, BatchNorm folded, NCHW", fuse_for_inference(previous).to(
+                    memory_format=torch.contiguous_format), images, torch.bfloat16, previous, True),
+                ("+ additive skips, no shortcut BatchNorm (default network)",
+                 fuse_for_inference(default).to(memory_format=torch.channels_last), images_cl, torch.bfloat16,
+                 default, False)]
     rows, reference, seed_time = [], None, None
-    for name, net, x, dtype in variants:
+    for name, net, x, dtype, unfolded, same_weights in variants:
+        flops = model_flops(unfolded, (batch, 5, tile, tile))
         times = []
         with torch.inference_mode(), autocast(device, dtype):
             out = torch.sigmoid(net(x).float())
@@ -434,25 +448,27 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
         seconds = float(np.median(times))
         reference = out if reference is None else reference
         seed_time = seconds if seed_time is None else seed_time
+        difference = float(f"{(out - reference).abs().max().item():.2e}") if same_weights else None
         rows.append({"lever": name, "s_per_batch": round(seconds, 4),
                      "mpixel_per_s": round(batch * tile * tile / seconds / 1e6, 2),
                      "gflop_per_s": round(flops / seconds / 1e9, 1), "speedup": round(seed_time / seconds, 2),
-                     "max_abs_diff": float(f"{(out - reference).abs().max().item():.2e}")})
+                     "max_abs_diff": difference})
         print(f"| {name} | {rows[-1]['s_per_batch']} | {rows[-1]['mpixel_per_s']} | {rows[-1]['gflop_per_s']} | "
-              f"{rows[-1]['speedup']}x | {rows[-1]['max_abs_diff']} |", flush=True)
+              f"{rows[-1]['speedup']}x | {'-' if difference is None else difference} |", flush=True)
     return rows
 
 
 def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, steps: int = 3) -> List[Dict[str, Any]]:
-    """Seconds per training step of the default network under each training lever, side by side in one run.
+    """Seconds per training step under each training lever, side by side in one run.
 
-    Each lever is applied on top of the previous one, to a copy of the same
-    initial weights, on the same batch of ``batch`` crops of ``crop`` x ``crop``
-    (5 channels) with BCE loss and Adam: the seed's float32 NCHW step;
-    channels-last; bfloat16 autocast (where the hardware has it natively; else
-    the row says so), the default; and Adam's fused kernel, which is not used
-    (its gain is within the noise, and the default's per-parameter loop keeps
-    published results reproducible).
+    Each lever is applied on top of the previous one, on the same batch of
+    ``batch`` crops of ``crop`` x ``crop`` (5 channels) with BCE loss and Adam:
+    the seed (the previous network, float32, NCHW); channels-last; bfloat16
+    autocast (where the hardware has it natively; else the row says so); the
+    default network (additive skips, no shortcut BatchNorm), which is the
+    default step; and Adam's fused kernel, which is not used (its gain is
+    within the noise, and the default's per-parameter loop keeps published
+    results reproducible). Rows of one network start from the same weights.
     The variants take turns, ``rounds`` times ``steps`` steps each, so that a
     drift of the machine's speed hits all rows alike; a row gives the median.
     """
@@ -463,25 +479,27 @@ def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, st
     from model import AttentionResUNet, autocast, resolve_precision
 
     torch.manual_seed(0)
-    model = AttentionResUNet(in_channels=5)
-    device = next(model.parameters()).device
+    networks = {"previous": AttentionResUNet(in_channels=5, **PREVIOUS_NETWORK),
+                "default": AttentionResUNet(in_channels=5)}
+    flops = {key: model_flops(net, (batch, 5, crop, crop), backward=True) for key, net in networks.items()}
+    device = next(networks["default"].parameters()).device
     images = (torch.rand(batch, 5, crop, crop) > 0.7).float()
     targets = (torch.rand(batch, 1, crop, crop) > 0.7).float()
-    flops = model_flops(model, (batch, 5, crop, crop), backward=True)
     bf16 = resolve_precision("auto", device) == torch.bfloat16
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    # (name, channels-last, compute dtype, fused Adam)
-    levers = [("seed: float32, NCHW", False, torch.float32, False),
-              ("+ channels-last", True, torch.float32, False),
-              ("+ bfloat16 autocast (default)" + ("" if bf16 else " (not native here: emulated)"), True,
+    # (name, network, channels-last, compute dtype, fused Adam)
+    levers = [("seed: previous network, float32, NCHW", "previous", False, torch.float32, False),
+              ("+ channels-last", "previous", True, torch.float32, False),
+              ("+ bfloat16 autocast" + ("" if bf16 else " (not native here: emulated)"), "previous", True,
                torch.bfloat16, False),
-              ("+ fused Adam (not used)", True, torch.bfloat16, True)]
+              ("+ additive skips, no shortcut BatchNorm (default)", "default", True, torch.bfloat16, False),
+              ("+ fused Adam (not used)", "default", True, torch.bfloat16, True)]
     variants = []
-    for name, channels_last, dtype, fused in levers:
+    for name, key, channels_last, dtype, fused in levers:
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        net = copy.deepcopy(model).to(memory_format=layout).train()
+        net = copy.deepcopy(networks[key]).to(memory_format=layout).train()
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, fused=fused)
-        variants.append((name, net, optimizer, images.contiguous(memory_format=layout), dtype))
+        variants.append((name, key, net, optimizer, images.contiguous(memory_format=layout), dtype))
 
     def train_steps(net, optimizer, x, dtype, count):
         for _ in range(count):
@@ -493,18 +511,18 @@ def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, st
 
     times: Dict[str, List[float]] = {name: [] for name, *_ in variants}
     for variant in variants:  # warm-up: oneDNN picks its kernels on the first steps
-        train_steps(*variant[1:], count=2)
+        train_steps(*variant[2:], count=2)
     for _ in range(rounds):
-        for name, *rest in variants:
+        for name, _, *rest in variants:
             start = time.perf_counter()
             train_steps(*rest, count=steps)
             times[name].append((time.perf_counter() - start) / steps)
     rows, seed_time = [], None
-    for name, *_ in variants:
+    for name, key, *_ in variants:
         seconds = float(np.median(times[name]))
         seed_time = seconds if seed_time is None else seed_time
         rows.append({"lever": name, "s_per_step": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
-                     "gflop_per_s": round(flops / seconds / 1e9, 1), "speedup": round(seed_time / seconds, 2)})
+                     "gflop_per_s": round(flops[key] / seconds / 1e9, 1), "speedup": round(seed_time / seconds, 2)})
         print(f"| {name} | {rows[-1]['s_per_step']} | {rows[-1]['samples_per_s']} | {rows[-1]['gflop_per_s']} | "
               f"{rows[-1]['speedup']}x |", flush=True)
     return rows

@@ -40,6 +40,8 @@ BASE_FILTERS = 16  # width of the first U-Net level; with a GPU try 32 (with TRA
 DEPTH = 3  # U-Net down-sampling steps
 DROPOUT_RATE = 0.1  # bottleneck dropout
 INPUT_SKIP = True  # residual prediction: the network corrects the upscaled input
+SKIP_MERGE = "add"  # decoders add the gated encoder features ("add") or concatenate them ("concat": previous network)
+SHORTCUT_NORM = False  # BatchNorm after the 1x1 shortcut projection of a residual block (True in the previous network)
 UPSCALE_METHOD = "linear"  # interpolation that degrades training crops and upscales Z
 TRAIN_LATERAL_AXES = "yx"  # degrade training crops along Y and X at random ("yx") or along Y only ("y")
 CROP_POOL = 1.0  # draw TRAIN_NB x CROP_POOL candidate crops, train on the TRAIN_NB that interpolation gets most wrong (1 = random crops)
@@ -123,7 +125,7 @@ def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
 def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
     from data import KINDS, UserError, resolution_factor
-    from model import PRECISIONS
+    from model import PRECISIONS, SKIP_MERGES
     from train import check_crop_pool, check_lateral_axes
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
@@ -149,6 +151,8 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise UserError(f"KIND must be one of {', '.join(KINDS)}, got '{settings['KIND']}'.")
     if settings["INTENSITY_LOSS"] not in ("l1", "mse"):
         raise UserError(f"INTENSITY_LOSS must be 'l1' or 'mse', got '{settings['INTENSITY_LOSS']}'.")
+    if settings["SKIP_MERGE"] not in SKIP_MERGES:
+        raise UserError(f"SKIP_MERGE must be one of {', '.join(SKIP_MERGES)}, got '{settings['SKIP_MERGE']}'.")
     if settings["PRECISION"] not in PRECISIONS:
         raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got '{settings['PRECISION']}'.")
 

@@ -19,13 +19,18 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from data import InputNotFoundError, OutputExistsError, UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SKIP_MERGES = ("add", "concat")
+# Architecture keys added after the first release, with the value that checkpoints saved before
+# them were trained with: such a checkpoint loads as the network it was.
+ARCHITECTURE_BEFORE_KEY = {"skip_merge": "concat", "shortcut_norm": True}
 
 
 class ResidualBlock(nn.Module):
     """Two 3x3 conv + BatchNorm stages; the shortcut (identity, or a 1x1
-    projection when the width changes) is added before the last ReLU."""
+    projection when the width changes, followed by BatchNorm when
+    ``shortcut_norm``) is added before the last ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, shortcut_norm: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
@@ -35,6 +40,8 @@ class ResidualBlock(nn.Module):
             nn.Identity()
             if in_channels == out_channels
             else nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+            if shortcut_norm
+            else nn.Conv2d(in_channels, out_channels, 1, bias=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,28 +100,43 @@ class AttentionResUNet(nn.Module):
     output : {'logits', 'intensity'}
         'logits': foreground logits of a mask (apply a sigmoid); 'intensity':
         normalised grey values, used as they are (no sigmoid).
+    skip_merge : {'add', 'concat'}
+        How a decoder level takes the (attention-gated) encoder features of its
+        resolution: added to the upsampled coarser features, or concatenated
+        with them as in the original U-Net. 'add' keeps the full-resolution
+        level at ``base_filters`` channels, which is where a CPU spends most of
+        the time (BatchNorm and convolutions over few channels are bound by
+        memory, not arithmetic); same IoU on the stacks measured (README, "Architecture").
+    shortcut_norm : bool
+        BatchNorm after the 1x1 projection of a residual block's shortcut
+        (the projection then has no bias). Without it the projection carries a
+        bias and the block one BatchNorm pass fewer.
 
     Any H and W are accepted: inputs are padded to a multiple of ``2**depth``
     (by edge replication) and the output is cropped back.
     """
 
     def __init__(self, in_channels: int = 5, n_classes: int = 1, depth: int = 3, base_filters: int = 16,
-                 dropout_rate: float = 0.1, input_skip: bool = True, output: str = "logits"):
+                 dropout_rate: float = 0.1, input_skip: bool = True, output: str = "logits",
+                 skip_merge: str = "add", shortcut_norm: bool = False):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}.")
         if output not in ("logits", "intensity"):
             raise ValueError(f"output must be 'logits' or 'intensity', got '{output}'.")
+        if skip_merge not in SKIP_MERGES:
+            raise ValueError(f"skip_merge must be one of {', '.join(SKIP_MERGES)}, got '{skip_merge}'.")
         self.architecture = dict(in_channels=in_channels, n_classes=n_classes, depth=depth,
                                  base_filters=base_filters, dropout_rate=dropout_rate, input_skip=input_skip,
-                                 output=output)
+                                 output=output, skip_merge=skip_merge, shortcut_norm=shortcut_norm)
         widths = [base_filters * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList()
         previous = in_channels
         for width in widths[:-1]:
-            self.encoders.append(ResidualBlock(previous, width))
+            self.encoders.append(ResidualBlock(previous, width, shortcut_norm))
             previous = width
-        self.bottleneck = nn.Sequential(ResidualBlock(widths[-2], widths[-1]), nn.Dropout2d(dropout_rate))
+        self.bottleneck = nn.Sequential(ResidualBlock(widths[-2], widths[-1], shortcut_norm),
+                                        nn.Dropout2d(dropout_rate))
         self.gates = nn.ModuleList()
         self.upsamples = nn.ModuleList()
         self.decoders = nn.ModuleList()
@@ -122,7 +144,8 @@ class AttentionResUNet(nn.Module):
             coarse, fine = widths[level + 1], widths[level]
             self.gates.append(AttentionGate(fine, coarse, max(fine // 2, 1)))
             self.upsamples.append(nn.ConvTranspose2d(coarse, fine, 2, stride=2))
-            self.decoders.append(ResidualBlock(2 * fine, fine))
+            merged_width = 2 * fine if skip_merge == "concat" else fine
+            self.decoders.append(ResidualBlock(merged_width, fine, shortcut_norm))
         self.head = nn.Conv2d(widths[0], n_classes, 1)
         self.input_skip_gain = nn.Parameter(torch.tensor(4.0)) if input_skip and output == "logits" else None
 
@@ -141,7 +164,11 @@ class AttentionResUNet(nn.Module):
         features = self.bottleneck(features)
         for gate, upsample, decoder, skip in zip(self.gates, self.upsamples, self.decoders, reversed(skips)):
             gated, _ = gate(skip, features)
-            features = decoder(torch.cat([upsample(features), gated], dim=1))
+            upsampled = upsample(features)
+            if self.architecture["skip_merge"] == "concat":
+                features = decoder(torch.cat([upsampled, gated], dim=1))
+            else:
+                features = decoder(upsampled + gated)
         logits = self.head(features)[..., :height, :width]
         centre = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
         if self.input_skip_gain is not None:
@@ -286,7 +313,7 @@ def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[At
         raise UserError(f"'{path}' is not a model saved by this project (save_model): {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "axial-sr-model/1":
         raise UserError(f"'{path}' is not a model saved by this project (save_model).")
-    model = AttentionResUNet(**checkpoint["architecture"])
+    model = AttentionResUNet(**{**ARCHITECTURE_BEFORE_KEY, **checkpoint["architecture"]})
     model.load_state_dict(checkpoint["state_dict"])
     model.to(select_device(device)).eval()
     return model, checkpoint["config"]

@@ -60,6 +60,8 @@ SETTINGS: Dict[str, Tuple[str, str]] = {
     "DEPTH": ("train", "depth"),
     "DROPOUT_RATE": ("train", "dropout_rate"),
     "INPUT_SKIP": ("train", "input_skip"),
+    "SKIP_MERGE": ("train", "skip_merge"),
+    "SHORTCUT_NORM": ("train", "shortcut_norm"),
     "UPSCALE_METHOD": ("train", "upscale_method"),
     "PRECISION": ("train", "precision"),
     "TRAIN_LATERAL_AXES": ("train", "lateral_axes"),

@@ -374,6 +374,8 @@ def fit_on_sparse_stack(
     depth: int = 3,
     dropout_rate: float = 0.1,
     input_skip: bool = True,
+    skip_merge: str = "add",
+    shortcut_norm: bool = False,
     dice_weight: float = 0.0,
     upscale_method: str = "linear",
     random_state: int = 42,
@@ -404,7 +406,8 @@ def fit_on_sparse_stack(
                                                   profile_fwhm, lateral_axes, crop_pool)
     train_loader, val_loader = make_loaders(inputs, labels, val_split, batch_size, random_state)
     model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
-                             dropout_rate=dropout_rate, input_skip=input_skip,
+                             dropout_rate=dropout_rate, input_skip=input_skip, skip_merge=skip_merge,
+                             shortcut_norm=shortcut_norm,
                              output="intensity" if kind == "intensity" else "logits")
     model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
                                              dice_weight=dice_weight, progress=progress, precision=precision,

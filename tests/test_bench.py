@@ -140,8 +140,23 @@ def test_out_of_core_case_reports_worker_memory_at_two_sizes(tmp_path):
 def test_training_levers_rows_side_by_side():
     rows = bench.measure_training_levers(crop=16, batch=2, rounds=1, steps=1)
     assert [row["lever"].split(" (")[0] for row in rows] == [
-        "seed: float32, NCHW", "+ channels-last", "+ bfloat16 autocast", "+ fused Adam"]
+        "seed: previous network, float32, NCHW", "+ channels-last", "+ bfloat16 autocast",
+        "+ additive skips, no shortcut BatchNorm", "+ fused Adam"]
     assert rows[0]["speedup"] == 1.0
     for row in rows:
         assert row["s_per_step"] > 0 and row["gflop_per_s"] > 0
         assert row["samples_per_s"] == pytest.approx(2 / row["s_per_step"], rel=0.02)
+
+
+def test_engine_levers_rows_side_by_side():
+    rows = bench.measure_engine_levers(tile=32, batch=2, repeats=1)
+    assert [row["lever"].split(" (")[0] for row in rows] == [
+        "seed: previous network, float32, NCHW", "+ channels-last", "+ BatchNorm folded", "+ bfloat16 autocast",
+        "bfloat16, BatchNorm folded, NCHW", "+ additive skips, no shortcut BatchNorm"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["max_abs_diff"] == 0
+    assert rows[1]["max_abs_diff"] < 1e-5 and rows[2]["max_abs_diff"] < 1e-5  # layout and folding: exact
+    assert all(row["max_abs_diff"] < 0.05 for row in rows[3:5])  # bfloat16: close to the seed
+    assert rows[-1]["max_abs_diff"] is None  # another network: no difference to report
+    for row in rows:
+        assert row["s_per_batch"] > 0 and row["gflop_per_s"] > 0
+        assert row["mpixel_per_s"] == pytest.approx(2 * 32 * 32 / row["s_per_batch"] / 1e6, rel=0.15)

@@ -4,7 +4,8 @@ import re
 import pytest
 import torch
 
-from model import AttentionGate, AttentionResUNet, load_model, predict_proba, save_model, select_device
+from model import (AttentionGate, AttentionResUNet, fuse_for_inference, load_model, predict_proba, save_model,
+                   select_device)
 
 torch.set_num_threads(1)
 
@@ -46,8 +47,52 @@ def test_depth_below_one_raises():
 def test_architecture_recorded():
     net = AttentionResUNet(in_channels=5, n_classes=1, depth=2, base_filters=8, dropout_rate=0.2, input_skip=False)
     assert net.architecture == dict(in_channels=5, n_classes=1, depth=2, base_filters=8, dropout_rate=0.2,
-                                    input_skip=False, output="logits")
+                                    input_skip=False, output="logits", skip_merge="add", shortcut_norm=False)
     assert net.input_skip_gain is None
+
+
+@pytest.mark.parametrize("skip_merge, shortcut_norm", [("add", False), ("concat", True), ("add", True)])
+def test_skip_merge_and_shortcut_norm_build_the_network_they_name(skip_merge, shortcut_norm):
+    """'concat' decoders see twice the level's width (upsampled + gated skip), 'add' decoders the width
+    itself (so their shortcut is the identity); a projection shortcut has BatchNorm only when asked."""
+    net = small_net(in_channels=5, depth=2, base_filters=4, skip_merge=skip_merge, shortcut_norm=shortcut_norm)
+    widths = [4, 8, 16]
+    for decoder, width in zip(net.decoders, reversed(widths[:-1])):
+        assert decoder.conv1.in_channels == (2 * width if skip_merge == "concat" else width)
+        assert isinstance(decoder.shortcut, torch.nn.Identity) == (skip_merge == "add")
+    projection = net.encoders[0].shortcut  # 5 -> 4 channels: always a projection
+    if shortcut_norm:
+        assert isinstance(projection, torch.nn.Sequential) and isinstance(projection[1], torch.nn.BatchNorm2d)
+    else:
+        assert isinstance(projection, torch.nn.Conv2d) and projection.bias is not None
+    net.train()
+    out = net(torch.rand(2, 5, 20, 12))
+    out.mean().backward()
+    assert out.shape == (2, 1, 20, 12)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("skip_merge, shortcut_norm", [("add", False), ("concat", True)])
+def test_fused_network_has_no_batchnorm_and_the_same_outputs(skip_merge, shortcut_norm):
+    net = small_net(in_channels=5, skip_merge=skip_merge, shortcut_norm=shortcut_norm).train()
+    for _ in range(3):  # BatchNorm running statistics and affine terms off their defaults
+        net(torch.rand(4, 5, 16, 16) * 2)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.normal_(module.bias)
+    net.eval()
+    fused = fuse_for_inference(net)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in fused.modules())
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in net.modules())  # the model is untouched
+    x = torch.rand(3, 5, 21, 18)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_skip_merge_raises():
+    with pytest.raises(ValueError, match="skip_merge must be one of add, concat, got 'sum'"):
+        AttentionResUNet(skip_merge="sum")
 
 
 def test_input_skip_adds_gain_times_centre_plane():
@@ -154,6 +199,25 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(net(x), loaded(x))
     for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_checkpoint_saved_before_the_architecture_keys_loads_as_the_network_it_was(tmp_path):
+    """Checkpoints written before SKIP_MERGE / SHORTCUT_NORM existed hold a concatenating network with
+    BatchNorm on its shortcuts and no such keys: they must load as that network, with the same outputs."""
+    old_net = small_net(in_channels=5, skip_merge="concat", shortcut_norm=True)
+    old_net.train()
+    old_net(torch.rand(4, 5, 16, 16))  # BatchNorm running statistics off their defaults
+    old_net.eval()
+    architecture = {key: value for key, value in old_net.architecture.items()
+                    if key not in ("skip_merge", "shortcut_norm")}
+    path = tmp_path / "old.pt"
+    torch.save({"format": "axial-sr-model/1", "architecture": architecture, "config": {"factor": 4},
+                "state_dict": old_net.state_dict()}, path)
+    loaded, _ = load_model(path, device="cpu")
+    assert loaded.architecture["skip_merge"] == "concat" and loaded.architecture["shortcut_norm"] is True
+    x = torch.rand(2, 5, 19, 23)
+    with torch.no_grad():
+        assert torch.equal(old_net(x), loaded(x))
 
 
 def test_save_refuses_to_overwrite(tmp_path):
