@@ -385,10 +385,6 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
-# The network before SKIP_MERGE / SHORTCUT_NORM changed the default: the seed rows of the lever tables.
-PREVIOUS_NETWORK = {"skip_merge": "concat", "shortcut_norm": True}
-
-
 def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> List[Dict[str, Any]]:
     """Forward throughput of the network under each engine lever, side by side in one run.
 
@@ -406,7 +402,7 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
     """
     import torch
 
-    from model import AttentionResUNet, autocast, fuse_for_inference, resolve_precision
+    from model import PREVIOUS_NETWORK, AttentionResUNet, autocast, fuse_for_inference, resolve_precision
 
     def network(**architecture):
         torch.manual_seed(0)
@@ -476,7 +472,7 @@ def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, st
 
     import torch
 
-    from model import AttentionResUNet, autocast, resolve_precision
+    from model import PREVIOUS_NETWORK, AttentionResUNet, autocast, resolve_precision
 
     torch.manual_seed(0)
     networks = {"previous": AttentionResUNet(in_channels=5, **PREVIOUS_NETWORK),

@@ -20,9 +20,9 @@ from data import InputNotFoundError, OutputExistsError, UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SKIP_MERGES = ("add", "concat")
-# Architecture keys added after the first release, with the value that checkpoints saved before
-# them were trained with: such a checkpoint loads as the network it was.
-ARCHITECTURE_BEFORE_KEY = {"skip_merge": "concat", "shortcut_norm": True}
+# The network before SKIP_MERGE / SHORTCUT_NORM existed: checkpoints saved without these keys hold it
+# (load_model fills them in, so such a checkpoint loads as the network it was).
+PREVIOUS_NETWORK = {"skip_merge": "concat", "shortcut_norm": True}
 
 
 class ResidualBlock(nn.Module):
@@ -313,7 +313,7 @@ def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[At
         raise UserError(f"'{path}' is not a model saved by this project (save_model): {error}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != "axial-sr-model/1":
         raise UserError(f"'{path}' is not a model saved by this project (save_model).")
-    model = AttentionResUNet(**{**ARCHITECTURE_BEFORE_KEY, **checkpoint["architecture"]})
+    model = AttentionResUNet(**{**PREVIOUS_NETWORK, **checkpoint["architecture"]})
     model.load_state_dict(checkpoint["state_dict"])
     model.to(select_device(device)).eval()
     return model, checkpoint["config"]
