@@ -46,6 +46,7 @@ INFERENCE_VARIANTS: Dict[str, Dict[str, str]] = {
     "test-time flips (x4)": {"TTA_FLIPS": "true"},
     "fp32 inference (reference precision)": {"PRECISION": "fp32"},
     "every tile computed (no empty-tile skipping)": {"SKIP_EMPTY_TILES": "false"},
+    "16 tiles per batch on the CPU (no pixel cap)": {"INFERENCE_BATCH_PIXELS": "0"},
     # The compiled network is cached per model: the second row shows the cost once compiled.
     "compiled network (COMPILE; time includes compiling)": {"COMPILE": "true"},
     "compiled network, run again (compilation cached)": {"COMPILE": "true"},

@@ -48,7 +48,8 @@ CROP_POOL = 1.0  # draw TRAIN_NB x CROP_POOL candidate crops, train on the TRAIN
 SLICE_PROFILE_FWHM = 0.0  # grey-scale: Gaussian slice profile of the training degradation, FWHM in Z steps (0 = none)
 INTENSITY_LOSS = "mse"  # grey-scale: regression loss, "mse" (+0.4 dB over "l1" at factor 4 on EM, a tie at 8) or "l1"
 INFERENCE_TILE_SIZE = 1024  # largest tile edge at inference (larger planes are tiled, tiles shrunk to fit)
-INFERENCE_BATCH_SIZE = 16  # tiles per forward pass at inference
+INFERENCE_BATCH_SIZE = 16  # tiles per forward pass at inference (on a CPU, see INFERENCE_BATCH_PIXELS)
+INFERENCE_BATCH_PIXELS = 131072  # CPU: at most this many pixels per forward pass, >= 2 tiles; 0 = no cap
 ORIENTATIONS = "yx"  # predict planes along Y ("y"), along X ("x") or both, averaged ("yx")
 CHANNEL_STRIDE = 0  # spacing of the channel planes at inference; 0 = factor (as in training)
 TTA_FLIPS = False  # average predictions over flips along Z and along the lateral axis
@@ -151,6 +152,9 @@ def validate_settings(settings: Dict[str, Any]) -> None:
         raise UserError(f"KIND must be one of {', '.join(KINDS)}, got '{settings['KIND']}'.")
     if settings["INTENSITY_LOSS"] not in ("l1", "mse"):
         raise UserError(f"INTENSITY_LOSS must be 'l1' or 'mse', got '{settings['INTENSITY_LOSS']}'.")
+    if settings["INFERENCE_BATCH_PIXELS"] < 0:
+        raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
+                        f"{settings['INFERENCE_BATCH_PIXELS']}.")
     if settings["SKIP_MERGE"] not in SKIP_MERGES:
         raise UserError(f"SKIP_MERGE must be one of {', '.join(SKIP_MERGES)}, got '{settings['SKIP_MERGE']}'.")
     if settings["PRECISION"] not in PRECISIONS:

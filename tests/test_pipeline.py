@@ -93,6 +93,26 @@ def test_tiled_prediction_agrees_with_whole_image():
     assert np.max(np.abs(whole - tiled)) < 0.3
 
 
+def test_cpu_batches_are_capped_by_pixels_and_give_the_same_probabilities():
+    """On a CPU a forward pass holds at most ``batch_pixels`` pixels (but two tiles at least); the
+    batching changes the speed, not the result (BatchNorm is in eval mode: tiles are independent)."""
+    seed_everything(0)
+    network = AttentionResUNet(in_channels=3, depth=2, base_filters=4).eval()
+    batch_sizes = []
+    network.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    images = np.random.default_rng(0).random((3, 3, 40, 40)).astype(np.float32)  # 12 tiles of 24 x 24
+    settings = dict(tile_size=24, overlap=8, batch_size=5, skip_empty=False)
+    uncapped = predict_tiled(network, images, batch_pixels=0, **settings)
+    assert batch_sizes == [5, 5, 2]
+    batch_sizes.clear()
+    capped = predict_tiled(network, images, batch_pixels=3 * 24 * 24 + 10, **settings)
+    assert batch_sizes == [3, 3, 3, 3]
+    batch_sizes.clear()
+    predict_tiled(network, images, batch_pixels=100, **settings)  # less than a tile: still two tiles
+    assert batch_sizes == [2] * 6
+    np.testing.assert_allclose(capped, uncapped, atol=1e-5)
+
+
 def test_compiled_restore_equals_the_eager_restore_and_is_cached():
     """COMPILE runs the same network through torch.compile: the restored stack
     equals the eager one up to float rounding, for every batch size (a batch of
@@ -208,6 +228,7 @@ def test_eval_end_to_end(tmp_path):
     (["--input-images-directory", "/nonexistent/stack"], "does not exist"),
     (["--train-xy-size", "512"], "TRAIN_XY_SIZE"),
     (["--skip-merge", "sum"], "SKIP_MERGE must be one of add, concat"),
+    (["--inference-batch-pixels", "-1"], "INFERENCE_BATCH_PIXELS must be 0"),
     (["--z-resolution", "200", "--xy-resolution", "2"], "not smaller than the stack depth"),
 ])
 def test_eval_bad_input_fails_fast_with_clear_message(tmp_path, flags, message):
