@@ -776,7 +776,8 @@ def restore_to_ome_zarr(
         "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(block_size),
         "ngff_version": ngff_version, "probabilities": probabilities, "binarize_threshold": binarize_threshold,
         "probability_threshold": float(settings["PROBABILITY_THRESHOLD"]),
-        "inference": {k: v for k, v in inference.items() if k != "batch_size"}})  # batch size: same result
+        # batching (tiles, pixels per batch) changes the speed, not the result
+        "inference": {k: v for k, v in inference.items() if k not in ("batch_size", "batch_pixels")}})
 
     train_s = 0.0
     if resuming:
