@@ -26,6 +26,15 @@ from train import check_crop_size
 # eval.py constants that apply.py's command line also accepts (training and inference recipe).
 # (--kind and --device have flags of their own, with choices.)
 RESTORE_SETTING_NAMES = tuple(name for name in SETTINGS if name not in ("DEVICE", "KIND"))
+# Training settings that the restore with a trained model reads too (restore.inference_kwargs).
+INFERENCE_READS = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "PRECISION")
+
+
+def training_only_flags(args: argparse.Namespace) -> List[str]:
+    """The flags typed on the command line that only change how a network is trained (nothing a
+    trained model's restore reads), as ``--flag-name``."""
+    return ["--" + name.lower().replace("_", "-") for name in RESTORE_SETTING_NAMES
+            if SETTINGS[name][0] == "train" and name not in INFERENCE_READS and hasattr(args, name)]
 
 
 def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: int, path: Path,
@@ -223,6 +232,11 @@ def restore_files(args: argparse.Namespace) -> None:
     settings.update({name: getattr(args, name) for name in RESTORE_SETTING_NAMES if hasattr(args, name)})
     settings["DEVICE"] = args.device
     if model is not None:
+        unused = training_only_flags(args)
+        if unused:
+            warnings.warn(f"{', '.join(unused)} only change{'s' if len(unused) == 1 else ''} training: "
+                          "with --model they have no effect (the model is trained already). Leave out --model "
+                          "to train with them.")
         settings["TRAIN_Z_SIZE"] = model.architecture["in_channels"]
     validate_settings(settings)
 

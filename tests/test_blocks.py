@@ -446,7 +446,9 @@ def test_cli_trains_on_a_zarr_input_and_resume_reuses_its_model(tmp_path, capsys
     assert apply.main(recipe + ["--output", str(out), "--resume"]) == 0
     resumed = capsys.readouterr().out
     assert "Training" not in resumed and "4 blocks restored, 2 already done" in resumed
-    assert apply.main(recipe + ["--output", str(tmp_path / "again.ome.zarr"), "--model", str(tmp_path / "m.pt")]) == 0
+    with pytest.warns(UserWarning, match="--train-nb, --num-epochs, --base-filters, --depth only change training"):
+        assert apply.main(recipe + ["--output", str(tmp_path / "again.ome.zarr"), "--model",
+                                    str(tmp_path / "m.pt")]) == 0
     np.testing.assert_array_equal(read_level(out), read_level(tmp_path / "again.ome.zarr"))
 
 
@@ -611,7 +613,9 @@ def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):
     np.testing.assert_array_equal(restored[::factor], sparse)
     # The same model in memory, into a TIFF: the same grey values (up to the rounding of a last float bit).
     tif = tmp_path / "em_iso.tif"
-    assert apply.main(recipe + ["--output", str(tif), "--kind", "intensity", "--model", str(tmp_path / "m.pt")]) == 0
+    with pytest.warns(UserWarning, match="only change training"):
+        assert apply.main(recipe + ["--output", str(tif), "--kind", "intensity", "--model",
+                                    str(tmp_path / "m.pt")]) == 0
     in_memory = tifffile.imread(tif)
     assert in_memory.dtype == np.uint16 and np.abs(in_memory.astype(int) - restored).max() <= 1
     assert np.mean(in_memory != restored) < 1e-3

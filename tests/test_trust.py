@@ -95,6 +95,22 @@ def test_unit_flag_with_micro_sign_is_written_as_um(tmp_path, tiny_model_path):
     assert imagej_calibration(out) == (pytest.approx(0.25), "um", pytest.approx(0.25))
 
 
+def test_training_flags_with_a_model_are_named_as_having_no_effect(tmp_path, tiny_model_path):
+    source = write_fiji(tmp_path / "s.tif", sparse_mask(3, 48))
+    args = ["--input", str(source), "--model", str(tiny_model_path), "--z-step", "1", "--xy-size", "0.25",
+            "--unit", "um"]
+    with pytest.warns(UserWarning, match=r"--num-epochs, --skip-merge only change training: with --model they "
+                                         r"have no effect"):
+        assert apply.main(args + ["--output", str(tmp_path / "a.tif"), "--num-epochs", "3", "--skip-merge",
+                                  "concat"]) == 0
+    # Settings that the restore reads (precision, interpolation) are no training-only flags.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert apply.main(args + ["--output", str(tmp_path / "b.tif"), "--precision", "fp32"]) == 0
+
+
 def test_centimetre_resolution_unit_without_imagej_unit_gives_um(tmp_path):
     source = tmp_path / "cm.tif"
     tifffile.imwrite(source, sparse_mask(3, 16), photometric="minisblack", resolution=(40000.0, 40000.0),
