@@ -27,7 +27,9 @@ from restore import restore_probabilities, threshold_probabilities
 # name -> eval.py constants changed from the defaults
 TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
     "default": {},
-    "previous budget (64 px crops, 1600 x 10 epochs)": {"TRAIN_XY_SIZE": "64", "TRAIN_NB": "1600", "NUM_EPOCHS": "10"},
+    "previous default budget (random crops, 5 epochs)": {"NUM_EPOCHS": "5", "CROP_POOL": "1"},
+    "previous budget (64 px crops, 1600 x 10 epochs)": {"TRAIN_XY_SIZE": "64", "TRAIN_NB": "1600", "NUM_EPOCHS": "10",
+                                                        "CROP_POOL": "1"},
     "fp32 training": {"PRECISION": "fp32"},
     "no input skip (draw from scratch)": {"INPUT_SKIP": "false"},
     "nearest-slice upscaling": {"UPSCALE_METHOD": "nearest"},

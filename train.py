@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ def check_lateral_axes(lateral_axes: str) -> None:
 def check_crop_pool(crop_pool: float) -> None:
     """Raise a clear error for a ``CROP_POOL`` below 1."""
     if not crop_pool >= 1:
-        raise UserError(f"CROP_POOL must be at least 1 (1 = every crop drawn is used), got {crop_pool}.")
+        raise UserError(f"CROP_POOL must be at least 1 (1 = every crop drawn is used; 0 in eval.py: by kind), "
+                        f"got {crop_pool}.")
 
 
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
@@ -150,7 +151,9 @@ def create_cropped_image_dataset(
         ``n_samples`` whose centre slice the interpolation gets most wrong
         (:func:`interpolation_error`) are kept, in the order drawn. 1 keeps
         every crop drawn; the candidates are the crops ``crop_pool=1`` would
-        draw for that many samples.
+        draw for that many samples. The choice is among distinct candidates
+        (:func:`hardest_draws`): a stack too small to offer ``n_samples`` of
+        them trains on the crops of ``crop_pool=1``.
 
     Returns
     -------
@@ -193,10 +196,8 @@ def create_cropped_image_dataset(
         return crop.transpose(0, 2, 1) if transposed else crop
 
     if n_candidates > n_samples:
-        errors = np.array([interpolation_error(crop_at(*draw[:4])[depth // 2], factor, draw[4], method, profile_fwhm,
-                                               kind) for draw in draws])
-        hardest = np.sort(np.argsort(-errors, kind="stable")[:n_samples])
-        draws = [draws[i] for i in hardest]
+        draws = hardest_draws(draws, n_samples, lambda draw: interpolation_error(
+            crop_at(*draw[:4])[depth // 2], factor, draw[4], method, profile_fwhm, kind))
     inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
     labels = np.empty((n_samples, 1, height, width), dtype=np.float32)
     for i, (z0, y0, x0, transposed, phase) in enumerate(draws):
@@ -204,6 +205,28 @@ def create_cropped_image_dataset(
         inputs[i] = downscale_upscale_height(crop, factor, phase=phase, method=method, profile_fwhm=profile_fwhm)
         labels[i, 0] = crop[depth // 2]
     return inputs, labels
+
+
+def hardest_draws(draws: List[tuple], n_samples: int, error: Callable[[tuple], float]) -> List[tuple]:
+    """The ``n_samples`` distinct draws with the largest ``error``, in the order drawn.
+
+    Ranking repeated draws would train on fewer distinct crops than random
+    drawing does: a stack that offers fewer distinct candidates than
+    ``n_samples`` (a small volume whose planes are about the crop size) keeps
+    its first ``n_samples`` draws, the crops ``crop_pool=1`` would train on.
+
+    Parameters
+    ----------
+    draws : list of hashable crop descriptions, in the order drawn (repeats allowed)
+    n_samples : int
+    error : callable giving a draw's interpolation error (larger = harder)
+    """
+    distinct = list(dict.fromkeys(draws))  # first occurrences, in the order drawn
+    if len(distinct) < n_samples:
+        return draws[:n_samples]
+    errors = np.array([error(draw) for draw in distinct])
+    hardest = np.sort(np.argsort(-errors, kind="stable")[:n_samples])
+    return [distinct[i] for i in hardest]
 
 
 def interpolation_error(label_hw: np.ndarray, factor: int, phase: int, method: str = "linear",

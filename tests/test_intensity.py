@@ -111,14 +111,16 @@ def test_intensity_model_cannot_restore_a_mask_and_vice_versa():
 
 def test_training_recipe_by_kind_unless_given():
     settings = default_settings()
-    assert settings["NUM_EPOCHS"] == 0 and settings["LEARNING_RATE"] == 0  # the defaults: each kind's recipe
+    # The defaults: each kind's recipe.
+    assert settings["NUM_EPOCHS"] == 0 and settings["LEARNING_RATE"] == 0 and settings["CROP_POOL"] == 0
     mask, grey = training_kwargs(settings, "mask"), training_kwargs(settings, "intensity")
-    assert (mask["num_epochs"], mask["learning_rate"]) == (5, 3e-3)
-    assert (grey["num_epochs"], grey["learning_rate"]) == (20, 6e-3)
+    assert (mask["num_epochs"], mask["learning_rate"], mask["crop_pool"]) == (4, 3e-3, 2.0)
+    assert (grey["num_epochs"], grey["learning_rate"], grey["crop_pool"]) == (20, 6e-3, 1.0)
     assert all(mask[k] == grey[k] for k in mask if k not in RECIPE_BY_KIND["mask"])
-    settings.update(NUM_EPOCHS=3, LEARNING_RATE=1e-3)
+    settings.update(NUM_EPOCHS=3, LEARNING_RATE=1e-3, CROP_POOL=1.5)
     for kind in ("mask", "intensity"):
-        assert (training_kwargs(settings, kind)["num_epochs"], training_kwargs(settings, kind)["learning_rate"]) == (3, 1e-3)
+        given = training_kwargs(settings, kind)
+        assert (given["num_epochs"], given["learning_rate"], given["crop_pool"]) == (3, 1e-3, 1.5)
     result = subprocess.run([sys.executable, "eval.py", "--num-epochs", "-1", "--show", "no"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "NUM_EPOCHS must be 0 (by kind)" in result.stderr

@@ -229,6 +229,7 @@ def test_eval_end_to_end(tmp_path):
     (["--train-xy-size", "512"], "TRAIN_XY_SIZE"),
     (["--skip-merge", "sum"], "SKIP_MERGE must be one of add, concat"),
     (["--inference-batch-pixels", "-1"], "INFERENCE_BATCH_PIXELS must be 0"),
+    (["--crop-pool", "0.5"], "CROP_POOL must be at least 1"),
     (["--z-resolution", "200", "--xy-resolution", "2"], "not smaller than the stack depth"),
 ])
 def test_eval_bad_input_fails_fast_with_clear_message(tmp_path, flags, message):

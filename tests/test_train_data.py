@@ -4,7 +4,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from data import downsample_z, make_sample_stack
-from train import create_cropped_image_dataset, downscale_upscale_height
+from train import create_cropped_image_dataset, downscale_upscale_height, hardest_draws
 
 
 # --------------------------------------------------------------------------- #
@@ -149,6 +149,36 @@ def test_cropped_dataset_crop_pool_keeps_the_crops_interpolation_gets_most_wrong
     np.testing.assert_array_equal(one_x, all_x[:n])
     with pytest.raises(ValueError, match="CROP_POOL must be at least 1"):
         create_cropped_image_dataset(stack, (3, 16, 16), n_samples=n, factor=4, crop_pool=0.5)
+
+
+def test_hardest_draws_ranks_each_distinct_draw_once():
+    draws = [("a",), ("b",), ("a",), ("c",), ("d",), ("b",)]
+    errors = {"a": 0.9, "b": 0.1, "c": 0.5, "d": 0.7}
+    ranked = []
+
+    def error(draw):
+        ranked.append(draw)
+        return errors[draw[0]]
+
+    # Three of four distinct draws: the hardest three, in the order first drawn, each once.
+    assert hardest_draws(draws, 3, error) == [("a",), ("c",), ("d",)]
+    assert sorted(ranked) == [("a",), ("b",), ("c",), ("d",)]  # repeats are scored once
+    # Fewer distinct draws than samples: the first draws, as a pool of 1 would keep them.
+    assert hardest_draws(draws, 5, error) == draws[:5]
+
+
+def test_crop_pool_on_a_stack_too_small_for_a_choice_trains_on_the_random_crops():
+    # Planes of the crop's size and four kept slices: 2 depths x 2 transposes x 4 phases = 16 distinct crops.
+    rng = np.random.default_rng(0)
+    stack = rng.random((4, 16, 16)) > 0.6
+    one = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=20, factor=4, random_state=5, crop_pool=1)
+    pool = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=20, factor=4, random_state=5, crop_pool=2)
+    np.testing.assert_array_equal(pool[0], one[0])
+    np.testing.assert_array_equal(pool[1], one[1])
+    # With room to choose (8 samples of those 16 distinct crops), the pool ranks and changes the set.
+    one = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=8, factor=4, random_state=5, crop_pool=1)
+    pool = create_cropped_image_dataset(stack, (3, 16, 16), n_samples=8, factor=4, random_state=5, crop_pool=2)
+    assert not np.array_equal(pool[0], one[0])
 
 
 def test_cropped_dataset_empty_stack():
