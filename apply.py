@@ -20,21 +20,20 @@ from data import (KINDS, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsErr
                   factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_shape)
 from eval import build_parser, default_settings, run_cli, validate_settings
 from model import load_model, save_model
-from restore import SETTINGS, model_config, restore_intensity, restore_stack
+from restore import SETTINGS, TRAINING_SETTINGS_READ_AT_INFERENCE, model_config, restore_intensity, restore_stack
 from train import check_crop_size
 
 # eval.py constants that apply.py's command line also accepts (training and inference recipe).
 # (--kind and --device have flags of their own, with choices.)
 RESTORE_SETTING_NAMES = tuple(name for name in SETTINGS if name not in ("DEVICE", "KIND"))
-# Training settings that the restore with a trained model reads too (restore.inference_kwargs).
-INFERENCE_READS = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "PRECISION")
 
 
 def training_only_flags(args: argparse.Namespace) -> List[str]:
     """The flags typed on the command line that only change how a network is trained (nothing a
     trained model's restore reads), as ``--flag-name``."""
     return ["--" + name.lower().replace("_", "-") for name in RESTORE_SETTING_NAMES
-            if SETTINGS[name][0] == "train" and name not in INFERENCE_READS and hasattr(args, name)]
+            if SETTINGS[name][0] == "train" and name not in TRAINING_SETTINGS_READ_AT_INFERENCE
+            and hasattr(args, name)]
 
 
 def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: int, path: Path,

@@ -116,6 +116,10 @@ def training_kwargs(settings: Dict[str, Any], kind: str = "mask") -> Dict[str, A
     return kwargs
 
 
+# The training settings that inference_kwargs reads too: the geometry and arithmetic a model was trained with.
+TRAINING_SETTINGS_READ_AT_INFERENCE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "PRECISION")
+
+
 def inference_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
     """Keyword arguments of :func:`restore_block` from ``eval.py``-style settings."""
     kwargs = {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "infer"}

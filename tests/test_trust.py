@@ -111,6 +111,18 @@ def test_training_flags_with_a_model_are_named_as_having_no_effect(tmp_path, tin
         assert apply.main(args + ["--output", str(tmp_path / "b.tif"), "--precision", "fp32"]) == 0
 
 
+def test_training_settings_read_at_inference_are_exactly_those_the_restore_reads():
+    """The warning above relies on this list: a training setting outside it must not change a restore."""
+    base = eval_module.default_settings()
+    changed = {"TRAIN_XY_SIZE": 2048, "TRAIN_Z_SIZE": 7, "UPSCALE_METHOD": "nearest", "PRECISION": "fp32"}
+    for name, (stage, _) in restore.SETTINGS.items():
+        if stage != "train":
+            continue
+        other = dict(base, **{name: changed.get(name, "changed")})
+        reads = restore.inference_kwargs(other) != restore.inference_kwargs(base)
+        assert reads == (name in restore.TRAINING_SETTINGS_READ_AT_INFERENCE), name
+
+
 def test_centimetre_resolution_unit_without_imagej_unit_gives_um(tmp_path):
     source = tmp_path / "cm.tif"
     tifffile.imwrite(source, sparse_mask(3, 16), photometric="minisblack", resolution=(40000.0, 40000.0),
