@@ -231,11 +231,14 @@ def default_inputs() -> List[Path]:
     return []
 
 
-def load_inputs(paths: Sequence[Path], quick: bool, sample_shape) -> List[tuple]:
+def load_inputs(paths: Sequence[Path], quick: bool, sample_shape,
+                crop: Optional[Sequence[int]] = None) -> List[tuple]:
     """(name, bool stack, label stack or None) triples; every path is checked before any long work.
 
     Integer stacks with more than two values are instance label images: their
-    foreground is benchmarked, and the ids are restored and scored too.
+    foreground is benchmarked, and the ids are restored and scored too. Each
+    stack is cut to its central ``crop`` (D, H, W) box when given, else to
+    :data:`QUICK_SHAPE` with ``quick``.
     """
     for path in paths:
         if not Path(path).exists():
@@ -244,8 +247,9 @@ def load_inputs(paths: Sequence[Path], quick: bool, sample_shape) -> List[tuple]
     if not paths:
         labels = make_sample_labels(tuple(sample_shape), seed=0)
         named.append((f"sample{tuple(sample_shape)}", labels > 0, labels))
-    if quick:
-        named = [(name, central_crop(mask, QUICK_SHAPE), None if labels is None else central_crop(labels, QUICK_SHAPE))
+    shape = crop or (QUICK_SHAPE if quick else None)
+    if shape:
+        named = [(name, central_crop(mask, shape), None if labels is None else central_crop(labels, shape))
                  for name, mask, labels in named]
     return named
 
@@ -263,6 +267,14 @@ def parse_overrides(pairs: Sequence[str], settings: Dict[str, Any]) -> Dict[str,
     return out
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -277,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output folder (new; default bench_runs/<date>-<time>)")
     parser.add_argument("--quick", action="store_true",
                         help=f"central crop {QUICK_SHAPE} and a shorter training {QUICK_SETTINGS}")
+    parser.add_argument("--crop", type=positive_int, nargs=3, metavar=("D", "H", "W"),
+                        help="benchmark the central D x H x W box of each input (whole axes where it is smaller)")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                         help="override eval.py constants for the network, e.g. --set ORIENTATIONS=y")
     parser.add_argument("--label", default="network", help="method name written for the network rows")
@@ -319,7 +333,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     if out_dir.exists():
         raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
     paths = args.input if args.input else default_inputs()
-    stacks = load_inputs(paths, args.quick, args.sample_shape)
+    stacks = load_inputs(paths, args.quick, args.sample_shape, args.crop)
     for name, stack, _ in stacks:
         for factor in args.factors:
             try:
@@ -337,7 +351,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     label_rows: List[Dict[str, Any]] = []  # per-label IoU, for label-image inputs
     report = {
-        "settings": {"factors": args.factors, "methods": args.methods, "quick": args.quick,
+        "settings": {"factors": args.factors, "methods": args.methods, "quick": args.quick, "crop": args.crop,
                      "inputs": [str(p) for p in paths] or "built-in sample",
                      "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
@@ -551,7 +565,8 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         if not Path(path).exists():
             raise InputNotFoundError(f"Input '{path}' does not exist.")
         _, image, _ = read_typed_stack(path, "intensity")
-        stacks.append((Path(path).name, central_crop(image, QUICK_SHAPE) if args.quick else image))
+        shape = args.crop or (QUICK_SHAPE if args.quick else None)
+        stacks.append((Path(path).name, central_crop(image, shape) if shape else image))
     for name, image in stacks:
         for factor in args.factors:
             check_factor(factor, image.shape[0])

@@ -98,7 +98,7 @@ MODEL_RECIPE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TI
 # linear: 5 epochs at 3e-3 +0.83 dB / +0.052 SSIM, 10 at 6e-3 +1.21 / +0.067, 20 at 6e-3 +1.56 / +0.082),
 # and gains nothing from hard crops at that budget. Masks, the everyday and cheaper job, train 4 epochs on
 # the half of twice as many random crops that interpolation gets most wrong: a fifth fewer steps than 5
-# epochs of random crops, and as good or better on every stack measured (README, "Training budget").
+# epochs of random crops, better on the real stacks and tied on the phantoms (README, "Training budget").
 # Training cost does not grow with the volume (TRAIN_NB crops per epoch).
 RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0},
                   "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0}}

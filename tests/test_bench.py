@@ -83,6 +83,18 @@ def test_bench_rejects_missing_input(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_crop_benchmarks_the_central_box_of_each_input(tmp_path):
+    truth = make_sample_stack((20, 30, 40), seed=2)
+    source = tmp_path / "tiny.tif"
+    save_stack(source, truth, (1.0, 1.0, 1.0))
+    (name, mask, labels), = bench.load_inputs([source], quick=False, sample_shape=None, crop=(16, 10, 100))
+    # Centred along Z and Y; X is smaller than asked, so it stays whole.
+    np.testing.assert_array_equal(mask, truth[2:18, 10:20, :] != 0)
+    assert name == "tiny.tif" and labels is None
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--crop", "16", "0", "8"])
+
+
 def test_itk_mci_matches_sdf_closely_when_installed():
     pytest.importorskip("itk")
     truth = make_sample_stack((33, 48, 48), seed=4)
