@@ -55,7 +55,7 @@ CHANNEL_STRIDE = 0  # spacing of the channel planes at inference; 0 = factor (as
 TTA_FLIPS = False  # average predictions over flips along Z and along the lateral axis
 KEEP_KEPT_SLICES = True  # copy the known slices verbatim into the prediction
 SKIP_EMPTY_TILES = True  # tiles that are zero in every channel reuse the model's output on zeros (exact)
-COMPILE = False  # torch.compile the inference network: 1.5x faster restore after ~30 s of compiling per tile shape; pays above ~10^8 voxels
+COMPILE = False  # torch.compile the inference network: 1.4-1.8x faster restore after ~45 s of compiling per tile shape; pays on several 10^8 voxels
 PRECISION = "auto"  # network arithmetic: "auto" (bfloat16 where the CPU/GPU has it natively), "fp32", "bf16"
 PROBABILITY_THRESHOLD = 0.5  # probability above which a voxel is foreground
 DEVICE = ""  # "cpu", "cuda" or "" = CUDA when available
