@@ -231,14 +231,19 @@ def default_inputs() -> List[Path]:
     return []
 
 
+def benchmark_box(crop: Optional[Sequence[int]], quick: bool) -> Optional[Sequence[int]]:
+    """The central (D, H, W) box each input is cut to: ``crop`` when given, else
+    :data:`QUICK_SHAPE` with ``quick``, else ``None`` (whole stacks)."""
+    return crop or (QUICK_SHAPE if quick else None)
+
+
 def load_inputs(paths: Sequence[Path], quick: bool, sample_shape,
                 crop: Optional[Sequence[int]] = None) -> List[tuple]:
     """(name, bool stack, label stack or None) triples; every path is checked before any long work.
 
     Integer stacks with more than two values are instance label images: their
     foreground is benchmarked, and the ids are restored and scored too. Each
-    stack is cut to its central ``crop`` (D, H, W) box when given, else to
-    :data:`QUICK_SHAPE` with ``quick``.
+    stack is cut to :func:`benchmark_box`.
     """
     for path in paths:
         if not Path(path).exists():
@@ -247,7 +252,7 @@ def load_inputs(paths: Sequence[Path], quick: bool, sample_shape,
     if not paths:
         labels = make_sample_labels(tuple(sample_shape), seed=0)
         named.append((f"sample{tuple(sample_shape)}", labels > 0, labels))
-    shape = crop or (QUICK_SHAPE if quick else None)
+    shape = benchmark_box(crop, quick)
     if shape:
         named = [(name, central_crop(mask, shape), None if labels is None else central_crop(labels, shape))
                  for name, mask, labels in named]
@@ -561,11 +566,11 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     if not paths:
         raise InputNotFoundError("No grey-scale input: give --input, or put stacks in ../shared/data/intensity/.")
     stacks = []
+    shape = benchmark_box(args.crop, args.quick)
     for path in paths:
         if not Path(path).exists():
             raise InputNotFoundError(f"Input '{path}' does not exist.")
         _, image, _ = read_typed_stack(path, "intensity")
-        shape = args.crop or (QUICK_SHAPE if args.quick else None)
         stacks.append((Path(path).name, central_crop(image, shape) if shape else image))
     for name, image in stacks:
         for factor in args.factors:
