@@ -14,8 +14,16 @@ grey values (in the input's dtype), the restored ids as a label image under
 ``labels/NAME`` with ``image-label`` metadata, and a pyramid made by
 max-pooling (masks), averaging (grey values) or striding (labels,
 probabilities), never by interpolation. The metadata is written with the
-``ome-zarr`` package's writer; ``ome_zarr.reader`` (what napari uses) reads it
-back.
+``ome-zarr`` package's writer, completed where it falls short of the NGFF
+specification (the multiscales ``type`` of the pyramid, the ``ome.version`` of
+an NGFF 0.5 ``labels`` group) and by an ``omero`` display window for grey values
+(the input's 0.1 / 99.9 percentiles, :func:`display_window`). The outputs
+validate against ``ome-zarr-models`` (the pydantic models of the specification);
+``ome_zarr.reader`` and napari-ome-zarr read them back.
+
+Label ids: a label image is written in an integer dtype NGFF allows
+(:func:`ngff_label_dtype`); ids read from a TIFF for an OME-Zarr output may exceed a
+TIFF's 65535 (:func:`as_label_ids`: uint16 when they fit, else uint32).
 
 NGFF 0.4 (Zarr v2) is the default: Fiji's readers (N5/BigDataViewer,
 MoBIE) and most released tools read it, while 0.5 (Zarr v3) readers are
@@ -35,7 +43,7 @@ import numpy as np
 import zarr
 
 from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  as_grey_values, as_typed_stack, decide_kind)
+                  as_grey_values, as_typed_stack, decide_kind, read_stack)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -50,6 +58,21 @@ NGFF_UNITS = {"pm": "picometer", "Å": "angstrom", "nm": "nanometer", "um": "mic
 SHORT_UNITS = {name: short for short, name in NGFF_UNITS.items()}
 # Where an apply.py run keeps its own record in the output's attributes (outside the 'ome' namespace).
 RESTORE_ATTRIBUTE = "axial_restore"
+# Each pyramid rule of :func:`downsample`, as the multiscales 'type' names it, and what it does.
+DOWNSAMPLING_DESCRIPTIONS = {
+    "max": "max-pooling: a voxel of a coarser level holds the largest value of the (up to) 2 x 2 x 2 voxels "
+           "below it (foreground where any voxel below it is), placed at their centre",
+    "mean": "local mean: a voxel of a coarser level holds the mean of the (up to) 2 x 2 x 2 voxels below it, "
+            "rounded to the image's dtype, placed at their centre",
+    "stride": "striding (nearest neighbour, no interpolation): a voxel of a coarser level is the first of the "
+              "(up to) 2 x 2 x 2 voxels below it, so ids are never mixed",
+}
+# The percentiles of the input's grey values that an output's 'omero' display window spans.
+DISPLAY_PERCENTILES = (0.1, 99.9)
+DISPLAY_SAMPLE_VALUES = 10_000_000  # values read (at most, about) to find the display window of a store
+# The integer dtypes NGFF allows for label images.
+LABEL_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64,
+                                           np.int64))
 
 
 def is_zarr_path(path: PathLike) -> bool:
@@ -300,6 +323,88 @@ def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndar
     return window != 0 if threshold is None else window > threshold
 
 
+def as_label_ids(raw: np.ndarray, source: PathLike) -> Tuple[np.ndarray, np.ndarray]:
+    """Foreground (bool) and ids of a label image for an OME-Zarr output (``data.as_label_image``'s rule
+    without a TIFF's limit): uint16 when the ids fit in 0..65535 (as for a TIFF output), else uint32, else
+    uint64.
+
+    Raises
+    ------
+    UserError
+        Non-integer values, or negative ids (0 is the background).
+    """
+    if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.round(raw)):
+        raise UserError(f"'{source}' holds non-integer values; a label image holds integer ids (0 = background).")
+    if raw.size == 0:
+        return raw != 0, raw.astype(np.uint16)
+    low, high = raw.min(), raw.max()
+    if low < 0:
+        raise UserError(f"Label ids of '{source}' must be 0 (background) or positive; it holds {low}. Relabel the "
+                        "stack first (skimage.segmentation.relabel_sequential).")
+    if high > np.iinfo(np.uint64).max:
+        raise UserError(f"Label ids of '{source}' exceed {np.iinfo(np.uint64).max}; relabel the stack first.")
+    dtype = next(np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if high <= np.iinfo(t).max)
+    return raw != 0, raw.astype(dtype, copy=False)
+
+
+def read_typed_stack_for_ome_zarr(path: PathLike, kind: str = "auto", threshold: Optional[float] = None
+                                  ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
+    """``data.read_typed_stack`` of a TIFF input restored into an OME-Zarr output: the same kinds, decided
+    by the same rule, but label ids by :func:`as_label_ids` (uint32 when they exceed 65535, which only a
+    TIFF output cannot hold).
+
+    Returns
+    -------
+    kind : {'mask', 'labels', 'intensity'}
+    stack_dhw : ndarray, shape (D, H, W)
+        bool foreground for masks and label images, the stored values for intensities
+    labels_dhw : ndarray of uint16 (uint32, uint64 for larger ids), or None
+    """
+    raw = read_stack(path)
+    kind = "mask" if kind == "auto" and threshold is not None else decide_kind(raw, kind, f"'{path}'")
+    if kind == "labels":
+        return kind, *as_label_ids(raw, path)
+    return kind, *as_typed_stack(raw, kind, threshold, path)
+
+
+def display_window(source: Union[np.ndarray, ZarrImage], percentiles: Tuple[float, float] = DISPLAY_PERCENTILES,
+                   max_values: int = DISPLAY_SAMPLE_VALUES) -> Tuple[float, float]:
+    """The grey-value window ``(start, end)`` a viewer should open an image of ``source`` at: the
+    ``percentiles`` (0.1 and 99.9) of its values, for the ``omero`` block of a grey-scale output
+    (:func:`create_output`'s ``display_window``).
+
+    An array gives the percentiles of (every n-th of at most about ``max_values`` of) its values; a
+    store those of a sample read slice by slice (every n-th slice, every m-th row of those), so a large
+    store is never read whole. Integer values give an integer window, widened outwards; a constant
+    image gives a window one unit wide (viewers refuse an empty one); NaN and infinite values are left
+    out ((0, 1) when nothing else is left).
+    """
+    if isinstance(source, np.ndarray):
+        values = source.ravel()[:: max(1, source.size // max_values)]
+        dtype = source.dtype
+    else:
+        n_kept, height, width = source.shape
+        excess = n_kept * height * width / max_values
+        slice_step = max(1, min(n_kept, int(math.sqrt(excess))))
+        row_step = max(1, math.ceil(math.ceil(n_kept / slice_step) * height * width / max_values))
+        values = np.concatenate([source.read(slice(k, k + 1), slice(0, height, row_step)).ravel()
+                                 for k in range(0, n_kept, slice_step)])
+        dtype = np.dtype(source.dtype)
+    if dtype == bool:
+        values, dtype = values.view(np.uint8), np.dtype(np.uint8)
+    if not np.issubdtype(dtype, np.integer):
+        values = values[np.isfinite(values)]  # NaN and infinities have no place in a window
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    if np.issubdtype(dtype, np.integer):
+        low, high = float(math.floor(low)), float(math.ceil(high))
+    if high <= low:
+        top = float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else math.inf
+        low, high = (low, low + 1.0) if low + 1.0 <= top else (high - 1.0, high)
+    return low, high
+
+
 # --------------------------------------------------------------------------- #
 # Writing
 # --------------------------------------------------------------------------- #
@@ -318,6 +423,62 @@ def ngff_format(ngff_version: str):
     if ngff_version not in NGFF_VERSIONS:
         raise UserError(f"--ngff-version must be one of {', '.join(NGFF_VERSIONS)}, got '{ngff_version}'.")
     return FormatV04() if ngff_version == "0.4" else FormatV05()
+
+
+def ngff_label_dtype(dtype) -> np.dtype:
+    """``dtype`` as the dtype of a label image, or a UserError: NGFF label images hold integer ids
+    (``LABEL_DTYPES``: 8 to 64 bits, signed or not)."""
+    dtype = np.dtype(dtype)
+    if dtype not in LABEL_DTYPES:
+        raise UserError(f"Label ids are written as integers ({', '.join(str(t) for t in LABEL_DTYPES)}); got "
+                        f"{dtype}. Convert the label image to an integer type first.")
+    return dtype
+
+
+def omero_metadata(dtype, window: Tuple[float, float], label: str, ngff_version: str, depth: int = 1
+                   ) -> Dict[str, Any]:
+    """The ``omero`` block of a one-channel grey-scale image: shown in grey, opened at ``window``
+    (``start``, ``end``) within the range of ``dtype`` (``min``, ``max``), as OMERO, napari-ome-zarr and
+    ``ome_zarr.reader`` read it."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer) or dtype == bool:
+        info = np.iinfo(np.uint8 if dtype == bool else dtype)
+        low, high = int(info.min), int(info.max)
+    else:
+        info = np.finfo(dtype)
+        low, high = float(info.min), float(info.max)
+    start, end = (float(v) for v in window)
+    if not (math.isfinite(start) and math.isfinite(end) and start < end):
+        raise ValueError(f"A display window needs finite start < end, got {window}.")
+    channel = {"active": True, "coefficient": 1.0, "color": "FFFFFF", "family": "linear", "inverted": False,
+               "label": label, "window": {"min": low, "max": high, "start": start, "end": end}}
+    omero: Dict[str, Any] = {"name": label, "channels": [channel],
+                             "rdefs": {"defaultT": 0, "defaultZ": int(depth) // 2, "model": "greyscale"}}
+    if ngff_version == "0.4":  # NGFF 0.5 keeps one version, the 'ome' namespace's
+        omero["version"] = ngff_version
+    return omero
+
+
+def default_display_window(dtype) -> Optional[Tuple[float, float]]:
+    """The window of a grey-scale image whose values are not known yet: an integer dtype's whole range
+    (what viewers assume); None for floating-point values, which have no such range."""
+    dtype = np.dtype(dtype)
+    if dtype == bool:
+        return 0.0, 1.0
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
+    return None
+
+
+def _update_ome_attributes(group: zarr.Group, ngff_version: str, values: Dict[str, Any]) -> None:
+    """Add ``values`` to a group's OME metadata: at the top for NGFF 0.4, under ``ome`` for 0.5
+    (where ``version`` comes first)."""
+    if ngff_version == "0.4":
+        group.attrs.update(values)
+        return
+    ome = dict(group.attrs.asdict().get("ome", {}))
+    ome.update(values)
+    group.attrs["ome"] = {"version": ome.pop("version", ngff_version), **ome}
 
 
 def output_chunks(shape_dhw: Sequence[int], chunk_xy: int = CHUNK_XY) -> Tuple[int, int, int]:
@@ -384,9 +545,12 @@ def _level_transforms(voxel_size_zyx: Sequence[float], translation_zyx: Sequence
 
 def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], dtype, voxel_size_zyx: Sequence[float],
                             unit: str, translation_zyx: Sequence[float], ngff_version: str, downsampling: str,
-                            chunk_xy: int = CHUNK_XY, name: Optional[str] = None, pyramid: bool = True
-                            ) -> OmeZarrImage:
+                            chunk_xy: int = CHUNK_XY, name: Optional[str] = None, pyramid: bool = True,
+                            display_window: Optional[Tuple[float, float]] = None) -> OmeZarrImage:
     """Create the (empty, zero-filled) arrays of a multiscale image in ``group`` and write its metadata.
+
+    The multiscales metadata names the pyramid rule as its ``type`` (``downsampling``: 'max', 'mean' or
+    'stride', described in its ``metadata``).
 
     Parameters
     ----------
@@ -399,11 +563,15 @@ def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], dtype, 
     chunk_xy : lateral chunk edge (Z chunks are ``CHUNK_Z``)
     pyramid : bool
         False: level 0 only.
+    display_window : (start, end), optional
+        Write an ``omero`` block (one grey channel opened at this window, :func:`omero_metadata`).
 
     Returns
     -------
     OmeZarrImage
     """
+    if downsampling not in DOWNSAMPLING_DESCRIPTIONS:
+        raise ValueError(f"Unknown downsampling '{downsampling}'.")
     fmt = ngff_format(ngff_version)
     factors = pyramid_factors(shape_dhw, chunk_xy) if pyramid else [(1, 1, 1)]
     shapes, shape = [], tuple(int(s) for s in shape_dhw)
@@ -424,6 +592,15 @@ def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], dtype, 
         _ome_zarr_writer().write_multiscales_metadata(group, datasets, fmt=fmt, axes=["z", "y", "x"],
                                                       axes_units={axis: ngff_unit(unit) for axis in "zyx"},
                                                       name=name)
+    # What ome-zarr's writer leaves out: the pyramid's downsampling method, and the display window.
+    multiscales = _ome_attributes(group)["multiscales"]
+    multiscales[0] = {**multiscales[0], "type": downsampling,
+                      "metadata": {"description": DOWNSAMPLING_DESCRIPTIONS[downsampling],
+                                   "method": "zarr_io.downsample", "kwargs": {"method": downsampling}}}
+    extra: Dict[str, Any] = {"multiscales": multiscales}
+    if display_window is not None:
+        extra["omero"] = omero_metadata(dtype, display_window, name or "image", ngff_version, shapes[0][0])
+    _update_ome_attributes(group, ngff_version, extra)
     store_path = str(Path(str(group.store.root)) / group.path) if group.path else str(group.store.root)
     return OmeZarrImage(store_path, tuple(levels), tuple(shapes), tuple(factors), chunks, str(np.dtype(dtype)),
                         downsampling)
@@ -460,13 +637,15 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
                   translation_zyx: Sequence[float] = (0.0, 0.0, 0.0), ngff_version: str = DEFAULT_NGFF_VERSION,
                   label_dtype=None, label_name: str = "restored", image_dtype=np.uint8,
                   image_downsampling: str = "max", chunk_xy: int = CHUNK_XY, name: Optional[str] = None,
-                  pyramid: bool = True) -> OutputLayout:
+                  pyramid: bool = True, display_window: Optional[Tuple[float, float]] = None) -> OutputLayout:
     """Create a new OME-Zarr output (the folder must not exist) with empty arrays and full metadata.
 
     The image at the root holds the restored mask (uint8 0/255, max-pooled
     pyramid) or, with ``image_dtype`` and ``image_downsampling='mean'``, the
-    restored grey values. With ``label_dtype``, ``labels/<label_name>`` is a
-    label image (``image-label`` metadata, strided pyramid) of that dtype.
+    restored grey values, with an ``omero`` display window. With
+    ``label_dtype``, ``labels/<label_name>`` is a label image (``image-label``
+    metadata, strided pyramid) of that dtype. The metadata is valid NGFF 0.4 or
+    0.5 (``ome-zarr-models`` validates it).
 
     Parameters
     ----------
@@ -476,9 +655,16 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
     translation_zyx : the input's origin (voxel 0 of the output is voxel 0 of the input)
     ngff_version : '0.4' (Zarr v2) or '0.5' (Zarr v3)
     label_dtype : numpy dtype, optional
+        An integer dtype (:func:`ngff_label_dtype`).
     image_dtype, image_downsampling : the root image's dtype and pyramid rule
     pyramid : bool
         False: level 0 only (e.g. an input written for a test or a benchmark).
+    display_window : (start, end), optional
+        The grey values a viewer opens the root image at (``omero`` metadata):
+        the input's 0.1 / 99.9 percentiles, :func:`display_window`. Without it,
+        grey values (``image_downsampling='mean'``) of an integer dtype get the
+        dtype's range and floating-point ones no ``omero`` block; a mask (or
+        probabilities) gets one only when it is given.
 
     Returns
     -------
@@ -488,16 +674,22 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
     if path.exists():
         raise OutputExistsError(f"'{path}' already exists.")
     fmt = ngff_format(ngff_version)
+    labels_dtype = None if label_dtype is None else ngff_label_dtype(label_dtype)
+    if display_window is None and image_downsampling == "mean":
+        display_window = default_display_window(image_dtype)
     root = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
     image = create_multiscale_image(root, shape_dhw, image_dtype, voxel_size_zyx, unit, translation_zyx,
-                                    ngff_version, image_downsampling, chunk_xy, name=name or path.name, pyramid=pyramid)
+                                    ngff_version, image_downsampling, chunk_xy, name=name or path.name, pyramid=pyramid,
+                                    display_window=display_window)
     labels = None
-    if label_dtype is not None:
+    if labels_dtype is not None:
         labels_group = root.create_group("labels")
         label_group = labels_group.create_group(label_name)
-        labels = create_multiscale_image(label_group, shape_dhw, label_dtype, voxel_size_zyx, unit, translation_zyx,
+        labels = create_multiscale_image(label_group, shape_dhw, labels_dtype, voxel_size_zyx, unit, translation_zyx,
                                          ngff_version, "stride", chunk_xy, name=label_name, pyramid=pyramid)
         _ome_zarr_writer().write_label_metadata(labels_group, label_name, fmt=fmt, source={"image": "../../"})
+        if ngff_version != "0.4":  # ome-zarr's writer gives an NGFF 0.5 labels group no ome.version
+            _update_ome_attributes(labels_group, ngff_version, {"version": ngff_version})
     return OutputLayout(str(path), ngff_version, image, labels, label_name if labels else None)
 
 
