@@ -10,18 +10,19 @@ import glob
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 import blocks
 import zarr_io
 from data import (KINDS, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_shape)
+                  factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_dtype, stack_shape)
 from eval import build_parser, default_settings, run_cli, validate_settings
-from model import load_model, save_model
-from restore import SETTINGS, TRAINING_SETTINGS_READ_AT_INFERENCE, model_config, restore_intensity, restore_stack
-from train import check_crop_size
+from model import load_model, save_model, select_device
+from plan import RestorePlan, record_throughput
+from restore import (SETTINGS, TRAINING_SETTINGS_READ_AT_INFERENCE, fit_recipe_to_stack, model_config,
+                     restore_intensity, restore_stack)
 
 # eval.py constants that apply.py's command line also accepts (training and inference recipe).
 # (--kind and --device have flags of their own, with choices.)
@@ -118,18 +119,23 @@ def build_apply_parser() -> argparse.ArgumentParser:
                         help="unit of --z-step/--xy-size, written to the output; needed when both are given")
     parser.add_argument("--kind", choices=KINDS, default="auto",
                         help="mask (segmentation), labels (instance ids), intensity (grey-scale image, restored in "
-                             "its own dtype and range) or auto: decided only where it cannot be wrong (a two-valued "
-                             "stack is a mask, a float stack grey-scale), else an error asks for --kind")
+                             "its own dtype and range) or auto: a saved model's kind, else read from the values "
+                             "(0/1 or 0/255: mask; piecewise-constant integers: labels; noise and texture: "
+                             "intensity); the plan says what was decided")
     parser.add_argument("--labels", nargs="?", const="yes", choices=("auto", "yes", "no"), default=None,
-                        help="shorthand: --labels (= yes) is --kind labels, --labels no is --kind mask; auto = when "
-                             "an integer stack has more "
-                             "than two values")
+                        help="shorthand: --labels (= yes) is --kind labels, --labels no is --kind mask; auto = "
+                             "as --kind auto")
     parser.add_argument("--save-probabilities", choices=("none", "uint8", "float16"), default="none",
                         help="also write the foreground probability stack next to the output: uint8 (0-255, one "
                              "byte per voxel) or float16 (held as float16, written as 32-bit float for ImageJ)")
     parser.add_argument("--preview", action="store_true",
                         help="also save <output>_preview.png: an XZ section before and after restoration")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (kind, factor, shapes, voxel sizes, bytes, memory, expected time) from "
+                             "the metadata and a sample of values, and stop: nothing is written")
+    parser.add_argument("--allow-factor-mismatch", action="store_true",
+                        help="use --model on a stack whose Z/XY factor differs from the one it was trained at")
     parser.add_argument("--device", default="", help="cpu or cuda; default CUDA when available")
     large = parser.add_argument_group(
         "large volumes", "An output named *.ome.zarr is restored block by block with bounded memory (inputs may be "
@@ -154,20 +160,19 @@ def voxel_size_for(path: Path, z_step: Optional[float], xy_size: Optional[float]
     """The input's voxel size ``(z, y, x)``, its unit and a sentence saying where they came from.
 
     Flags win over the file's metadata, axis by axis. The unit written is
-    ``unit`` when given, else the file's unit, and the file's unit only names
-    numbers that came (at least in part) from the file: sizes typed as flags
-    alone need ``--unit``. Sizes read from the file are converted to ``--unit``
-    when it names another length unit (a file in um, ``--z-step 1000 --unit nm``).
+    ``unit`` when given, else the file's unit. A size typed without ``--unit``
+    is taken in the file's unit when the file has one (the sentence says so);
+    sizes typed without any unit known are an error. Sizes read from the file
+    are converted to ``--unit`` when it names another length unit (a file in
+    um, ``--z-step 1000 --unit nm``). Y and X sizes that differ by more than
+    1 % are an error: the factor would hold for one lateral axis only.
     """
     calibration = zarr_io.read_calibration(path) if zarr_io.is_zarr_path(path) else read_calibration(path)
     (file_z, file_y, file_x), file_unit = calibration if calibration else ((None, None, None), None)
-    unit = None if unit is None else (normal_unit(unit) or unit)  # 'µm', 'micron' -> 'um' (ASCII metadata)
-    if unit is not None and file_unit is not None and unit != file_unit and (z_step is None or xy_size is None):
-        # Sizes taken from the file are in the file's unit: express them in --unit.
-        if unit not in LENGTH_UNITS_IN_UM or file_unit not in LENGTH_UNITS_IN_UM:
-            raise UserError(f"--unit {unit} differs from the unit of '{path}' ({file_unit}) and cannot be converted; "
-                            "pass all of --z-step, --xy-size and --unit.")
-        scale = LENGTH_UNITS_IN_UM[file_unit] / LENGTH_UNITS_IN_UM[unit]
+    typed_unit = None if unit is None else (normal_unit(unit) or unit)  # 'µm', 'micron' -> 'um' (ASCII metadata)
+    if typed_unit is not None and file_unit is not None and typed_unit != file_unit and (z_step is None or
+                                                                                       xy_size is None):
+        scale = unit_scale(file_unit, typed_unit, path)  # sizes taken from the file, expressed in --unit
         file_z, file_y, file_x = (None if v is None else v * scale for v in (file_z, file_y, file_x))
     z = z_step if z_step is not None else file_z
     y, x = (xy_size, xy_size) if xy_size is not None else (file_y, file_x)
@@ -179,16 +184,33 @@ def voxel_size_for(path: Path, z_step: Optional[float], xy_size: Optional[float]
         why = "a folder of 2D slices has none" if path.is_dir() else "no ImageJ spacing or OME PhysicalSizeZ"
         raise UserError(f"'{path}' carries no Z step ({why}). Pass --z-step, in the unit of the file's pixel size"
                         + (f" ({file_unit})." if file_unit else " (and --unit)."))
-    from_file = z_step is None or xy_size is None
-    if unit is None and not from_file:
+    y = x if y is None else y
+    if abs(y - x) > 0.01 * max(x, y):
+        raise UserError(f"'{path}' has pixels of {y:g} (Y) by {x:g} (X): they differ by more than 1 %, so one Z/XY "
+                        "factor cannot make the voxels isotropic. Resample the stack to square pixels first, or pass "
+                        "--xy-size to use one size for both.")
+    if typed_unit is None and z_step is not None and xy_size is not None:
         raise UserError("--z-step and --xy-size were given without --unit: pass --unit (e.g. --unit um) so that "
                         "the output's metadata names the unit of those numbers.")
-    unit = unit or file_unit
-    if unit is None:
+    resolved = typed_unit or file_unit
+    if resolved is None:
         raise UserError(f"'{path}' gives its pixel size without a unit; pass --unit (e.g. --unit um).")
-    what = "from the file" if z_step is None and xy_size is None else ("from the flags" if not from_file
-                                                                       else "from the file and the flags")
-    return (float(z), float(y), float(x)), unit, f"Z {z:g} {unit}, XY {x:g} {unit} ({what})"
+    what = "from the file" if z_step is None and xy_size is None else (
+        "from the flags" if z_step is not None and xy_size is not None else "from the file and the flags")
+    if typed_unit is None and (z_step is not None or xy_size is not None):
+        what += f"; {'--z-step' if z_step is not None else '--xy-size'} taken in the file's unit, {resolved}"
+    return (float(z), float(y), float(x)), resolved, f"Z {z:g} {resolved}, XY {x:g} {resolved} ({what})"
+
+
+def unit_scale(from_unit: str, to_unit: str, path: Path) -> float:
+    """The factor that expresses lengths in ``from_unit`` in ``to_unit``; a clear error when either is no
+    length unit."""
+    if from_unit == to_unit:
+        return 1.0
+    if from_unit not in LENGTH_UNITS_IN_UM or to_unit not in LENGTH_UNITS_IN_UM:
+        raise UserError(f"--unit {to_unit} differs from the unit of '{path}' ({from_unit}) and cannot be converted; "
+                        "pass all of --z-step, --xy-size and --unit.")
+    return LENGTH_UNITS_IN_UM[from_unit] / LENGTH_UNITS_IN_UM[to_unit]
 
 
 def kind_from_flags(args: argparse.Namespace) -> str:
@@ -199,33 +221,82 @@ def kind_from_flags(args: argparse.Namespace) -> str:
     return args.kind if args.kind != "auto" else from_labels
 
 
-def restore_files(args: argparse.Namespace) -> None:
-    """Restore every input of the command line. Inputs, outputs, voxel sizes and
-    settings are all checked before any long work starts."""
-    kind = kind_from_flags(args)
-    inputs = expand_inputs(args.input)
-    output = Path(args.output)
-    if args.save_model and (len(inputs) > 1 or args.model):
-        raise UserError("--save-model keeps the model trained on one input; it cannot be combined with --model "
-                        "or several inputs.")
-    targets = [output_path_for(p, output, len(inputs)) for p in inputs]
-    if len(set(targets)) < len(targets):
-        raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
-                        "names or restore them in separate calls.")
-    check_large_volume_flags(args, targets)
-    check_kind_flags(args, kind)
+def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Optional[str]) -> Tuple[str, str]:
+    """The kind of one input and why, from a sample of its values (nothing else is read).
+
+    Order: ``--kind``; a binarization threshold (a mask); a saved model's
+    kind (a grey-scale model restores grey values; a mask model masks, or
+    label images when the values are ids); an OME-Zarr label image's
+    metadata; the values (``data.kind_evidence``).
+    """
+    from data import decide_kind_and_reason, read_value_sample
+
+    if kind != "auto":
+        return kind, "given as --kind"
+    if threshold is not None:
+        return "mask", "--binarize-threshold given"
+    image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None
+    if model_kind == "intensity":
+        return "intensity", "the model restores grey values"
+    if image is not None and image.is_label:
+        return "labels", "an OME-Zarr label image"
+    sample = zarr_io.sample_for_label_detection(image) if image is not None else read_value_sample(path)
+    decided, reason = decide_kind_and_reason(sample, "auto", f"'{path}'")
+    if model_kind is not None:
+        if decided == "intensity":
+            raise UserError(f"The model restores masks, but '{path}' looks like a grey-scale image ({reason}). Pass "
+                            "--kind mask or --kind labels to restore it with this model, or give a grey-scale model.")
+        return decided, f"a mask model; {reason}"
+    return decided, reason
+
+
+def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, settings: Dict[str, Any],
+               saved_config: Dict[str, Any], model_kind: Optional[str], typed: Sequence[str]) -> RestorePlan:
+    """Decide one input's restore from its metadata and a sample of its values; all checks that can fail
+    do so here, before any long work."""
+    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+    image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None  # a damaged file is named first
+    shape = tuple(image.shape) if image is not None else stack_shape(path)
+    dtype = image.dtype if image is not None else stack_dtype(path)
+    decided, why = input_kind(path, kind, threshold, model_kind)
+    check_kind_flags(args, decided, path)
+    voxel, unit, said = voxel_size_for(path, args.z_step, args.xy_size, args.unit)
+    factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1)[0]
+    trained_at = saved_config.get("factor")
+    if factor > 1 and trained_at not in (None, factor) and not args.allow_factor_mismatch:
+        raise UserError(f"The model was trained at factor {trained_at}, but '{path}' needs factor {factor} ({said}). "
+                        "Train a model on this stack (leave out --model), or pass --allow-factor-mismatch to use it "
+                        "anyway.")
+    translation = (0.0, 0.0, 0.0)
+    if image is not None:
+        scale = unit_scale(image.unit, unit, path) if image.unit and image.unit != unit else 1.0
+        translation = tuple(float(t) * scale for t in image.translation_zyx)
+    notes: List[str] = []
+    if factor > 1 and model_kind is None:
+        settings, notes = fit_recipe_to_stack(settings, shape, factor, typed)
+    to_zarr = zarr_io.is_zarr_path(target)
+    return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
+                       settings, trained=model_kind is None, block_size=args.block_size if to_zarr else None,
+                       workers=args.workers, probabilities=None if args.save_probabilities == "none"
+                       else args.save_probabilities, notes=notes)
+
+
+def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
+    """Refuse outputs that exist (unless --overwrite, or --resume for OME-Zarr), before any work."""
     extra = [probabilities_path_for(t) for t in targets] if args.save_probabilities != "none" else []
     extra += [t.with_name(t.stem + "_preview.png") for t in targets] if args.preview else []
     extra += [Path(args.save_model)] if args.save_model else []
     resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if args.resume else set()
-    clashes = [str(t) for t in targets + extra if t.exists() and str(t) not in resumable]
+    clashes = [str(t) for t in list(targets) + extra if t.exists() and str(t) not in resumable]
     if clashes and not args.overwrite:
         raise OutputExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite"
                                 + (" (or --resume for an interrupted OME-Zarr output)." if any(
                                     zarr_io.is_zarr_path(c) for c in clashes) else "."))
 
+
+def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) -> Dict[str, Any]:
+    """The settings of this run: the defaults, a saved model's recipe, then the flags typed."""
     settings = default_settings()
-    model, saved_config = load_model(args.model, args.device or None) if args.model else (None, {})
     # A saved model brings its own recipe (channels, interpolation, ...); flags typed by the user win.
     settings.update({key.upper(): value for key, value in saved_config.items() if key.upper() in settings})
     settings.update({name: getattr(args, name) for name in RESTORE_SETTING_NAMES if hasattr(args, name)})
@@ -238,56 +309,100 @@ def restore_files(args: argparse.Namespace) -> None:
                           "to train with them.")
         settings["TRAIN_Z_SIZE"] = model.architecture["in_channels"]
     validate_settings(settings)
+    return settings
 
+
+def restore_files(args: argparse.Namespace) -> None:
+    """Restore every input of the command line. Inputs, outputs, voxel sizes, kinds and settings are all
+    checked, and each input's plan printed, before any long work starts; ``--dry-run`` stops there."""
+    kind = kind_from_flags(args)
+    inputs = expand_inputs(args.input)
+    output = Path(args.output)
+    if args.save_model and (len(inputs) > 1 or args.model):
+        raise UserError("--save-model keeps the model trained on one input; it cannot be combined with --model "
+                        "or several inputs.")
+    targets = [output_path_for(p, output, len(inputs)) for p in inputs]
+    if len(set(targets)) < len(targets):
+        raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
+                        "names or restore them in separate calls.")
+    check_large_volume_flags(args, targets)
+    check_kind_flags(args, kind)
+    if not args.dry_run:
+        check_outputs(args, targets)
+    select_device(args.device or None)  # a device this machine lacks is refused before any reading
+    model, saved_config = load_model(args.model, args.device or None) if args.model else (None, {})
+    model_kind = None if model is None else saved_config.get("kind") or (
+        "intensity" if model.architecture.get("output") == "intensity" else "mask")
+    settings = run_settings(args, saved_config, model)
+    typed = [name for name in RESTORE_SETTING_NAMES if hasattr(args, name)]
+    plans = [plan_input(args, path, target, kind, settings, saved_config, model_kind, typed)
+             for path, target in zip(inputs, targets)]
+    for plan in plans:
+        print("\n".join(plan.lines()), flush=True)
+    if args.dry_run:
+        print("dry run: nothing was read beyond the metadata and a sample of values; nothing was written.")
+        return
+    for plan in plans:
+        if plan.factor == 1:
+            convert_isotropic(args, plan)
+        elif zarr_io.is_zarr_path(plan.target):
+            restore_into_ome_zarr(args, plan, model)
+        else:
+            restore_into_tiff(args, plan, model)
+
+
+def read_input(plan: RestorePlan, threshold: Optional[float]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The whole input, typed as planned: the stored values (grey values) or the foreground, and ids."""
+    if zarr_io.is_zarr_path(plan.path):
+        return zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, threshold)[1:]
+    return read_typed_stack(plan.path, plan.kind, threshold)[1:]
+
+
+def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> None:
+    """One input restored in memory and written as a TIFF (with its probabilities and preview on request)."""
+    settings, factor, target = plan.settings, plan.factor, plan.target
     threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
-    plans = []
-    for path in inputs:
-        # first: a damaged file is named as damaged, not as uncalibrated
-        image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None
-        shape = image.shape if image is not None else stack_shape(path)
-        # A Zarr input's kind is told from a sample, before any work; a TIFF's ('auto') once it is read.
-        input_kind = kind if image is None else zarr_io.image_kind(image, kind, threshold)
-        check_kind_flags(args, input_kind, path)
-        (z_step, y_size, xy_size), unit, said = voxel_size_for(path, args.z_step, args.xy_size, args.unit)
-        factor, out_z = factor_from_voxel_size(z_step, xy_size)
-        if model is None:
-            check_crop_size(shape, (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"], settings["TRAIN_XY_SIZE"]),
-                            factor)
-        elif saved_config.get("factor") not in (None, factor):
-            warnings.warn(f"The model was trained at factor {saved_config['factor']}; '{path}' needs {factor}.")
-        plans.append((path, input_kind, factor, (out_z, y_size, xy_size), unit, said))
+    stack, labels = read_input(plan, threshold)
+    if plan.kind == "intensity":
+        restored, used_model, info = restore_intensity(stack, factor, settings, model=model)
+        probabilities = None
+    else:
+        restored, probabilities, used_model, info = restore_stack(
+            stack, factor, settings, model=model, labels=labels,
+            probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
+            keep_probabilities=args.save_probabilities != "none")
+    voxel, unit = plan.voxel_out_zyx, plan.unit
+    save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
+    if args.save_probabilities != "none":
+        save_stack(probabilities_path_for(target), probabilities, voxel, unit, overwrite=args.overwrite)
+    if args.preview:
+        preview_figure(stack, restored, factor, target.with_name(target.stem + "_preview.png"),
+                       grey=plan.kind == "intensity")
+    if args.save_model:
+        save_model(args.save_model, used_model, dict(model_config(settings, factor), kind=plan.kind),
+                   overwrite=args.overwrite)
+    record_throughput(plan, info["train_s"], info["infer_s"])
+    print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "
+          f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
 
-    for (path, input_kind, factor, voxel, unit, said), target in zip(plans, targets):
-        if zarr_io.is_zarr_path(target):
-            restore_into_ome_zarr(args, input_kind, path, target, factor, voxel, unit, said, settings, model,
-                                  threshold)
-            continue
-        if zarr_io.is_zarr_path(path):  # a TIFF output holds the whole stack in memory: so may the input
-            stack_kind, mask, labels = zarr_io.read_typed_image(zarr_io.open_image(path), input_kind, threshold)
-        else:
-            stack_kind, mask, labels = read_typed_stack(path, input_kind, threshold)
-            check_kind_flags(args, stack_kind, path)
-        print(f"{path.name}: {mask.shape} (Z, Y, X), {stack_kind}; factor {factor} from {said} -> "
-              f"{(mask.shape[0] - 1) * factor + 1} slices")
-        if stack_kind == "intensity":
-            restored, used_model, info = restore_intensity(mask, factor, settings, model=model)
-            probabilities = None
-        else:
-            restored, probabilities, used_model, info = restore_stack(
-                mask, factor, settings, model=model, labels=labels,
-                probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
-                keep_probabilities=args.save_probabilities != "none")
-        save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
-        if args.save_probabilities != "none":
-            save_stack(probabilities_path_for(target), probabilities, voxel, unit, overwrite=args.overwrite)
-        if args.preview:
-            preview_figure(mask, restored, factor, target.with_name(target.stem + "_preview.png"),
-                           grey=stack_kind == "intensity")
-        if args.save_model:
-            save_model(args.save_model, used_model, dict(model_config(settings, factor), kind=stack_kind),
-                       overwrite=args.overwrite)
-        print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "
-              f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
+
+def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
+    """A stack that is already isotropic (factor 1): written in the output's format, values unchanged."""
+    threshold = plan.settings["BINARIZE_THRESHOLD"] if plan.settings["BINARIZE_THRESHOLD"] >= 0 else None
+    to_zarr = zarr_io.is_zarr_path(plan.target)
+    if zarr_io.is_zarr_path(plan.path):
+        stack, labels = zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, threshold)[1:]
+    else:
+        stack, labels = read_typed_stack(plan.path, plan.kind, threshold, label_dtype=None if to_zarr
+                                         else np.uint16)[1:]
+    if to_zarr:
+        name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else plan.path.stem
+        zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx, args.ngff_version,
+                            plan.kind, labels, name, overwrite=args.overwrite)
+    else:
+        save_stack(plan.target, labels if plan.kind == "labels" else stack, plan.voxel_in_zyx, plan.unit,
+                   overwrite=args.overwrite)
+    print(f"Wrote {plan.target}: the stack is already isotropic, converted without restoring.")
 
 
 def check_kind_flags(args: argparse.Namespace, kind: str, path: Optional[Path] = None) -> None:
@@ -317,39 +432,35 @@ def check_large_volume_flags(args: argparse.Namespace, targets: Sequence[Path]) 
         blocks.chunk_edge(args.block_size)
 
 
-def restore_into_ome_zarr(args: argparse.Namespace, kind: str, path: Path, target: Path, factor: int,
-                          voxel: Tuple[float, float, float], unit: str, said: str, settings: dict, model,
-                          threshold: Optional[float]) -> None:
+def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) -> None:
     """One input into an OME-Zarr output, block by block (``blocks.restore_to_ome_zarr``). A Zarr input is
-    read window by window; a TIFF input is read whole (it fits in memory) and restored block by block.
-    ``kind`` may be 'auto' (decided here by the rule of ``data.read_typed_stack``)."""
+    read window by window; a TIFF input is read whole (it fits in memory) and restored block by block."""
+    settings, factor, path, target = plan.settings, plan.factor, plan.path, plan.target
+    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
     if zarr_io.is_zarr_path(path):
         image = zarr_io.open_image(path)
-        stack_kind = zarr_io.image_kind(image, kind, threshold)
-        source, translation, name = image, image.translation_zyx, image.name
-        labels = image if stack_kind == "labels" else None
-    else:
-        stack_kind, source, labels = read_typed_stack(path, kind, threshold)
-        translation, name = (0.0, 0.0, 0.0), path.stem
-    check_kind_flags(args, stack_kind, path)
-    depth = (source.shape[0] - 1) * factor + 1
-    print(f"{path.name}: {tuple(source.shape)} (Z, Y, X), {stack_kind}; factor {factor} from {said} -> {depth} "
-          f"slices, into {target} (NGFF {args.ngff_version}, blocks of {args.block_size} x {args.block_size} "
-          "pixels)")
+        source, name = image, image.name
+        labels = image if plan.kind == "labels" else None
+    else:  # OME-Zarr holds ids beyond a TIFF's 65535
+        source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None)[1:]
+        name = path.stem
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
-    config = dict(model_config(settings, factor), kind=stack_kind)
+    config = dict(model_config(settings, factor), kind=plan.kind)
+    voxel = plan.voxel_out_zyx
     result = blocks.restore_to_ome_zarr(
-        source, target, factor, settings, voxel, unit, kind="intensity" if stack_kind == "intensity" else "mask",
-        model=model, model_config=config, labels_source=labels, label_name=name, translation_zyx=translation,
-        source_name=str(path), binarize_threshold=threshold, block_size=args.block_size,
-        ngff_version=args.ngff_version, probabilities=probabilities,
+        source, target, factor, settings, voxel, plan.unit, kind="intensity" if plan.kind == "intensity" else "mask",
+        model=model, model_config=config, labels_source=labels, label_name=name,
+        translation_zyx=plan.translation_zyx, source_name=str(path), binarize_threshold=threshold,
+        block_size=args.block_size, ngff_version=args.ngff_version, probabilities=probabilities,
         probabilities_output=probabilities_path_for(target) if probabilities else None, workers=args.workers,
         worker_memory=args.worker_memory, scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
         max_blocks=args.max_blocks)
     if args.save_model and result["model"] is not None:
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
     if result["state"] == "complete":
-        print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "
+        if not result["skipped"]:
+            record_throughput(plan, result["train_s"], result["restore_s"])
+        print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {plan.unit}); "
               f"training {result['train_s']:.0f} s, restoring {result['restore_s']:.0f} s "
               f"({result['restored']} blocks restored, {result['skipped']} already done).")
 

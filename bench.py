@@ -97,12 +97,17 @@ def _itk_worker(source: str, target: str) -> None:
 
 
 def describe_device(device) -> str:
-    """The compute device in words, for reports: the GPU's name, or the CPU and its torch threads."""
+    """The compute device in words, for reports: the GPU's name, or the CPU model, its instruction-set
+    class as torch and oneDNN see it now (emulation included) and torch's threads."""
     import torch
+
+    from machine import describe_machine
 
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    facts = describe_machine("cpu")
+    return (f"cpu ({facts['cpu']}; ISA class {facts['isa']}, torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; {facts['threads']} threads; torch {torch.__version__})")
 
 
 def model_flops(model, input_nchw: Sequence[int], backward: bool = False) -> int:
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the benchmark: forward throughput of the network under each engine lever "
                              "(channels-last, BatchNorm folding, bfloat16) and the training step under each "
                              "training lever, side by side")
+    parser.add_argument("--kind-rule", action="store_true",
+                        help="how often --kind auto decides right: every stack under ../shared/data (or --input) "
+                             "and the built-in phantoms, one table row each")
     parser.add_argument("--itk-worker", nargs=2, help=argparse.SUPPRESS)
     return parser
 
@@ -754,6 +762,40 @@ def measure_out_of_core(shape_khw: Sequence[int], factor: int, out_dir: Path, wo
     return result
 
 
+# The kind each shared stack holds (the README of ../shared/data): masks at the top, the rest by folder.
+KNOWN_KINDS = {"labels/fib25_medulla_crop_neurons.tif": "labels", "labels/fib25_medulla_crop_em.tif": "intensity"}
+
+
+def measure_kind_rule(inputs: Optional[Sequence[Path]] = None, seeds: Sequence[int] = (0, 1, 2)) -> List[Dict]:
+    """``--kind auto``'s decision (``data.kind_evidence`` on the sample apply.py reads) against the known
+    kind of every shared stack and of the built-in phantoms (labels as uint16 and uint8, masks, grey
+    values), printed as a table; returns the rows."""
+    from data import kind_evidence, make_sample_intensity, make_sample_labels, make_sample_stack, read_value_sample
+
+    root = SHARED_DATA
+    paths = list(inputs) if inputs else sorted(root.glob("*.tif")) + sorted(root.glob("*/*.tif"))
+    cases = []
+    for path in paths:
+        name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+        known = KNOWN_KINDS.get(name, "intensity" if name.startswith("intensity/") else "mask")
+        cases.append((name, known, lambda p=path: read_value_sample(p)))
+    for seed in seeds:
+        cases += [(f"phantom labels (uint16), seed {seed}", "labels", lambda s=seed: make_sample_labels(seed=s)),
+                  (f"phantom labels (uint8), seed {seed}", "labels",
+                   lambda s=seed: make_sample_labels(seed=s).astype(np.uint8)),
+                  (f"phantom mask, seed {seed}", "mask", lambda s=seed: make_sample_stack(seed=s)),
+                  (f"phantom grey values, seed {seed}", "intensity", lambda s=seed: make_sample_intensity(seed=s))]
+    print("| stack | kind | --kind auto decides | evidence |\n|---|---|---|---|")
+    rows = []
+    for name, known, sample in cases:
+        decided, reason = kind_evidence(sample())
+        rows.append({"stack": name, "kind": known, "decided": decided, "reason": reason})
+        print(f"| {name} | {known} | {decided or 'asks for --kind'} | {reason} |", flush=True)
+    right = sum(row["kind"] == row["decided"] for row in rows)
+    print(f"\n{right} of {len(rows)} decided right.")
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.itk_worker:
@@ -768,6 +810,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_dir = args.out or Path("bench_runs") / datetime.now().strftime("out-of-core-%Y%m%d-%H%M%S")
         return run_cli(lambda _: measure_out_of_core(args.out_of_core_shape, 8, out_dir, args.workers,
                                                      args.worker_memory, args.block_size), args)
+    if args.kind_rule:
+        return run_cli(lambda _: measure_kind_rule(args.input), args)
     if args.engine_levers:
         import torch
 

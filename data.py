@@ -80,6 +80,9 @@ def _tiff_guard(path: Path):
         yield
     except UserError:
         raise
+    except PermissionError as error:  # the file may be fine: the user may not read it
+        raise UserError(f"'{path}' cannot be read: permission denied ({error.strerror}). Check the file's "
+                        "permissions (ls -l), or copy it somewhere you can read.") from error
     except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, IndexError, KeyError, ValueError,
             OSError, ET.ParseError) as error:  # only the read of one file runs inside: these are the file's faults
         raise DamagedFileError(f"'{path}' is damaged or not a valid TIFF ({type(error).__name__}: {error}). "
@@ -175,6 +178,35 @@ def stack_shape(path: PathLike) -> Tuple[int, ...]:
     if len(shape) != 3:
         raise UserError(f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X).")
     return shape
+
+
+def stack_dtype(path: PathLike) -> np.dtype:
+    """The dtype of a stack, from its (first file's) metadata only."""
+    path = Path(path)
+    first = list_tiff_files(path)[0] if path.is_dir() else path
+    with _tiff_guard(first), tifffile.TiffFile(first) as tif:
+        return np.dtype(tif.series[0].dtype)
+
+
+def read_value_sample(path: PathLike, max_slices: int = 8) -> np.ndarray:
+    """At most ``max_slices`` evenly spaced slices of a stack (a multipage TIFF or a slice folder),
+    read without the rest: enough to decide its kind (:func:`kind_evidence`) before any long work.
+
+    Returns
+    -------
+    sample_dhw : ndarray, shape (n, H, W), the stored dtype
+    """
+    path = Path(path)
+    depth = stack_shape(path)[0]
+    indices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
+    if path.is_dir():
+        files = list_tiff_files(path)
+        return np.stack([np.squeeze(read_tiff(files[i])) for i in indices])
+    with _tiff_guard(path), tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        if len(series.pages) != depth:  # one page holds several slices: read the stack itself
+            return np.squeeze(series.asarray())[indices]
+        return np.stack([np.squeeze(series.pages[int(i)].asarray()) for i in indices])
 
 
 def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str = "input") -> np.ndarray:
@@ -359,7 +391,11 @@ def read_mask_or_labels(path: PathLike, threshold: Optional[float] = None,
 # --------------------------------------------------------------------------- #
 # Simulating anisotropy
 # --------------------------------------------------------------------------- #
-def factor_from_voxel_size(z_step: float, xy_size: float) -> Tuple[int, float]:
+# A Z/XY ratio above this is almost always two sizes in different units (nm and um), not a microscope.
+MAX_FACTOR = 64
+
+
+def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2) -> Tuple[int, float]:
     """The project's one factor rule: the Z/XY ratio rounded to the nearest integer (halves up).
 
     Used by ``eval.py`` to simulate and by ``apply.py`` to restore. Rounding
@@ -370,19 +406,40 @@ def factor_from_voxel_size(z_step: float, xy_size: float) -> Tuple[int, float]:
     by the same integer factor that inference undoes. A warning states the
     resulting voxel size when the ratio is not an integer (within 1 %).
 
+    Parameters
+    ----------
+    z_step, xy_size : float, in one unit
+    minimum : int
+        The smallest factor accepted: 2 to simulate missing slices (eval.py),
+        1 where an already isotropic stack is converted instead (apply.py).
+
     Returns
     -------
     factor : int
     output_z_step : float, ``z_step / factor``
+
+    Raises
+    ------
+    UserError
+        A size that is not positive, a ratio above :data:`MAX_FACTOR` (most
+        often sizes in two units), a Z step finer than the pixels, or a
+        factor below ``minimum``.
     """
     if not (z_step > 0 and xy_size > 0):
         raise UserError(f"Voxel sizes must be positive, got Z step {z_step} and XY size {xy_size}.")
     ratio = z_step / xy_size
+    if ratio > MAX_FACTOR:
+        raise UserError(f"The Z step ({z_step:g}) is {ratio:.0f} times the XY pixel size ({xy_size:g}), more than "
+                        f"{MAX_FACTOR}: most often the two sizes are in different units (nm and um). Give both "
+                        "sizes in one unit (--z-step, --xy-size and --unit).")
     factor = int(math.floor(ratio + 0.5))
-    if factor < 2:
+    if factor < 1:
+        raise UserError(f"The Z step ({z_step:g}) is less than half the XY pixel size ({xy_size:g}): nothing is "
+                        "missing along Z. Check the voxel size (the Z step comes first: --z-step).")
+    if factor < minimum:
         raise UserError(f"The Z step ({z_step:g}) is only {ratio:.2f} times the XY pixel size ({xy_size:g}), a factor "
-                        f"of {factor}; it must be at least 2 for slices to be missing: the stack is already (nearly) "
-                        "isotropic. Check the voxel size (Z_RESOLUTION/XY_RESOLUTION, or --z-step/--xy-size).")
+                        f"of {factor}; it must be at least {minimum} for slices to be missing: the stack is already "
+                        "(nearly) isotropic. Check the voxel size (Z_RESOLUTION and XY_RESOLUTION).")
     if abs(ratio - factor) > 0.01 * ratio:
         warnings.warn(f"Z/XY ratio {ratio:.3f} is not an integer; restoring {factor} slices per input step. "
                       f"Output voxel size: Z {z_step / factor:.4g} x Y {xy_size:.4g} x X {xy_size:.4g} "
@@ -502,12 +559,36 @@ def save_stack(
                                   "choose an empty output folder.")
         for stale in path.glob("slice_*.tif"):  # a deeper stack written before must not leave extra slices
             stale.unlink()
-        for index, slice_hw in enumerate(data):
-            tifffile.imwrite(path / f"slice_{index:04d}.tif", np.asarray(slice_hw)[None], **kwargs)
+        with writing_to(path):
+            for index, slice_hw in enumerate(data):
+                tifffile.imwrite(path / f"slice_{index:04d}.tif", np.asarray(slice_hw)[None], **kwargs)
         return path
     _check_writable(path, overwrite)
-    tifffile.imwrite(path, data, **page_kwargs, **kwargs)
+    with writing_to(path):
+        tifffile.imwrite(path, data, **page_kwargs, **kwargs)
     return path
+
+
+@contextlib.contextmanager
+def writing_to(path: PathLike):
+    """Turn the operating system's refusals while writing ``path`` (no permission, disk full,
+    read-only file system) into one :class:`UserError` naming the path and the fix; a partly
+    written file is removed, so that it is never mistaken for a result."""
+    import errno
+
+    fixes = {errno.EACCES: "choose a folder you may write to", errno.EPERM: "choose a folder you may write to",
+             errno.ENOSPC: "free some space or choose another disk", errno.EDQUOT: "free some space (disk quota)",
+             errno.EROFS: "choose a writable disk"}
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in fixes:
+            raise
+        with contextlib.suppress(OSError):
+            if Path(path).is_file():
+                Path(path).unlink()
+        raise UserError(f"Cannot write '{path}': {error.strerror or error}. {fixes[error.errno].capitalize()}."
+                        ) from error
 
 
 # --------------------------------------------------------------------------- #
@@ -616,34 +697,93 @@ def make_sample_stack(shape: Tuple[int, int, int] = (128, 128, 128), seed: int =
 KINDS = ("auto", "mask", "labels", "intensity")
 
 
-def decide_kind(stack: np.ndarray, kind: str = "auto", source: str = "input") -> str:
-    """The kind of a stack: ``kind`` itself when given, else decided only where it cannot be wrong.
+# The kind rule's evidence: in a label image almost every pair of neighbouring object pixels holds the same
+# id (values change only at object borders); in a microscope image noise and texture make most of them differ.
+LABEL_FLATNESS = 0.8  # at least this fraction of equal neighbour pairs: a label image
+INTENSITY_FLATNESS = 0.5  # at most this fraction: a grey-scale image; in between the rule asks for --kind
 
-    'auto' reads a stack with at most two values, one of them 0 (or a bool
-    stack), as a mask, and a floating-point stack with more values as
-    grey-scale intensities. An integer stack with more than two values may be
-    a label image or a grey-scale image: 'auto' refuses it with an error
-    asking for ``--kind labels`` or ``--kind intensity``.
+
+def flatness(sample: np.ndarray) -> float:
+    """Fraction of laterally neighbouring pixel pairs, among those of two non-zero pixels, that
+    hold equal values: about 1 for piecewise-constant images (label images: ids change only
+    where two objects touch), far below for images with noise or texture. 1.0 when no such
+    pair exists.
+
+    Parameters
+    ----------
+    sample : ndarray, shape (..., H, W)
     """
+    sample = np.asarray(sample)
+    equal = pairs = 0
+    for axis in (-1, -2):
+        first = np.take(sample, np.arange(sample.shape[axis] - 1), axis=axis)
+        second = np.take(sample, np.arange(1, sample.shape[axis]), axis=axis)
+        involved = (first != 0) & (second != 0)
+        pairs += int(involved.sum())
+        equal += int((involved & (first == second)).sum())
+    return equal / pairs if pairs else 1.0
+
+
+def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
+    """The kind a person would read from a sample of a stack's values, and why.
+
+    Rule, in order: a bool stack or at most two values, one of them 0 (0/1,
+    0/255) -> 'mask'; non-integer values -> 'intensity'; an integer stack whose
+    object pixels are piecewise constant (:func:`flatness` >= ``LABEL_FLATNESS``)
+    -> 'labels'; one with noise or texture (<= ``INTENSITY_FLATNESS``) ->
+    'intensity'; in between, ``None`` (the evidence is ambiguous).
+
+    Returns
+    -------
+    kind : {'mask', 'labels', 'intensity'} or None
+    reason : str, one phrase for the plan (e.g. "0/255 values")
+    """
+    if sample.dtype == bool:
+        return "mask", "a boolean stack"
+    values = np.unique(sample)
+    if len(values) == 0:
+        return None, "no values to decide from"
+    if len(values) <= 2 and values[0] == 0:
+        return "mask", f"{'/'.join(f'{v:g}' for v in values)} values"
+    if len(values) == 1:
+        return "intensity", f"one value ({values[0]:g}) other than 0"
+    if not np.issubdtype(sample.dtype, np.integer) and not np.array_equal(values, np.round(values)):
+        return "intensity", "non-integer values"
+    if values[0] < 0:
+        return "intensity", "negative values"
+    share = flatness(sample)
+    if share >= LABEL_FLATNESS:
+        return "labels", f"piecewise constant: {share:.0%} of neighbouring object pixels are equal, {len(values)} values"
+    if share <= INTENSITY_FLATNESS:
+        return "intensity", f"noise or texture: only {share:.0%} of neighbouring pixels are equal"
+    return None, (f"{share:.0%} of neighbouring object pixels are equal, between a label image "
+                  f"(>= {LABEL_FLATNESS:.0%}) and a grey-scale image (<= {INTENSITY_FLATNESS:.0%})")
+
+
+def decide_kind(stack: np.ndarray, kind: str = "auto", source: str = "input") -> str:
+    """The kind of a stack: ``kind`` itself when given, else by :func:`kind_evidence`'s rule.
+
+    'auto' raises one clear error, asking for ``--kind``, only where the
+    evidence is ambiguous.
+    """
+    return decide_kind_and_reason(stack, kind, source)[0]
+
+
+def decide_kind_and_reason(stack: np.ndarray, kind: str = "auto", source: str = "input") -> Tuple[str, str]:
+    """:func:`decide_kind`, with the reason for the plan ("given as --kind", "0/255 values", ...)."""
     if kind not in KINDS:
         raise UserError(f"--kind must be one of {', '.join(KINDS)}, got '{kind}'.")
     if kind != "auto":
-        return kind
-    if stack.dtype == bool:
-        return "mask"
-    sample = _value_sample(stack)
-    values = np.unique(sample)
-    if len(values) <= 2 and values[0] == 0:
-        return "mask"
-    if np.issubdtype(stack.dtype, np.floating):
-        return "intensity"
-    raise UserError(f"{source} is an integer stack with {len(values)} distinct values: it could be a label image "
-                    "(one id per object) or a grey-scale image. Say which with --kind labels or --kind intensity "
-                    "(or --kind mask to binarise it).")
+        return kind, "given as --kind"
+    decided, reason = kind_evidence(_value_sample(stack))
+    if decided is None:
+        raise UserError(f"{source} cannot be told apart as a label image or a grey-scale image ({reason}). Say "
+                        "which with --kind labels or --kind intensity (or --kind mask to binarise it).")
+    return decided, reason
 
 
-def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[float] = None
-                     ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
+def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[float] = None,
+                     label_dtype=np.uint16) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
     """Read a stack and decide its kind (see :func:`decide_kind`).
 
     Returns
@@ -651,40 +791,55 @@ def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[flo
     kind : {'mask', 'labels', 'intensity'}
     stack_dhw : ndarray, shape (D, H, W)
         bool foreground for masks and label images, the stored values for intensities
-    labels_dhw : ndarray of uint16 or None (label images only)
+    labels_dhw : ndarray of ``label_dtype`` or None (label images only; ``label_dtype`` None:
+        the smallest unsigned type that holds the ids, see :func:`as_label_image`)
     """
     raw = read_stack(path)
     kind = "mask" if kind == "auto" and threshold is not None else decide_kind(raw, kind, f"'{path}'")
-    return kind, *as_typed_stack(raw, kind, threshold, path)
+    return kind, *as_typed_stack(raw, kind, threshold, path, label_dtype)
 
 
-def as_typed_stack(raw: np.ndarray, kind: str, threshold: Optional[float], source: PathLike
-                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def as_typed_stack(raw: np.ndarray, kind: str, threshold: Optional[float], source: PathLike,
+                   label_dtype=np.uint16) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """What the engine restores of a stack of a decided ``kind`` (the values read from ``source``).
 
     Returns
     -------
     stack_dhw : ndarray, shape (D, H, W)
         the stored values for 'intensity', else the bool foreground (:func:`binarize`)
-    labels_dhw : ndarray of uint16 or None ('labels' only)
+    labels_dhw : ndarray of ``label_dtype`` or None ('labels' only)
     """
     if kind == "intensity":
         return raw, None
     if kind == "labels":
-        return as_label_image(raw, source)
+        return as_label_image(raw, source, label_dtype)
     return binarize(raw, threshold, source=f"'{source}'"), None
 
 
-def as_label_image(raw: np.ndarray, source: PathLike) -> Tuple[np.ndarray, np.ndarray]:
-    """Foreground (bool) and uint16 ids of a label image read from ``source``; a clear error
-    for non-integer values and for ids that a TIFF (ImageJ) label image cannot hold."""
+def as_label_image(raw: np.ndarray, source: PathLike, dtype=np.uint16) -> Tuple[np.ndarray, np.ndarray]:
+    """Foreground (bool) and ids of a label image read from ``source``.
+
+    ``dtype`` uint16 is what a TIFF (ImageJ) output holds; ``None`` (an
+    OME-Zarr output) takes the smallest of uint16, uint32 and uint64 that
+    holds the ids. One clear error for non-integer values, negative ids and
+    ids that ``dtype`` cannot hold.
+    """
     if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.round(raw)):
         raise UserError(f"'{source}' holds non-integer values; a label image holds integer ids (0 = background).")
-    if raw.min() < 0 or raw.max() > np.iinfo(np.uint16).max:
-        raise UserError(f"Label ids of '{source}' must lie in 0..65535 for a TIFF (ImageJ) output; relabel the "
-                        "stack first (skimage.segmentation.relabel_sequential) or write an OME-Zarr output "
-                        "(--output NAME.ome.zarr).")
-    return raw != 0, raw.astype(np.uint16, copy=False)
+    low, high = (raw.min(), raw.max()) if raw.size else (0, 0)
+    if low < 0:
+        raise UserError(f"Label ids of '{source}' must be 0 (background) or positive; it holds {low}. Relabel the "
+                        "stack first (skimage.segmentation.relabel_sequential).")
+    fits = [np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if high <= np.iinfo(t).max]
+    if dtype is None and fits:
+        dtype = fits[0]
+    if dtype is None or high > np.iinfo(dtype).max:
+        advice = (" or write an OME-Zarr output (--output NAME.ome.zarr), which holds larger ids"
+                  if dtype is not None and np.dtype(dtype).itemsize < 8 else "")
+        top = np.iinfo(dtype or np.uint64).max
+        raise UserError(f"Label ids of '{source}' reach {high}; this output holds ids 0..{top}. Relabel the stack "
+                        f"first (skimage.segmentation.relabel_sequential){advice}.")
+    return raw != 0, raw.astype(dtype, copy=False)
 
 
 def intensity_range(stack: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.8

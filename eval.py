@@ -401,14 +401,19 @@ def _evaluate_intensities(settings, truth, sparse, kept_indices, factor, device)
     return stacks, scores, model, info, timings, figure
 
 
-def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """The whole workflow; returns the metrics dict that is also saved as JSON."""
+def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[str, Any]:
+    """The whole workflow; returns the metrics dict that is also saved as JSON.
+
+    ``typed`` names the settings the user gave on the command line: the
+    training recipe is fitted to a small stack (``restore.fit_recipe_to_stack``)
+    except for those, which are used as given or refused.
+    """
     import torch
 
     from data import downsample_z, resolution_factor, save_stack
     from model import save_model, select_device
-    from restore import model_config
-    from train import check_crop_size, display_training_results, plot_loss_history
+    from restore import fit_recipe_to_stack, model_config
+    from train import display_training_results, plot_loss_history
 
     validate_settings(settings)
     start = time.perf_counter()
@@ -419,8 +424,9 @@ def run_evaluation(settings: Dict[str, Any]) -> Dict[str, Any]:
     print("Loading the stack ...")
     kind, truth, true_labels, source = load_evaluation_stack(settings)
     sparse, kept_indices = downsample_z(truth, factor)
-    check_crop_size(sparse.shape, (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"], settings["TRAIN_XY_SIZE"]),
-                    factor)
+    settings, notes = fit_recipe_to_stack(settings, sparse.shape, factor, typed)
+    for note in notes:
+        print(f"Recipe fitted to the stack: {note}.")
     paths = output_paths(settings)
     print(f"Stack {truth.shape} (D, H, W), {kind}, from {source}; factor {factor}: {len(kept_indices)} slices kept.")
     print(f"Outputs go to {paths['metrics'].parent}")
@@ -478,7 +484,8 @@ def run_cli(job, *args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(run_evaluation, vars(build_parser().parse_args(argv)))
+    typed = list(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    return run_cli(run_evaluation, vars(build_parser().parse_args(argv)), typed)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,25 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(model(images))
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which it still has bfloat16 kernels.
+ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
+                    "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+
+
+def cpu_computes_bf16() -> bool:
+    """True where this CPU computes bfloat16 natively (AVX512-BF16 or AMX) *and* torch may use it:
+    a cap on the instruction set (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, as set to emulate an
+    older CPU) counts, so an emulated AVX2 machine chooses float32 as a real one does."""
+    import os
+
+    hardware = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_allows = onednn_cap in ("ALL", "DEFAULT", "") or onednn_cap in ONEDNN_BF16_ISAS
+    aten_allows = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
+    return hardware and onednn_allows and aten_allows
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``PRECISION``: 'auto' is bfloat16 where the hardware
     computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else float32."""
@@ -267,11 +286,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         raise UserError(f"PRECISION must be one of {PRECISIONS}, got '{precision}'.")
     if precision == "fp32":
         return torch.float32
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                      or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_computes_bf16()
     if precision == "bf16" or native:
         return torch.bfloat16
     return torch.float32
@@ -283,10 +298,24 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def select_device(device: Optional[str] = None) -> torch.device:
-    """The requested device, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device, else CUDA when available, else CPU; one clear error for a device
+    that is no device name or that this machine does not have."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N (or leave it out: CUDA "
+                        "when available, else the CPU).") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA GPU that torch can use (torch "
+                        f"{torch.__version__}). Leave out --device to run on the CPU.")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0.")
+    if chosen.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported.")
+    return chosen
 
 
 def save_model(path: Union[str, Path], model: AttentionResUNet, config: Dict[str, Any], overwrite: bool = False) -> Path:

@@ -25,7 +25,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -120,15 +120,75 @@ def training_kwargs(settings: Dict[str, Any], kind: str = "mask") -> Dict[str, A
 TRAINING_SETTINGS_READ_AT_INFERENCE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "PRECISION")
 
 
-def inference_kwargs(settings: Dict[str, Any]) -> Dict[str, Any]:
-    """Keyword arguments of :func:`restore_block` from ``eval.py``-style settings."""
+def inference_kwargs(settings: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Keyword arguments of :func:`restore_block` from ``eval.py``-style settings; with ``model``, the
+    channel planes are those the model takes (a recipe fitted to a small stack may have fewer)."""
     kwargs = {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "infer"}
+    architecture = getattr(model, "architecture", {})
     kwargs.update(
-        train_depth=settings["TRAIN_Z_SIZE"], upscale_method=settings["UPSCALE_METHOD"],
+        train_depth=architecture.get("in_channels", settings["TRAIN_Z_SIZE"]), upscale_method=settings["UPSCALE_METHOD"],
         precision=settings["PRECISION"], tile_size=max(settings["INFERENCE_TILE_SIZE"], settings["TRAIN_XY_SIZE"]),
         channel_stride=settings["CHANNEL_STRIDE"] or None, orientations=tuple(settings["ORIENTATIONS"]),
         flips=((), (-1,), (-2,), (-2, -1)) if settings["TTA_FLIPS"] else ((),))
     return kwargs
+
+
+def fit_recipe_to_stack(settings: Dict[str, Any], shape_khw: Sequence[int], factor: int,
+                        typed: Sequence[str] = ()) -> Tuple[Dict[str, Any], List[str]]:
+    """The training recipe of ``settings`` fitted to a stack of kept slices ``shape_khw``.
+
+    A stack smaller than the recipe trains on what it holds: ``TRAIN_XY_SIZE``
+    becomes the largest crop edge that fits (a multiple the network accepts),
+    ``TRAIN_Z_SIZE`` the largest odd number of kept slices, and ``TRAIN_NB``
+    at most ``train.DRAWS_PER_DISTINCT_CROP`` draws per distinct crop the stack
+    offers (so a small stack trains in seconds). Settings named in ``typed``
+    (given by the user) are never changed: one that does not fit is an error.
+
+    Parameters
+    ----------
+    settings : dict of ``eval.py``-style constants
+    shape_khw : (K, H, W) of the kept slices
+    factor : int
+    typed : names of settings the user gave explicitly
+
+    Returns
+    -------
+    settings : a copy, fitted
+    notes : one sentence per setting changed, for the plan
+
+    Raises
+    ------
+    UserError
+        The stack is smaller than the smallest that trains (2 kept slices,
+        :func:`train.smallest_crop_edge` pixels), or a typed setting does not fit.
+    """
+    from train import (DRAWS_PER_DISTINCT_CROP, check_crop_size, distinct_crops, largest_crop_edge,
+                       smallest_crop_edge)
+
+    n_kept, height, width = (int(s) for s in shape_khw)
+    fitted, notes = dict(settings), []
+    smallest = smallest_crop_edge(factor, settings["DEPTH"])
+    if n_kept < 2 or min(height, width) < smallest:
+        raise UserError(f"A stack of {n_kept} kept slices of {height} x {width} pixels is too small to train on at "
+                        f"factor {factor}: it needs at least 2 slices of {smallest} x {smallest} pixels. Restore it "
+                        "with a model trained on a larger stack of the same kind (--model).")
+    if settings["TRAIN_Z_SIZE"] > n_kept and "TRAIN_Z_SIZE" not in typed:
+        fitted["TRAIN_Z_SIZE"] = n_kept if n_kept % 2 else n_kept - 1
+        notes.append(f"TRAIN_Z_SIZE {settings['TRAIN_Z_SIZE']} -> {fitted['TRAIN_Z_SIZE']}: the stack has "
+                     f"{n_kept} slices")
+    edge = largest_crop_edge(height, width, settings["DEPTH"])
+    if settings["TRAIN_XY_SIZE"] > edge and "TRAIN_XY_SIZE" not in typed:
+        fitted["TRAIN_XY_SIZE"] = edge
+        notes.append(f"TRAIN_XY_SIZE {settings['TRAIN_XY_SIZE']} -> {edge}: the slices are {height} x {width} pixels")
+    crop_zyx = (fitted["TRAIN_Z_SIZE"], fitted["TRAIN_XY_SIZE"], fitted["TRAIN_XY_SIZE"])
+    check_crop_size((n_kept, height, width), crop_zyx, factor)
+    most = DRAWS_PER_DISTINCT_CROP * distinct_crops((n_kept, height, width), crop_zyx, factor,
+                                                    settings["TRAIN_LATERAL_AXES"], 2 ** settings["DEPTH"])
+    if settings["TRAIN_NB"] > most and "TRAIN_NB" not in typed:
+        fitted["TRAIN_NB"] = most
+        notes.append(f"TRAIN_NB {settings['TRAIN_NB']} -> {most}: the stack offers "
+                     f"{most // DRAWS_PER_DISTINCT_CROP} distinct crops")
+    return fitted, notes
 
 
 def model_config(settings: Dict[str, Any], factor: int) -> Dict[str, Any]:
@@ -758,6 +818,7 @@ def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any]
     device = device or select_device(settings.get("DEVICE") or None)
     if kind == "mask":
         sparse_khw = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
+    settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor)[0]  # a no-op when the caller fitted it
     start = time.perf_counter()
     model, history, samples = fit_on_sparse_stack(sparse_khw, factor, device=device, progress=progress, kind=kind,
                                                   **training_kwargs(settings, kind))
@@ -807,7 +868,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
     info["inference"] = {}
     probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, original_depth=original_depth,
                                                               device=device, out_dtype=out_dtype, progress=progress,
-                                                              stats=info["inference"], **inference_kwargs(settings))
+                                                              stats=info["inference"], **inference_kwargs(settings, model))
     info["infer_s"] = time.perf_counter() - start
     return probabilities, model, info
 
@@ -870,7 +931,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, An
     info["inference"] = {}
     restored = apply_model_to_stack_tiled_slice_by_slice(model, normalized, factor, original_depth=original_depth,
                                                          device=device, out_dtype=np.float32, progress=progress,
-                                                         stats=info["inference"], **inference_kwargs(settings))
+                                                         stats=info["inference"], **inference_kwargs(settings, model))
     del normalized
     restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
     if settings["KEEP_KEPT_SLICES"]:

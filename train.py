@@ -105,6 +105,45 @@ def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], fa
                          f"use at least {2 * factor}.")
 
 
+# How often one distinct crop may be drawn: augment_data's flips still show the network other pixels
+# for a few draws; beyond that a small stack only repeats itself, so its budget shrinks instead.
+DRAWS_PER_DISTINCT_CROP = 4
+
+
+def network_multiple(depth: int) -> int:
+    """Crop edges must be multiples of this: the network halves its input ``depth`` times."""
+    return 2 ** depth
+
+
+def smallest_crop_edge(factor: int, depth: int) -> int:
+    """The smallest lateral crop edge that trains: two kept rows at ``factor`` and a bottleneck of
+    at least 2 x 2, rounded up to a multiple the network accepts."""
+    multiple = network_multiple(depth)
+    need = max(2 * multiple, 2 * factor)
+    return -(-need // multiple) * multiple
+
+
+def largest_crop_edge(height: int, width: int, depth: int) -> int:
+    """The largest crop edge that fits in ``height`` x ``width`` slices, a multiple the network accepts."""
+    multiple = network_multiple(depth)
+    return min(height, width) // multiple * multiple
+
+
+def distinct_crops(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int,
+                   lateral_axes: str = "yx", lateral_step: int = 8) -> int:
+    """How many different crops :func:`create_cropped_image_dataset` can draw: the positions of the
+    crop in the kept slices (every slice; laterally every ``lateral_step`` pixels, since a shift
+    smaller than one pixel of the network's coarsest level, ``2 ** depth``, shows it nearly the same
+    crop), each transposed or not (square crops with ``lateral_axes='yx'``), each with ``factor``
+    row phases of the degradation."""
+    depth, height, width = crop_size_zyx
+    positions = max(0, stack_shape[0] - depth + 1)
+    for size, crop in zip(stack_shape[1:], crop_size_zyx[1:]):
+        positions *= max(0, (size - crop) // lateral_step + 1) if size >= crop else 0
+    orientations = 2 if height == width and lateral_axes == "yx" else 1
+    return positions * orientations * factor
+
+
 def create_cropped_image_dataset(
     downscaled_stack_dhw: np.ndarray,
     crop_size_zyx: Sequence[int],
@@ -481,16 +520,22 @@ def display_training_results(model: nn.Module, samples: Dict[str, Tuple[np.ndarr
 
     device = next(model.parameters()).device
     model.eval()
+    # A mask model gives logits (shown as probabilities); an intensity model gives grey values on the
+    # normalised scale of its inputs, shown as they are.
+    grey = getattr(model, "architecture", {}).get("output") == "intensity"
     rows = []
     for name, (inputs, labels) in samples.items():
         count = min(n_examples, len(inputs))
-        probabilities = torch.sigmoid(model(torch.from_numpy(inputs[:count]).to(device))).cpu().numpy()
+        outputs = model(torch.from_numpy(inputs[:count]).to(device)).float()
+        predictions = (outputs if grey else torch.sigmoid(outputs)).cpu().numpy()
         centre = inputs.shape[1] // 2
-        rows += [(name, inputs[i, centre], labels[i, 0], probabilities[i, 0]) for i in range(count)]
+        rows += [(name, inputs[i, centre], labels[i, 0], predictions[i, 0]) for i in range(count)]
     figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
     for axes_row, (name, *images) in zip(axes, rows):
+        # grey values: one window per row, the label's, so that input, label and prediction compare
+        vmin, vmax = (float(images[1].min()), float(images[1].max())) if grey else (0.0, 1.0)
         for axis, image, title in zip(axes_row, images, ("degraded input", "label", "prediction")):
-            axis.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axis.imshow(image, cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
             axis.set_title(f"{name}: {title}", fontsize=9)
             axis.axis("off")
     _finish_figure(figure, path, show)

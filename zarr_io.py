@@ -23,7 +23,7 @@ validate against ``ome-zarr-models`` (the pydantic models of the specification);
 
 Label ids: a label image is written in an integer dtype NGFF allows
 (:func:`ngff_label_dtype`); ids read from a TIFF for an OME-Zarr output may exceed a
-TIFF's 65535 (:func:`as_label_ids`: uint16 when they fit, else uint32).
+TIFF's 65535 (``data.as_label_image`` with ``dtype=None``: uint16 when they fit, else uint32).
 
 NGFF 0.4 (Zarr v2) is the default: Fiji's readers (N5/BigDataViewer,
 MoBIE) and most released tools read it, while 0.5 (Zarr v3) readers are
@@ -321,50 +321,6 @@ def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndar
     if window.dtype == bool:
         return window
     return window != 0 if threshold is None else window > threshold
-
-
-def as_label_ids(raw: np.ndarray, source: PathLike) -> Tuple[np.ndarray, np.ndarray]:
-    """Foreground (bool) and ids of a label image for an OME-Zarr output (``data.as_label_image``'s rule
-    without a TIFF's limit): uint16 when the ids fit in 0..65535 (as for a TIFF output), else uint32, else
-    uint64.
-
-    Raises
-    ------
-    UserError
-        Non-integer values, or negative ids (0 is the background).
-    """
-    if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.round(raw)):
-        raise UserError(f"'{source}' holds non-integer values; a label image holds integer ids (0 = background).")
-    if raw.size == 0:
-        return raw != 0, raw.astype(np.uint16)
-    low, high = raw.min(), raw.max()
-    if low < 0:
-        raise UserError(f"Label ids of '{source}' must be 0 (background) or positive; it holds {low}. Relabel the "
-                        "stack first (skimage.segmentation.relabel_sequential).")
-    if high > np.iinfo(np.uint64).max:
-        raise UserError(f"Label ids of '{source}' exceed {np.iinfo(np.uint64).max}; relabel the stack first.")
-    dtype = next(np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if high <= np.iinfo(t).max)
-    return raw != 0, raw.astype(dtype, copy=False)
-
-
-def read_typed_stack_for_ome_zarr(path: PathLike, kind: str = "auto", threshold: Optional[float] = None
-                                  ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
-    """``data.read_typed_stack`` of a TIFF input restored into an OME-Zarr output: the same kinds, decided
-    by the same rule, but label ids by :func:`as_label_ids` (uint32 when they exceed 65535, which only a
-    TIFF output cannot hold).
-
-    Returns
-    -------
-    kind : {'mask', 'labels', 'intensity'}
-    stack_dhw : ndarray, shape (D, H, W)
-        bool foreground for masks and label images, the stored values for intensities
-    labels_dhw : ndarray of uint16 (uint32, uint64 for larger ids), or None
-    """
-    raw = read_stack(path)
-    kind = "mask" if kind == "auto" and threshold is not None else decide_kind(raw, kind, f"'{path}'")
-    if kind == "labels":
-        return kind, *as_label_ids(raw, path)
-    return kind, *as_typed_stack(raw, kind, threshold, path)
 
 
 def display_window(source: Union[np.ndarray, ZarrImage], percentiles: Tuple[float, float] = DISPLAY_PERCENTILES,
@@ -773,3 +729,42 @@ def write_pyramid_region(image: OmeZarrImage, level: int, region: Tuple[slice, s
     source = tuple(slice(r.start * f, r.stop * f) for r, f in zip(region, factors))
     values = image.level(level - 1, mode="r")[source]
     image.write(region, downsample(values, factors, image.downsampling), level=level)
+
+
+def write_image(path: PathLike, image_dhw: np.ndarray, voxel_size_zyx: Sequence[float], unit: str,
+                translation_zyx: Sequence[float] = (0.0, 0.0, 0.0), ngff_version: str = DEFAULT_NGFF_VERSION,
+                kind: str = "mask", labels_dhw: Optional[np.ndarray] = None, label_name: str = "labels",
+                overwrite: bool = False) -> OutputLayout:
+    """Write a whole stack held in memory as a new OME-Zarr image, with its pyramid (an isotropic
+    input converted to OME-Zarr without restoring).
+
+    Parameters
+    ----------
+    image_dhw : ndarray, shape (D, H, W)
+        A mask (bool or non-zero = foreground, written 0/255) or, with
+        ``kind='intensity'``, grey values (written in their dtype, with the
+        input's display window).
+    kind : {'mask', 'labels', 'intensity'}
+    labels_dhw : ndarray of uint, shape (D, H, W), optional
+        Ids, written as ``labels/<label_name>``.
+    overwrite : bool
+        Replace an existing store (never a folder that is not one).
+    """
+    if overwrite:
+        remove_store(path)
+    grey = kind == "intensity"
+    values = image_dhw if grey else np.where(np.asarray(image_dhw) != 0, 255, 0).astype(np.uint8)
+    layout = create_output(path, values.shape, voxel_size_zyx, unit, translation_zyx, ngff_version,
+                           label_dtype=None if labels_dhw is None else labels_dhw.dtype, label_name=label_name,
+                           image_dtype=values.dtype if grey else np.uint8,
+                           image_downsampling="mean" if grey else "max",
+                           display_window=display_window(values) if grey else None)
+    everything = (slice(None),) * 3
+    for image, stack in ((layout.image, values), (layout.labels, labels_dhw)):
+        if image is None:
+            continue
+        image.write(everything, stack)
+        for level in range(1, len(image.levels)):
+            for region in pyramid_regions(image, level):
+                write_pyramid_region(image, level, region)
+    return layout

@@ -32,8 +32,10 @@ def test_bench_quick_rows_and_scores(tmp_path):
     if torch.cuda.is_available():
         assert report["device"].startswith("cuda (") and torch.cuda.get_device_name() in report["device"]
     else:
-        processor = bench.platform.processor() or bench.platform.machine()
-        assert report["device"].startswith(f"cpu ({processor}, ") and report["device"].endswith(" threads)")
+        from machine import cpu_model, isa_class
+
+        assert report["device"].startswith(f"cpu ({cpu_model()}; ISA class {isa_class()}, ")
+        assert f"{torch.get_num_threads()} threads" in report["device"]
     rows = report["rows"]
     assert [(r["factor"], r["method"]) for r in rows] == [(4, "nearest"), (4, "network"), (8, "nearest"), (8, "network")]
     for row in rows:

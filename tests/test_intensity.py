@@ -35,13 +35,18 @@ class CentreChannel(nn.Module):
         return x[:, x.shape[1] // 2: x.shape[1] // 2 + 1] + 0 * self.dummy
 
 
-def test_decide_kind_only_where_it_cannot_be_wrong():
+def test_decide_kind_asks_only_where_the_evidence_is_ambiguous():
     assert decide_kind(np.zeros((2, 3, 3), bool)) == "mask"
     assert decide_kind(np.array([0, 255], np.uint8).repeat(9).reshape(2, 3, 3)) == "mask"
     assert decide_kind(np.linspace(0, 1, 18, dtype=np.float32).reshape(2, 3, 3)) == "intensity"
+    # every neighbour differs (noise, texture): grey values; flat regions of ids: a label image
+    assert decide_kind(np.arange(18, dtype=np.uint8).reshape(2, 3, 3)) == "intensity"
+    assert decide_kind(np.array([[3, 3, 7, 7]] * 4, np.uint8)[None].repeat(2, 0)) == "labels"
+    # two thirds of the neighbouring pairs equal: between the two, so --kind is asked for
+    ambiguous = np.array([[1, 1, 2, 3]] * 4, np.uint8)[None].repeat(2, 0)
     with pytest.raises(UserError, match="--kind labels or --kind intensity"):
-        decide_kind(np.arange(18, dtype=np.uint8).reshape(2, 3, 3))
-    assert decide_kind(np.arange(18, dtype=np.uint8).reshape(2, 3, 3), "labels") == "labels"
+        decide_kind(ambiguous)
+    assert decide_kind(ambiguous, "labels") == "labels"
     with pytest.raises(UserError, match="--kind must be one of"):
         decide_kind(np.zeros((2, 3, 3)), "grey")
 
@@ -162,15 +167,17 @@ def test_eval_intensity_end_to_end(tmp_path):
     assert (run_dir / "comparison.png").stat().st_size > 1000
 
 
-def test_apply_intensity_keeps_dtype_range_and_voxel_size(tmp_path):
+def test_apply_intensity_keeps_dtype_range_and_voxel_size(tmp_path, capsys):
     image = make_sample_intensity((48, 64, 64), seed=5)
     sparse = (image[::4].astype(np.uint16) * 200)  # 16-bit grey values
     source = tmp_path / "em.tif"
     save_stack(source, sparse, (0.2, 0.05, 0.05), "um")
     out = tmp_path / "em_iso.tif"
-    assert apply.main(["--input", str(source), "--output", str(out), *TINY]) == 2  # uint16, many values: which kind?
+    # --kind auto reads 16-bit grey values with noise and texture as grey values, and says why
+    assert apply.main(["--input", str(source), "--output", str(out), "--dry-run", *TINY]) == 0
+    assert "kind: intensity (noise or texture" in capsys.readouterr().out
     assert not out.exists()
-    assert apply.main(["--input", str(source), "--output", str(out), "--kind", "intensity", *TINY]) == 0
+    assert apply.main(["--input", str(source), "--output", str(out), *TINY]) == 0
     restored = tifffile.imread(out)
     assert restored.dtype == np.uint16 and restored.shape == ((len(sparse) - 1) * 4 + 1, 64, 64)
     np.testing.assert_array_equal(restored[::4], sparse)

@@ -14,7 +14,8 @@ import zarr
 
 import blocks
 import zarr_io
-from data import UserError, downsample_z, make_sample_intensity, make_sample_labels
+from data import (UserError, as_label_image, downsample_z, make_sample_intensity, make_sample_labels,
+                  read_typed_stack)
 from eval import default_settings
 from model import AttentionResUNet
 
@@ -243,22 +244,22 @@ def test_label_ids_above_65535_are_written_as_uint32(tmp_path):
     ids = make_sample_labels((6, 30, 40), seed=1).astype(np.uint32)
     big = np.where(ids > 0, ids + 70_000, 0).astype(np.uint32)
     tifffile.imwrite(tmp_path / "big.tif", big, photometric="minisblack")
-    kind, foreground, read = zarr_io.read_typed_stack_for_ome_zarr(tmp_path / "big.tif", "labels")
+    kind, foreground, read = read_typed_stack(tmp_path / "big.tif", "labels", label_dtype=None)
     assert kind == "labels" and read.dtype == np.uint32
     np.testing.assert_array_equal(read, big)
     np.testing.assert_array_equal(foreground, big > 0)
     # Ids that fit keep the TIFF's uint16; negative or fractional ids are refused.
-    assert zarr_io.as_label_ids(ids, "small")[1].dtype == np.uint16
-    assert zarr_io.as_label_ids(np.array([0, 2**33], np.int64), "huge")[1].dtype == np.uint64
+    assert as_label_image(ids, "small", None)[1].dtype == np.uint16
+    assert as_label_image(np.array([0, 2**33], np.int64), "huge", None)[1].dtype == np.uint64
     with pytest.raises(UserError, match="positive"):
-        zarr_io.as_label_ids(np.array([-1, 3], np.int32), "neg")
+        as_label_image(np.array([-1, 3], np.int32), "neg", None)
     with pytest.raises(UserError, match="non-integer"):
-        zarr_io.as_label_ids(np.array([0.5, 3.0]), "frac")
+        as_label_image(np.array([0.5, 3.0]), "frac", None)
     with pytest.raises(UserError, match="integers"):
         zarr_io.ngff_label_dtype(np.float32)
     # The other kinds read as data.read_typed_stack reads them.
     tifffile.imwrite(tmp_path / "mask.tif", (big > 0).astype(np.uint8) * 255, photometric="minisblack")
-    kind, mask, none = zarr_io.read_typed_stack_for_ome_zarr(tmp_path / "mask.tif")
+    kind, mask, none = read_typed_stack(tmp_path / "mask.tif", label_dtype=None)
     assert kind == "mask" and mask.dtype == bool and none is None
 
     for version in VERSIONS:
@@ -289,9 +290,6 @@ def test_blockwise_restore_keeps_uint32_ids(tmp_path, tiny_model):
     assert set(np.unique(values)) <= set(np.unique(ids))
 
 
-@pytest.mark.xfail(strict=False, reason="apply.restore_into_ome_zarr still reads a TIFF input with "
-                                        "data.read_typed_stack (ids 0..65535) instead of "
-                                        "zarr_io.read_typed_stack_for_ome_zarr")
 def test_cli_tif_ids_above_65535_into_ome_zarr(tmp_path):
     import apply
 

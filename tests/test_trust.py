@@ -71,7 +71,7 @@ def test_fiji_stack_without_spacing_has_z_step_1_and_restores_at_factor_4(tmp_pa
     out = tmp_path / "out.tif"
     assert apply.main(["--input", str(source), "--output", str(out), *TINY]) == 0
     printed = capsys.readouterr().out
-    assert "factor 4 from Z 1 um, XY 0.25 um (from the file)" in printed
+    assert "factor: 4 from Z 1 um, XY 0.25 um (from the file)" in printed
     restored = tifffile.imread(out)
     assert restored.shape == ((len(stack) - 1) * 4 + 1, 48, 48)
     np.testing.assert_array_equal(restored[::4], stack)
@@ -153,7 +153,7 @@ def test_folder_of_slices_needs_z_step_and_keeps_its_unit(tmp_path, capsys, tiny
     assert not out.exists()
 
     assert apply.main(common + ["--z-step", "200"]) == 0
-    assert "factor 4 from Z 200 nm, XY 50 nm" in capsys.readouterr().out
+    assert "factor: 4 from Z 200 nm, XY 50 nm" in capsys.readouterr().out
     restored = tifffile.imread(out)
     assert restored.shape == (41, 48, 48)
     np.testing.assert_array_equal(restored[::4], stack)
@@ -170,13 +170,13 @@ def test_size_flags_need_unit_and_unit_flag_wins_over_file_unit(tmp_path, capsys
     assert not out.exists()
 
     assert apply.main(common + ["--z-step", "1000", "--xy-size", "250", "--unit", "nm"]) == 0
-    assert "factor 4 from Z 1000 nm, XY 250 nm (from the flags)" in capsys.readouterr().out
+    assert "factor: 4 from Z 1000 nm, XY 250 nm (from the flags)" in capsys.readouterr().out
     assert imagej_calibration(out) == (pytest.approx(250.0), "nm", pytest.approx(250.0))
 
     # One size from the flags, one from the file: the file's 0.25 um is expressed in --unit, not mixed with it.
     out.unlink()
     assert apply.main(common + ["--z-step", "1000", "--unit", "nm"]) == 0
-    assert "factor 4 from Z 1000 nm, XY 250 nm (from the file and the flags)" in capsys.readouterr().out
+    assert "factor: 4 from Z 1000 nm, XY 250 nm (from the file and the flags)" in capsys.readouterr().out
     assert tifffile.imread(out).shape[0] == 9
     assert imagej_calibration(out) == (pytest.approx(250.0), "nm", pytest.approx(250.0))
 
@@ -191,7 +191,7 @@ def test_ome_sizes_in_um_and_nm_give_factor_4(tmp_path, capsys, tiny_model_path)
     assert unit == "nm" and (z, y, x) == (pytest.approx(1000.0), pytest.approx(250.0), pytest.approx(250.0))
     out = tmp_path / "o.tif"
     assert apply.main(["--input", str(source), "--output", str(out), "--model", str(tiny_model_path)]) == 0
-    assert "factor 4 from Z 1000 nm, XY 250 nm (from the file)" in capsys.readouterr().out
+    assert "factor: 4 from Z 1000 nm, XY 250 nm (from the file)" in capsys.readouterr().out
     assert tifffile.imread(out).shape == (9, 48, 48)
     assert imagej_calibration(out) == (pytest.approx(250.0), "nm", pytest.approx(250.0))
 
@@ -226,7 +226,7 @@ def test_one_factor_rule_in_eval_and_apply(tmp_path, monkeypatch, capsys, tiny_m
     out = tmp_path / "o.tif"
     with pytest.warns(UserWarning, match="not an integer"):
         assert apply.main(["--input", str(source), "--output", str(out), "--model", str(tiny_model_path)]) == 0
-    assert f"factor {factor} from Z {ratio:g} um" in capsys.readouterr().out
+    assert f"factor: {factor} from Z {ratio:g} um" in capsys.readouterr().out
     restored = tifffile.imread(out)
     assert restored.shape[0] == (len(stack) - 1) * factor + 1
     np.testing.assert_array_equal(restored[::factor], stack)
@@ -448,10 +448,8 @@ def test_label_ids_above_255_survive_apply_round_trip(tmp_path, capsys, tiny_mod
     source = write_fiji(tmp_path / "labels.tif", sparse, spacing=1.0)
     out = tmp_path / "restored.tif"
     common = ["--input", str(source), "--model", str(tiny_model_path)]
-    assert apply.main(common + ["--output", str(out)]) == 2  # three integer values: --kind must say labels
-    assert "--kind labels or --kind intensity" in capsys.readouterr().err
-    assert apply.main(common + ["--output", str(out), "--labels"]) == 0
-    assert ", labels;" in capsys.readouterr().out
+    assert apply.main(common + ["--output", str(out)]) == 0  # three integer values in flat regions: labels
+    assert "kind: labels (a mask model; piecewise constant" in capsys.readouterr().out
     with pytest.warns(UserWarning, match="binarized"):
         assert apply.main(common + ["--output", str(tmp_path / "mask.tif"), "--labels", "no"]) == 0
     restored = tifffile.imread(out)

@@ -1,0 +1,60 @@
+"""What this machine computes with: CPU model and instruction-set class, cores, GPU.
+
+Speed depends on the machine class far more than on anything else (a CPU with
+AMX runs bfloat16 convolutions several times faster than an AVX2-only one), so
+every speed figure, every expected time in a plan and every measured throughput
+is labelled with :func:`machine_key`. Emulation counts: with
+``ONEDNN_MAX_CPU_ISA`` / ``ATEN_CPU_CAPABILITY`` capping the instruction set,
+the class is the emulated one.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Dict
+
+import torch
+
+from model import cpu_computes_bf16, select_device
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def isa_class() -> str:
+    """'amx', 'avx512-bf16', 'avx512', 'avx2' or 'other': what torch and oneDNN use here now."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    if capability.startswith("AVX512"):
+        if cpu_computes_bf16():
+            return "amx" if amx and (onednn_cap in ("ALL", "DEFAULT", "") or "AMX" in onednn_cap) else "avx512-bf16"
+        return "avx512"
+    return "avx2" if capability.startswith("AVX2") else "other"
+
+
+def describe_machine(device: str = "") -> Dict[str, str]:
+    """The facts printed beside a speed figure: CPU model, ISA class, cores (threads torch uses), GPU."""
+    chosen = select_device(device or None)
+    gpu = torch.cuda.get_device_name(chosen) if chosen.type == "cuda" else "none used"
+    return {"cpu": cpu_model(), "isa": isa_class(), "threads": str(torch.get_num_threads()), "gpu": gpu}
+
+
+def machine_key(device: str = "") -> str:
+    """One line naming the machine class a throughput was measured on (the key of recorded speeds)."""
+    facts = describe_machine(device)
+    if facts["gpu"] != "none used":
+        return f"GPU {facts['gpu']}"
+    return f"{facts['cpu']} ({facts['isa']}, {facts['threads']} threads)"

@@ -1,0 +1,197 @@
+"""What a restore will do, decided before any work and printed as ``name: value`` lines.
+
+``apply.py`` builds one :class:`RestorePlan` per input from the file's metadata
+and a small sample of its values (kind, factor, geometry), prints it at the
+start of every run and, with ``--dry-run``, stops there. The plan also
+estimates the output's size, the memory a worker needs and, once a run on this
+machine class has been measured (:func:`record_throughput`, kept in
+:func:`throughput_file`), the expected time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+import blocks
+import restore
+from machine import machine_key
+
+# Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
+PROCESS_BYTES = blocks.PROCESS_BYTES
+
+
+@dataclass
+class RestorePlan:
+    """One input's restore, as decided before any work.
+
+    ``factor`` 1 means the stack is already isotropic: it is converted to the
+    output's format, not restored. ``settings`` is the recipe fitted to the
+    stack (``restore.fit_recipe_to_stack``), ``notes`` what the fitting changed.
+    """
+    path: Path
+    target: Path
+    kind: str
+    kind_reason: str
+    factor: int
+    factor_reason: str
+    shape_khw: Tuple[int, int, int]
+    dtype: np.dtype
+    voxel_in_zyx: Tuple[float, float, float]
+    unit: str
+    translation_zyx: Tuple[float, float, float]
+    settings: Dict[str, Any]
+    trained: bool  # False: a model was given
+    block_size: Optional[int] = None  # block-wise into OME-Zarr, else None (in memory)
+    workers: int = 0
+    probabilities: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def output_shape(self) -> Tuple[int, int, int]:
+        n_kept, height, width = self.shape_khw
+        return ((n_kept - 1) * self.factor + 1, height, width)
+
+    @property
+    def voxel_out_zyx(self) -> Tuple[float, float, float]:
+        z, y, x = self.voxel_in_zyx
+        return (z / self.factor, y, x)
+
+    @property
+    def output_voxels(self) -> int:
+        return int(np.prod(self.output_shape, dtype=np.int64))
+
+    def output_bytes(self) -> int:
+        """Uncompressed bytes written: the image (mask or grey values), label ids, probabilities."""
+        per_voxel = np.dtype(self.dtype).itemsize if self.kind == "intensity" else 1
+        if self.kind == "labels":
+            per_voxel = np.dtype(self.dtype).itemsize + (1 if self.block_size else 0)  # OME-Zarr: mask + ids
+        if self.probabilities:
+            per_voxel += 1 if self.probabilities == "uint8" else 4
+        return self.output_voxels * per_voxel
+
+    def memory_bytes(self) -> int:
+        """Peak memory of the process (in memory) or of one worker (block-wise), an estimate."""
+        n_kept, height, width = self.shape_khw
+        inference = restore.inference_kwargs(self.settings)
+        grey = str(np.dtype(self.dtype)) if self.kind == "intensity" else None
+        if self.block_size:
+            plan = blocks.BlockPlan(self.output_shape, self.block_size)
+            kernel = "float32" if grey else ("float32" if self.probabilities in ("float16", "float32") else "uint8")
+            return int(blocks.estimate_block_memory(plan, n_kept, self.factor, inference, kernel, grey))
+        item = np.dtype(self.dtype).itemsize
+        if self.kind == "intensity":  # normalised float32 input, float32 restore, grey values out
+            held = n_kept * height * width * (item + 4) + self.output_voxels * (4 + item)
+        else:  # bool input, uint8 probabilities, the mask (and ids)
+            labels = item if self.kind == "labels" else 0
+            held = n_kept * height * width * (item + 1 + labels) + self.output_voxels * (2 + labels)
+        tile_pixels = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
+        return int(held + inference["batch_size"] * tile_pixels * blocks.ACTIVATION_BYTES + PROCESS_BYTES)
+
+    def training_crop_pixels(self) -> int:
+        """Crop pixels the training pushes through the network (crops x area x epochs)."""
+        if not self.trained or self.factor < 2:
+            return 0
+        recipe = restore.training_kwargs(self.settings, "intensity" if self.kind == "intensity" else "mask")
+        return int(recipe["train_nb"] * recipe["train_xy_size"] ** 2 * recipe["num_epochs"])
+
+    def expected_seconds(self) -> Optional[float]:
+        """Training plus restore time from the throughputs recorded on this machine class, or None."""
+        if self.factor < 2:
+            return None
+        rates = recorded_throughput(self.kind, self.settings.get("DEVICE", ""))
+        if rates is None or (self.trained and not rates.get("train_pixels_per_s")):
+            return None
+        train = self.training_crop_pixels() / rates["train_pixels_per_s"] if self.trained else 0.0
+        return train + self.output_voxels / rates["restore_voxels_per_s"]
+
+    def lines(self) -> List[str]:
+        """The plan, one ``name: value`` per line."""
+        unit = self.unit
+        triple = " x ".join
+        where = (f"OME-Zarr, blocks of {self.block_size} x {self.block_size} pixels"
+                 + (f" on {self.workers} worker(s)" if self.workers else "") if self.block_size else "in memory")
+        expected = self.expected_seconds()
+        lines = [
+            f"input: {self.path}",
+            f"kind: {self.kind} ({self.kind_reason})",
+            f"factor: {self.factor} from {self.factor_reason}" + (
+                ": already isotropic, the stack is converted, not restored" if self.factor == 1 else ""),
+            f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
+            f"input voxel size: {triple(f'{v:.4g}' for v in self.voxel_in_zyx)} {unit}",
+            f"output: {self.target} ({where})",
+            f"output shape: {triple(str(s) for s in self.output_shape)} (Z, Y, X)",
+            f"output voxel size: {triple(f'{v:.4g}' for v in self.voxel_out_zyx)} {unit}",
+            f"translation: {triple(f'{v:.4g}' for v in self.translation_zyx)} {unit}",
+            f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
+            f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
+            f"training: {self.training_line()}",
+            "expected time: " + (f"about {expected:.0f} s on {machine_key(self.settings.get('DEVICE', ''))} "
+                                 "(from earlier runs here)" if expected is not None else
+                                 "not known yet (no run measured on this machine class)"),
+        ]
+        return lines + [f"recipe fitted to the stack: {note}" for note in self.notes]
+
+    def training_line(self) -> str:
+        if self.factor < 2:
+            return "none (nothing to restore)"
+        if not self.trained:
+            return "none (--model)"
+        recipe = restore.training_kwargs(self.settings, "intensity" if self.kind == "intensity" else "mask")
+        return (f"{recipe['train_nb']} crops of {recipe['train_z_size']} x {recipe['train_xy_size']} x "
+                f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs")
+
+
+def human_bytes(count: float) -> str:
+    """``1.5 GiB``-style sizes."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+# --------------------------------------------------------------------------- #
+# Throughput measured on this machine class, for the expected time
+# --------------------------------------------------------------------------- #
+def throughput_file() -> Path:
+    """Where measured throughputs are kept: ``$AXIAL_SR_CACHE``, else ``$XDG_CACHE_HOME/axial-sr``,
+    else ``~/.cache/axial-sr``; the file ``throughput.json``."""
+    folder = os.environ.get("AXIAL_SR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "axial-sr")
+    return Path(folder) / "throughput.json"
+
+
+def _throughput_key(kind: str, device: str) -> str:
+    return f"{machine_key(device)} | {'intensity' if kind == 'intensity' else 'mask'}"
+
+
+def recorded_throughput(kind: str, device: str = "") -> Optional[Dict[str, float]]:
+    """``train_pixels_per_s`` and ``restore_voxels_per_s`` last measured here for ``kind``, or None."""
+    try:
+        table = json.loads(throughput_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return table.get(_throughput_key(kind, device))
+
+
+def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> None:
+    """Keep the throughputs of a finished run (a cache: a failure to write it is no error)."""
+    if plan.factor < 2 or restore_s <= 0:
+        return
+    rates = dict(recorded_throughput(plan.kind, plan.settings.get("DEVICE", "")) or {})
+    rates["restore_voxels_per_s"] = plan.output_voxels / restore_s
+    if plan.trained and train_s > 0:
+        rates["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
+    path = throughput_file()
+    try:
+        table = json.loads(path.read_text()) if path.exists() else {}
+        table[_throughput_key(plan.kind, plan.settings.get("DEVICE", ""))] = rates
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=1))
+    except (OSError, ValueError):
+        pass
