@@ -559,8 +559,8 @@ def save_stack(
                                   "choose an empty output folder.")
         for stale in path.glob("slice_*.tif"):  # a deeper stack written before must not leave extra slices
             stale.unlink()
-        with writing_to(path):
-            for index, slice_hw in enumerate(data):
+        for index, slice_hw in enumerate(data):
+            with writing_to(path / f"slice_{index:04d}.tif"):
                 tifffile.imwrite(path / f"slice_{index:04d}.tif", np.asarray(slice_hw)[None], **kwargs)
         return path
     _check_writable(path, overwrite)

@@ -38,6 +38,9 @@ def isa_class() -> str:
     capability = torch.backends.cpu.get_cpu_capability().upper()
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    if onednn_cap.startswith(("AVX2", "AVX", "SSE")) and not onednn_cap.startswith("AVX512") \
+            and not onednn_cap.startswith("AVX10"):
+        return "avx2" if onednn_cap.startswith("AVX2") else "other"  # convolutions run at the cap
     if capability.startswith("AVX512"):
         if cpu_computes_bf16():
             return "amx" if amx and (onednn_cap in ("ALL", "DEFAULT", "") or "AMX" in onednn_cap) else "avx512-bf16"

@@ -69,10 +69,14 @@ class RestorePlan:
         """Uncompressed bytes written: the image (mask or grey values), label ids, probabilities."""
         per_voxel = np.dtype(self.dtype).itemsize if self.kind == "intensity" else 1
         if self.kind == "labels":
-            per_voxel = np.dtype(self.dtype).itemsize + (1 if self.block_size else 0)  # OME-Zarr: mask + ids
+            per_voxel = self.label_bytes() + (1 if self.block_size else 0)  # OME-Zarr: mask + ids
         if self.probabilities:
             per_voxel += 1 if self.probabilities == "uint8" else 4
         return self.output_voxels * per_voxel
+
+    def label_bytes(self) -> int:
+        """Bytes per id written: uint16 in a TIFF, at least that in OME-Zarr (``data.as_label_image``)."""
+        return 2 if not self.block_size else max(2, np.dtype(self.dtype).itemsize)
 
     def memory_bytes(self) -> int:
         """Peak memory of the process (in memory) or of one worker (block-wise), an estimate."""
@@ -87,7 +91,7 @@ class RestorePlan:
         if self.kind == "intensity":  # normalised float32 input, float32 restore, grey values out
             held = n_kept * height * width * (item + 4) + self.output_voxels * (4 + item)
         else:  # bool input, uint8 probabilities, the mask (and ids)
-            labels = item if self.kind == "labels" else 0
+            labels = self.label_bytes() if self.kind == "labels" else 0
             held = n_kept * height * width * (item + 1 + labels) + self.output_voxels * (2 + labels)
         tile_pixels = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
         return int(held + inference["batch_size"] * tile_pixels * blocks.ACTIVATION_BYTES + PROCESS_BYTES)
@@ -122,11 +126,11 @@ class RestorePlan:
             f"factor: {self.factor} from {self.factor_reason}" + (
                 ": already isotropic, the stack is converted, not restored" if self.factor == 1 else ""),
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
-            f"input voxel size: {triple(f'{v:.4g}' for v in self.voxel_in_zyx)} {unit}",
+            f"input voxel size: {triple(f'{v:.6g}' for v in self.voxel_in_zyx)} {unit}",
             f"output: {self.target} ({where})",
             f"output shape: {triple(str(s) for s in self.output_shape)} (Z, Y, X)",
-            f"output voxel size: {triple(f'{v:.4g}' for v in self.voxel_out_zyx)} {unit}",
-            f"translation: {triple(f'{v:.4g}' for v in self.translation_zyx)} {unit}",
+            f"output voxel size: {triple(f'{v:.6g}' for v in self.voxel_out_zyx)} {unit}",
+            f"translation: {triple(f'{v:.6g}' for v in self.translation_zyx)} {unit}",
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
             f"training: {self.training_line()}",

@@ -133,6 +133,11 @@ def inference_kwargs(settings: Dict[str, Any], model: Optional[nn.Module] = None
     return kwargs
 
 
+# Set by fit_recipe_to_stack: the (K, H, W, factor) a recipe was fitted to, so that training fits it
+# again only for another stack (a script fits first, with the names the user typed, which must stay).
+FITTED_TO = "RECIPE_FITTED_TO"
+
+
 def fit_recipe_to_stack(settings: Dict[str, Any], shape_khw: Sequence[int], factor: int,
                         typed: Sequence[str] = ()) -> Tuple[Dict[str, Any], List[str]]:
     """The training recipe of ``settings`` fitted to a stack of kept slices ``shape_khw``.
@@ -166,7 +171,9 @@ def fit_recipe_to_stack(settings: Dict[str, Any], shape_khw: Sequence[int], fact
                        smallest_crop_edge)
 
     n_kept, height, width = (int(s) for s in shape_khw)
-    fitted, notes = dict(settings), []
+    if settings.get(FITTED_TO) == [n_kept, height, width, int(factor)]:
+        return dict(settings), []  # fitted already, with the caller's typed names
+    fitted, notes = dict(settings, **{FITTED_TO: [n_kept, height, width, int(factor)]}), []
     smallest = smallest_crop_edge(factor, settings["DEPTH"])
     if n_kept < 2 or min(height, width) < smallest:
         raise UserError(f"A stack of {n_kept} kept slices of {height} x {width} pixels is too small to train on at "
