@@ -28,7 +28,7 @@ VOXEL_UNIT = "um"  # unit of the resolutions, written into the TIFF metadata
 BINARIZE_THRESHOLD = -1.0  # foreground = value > threshold; < 0 means value != 0
 TRAIN_XY_SIZE = 128  # lateral crop edge for training, in pixels
 TRAIN_Z_SIZE = 5  # neighbouring kept slices fed as channels (odd)
-TRAIN_NB = 720  # number of training crops (train + validation); with a GPU try 3000 (README, GPU table)
+TRAIN_NB = 720  # number of training crops (train + validation); with a GPU try 3000 (docs/gpu.md)
 VAL_SPLIT = 0.1  # fraction of crops kept for validation
 MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
 RANDOM_STATE = 42  # seeds python, numpy and torch

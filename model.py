@@ -106,7 +106,7 @@ class AttentionResUNet(nn.Module):
         with them as in the original U-Net. 'add' keeps the full-resolution
         level at ``base_filters`` channels, which is where a CPU spends most of
         the time (BatchNorm and convolutions over few channels are bound by
-        memory, not arithmetic); same IoU on the stacks measured (README, "Architecture").
+        memory, not arithmetic); same IoU on the stacks measured (docs/ablations.md, "Architecture").
     shortcut_norm : bool
         BatchNorm after the 1x1 projection of a residual block's shortcut
         (the projection then has no bias). Without it the projection carries a
@@ -246,7 +246,7 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     seconds on 2 CPU cores) and is cached for ``model``; the outputs equal those
     of :func:`fuse_for_inference` up to float rounding. It pays when the volume
     is large enough for the faster forward pass to make up for the compilation
-    (README, "Speed").
+    (docs/speed.md).
     """
     cached = _COMPILED.setdefault(model, {})
     if str(device) not in cached:

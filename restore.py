@@ -43,7 +43,7 @@ CHUNK_VALUES = 4_000_000
 # network's full-resolution activations then stay a few MiB, in cache and under glibc's 32 MiB mmap
 # threshold, above which every activation is freshly mapped, page-faulting memory. Restoring ran
 # 1.16x (UroCell) and 1.26x (Lucchi++) faster than with 16 tiles per batch, 0 voxels changed
-# (README, "Batches sized for the CPU's caches").
+# (docs/speed.md, "Batches sized for the CPU's caches").
 CPU_BATCH_PIXELS = 2 ** 17
 
 # --------------------------------------------------------------------------- #
@@ -98,7 +98,7 @@ MODEL_RECIPE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TI
 # linear: 5 epochs at 3e-3 +0.83 dB / +0.052 SSIM, 10 at 6e-3 +1.21 / +0.067, 20 at 6e-3 +1.56 / +0.082),
 # and gains nothing from hard crops at that budget. Masks, the everyday and cheaper job, train 4 epochs on
 # the half of twice as many random crops that interpolation gets most wrong: a fifth fewer steps than 5
-# epochs of random crops, better on the real stacks and tied on the phantoms (README, "Training budget").
+# epochs of random crops, better on the real stacks and tied on the phantoms (docs/ablations.md, "Training budget").
 # Training cost does not grow with the volume (TRAIN_NB crops per epoch).
 RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0},
                   "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0}}

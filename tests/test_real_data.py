@@ -25,7 +25,7 @@ def test_reads_real_stack_and_its_voxel_size(urocell):
 
 
 # (factor, measured sdf, measured nearest, published sdf, published nearest). The measured IoUs are
-# deterministic (no training) and pinned tightly; the published ones (README, docs/bench_results_full.md:
+# deterministic (no training) and pinned tightly; the published ones (../shared/data/README.md:
 # 0.90183 / 0.85319 and 0.80972 / 0.76393) are a looser sanity check.
 @pytest.mark.parametrize("factor, sdf_measured, nearest_measured, sdf_published, nearest_published", [
     (4, 0.901833, 0.853193, 0.902, 0.853),
