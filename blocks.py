@@ -23,24 +23,47 @@ Tasks run in this process one after the other (``workers=0``), on a local
 Dask cluster of worker processes, or on an existing cluster
 (``scheduler='tcp://host:port'``). Workers read and write the stores
 themselves (only task descriptions pass through the scheduler) and load the
-model once each from the model file kept in the output. A failing task is
-retried; every finished block is recorded in the output right after its data,
-so an interrupted run continues with ``resume=True`` and gives the same result.
+model once each from the model file kept in the output. An existing cluster
+needs the dependencies only, not this checkout: the project's code travels
+with the tasks (:func:`_ship`). A failing task is retried; every finished block
+is recorded in the output right after its data, so an interrupted run
+continues with ``resume=True`` and gives the same result.
+
+Crash safety (a run killed at any moment, SIGKILL included): a new output is
+laid out in a hidden folder beside it and renamed into place with its record
+(state 'running'), so an output never exists without one; the record is
+replaced atomically (:func:`_save_record`); blocks, label blocks and pyramid
+levels are recorded after their data; completion is recorded before the run's
+scaffolding (markers, model file) is removed, and that removal may be cut
+short: a complete output with leftovers is complete, and a resume of it
+finishes the removal.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
+import io
 import json
 import math
 import os
+import pickle
+import shutil
+import sys
+import tempfile
+import threading
 import time
+import traceback
+import types
+import uuid
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import cloudpickle
 import numpy as np
 import torch
 import zarr
@@ -73,6 +96,7 @@ ACTIVATION_BYTES = 256
 PROCESS_BYTES = 300 * 2**20  # Python, torch and the model in a worker
 PROGRESS_GROUP = "restore_progress"  # markers of finished blocks (and staged inputs), removed when complete
 MODEL_FILE = "restore_model.pt"  # the model of a run, in the output until it completes (resume, workers)
+ERROR_FILE = "restore_error.txt"  # full traceback of the task that stopped a run, in the output until it completes
 Region = Tuple[Tuple[int, int], Tuple[int, int]]
 Source = Union[ZarrImage, np.ndarray]
 
@@ -187,18 +211,22 @@ def finished_blocks(output: str, name: str) -> set:
 # --------------------------------------------------------------------------- #
 # Worker side: the model, pass 1 (probabilities and mask), pass 2 (ids), pass 3 (pyramid)
 # --------------------------------------------------------------------------- #
-_MODELS: Dict[Tuple[str, int, int, str], nn.Module] = {}
+def _model_cache() -> Dict[Tuple[str, int, int, str], nn.Module]:
+    """The process' model cache. It lives in ``sys``, not in this module: on a cluster the module's
+    functions arrive by value with each pass (:func:`_ship`), each time with fresh globals."""
+    return sys.__dict__.setdefault("_axial_restore_models", {})
 
 
 def cached_model(path: str, device: Optional[str] = None) -> nn.Module:
     """The model saved at ``path``, loaded (and BatchNorm-folded) once per worker process."""
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size, str(device))
-    if key not in _MODELS:
-        _MODELS.clear()  # one model at a time
+    models = _model_cache()
+    if key not in models:
+        models.clear()  # one model at a time
         model, _ = load_model(path, device or None)
-        _MODELS[key] = fuse_for_inference(model)
-    return _MODELS[key]
+        models[key] = fuse_for_inference(model)
+    return models[key]
 
 
 @dataclass(frozen=True)
@@ -433,8 +461,121 @@ def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- #
 # Running tasks: in this process, or on a Dask cluster
 # --------------------------------------------------------------------------- #
-class BlockFailedError(RuntimeError):
-    """A task failed on every attempt; the blocks finished before it stay recorded."""
+RESUME_ADVICE = ("Finished blocks are kept: run the same command again with --resume added (resume=True in "
+                 "Python) to continue.")
+
+
+class BlockFailedError(UserError, RuntimeError):
+    """A task failed on every attempt; the blocks finished before it stay recorded.
+
+    A :class:`data.UserError`, so that the command line prints its message as one line (exit status
+    2): it names the task's exception (type, text, innermost frame) and the way to continue
+    (:data:`RESUME_ADVICE`). The task's exception is the ``__cause__``, and its full traceback is
+    written to :data:`ERROR_FILE` in the output (named in the message).
+    """
+
+
+def _failure(desc: str, item: Any, attempts: int, error: BaseException, tb, output: Optional[str],
+             hint: str = "") -> BlockFailedError:
+    """The :class:`BlockFailedError` for ``error`` (raised with traceback ``tb``) of task ``item``;
+    writes the traceback to :data:`ERROR_FILE` in ``output`` when it can."""
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    where = ""
+    if frames:  # code shipped to a cluster may not name its file ('<dynamic-code>')
+        source = os.path.basename(frames[-1].filename)
+        where = (f" at {'line ' if source.startswith('<') else source + ':'}{frames[-1].lineno} in "
+                 f"{frames[-1].name}")
+    report = ""
+    if output and os.path.isdir(output):
+        path = os.path.join(output, ERROR_FILE)
+        with contextlib.suppress(OSError):
+            with open(path, "w") as file:
+                file.write(f"{desc}: task {item} failed {attempts} times; the last attempt raised:\n\n")
+                file.write("".join(traceback.format_exception(type(error), error, tb)))
+            report = f" Full traceback in {path}."
+    return BlockFailedError(f"{desc}: task {item} failed {attempts} times ({type(error).__name__}: {error}{where})."
+                            f"{hint}{report} {RESUME_ADVICE}")
+
+
+# Shipping the project's code to a cluster. The task functions, the jobs (their classes) and every
+# function and module of this project they reach are pickled *by value* (cloudpickle) into one payload
+# per pass; the task is a small function that unpickles it once per worker process and runs it. The
+# scheduler (which unpickles task graphs) sees only that function and bytes; workers need the
+# dependencies, never this checkout, and always run the code of the client that submitted.
+_SHIP_LOCK = threading.Lock()
+_PROJECT_DIR = os.path.dirname(os.path.realpath(__file__))
+
+
+def _project_modules() -> List[types.ModuleType]:
+    """This project's modules imported here (the flat layout: every ``*.py`` beside this file)."""
+    modules = []
+    for name in sorted(os.listdir(_PROJECT_DIR)):
+        module = sys.modules.get(name[:-3]) if name.endswith(".py") else None
+        file = getattr(module, "__file__", None)
+        if file and os.path.dirname(os.path.realpath(file)) == _PROJECT_DIR:
+            modules.append(module)
+    return modules
+
+
+class _CodePickler(cloudpickle.Pickler):
+    """cloudpickle, plus what a module pickled whole may hold: weak caches and locks arrive new and
+    empty, and module objects of a subclass (``torch.backends.cpu``) are imported on arrival."""
+
+    def __init__(self, file, shipped: set):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.shipped = shipped
+        # Process-local state: a new, empty one on the worker. (Made here, not held by the module: the
+        # type of a lock is not importable by its name, so a module holding it could not be shipped.)
+        self.fresh = {weakref.WeakKeyDictionary: weakref.WeakKeyDictionary,
+                      weakref.WeakValueDictionary: weakref.WeakValueDictionary, weakref.WeakSet: weakref.WeakSet,
+                      type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+    def reducer_override(self, obj):
+        fresh = self.fresh.get(type(obj))
+        if fresh is not None:
+            return fresh, ()
+        if (isinstance(obj, types.ModuleType) and type(obj) is not types.ModuleType
+                and obj.__name__ not in self.shipped):
+            return importlib.import_module, (obj.__name__,)
+        return super().reducer_override(obj)
+
+
+def _ship(function: Callable, job: Any) -> Tuple[str, bytes]:
+    """``(digest, payload)``: ``(function, job)`` pickled with this project's code by value."""
+    modules = _project_modules()
+    with _SHIP_LOCK:
+        registered = cloudpickle.list_registry_pickle_by_value()
+        added = [m for m in modules if m.__name__ not in registered]
+        for module in added:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            buffer = io.BytesIO()
+            _CodePickler(buffer, {m.__name__ for m in modules}).dump((function, job))
+        finally:
+            for module in added:
+                cloudpickle.unregister_pickle_by_value(module)
+    payload = buffer.getvalue()
+    return hashlib.sha256(payload).hexdigest(), payload
+
+
+def _shipped_task_runner() -> Callable[..., Dict[str, Any]]:
+    """The task function of shipped passes. Local to this factory, so that cloudpickle pickles it by
+    value; it refers to nothing of this project (the scheduler unpickles it without the project)."""
+    def run_shipped_task(item, digest, payload):
+        import pickle as unpickler
+        import sys as process
+
+        unpickled = process.__dict__.setdefault("_axial_restore_shipped_code", {})
+        entry = unpickled.get(digest)
+        if entry is None:
+            entry = unpickler.loads(payload)
+            for old in list(unpickled)[:-1]:  # keep this pass and the one before
+                unpickled.pop(old, None)
+            unpickled[digest] = entry
+        function, job = entry
+        return function(job, item)
+
+    return run_shipped_task
 
 
 @contextlib.contextmanager
@@ -477,10 +618,12 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
 
 def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence[Any], client=None,
               retries: int = RETRIES, desc: str = "Blocks", progress: bool = True,
-              bar: Optional[tqdm] = None) -> List[Dict[str, Any]]:
+              bar: Optional[tqdm] = None, *, ship_code: bool = False,
+              output: Optional[str] = None) -> List[Dict[str, Any]]:
     """``function(job, item)`` for every item, with one progress bar (``bar``, or a new one); each
     failure is retried ``retries`` times (Dask's ``retries=`` on a cluster), then the run stops with
-    :class:`BlockFailedError`."""
+    :class:`BlockFailedError` (its traceback written into ``output``). ``ship_code``: send this
+    project's code with the tasks (:func:`_ship`), for a cluster whose workers do not have it."""
     results: List[Dict[str, Any]] = []
     own_bar = bar is None
     if own_bar:
@@ -494,14 +637,23 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
                         break
                     except Exception as error:
                         if attempt == retries:
-                            raise BlockFailedError(f"{desc}: task {item} failed {retries + 1} times "
-                                                   f"({type(error).__name__}: {error}). Finished blocks are "
-                                                   "kept: continue with --resume.") from error
+                            raise _failure(desc, item, retries + 1, error, error.__traceback__,
+                                           output) from error
                 bar.update(1)
             return results
         from distributed import as_completed
 
-        futures = [client.submit(function, job, item, retries=retries, pure=False) for item in items]
+        if ship_code and items:
+            digest, payload = _ship(function, job)
+            token = uuid.uuid4().hex
+            # The code is one task of its own (its result fetched once per worker), not a copy in every task.
+            code = client.submit(bytes, payload, key=f"code-{function.__name__}-{token}", pure=False)
+            futures = client.map(_shipped_task_runner(), list(items), digest=digest, payload=code,
+                                 key=[f"{function.__name__}-{token}-{i}" for i in range(len(items))],
+                                 retries=retries, pure=False)
+        else:
+            futures = [client.submit(function, job, item, retries=retries, pure=False) for item in items]
+        item_of = {future.key: item for future, item in zip(futures, items)}
         try:
             for future in as_completed(futures):
                 if future.status == "error":
@@ -509,13 +661,13 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
                     hint = (" Workers died while running it: most often a block needs more memory than "
                             "--worker-memory; give more or a smaller --block-size." if
                             type(error).__name__ == "KilledWorker" else "")
-                    raise BlockFailedError(f"{desc}: a task failed {retries + 1} times "
-                                           f"({type(error).__name__}: {error}).{hint} Finished blocks are "
-                                           "kept: continue with --resume.") from error
+                    raise _failure(desc, item_of[future.key], retries + 1, error, future.traceback(), output,
+                                   hint) from error
                 results.append(future.result())
                 bar.update(1)
         finally:
             client.cancel([f for f in futures if not f.done()])
+            futures.clear()  # releases the code task with its last dependent
         return results
     finally:
         if own_bar:
@@ -600,11 +752,53 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _resolved(name: Optional[str]) -> Optional[str]:
+    """``name`` as a resolved path when it names an existing file or folder (``./a`` and ``a``, or a
+    link and its target, are one input), else as given."""
+    return os.path.realpath(name) if name and os.path.exists(name) else name
+
+
 def _describe(source: Source, name: Optional[str]) -> Dict[str, Any]:
+    """The identity of an input, recorded to check that a resumed run reads the same one: its resolved
+    path (a Zarr image's own path; an in-memory stack's ``name``, e.g. its TIFF), array, shape, dtype
+    and, for a Zarr image, its voxel size, unit and translation."""
     if isinstance(source, np.ndarray):
-        return {"name": name, "shape": list(source.shape), "dtype": str(source.dtype)}
-    return {"name": name or os.path.abspath(source.path), "component": source.component,
-            "shape": list(source.shape), "dtype": source.dtype}
+        return {"path": _resolved(name), "shape": list(source.shape), "dtype": str(source.dtype)}
+    def floats(values):
+        return None if values is None else [float(v) for v in values]
+
+    return {"path": os.path.realpath(source.path), "component": source.component, "shape": list(source.shape),
+            "dtype": str(source.dtype), "voxel_size_zyx": floats(source.voxel_size_zyx), "unit": source.unit,
+            "translation_zyx": floats(source.translation_zyx)}
+
+
+def _input_differences(recorded: Optional[Dict[str, Any]], current: Optional[Dict[str, Any]]) -> List[str]:
+    """What differs between a recorded input (:func:`_describe`) and this run's, in words. A record of an
+    earlier version (a ``name`` as typed, no metadata) is compared on what it holds."""
+    if recorded is None or current is None:
+        return [] if recorded is None and current is None else ["given in one run only"]
+    differences = []
+    path = recorded["path"] if "path" in recorded else recorded.get("name")
+    if _resolved(path) != current["path"]:
+        differences.append(f"path '{path}' -> '{current['path']}'")
+    for key in ("component", "shape", "dtype", "voxel_size_zyx", "unit", "translation_zyx"):
+        if key in recorded and recorded[key] != current.get(key):
+            differences.append(f"{key} {recorded[key]} -> {current.get(key)}")
+    return differences
+
+
+def _plan_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """The settings of this run that differ from the recorded plan of the interrupted one (keys an
+    earlier version did not record are not compared)."""
+    differences = []
+    for key, value in current.items():
+        if key in ("input", "labels_input"):
+            changed = _input_differences(recorded.get(key), value)
+            if changed:
+                differences.append(f"{key} ({'; '.join(changed)})")
+        elif key in recorded and recorded[key] != value:
+            differences.append(key)
+    return differences
 
 
 def _stage(output: str, name: str, values: np.ndarray) -> ZarrImage:
@@ -755,9 +949,17 @@ def restore_to_ome_zarr(
     targets = [output] + ([os.path.abspath(str(probabilities_output))] if probabilities else [])
     exists = [t for t in targets if os.path.exists(t)]
     resuming = resume and os.path.exists(output)
+    if exists and resume and not resuming:
+        raise OutputExistsError(f"--resume: '{output}' does not exist, so the run would start afresh, but "
+                                f"{', '.join(exists)} exists: pass --overwrite to replace it, or remove it.")
     if exists and not (overwrite or resuming):
         raise OutputExistsError(f"Output exists: {', '.join(exists)}. Choose another --output, pass --overwrite to "
                                 "replace it or --resume to continue an interrupted run.")
+    if overwrite:  # before any work: --overwrite replaces Zarr stores only
+        for target in exists:
+            if not zarr_io.looks_like_zarr_store(target):
+                raise OutputExistsError(f"'{target}' exists and is not a Zarr store; it is not replaced. Choose "
+                                        "another output.")
     n_kept, height, width = source.shape
     if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
         raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
@@ -774,6 +976,8 @@ def restore_to_ome_zarr(
         "input": _describe(source, source_name), "kind": kind, "value_range": value_range,
         "labels_input": None if labels_source is None else _describe(labels_source, source_name),
         "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(block_size),
+        "output_voxel_size_zyx": [float(v) for v in voxel_size_zyx], "output_unit": unit,
+        "output_translation_zyx": [float(v) for v in translation_zyx],
         "ngff_version": ngff_version, "probabilities": probabilities, "binarize_threshold": binarize_threshold,
         "probability_threshold": float(settings["PROBABILITY_THRESHOLD"]),
         # batching (tiles, pixels per batch) changes the speed, not the result
@@ -781,8 +985,12 @@ def restore_to_ome_zarr(
 
     train_s = 0.0
     if resuming:
-        record, model = _resumed_run(output, plan_record, model)
+        record, model = _resumed_run(output, plan_record, model, targets[1] if probabilities else None)
         if record["state"] == "complete":
+            try:
+                _remove_scaffolding(output)  # a run killed while removing it leaves some
+            except OSError as error:  # e.g. a complete output one may read, not write
+                warnings.warn(f"'{output}' is complete, but the leftovers of its run could not be removed: {error}")
             print(f"'{output}' is already complete; nothing to resume.")
             return {"state": "complete", "blocks": len(plan), "skipped": len(plan), "restored": 0, "train_s": 0.0,
                     "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
@@ -794,13 +1002,10 @@ def restore_to_ome_zarr(
             model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
             train_s = info["train_s"]
             del stack
-        if overwrite:
-            for target in targets:
-                zarr_io.remove_store(target)
         record = _new_run(output, plan, plan_record, model, model_config, voxel_size_zyx, unit, translation_zyx,
                           ngff_version, chunk_xy, labels_source, label_name,
                           probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8"),
-                          probabilities_output, grey_values)
+                          targets[1] if probabilities else None, grey_values)
     layout = zarr_io.layout_from_record(record["layout"], output)
     prob_layout = (zarr_io.layout_from_record(record["probabilities_layout"], targets[1]) if probabilities
                    else None)
@@ -819,7 +1024,8 @@ def restore_to_ome_zarr(
         todo = [i for i in range(len(plan)) if i not in done]
         now = todo if max_blocks is None else todo[:max(0, max_blocks)]
         start = time.perf_counter()
-        results = run_tasks(restore_one_block, job, now, client, retries, "Restoring blocks", progress)
+        ship = dict(ship_code=bool(scheduler), output=output)
+        results = run_tasks(restore_one_block, job, now, client, retries, "Restoring blocks", progress, **ship)
         summary = {"state": "partial", "blocks": len(plan), "skipped": len(done), "restored": len(results),
                    "train_s": train_s, "restore_s": time.perf_counter() - start, "label_blocks_inexact": 0,
                    "label_halos": [], "model": model, "layout": layout, "probabilities_layout": prob_layout,
@@ -832,7 +1038,7 @@ def restore_to_ome_zarr(
                                  max(label_halo, MAX_LABEL_HALO_BLOCKS * block_size))
             labelled = finished_blocks(output, "labels")
             label_results = run_tasks(label_block, label_job, [i for i in range(len(plan)) if i not in labelled],
-                                      client, retries, "Label ids", progress)
+                                      client, retries, "Label ids", progress, **ship)
             summary["label_blocks_inexact"] = sum(not r["exact"] for r in label_results)
             summary["label_halos"] = sorted(r["halo"] for r in label_results)
             if summary["label_blocks_inexact"]:
@@ -840,7 +1046,7 @@ def restore_to_ome_zarr(
                               "near the block borders may differ from a whole-slice assignment.")
         _write_pyramids(output, record, [("image", layout.image), ("labels", layout.labels),
                                          ("probabilities", prob_layout.image if prob_layout else None)],
-                        client, retries, progress)
+                        client, retries, progress, ship["ship_code"])
     _finish(output, record)
     summary["state"] = "complete"
     return summary
@@ -877,58 +1083,139 @@ def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: int, inference: D
                       "--block-size if workers are restarted.")
 
 
-def _resumed_run(output: str, plan_record: Dict[str, Any], model: Optional[nn.Module]
-                 ) -> Tuple[Dict[str, Any], nn.Module]:
-    """The record and model of the interrupted run in ``output``, after checking that this run is the same."""
+def _resumed_run(output: str, plan_record: Dict[str, Any], model: Optional[nn.Module],
+                 probabilities_output: Optional[str] = None) -> Tuple[Dict[str, Any], nn.Module]:
+    """The record and model of the interrupted run in ``output``, after checking that this run is the same
+    (and finishing the move of its probabilities' output into place, when a kill came in between)."""
     _, record = zarr_io.open_output(output)
     if not record:
         raise UserError(f"'{output}' was not written by apply.py (no '{zarr_io.RESTORE_ATTRIBUTE}' record); it "
                         "cannot be resumed. Pass --overwrite to replace it.")
     if record.get("state") == "complete":
         return record, model
-    differences = [key for key in plan_record if plan_record[key] != record.get("plan", {}).get(key)]
+    differences = _plan_differences(record.get("plan", {}), plan_record)
     if differences:
         raise UserError(f"--resume: this run differs from the interrupted one in {', '.join(differences)}; run "
                         "with the same input and settings, or pass --overwrite.")
     model_file = Path(output) / MODEL_FILE
     if not model_file.exists():
         raise UserError(f"'{output}' has no model file ({MODEL_FILE}) to resume with; pass --overwrite.")
+    if probabilities_output and not os.path.exists(probabilities_output):
+        staged = record.get("probabilities_staging")
+        staged = staged and os.path.join(os.path.dirname(probabilities_output), staged)
+        if not staged or not os.path.isdir(staged):
+            raise UserError(f"The probabilities of the interrupted run ('{probabilities_output}') are missing; "
+                            "pass --overwrite to start again.")
+        os.rename(staged, probabilities_output)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(staged))
     stored_model = load_model(model_file)[0]
     if model is not None and not _same_weights(model, stored_model):
         raise UserError("--resume: --model is not the model of the interrupted run; pass --overwrite.")
     return record, stored_model if model is None else model
 
 
+# Scratch folders beside an output (same file system, so that renames are atomic), named
+# '.<output name>.<pid>.<random>.<what>': a new output being laid out, a replaced one being deleted,
+# a finished run's markers being deleted. A kill leaves them; later runs remove those of dead processes.
+_SCRATCH_KINDS = ("creating", "replaced", "removing")
+
+
+def _scratch_folder(target: str, what: str) -> str:
+    """A new scratch folder beside ``target``."""
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=f".{what}", dir=parent)
+
+
+def _remove_stale_scratch(target: str) -> None:
+    """Remove the scratch folders of ``target`` left by processes that no longer run (POSIX only)."""
+    parent, name = os.path.split(target)
+    if os.name != "posix" or not os.path.isdir(parent):
+        return
+    prefix = f".{name}."
+    for entry in os.listdir(parent):
+        parts = entry[len(prefix):].split(".")
+        if not entry.startswith(prefix) or len(parts) != 3 or parts[2] not in _SCRATCH_KINDS or \
+                not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's live process
+            continue
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: nn.Module,
              model_config: Optional[Dict[str, Any]], voxel_size_zyx: Sequence[float], unit: str,
              translation_zyx: Sequence[float], ngff_version: str, chunk_xy: int, labels_source: Optional[Source],
-             label_name: str, probabilities_dtype: Optional[str], probabilities_output,
+             label_name: str, probabilities_dtype: Optional[str], probabilities_output: Optional[str],
              grey_values: Optional[str] = None) -> Dict[str, Any]:
     """Lay out the output (and the probabilities' output), keep the model in it, create the markers and
     the run's record; returns the record. The image is a mask (uint8, max-pooled pyramid) or, with
-    ``grey_values`` (a dtype), grey values with an averaged pyramid."""
-    image_format = {"image_dtype": grey_values, "image_downsampling": "mean"} if grey_values else {}
-    layout = zarr_io.create_output(output, plan.shape_dhw, voxel_size_zyx, unit, translation_zyx, ngff_version,
-                                   label_dtype=None if labels_source is None else labels_source.dtype,
-                                   label_name=label_name, chunk_xy=chunk_xy, **image_format)
-    prob_layout = None
-    if probabilities_dtype:
-        prob_layout = zarr_io.create_output(probabilities_output, plan.shape_dhw, voxel_size_zyx, unit,
-                                            translation_zyx, ngff_version, image_dtype=probabilities_dtype,
-                                            image_downsampling="stride", chunk_xy=chunk_xy)
-    model_file = save_model(Path(output) / MODEL_FILE, model, model_config or {}, overwrite=True)
-    create_markers(output, "restore", len(plan))
-    if labels_source is not None:
-        create_markers(output, "labels", len(plan))
-    record = {"state": "running", "plan": plan_record, "model_sha256": _file_sha256(model_file),
-              "layout": zarr_io.layout_record(layout), "pyramid_levels_done": {},
-              "probabilities_layout": zarr_io.layout_record(prob_layout) if prob_layout else None}
-    _save_record(output, record)
-    return record
+    ``grey_values`` (a dtype), grey values with an averaged pyramid.
+
+    Everything is made in scratch folders beside the targets and renamed into place, the output
+    first (with its record: an output never exists without one), replacing an existing target only
+    then (``--overwrite`` was checked by the caller). A kill between the two renames leaves the
+    probabilities in their scratch folder, named in the record: a resume moves them.
+    """
+    targets = [output] + ([probabilities_output] if probabilities_dtype else [])
+    for target in targets:
+        _remove_stale_scratch(target)
+    scratch = {target: _scratch_folder(target, "creating") for target in targets}
+    staged = {target: os.path.join(scratch[target], os.path.basename(target)) for target in targets}
+    try:
+        image_format = {"image_dtype": grey_values, "image_downsampling": "mean"} if grey_values else {}
+        layout = zarr_io.create_output(staged[output], plan.shape_dhw, voxel_size_zyx, unit, translation_zyx,
+                                       ngff_version, label_dtype=None if labels_source is None else labels_source.dtype,
+                                       label_name=label_name, chunk_xy=chunk_xy, **image_format)
+        prob_layout = None
+        if probabilities_dtype:
+            prob_layout = zarr_io.create_output(staged[probabilities_output], plan.shape_dhw, voxel_size_zyx, unit,
+                                                translation_zyx, ngff_version, image_dtype=probabilities_dtype,
+                                                image_downsampling="stride", chunk_xy=chunk_xy)
+        model_file = save_model(Path(staged[output]) / MODEL_FILE, model, model_config or {}, overwrite=True)
+        create_markers(staged[output], "restore", len(plan))
+        if labels_source is not None:
+            create_markers(staged[output], "labels", len(plan))
+        record = {"state": "running", "plan": plan_record, "model_sha256": _file_sha256(model_file),
+                  "layout": zarr_io.layout_record(layout), "pyramid_levels_done": {},
+                  "probabilities_layout": zarr_io.layout_record(prob_layout) if prob_layout else None,
+                  "probabilities_staging": (os.path.relpath(staged[probabilities_output],
+                                                            os.path.dirname(probabilities_output))
+                                            if probabilities_dtype else None)}
+        _save_record(staged[output], record)
+    except BaseException:
+        for folder in scratch.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    for target in targets:  # once the output is in place, its record names what is still staged
+        _move_into_place(staged[target], target)
+        with contextlib.suppress(OSError):
+            os.rmdir(scratch[target])
+    return _json(record)
+
+
+def _move_into_place(staged: str, target: str) -> None:
+    """Rename ``staged`` to ``target``; an existing ``target`` is first renamed aside, then deleted."""
+    if not os.path.exists(target):
+        os.rename(staged, target)
+        return
+    aside = _scratch_folder(target, "replaced")
+    os.rename(target, os.path.join(aside, os.path.basename(target)))
+    os.rename(staged, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_pyramids(output: str, record: Dict[str, Any], images: Sequence[Tuple[str, Optional[OmeZarrImage]]],
-                    client, retries: int, progress: bool) -> None:
+                    client, retries: int, progress: bool, ship_code: bool = False) -> None:
     """Pass 3 for every image, level after level (each is made from the one before), one progress bar;
     each finished level is recorded so that a resumed run starts at the next."""
     levels = [(name, image, level) for name, image in images if image is not None
@@ -937,7 +1224,7 @@ def _write_pyramids(output: str, record: Dict[str, Any], images: Sequence[Tuple[
     with tqdm(total=total, desc="Pyramid", unit="chunk", disable=not progress or not levels) as bar:
         for name, image, level in levels:
             run_tasks(pyramid_region_task, (image, level), zarr_io.pyramid_regions(image, level), client, retries,
-                      "Pyramid", progress, bar)
+                      "Pyramid", progress, bar, ship_code=ship_code, output=output)
             record["pyramid_levels_done"][name] = level
             _save_record(output, record)
 
@@ -951,16 +1238,55 @@ def pyramid_region_task(image_and_level: Tuple[OmeZarrImage, int], region: Tuple
 
 
 def _save_record(output: str, record: Dict[str, Any]) -> None:
-    """Write the run's record into the output's root attributes (only this process writes them)."""
-    zarr.open_group(output, mode="r+").attrs[zarr_io.RESTORE_ATTRIBUTE] = _json(record)
+    """Write the run's record into the output's root attributes (only this process writes them).
+
+    The root's metadata document (``.zattrs`` of Zarr v2, ``zarr.json`` of v3) is replaced
+    atomically: a kill while writing leaves the record before or after, never a damaged root.
+    """
+    root = Path(output)
+    document = root / "zarr.json"
+    if document.exists():  # Zarr v3: the group's one document holds its attributes
+        content = json.loads(document.read_text())
+        content.setdefault("attributes", {})[zarr_io.RESTORE_ATTRIBUTE] = _json(record)
+    else:  # Zarr v2 (a group with its .zgroup)
+        if not (root / ".zgroup").exists():
+            raise UserError(f"'{output}' is not a Zarr group; the run's record cannot be written.")
+        document = root / ".zattrs"
+        content = json.loads(document.read_text()) if document.exists() else {}
+        content[zarr_io.RESTORE_ATTRIBUTE] = _json(record)
+    partial = document.with_name(f"{document.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "w") as file:
+            json.dump(content, file, indent=2)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, document)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
 
 
 def _finish(output: str, record: Dict[str, Any]) -> None:
-    """Mark the output complete and remove the run's scaffolding (markers, staged inputs, model file)."""
-    root = zarr.open_group(output, mode="r+")
-    if PROGRESS_GROUP in root:
-        del root[PROGRESS_GROUP]
-    with contextlib.suppress(FileNotFoundError):
-        (Path(output) / MODEL_FILE).unlink()
-    record = dict(record, state="complete")
-    _save_record(output, record)
+    """Record the output as complete, then remove the run's scaffolding (:func:`_remove_scaffolding`):
+    in this order, so that a kill in between leaves a complete output (with leftovers), never an
+    incomplete one without its markers or model."""
+    _save_record(output, dict(record, state="complete"))
+    _remove_scaffolding(output)
+
+
+def _remove_scaffolding(output: str) -> None:
+    """Remove what only an unfinished run needs: the model file, the error report, the markers (and
+    staged inputs), and scratch folders of dead processes. Idempotent, and safe to cut short: the
+    markers' group leaves the output by one rename before it is deleted."""
+    for name in (MODEL_FILE, ERROR_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (Path(output) / name).unlink()
+    progress = Path(output) / PROGRESS_GROUP
+    if progress.exists():
+        aside = _scratch_folder(output, "removing")
+        try:
+            os.rename(progress, os.path.join(aside, PROGRESS_GROUP))
+        except OSError:  # e.g. the output is a mount point: delete in place
+            shutil.rmtree(progress, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+    _remove_stale_scratch(output)

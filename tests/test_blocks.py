@@ -1,5 +1,6 @@
 """Block-wise restore (blocks.py) and OME-Zarr I/O (zarr_io.py): the same result as the in-memory
 engine, in this process, on a local cluster and on a real scheduler; retries, resume, metadata, CLI."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,9 +144,11 @@ def test_local_cluster_of_two_processes(tmp_path, tiny_model):
 
 @pytest.fixture
 def dask_scheduler(tmp_path):
-    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, stopped after the test."""
+    """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, started as a cluster's operator
+    would: the dependencies installed, this checkout neither on their path nor their working folder."""
     scheduler_file = tmp_path / "scheduler.json"
-    python_path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    python_path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                  if p and Path(p).resolve() != REPO)
     env = dict(os.environ, PYTHONPATH=python_path, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     common = dict(cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
@@ -162,8 +165,14 @@ def dask_scheduler(tmp_path):
                                                "--no-dashboard", "--no-nanny"], **common))
         from distributed import Client
 
+        def imports_the_project():  # local: pickled by value, as the workers cannot import this file either
+            import importlib.util
+            return importlib.util.find_spec("blocks") is not None
+
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=90)
+            assert not any(client.run(imports_the_project).values())
+            assert not client.run_on_scheduler(imports_the_project)
         yield address
     finally:
         for process in processes[1:]:  # workers without nannies: nothing of theirs outlives them
@@ -227,8 +236,10 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, tiny_model, monke
 
     out = tmp_path / "out.ome.zarr"
     monkeypatch.setattr(restore, "restore_block", FlakyKernel(block_regions(factor, ids.shape, [3])))
-    with pytest.raises(blocks.BlockFailedError, match="failed 1 times"):
+    with pytest.raises(blocks.BlockFailedError, match="failed 1 times") as failed:
         blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", retries=0, **run)
+    # A user error for the command line (one line), the task's exception chained.
+    assert isinstance(failed.value, UserError) and "simulated failure" in str(failed.value.__cause__)
     assert blocks.finished_blocks(str(out), "restore") == {0, 1, 2}
     # A block half-written when the run died: its data is there, its marker is not.
     (y0, y1), (x0, x1) = blocks.BlockPlan(read_level(clean).shape, BLOCK).region(3)
@@ -272,6 +283,79 @@ def test_failed_blocks_are_retried_here_and_on_dask(tmp_path, tiny_model, monkey
                                          progress=False)
     assert summary["state"] == "complete" and flaky.calls == 6 + 2
     np.testing.assert_array_equal(read_level(tmp_path / "dask.ome.zarr"), read_level(tmp_path / "here.ome.zarr"))
+
+
+def test_failing_block_is_one_line_and_resume_is_crash_safe(tmp_path, tiny_model, monkeypatch, capsys):
+    """A block that keeps failing (a bug) stops the CLI with one line (exit 2) that names the error and
+    the resume; its traceback is kept in the output. The resume accepts the input under another
+    spelling of its path, refuses other metadata, and records completion before it cleans up."""
+    factor = 4
+    ids = kept_labels(factor, seed=2)
+    image, _ = write_input(tmp_path / "seg.ome.zarr", ids, voxel=(2.0, 0.5, 0.5))
+    save_model(tmp_path / "m.pt", tiny_model, {"factor": factor, "inference_tile_size": 32, "train_xy_size": 16})
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", "m.pt", "--precision", "fp32", "--device", "cpu", "--block-size", str(BLOCK), "--output",
+              "iso.ome.zarr"]
+    kernel, broken = restore.restore_block, set(block_regions(factor, ids.shape, [2]))
+
+    def buggy_kernel(model, window, origin, global_hw, region, *args, **kwargs):
+        if region in broken:
+            raise ZeroDivisionError("a bug in the kernel")
+        return kernel(model, window, origin, global_hw, region, *args, **kwargs)
+
+    monkeypatch.setattr(restore, "restore_block", buggy_kernel)
+    assert apply.main(["--input", "seg.ome.zarr"] + common) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback (most recent call last)" not in err
+    assert "ZeroDivisionError: a bug in the kernel" in err and "run the same command again with --resume" in err
+    report = tmp_path / "iso.ome.zarr" / blocks.ERROR_FILE
+    assert str(report) in err and "buggy_kernel" in report.read_text()
+    assert blocks.finished_blocks("iso.ome.zarr", "restore") == {0, 1}
+
+    # The same input must be the same array with the same metadata.
+    with pytest.raises(UserError, match=r"input \(.*translation_zyx"):
+        blocks.restore_to_ome_zarr(dataclasses.replace(image, translation_zyx=(5.0, 0.0, 0.0)),
+                                   "iso.ome.zarr", factor, tiny_settings(), (0.5, 0.5, 0.5), "um", resume=True,
+                                   block_size=BLOCK, progress=False)
+    # Killed right after 'complete' is recorded (the clean-up fails here): complete, readable, resumable.
+    monkeypatch.setattr(restore, "restore_block", kernel)
+    cleanup = blocks._remove_scaffolding
+    monkeypatch.setattr(blocks, "_remove_scaffolding", lambda output: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        apply.main(["--input", "./seg.ome.zarr", "--resume"] + common)  # './seg' is 'seg'
+    out = tmp_path / "iso.ome.zarr"
+    assert zarr.open_group(str(out)).attrs[zarr_io.RESTORE_ATTRIBUTE]["state"] == "complete"
+    assert (out / blocks.MODEL_FILE).exists() and zarr_io.open_image(out).read().shape[0] == 29
+    monkeypatch.setattr(blocks, "_remove_scaffolding", cleanup)
+    assert apply.main(["--input", str(tmp_path / "seg.ome.zarr"), "--resume"] + common) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert not (out / blocks.MODEL_FILE).exists() and not report.exists() and not (out / blocks.PROGRESS_GROUP).exists()
+
+
+def test_outputs_are_laid_out_beside_and_renamed_into_place(tmp_path, tiny_model, monkeypatch):
+    """A new output (and its probabilities) is made in a hidden folder and renamed into place with its
+    record. Killed between the two renames: the output resumes and moves the probabilities itself."""
+    ids = kept_labels(4, seed=1, shape=(13, 40, 40))
+    out, probs = tmp_path / "out.ome.zarr", tmp_path / "out_probabilities.ome.zarr"
+    run = dict(model=tiny_model, block_size=BLOCK, probabilities="uint8", probabilities_output=probs, progress=False)
+    move = blocks._move_into_place
+
+    def killed_after_the_output(staged, target):
+        if target == str(probs):
+            raise KeyboardInterrupt
+        move(staged, target)
+
+    monkeypatch.setattr(blocks, "_move_into_place", killed_after_the_output)
+    with pytest.raises(KeyboardInterrupt):
+        blocks.restore_to_ome_zarr(ids > 0, out, 4, tiny_settings(), (1.0, 1.0, 1.0), "um", **run)
+    assert not probs.exists() and zarr.open_group(str(out)).attrs[zarr_io.RESTORE_ATTRIBUTE]["state"] == "running"
+    monkeypatch.setattr(blocks, "_move_into_place", move)
+    summary = blocks.restore_to_ome_zarr(ids > 0, out, 4, tiny_settings(), (1.0, 1.0, 1.0), "um", resume=True, **run)
+    assert summary["state"] == "complete" and read_level(probs).shape == read_level(out).shape == (13, 40, 40)
+    replaced = blocks.restore_to_ome_zarr(ids > 0, out, 4, tiny_settings(), (1.0, 1.0, 1.0), "um", overwrite=True,
+                                          **run)
+    assert replaced["state"] == "complete" and replaced["restored"] == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch folder left
 
 
 def test_existing_outputs_are_never_touched_without_overwrite_or_resume(tmp_path, tiny_model):
@@ -605,7 +689,7 @@ def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):
 
     assert apply.main(recipe + ["--output", str(out), "--kind", "intensity", "--block-size", str(BLOCK),
                                 "--save-model", str(tmp_path / "m.pt")]) == 0
-    assert ", intensity;" in capsys.readouterr().out
+    assert "kind: intensity (" in capsys.readouterr().out
     written = zarr_io.open_image(out)
     assert written.dtype == "uint16" and written.shape == ((len(sparse) - 1) * factor + 1,) + sparse.shape[1:]
     assert written.voxel_size_zyx == (0.5, 0.5, 0.5) and written.unit == "um"
@@ -626,7 +710,7 @@ def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):
                               voxel=(2.0, 0.5, 0.5))
     common = ["--model", str(tmp_path / "m.pt"), "--precision", "fp32", "--device", "cpu", "--block-size", str(BLOCK)]
     assert apply.main(["--input", floats.path, "--output", str(tmp_path / "f.ome.zarr")] + common) == 0
-    assert ", intensity;" in capsys.readouterr().out and zarr_io.open_image(tmp_path / "f.ome.zarr").dtype == "float32"
+    assert "kind: intensity (" in capsys.readouterr().out and zarr_io.open_image(tmp_path / "f.ome.zarr").dtype == "float32"
     integers = write_grey_input(tmp_path / "int.ome.zarr", sparse, voxel=(2.0, 0.5, 0.5))
     assert apply.main(["--input", integers.path, "--output", str(tmp_path / "i.ome.zarr")] + common) == 2
     assert "--kind labels or --kind intensity" in capsys.readouterr().err and not (tmp_path / "i.ome.zarr").exists()
