@@ -146,7 +146,8 @@ def build_apply_parser() -> argparse.ArgumentParser:
                        help="worker processes of a local Dask cluster; 0 = restore block after block in this process")
     large.add_argument("--worker-memory", default="1GiB", help="memory limit of each local Dask worker")
     large.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786); its workers "
-                                           "need this repository on PYTHONPATH and the output's folder")
+                                           "need the dependencies (requirements.txt), not this checkout, and "
+                                           "access to the input's and output's folders")
     large.add_argument("--resume", action="store_true",
                        help="continue an interrupted OME-Zarr output: finished blocks are kept, the rest restored")
     large.add_argument("--max-blocks", type=int, help="restore at most this many blocks now (continue with --resume)")

@@ -964,7 +964,9 @@ def restore_to_ome_zarr(
     if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
         raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
     plan = BlockPlan(((n_kept - 1) * factor + 1, height, width), block_size)
-    inference = restore.inference_kwargs(settings)
+    if model is None:  # a small stack trains on what it holds (a no-op when the caller fitted the recipe)
+        settings = restore.fit_recipe_to_stack(settings, source.shape, factor)[0]
+    inference = restore.inference_kwargs(settings, model)
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None  # the output's dtype
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
@@ -972,6 +974,7 @@ def restore_to_ome_zarr(
                          settings.get("DEVICE") or None, grey_values)
     # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
     value_range = volume_intensity_range(source) if grey_values else None
+    window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
     plan_record = _json({
         "input": _describe(source, source_name), "kind": kind, "value_range": value_range,
         "labels_input": None if labels_source is None else _describe(labels_source, source_name),
@@ -1002,10 +1005,13 @@ def restore_to_ome_zarr(
             model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
             train_s = info["train_s"]
             del stack
+            inference = restore.inference_kwargs(settings, model)  # the channels the trained model takes
+            plan_record["inference"] = _json({k: v for k, v in inference.items()
+                                              if k not in ("batch_size", "batch_pixels")})
         record = _new_run(output, plan, plan_record, model, model_config, voxel_size_zyx, unit, translation_zyx,
                           ngff_version, chunk_xy, labels_source, label_name,
                           probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8"),
-                          targets[1] if probabilities else None, grey_values)
+                          targets[1] if probabilities else None, grey_values, window)
     layout = zarr_io.layout_from_record(record["layout"], output)
     prob_layout = (zarr_io.layout_from_record(record["probabilities_layout"], targets[1]) if probabilities
                    else None)
@@ -1156,10 +1162,12 @@ def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: n
              model_config: Optional[Dict[str, Any]], voxel_size_zyx: Sequence[float], unit: str,
              translation_zyx: Sequence[float], ngff_version: str, chunk_xy: int, labels_source: Optional[Source],
              label_name: str, probabilities_dtype: Optional[str], probabilities_output: Optional[str],
-             grey_values: Optional[str] = None) -> Dict[str, Any]:
+             grey_values: Optional[str] = None, display_window: Optional[Tuple[float, float]] = None
+             ) -> Dict[str, Any]:
     """Lay out the output (and the probabilities' output), keep the model in it, create the markers and
     the run's record; returns the record. The image is a mask (uint8, max-pooled pyramid) or, with
-    ``grey_values`` (a dtype), grey values with an averaged pyramid.
+    ``grey_values`` (a dtype), grey values with an averaged pyramid, opened by viewers at
+    ``display_window`` (the input's 0.1 / 99.9 percentiles).
 
     Everything is made in scratch folders beside the targets and renamed into place, the output
     first (with its record: an output never exists without one), replacing an existing target only
@@ -1172,7 +1180,8 @@ def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: n
     scratch = {target: _scratch_folder(target, "creating") for target in targets}
     staged = {target: os.path.join(scratch[target], os.path.basename(target)) for target in targets}
     try:
-        image_format = {"image_dtype": grey_values, "image_downsampling": "mean"} if grey_values else {}
+        image_format = {"image_dtype": grey_values, "image_downsampling": "mean",
+                        "display_window": display_window} if grey_values else {}
         layout = zarr_io.create_output(staged[output], plan.shape_dhw, voxel_size_zyx, unit, translation_zyx,
                                        ngff_version, label_dtype=None if labels_source is None else labels_source.dtype,
                                        label_name=label_name, chunk_xy=chunk_xy, **image_format)

@@ -704,16 +704,17 @@ def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):
     assert in_memory.dtype == np.uint16 and np.abs(in_memory.astype(int) - restored).max() <= 1
     assert np.mean(in_memory != restored) < 1e-3
 
-    # A Zarr input follows the TIFF rule for 'auto': float grey values are grey-scale, integers with many
-    # values need --kind.
+    # A Zarr input follows the TIFF rule for 'auto', and a grey-scale model's kind comes first: float and
+    # integer grey values are both restored as grey values.
     floats = write_grey_input(tmp_path / "float.ome.zarr", kept_grey_values(factor, np.float32, seed=7),
                               voxel=(2.0, 0.5, 0.5))
     common = ["--model", str(tmp_path / "m.pt"), "--precision", "fp32", "--device", "cpu", "--block-size", str(BLOCK)]
     assert apply.main(["--input", floats.path, "--output", str(tmp_path / "f.ome.zarr")] + common) == 0
     assert "kind: intensity (" in capsys.readouterr().out and zarr_io.open_image(tmp_path / "f.ome.zarr").dtype == "float32"
     integers = write_grey_input(tmp_path / "int.ome.zarr", sparse, voxel=(2.0, 0.5, 0.5))
-    assert apply.main(["--input", integers.path, "--output", str(tmp_path / "i.ome.zarr")] + common) == 2
-    assert "--kind labels or --kind intensity" in capsys.readouterr().err and not (tmp_path / "i.ome.zarr").exists()
+    assert apply.main(["--input", integers.path, "--output", str(tmp_path / "i.ome.zarr")] + common) == 0
+    assert "kind: intensity (the model restores grey values)" in capsys.readouterr().out
+    assert zarr_io.open_image(tmp_path / "i.ome.zarr").dtype == "uint16"
 
 
 def test_worker_memory_warning_follows_the_fitted_tiles_and_the_volume():

@@ -346,8 +346,6 @@ def test_blockwise_grey_values_are_valid_and_carry_a_window(tmp_path, tiny_inten
     assert (window["min"], window["max"]) == (0, 255) and 0 <= window["start"] < window["end"] <= 255
 
 
-@pytest.mark.xfail(strict=False, reason="blocks.restore_to_ome_zarr does not pass display_window= to "
-                                        "zarr_io.create_output yet (grey outputs open at the dtype's range)")
 def test_blockwise_grey_output_opens_at_the_inputs_percentiles(tmp_path, tiny_intensity_model):
     factor = 4
     sparse = (downsample_z(make_sample_intensity(SHAPE, seed=2), factor)[0].astype(np.uint16) * 50)
