@@ -361,8 +361,7 @@ def read_input(plan: RestorePlan, threshold: Optional[float]) -> Tuple[np.ndarra
 
 def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> None:
     """One input restored in memory and written as a TIFF (with its probabilities and preview on request)."""
-    settings, factor, target = plan.settings, plan.factor, plan.target
-    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+    settings, factor, target, threshold = plan.settings, plan.factor, plan.target, plan.binarize_threshold
     stack, labels = read_input(plan, threshold)
     if plan.kind == "intensity":
         restored, used_model, info = restore_intensity(stack, factor, settings, model=model)
@@ -389,7 +388,7 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
 
 def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
     """A stack that is already isotropic (factor 1): written in the output's format, values unchanged."""
-    threshold = plan.settings["BINARIZE_THRESHOLD"] if plan.settings["BINARIZE_THRESHOLD"] >= 0 else None
+    threshold = plan.binarize_threshold
     to_zarr = zarr_io.is_zarr_path(plan.target)
     if zarr_io.is_zarr_path(plan.path):
         stack, labels = zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, threshold)[1:]
@@ -437,7 +436,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     """One input into an OME-Zarr output, block by block (``blocks.restore_to_ome_zarr``). A Zarr input is
     read window by window; a TIFF input is read whole (it fits in memory) and restored block by block."""
     settings, factor, path, target = plan.settings, plan.factor, plan.path, plan.target
-    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+    threshold = plan.binarize_threshold
     if zarr_io.is_zarr_path(path):
         image = zarr_io.open_image(path)
         source, name = image, image.name

@@ -255,11 +255,6 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
     return cached[str(device)]
 
 
-def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Foreground probabilities (sigmoid of the logits), same shape as the logits."""
-    return torch.sigmoid(model(images))
-
-
 # oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which it still has bfloat16 kernels.
 ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
                     "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")

@@ -52,6 +52,12 @@ class RestorePlan:
     notes: List[str] = field(default_factory=list)
 
     @property
+    def binarize_threshold(self) -> Optional[float]:
+        """``BINARIZE_THRESHOLD`` as the readers take it: None (foreground = non-zero) for a negative value."""
+        value = self.settings["BINARIZE_THRESHOLD"]
+        return value if value >= 0 else None
+
+    @property
     def output_shape(self) -> Tuple[int, int, int]:
         n_kept, height, width = self.shape_khw
         return ((n_kept - 1) * self.factor + 1, height, width)

@@ -13,7 +13,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -315,10 +314,24 @@ class CustomDataset(Dataset):
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def split_indices(n_samples: int, val_split: float, random_state: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Training and validation sample indices: ``ceil(val_split * n)`` of a seeded permutation are kept for
+    validation (the split scikit-learn's ``train_test_split`` makes with the same seed, without needing it).
+
+    Returns
+    -------
+    train_index, val_index : ndarray of int
+    """
+    n_val = int(np.ceil(val_split * n_samples))
+    permutation = np.random.RandomState(random_state).permutation(n_samples)
+    return permutation[n_val:], permutation[:n_val]
+
+
 def make_loaders(inputs: np.ndarray, labels: np.ndarray, val_split: float, batch_size: int,
                  random_state: int) -> Tuple[DataLoader, DataLoader]:
     """Training (shuffled, augmented) and validation loaders from one sample set."""
-    train_x, val_x, train_y, val_y = train_test_split(inputs, labels, test_size=val_split, random_state=random_state)
+    train_index, val_index = split_indices(len(inputs), val_split, random_state)
+    train_x, val_x, train_y, val_y = inputs[train_index], inputs[val_index], labels[train_index], labels[val_index]
     generator = torch.Generator().manual_seed(random_state)
     train_loader = DataLoader(CustomDataset(train_x, train_y, augment=True, random_state=random_state),
                               batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(train_x) > batch_size)
@@ -364,13 +377,13 @@ def train_execution_process(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=max(total_steps, 4),
                                                     pct_start=max(0.1, 2.0 / max(total_steps, 4)))
     intensity = getattr(model, "architecture", {}).get("output") == "intensity"
-    if intensity:  # grey values are regressed, L1 by default (robust to the shot noise of the targets)
-        bce = {"l1": nn.L1Loss(), "mse": nn.MSELoss()}[intensity_loss]
+    if intensity:  # grey values are regressed (MSE or L1, INTENSITY_LOSS)
+        criterion = {"l1": nn.L1Loss(), "mse": nn.MSELoss()}[intensity_loss]
     else:
-        bce = nn.BCEWithLogitsLoss()
+        criterion = nn.BCEWithLogitsLoss()
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = bce(logits, targets)
+        loss = criterion(logits, targets)
         return loss + dice_weight * soft_dice_loss(logits, targets) if dice_weight else loss
 
     history: Dict[str, List[float]] = {"train": [], "val": []}

@@ -154,12 +154,6 @@ class ZarrImage:
         """The pixels of one window, ``(z, y, x)`` order, as stored; only the chunks it touches are read."""
         return np.asarray(self.array()[self.leading_index + (z, y, x)])
 
-    def lazy(self):
-        """A dask array ``(K, H, W)`` over the store (nothing read until computed)."""
-        import dask.array as da
-
-        return da.from_zarr(self.array())[self.leading_index]
-
 
 def _open_array(path: str, component: str, mode: str = "r") -> zarr.Array:
     """Open an array (reads one small metadata document; not cached, so a rewritten store is seen anew)."""

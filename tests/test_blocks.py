@@ -440,7 +440,7 @@ def test_reading_units_plain_arrays_and_bad_stores(tmp_path):
     assert image.shape == (5, 8, 9) and image.leading_index == (0,) and image.unit == "nm"
     np.testing.assert_allclose(image.voxel_size_zyx, (200.0, 100.0, 100.0))  # z converted to nm, global scale
     np.testing.assert_allclose(image.translation_zyx, (1000.0, 200.0, 0.0))
-    assert image.lazy().shape == (5, 8, 9)
+    assert image.read().shape == (5, 8, 9)
     zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 6, 6), chunks=(4, 6, 6), dtype="uint16")
     plain = zarr_io.open_image(tmp_path / "plain.zarr")
     assert plain.voxel_size_zyx is None and zarr_io.read_calibration(tmp_path / "plain.zarr") is None

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from model import (AttentionGate, AttentionResUNet, fuse_for_inference, load_model, predict_proba, save_model,
+from model import (AttentionGate, AttentionResUNet, fuse_for_inference, load_model, save_model,
                    select_device)
 
 torch.set_num_threads(1)
@@ -158,19 +158,8 @@ def test_gradients_reach_every_parameter(depth):
 
 
 # --------------------------------------------------------------------------- #
-# predict_proba / select_device
+# select_device
 # --------------------------------------------------------------------------- #
-def test_predict_proba_range_and_shape():
-    net = small_net().eval()
-    x = torch.rand(3, 3, 11, 14)
-    with torch.no_grad():
-        probs = predict_proba(net, x)
-        logits = net(x)
-    assert probs.shape == (3, 1, 11, 14)
-    assert float(probs.min()) >= 0.0 and float(probs.max()) <= 1.0
-    assert torch.allclose(probs, torch.sigmoid(logits))
-
-
 def test_select_device():
     assert select_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"

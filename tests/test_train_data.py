@@ -4,7 +4,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from data import downsample_z, make_sample_stack
-from train import create_cropped_image_dataset, downscale_upscale_height, hardest_draws
+from train import create_cropped_image_dataset, downscale_upscale_height, hardest_draws, split_indices
 
 
 # --------------------------------------------------------------------------- #
@@ -205,3 +205,13 @@ def test_cropped_dataset_crop_larger_than_slices(crop):
 def test_cropped_dataset_crop_too_small_for_factor():
     with pytest.raises(ValueError, match="too small for factor 4"):
         create_cropped_image_dataset(np.ones((5, 20, 20), bool), (3, 6, 6), n_samples=2, factor=4)
+
+
+def test_split_indices_is_the_split_scikit_learn_made():
+    """The validation split of every published figure came from scikit-learn's train_test_split; the
+    project's own split must give the same samples (these are its outputs for the same seeds)."""
+    train, val = split_indices(10, 0.2, 0)
+    assert train.tolist() == [4, 9, 1, 6, 7, 3, 0, 5] and val.tolist() == [2, 8]
+    train, val = split_indices(23, 0.1, 42)  # ceil(2.3) = 3 validation samples
+    assert val.tolist() == [15, 9, 0]
+    assert train.tolist() == [8, 17, 12, 1, 13, 5, 2, 11, 20, 3, 4, 18, 16, 21, 22, 7, 10, 14, 19, 6]
