@@ -352,17 +352,19 @@ def restore_files(args: argparse.Namespace) -> None:
             restore_into_tiff(args, plan, model)
 
 
-def read_input(plan: RestorePlan, threshold: Optional[float]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """The whole input, typed as planned: the stored values (grey values) or the foreground, and ids."""
+def read_input(plan: RestorePlan, label_dtype=np.uint16) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The whole input, typed as planned: the stored values (grey values) or the foreground, and ids of
+    ``label_dtype`` (uint16 for a TIFF output; None, the smallest that holds them, for OME-Zarr)."""
     if zarr_io.is_zarr_path(plan.path):
-        return zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, threshold)[1:]
-    return read_typed_stack(plan.path, plan.kind, threshold)[1:]
+        return zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, plan.binarize_threshold,
+                                        label_dtype)[1:]
+    return read_typed_stack(plan.path, plan.kind, plan.binarize_threshold, label_dtype)[1:]
 
 
 def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> None:
     """One input restored in memory and written as a TIFF (with its probabilities and preview on request)."""
-    settings, factor, target, threshold = plan.settings, plan.factor, plan.target, plan.binarize_threshold
-    stack, labels = read_input(plan, threshold)
+    settings, factor, target = plan.settings, plan.factor, plan.target
+    stack, labels = read_input(plan)
     if plan.kind == "intensity":
         restored, used_model, info = restore_intensity(stack, factor, settings, model=model)
         probabilities = None
@@ -388,13 +390,8 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
 
 def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
     """A stack that is already isotropic (factor 1): written in the output's format, values unchanged."""
-    threshold = plan.binarize_threshold
     to_zarr = zarr_io.is_zarr_path(plan.target)
-    if zarr_io.is_zarr_path(plan.path):
-        stack, labels = zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, threshold)[1:]
-    else:
-        stack, labels = read_typed_stack(plan.path, plan.kind, threshold, label_dtype=None if to_zarr
-                                         else np.uint16)[1:]
+    stack, labels = read_input(plan, None if to_zarr else np.uint16)
     if to_zarr:
         name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else plan.path.stem
         zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx, args.ngff_version,

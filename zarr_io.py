@@ -43,7 +43,7 @@ import numpy as np
 import zarr
 
 from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  as_grey_values, as_typed_stack, decide_kind, read_stack)
+                  as_grey_values, as_typed_stack, decide_kind)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -291,22 +291,23 @@ def image_kind(image: ZarrImage, kind: str = "auto", threshold: Optional[float] 
     return decide_kind(sample_for_label_detection(image), kind, f"'{image.path}'")
 
 
-def read_typed_image(image: ZarrImage, kind: str = "auto", threshold: Optional[float] = None
-                     ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
+def read_typed_image(image: ZarrImage, kind: str = "auto", threshold: Optional[float] = None,
+                     label_dtype=np.uint16) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
     """The whole image in memory, typed as ``data.read_typed_stack`` types a TIFF (see :func:`image_kind`).
 
-    For outputs held in memory anyway (a TIFF output, whose ids are limited to
-    0..65535); the block-wise restore reads windows instead.
+    For outputs held in memory anyway: a TIFF output, whose ids are limited to 0..65535 (``label_dtype``
+    uint16), or an isotropic input converted to OME-Zarr (``label_dtype`` None: the smallest that holds
+    the ids); the block-wise restore reads windows instead.
 
     Returns
     -------
     kind : {'mask', 'labels', 'intensity'}
     stack_dhw : ndarray, shape (K, H, W)
         bool foreground for masks and label images, the stored values for intensities
-    labels_dhw : ndarray of uint16, shape (K, H, W), or None
+    labels_dhw : ndarray of ``label_dtype``, shape (K, H, W), or None
     """
     kind = image_kind(image, kind, threshold)
-    return kind, *as_typed_stack(image.read(), kind, threshold, image.path)
+    return kind, *as_typed_stack(image.read(), kind, threshold, image.path, label_dtype)
 
 
 def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndarray:
