@@ -61,3 +61,53 @@ def machine_key(device: str = "") -> str:
     if facts["gpu"] != "none used":
         return f"GPU {facts['gpu']}"
     return f"{facts['cpu']} ({facts['isa']}, {facts['threads']} threads)"
+
+
+# Environment that makes torch and oneDNN use at most one instruction-set class, to measure what a
+# machine of that class gets on a newer one (emulation only caps: it cannot add what the CPU lacks).
+ISA_ENVIRONMENTS: Dict[str, Dict[str, str]] = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"},
+    "avx512-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "ATEN_CPU_CAPABILITY": "avx512"},
+    "amx": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "ATEN_CPU_CAPABILITY": "avx512"},
+    "native": {},
+}
+
+
+# The CPU flags (Linux /proc/cpuinfo) each class needs: a cap above them makes torch run instructions
+# the CPU lacks (seen: ATEN_CPU_CAPABILITY=avx512 on an AVX2 part dies of an illegal instruction).
+ISA_FLAGS = {"avx2": ("avx2",), "avx512": ("avx512f",), "avx512-bf16": ("avx512f", "avx512_bf16"),
+             "amx": ("avx512f", "amx_tile", "amx_bf16"), "native": ()}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags (Linux), or an empty set where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.lower().startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def can_emulate(isa: str) -> bool:
+    """True where this CPU has every instruction of ``isa`` (unknown flags: only 'native')."""
+    return isa == "native" or set(ISA_FLAGS[isa]) <= cpu_flags()
+
+
+def emulation_environment(isa: str, base: Dict[str, str]) -> Dict[str, str]:
+    """``base`` (e.g. ``os.environ``) with the caps of ``isa`` (:data:`ISA_ENVIRONMENTS`), for a child
+    process; 'native' removes any cap ``base`` carries. A class this CPU lacks is a ValueError (a cap
+    can only lower the instruction set)."""
+    if isa not in ISA_ENVIRONMENTS:
+        raise ValueError(f"isa must be one of {', '.join(ISA_ENVIRONMENTS)}, got '{isa}'.")
+    if not can_emulate(isa):
+        raise ValueError(f"this CPU ({cpu_model()}) lacks {', '.join(ISA_FLAGS[isa])}: {isa} cannot be emulated "
+                         "here (a cap only lowers the instruction set).")
+    environment = {k: v for k, v in base.items()
+                   if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    environment.update(ISA_ENVIRONMENTS[isa])
+    return environment
