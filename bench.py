@@ -12,6 +12,13 @@ threshold 0.5), ``sdf`` (shape-based interpolation, ``morph.py``), ``itk_mci``
 ``network`` (train on the sparse stack exactly as eval.py does, then apply).
 Scores are computed on the reconstructed slices only (kept slices and slices
 after the last kept one excluded), plus IoU over the whole stack.
+
+Label-image inputs (integer stacks with more than two values, e.g. the dense
+FIB-25 neuron crop) get a second table: voxel accuracy, mean per-label IoU and
+adapted Rand error of the restored ids (``metrics.score_label_reconstruction``).
+``nearest`` copies the nearest kept slice's ids; ``sdf`` adds the row
+``sdf-labels``, per-label shape-based interpolation (``morph.interpolate_labels_sdf``);
+every other method's ids come from its restored mask through ``restore.assign_labels``.
 """
 from __future__ import annotations
 
@@ -31,8 +38,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from data import InputNotFoundError, OutputExistsError, UserError, as_grey_values, check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
-from metrics import calculate_dice, calculate_iou, mean_label_iou, mean_surface_distance, reconstructed_indices
-from morph import interpolate_along_axis, morph_stack_interpolated
+from metrics import (calculate_dice, calculate_iou, mean_surface_distance, reconstructed_indices,
+                     score_label_reconstruction)
+from morph import interpolate_along_axis, interpolate_labels_sdf, morph_stack_interpolated
 from restore import assign_labels, restore_probabilities, threshold_probabilities
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
@@ -41,6 +49,8 @@ INTENSITY_ROW_KEYS = ("stack", "factor", "method", "psnr_recon", "ssim_recon", "
                       "infer_gflop_per_s", "train_gflop_per_s", "peak_rss_mb")
 ROW_KEYS = ("stack", "factor", "method", "iou_recon", "dice_recon", "iou_stack", "assd_vox", "train_s", "infer_s",
             "voxels_per_s", "infer_gflop_per_s", "train_gflop_per_s", "peak_rss_mb")
+LABEL_ROW_KEYS = ("stack", "factor", "method", "accuracy_recon", "label_iou_recon", "are_recon", "labels_s")
+LABEL_SDF_METHOD = "sdf-labels"  # the label row added next to 'sdf': per-label shape-based interpolation
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 QUICK_SHAPE = (96, 128, 128)  # central crop (D, H, W) for --quick
 QUICK_SETTINGS = {"TRAIN_NB": 480, "NUM_EPOCHS": 3}
@@ -192,6 +202,30 @@ def score_row(stack_name: str, factor: int, method: str, restored: np.ndarray, t
     }
 
 
+def restore_label_ids(method: str, restored: Optional[np.ndarray], sparse_labels: np.ndarray, kept: np.ndarray,
+                      depth: int, factor: int) -> np.ndarray:
+    """The restored label image of one method: ``nearest`` copies the nearest kept slice's ids (the
+    same as ``restore.assign_labels`` of its mask, without the search), :data:`LABEL_SDF_METHOD`
+    interpolates each id's shape (``morph.interpolate_labels_sdf``), any other method's restored
+    mask ``restored`` gets its ids from ``restore.assign_labels``."""
+    if method == "nearest":
+        return interpolate_along_axis(sparse_labels, kept, depth, method="nearest")
+    if method == LABEL_SDF_METHOD:
+        return interpolate_labels_sdf(sparse_labels, kept, depth, progress=True)
+    return assign_labels(restored, sparse_labels, factor)
+
+
+def label_row(stack_name: str, factor: int, method: str, restored_labels: np.ndarray, true_labels: np.ndarray,
+              kept: np.ndarray, labels_s: float) -> Dict[str, Any]:
+    """One label-table row: ``metrics.score_label_reconstruction`` of the restored ids (None for NaN),
+    and ``labels_s``, the seconds spent making the ids (after the mask, for mask-based methods)."""
+    scores = score_label_reconstruction(restored_labels, true_labels, kept)
+    row = {"stack": stack_name, "factor": int(factor), "method": method}
+    row.update({key: None if np.isnan(value) else round(value, 5) for key, value in scores.items()})
+    row["labels_s"] = round(labels_s, 3)
+    return row
+
+
 def unavailable_row(stack_name: str, factor: int, method: str) -> Dict[str, Any]:
     row = dict.fromkeys(ROW_KEYS)
     row.update(stack=stack_name, factor=int(factor), method=method)
@@ -336,7 +370,7 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
 
     from eval import default_settings
     from model import select_device
-    from train import check_crop_size
+    from restore import fit_recipe_to_stack
 
     settings = default_settings()
     if args.quick:
@@ -346,27 +380,37 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     if out_dir.exists():
         raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
     paths = args.input if args.input else default_inputs()
+    methods = list(args.methods or METHODS)
     stacks = load_inputs(paths, args.quick, args.sample_shape, args.crop)
-    for name, stack, _ in stacks:
+    # The network's recipe fitted to each stack and factor, as apply.py and eval.py do: a stack smaller than
+    # the recipe trains on what it holds; a setting given with --set is kept as given, or refused.
+    typed = [pair.partition("=")[0] for pair in args.set]
+    recipes: Dict[tuple, Dict[str, Any]] = {}
+    recipe_notes: List[str] = []
+    for index, (name, stack, _) in enumerate(stacks):
         for factor in args.factors:
             try:
                 check_factor(factor, stack.shape[0])
-                if "network" in args.methods:
+                if "network" in methods:
                     n_kept = len(range(0, stack.shape[0], factor))
-                    check_crop_size((n_kept,) + stack.shape[1:], (settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"],
-                                                                   settings["TRAIN_XY_SIZE"]), factor)
+                    recipes[index, factor], notes = fit_recipe_to_stack(settings, (n_kept,) + stack.shape[1:],
+                                                                        factor, typed)
+                    recipe_notes += [f"{name}, factor {factor}: {note}" for note in notes]
             except ValueError as error:
                 raise UserError(f"{name}: {error}") from None
     out_dir.mkdir(parents=True)
     device = select_device(settings["DEVICE"] or None)
     print(f"Device: {describe_device(device)}; stacks: {', '.join(f'{n} {s.shape}' for n, s, _ in stacks)}; "
           f"factors {args.factors}")
+    for note in recipe_notes:
+        print(f"Recipe fitted to the stack: {note}.")
     rows: List[Dict[str, Any]] = []
-    label_rows: List[Dict[str, Any]] = []  # per-label IoU, for label-image inputs
+    label_rows: List[Dict[str, Any]] = []  # label-image inputs: scores of the restored ids (LABEL_ROW_KEYS)
     report = {
-        "settings": {"factors": args.factors, "methods": args.methods, "quick": args.quick, "crop": args.crop,
+        "settings": {"factors": args.factors, "methods": methods, "quick": args.quick, "crop": args.crop,
                      "inputs": [str(p) for p in paths] or "built-in sample",
-                     "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}},
+                     "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+                     **({"recipe_fitted": recipe_notes} if recipe_notes else {})},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
         "device": describe_device(device),
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -377,16 +421,19 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         if label_rows:
             report["label_rows"] = label_rows
         (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
-        (out_dir / "bench_results.md").write_text(markdown_table(rows) + "\n")
+        (out_dir / "bench_results.md").write_text(markdown_table(rows) + "\n" + (
+            "\nLabel ids on reconstructed slices\n\n" + markdown_table(label_rows, LABEL_ROW_KEYS) + "\n"
+            if label_rows else ""))
 
     print(markdown_table([]), flush=True)
-    for name, truth, labels in stacks:
+    for index, (name, truth, labels) in enumerate(stacks):
         for factor in args.factors:
             sparse, kept = downsample_z(truth, factor)
-            for method in args.methods:
+            for method in methods:
                 label = args.label if method == "network" else method
                 try:
-                    result = restore_with(method, sparse, kept, truth.shape[0], factor, settings, device)
+                    result = restore_with(method, sparse, kept, truth.shape[0], factor,
+                                          recipes.get((index, factor), settings), device)
                 except ImportError as error:
                     print(f"| {name} | {factor} | {label} | unavailable: {error} |", flush=True)
                     rows.append(unavailable_row(name, factor, label))
@@ -397,18 +444,22 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 rows.append(row)
                 print(markdown_table([row]).splitlines()[-1], flush=True)
                 if labels is not None:
-                    restored_labels = assign_labels(result["restored"], labels[kept], factor)
-                    recon = reconstructed_indices(kept, truth.shape[0])
-                    label_rows.append({"stack": name, "factor": int(factor), "method": label,
-                                       "label_iou_recon": round(mean_label_iou(restored_labels, labels, recon), 5)})
+                    for label_method, row_name in [(method, label)] + (
+                            [(LABEL_SDF_METHOD, LABEL_SDF_METHOD)] if method == "sdf" else []):
+                        start = time.perf_counter()
+                        restored_labels = restore_label_ids(label_method, result["restored"], labels[kept], kept,
+                                                            truth.shape[0], factor)
+                        label_rows.append(label_row(name, factor, row_name, restored_labels, labels, kept,
+                                                    time.perf_counter() - start))
+                        del restored_labels
                 save_report()
     plot_iou_vs_factor(rows, out_dir / "iou_vs_factor.png")
     print(f"\nResults in {out_dir}\n")
     print(markdown_table(rows))
     if label_rows:
-        print("\nMean per-label IoU on reconstructed slices (ids restored by nearest kept-slice label):")
-        for row in label_rows:
-            print(f"| {row['stack']} | {row['factor']} | {row['method']} | {row['label_iou_recon']} |")
+        print("\nLabel ids on reconstructed slices: voxel accuracy (0 included), mean IoU over the true ids, "
+              "adapted Rand error (lower is better); labels_s = seconds to make the ids:")
+        print(markdown_table(label_rows, LABEL_ROW_KEYS))
     return report
 
 

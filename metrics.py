@@ -64,26 +64,55 @@ def mean_surface_distance(a: np.ndarray, b: np.ndarray, z_indices: Sequence[int]
     return float(distances.mean()) if distances.size else 0.0
 
 
-def mean_label_iou(predicted_labels: np.ndarray, true_labels: np.ndarray, z_indices: Sequence[int] = None) -> float:
+def mean_label_iou(predicted_labels: np.ndarray, true_labels: np.ndarray, z_indices: Sequence[int] = None,
+                   over: str = "either") -> float:
     """Mean over label ids of the IoU between same-id regions.
 
-    Every non-zero id found in either stack counts (an id only in the
-    prediction scores 0). Restricted to ``z_indices`` when given; ids absent
-    from those slices in both stacks are skipped. 1.0 when there is no label.
+    Id 0 (background, or the boundaries of a dense label image) never counts.
+    With ``over='either'`` every non-zero id found in either stack counts (an id
+    only in the prediction scores 0); 1.0 when there is no label. With
+    ``over='truth'`` only the non-zero ids present in ``true_labels`` count (a
+    predicted id absent from the truth costs only through the voxels it takes
+    from true ids); NaN when the truth has no non-zero id. Restricted to
+    ``z_indices`` when given; ids absent from those slices are skipped.
     """
+    if over not in ("either", "truth"):
+        raise ValueError(f"over must be 'either' or 'truth', got '{over}'.")
     _check_same_shape(predicted_labels, true_labels)
     if z_indices is not None:
         predicted_labels, true_labels = predicted_labels[z_indices], true_labels[z_indices]
     ids, inverse = np.unique(np.concatenate([true_labels.ravel(), predicted_labels.ravel()]), return_inverse=True)
-    if np.count_nonzero(ids) == 0:
-        return 1.0
     # Ids renumbered to 0..n-1; per-id areas and same-id overlaps, memory linear in n.
     n = len(ids)
     true_index, predicted_index = np.split(inverse.ravel(), 2)
     intersection = np.bincount(true_index[true_index == predicted_index], minlength=n)
-    union = np.bincount(true_index, minlength=n) + np.bincount(predicted_index, minlength=n) - intersection
-    present = (ids != 0) & (union > 0)
+    true_area = np.bincount(true_index, minlength=n)
+    union = true_area + np.bincount(predicted_index, minlength=n) - intersection
+    present = (ids != 0) & ((union if over == "either" else true_area) > 0)
+    if not present.any():
+        return 1.0 if over == "either" else float("nan")
     return float(np.mean(intersection[present] / union[present]))
+
+
+def adapted_rand_error(predicted_labels: np.ndarray, true_labels: np.ndarray) -> float:
+    """Adapted Rand error (``skimage.metrics.adapted_rand_error``, its first value) of a label image.
+
+    0 for a perfect segmentation up to renaming of the ids, up to 1; lower is
+    better. Voxels whose true id is 0 are ignored (skimage's default), so a
+    dense label image's 0-valued boundaries do not count; a predicted 0 is an
+    id like any other. Ids are renumbered first, so large ids (uint32, uint64)
+    cost no memory. NaN when every true id is 0.
+    """
+    from skimage.metrics import adapted_rand_error as skimage_are
+
+    _check_same_shape(predicted_labels, true_labels)
+    if not np.any(true_labels):
+        return float("nan")
+    both = np.stack([true_labels, predicted_labels])
+    _, inverse = np.unique(both, return_inverse=True)
+    codes = inverse.reshape(both.shape) + 1
+    codes[both == 0] = 0  # 0 stays 0: skimage ignores it in the truth
+    return float(skimage_are(codes[0], codes[1])[0])
 
 
 def score_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices: Sequence[int]) -> Dict[str, float]:
@@ -136,3 +165,36 @@ def score_intensity_reconstruction(predicted: np.ndarray, truth: np.ndarray, kep
     ssim = [structural_similarity(t, p, data_range=data_range) for t, p in zip(true, pred)]
     return {"psnr_recon": float(peak_signal_noise_ratio(true, pred, data_range=data_range)),
             "ssim_recon": float(np.mean(ssim))}
+
+
+def score_label_reconstruction(predicted_labels: np.ndarray, true_labels: np.ndarray,
+                               kept_indices: Sequence[int]) -> Dict[str, float]:
+    """Scores of a restored label image on its reconstructed slices.
+
+    Only the slices of :func:`reconstructed_indices` count: kept slices come
+    back verbatim, and slices after the last kept one are extrapolated.
+
+    Parameters
+    ----------
+    predicted_labels, true_labels : ndarray of int, shape (D, H, W)
+        Label images; 0 is background (or the boundaries between objects).
+    kept_indices : sequence of int
+        Z indices of the slices that were kept.
+
+    Returns
+    -------
+    dict with
+        ``accuracy_recon`` : fraction of reconstructed voxels with the right id, 0 included.
+        ``label_iou_recon`` : mean IoU over the non-zero ids present in the reconstructed
+            ground truth (:func:`mean_label_iou` with ``over='truth'``).
+        ``are_recon`` : adapted Rand error (:func:`adapted_rand_error`; voxels whose true id
+            is 0 ignored), lower is better; blind to a renaming of the ids.
+    """
+    _check_same_shape(predicted_labels, true_labels)
+    recon = reconstructed_indices(kept_indices, true_labels.shape[0])
+    predicted, true = predicted_labels[recon], true_labels[recon]
+    return {
+        "accuracy_recon": float(np.count_nonzero(predicted == true) / true.size) if true.size else float("nan"),
+        "label_iou_recon": mean_label_iou(predicted, true, over="truth"),
+        "are_recon": adapted_rand_error(predicted, true),
+    }

@@ -1,0 +1,246 @@
+"""Dense label images: the label scores (metrics.score_label_reconstruction), the per-label
+shape-based baseline (morph.interpolate_labels_sdf), bench.py's label table and, when
+../shared/data is there, the reference figures of the FIB-25 neuron crop."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metrics import adapted_rand_error, mean_label_iou, reconstructed_indices, score_label_reconstruction
+from morph import bracket, interpolate_along_axis, interpolate_labels_sdf, signed_distance
+
+FIB25 = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels" / "fib25_medulla_crop_neurons.tif"
+
+
+# --------------------------------------------------------------------------- #
+# Scores
+# --------------------------------------------------------------------------- #
+def four_columns(depth=9):
+    """Ids 1-4 as vertical bands of 2 voxels across the slice, 0 between 2 and 3."""
+    labels = np.zeros((depth, 2, 9), dtype=np.uint16)
+    labels[..., 0:2], labels[..., 2:4], labels[..., 5:7], labels[..., 7:9] = 1, 2, 3, 4
+    return labels
+
+
+def test_perfect_prediction_scores():
+    truth = four_columns()
+    scores = score_label_reconstruction(truth.copy(), truth, kept_indices=[0, 4, 8])
+    assert scores == {"accuracy_recon": 1.0, "label_iou_recon": 1.0, "are_recon": 0.0}
+
+
+def test_swapped_ids_cost_accuracy_and_iou_not_rand_error():
+    truth = four_columns()
+    predicted = truth.copy()
+    predicted[truth == 1], predicted[truth == 2] = 2, 1  # the same segmentation, two ids renamed
+    scores = score_label_reconstruction(predicted, truth, kept_indices=[0, 4, 8])
+    assert scores["accuracy_recon"] == pytest.approx(5 / 9)  # 4 of 9 columns wrong
+    assert scores["label_iou_recon"] == pytest.approx(0.5)  # ids 1 and 2 score 0, 3 and 4 score 1
+    assert scores["are_recon"] == pytest.approx(0.0)  # the adapted Rand error is blind to names
+
+
+def merged_are(c):
+    """skimage's adapted Rand error by hand for the merge below, ``c`` voxels per true id: the
+    contingency table (true-0 voxels left out) has 4 cells of c; true sizes (c, c, c, c),
+    predicted sizes (c, c, 2c); n = 4c. ARE = 1 - sum_p / (sum_a / 2 + sum_b / 2)."""
+    n = 4 * c
+    sum_p = 4 * c**2 - n
+    sum_a = 4 * c**2 - n
+    sum_b = 2 * c**2 + (2 * c) ** 2 - n
+    return 1 - sum_p / (0.5 * sum_a + 0.5 * sum_b)
+
+
+def test_merge_known_rand_error_and_true_zero_ignored():
+    truth = four_columns()
+    predicted = truth.copy()
+    predicted[truth == 4] = 3  # ids 3 and 4 merged
+    predicted[truth == 0] = 1  # the 0-valued boundary column taken: ignored by the Rand error only
+    scores = score_label_reconstruction(predicted, truth, kept_indices=[0, 8])
+    assert scores["accuracy_recon"] == pytest.approx(12 / 18)  # columns 4, 7 and 8 wrong
+    assert scores["label_iou_recon"] == pytest.approx((4 / 6 + 1 + 4 / 8 + 0) / 4)
+    assert merged_are(4) == pytest.approx(0.25)
+    assert adapted_rand_error(predicted[:1], truth[:1]) == pytest.approx(merged_are(4))
+    assert scores["are_recon"] == pytest.approx(merged_are(4 * 7))  # 7 reconstructed slices
+
+
+def test_only_reconstructed_slices_count():
+    truth = four_columns(depth=10)  # kept 0, 4, 8; slice 9 comes after the last kept one
+    predicted = truth.copy()
+    predicted[[0, 4, 8, 9]] = 7  # errors where nothing was reconstructed
+    assert reconstructed_indices([0, 4, 8], 10).tolist() == [1, 2, 3, 5, 6, 7]
+    assert score_label_reconstruction(predicted, truth, [0, 4, 8]) == {
+        "accuracy_recon": 1.0, "label_iou_recon": 1.0, "are_recon": 0.0}
+
+
+def test_label_iou_over_true_ids_only():
+    """An id only in the prediction adds no 0 term (mean_label_iou's default 'either' counts it)."""
+    truth = four_columns(depth=3)
+    predicted = truth.copy()
+    predicted[1, :, 0] = 9  # id 9 takes one column of id 1 on the reconstructed slice
+    truth_only = score_label_reconstruction(predicted, truth, [0, 2])["label_iou_recon"]
+    assert truth_only == pytest.approx((0.5 + 3) / 4)
+    assert mean_label_iou(predicted, truth, [1]) == pytest.approx((0.5 + 3 + 0) / 5)
+    assert mean_label_iou(predicted, truth, [1], over="truth") == pytest.approx(truth_only)
+    with pytest.raises(ValueError, match="over"):
+        mean_label_iou(predicted, truth, over="both")
+
+
+def test_scores_with_huge_ids_and_no_true_ids():
+    truth = four_columns(depth=3).astype(np.uint64) * np.uint64(2**40)
+    predicted = truth.copy()
+    predicted[1, 0] = 2**63  # one row of the reconstructed slice wrong
+    scores = score_label_reconstruction(predicted, truth, [0, 2])
+    assert scores["accuracy_recon"] == pytest.approx(0.5)
+    assert 0 < scores["are_recon"] < 1
+    empty = np.zeros((3, 2, 2), np.uint8)
+    scores = score_label_reconstruction(empty, empty, [0, 2])
+    assert scores["accuracy_recon"] == 1.0 and np.isnan(scores["label_iou_recon"]) and np.isnan(scores["are_recon"])
+
+
+# --------------------------------------------------------------------------- #
+# Per-label shape-based interpolation
+# --------------------------------------------------------------------------- #
+def moving_boundary(depth=17, width=40):
+    """Id 1 left of column 8 + z, id 2 from there on: two touching boxes whose shared face moves
+    one column per slice (full height, so the distances are one-dimensional)."""
+    labels = np.full((depth, 5, width), 2, dtype=np.uint16)
+    for z in range(depth):
+        labels[z, :, : 8 + z] = 1
+    return labels
+
+
+def test_moving_boundary_lands_in_the_middle():
+    truth = moving_boundary()
+    kept = np.arange(0, 17, 8)
+    restored = interpolate_labels_sdf(truth[kept], kept, truth.shape[0])
+    assert restored.dtype == truth.dtype and restored.shape == truth.shape
+    # Midway between the faces at columns 8 and 16: column 12.
+    assert np.all(restored[4, :, :12] == 1) and np.all(restored[4, :, 12:] == 2)
+    np.testing.assert_array_equal(restored, truth)  # a linearly moving face is restored exactly
+    # The nearest kept slice is wrong by up to half a gap.
+    nearest = interpolate_along_axis(truth[kept], kept, truth.shape[0], method="nearest")
+    assert score_label_reconstruction(nearest, truth, kept)["accuracy_recon"] < 0.95
+    assert score_label_reconstruction(restored, truth, kept)["accuracy_recon"] == 1.0
+
+
+def test_ids_only_from_kept_slices_and_kept_slices_verbatim():
+    truth = moving_boundary(depth=19)
+    truth[3:6, 1:4, 30:34] = 5  # an object entirely between two kept slices: cannot come back
+    truth[16, 0:2, 36:40] = 0  # background in kept slice 16 only
+    truth[18, 2:4, 20:22] = 7  # an id in the last slice only, after the last kept one
+    kept = np.arange(0, 19, 8)
+    restored = interpolate_labels_sdf(truth[kept], kept, truth.shape[0])
+    assert set(np.unique(restored)) <= set(np.unique(truth[kept])) == {0, 1, 2}
+    np.testing.assert_array_equal(restored[kept], truth[kept])
+    np.testing.assert_array_equal(restored[17:], truth[[16, 16]])  # after the last kept slice: a copy
+    assert not np.any(restored[9:16] == 0)  # id 0 is missing from kept slice 8: it ends at kept slice 16
+
+
+def test_gap_without_common_ids_copies_the_nearer_slice():
+    sparse = np.stack([np.full((4, 4), 3, np.uint8), np.full((4, 4), 4, np.uint8)])
+    restored = interpolate_labels_sdf(sparse, [0, 4], 5)
+    assert restored[:, 0, 0].tolist() == [3, 3, 3, 4, 4]  # the midway tie goes to the lower slice, as 'nearest'
+
+
+def brute_force(sparse, kept, depth):
+    """Every id's signed distance over the whole slice, blended; the smallest wins (ties: smaller id)."""
+    lower, upper, weight = bracket(kept, depth)
+    ids = np.unique(sparse)
+    out = np.empty((depth,) + sparse.shape[1:], sparse.dtype)
+    for z in range(depth):
+        if weight[z] == 0:
+            out[z] = sparse[lower[z]]
+            continue
+        blended = np.stack([(1 - weight[z]) * -signed_distance(sparse[lower[z]] == i)
+                            + weight[z] * -signed_distance(sparse[upper[z]] == i) for i in ids])
+        out[z] = ids[np.argmin(np.nan_to_num(blended, nan=np.inf), axis=0)]
+    return out
+
+
+@pytest.mark.parametrize("margin", [None, 1, 3])
+def test_bounding_boxes_give_the_whole_slice_result(margin):
+    rng = np.random.default_rng(0)
+    seeds = rng.integers(0, 48, size=(12, 2))
+    yy, xx = np.mgrid[:48, :48]
+    slices = []
+    for k in range(4):  # Voronoi cells whose seeds drift, 0-valued borders, ids coming and going
+        moved = seeds + rng.integers(-4, 5, size=seeds.shape)
+        distance = (yy[None] - moved[:, 0, None, None]) ** 2 + (xx[None] - moved[:, 1, None, None]) ** 2
+        cells = np.argmin(distance, axis=0).astype(np.uint16) + 10 * k % 3 + 1
+        borders = np.ones_like(cells, bool)
+        borders[:-1] &= cells[:-1] == cells[1:]
+        borders[:, :-1] &= cells[:, :-1] == cells[:, 1:]
+        slices.append(np.where(borders, cells, 0))
+    sparse = np.stack(slices)
+    kept = [0, 5, 10, 16]
+    restored = interpolate_labels_sdf(sparse, kept, 18, margin=margin)
+    np.testing.assert_array_equal(restored, brute_force(sparse, kept, 18))
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="integers"):
+        interpolate_labels_sdf(np.zeros((2, 3, 3), np.float32), [0, 2], 3)
+    with pytest.raises(ValueError, match="kept indices"):
+        interpolate_labels_sdf(np.zeros((2, 3, 3), np.uint8), [0, 2, 4], 5)
+
+
+# --------------------------------------------------------------------------- #
+# bench.py's label table
+# --------------------------------------------------------------------------- #
+def test_bench_label_rows(tmp_path, capsys):
+    import bench
+    from data import save_stack
+
+    truth = moving_boundary(depth=17)
+    truth[:, 4] = 3  # a third id: a label image, not a mask
+    source = tmp_path / "boxes.tif"
+    save_stack(source, truth, (1.0, 1.0, 1.0))
+    report = bench.run_benchmark(bench.build_parser().parse_args(
+        ["--input", str(source), "--factors", "8", "--methods", "nearest", "sdf", "--out", str(tmp_path / "b")]))
+    rows = report["label_rows"]
+    assert [r["method"] for r in rows] == ["nearest", "sdf", "sdf-labels"]
+    assert all(tuple(r) == bench.LABEL_ROW_KEYS for r in rows)
+    kept = np.arange(0, 17, 8)
+    for row, restored in ((rows[0], interpolate_along_axis(truth[kept], kept, 17, method="nearest")),
+                          (rows[2], interpolate_labels_sdf(truth[kept], kept, 17))):
+        expected = score_label_reconstruction(restored, truth, kept)
+        assert [row[key] for key in expected] == pytest.approx(list(expected.values()), abs=1e-5)
+    assert rows[2]["accuracy_recon"] > rows[0]["accuracy_recon"]
+    out = capsys.readouterr().out
+    assert "| stack | factor | method | accuracy_recon | label_iou_recon | are_recon | labels_s |" in out
+    assert "| boxes.tif | 8 | sdf-labels | " in out
+    assert "sdf-labels" in (tmp_path / "b" / "bench_results.md").read_text()
+
+
+# --------------------------------------------------------------------------- #
+# Reference figures (../shared/data/README.md), factor 4
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def fib25():
+    if not FIB25.exists():
+        pytest.skip("../shared/data/labels/fib25_medulla_crop_neurons.tif is absent")
+    import tifffile
+
+    labels = tifffile.imread(FIB25)
+    kept = np.arange(0, labels.shape[0], 4)
+    return labels, kept
+
+
+def rounded(scores):
+    return tuple(round(scores[key], 3) for key in ("accuracy_recon", "label_iou_recon", "are_recon"))
+
+
+def test_fib25_per_label_shape_based_reference(fib25):
+    labels, kept = fib25
+    restored = interpolate_labels_sdf(labels[kept], kept, labels.shape[0])
+    assert rounded(score_label_reconstruction(restored, labels, kept)) == (0.921, 0.557, 0.037)
+
+
+def test_fib25_nearest_reference_breaks_midway_ties_upwards(fib25):
+    """The README's nearest figures take the upper kept slice at the midway slice (z = 2, 6, ...);
+    the project's 'nearest' takes the lower one (morph.interpolate_along_axis), which bench.py reports."""
+    labels, kept = fib25
+    lower, upper, weight = bracket(kept, labels.shape[0])
+    ties_up = labels[kept][np.where(weight < 0.5, lower, upper)]
+    assert rounded(score_label_reconstruction(ties_up, labels, kept)) == (0.897, 0.570, 0.074)
+    nearest = interpolate_along_axis(labels[kept], kept, labels.shape[0], method="nearest")
+    assert rounded(score_label_reconstruction(nearest, labels, kept)) == (0.897, 0.573, 0.072)
