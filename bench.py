@@ -358,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the benchmark: forward throughput of the network under each engine lever "
                              "(channels-last, BatchNorm folding, bfloat16) and the training step under each "
                              "training lever, side by side")
+    parser.add_argument("--isa", nargs="+", choices=("avx2", "avx512", "avx512-bf16", "amx", "native"),
+                        help="run this benchmark once per instruction-set class, each in a child process capped to "
+                             "it (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY), and print the rows side by side; a class "
+                             "the CPU lacks is reported, not run")
     parser.add_argument("--kind-rule", action="store_true",
                         help="how often --kind auto decides right: every stack under ../shared/data (or --input) "
                              "and the built-in phantoms, one table row each")
@@ -847,8 +851,60 @@ def measure_kind_rule(inputs: Optional[Sequence[Path]] = None, seeds: Sequence[i
     return rows
 
 
+def without_flags(argv: Sequence[str], flags: Sequence[str]) -> List[str]:
+    """``argv`` without each of ``flags`` and the values that follow it (up to the next ``--flag``)."""
+    kept: List[str] = []
+    skipping = False
+    for token in argv:
+        if token.startswith("--"):
+            skipping = token.split("=", 1)[0] in flags
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+def run_per_isa(argv: Sequence[str], isas: Sequence[str], out_dir: Path) -> List[Dict[str, Any]]:
+    """This benchmark (``argv`` without ``--isa``/``--out``) once per ISA class, each in a child process
+    capped by ``machine.emulation_environment`` writing to ``out_dir/<isa>``; one table of every row with
+    the class asked for and the class the child reported (its ``device``). Returns the rows."""
+    import subprocess
+
+    from machine import can_emulate, cpu_model, emulation_environment
+
+    if out_dir.exists():
+        raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+    out_dir.mkdir(parents=True)
+    child_argv = without_flags(argv, ("--isa", "--out"))
+    print(f"CPU: {cpu_model()}; one child process per instruction-set class: {', '.join(isas)}", flush=True)
+    rows: List[Dict[str, Any]] = []
+    for isa in isas:
+        if not can_emulate(isa):
+            print(f"{isa}: not run, this CPU lacks it (a cap only lowers the instruction set)", flush=True)
+            continue
+        child_out = out_dir / isa
+        result = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_argv, "--out", str(child_out)],
+                                env=emulation_environment(isa, dict(os.environ)))
+        if result.returncode != 0:
+            raise UserError(f"The benchmark capped to {isa} failed (exit status {result.returncode}); its output is "
+                            "above.")
+        report = json.loads((child_out / "bench_results.json").read_text())
+        rows += [dict(row, isa=isa, device=report["device"]) for row in report["rows"]]
+    print("\n| ISA asked for | device as the run saw it | stack | factor | method | iou_recon | train_s | infer_s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['isa']} | {row['device']} | {row['stack']} | {row['factor']} | {row['method']} | "
+              f"{row['iou_recon']} | {row['train_s']} | {row['infer_s']} |")
+    (out_dir / "bench_isa.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.isa:
+        from eval import run_cli
+
+        out_dir = args.out or Path("bench_runs") / datetime.now().strftime("isa-%Y%m%d-%H%M%S")
+        return run_cli(lambda _: run_per_isa(sys.argv[1:] if argv is None else list(argv), args.isa, out_dir), args)
     if args.itk_worker:
         _itk_worker(*args.itk_worker)
         return 0

@@ -175,3 +175,28 @@ def test_engine_levers_rows_side_by_side():
     for row in rows:
         assert row["s_per_batch"] > 0 and row["gflop_per_s"] > 0
         assert row["mpixel_per_s"] == pytest.approx(2 * 32 * 32 / row["s_per_batch"] / 1e6, rel=0.15)
+
+
+def test_isa_runs_one_capped_child_per_class_side_by_side(tmp_path):
+    """--isa: one child process per class, capped to it; the rows name the class the child really ran as,
+    and a class the CPU lacks is reported, not run (its cap would make torch die of an illegal instruction)."""
+    import machine
+
+    stack = tmp_path / "mask.tif"
+    save_stack(stack, make_sample_stack((33, 48, 48), seed=2), (1.0, 1.0, 1.0), "um")
+    out = tmp_path / "isa"
+    classes = ["avx2", "native", "amx"]
+    cmd = [sys.executable, "bench.py", "--isa", *classes, "--input", str(stack), "--factors", "8", "--methods",
+           "nearest", "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "bench_isa.json").read_text())
+    ran = [c for c in classes if machine.can_emulate(c)]
+    assert [row["isa"] for row in rows] == ran and all(row["method"] == "nearest" for row in rows)
+    assert len({row["iou_recon"] for row in rows}) == 1  # the same arithmetic-free method, the same score
+    for row in rows:
+        if row["isa"] == "avx2":
+            assert "ISA class avx2, torch capability AVX2" in row["device"]
+    for missing in set(classes) - set(ran):
+        assert f"{missing}: not run, this CPU lacks it" in result.stdout
+    assert bench.without_flags(["--isa", "avx2", "native", "--out", "x", "--quick"], ("--isa", "--out")) == ["--quick"]
