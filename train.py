@@ -437,11 +437,11 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn, device: torch.d
 def fit_on_sparse_stack(
     sparse_dhw: np.ndarray,
     factor: int,
-    train_xy_size: int = 64,
+    train_xy_size: int = 128,
     train_z_size: int = 5,
-    train_nb: int = 1600,
-    batch_size: int = 16,
-    num_epochs: int = 10,
+    train_nb: int = 720,
+    batch_size: int = 8,
+    num_epochs: int = 4,
     learning_rate: float = 3e-3,
     val_split: float = 0.1,
     min_content_ratio: float = 0.005,
@@ -454,19 +454,20 @@ def fit_on_sparse_stack(
     dice_weight: float = 0.0,
     upscale_method: str = "linear",
     random_state: int = 42,
-    precision: str = "fp32",
+    precision: str = "auto",
     kind: str = "mask",
     profile_fwhm: float = 0.0,
     lateral_axes: str = "yx",
-    crop_pool: float = 1.0,
-    intensity_loss: str = "l1",
+    crop_pool: float = 2.0,
+    intensity_loss: str = "mse",
     device: Optional[torch.device] = None,
     progress: bool = True,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """The complete self-supervised training on a sparse stack.
 
     This is the one training recipe that ``eval.py``, ``apply.py`` and
-    ``bench.py`` share.
+    ``bench.py`` share; its defaults are the command line's recipe for masks
+    (``restore.training_kwargs(eval.default_settings(), "mask")``, checked by a test).
 
     Returns
     -------

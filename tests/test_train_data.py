@@ -215,3 +215,17 @@ def test_split_indices_is_the_split_scikit_learn_made():
     train, val = split_indices(23, 0.1, 42)  # ceil(2.3) = 3 validation samples
     assert val.tolist() == [15, 9, 0]
     assert train.tolist() == [8, 17, 12, 1, 13, 5, 2, 11, 20, 3, 4, 18, 16, 21, 22, 7, 10, 14, 19, 6]
+
+
+def test_library_training_defaults_are_the_command_line_recipe():
+    """A library caller of fit_on_sparse_stack gets the recipe eval.py and apply.py train masks with."""
+    import inspect
+
+    from eval import default_settings
+    from restore import training_kwargs
+    from train import fit_on_sparse_stack
+
+    defaults = {name: parameter.default for name, parameter in inspect.signature(fit_on_sparse_stack).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    recipe = training_kwargs(default_settings(), "mask")
+    assert {name: defaults[name] for name in recipe} == recipe
