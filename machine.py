@@ -11,23 +11,31 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
 from model import cpu_computes_bf16, select_device
 
 
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's word for it."""
+def cpuinfo_field(name: str) -> Optional[str]:
+    """The value of the first ``name`` line of /proc/cpuinfo (Linux), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.lower().startswith("model name"):
+                if line.lower().startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's word for it."""
+    name = cpuinfo_field("model name")
+    if name:
+        return name
     import platform
 
     return platform.processor() or platform.machine() or "unknown CPU"
@@ -83,14 +91,7 @@ ISA_FLAGS = {"avx2": ("avx2",), "avx512": ("avx512f",), "avx512-bf16": ("avx512f
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset:
     """The CPU's feature flags (Linux), or an empty set where /proc/cpuinfo cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.lower().startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 def can_emulate(isa: str) -> bool:
