@@ -6,6 +6,7 @@ done by the restore engine (``restore.py``); this script only wires files to it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import sys
 import warnings
@@ -18,23 +19,24 @@ import blocks
 import zarr_io
 from data import (KINDS, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError, normal_unit,
                   factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_dtype, stack_shape)
-from eval import build_parser, default_settings, run_cli, validate_settings
+from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from plan import RestorePlan, record_throughput
-from restore import (SETTINGS, TRAINING_SETTINGS_READ_AT_INFERENCE, fit_recipe_to_stack, model_config,
-                     restore_intensity, restore_stack)
+from restore import fit_recipe_to_stack, model_config, restore_intensity, restore_stack
+from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
+                      typed_values)
 
-# eval.py constants that apply.py's command line also accepts (training and inference recipe).
-# (--kind and --device have flags of their own, with choices.)
-RESTORE_SETTING_NAMES = tuple(name for name in SETTINGS if name not in ("DEVICE", "KIND"))
+# The settings apply.py's command line takes: all but eval.py's simulated voxel size, which is read from
+# the file here (the voxel-size flags override it).
+RESTORE_SETTING_NAMES = tuple(FIELDS)
+USAGE = ("%(prog)s --input STACK [STACK ...] --output OUT [--kind KIND] [--model FILE | --save-model FILE]\n"
+         "       [--z-step Z --xy-size XY --unit UNIT] [options]")
 
 
 def training_only_flags(args: argparse.Namespace) -> List[str]:
     """The flags typed on the command line that only change how a network is trained (nothing a
     trained model's restore reads), as ``--flag-name``."""
-    return ["--" + name.lower().replace("_", "-") for name in RESTORE_SETTING_NAMES
-            if SETTINGS[name][0] == "train" and name not in TRAINING_SETTINGS_READ_AT_INFERENCE
-            and hasattr(args, name)]
+    return [FIELDS[name][1].metadata["flag"] for name in TRAINING_ONLY if name in args.typed]
 
 
 def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: int, path: Path,
@@ -99,67 +101,66 @@ def probabilities_path_for(target: Path) -> Path:
 
 
 def build_apply_parser() -> argparse.ArgumentParser:
-    # Shared settings default to "not given", so that a saved model's recipe is only
-    # overridden by flags the user actually typed.
-    shared = build_parser(names=RESTORE_SETTING_NAMES, add_help=False, suppress_defaults=True)
-    parser = argparse.ArgumentParser(
-        parents=[shared], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    """The command line: what a user types every day first (input, output, kind, model), then the groups
+    of the settings model (voxel size, model and training, inference, large volumes, advanced)."""
+    defaults = dict(base_settings().as_dict())
+    parser = SettingsParser(
+        usage=USAGE,
         description="Restore anisotropic masks, label images or grey-scale stacks to isotropic voxels. Without "
-                    "--model, a network is trained on each input itself (self-supervised, as in eval.py).")
-    parser.add_argument("--input", nargs="+", required=True,
+                    "--model, a network is trained on each input itself (self-supervised, as in eval.py).",
+        epilog="Flags left out take the defaults shown, or a saved model's (--model); old forms such as "
+               "--num-epochs 0 (by kind) and --tta-flips true are still accepted.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="STACK",
                         help="multipage TIFF(s), slice folder(s), OME-Zarr image(s) or label image(s), or a glob")
-    parser.add_argument("--output", required=True,
+    parser.add_argument("--output", required=True, metavar="OUT",
                         help="output .tif or .ome.zarr for one input, or a folder for several")
-    parser.add_argument("--model", help="a model saved by eval.py or --save-model; skips training")
-    parser.add_argument("--save-model", help="where to save the trained model (one input, no --model)")
-    parser.add_argument("--z-step", type=float,
-                        help="Z step between slices (default: from the file's metadata; needed for slice folders)")
-    parser.add_argument("--xy-size", type=float, help="lateral pixel size (default: from the file's metadata)")
-    parser.add_argument("--unit", default=None,
-                        help="unit of --z-step/--xy-size, written to the output; needed when both are given")
-    parser.add_argument("--kind", choices=KINDS, default="auto",
-                        help="mask (segmentation), labels (instance ids), intensity (grey-scale image, restored in "
-                             "its own dtype and range) or auto: a saved model's kind, else read from the values "
-                             "(0/1 or 0/255: mask; piecewise-constant integers: labels; noise and texture: "
-                             "intensity); the plan says what was decided")
+    add_setting_arguments(parser, defaults, ["KIND"])
     parser.add_argument("--labels", nargs="?", const="yes", choices=("auto", "yes", "no"), default=None,
                         help="shorthand: --labels (= yes) is --kind labels, --labels no is --kind mask; auto = "
                              "as --kind auto")
+    parser.add_argument("--model", metavar="FILE", help="a model saved by eval.py or --save-model; skips training")
+    parser.add_argument("--save-model", metavar="FILE",
+                        help="where to save the trained model (one input, no --model)")
     parser.add_argument("--save-probabilities", choices=("none", "uint8", "float16"), default="none",
                         help="also write the foreground probability stack next to the output: uint8 (0-255, one "
-                             "byte per voxel) or float16 (held as float16, written as 32-bit float for ImageJ)")
+                             "byte per voxel) or float16 (held as float16, written as 32-bit float for ImageJ) "
+                             "(default: none)")
     parser.add_argument("--preview", action="store_true",
                         help="also save <output>_preview.png: an XZ section before and after restoration")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (kind, factor, shapes, voxel sizes, bytes, memory, expected time) from "
                              "the metadata and a sample of values, and stop: nothing is written")
-    parser.add_argument("--allow-factor-mismatch", action="store_true",
-                        help="use --model on a stack whose Z/XY factor differs from the one it was trained at")
-    parser.add_argument("--device", default="", help="cpu or cuda; default CUDA when available")
-    large = parser.add_argument_group(
-        "large volumes", "An output named *.ome.zarr is restored block by block with bounded memory (inputs may be "
-                         "OME-Zarr images, label images or plain Zarr arrays, or TIFFs)")
-    large.add_argument("--block-size", type=int, default=blocks.BLOCK_SIZE,
-                       help="lateral edge of a block (all of Z); memory per worker grows with its square")
-    large.add_argument("--workers", type=int, default=0,
-                       help="worker processes of a local Dask cluster; 0 = restore block after block in this process")
-    large.add_argument("--worker-memory", default="1GiB", help="memory limit of each local Dask worker")
-    large.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:8786); its workers "
-                                           "need the dependencies (requirements.txt), not this checkout, and "
-                                           "access to the input's and output's folders")
-    large.add_argument("--resume", action="store_true",
-                       help="continue an interrupted OME-Zarr output: finished blocks are kept, the rest restored")
-    large.add_argument("--max-blocks", type=int, help="restore at most this many blocks now (continue with --resume)")
-    large.add_argument("--ngff-version", choices=zarr_io.NGFF_VERSIONS, default=zarr_io.DEFAULT_NGFF_VERSION,
-                       help="OME-Zarr version written: 0.4 (Zarr v2, read by Fiji and most tools) or 0.5 (Zarr v3)")
+    groups = add_setting_arguments(parser, defaults, ["Z_RESOLUTION", "XY_RESOLUTION", "VOXEL_UNIT"])
+    groups["model and training"] = parser.add_argument_group("model and training", GROUPS["model and training"])
+    groups["model and training"].add_argument(
+        "--allow-factor-mismatch", action="store_true",
+        help="use --model on a stack whose Z/XY factor differs from the one it was trained at")
+    rest = [name for name in RESTORE_SETTING_NAMES if name not in ("KIND", "Z_RESOLUTION", "XY_RESOLUTION",
+                                                                   "VOXEL_UNIT")]
+    add_setting_arguments(parser, defaults, rest, groups)
     return parser
 
 
-def voxel_size_for(path: Path, z_step: Optional[float], xy_size: Optional[float],
-                   unit: Optional[str]) -> Tuple[Tuple[float, float, float], str, str]:
+def base_settings() -> Settings:
+    """The recipe before a saved model's or the flags': ``eval.py``'s constants, without its simulated
+    voxel size (here it comes from the file)."""
+    return dataclasses.replace(default_recipe(), voxel=VoxelSize())
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line, with ``typed`` (the settings given, by constant name) and ``settings``
+    (:func:`base_settings` with them) added."""
+    args = build_apply_parser().parse_args(argv)
+    args.typed = typed_values(args)
+    args.settings = Settings.from_dict(args.typed, base=base_settings())
+    return args
+
+
+def voxel_size_for(path: Path, typed: VoxelSize) -> Tuple[Tuple[float, float, float], str, str]:
     """The input's voxel size ``(z, y, x)``, its unit and a sentence saying where they came from.
 
+    ``typed`` holds the sizes and unit given (``--z-step``, ``--xy-size``, ``--unit``; None = not given).
     Flags win over the file's metadata, axis by axis. The unit written is
     ``unit`` when given, else the file's unit. A size typed without ``--unit``
     is taken in the file's unit when the file has one (the sentence says so);
@@ -168,6 +169,7 @@ def voxel_size_for(path: Path, z_step: Optional[float], xy_size: Optional[float]
     um, ``--z-step 1000 --unit nm``). Y and X sizes that differ by more than
     1 % are an error: the factor would hold for one lateral axis only.
     """
+    z_step, xy_size, unit = typed.z_step, typed.xy_size, typed.unit
     calibration = zarr_io.read_calibration(path) if zarr_io.is_zarr_path(path) else read_calibration(path)
     (file_z, file_y, file_x), file_unit = calibration if calibration else ((None, None, None), None)
     typed_unit = None if unit is None else (normal_unit(unit) or unit)  # 'µm', 'micron' -> 'um' (ASCII metadata)
@@ -217,9 +219,10 @@ def unit_scale(from_unit: str, to_unit: str, path: Path) -> float:
 def kind_from_flags(args: argparse.Namespace) -> str:
     """``--kind``, with ``--labels`` as its shorthand (``--labels`` = labels, ``--labels no`` = mask)."""
     from_labels = {"yes": "labels", "no": "mask", "auto": "auto", None: "auto"}[args.labels]
-    if args.kind != "auto" and from_labels != "auto" and from_labels != args.kind:
-        raise UserError(f"--kind {args.kind} and --labels {args.labels} disagree; give one of them.")
-    return args.kind if args.kind != "auto" else from_labels
+    kind = args.settings.data.kind
+    if kind != "auto" and from_labels != "auto" and from_labels != kind:
+        raise UserError(f"--kind {kind} and --labels {args.labels} disagree; give one of them.")
+    return kind if kind != "auto" else from_labels
 
 
 def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Optional[str]) -> Tuple[str, str]:
@@ -251,17 +254,17 @@ def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Op
     return decided, reason
 
 
-def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, settings: Dict[str, Any],
-               saved_config: Dict[str, Any], model_kind: Optional[str], typed: Sequence[str]) -> RestorePlan:
+def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, settings: Settings,
+               saved_config: Dict[str, Any], model_kind: Optional[str]) -> RestorePlan:
     """Decide one input's restore from its metadata and a sample of its values; all checks that can fail
     do so here, before any long work."""
-    threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
+    threshold = settings.data.binarize_threshold
     image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None  # a damaged file is named first
     shape = tuple(image.shape) if image is not None else stack_shape(path)
     dtype = image.dtype if image is not None else stack_dtype(path)
     decided, why = input_kind(path, kind, threshold, model_kind)
     check_kind_flags(args, decided, path)
-    voxel, unit, said = voxel_size_for(path, args.z_step, args.xy_size, args.unit)
+    voxel, unit, said = voxel_size_for(path, settings.voxel)
     factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1)[0]
     trained_at = saved_config.get("factor")
     if factor > 1 and trained_at not in (None, factor) and not args.allow_factor_mismatch:
@@ -274,11 +277,12 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
         translation = tuple(float(t) * scale for t in image.translation_zyx)
     notes: List[str] = []
     if factor > 1 and model_kind is None:
-        settings, notes = fit_recipe_to_stack(settings, shape, factor, typed)
+        settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed))
     to_zarr = zarr_io.is_zarr_path(target)
     return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
-                       settings, trained=model_kind is None, block_size=args.block_size if to_zarr else None,
-                       workers=args.workers, probabilities=None if args.save_probabilities == "none"
+                       settings, trained=model_kind is None,
+                       block_size=settings.large.block_size if to_zarr else None,
+                       workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
                        else args.save_probabilities, notes=notes)
 
 
@@ -287,7 +291,8 @@ def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     extra = [probabilities_path_for(t) for t in targets] if args.save_probabilities != "none" else []
     extra += [t.with_name(t.stem + "_preview.png") for t in targets] if args.preview else []
     extra += [Path(args.save_model)] if args.save_model else []
-    resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if args.resume else set()
+    resume = args.settings.large.resume
+    resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if resume else set()
     clashes = [str(t) for t in list(targets) + extra if t.exists() and str(t) not in resumable]
     if clashes and not args.overwrite:
         raise OutputExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite"
@@ -295,22 +300,18 @@ def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
                                     zarr_io.is_zarr_path(c) for c in clashes) else "."))
 
 
-def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) -> Dict[str, Any]:
-    """The settings of this run: the defaults, a saved model's recipe, then the flags typed."""
-    settings = default_settings()
-    # A saved model brings its own recipe (channels, interpolation, ...); flags typed by the user win.
-    settings.update({key.upper(): value for key, value in saved_config.items() if key.upper() in settings})
-    settings.update({name: getattr(args, name) for name in RESTORE_SETTING_NAMES if hasattr(args, name)})
-    settings["DEVICE"] = args.device
+def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) -> Settings:
+    """The settings of this run: the defaults, a saved model's recipe (the settings a restore reads from
+    a model, ``model="read"`` in ``settings.py``), then the flags typed."""
+    settings = Settings.from_dict(args.typed, base=base_settings().with_model_record(saved_config))
     if model is not None:
         unused = training_only_flags(args)
         if unused:
             warnings.warn(f"{', '.join(unused)} only change{'s' if len(unused) == 1 else ''} training: "
                           "with --model they have no effect (the model is trained already). Leave out --model "
                           "to train with them.")
-        settings["TRAIN_Z_SIZE"] = model.architecture["in_channels"]
-    validate_settings(settings)
-    return settings
+        settings = settings.with_values(TRAIN_Z_SIZE=model.architecture["in_channels"])
+    return settings.validate()
 
 
 def restore_files(args: argparse.Namespace) -> None:
@@ -330,13 +331,13 @@ def restore_files(args: argparse.Namespace) -> None:
     check_kind_flags(args, kind)
     if not args.dry_run:
         check_outputs(args, targets)
-    select_device(args.device or None)  # a device this machine lacks is refused before any reading
-    model, saved_config = load_model(args.model, args.device or None) if args.model else (None, {})
+    device = args.settings.inference.device
+    select_device(device)  # a device this machine lacks is refused before any reading
+    model, saved_config = load_model(args.model, device) if args.model else (None, {})
     model_kind = None if model is None else saved_config.get("kind") or (
         "intensity" if model.architecture.get("output") == "intensity" else "mask")
     settings = run_settings(args, saved_config, model)
-    typed = [name for name in RESTORE_SETTING_NAMES if hasattr(args, name)]
-    plans = [plan_input(args, path, target, kind, settings, saved_config, model_kind, typed)
+    plans = [plan_input(args, path, target, kind, settings, saved_config, model_kind)
              for path, target in zip(inputs, targets)]
     for plan in plans:
         print("\n".join(plan.lines()), flush=True)
@@ -394,7 +395,8 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
     stack, labels = read_input(plan, None if to_zarr else np.uint16)
     if to_zarr:
         name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else plan.path.stem
-        zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx, args.ngff_version,
+        zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx,
+                            plan.settings.large.ngff_version,
                             plan.kind, labels, name, overwrite=args.overwrite)
     else:
         save_stack(plan.target, labels if plan.kind == "labels" else stack, plan.voxel_in_zyx, plan.unit,
@@ -413,20 +415,21 @@ def check_kind_flags(args: argparse.Namespace, kind: str, path: Optional[Path] =
 def check_large_volume_flags(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     """Reject flags of the block-wise restore that cannot apply, before any work."""
     to_zarr = [zarr_io.is_zarr_path(t) for t in targets]
-    cluster = args.workers > 0 or args.scheduler or args.resume or args.max_blocks is not None
+    large = args.settings.large
+    cluster = large.workers > 0 or large.scheduler or large.resume or large.max_blocks is not None
     if cluster and not all(to_zarr):
         raise UserError("--workers, --scheduler, --resume and --max-blocks restore block by block into an OME-Zarr "
                         "output; give --output NAME.ome.zarr (a TIFF output is restored in memory).")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {args.workers}.")
-    if args.workers and args.scheduler:
+    if large.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {large.workers}.")
+    if large.workers and large.scheduler:
         raise UserError("--workers starts a local cluster and --scheduler uses a running one: give one of them.")
-    if args.resume and args.overwrite:
+    if large.resume and args.overwrite:
         raise UserError("--resume continues an existing output and --overwrite replaces it: give one of them.")
     if args.preview and any(to_zarr):
         raise UserError("--preview needs the whole restored stack in memory; it is available for TIFF outputs.")
     if any(to_zarr):
-        blocks.chunk_edge(args.block_size)
+        blocks.chunk_edge(large.block_size)
 
 
 def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) -> None:
@@ -448,10 +451,8 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
         source, target, factor, settings, voxel, plan.unit, kind="intensity" if plan.kind == "intensity" else "mask",
         model=model, model_config=config, labels_source=labels, label_name=name,
         translation_zyx=plan.translation_zyx, source_name=str(path), binarize_threshold=threshold,
-        block_size=args.block_size, ngff_version=args.ngff_version, probabilities=probabilities,
-        probabilities_output=probabilities_path_for(target) if probabilities else None, workers=args.workers,
-        worker_memory=args.worker_memory, scheduler=args.scheduler, resume=args.resume, overwrite=args.overwrite,
-        max_blocks=args.max_blocks)
+        probabilities=probabilities, probabilities_output=probabilities_path_for(target) if probabilities else None,
+        overwrite=args.overwrite)
     if args.save_model and result["model"] is not None:
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
     if result["state"] == "complete":
@@ -464,7 +465,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python apply.py --input STACK --output OUT.tif``: see ``--help``."""
-    return run_cli(restore_files, build_apply_parser().parse_args(argv))
+    return run_cli(restore_files, parse_args(argv))
 
 
 if __name__ == "__main__":

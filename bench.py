@@ -300,14 +300,14 @@ def load_inputs(paths: Sequence[Path], quick: bool, sample_shape,
 
 def parse_overrides(pairs: Sequence[str], settings: Dict[str, Any]) -> Dict[str, Any]:
     """Apply ``NAME=VALUE`` overrides of eval.py constants."""
-    from eval import _parse_value
+    from eval import parse_setting
 
     out = dict(settings)
     for pair in pairs:
         name, _, value = pair.partition("=")
         if name not in settings or not value:
             raise UserError(f"--set takes NAME=VALUE with NAME one of eval.py's constants, got '{pair}'.")
-        out[name] = _parse_value(value, settings[name])
+        out[name] = parse_setting(name, value)
     return out
 
 

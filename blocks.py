@@ -59,6 +59,7 @@ import types
 import uuid
 import warnings
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -76,11 +77,11 @@ import zarr_io
 from data import (OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
                   normalize_intensity)
 from model import fuse_for_inference, load_model, save_model, select_device
+from settings import LargeVolumes, Settings, as_settings
 from zarr_io import OmeZarrImage, ZarrImage
 
-# Lateral edge of a block. Its uint8 output is depth x 512 x 512 bytes (120 MiB at 481 slices); a CPU
-# worker restoring such a block peaked at 0.5 GiB (bench.py --out-of-core).
-BLOCK_SIZE = 512
+# Lateral edge of a block (settings.LargeVolumes states the default; memory per block: docs/).
+BLOCK_SIZE = LargeVolumes.block_size
 RETRIES = 2  # extra attempts of a failing block before the run stops
 LABEL_HALO = 64  # first halo (pixels) of the label-id pass; doubled while a block's ids could still differ
 MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids are accepted and reported
@@ -677,7 +678,7 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
 # --------------------------------------------------------------------------- #
 # Training on a large store
 # --------------------------------------------------------------------------- #
-def training_stack(source: Source, settings: Dict[str, Any], binarize_threshold: Optional[float] = None,
+def training_stack(source: Source, settings: Union[Settings, Dict[str, Any], None], binarize_threshold: Optional[float] = None,
                    max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None
                    ) -> np.ndarray:
     """Kept slices to train on, at most ``max_bytes`` of them read from the store.
@@ -706,18 +707,19 @@ def training_stack(source: Source, settings: Dict[str, Any], binarize_threshold:
     itemsize = 1 if value_range is None else 4  # bytes per voxel of what is returned
     if n_kept * height * width * itemsize <= max_bytes:
         return _read_engine_input(source, slice(0, height), slice(0, width), binarize_threshold, value_range)
-    crop = int(settings["TRAIN_XY_SIZE"])
+    training = as_settings(settings).training
+    crop = int(training.train_xy_size)
     side = min(height, width, 8 * crop)
-    wanted = math.ceil(2 * settings["TRAIN_NB"] * crop ** 2 / side ** 2)
+    wanted = math.ceil(2 * training.train_nb * crop ** 2 / side ** 2)
     count = max(1, min(wanted, max_bytes // (n_kept * side * side * itemsize)))
-    rng = np.random.default_rng(settings["RANDOM_STATE"])
+    rng = np.random.default_rng(training.random_state)
     windows = []
     for _ in range(count):
         for _attempt in range(4):
             y0, x0 = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
             window = _read_engine_input(source, slice(y0, y0 + side), slice(x0, x0 + side), binarize_threshold,
                                         value_range)
-            if value_range is not None or window[n_kept // 2].mean() >= settings["MIN_CONTENT_RATIO"]:
+            if value_range is not None or window[n_kept // 2].mean() >= training.min_content_ratio:
                 break
         windows.append(window)
     return np.concatenate(windows, axis=2)
@@ -854,7 +856,7 @@ def restore_to_ome_zarr(
     source: Source,
     output: Union[str, Path],
     factor: int,
-    settings: Dict[str, Any],
+    settings: Union[Settings, Dict[str, Any], None],
     voxel_size_zyx: Sequence[float],
     unit: str,
     *,
@@ -866,15 +868,15 @@ def restore_to_ome_zarr(
     translation_zyx: Sequence[float] = (0.0, 0.0, 0.0),
     source_name: Optional[str] = None,
     binarize_threshold: Optional[float] = None,
-    block_size: int = BLOCK_SIZE,
-    ngff_version: str = zarr_io.DEFAULT_NGFF_VERSION,
+    block_size: Optional[int] = None,
+    ngff_version: Optional[str] = None,
     probabilities: Optional[str] = None,
     probabilities_output: Optional[Union[str, Path]] = None,
-    workers: int = 0,
-    worker_memory: str = "1GiB",
+    workers: Optional[int] = None,
+    worker_memory: Optional[str] = None,
     scheduler: Optional[str] = None,
     processes: bool = True,
-    resume: bool = False,
+    resume: Optional[bool] = None,
     overwrite: bool = False,
     retries: int = RETRIES,
     max_blocks: Optional[int] = None,
@@ -891,8 +893,10 @@ def restore_to_ome_zarr(
         the output when worker processes are used.
     output : path of the new ``.ome.zarr``
     factor : int
-    settings : dict
-        ``eval.default_settings()``-style constants (training and inference).
+    settings : Settings
+        Training, inference and large-volume settings (``settings.large``: block
+        size, workers, resume, ...); a dict of ``eval.py``-style constants is read
+        as ``Settings.from_dict``, None is ``Settings()``.
     voxel_size_zyx, unit : the output's voxel size (isotropic-ish) and unit
     kind : {'mask', 'intensity'}
         'intensity': ``source`` holds grey values, restored as
@@ -908,6 +912,8 @@ def restore_to_ome_zarr(
     labels_source : ZarrImage or ndarray of uint, shape (K, H, W), optional
         Instance ids of the kept slices: the output gets ``labels/<label_name>``.
     translation_zyx : the input's origin, written to the output
+    block_size, ngff_version, workers, worker_memory, scheduler, resume, max_blocks :
+        Override ``settings.large`` (None: take it from there).
     block_size : int
         Lateral block edge (256 or less, or a multiple of 256).
     ngff_version : '0.4' (Zarr v2, default) or '0.5' (Zarr v3)
@@ -936,6 +942,13 @@ def restore_to_ome_zarr(
     ``label_blocks_inexact``, ``model`` (the model used), ``layout``
     (:class:`zarr_io.OutputLayout`), ``value_range`` (grey values, else None).
     """
+    settings = as_settings(settings)
+    given = dict(block_size=block_size, ngff_version=ngff_version, workers=workers, worker_memory=worker_memory,
+                 scheduler=scheduler, resume=resume, max_blocks=max_blocks)
+    large = dataclasses.replace(settings.large, **{k: v for k, v in given.items() if v is not None})
+    block_size, ngff_version, workers, worker_memory = (large.block_size, large.ngff_version, large.workers,
+                                                        large.worker_memory)
+    scheduler, resume, max_blocks = large.scheduler, large.resume, large.max_blocks
     output = os.path.abspath(str(output))
     chunk_xy = chunk_edge(block_size)
     zarr_io.ngff_format(ngff_version)  # validates the version
@@ -971,7 +984,7 @@ def restore_to_ome_zarr(
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
     _check_worker_memory(plan, n_kept, factor, inference, kernel_dtype, worker_memory, bool(workers or scheduler),
-                         settings.get("DEVICE") or None, grey_values)
+                         settings.inference.device, grey_values)
     # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
     value_range = volume_intensity_range(source) if grey_values else None
     window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
@@ -982,7 +995,7 @@ def restore_to_ome_zarr(
         "output_voxel_size_zyx": [float(v) for v in voxel_size_zyx], "output_unit": unit,
         "output_translation_zyx": [float(v) for v in translation_zyx],
         "ngff_version": ngff_version, "probabilities": probabilities, "binarize_threshold": binarize_threshold,
-        "probability_threshold": float(settings["PROBABILITY_THRESHOLD"]),
+        "probability_threshold": float(settings.inference.probability_threshold),
         # batching (tiles, pixels per batch) changes the speed, not the result
         "inference": {k: v for k, v in inference.items() if k not in ("batch_size", "batch_pixels")}})
 
@@ -1022,9 +1035,9 @@ def restore_to_ome_zarr(
                 source = _stage(output, "input", source)
             if isinstance(labels_source, np.ndarray):
                 labels_source = _stage(output, "labels_input", labels_source)
-        job = RestoreJob(source, plan, factor, inference, float(settings["PROBABILITY_THRESHOLD"]), kernel_dtype,
+        job = RestoreJob(source, plan, factor, inference, float(settings.inference.probability_threshold), kernel_dtype,
                          layout.image, prob_layout.image if prob_layout else None, output,
-                         str(Path(output) / MODEL_FILE), settings.get("DEVICE") or None, binarize_threshold,
+                         str(Path(output) / MODEL_FILE), settings.inference.device, binarize_threshold,
                          value_range)
         done = finished_blocks(output, "restore")
         todo = [i for i in range(len(plan)) if i not in done]

@@ -13,53 +13,63 @@ them with shape-based interpolation (the baseline) -> IoU against the original
 from __future__ import annotations
 
 # ----------------------------------------------------------------------------
-# Configuration (edit here, or pass e.g. --num-epochs 20 on the command line)
+# Configuration (edit here, or pass e.g. --num-epochs 20 on the command line).
+# The recipe's defaults are stated once, in settings.py (with their help texts);
+# replace a right-hand side by a value to change it for eval.py and apply.py.
 # ----------------------------------------------------------------------------
+from settings import Settings as _Settings
+
+_recipe = _Settings()
+# The run (eval.py only)
 INPUT_IMAGES_DIRECTORY = ""  # folder of 2D TIFF slices or one multipage TIFF; "" = built-in sample
-KIND = "auto"  # "mask", "labels", "intensity" (grey-scale) or "auto" (decided only where it cannot be wrong)
 OUTPUT_PREDICTION_OUTDIRECTORY = ""  # predicted stacks; "" = <RUN_DIRECTORY>/predicted
 OUTPUT_INTERPOLATED_DIRECTORY = ""  # morphed (baseline) stack; "" = <RUN_DIRECTORY>/interpolated
 RUN_DIRECTORY = ""  # model, figures, metrics.json; "" = a new folder runs/eval-<date>-<time>
-OVERWRITE = False  # replace existing output files (never done silently)
+OVERWRITE = False  # replace existing output files
 SAMPLE_SHAPE = (128, 128, 128)  # (D, H, W) of the built-in sample
+SHOW = "auto"  # slice viewer after the run: auto, yes, no
+# The input and the simulated voxel size
+KIND = _recipe.data.kind  # mask, labels, intensity or auto
+BINARIZE_THRESHOLD = _recipe.data.binarize_threshold  # None: foreground = value != 0
 XY_RESOLUTION = 2.0  # lateral pixel size
-Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION / XY_RESOLUTION rounded to the nearest integer
-VOXEL_UNIT = "um"  # unit of the resolutions, written into the TIFF metadata
-BINARIZE_THRESHOLD = -1.0  # foreground = value > threshold; < 0 means value != 0
-TRAIN_XY_SIZE = 128  # lateral crop edge for training, in pixels
-TRAIN_Z_SIZE = 5  # neighbouring kept slices fed as channels (odd)
-TRAIN_NB = 720  # number of training crops (train + validation); with a GPU try 3000 (docs/gpu.md)
-VAL_SPLIT = 0.1  # fraction of crops kept for validation
-MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
-RANDOM_STATE = 42  # seeds python, numpy and torch
-BATCH_SIZE = 8  # training batch size
-NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 4 for masks and label images, 20 for grey values
-LEARNING_RATE = 0.0  # peak learning rate (one-cycle schedule, Adam); 0 = by kind: 3e-3 for masks, 6e-3 for grey values
-DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
-BASE_FILTERS = 16  # width of the first U-Net level; with a GPU try 32 (with TRAIN_NB 3000: +0.009 IoU)
-DEPTH = 3  # U-Net down-sampling steps
-DROPOUT_RATE = 0.1  # bottleneck dropout
-INPUT_SKIP = True  # residual prediction: the network corrects the upscaled input
-SKIP_MERGE = "add"  # decoders add the gated encoder features ("add") or concatenate them ("concat": previous network)
-SHORTCUT_NORM = False  # BatchNorm after the 1x1 shortcut projection of a residual block (True in the previous network)
-UPSCALE_METHOD = "linear"  # interpolation that degrades training crops and upscales Z
-TRAIN_LATERAL_AXES = "yx"  # degrade training crops along Y and X at random ("yx") or along Y only ("y")
-CROP_POOL = 0.0  # draw TRAIN_NB x CROP_POOL candidate crops, train on the TRAIN_NB that interpolation gets most wrong (1 = random crops); 0 = by kind: 2 for masks and label images, 1 for grey values
-SLICE_PROFILE_FWHM = 0.0  # grey-scale: Gaussian slice profile of the training degradation, FWHM in Z steps (0 = none)
-INTENSITY_LOSS = "mse"  # grey-scale: regression loss, "mse" (+0.4 dB over "l1" at factor 4 on EM, a tie at 8) or "l1"
-INFERENCE_TILE_SIZE = 1024  # largest tile edge at inference (larger planes are tiled, tiles shrunk to fit)
-INFERENCE_BATCH_SIZE = 16  # tiles per forward pass at inference (on a CPU, see INFERENCE_BATCH_PIXELS)
-INFERENCE_BATCH_PIXELS = 131072  # CPU: at most this many pixels per forward pass, >= 2 tiles; 0 = no cap
-ORIENTATIONS = "yx"  # predict planes along Y ("y"), along X ("x") or both, averaged ("yx")
-CHANNEL_STRIDE = 0  # spacing of the channel planes at inference; 0 = factor (as in training)
-TTA_FLIPS = False  # average predictions over flips along Z and along the lateral axis
-KEEP_KEPT_SLICES = True  # copy the known slices verbatim into the prediction
-SKIP_EMPTY_TILES = True  # tiles that are zero in every channel reuse the model's output on zeros (exact)
-COMPILE = False  # torch.compile the inference network: 1.4-1.8x faster restore after ~45 s of compiling per tile shape; pays on several 10^8 voxels
-PRECISION = "auto"  # network arithmetic: "auto" (bfloat16 where the CPU/GPU has it natively), "fp32", "bf16"
-PROBABILITY_THRESHOLD = 0.5  # probability above which a voxel is foreground
-DEVICE = ""  # "cpu", "cuda" or "" = CUDA when available
-SHOW = "auto"  # slice viewer after the run: "auto" (when a display exists), "yes", "no"
+Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION / XY_RESOLUTION, rounded
+VOXEL_UNIT = "um"  # unit of the two sizes
+# Training
+TRAIN_XY_SIZE = _recipe.training.train_xy_size  # crop edge, px
+TRAIN_Z_SIZE = _recipe.training.train_z_size  # kept slices per crop (channels), odd
+TRAIN_NB = _recipe.training.train_nb  # crops
+VAL_SPLIT = _recipe.training.val_split
+MIN_CONTENT_RATIO = _recipe.training.min_content_ratio
+RANDOM_STATE = _recipe.training.random_state
+BATCH_SIZE = _recipe.training.batch_size
+NUM_EPOCHS = _recipe.training.num_epochs  # None: by kind
+LEARNING_RATE = _recipe.training.learning_rate  # None: by kind
+DICE_WEIGHT = _recipe.training.dice_weight
+UPSCALE_METHOD = _recipe.training.upscale_method
+PRECISION = _recipe.training.precision
+TRAIN_LATERAL_AXES = _recipe.training.lateral_axes
+CROP_POOL = _recipe.training.crop_pool  # None: by kind
+SLICE_PROFILE_FWHM = _recipe.training.profile_fwhm
+INTENSITY_LOSS = _recipe.training.intensity_loss
+# Network
+BASE_FILTERS = _recipe.network.base_filters
+DEPTH = _recipe.network.depth
+DROPOUT_RATE = _recipe.network.dropout_rate
+INPUT_SKIP = _recipe.network.input_skip
+SKIP_MERGE = _recipe.network.skip_merge
+SHORTCUT_NORM = _recipe.network.shortcut_norm
+# Inference
+INFERENCE_TILE_SIZE = _recipe.inference.tile_size  # px
+INFERENCE_BATCH_SIZE = _recipe.inference.batch_size
+INFERENCE_BATCH_PIXELS = _recipe.inference.batch_pixels
+ORIENTATIONS = _recipe.inference.orientations
+CHANNEL_STRIDE = _recipe.inference.channel_stride  # None: the factor
+TTA_FLIPS = _recipe.inference.tta_flips
+KEEP_KEPT_SLICES = _recipe.inference.keep_kept_slices
+SKIP_EMPTY_TILES = _recipe.inference.skip_empty_tiles
+COMPILE = _recipe.inference.compile
+PROBABILITY_THRESHOLD = _recipe.inference.probability_threshold
+DEVICE = _recipe.inference.device  # None: CUDA when available
 
 import argparse
 import functools
@@ -76,90 +86,91 @@ import numpy as np
 CONFIG_NAMES = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
 
 
+# The flags of the run constants above (the recipe's flags come from settings.py).
+RUN_FLAGS = {
+    "INPUT_IMAGES_DIRECTORY": ("--input", "PATH", "folder of 2D TIFF slices or one multipage TIFF",
+                               "the built-in sample"),
+    "RUN_DIRECTORY": ("--run-directory", "PATH", "folder for the model, figures and metrics.json",
+                      "a new folder runs/eval-<date>-<time>"),
+    "OUTPUT_PREDICTION_OUTDIRECTORY": ("--output-prediction-outdirectory", "PATH", "folder of the predicted stacks",
+                                       "<run directory>/predicted"),
+    "OUTPUT_INTERPOLATED_DIRECTORY": ("--output-interpolated-directory", "PATH",
+                                      "folder of the interpolated (baseline) stack", "<run directory>/interpolated"),
+    "OVERWRITE": ("--overwrite", None, "replace existing output files", None),
+    "SAMPLE_SHAPE": ("--sample-shape", "D,H,W", "size of the built-in sample", None),
+    "SHOW": ("--show", "{auto,yes,no}", "slice viewer after the run (auto: when a display exists)", None),
+}
+ALIASES = {"INPUT_IMAGES_DIRECTORY": ("--input-images-directory",)}
+
+
 def default_settings() -> Dict[str, Any]:
-    """The configuration constants of this module, as a dict."""
+    """The configuration constants of this module, as a dict (the run's and the recipe's)."""
     return {name: globals()[name] for name in CONFIG_NAMES}
 
 
+def default_recipe() -> "Settings":
+    """The recipe the constants of this module state, as :class:`settings.Settings`."""
+    from settings import Settings
+
+    return Settings.from_dict(default_settings())
+
+
 def _parse_value(text: str, default: Any) -> Any:
+    """A typed text as a value of the type of ``default`` (a run constant)."""
+    from settings import parse_bool, parse_shape
+
     if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+        return parse_bool(text)
     if isinstance(default, tuple):
-        return tuple(int(part) for part in text.replace("x", ",").split(","))
-    return type(default)(text)
+        return parse_shape(text)
+    return text if default is None else type(default)(text)
 
 
-def _constant_comments() -> Dict[str, str]:
-    """The comment after each constant in this file, used as its --help text."""
-    comments = {}
-    for line in Path(__file__).read_text().splitlines():
-        name, _, rest = line.partition(" = ")
-        if name in CONFIG_NAMES and "#" in rest:
-            comments[name] = rest.split("#", 1)[1].strip()
-    return comments
+def parse_setting(name: str, text: str) -> Any:
+    """``NAME=VALUE`` overrides: ``text`` as a value of the constant ``name`` (a recipe setting or a run
+    constant); old sentinels (``NUM_EPOCHS=0``) are accepted."""
+    from settings import FIELDS, parse_text
+
+    return parse_text(name, text) if name in FIELDS else _parse_value(text, default_settings()[name])
 
 
 def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
                  suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """A parser with one ``--kebab-case`` flag per configuration constant (or per name in ``names``).
+    """The command line of ``eval.py``: one flag per configuration constant (or per name in ``names``),
+    generated from the settings model (``settings.py``) and grouped as ``apply.py``'s.
 
     With ``suppress_defaults``, flags not given on the command line are absent
     from the parsed namespace (their default is still shown in ``--help``).
     """
+    from settings import FIELDS, SettingsParser, SwitchAction, add_setting_arguments, shown_default
+
     settings = default_settings()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = _constant_comments()
-    for name in names or CONFIG_NAMES:
-        default = settings[name]
-        help_text = comments.get(name, "") + (f" (default: {default})" if suppress_defaults else "")
-        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar="VALUE",
-                            default=argparse.SUPPRESS if suppress_defaults else default,
-                            type=lambda text, d=default: _parse_value(text, d), help=help_text)
+    parser = SettingsParser(description=__doc__.split("\n\n")[0], add_help=add_help)
+    for name in (n for n in (names or CONFIG_NAMES) if n in RUN_FLAGS):
+        flag, metavar, text, means = RUN_FLAGS[name]
+        help_text = f"{text} (default: {shown_default(settings[name], None) if means is None else means})"
+        options = [flag, *ALIASES.get(name, ())]
+        if isinstance(settings[name], bool):
+            parser.add_argument(*options, dest=name, action=SwitchAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(*options, dest=name, metavar=metavar, default=argparse.SUPPRESS, help=help_text,
+                                type=lambda text, d=settings[name]: _parse_value(text, d))
+    recipe = [n for n in (names or CONFIG_NAMES) if n in FIELDS]
+    add_setting_arguments(parser, settings, recipe)
+    if not suppress_defaults:
+        parser.set_defaults(**{name: settings[name] for name in (names or CONFIG_NAMES)})
     return parser
 
 
 def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
-    from data import KINDS, UserError, resolution_factor
-    from model import PRECISIONS, SKIP_MERGES
-    from train import check_crop_pool, check_lateral_axes
+    from data import UserError, resolution_factor
+    from settings import Settings
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
-    if settings["TRAIN_Z_SIZE"] % 2 == 0 or settings["TRAIN_Z_SIZE"] < 1:
-        raise UserError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {settings['TRAIN_Z_SIZE']}.")
-    if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
-        raise UserError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
-    check_lateral_axes(settings["TRAIN_LATERAL_AXES"])
-    if settings["UPSCALE_METHOD"] not in ("linear", "nearest"):
-        # 'sdf' would blend distance maps across the channel planes of a 2D crop,
-        # so training and inference would not see the same interpolation.
-        raise UserError(f"UPSCALE_METHOD must be 'linear' or 'nearest', got '{settings['UPSCALE_METHOD']}'.")
-    if settings["NUM_EPOCHS"] < 0:
-        raise UserError(f"NUM_EPOCHS must be 0 (by kind) or a positive number of epochs, got {settings['NUM_EPOCHS']}.")
-    if settings["LEARNING_RATE"] < 0:
-        raise UserError(f"LEARNING_RATE must be 0 (by kind) or positive, got {settings['LEARNING_RATE']}.")
-    if settings["CROP_POOL"] != 0:
-        check_crop_pool(settings["CROP_POOL"])
-    if not 0 < settings["VAL_SPLIT"] < 1:
-        raise UserError(f"VAL_SPLIT must be between 0 and 1, got {settings['VAL_SPLIT']}.")
+    Settings.from_dict(settings).validate()
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):
         raise UserError(f"SHOW must be auto, yes or no, got '{settings['SHOW']}'.")
-    if settings["KIND"] not in KINDS:
-        raise UserError(f"KIND must be one of {', '.join(KINDS)}, got '{settings['KIND']}'.")
-    if settings["INTENSITY_LOSS"] not in ("l1", "mse"):
-        raise UserError(f"INTENSITY_LOSS must be 'l1' or 'mse', got '{settings['INTENSITY_LOSS']}'.")
-    if settings["INFERENCE_BATCH_PIXELS"] < 0:
-        raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
-                        f"{settings['INFERENCE_BATCH_PIXELS']}.")
-    if settings["SKIP_MERGE"] not in SKIP_MERGES:
-        raise UserError(f"SKIP_MERGE must be one of {', '.join(SKIP_MERGES)}, got '{settings['SKIP_MERGE']}'.")
-    if settings["PRECISION"] not in PRECISIONS:
-        raise UserError(f"PRECISION must be one of {', '.join(PRECISIONS)}, got '{settings['PRECISION']}'.")
 
 
 def display_available() -> bool:
@@ -314,7 +325,7 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise OutputExistsError(f"Output files already exist: {', '.join(existing)}. Choose other output "
-                                  "directories or pass --overwrite true.")
+                                  "directories or pass --overwrite.")
     return paths
 
 
@@ -330,8 +341,8 @@ def load_evaluation_stack(settings: Dict[str, Any]):
 
     if settings["INPUT_IMAGES_DIRECTORY"]:
         source = str(settings["INPUT_IMAGES_DIRECTORY"])
-        threshold = settings["BINARIZE_THRESHOLD"] if settings["BINARIZE_THRESHOLD"] >= 0 else None
-        kind, truth, labels = read_typed_stack(source, settings["KIND"], threshold)
+        recipe = _Settings.from_dict(settings)
+        kind, truth, labels = read_typed_stack(source, recipe.data.kind, recipe.data.binarize_threshold)
         return kind, truth, labels, source
     shape, seed = tuple(settings["SAMPLE_SHAPE"]), settings["RANDOM_STATE"]
     source = f"built-in sample {shape}"
@@ -341,16 +352,16 @@ def load_evaluation_stack(settings: Dict[str, Any]):
     return "labels" if settings["KIND"] != "mask" else "mask", labels > 0, labels, source
 
 
-def _evaluate_masks(settings, truth, true_labels, sparse, kept_indices, factor, device):
+def _evaluate_masks(recipe, truth, true_labels, sparse, kept_indices, factor, device):
     """Network, shape-based and nearest restorations of a mask, with IoU (and per-label IoU)."""
     from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
     from morph import interpolate_along_axis, morph_stack_interpolated
     from restore import assign_labels, restore_probabilities, threshold_probabilities
 
     print("Generating training samples, training and applying the model ...")
-    probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=truth.shape[0],
+    probabilities, model, info = restore_probabilities(sparse, factor, recipe, original_depth=truth.shape[0],
                                                        device=device, out_dtype=np.uint8)
-    predicted = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"])
+    predicted = threshold_probabilities(probabilities, recipe.inference.probability_threshold)
     timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
     print("Morphological (shape-based) interpolation ...")
     t0 = time.perf_counter()
@@ -378,7 +389,7 @@ def _evaluate_masks(settings, truth, true_labels, sparse, kept_indices, factor, 
     return stacks, scores, model, info, timings, figure
 
 
-def _evaluate_intensities(settings, truth, sparse, kept_indices, factor, device):
+def _evaluate_intensities(recipe, truth, sparse, kept_indices, factor, device):
     """Network, linear and cubic restorations of a grey-scale stack, with PSNR and SSIM."""
     from data import as_grey_values
     from metrics import score_intensity_reconstruction
@@ -386,7 +397,7 @@ def _evaluate_intensities(settings, truth, sparse, kept_indices, factor, device)
     from restore import restore_intensity
 
     print("Generating training samples, training and applying the model (grey-scale) ...")
-    predicted, model, info = restore_intensity(sparse, factor, settings, original_depth=truth.shape[0], device=device)
+    predicted, model, info = restore_intensity(sparse, factor, recipe, original_depth=truth.shape[0], device=device)
     timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
     as_truth = functools.partial(as_grey_values, dtype=truth.dtype)
     linear = as_truth(interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="linear"))
@@ -415,16 +426,21 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
     from restore import fit_recipe_to_stack, model_config
     from train import display_training_results, plot_loss_history
 
+    from settings import FITTED_TO, Settings
+
     validate_settings(settings)
+    recipe = Settings.from_dict(settings)
     start = time.perf_counter()
-    device = select_device(settings["DEVICE"] or None)
+    device = select_device(recipe.inference.device)
     print(f"Computation will be performed on device: {device.type}")
 
     factor = resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     print("Loading the stack ...")
     kind, truth, true_labels, source = load_evaluation_stack(settings)
     sparse, kept_indices = downsample_z(truth, factor)
-    settings, notes = fit_recipe_to_stack(settings, sparse.shape, factor, typed)
+    recipe, notes = fit_recipe_to_stack(recipe, sparse.shape, factor, typed)
+    settings = {**settings, **{name: value for name, value in recipe.as_dict().items()
+                               if name in settings or name == FITTED_TO}}
     for note in notes:
         print(f"Recipe fitted to the stack: {note}.")
     paths = output_paths(settings)
@@ -432,16 +448,16 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
     print(f"Outputs go to {paths['metrics'].parent}")
 
     if kind == "intensity":
-        stacks, scores, model, info, timings, figure = _evaluate_intensities(settings, truth, sparse, kept_indices,
+        stacks, scores, model, info, timings, figure = _evaluate_intensities(recipe, truth, sparse, kept_indices,
                                                                              factor, device)
     else:
-        stacks, scores, model, info, timings, figure = _evaluate_masks(settings, truth, true_labels, sparse,
+        stacks, scores, model, info, timings, figure = _evaluate_masks(recipe, truth, true_labels, sparse,
                                                                        kept_indices, factor, device)
 
     print("Saving ...")
     voxel = (settings["XY_RESOLUTION"],) * 3
     unit, overwrite = settings["VOXEL_UNIT"], settings["OVERWRITE"]
-    config = dict(model_config(settings, factor), kind=kind)
+    config = dict(model_config(recipe, factor), kind=kind)
     written = [save_model(paths["model"], model, config, overwrite=overwrite)]
     written += [save_stack(paths[name], stack, voxel, unit, overwrite) for name, stack in stacks.items()]
     plot_loss_history(info["history"], paths["loss_curve"])
@@ -484,8 +500,8 @@ def run_cli(job, *args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    typed = list(vars(build_parser(suppress_defaults=True).parse_args(argv)))
-    return run_cli(run_evaluation, vars(build_parser().parse_args(argv)), typed)
+    typed = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    return run_cli(run_evaluation, dict(default_settings(), **typed), list(typed))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import blocks
 import restore
 from machine import machine_key
+from settings import Settings
 
 # Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
 PROCESS_BYTES = blocks.PROCESS_BYTES
@@ -44,7 +45,7 @@ class RestorePlan:
     voxel_in_zyx: Tuple[float, float, float]
     unit: str
     translation_zyx: Tuple[float, float, float]
-    settings: Dict[str, Any]
+    settings: Settings
     trained: bool  # False: a model was given
     block_size: Optional[int] = None  # block-wise into OME-Zarr, else None (in memory)
     workers: int = 0
@@ -53,9 +54,8 @@ class RestorePlan:
 
     @property
     def binarize_threshold(self) -> Optional[float]:
-        """``BINARIZE_THRESHOLD`` as the readers take it: None (foreground = non-zero) for a negative value."""
-        value = self.settings["BINARIZE_THRESHOLD"]
-        return value if value >= 0 else None
+        """``BINARIZE_THRESHOLD`` as the readers take it: None means foreground = non-zero."""
+        return self.settings.data.binarize_threshold
 
     @property
     def output_shape(self) -> Tuple[int, int, int]:
@@ -113,7 +113,7 @@ class RestorePlan:
         """Training plus restore time from the throughputs recorded on this machine class, or None."""
         if self.factor < 2:
             return None
-        rates = recorded_throughput(self.kind, self.settings.get("DEVICE", ""))
+        rates = recorded_throughput(self.kind, self.settings.inference.device or "")
         if rates is None or (self.trained and not rates.get("train_pixels_per_s")):
             return None
         train = self.training_crop_pixels() / rates["train_pixels_per_s"] if self.trained else 0.0
@@ -140,7 +140,7 @@ class RestorePlan:
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
             f"training: {self.training_line()}",
-            "expected time: " + (f"about {expected:.0f} s on {machine_key(self.settings.get('DEVICE', ''))} "
+            "expected time: " + (f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} "
                                  "(from earlier runs here)" if expected is not None else
                                  "not known yet (no run measured on this machine class)"),
         ]

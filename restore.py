@@ -16,16 +16,17 @@ probabilities come back; on a CPU the same code runs with bfloat16 where the
 processor has native support.
 
 This module also holds the train-then-restore recipe shared by every script,
-label-id assignment and the table that maps ``eval.py``'s constants to the
-engine's arguments. It imports nothing above it.
+label-id assignment, and the translation of the settings model
+(``settings.Settings``) into the engine's arguments. It imports nothing above it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
+from settings import FITTED_TO, RECIPE_BY_KIND, Settings, as_settings  # noqa: F401 (re-exported)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import bracket, interpolate_along_axis
 
@@ -47,99 +49,37 @@ CHUNK_VALUES = 4_000_000
 CPU_BATCH_PIXELS = 2 ** 17
 
 # --------------------------------------------------------------------------- #
-# The settings table: which eval.py constant feeds which engine argument
+# The recipe: settings.Settings as the engine's arguments
 # --------------------------------------------------------------------------- #
-# name -> (stage, keyword); stage 'train' goes to train.fit_on_sparse_stack, 'infer' to restore_block,
-# 'restore' is read by the recipe itself. Every name here is also an apply.py flag.
-SETTINGS: Dict[str, Tuple[str, str]] = {
-    "TRAIN_XY_SIZE": ("train", "train_xy_size"),
-    "TRAIN_Z_SIZE": ("train", "train_z_size"),
-    "TRAIN_NB": ("train", "train_nb"),
-    "VAL_SPLIT": ("train", "val_split"),
-    "MIN_CONTENT_RATIO": ("train", "min_content_ratio"),
-    "RANDOM_STATE": ("train", "random_state"),
-    "BATCH_SIZE": ("train", "batch_size"),
-    "NUM_EPOCHS": ("train", "num_epochs"),
-    "LEARNING_RATE": ("train", "learning_rate"),
-    "DICE_WEIGHT": ("train", "dice_weight"),
-    "BASE_FILTERS": ("train", "base_filters"),
-    "DEPTH": ("train", "depth"),
-    "DROPOUT_RATE": ("train", "dropout_rate"),
-    "INPUT_SKIP": ("train", "input_skip"),
-    "SKIP_MERGE": ("train", "skip_merge"),
-    "SHORTCUT_NORM": ("train", "shortcut_norm"),
-    "UPSCALE_METHOD": ("train", "upscale_method"),
-    "PRECISION": ("train", "precision"),
-    "TRAIN_LATERAL_AXES": ("train", "lateral_axes"),
-    "CROP_POOL": ("train", "crop_pool"),
-    "SLICE_PROFILE_FWHM": ("train", "profile_fwhm"),
-    "INTENSITY_LOSS": ("train", "intensity_loss"),
-    "INFERENCE_TILE_SIZE": ("infer", "tile_size"),
-    "INFERENCE_BATCH_SIZE": ("infer", "batch_size"),
-    "INFERENCE_BATCH_PIXELS": ("infer", "batch_pixels"),
-    "ORIENTATIONS": ("infer", "orientations"),
-    "CHANNEL_STRIDE": ("infer", "channel_stride"),
-    "TTA_FLIPS": ("infer", "flips"),
-    "KEEP_KEPT_SLICES": ("infer", "keep_kept_slices"),
-    "SKIP_EMPTY_TILES": ("infer", "skip_empty"),
-    "COMPILE": ("infer", "compile"),
-    "KIND": ("restore", "kind"),
-    "BINARIZE_THRESHOLD": ("restore", "binarize_threshold"),
-    "PROBABILITY_THRESHOLD": ("restore", "probability_threshold"),
-    "DEVICE": ("restore", "device"),
-}
-# Saved with a model: what applying it later needs to see the geometry it was trained on.
-MODEL_RECIPE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TILE_SIZE", "ORIENTATIONS",
-                "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES", "PROBABILITY_THRESHOLD", "RANDOM_STATE")
+def training_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None, kind: str = "mask") -> Dict[str, Any]:
+    """The training recipe of ``settings`` as keyword arguments of ``train.fit_on_sparse_stack``.
 
-
-# NUM_EPOCHS = 0, LEARNING_RATE = 0 and CROP_POOL = 0 take the kind's recipe. Regressing grey values
-# gains far more from a longer, faster-stepping training than masks do (Lucchi++ EM, factor 8, over
-# linear: 5 epochs at 3e-3 +0.83 dB / +0.052 SSIM, 10 at 6e-3 +1.21 / +0.067, 20 at 6e-3 +1.56 / +0.082),
-# and gains nothing from hard crops at that budget. Masks, the everyday and cheaper job, train 4 epochs on
-# the half of twice as many random crops that interpolation gets most wrong: a fifth fewer steps than 5
-# epochs of random crops, better on the real stacks and tied on the phantoms (docs/ablations.md, "Training budget").
-# Training cost does not grow with the volume (TRAIN_NB crops per epoch).
-RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0},
-                  "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0}}
-
-
-def training_kwargs(settings: Dict[str, Any], kind: str = "mask") -> Dict[str, Any]:
-    """Keyword arguments of ``train.fit_on_sparse_stack`` from ``eval.py``-style settings.
-
-    ``NUM_EPOCHS``, ``LEARNING_RATE`` and ``CROP_POOL`` 0 become the recipe of ``kind``
-    ('mask' or 'intensity'; :data:`RECIPE_BY_KIND`); other values are used as given.
+    "By kind" values (``NUM_EPOCHS``, ``LEARNING_RATE``, ``CROP_POOL``) become the recipe of ``kind``
+    ('mask' or 'intensity'; :data:`settings.RECIPE_BY_KIND`); other values are used as given.
     """
-    kwargs = {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "train"}
-    for keyword, value in RECIPE_BY_KIND[kind].items():
-        kwargs[keyword] = kwargs[keyword] or value
-    return kwargs
+    settings = as_settings(settings)
+    return {**dataclasses.asdict(settings.training.for_kind(kind)), **dataclasses.asdict(settings.network)}
 
 
-# The training settings that inference_kwargs reads too: the geometry and arithmetic a model was trained with.
-TRAINING_SETTINGS_READ_AT_INFERENCE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "PRECISION")
-
-
-def inference_kwargs(settings: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
-    """Keyword arguments of :func:`restore_block` from ``eval.py``-style settings; with ``model``, the
-    channel planes are those the model takes (a recipe fitted to a small stack may have fewer)."""
-    kwargs = {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "infer"}
+def inference_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None,
+                     model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """Keyword arguments of :func:`restore_block` from ``settings``; with ``model``, the channel planes
+    are those the model takes (a recipe fitted to a small stack may have fewer)."""
+    settings = as_settings(settings)
+    training, inference = settings.training, settings.inference
     architecture = getattr(model, "architecture", {})
-    kwargs.update(
-        train_depth=architecture.get("in_channels", settings["TRAIN_Z_SIZE"]), upscale_method=settings["UPSCALE_METHOD"],
-        precision=settings["PRECISION"], tile_size=max(settings["INFERENCE_TILE_SIZE"], settings["TRAIN_XY_SIZE"]),
-        channel_stride=settings["CHANNEL_STRIDE"] or None, orientations=tuple(settings["ORIENTATIONS"]),
-        flips=((), (-1,), (-2,), (-2, -1)) if settings["TTA_FLIPS"] else ((),))
-    return kwargs
+    return dict(
+        train_depth=architecture.get("in_channels", training.train_z_size), upscale_method=training.upscale_method,
+        precision=training.precision, tile_size=max(inference.tile_size, training.train_xy_size),
+        batch_size=inference.batch_size, batch_pixels=inference.batch_pixels,
+        channel_stride=inference.channel_stride, orientations=tuple(inference.orientations),
+        flips=((), (-1,), (-2,), (-2, -1)) if inference.tta_flips else ((),),
+        keep_kept_slices=inference.keep_kept_slices, skip_empty=inference.skip_empty_tiles,
+        compile=inference.compile)
 
 
-# Set by fit_recipe_to_stack: the (K, H, W, factor) a recipe was fitted to, so that training fits it
-# again only for another stack (a script fits first, with the names the user typed, which must stay).
-FITTED_TO = "RECIPE_FITTED_TO"
-
-
-def fit_recipe_to_stack(settings: Dict[str, Any], shape_khw: Sequence[int], factor: int,
-                        typed: Sequence[str] = ()) -> Tuple[Dict[str, Any], List[str]]:
+def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw: Sequence[int], factor: int,
+                        typed: Sequence[str] = ()) -> Tuple[Union[Settings, Dict[str, Any]], List[str]]:
     """The training recipe of ``settings`` fitted to a stack of kept slices ``shape_khw``.
 
     A stack smaller than the recipe trains on what it holds: ``TRAIN_XY_SIZE``
@@ -151,14 +91,14 @@ def fit_recipe_to_stack(settings: Dict[str, Any], shape_khw: Sequence[int], fact
 
     Parameters
     ----------
-    settings : dict of ``eval.py``-style constants
+    settings : Settings, or a dict of ``eval.py``-style constants
     shape_khw : (K, H, W) of the kept slices
     factor : int
-    typed : names of settings the user gave explicitly
+    typed : names of settings the user gave explicitly (``TRAIN_NB``, ...)
 
     Returns
     -------
-    settings : a copy, fitted
+    settings : a copy, fitted and marked as fitted (``Settings.fitted_to``); a dict for a dict
     notes : one sentence per setting changed, for the plan
 
     Raises
@@ -167,42 +107,48 @@ def fit_recipe_to_stack(settings: Dict[str, Any], shape_khw: Sequence[int], fact
         The stack is smaller than the smallest that trains (2 kept slices,
         :func:`train.smallest_crop_edge` pixels), or a typed setting does not fit.
     """
+    if not isinstance(settings, Settings):  # the dict view in, the dict view out
+        fitted, notes = fit_recipe_to_stack(Settings.from_dict(settings), shape_khw, factor, typed)
+        changed = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB", FITTED_TO)
+        return dict(settings, **{name: fitted[name] for name in changed}), notes
     from train import (DRAWS_PER_DISTINCT_CROP, check_crop_size, distinct_crops, largest_crop_edge,
                        smallest_crop_edge)
 
     n_kept, height, width = (int(s) for s in shape_khw)
-    if settings.get(FITTED_TO) == [n_kept, height, width, int(factor)]:
-        return dict(settings), []  # fitted already, with the caller's typed names
-    fitted, notes = dict(settings, **{FITTED_TO: [n_kept, height, width, int(factor)]}), []
-    smallest = smallest_crop_edge(factor, settings["DEPTH"])
+    stack = (n_kept, height, width, int(factor))
+    if settings.fitted_to == stack:
+        return settings, []  # fitted already, with the caller's typed names
+    training, depth = settings.training, settings.network.depth
+    smallest = smallest_crop_edge(factor, depth)
     if n_kept < 2 or min(height, width) < smallest:
         raise UserError(f"A stack of {n_kept} kept slices of {height} x {width} pixels is too small to train on at "
                         f"factor {factor}: it needs at least 2 slices of {smallest} x {smallest} pixels. Restore it "
                         "with a model trained on a larger stack of the same kind (--model).")
-    if settings["TRAIN_Z_SIZE"] > n_kept and "TRAIN_Z_SIZE" not in typed:
-        fitted["TRAIN_Z_SIZE"] = n_kept if n_kept % 2 else n_kept - 1
-        notes.append(f"TRAIN_Z_SIZE {settings['TRAIN_Z_SIZE']} -> {fitted['TRAIN_Z_SIZE']}: the stack has "
+    fitted, notes = {}, []
+    if training.train_z_size > n_kept and "TRAIN_Z_SIZE" not in typed:
+        fitted["train_z_size"] = n_kept if n_kept % 2 else n_kept - 1
+        notes.append(f"TRAIN_Z_SIZE {training.train_z_size} -> {fitted['train_z_size']}: the stack has "
                      f"{n_kept} slices")
-    edge = largest_crop_edge(height, width, settings["DEPTH"])
-    if settings["TRAIN_XY_SIZE"] > edge and "TRAIN_XY_SIZE" not in typed:
-        fitted["TRAIN_XY_SIZE"] = edge
-        notes.append(f"TRAIN_XY_SIZE {settings['TRAIN_XY_SIZE']} -> {edge}: the slices are {height} x {width} pixels")
-    crop_zyx = (fitted["TRAIN_Z_SIZE"], fitted["TRAIN_XY_SIZE"], fitted["TRAIN_XY_SIZE"])
+    edge = largest_crop_edge(height, width, depth)
+    if training.train_xy_size > edge and "TRAIN_XY_SIZE" not in typed:
+        fitted["train_xy_size"] = edge
+        notes.append(f"TRAIN_XY_SIZE {training.train_xy_size} -> {edge}: the slices are {height} x {width} pixels")
+    crop_zyx = (fitted.get("train_z_size", training.train_z_size),) + (fitted.get("train_xy_size",
+                                                                                 training.train_xy_size),) * 2
     check_crop_size((n_kept, height, width), crop_zyx, factor)
     most = DRAWS_PER_DISTINCT_CROP * distinct_crops((n_kept, height, width), crop_zyx, factor,
-                                                    settings["TRAIN_LATERAL_AXES"], 2 ** settings["DEPTH"])
-    if settings["TRAIN_NB"] > most and "TRAIN_NB" not in typed:
-        fitted["TRAIN_NB"] = most
-        notes.append(f"TRAIN_NB {settings['TRAIN_NB']} -> {most}: the stack offers "
+                                                    training.lateral_axes, 2 ** depth)
+    if training.train_nb > most and "TRAIN_NB" not in typed:
+        fitted["train_nb"] = most
+        notes.append(f"TRAIN_NB {training.train_nb} -> {most}: the stack offers "
                      f"{most // DRAWS_PER_DISTINCT_CROP} distinct crops")
-    return fitted, notes
+    return dataclasses.replace(settings, training=dataclasses.replace(training, **fitted), fitted_to=stack), notes
 
 
-def model_config(settings: Dict[str, Any], factor: int) -> Dict[str, Any]:
-    """What a saved model needs to be applied later without retraining."""
-    config = {name.lower(): settings[name] for name in MODEL_RECIPE}
-    config["factor"] = int(factor)
-    return config
+def model_config(settings: Union[Settings, Mapping[str, Any], None], factor: int) -> Dict[str, Any]:
+    """What a saved model keeps: the recipe it was trained with (:meth:`Settings.model_record`) and
+    the factor; a restore reads back the settings marked ``model="read"``."""
+    return dict(as_settings(settings).model_record(), factor=int(factor))
 
 
 # --------------------------------------------------------------------------- #
@@ -807,10 +753,10 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
     return mask
 
 
-def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None,
                    device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask"
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Train a model on the kept slices with ``settings``' recipe.
+    """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
 
     ``kind`` 'mask' binarises ``sparse_khw`` (non-zero = foreground);
     'intensity' takes it as normalised float32 grey values
@@ -822,19 +768,20 @@ def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any]
     """
     from train import fit_on_sparse_stack
 
-    device = device or select_device(settings.get("DEVICE") or None)
+    settings = as_settings(settings)
+    device = device or select_device(settings.inference.device)
     if kind == "mask":
         sparse_khw = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor)[0]  # a no-op when the caller fitted it
     start = time.perf_counter()
-    model, history, samples = fit_on_sparse_stack(sparse_khw, factor, device=device, progress=progress, kind=kind,
-                                                  **training_kwargs(settings, kind))
+    model, history, samples = fit_on_sparse_stack(sparse_khw, factor, settings, kind=kind, device=device,
+                                                  progress=progress)
     examples = {name: (inputs[:3].copy(), labels[:3].copy()) for name, (inputs, labels) in samples.items()}
     del samples
     return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}
 
 
-def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None,
                           model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                           device: Optional[torch.device] = None, out_dtype=np.uint8,
                           progress: bool = True) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
@@ -848,8 +795,9 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
     sparse_khw : ndarray, shape (K, H, W)
         Kept slices, Z step ``factor`` (non-zero = foreground).
     factor : int
-    settings : dict
-        ``eval.default_settings()``-style constants (training and inference).
+    settings : Settings, optional
+        Training and inference recipe (a dict of ``eval.py``-style constants
+        is read as :meth:`Settings.from_dict`); default ``Settings()``.
     model : nn.Module, optional
         A trained model; without one, a model is trained on ``sparse_khw``.
     original_depth : int, optional
@@ -865,7 +813,8 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Dict[st
         (``None`` / 0 when a model was given), ``steps`` (training steps) and
         ``inference`` (tile counters, see :func:`predict_tiled`)
     """
-    device = device or select_device(settings.get("DEVICE") or None)
+    settings = as_settings(settings)
+    device = device or select_device(settings.inference.device)
     foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     if model is None:
@@ -897,7 +846,7 @@ def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: int
     restored_dhw[kept] = kept_khw[: len(kept)]
 
 
-def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any],
+def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None,
                       model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                       device: Optional[torch.device] = None, out_dtype=None, progress: bool = True
                       ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
@@ -912,7 +861,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, An
     ----------
     stack_khw : ndarray, shape (K, H, W), any numeric dtype
     factor : int
-    settings : dict
+    settings : Settings, optional (see :func:`restore_probabilities`)
     model : intensity model, optional
     original_depth : int, optional
     out_dtype : numpy dtype, optional
@@ -927,7 +876,8 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, An
     """
     from data import denormalize_intensity, intensity_range, normalize_intensity
 
-    device = device or select_device(settings.get("DEVICE") or None)
+    settings = as_settings(settings)
+    device = device or select_device(settings.inference.device)
     value_range = intensity_range(stack_khw)
     normalized = normalize_intensity(stack_khw, value_range)
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
@@ -941,14 +891,14 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Dict[str, An
                                                          stats=info["inference"], **inference_kwargs(settings, model))
     del normalized
     restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
-    if settings["KEEP_KEPT_SLICES"]:
+    if settings.inference.keep_kept_slices:
         copy_kept_slices(restored, stack_khw, factor)
     info["infer_s"] = time.perf_counter() - start
     info["value_range"] = value_range
     return restored, model, info
 
 
-def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], model: Optional[nn.Module] = None,
+def restore_stack(stack_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None, model: Optional[nn.Module] = None,
                   labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
                   probability_dtype=np.uint8, keep_probabilities: bool = True
                   ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:
@@ -959,8 +909,7 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], 
     stack_khw : ndarray of bool, shape (K, H, W)
         The acquired slices (foreground mask).
     factor : int
-    settings : dict
-        ``eval.default_settings()``-style constants (training and inference).
+    settings : Settings, optional (see :func:`restore_probabilities`)
     model : nn.Module, optional
         A trained model; without one, a model is trained on ``stack_khw``
         itself, exactly as ``eval.py`` trains.
@@ -982,10 +931,11 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: Dict[str, Any], 
     model : the model used
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
+    settings = as_settings(settings)
     probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
                                                        out_dtype=probability_dtype)
     in_place = not keep_probabilities and probabilities.dtype == np.uint8
-    restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=in_place)
+    restored = threshold_probabilities(probabilities, settings.inference.probability_threshold, in_place=in_place)
     probabilities = None if in_place else probabilities
     if labels is not None:
         restored = assign_labels(restored, labels, factor)

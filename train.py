@@ -7,9 +7,10 @@ inference), is a training input whose answer is known: the undegraded crop.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,9 +21,7 @@ from tqdm.auto import tqdm
 from data import UserError
 from model import AttentionResUNet, autocast, resolve_precision, select_device
 from morph import interpolate_along_axis
-
-
-LATERAL_AXES = ("yx", "y")  # training crops degraded along Y or X at random, or along Y only
+from settings import LATERAL_AXES, Network, Settings, Training, as_settings, check_crop_pool  # noqa: F401
 
 
 def seed_everything(seed: int) -> None:
@@ -75,13 +74,6 @@ def check_lateral_axes(lateral_axes: str) -> None:
     """Raise a clear error for a ``TRAIN_LATERAL_AXES`` that is not one of :data:`LATERAL_AXES`."""
     if lateral_axes not in LATERAL_AXES:
         raise UserError(f"TRAIN_LATERAL_AXES must be one of {', '.join(LATERAL_AXES)}, got '{lateral_axes}'.")
-
-
-def check_crop_pool(crop_pool: float) -> None:
-    """Raise a clear error for a ``CROP_POOL`` below 1."""
-    if not crop_pool >= 1:
-        raise UserError(f"CROP_POOL must be at least 1 (1 = every crop drawn is used; 0 in eval.py: by kind), "
-                        f"got {crop_pool}.")
 
 
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
@@ -356,10 +348,10 @@ def train_execution_process(
     dice_weight: float = 0.0,
     progress: bool = True,
     precision: str = "fp32",
-    intensity_loss: str = "l1",
+    intensity_loss: str = Training.intensity_loss,
 ) -> Tuple[nn.Module, Dict[str, List[float]]]:
-    """Train with Adam and BCE-with-logits (+ optional soft Dice; L1 for an
-    intensity model), one-cycle LR.
+    """Train with Adam and BCE-with-logits (+ optional soft Dice; ``intensity_loss``,
+    MSE or L1, for an intensity model), one-cycle LR.
 
     Prints ``Epoch [X/Y] Train Loss: ..., Val Loss: ...`` after each epoch and
     returns the model with the weights of the best validation epoch, plus the
@@ -434,40 +426,51 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn, device: torch.d
     return total / max(count, 1)
 
 
+def training_recipe(recipe: Union[Settings, Mapping[str, Any], None] = None, kind: str = "mask",
+                    **changes: Any) -> Tuple[Training, Network]:
+    """The training recipe and network of ``recipe`` (default ``Settings()``, the command line's), with
+    ``changes`` (field names of :class:`settings.Training` and :class:`settings.Network`, e.g.
+    ``train_nb=240``) and the "by kind" values of ``kind`` filled in."""
+    recipe = as_settings(recipe)
+    training_names = {f.name for f in dataclasses.fields(Training)}
+    network_names = {f.name for f in dataclasses.fields(Network)}
+    unknown = set(changes) - training_names - network_names
+    if unknown:
+        raise TypeError(f"fit_on_sparse_stack got unknown settings {', '.join(sorted(unknown))}; they are fields "
+                        "of settings.Training and settings.Network.")
+    training = dataclasses.replace(recipe.training, **{k: v for k, v in changes.items() if k in training_names})
+    network = dataclasses.replace(recipe.network, **{k: v for k, v in changes.items() if k in network_names})
+    return training.for_kind(kind), network
+
+
 def fit_on_sparse_stack(
     sparse_dhw: np.ndarray,
     factor: int,
-    train_xy_size: int = 128,
-    train_z_size: int = 5,
-    train_nb: int = 720,
-    batch_size: int = 8,
-    num_epochs: int = 4,
-    learning_rate: float = 3e-3,
-    val_split: float = 0.1,
-    min_content_ratio: float = 0.005,
-    base_filters: int = 16,
-    depth: int = 3,
-    dropout_rate: float = 0.1,
-    input_skip: bool = True,
-    skip_merge: str = "add",
-    shortcut_norm: bool = False,
-    dice_weight: float = 0.0,
-    upscale_method: str = "linear",
-    random_state: int = 42,
-    precision: str = "auto",
+    recipe: Union[Settings, Mapping[str, Any], None] = None,
+    *,
     kind: str = "mask",
-    profile_fwhm: float = 0.0,
-    lateral_axes: str = "yx",
-    crop_pool: float = 2.0,
-    intensity_loss: str = "mse",
     device: Optional[torch.device] = None,
     progress: bool = True,
+    **changes: Any,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """The complete self-supervised training on a sparse stack.
 
     This is the one training recipe that ``eval.py``, ``apply.py`` and
-    ``bench.py`` share; its defaults are the command line's recipe for masks
-    (``restore.training_kwargs(eval.default_settings(), "mask")``, checked by a test).
+    ``bench.py`` share; without ``recipe`` it is the command line's
+    (``settings.Settings()``), for ``kind``.
+
+    Parameters
+    ----------
+    sparse_dhw : ndarray, shape (K, H, W)
+        The kept slices: a mask (non-zero = foreground) or, with ``kind='intensity'``,
+        normalised float32 grey values.
+    factor : int
+    recipe : Settings, optional
+        The recipe (a dict of ``eval.py``-style constants is read as ``Settings.from_dict``).
+    kind : {'mask', 'intensity'}
+    **changes
+        Fields of :class:`settings.Training` or :class:`settings.Network` changed from ``recipe``
+        (``train_xy_size=32, num_epochs=1, base_filters=8``).
 
     Returns
     -------
@@ -476,18 +479,23 @@ def fit_on_sparse_stack(
     samples : dict ``{"train": (inputs, labels), "validation": (inputs, labels)}``,
         the arrays the model was trained and validated on
     """
-    seed_everything(random_state)
-    inputs, labels = create_cropped_image_dataset(sparse_dhw, (train_z_size, train_xy_size, train_xy_size), train_nb,
-                                                  factor, min_content_ratio, random_state, upscale_method, kind,
-                                                  profile_fwhm, lateral_axes, crop_pool)
-    train_loader, val_loader = make_loaders(inputs, labels, val_split, batch_size, random_state)
-    model = AttentionResUNet(in_channels=train_z_size, n_classes=1, depth=depth, base_filters=base_filters,
-                             dropout_rate=dropout_rate, input_skip=input_skip, skip_merge=skip_merge,
-                             shortcut_norm=shortcut_norm,
+    training, network = training_recipe(recipe, kind, **changes)
+    seed_everything(training.random_state)
+    inputs, labels = create_cropped_image_dataset(
+        sparse_dhw, (training.train_z_size, training.train_xy_size, training.train_xy_size), training.train_nb,
+        factor, training.min_content_ratio, training.random_state, training.upscale_method, kind,
+        training.profile_fwhm, training.lateral_axes, training.crop_pool)
+    train_loader, val_loader = make_loaders(inputs, labels, training.val_split, training.batch_size,
+                                            training.random_state)
+    model = AttentionResUNet(in_channels=training.train_z_size, n_classes=1, depth=network.depth,
+                             base_filters=network.base_filters, dropout_rate=network.dropout_rate,
+                             input_skip=network.input_skip, skip_merge=network.skip_merge,
+                             shortcut_norm=network.shortcut_norm,
                              output="intensity" if kind == "intensity" else "logits")
-    model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
-                                             dice_weight=dice_weight, progress=progress, precision=precision,
-                                             intensity_loss=intensity_loss)
+    model, history = train_execution_process(model, train_loader, val_loader, training.num_epochs,
+                                             training.learning_rate, device, dice_weight=training.dice_weight,
+                                             progress=progress, precision=training.precision,
+                                             intensity_loss=training.intensity_loss)
     samples = {"train": (train_loader.dataset.inputs, train_loader.dataset.labels),
                "validation": (val_loader.dataset.inputs, val_loader.dataset.labels)}
     return model, history, samples

@@ -247,8 +247,8 @@ def test_typed_train_nb_reaches_the_training(tmp_path, capsys, monkeypatch):
     class Stop(Exception):
         pass
 
-    def spy(sparse, factor, **kwargs):
-        seen.update(kwargs)
+    def spy(sparse, factor, recipe=None, **kwargs):
+        seen["recipe"] = recipe
         raise Stop  # no training needed: what it was asked to do is the point
 
     monkeypatch.setattr(train, "fit_on_sparse_stack", spy)
@@ -256,7 +256,7 @@ def test_typed_train_nb_reaches_the_training(tmp_path, capsys, monkeypatch):
         apply.main(["--input", str(source), "--output", str(tmp_path / "o.tif"), "--train-nb", "600",
                     "--num-epochs", "1", "--base-filters", "4"])
     assert plan_of(capsys.readouterr().out)["training"] == "600 crops of 5 x 64 x 64, 1 epochs"
-    assert seen["train_nb"] == 600  # is 416 (= 4 x 104 distinct crops): the typed value was changed
+    assert seen["recipe"].training.train_nb == 600  # is 416 (= 4 x 104 distinct crops): the typed value was changed
 
 
 # --------------------------------------------------------------------------- #

@@ -117,8 +117,11 @@ def test_intensity_model_cannot_restore_a_mask_and_vice_versa():
 def test_training_recipe_by_kind_unless_given():
     settings = default_settings()
     # The defaults: each kind's recipe.
-    assert settings["NUM_EPOCHS"] == 0 and settings["LEARNING_RATE"] == 0 and settings["CROP_POOL"] == 0
+    assert settings["NUM_EPOCHS"] is None and settings["LEARNING_RATE"] is None and settings["CROP_POOL"] is None
     mask, grey = training_kwargs(settings, "mask"), training_kwargs(settings, "intensity")
+    # The numeric sentinels of earlier versions (0 = by kind) give the same recipes.
+    legacy = dict(settings, NUM_EPOCHS=0, LEARNING_RATE=0.0, CROP_POOL=0.0)
+    assert training_kwargs(legacy, "mask") == mask and training_kwargs(legacy, "intensity") == grey
     assert (mask["num_epochs"], mask["learning_rate"], mask["crop_pool"]) == (4, 3e-3, 2.0)
     assert (grey["num_epochs"], grey["learning_rate"], grey["crop_pool"]) == (20, 6e-3, 1.0)
     assert all(mask[k] == grey[k] for k in mask if k not in RECIPE_BY_KIND["mask"])

@@ -1,4 +1,6 @@
 """Tests for the training-data helpers of train.py."""
+import dataclasses
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -217,15 +219,29 @@ def test_split_indices_is_the_split_scikit_learn_made():
     assert train.tolist() == [8, 17, 12, 1, 13, 5, 2, 11, 20, 3, 4, 18, 16, 21, 22, 7, 10, 14, 19, 6]
 
 
-def test_library_training_defaults_are_the_command_line_recipe():
+def test_library_training_defaults_are_the_command_line_recipe(monkeypatch):
     """A library caller of fit_on_sparse_stack gets the recipe eval.py and apply.py train masks with."""
-    import inspect
-
-    from eval import default_settings
+    import train
+    from eval import build_parser, default_settings
     from restore import training_kwargs
-    from train import fit_on_sparse_stack
+    from settings import Settings
 
-    defaults = {name: parameter.default for name, parameter in inspect.signature(fit_on_sparse_stack).parameters.items()
-                if parameter.default is not inspect.Parameter.empty}
-    recipe = training_kwargs(default_settings(), "mask")
-    assert {name: defaults[name] for name in recipe} == recipe
+    cli = Settings.from_dict(dict(default_settings(), **vars(build_parser().parse_args([]))))
+    recipe = training_kwargs(cli, "mask")
+    assert recipe == training_kwargs(None, "mask")  # Settings() is the command line's recipe
+    training, network = train.training_recipe()
+    assert {**dataclasses.asdict(training), **dataclasses.asdict(network)} == recipe
+    # fit_on_sparse_stack draws its crops with that recipe.
+    seen = {}
+
+    def spy(stack, crop_size_zyx, n_samples, factor, *args):
+        seen.update(crop=tuple(crop_size_zyx), n=n_samples, rest=args)
+        raise StopIteration
+
+    monkeypatch.setattr(train, "create_cropped_image_dataset", spy)
+    with pytest.raises(StopIteration):
+        train.fit_on_sparse_stack(np.zeros((8, 64, 64), bool), 4)
+    assert seen["crop"] == (recipe["train_z_size"], recipe["train_xy_size"], recipe["train_xy_size"])
+    assert seen["n"] == recipe["train_nb"]
+    assert seen["rest"] == (recipe["min_content_ratio"], recipe["random_state"], recipe["upscale_method"], "mask",
+                            recipe["profile_fwhm"], recipe["lateral_axes"], recipe["crop_pool"])

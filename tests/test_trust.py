@@ -113,14 +113,21 @@ def test_training_flags_with_a_model_are_named_as_having_no_effect(tmp_path, tin
 
 def test_training_settings_read_at_inference_are_exactly_those_the_restore_reads():
     """The warning above relies on this list: a training setting outside it must not change a restore."""
-    base = eval_module.default_settings()
+    from settings import FIELDS, TRAINING_ONLY
+
+    base = eval_module.default_recipe()
     changed = {"TRAIN_XY_SIZE": 2048, "TRAIN_Z_SIZE": 7, "UPSCALE_METHOD": "nearest", "PRECISION": "fp32"}
-    for name, (stage, _) in restore.SETTINGS.items():
-        if stage != "train":
+    for name, (section, item) in FIELDS.items():
+        if section not in ("training", "network"):
             continue
-        other = dict(base, **{name: changed.get(name, "changed")})
+        value = base[name]
+        if name not in changed:  # another valid value of the setting's type
+            choices = item.metadata["choices"]
+            changed[name] = (not value if isinstance(value, bool) else 3 if value is None
+                             else next(c for c in choices if c != value) if choices else value + 1)
+        other = base.with_values(**{name: changed[name]})
         reads = restore.inference_kwargs(other) != restore.inference_kwargs(base)
-        assert reads == (name in restore.TRAINING_SETTINGS_READ_AT_INFERENCE), name
+        assert reads == (name not in TRAINING_ONLY), name
 
 
 def test_centimetre_resolution_unit_without_imagej_unit_gives_um(tmp_path):
@@ -313,7 +320,7 @@ def test_run_cli_keeps_tracebacks_of_programming_errors(capsys):
 
 
 def test_labels_bare_flag_means_yes(tmp_path, tiny_model_path):
-    parse = apply.build_apply_parser().parse_args
+    parse = apply.parse_args
     assert parse(["--input", "a.tif", "--output", "o.tif", "--labels"]).labels == "yes"
     assert parse(["--input", "a.tif", "--labels", "--output", "o.tif"]).labels == "yes"
     assert parse(["--input", "a.tif", "--output", "o.tif", "--labels", "no"]).labels == "no"
