@@ -421,6 +421,84 @@ def predict_tiled(model: nn.Module, images_nchw, tile_size: int, overlap: int, b
 # --------------------------------------------------------------------------- #
 # The kernel: one lateral region, every orientation, from its read window
 # --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Kernel:
+    """How :func:`restore_block` applies a network: the inference settings resolved for one model
+    (:func:`inference_options` builds it from ``settings.Settings``).
+
+    Attributes
+    ----------
+    train_depth : int
+        Channels of the model (``TRAIN_Z_SIZE``), odd.
+    tile_size : int
+        Tile edge (``TRAIN_XY_SIZE`` or larger); planes larger than this are tiled.
+    batch_size : int
+        Tiles per forward pass (on a CPU, see ``batch_pixels``).
+    channel_stride : int, optional
+        Spacing of the neighbouring planes used as channels. In training the
+        channels are kept slices ``factor`` voxels apart, so None means
+        ``factor``: the geometry the network was trained on.
+    orientations : subset of ('y', 'x')
+        'y': planes along Y, images ``(Z, X)``; 'x': planes along X, images
+        ``(Z, Y)``. Probabilities of several orientations are averaged.
+    flips : sequence of axis tuples
+        Test-time flips (see :func:`predict_tiled`); ``((),)`` = none.
+    keep_kept_slices : bool
+        Copy the kept slices verbatim into the output (they are known).
+    upscale_method : str
+        Must match the training degradation (``train.downscale_upscale_height``).
+    overlap : int, optional
+        Tile overlap in pixels; default a quarter tile, at most ``MAX_OVERLAP``.
+    precision : {'fp32', 'bf16', 'auto'}
+        Compute dtype of the network ('auto': bfloat16 where native).
+    skip_empty : bool
+        Skip tiles that are zero in every channel (exact, see :func:`predict_tiled`).
+    compile : bool
+        Run the network compiled (:func:`model.compile_for_inference`): a faster
+        forward pass after a compilation per tile shape, cached across calls.
+    batch_pixels : int
+        On a CPU, at most this many pixels per forward pass, but at least two
+        tiles (:data:`CPU_BATCH_PIXELS`: activations that stay in cache); 0 = no cap.
+    """
+    train_depth: int
+    tile_size: int
+    batch_size: int = 16
+    channel_stride: Optional[int] = None
+    orientations: Sequence[str] = ORIENTATIONS
+    flips: Sequence[Tuple[int, ...]] = ((),)
+    keep_kept_slices: bool = True
+    upscale_method: str = "linear"
+    overlap: Optional[int] = None
+    precision: str = "fp32"
+    skip_empty: bool = True
+    compile: bool = False
+    batch_pixels: int = CPU_BATCH_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.train_depth % 2 == 0:
+            raise UserError(f"train_depth (TRAIN_Z_SIZE) must be odd, got {self.train_depth}.")
+        unknown = set(self.orientations) - set(ORIENTATIONS)
+        if unknown or not self.orientations:
+            raise UserError(f"orientations must be a non-empty subset of {ORIENTATIONS}, got {self.orientations}.")
+
+    @property
+    def tile_overlap(self) -> int:
+        return default_overlap(self.tile_size) if self.overlap is None else self.overlap
+
+
+def inference_options(settings: Union[Settings, Mapping[str, Any], None] = None,
+                      model: Optional[nn.Module] = None) -> Kernel:
+    """:class:`Kernel` of ``settings`` (see :func:`inference_kwargs`)."""
+    return Kernel(**inference_kwargs(settings, model))
+
+
+def _kernel(kernel: Optional[Kernel], options: Dict[str, Any]) -> Kernel:
+    """``kernel`` with ``options`` (Kernel fields given as keywords) applied; one of them at least."""
+    if kernel is None:
+        return Kernel(**options)
+    return dataclasses.replace(kernel, **options) if options else kernel
+
+
 def _as_engine_tensor(sparse: np.ndarray, device: torch.device) -> torch.Tensor:
     """Kept slices on the device: masks as one byte per voxel (0/1), intensities as float32."""
     array = np.asarray(sparse)
@@ -433,20 +511,91 @@ def _identity(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _network_for_inference(model: nn.Module, kernel: Kernel, device: torch.device, out_dtype):
+    """The network as it runs (compiled, or with BatchNorm folded, channels-last) and the activation of
+    its output: sigmoid for a mask model, none for an intensity model (normalised grey values)."""
+    if kernel.compile:
+        network = compile_for_inference(model, device)
+    else:
+        network = fuse_for_inference(model).to(device, memory_format=torch.channels_last).eval()
+    intensity = getattr(model, "architecture", {}).get("output") == "intensity"
+    if intensity and np.dtype(out_dtype).kind != "f":
+        raise ValueError("An intensity model restores float values: use a float out_dtype.")
+    return network, _identity if intensity else torch.sigmoid
+
+
+@dataclass
+class _Pass:
+    """What every chunk of one restore shares: the network, the kept slices on the device, the output
+    (``(D, h, w)``, uint8 holding ``round(255 * p)`` or float), the Z tile grid and the counters."""
+    network: nn.Module
+    activation: Any
+    kernel: Kernel
+    sparse: torch.Tensor
+    output: torch.Tensor
+    factor: int
+    depth: int
+    grid_z: TileGrid
+    device: torch.device
+    stats: Optional[Dict[str, int]]
+
+    @property
+    def scale(self) -> float:
+        return 255.0 if self.output.dtype == torch.uint8 else 1.0
+
+
+def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origin: Tuple[int, int],
+                         global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]],
+                         progress: bool) -> None:
+    """Add one orientation's probabilities to ``job.output`` (a running mean over the ``n_done``
+    orientations before it), chunk of planes by chunk of planes: read the channel planes, upscale Z,
+    tile and blend (:func:`predict_tiled`)."""
+    kernel, depth, device = job.kernel, job.depth, job.device
+    (y0, y1), (x0, x1) = region_yx
+    # A transposed view turns planes along X into planes along Y, so one code path serves both.
+    flip = orientation == "x"
+    sparse_view = job.sparse.transpose(1, 2) if flip else job.sparse
+    output_view = job.output.transpose(1, 2) if flip else job.output
+    (p0, p1), (l0, l1) = ((x0, x1), (y0, y1)) if flip else ((y0, y1), (x0, x1))
+    origin_p, origin_l = (window_origin[1], window_origin[0]) if flip else window_origin
+    n_planes_global, width_global = (global_hw[1], global_hw[0]) if flip else global_hw
+    grid_l = tile_grid(width_global, kernel.tile_size, kernel.tile_overlap, (l0, l1))
+    columns = slice(grid_l.lo - origin_l, grid_l.hi - origin_l)
+    offsets = channel_offsets(kernel.train_depth, job.factor if kernel.channel_stride is None
+                              else int(kernel.channel_stride))
+    chunk = max(1, CHUNK_VALUES // (kernel.train_depth * depth * (grid_l.hi - grid_l.lo)))
+    bar = tqdm(total=p1 - p0, desc=f"Inference (planes along {orientation.upper()})", unit="plane",
+               disable=not progress, leave=False)
+    for start in range(p0, p1, chunk):
+        planes = np.arange(start, min(start + chunk, p1))
+        channel_planes = reflect_indices(planes[:, None] + offsets[None, :], n_planes_global) - origin_p
+        gathered = sparse_view[:, torch.from_numpy(channel_planes.ravel()).to(device), columns]  # (K, n*C, L)
+        images = upscale_along_z(gathered, job.factor, depth, kernel.upscale_method)  # (D, n*C, L)
+        del gathered
+        images = images.view(depth, len(planes), kernel.train_depth, -1).permute(1, 2, 0, 3)  # (n, C, D, L)
+        probabilities = predict_tiled(job.network, images, kernel.tile_size, kernel.tile_overlap, kernel.batch_size,
+                                      device, kernel.flips, kernel.precision, kernel.skip_empty, kernel.batch_pixels,
+                                      grids=(job.grid_z, grid_l), activation=job.activation, stats=job.stats)
+        del images  # else it lives on while the next chunk is built: two chunks at the peak, not one
+        block = probabilities.transpose(0, 1)  # (D, n, L)
+        target = output_view[:, planes[0] - p0:planes[-1] - p0 + 1, :]
+        if n_done:  # running mean over orientations
+            block = target.float() / job.scale + (block - target.float() / job.scale) / (n_done + 1)
+        target.copy_(torch.round(block * job.scale) if job.scale != 1.0 else block)
+        bar.update(len(planes))
+    bar.close()
+
+
 def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tuple[int, int],
-                  global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: int, *,
-                  train_depth: int, tile_size: int, batch_size: int = 16, depth: Optional[int] = None,
-                  channel_stride: Optional[int] = None, orientations: Sequence[str] = ORIENTATIONS,
-                  flips: Sequence[Tuple[int, ...]] = ((),), keep_kept_slices: bool = True,
-                  upscale_method: str = "linear", overlap: Optional[int] = None, out_dtype=np.float32,
-                  precision: str = "fp32", skip_empty: bool = True, compile: bool = False,
-                  batch_pixels: int = CPU_BATCH_PIXELS, device: Optional[torch.device] = None,
-                  progress: bool = True, stats: Optional[Dict[str, int]] = None) -> np.ndarray:
+                  global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: int,
+                  kernel: Optional[Kernel] = None, *, depth: Optional[int] = None, out_dtype=np.float32,
+                  device: Optional[torch.device] = None, progress: bool = True,
+                  stats: Optional[Dict[str, int]] = None, **options: Any) -> np.ndarray:
     """Probabilities of one lateral region of the restored stack, all of Z.
 
     Parameters
     ----------
-    model : trained network with ``train_depth`` input channels
+    model : trained network with ``kernel.train_depth`` input channels
     sparse_window : ndarray, shape (K, wh, ww)
         The kept slices (Z step ``factor``) inside the read window, which must
         contain :func:`read_window` of the region: a mask (bool or integer,
@@ -459,113 +608,58 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     region_yx : ((y0, y1), (x0, x1))
         The output region, global indices.
     factor : int
-    train_depth, tile_size, batch_size, channel_stride, orientations, flips,
-    keep_kept_slices, upscale_method, overlap, precision, skip_empty, batch_pixels :
-        See :func:`apply_model_to_stack_tiled_slice_by_slice`.
-    stats : dict, optional
-        Tile and pixel counters (see :func:`predict_tiled`).
-    compile : bool
-        Run the network compiled (:func:`model.compile_for_inference`): a faster
-        forward pass after a compilation per tile shape, cached across calls.
+    kernel : Kernel
+        How the network is applied (:func:`inference_options`).
+    **options
+        :class:`Kernel` fields, on top of ``kernel`` (or instead of it:
+        ``train_depth=3, tile_size=64, ...``).
     depth : int, optional
         Output depth D; default ``(K - 1) * factor + 1``.
     out_dtype : numpy dtype
         float32, float16, or uint8 (stores ``round(255 * p)``).
+    stats : dict, optional
+        Tile and pixel counters (see :func:`predict_tiled`).
 
     Returns
     -------
     probabilities : ndarray of ``out_dtype``, shape (D, y1 - y0, x1 - x0)
         Foreground probabilities, or normalised grey values for an intensity model.
     """
-    if train_depth % 2 == 0:
-        raise UserError(f"train_depth (TRAIN_Z_SIZE) must be odd, got {train_depth}.")
-    unknown = set(orientations) - set(ORIENTATIONS)
-    if unknown or not orientations:
-        raise UserError(f"orientations must be a non-empty subset of {ORIENTATIONS}, got {orientations}.")
+    kernel = _kernel(kernel, options)
     device = device or select_device()
-    if compile:
-        model = compile_for_inference(model, device)
-    else:
-        model = fuse_for_inference(model).to(device, memory_format=torch.channels_last).eval()
-    # Masks: foreground probability; intensity models return normalised grey values as they are.
-    intensity = getattr(model, "architecture", {}).get("output") == "intensity"
-    activation = _identity if intensity else torch.sigmoid
-    if intensity and np.dtype(out_dtype).kind != "f":
-        raise ValueError("An intensity model restores float values: use a float out_dtype.")
+    network, activation = _network_for_inference(model, kernel, device, out_dtype)
     n_kept = sparse_window.shape[0]
     depth = (n_kept - 1) * factor + 1 if depth is None else int(depth)
-    stride = factor if channel_stride is None else int(channel_stride)
-    offsets = channel_offsets(train_depth, stride)
-    overlap = default_overlap(tile_size) if overlap is None else overlap
     (y0, y1), (x0, x1) = region_yx
-    sparse = _as_engine_tensor(sparse_window, device)
     torch_out = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}.get(np.dtype(out_dtype),
                                                                                          torch.float32)
-    output = torch.zeros((depth, y1 - y0, x1 - x0), dtype=torch_out, device=device)
-    scale = 255.0 if torch_out == torch.uint8 else 1.0  # uint8 output holds round(255 * p)
-    grid_z = tile_grid(depth, tile_size, overlap, (0, depth))
-
-    for n_done, orientation in enumerate(orientations):
-        # A transposed view turns planes along X into planes along Y, so one code path serves both.
-        flip = orientation == "x"
-        sparse_view = sparse.transpose(1, 2) if flip else sparse
-        output_view = output.transpose(1, 2) if flip else output
-        (p0, p1), (l0, l1) = ((x0, x1), (y0, y1)) if flip else ((y0, y1), (x0, x1))
-        origin_p, origin_l = (window_origin[1], window_origin[0]) if flip else window_origin
-        n_planes_global, width_global = (global_hw[1], global_hw[0]) if flip else global_hw
-        grid_l = tile_grid(width_global, tile_size, overlap, (l0, l1))
-        columns = slice(grid_l.lo - origin_l, grid_l.hi - origin_l)
-        chunk = max(1, CHUNK_VALUES // (train_depth * depth * (grid_l.hi - grid_l.lo)))
-        bar = tqdm(total=p1 - p0, desc=f"Inference (planes along {orientation.upper()})", unit="plane",
-                   disable=not progress, leave=False)
-        for start in range(p0, p1, chunk):
-            planes = np.arange(start, min(start + chunk, p1))
-            channel_planes = reflect_indices(planes[:, None] + offsets[None, :], n_planes_global) - origin_p
-            gathered = sparse_view[:, torch.from_numpy(channel_planes.ravel()).to(device), columns]  # (K, n*C, L)
-            images = upscale_along_z(gathered, factor, depth, upscale_method)  # (D, n*C, L)
-            del gathered
-            images = images.view(depth, len(planes), train_depth, -1).permute(1, 2, 0, 3)  # (n, C, D, L)
-            probabilities = predict_tiled(model, images, tile_size, overlap, batch_size, device, flips, precision,
-                                          skip_empty, batch_pixels, grids=(grid_z, grid_l), activation=activation,
-                                          stats=stats)
-            del images  # else it lives on while the next chunk is built: two chunks at the peak, not one
-            block = probabilities.transpose(0, 1)  # (D, n, L)
-            target = output_view[:, planes[0] - p0:planes[-1] - p0 + 1, :]
-            if n_done:  # running mean over orientations
-                block = target.float() / scale + (block - target.float() / scale) / (n_done + 1)
-            target.copy_(torch.round(block * scale) if scale != 1.0 else block)
-            bar.update(len(planes))
-        bar.close()
-    if keep_kept_slices:
+    job = _Pass(network, activation, kernel, _as_engine_tensor(sparse_window, device),
+                torch.zeros((depth, y1 - y0, x1 - x0), dtype=torch_out, device=device), factor, depth,
+                tile_grid(depth, kernel.tile_size, kernel.tile_overlap, (0, depth)), device, stats)
+    for n_done, orientation in enumerate(kernel.orientations):
+        _restore_orientation(job, orientation, n_done, window_origin, global_hw, region_yx, progress)
+    if kernel.keep_kept_slices:
         rows = slice(y0 - window_origin[0], y1 - window_origin[0])
         cols = slice(x0 - window_origin[1], x1 - window_origin[1])
         for k, z in enumerate(range(0, min(n_kept * factor, depth), factor)):
-            output[z] = sparse[k, rows, cols].float() * scale
-    return output.cpu().numpy()
+            job.output[z] = job.sparse[k, rows, cols].float() * job.scale
+    return job.output.cpu().numpy()
 
 
 def apply_model_to_stack_tiled_slice_by_slice(
     model: nn.Module,
     sparse_dhw: np.ndarray,
     factor: int,
-    train_depth: int,
-    tile_size: int,
-    batch_size: int = 32,
+    train_depth: Optional[int] = None,
+    tile_size: Optional[int] = None,
+    *,
+    kernel: Optional[Kernel] = None,
     original_depth: Optional[int] = None,
-    channel_stride: Optional[int] = None,
-    orientations: Sequence[str] = ORIENTATIONS,
-    flips: Sequence[Tuple[int, ...]] = ((),),
-    keep_kept_slices: bool = True,
-    upscale_method: str = "linear",
-    overlap: Optional[int] = None,
     out_dtype=np.float32,
-    precision: str = "fp32",
-    skip_empty: bool = True,
-    compile: bool = False,
-    batch_pixels: int = CPU_BATCH_PIXELS,
     device: Optional[torch.device] = None,
     progress: bool = True,
     stats: Optional[Dict[str, int]] = None,
+    **options: Any,
 ) -> np.ndarray:
     """Restore the full-depth probability stack from the kept slices (in memory).
 
@@ -577,41 +671,18 @@ def apply_model_to_stack_tiled_slice_by_slice(
     sparse_dhw : ndarray, shape (K, H, W)
         The kept slices, Z step ``factor`` (bool or [0, 1] values).
     factor : int
-    train_depth : int
-        Channels of the model (``TRAIN_Z_SIZE``), odd.
-    tile_size : int
-        Tile edge (``TRAIN_XY_SIZE`` or larger); planes larger than this are tiled.
-    batch_size : int
-        Tiles per forward pass (on a CPU, see ``batch_pixels``).
-    batch_pixels : int
-        On a CPU, at most this many pixels per forward pass, but at least two
-        tiles (:data:`CPU_BATCH_PIXELS`: activations that stay in cache); 0 = no cap.
+    train_depth, tile_size : int
+        Channels of the model (odd) and tile edge: the two :class:`Kernel` fields without a default
+        (given here or in ``kernel``).
+    kernel : Kernel, optional
+        How the network is applied (:func:`inference_options`); ``**options`` (other
+        :class:`Kernel` fields: ``batch_size``, default 32 here, ``orientations``, ``flips``,
+        ``channel_stride``, ``precision``, ...) change it.
     original_depth : int, optional
         Output depth D; default ``(K - 1) * factor + 1``.
-    channel_stride : int, optional
-        Spacing of the neighbouring planes used as channels. In training the
-        channels are kept slices ``factor`` voxels apart, so the default is
-        ``factor``, which gives the network the geometry it was trained on.
-    orientations : subset of ('y', 'x')
-        'y': planes along Y, images ``(Z, X)``; 'x': planes along X, images
-        ``(Z, Y)``. Probabilities of several orientations are averaged.
-    flips : sequence of axis tuples
-        Test-time flips (see :func:`predict_tiled`); ``((),)`` = none.
-    keep_kept_slices : bool
-        Copy the kept slices verbatim into the output (they are known).
-    upscale_method : str
-        Must match the training degradation (``train.downscale_upscale_height``).
-    overlap : int, optional
-        Tile overlap in pixels; default a quarter tile, at most ``MAX_OVERLAP``.
     out_dtype : numpy dtype
         float32 by default; float16 halves the memory of large outputs, and
         uint8 quarters it, storing ``round(255 * p)``.
-    precision : {'fp32', 'bf16', 'auto'}
-        Compute dtype of the network ('auto': bfloat16 where native).
-    skip_empty : bool
-        Skip tiles that are zero in every channel (exact, see :func:`predict_tiled`).
-    compile : bool
-        Run the network compiled (see :func:`restore_block`).
 
     Returns
     -------
@@ -622,13 +693,14 @@ def apply_model_to_stack_tiled_slice_by_slice(
     plane of ``C x D x W`` floats if that is larger) plus the output array: the
     upscaled stack is never built whole.
     """
+    given = {name: value for name, value in (("train_depth", train_depth), ("tile_size", tile_size))
+             if value is not None}
+    if kernel is None:
+        options.setdefault("batch_size", 32)
+    kernel = _kernel(kernel, {**given, **options})
     _, height, width = sparse_dhw.shape
-    return restore_block(model, sparse_dhw, (0, 0), (height, width), ((0, height), (0, width)), factor,
-                         train_depth=train_depth, tile_size=tile_size, batch_size=batch_size, depth=original_depth,
-                         channel_stride=channel_stride, orientations=orientations, flips=flips,
-                         keep_kept_slices=keep_kept_slices, upscale_method=upscale_method, overlap=overlap,
-                         out_dtype=out_dtype, precision=precision, skip_empty=skip_empty, compile=compile,
-                         batch_pixels=batch_pixels, device=device, progress=progress, stats=stats)
+    return restore_block(model, sparse_dhw, (0, 0), (height, width), ((0, height), (0, width)), factor, kernel,
+                         depth=original_depth, out_dtype=out_dtype, device=device, progress=progress, stats=stats)
 
 
 # --------------------------------------------------------------------------- #
@@ -822,9 +894,9 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Union[S
     check_model_kind(model, "mask")
     start = time.perf_counter()
     info["inference"] = {}
-    probabilities = apply_model_to_stack_tiled_slice_by_slice(model, foreground, factor, original_depth=original_depth,
-                                                              device=device, out_dtype=out_dtype, progress=progress,
-                                                              stats=info["inference"], **inference_kwargs(settings, model))
+    probabilities = apply_model_to_stack_tiled_slice_by_slice(
+        model, foreground, factor, kernel=inference_options(settings, model), original_depth=original_depth,
+        device=device, out_dtype=out_dtype, progress=progress, stats=info["inference"])
     info["infer_s"] = time.perf_counter() - start
     return probabilities, model, info
 
@@ -886,9 +958,9 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Union[Settin
     check_model_kind(model, "intensity")
     start = time.perf_counter()
     info["inference"] = {}
-    restored = apply_model_to_stack_tiled_slice_by_slice(model, normalized, factor, original_depth=original_depth,
-                                                         device=device, out_dtype=np.float32, progress=progress,
-                                                         stats=info["inference"], **inference_kwargs(settings, model))
+    restored = apply_model_to_stack_tiled_slice_by_slice(
+        model, normalized, factor, kernel=inference_options(settings, model), original_depth=original_depth,
+        device=device, out_dtype=np.float32, progress=progress, stats=info["inference"])
     del normalized
     restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
     if settings.inference.keep_kept_slices:
