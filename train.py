@@ -198,12 +198,25 @@ def create_cropped_image_dataset(
     check_crop_size(stack.shape, crop_size_zyx, factor)
     check_lateral_axes(lateral_axes)
     check_crop_pool(crop_pool)
-    depth, height, width = crop_size_zyx
+    depth = crop_size_zyx[0]
     n_candidates = max(n_samples, int(round(n_samples * crop_pool)))
+    draws = draw_crops(stack, crop_size_zyx, n_candidates, factor, min_content_ratio, random_state, lateral_axes)
+    if n_candidates > n_samples:
+        draws = hardest_draws(draws, n_samples, lambda draw: interpolation_error(
+            crop_at(stack, crop_size_zyx, draw)[depth // 2], factor, draw[4], method, profile_fwhm, kind))
+    return degraded_samples(stack, crop_size_zyx, draws, factor, method, profile_fwhm)
+
+
+def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, factor: int, min_content_ratio: float,
+               random_state: int, lateral_axes: str) -> List[Tuple[int, int, int, bool, int]]:
+    """``n_draws`` random crops ``(z0, y0, x0, transposed, phase)`` of ``stack`` (K, H, W) whose centre
+    slice has at least ``min_content_ratio`` foreground, in the order drawn; a ``UserError`` when too
+    few are found (see :func:`create_cropped_image_dataset`)."""
+    depth, height, width = crop_size_zyx
     rng = np.random.default_rng(random_state)
-    draws = []  # (z0, y0, x0, transposed, phase) of each accepted crop, in the order drawn
-    attempts, max_attempts = 0, 200 * n_candidates
-    while len(draws) < n_candidates and attempts < max_attempts:
+    draws = []
+    attempts, max_attempts = 0, 200 * n_draws
+    while len(draws) < n_draws and attempts < max_attempts:
         attempts += 1
         z0 = rng.integers(0, stack.shape[0] - depth + 1)
         y0 = rng.integers(0, stack.shape[1] - height + 1)
@@ -214,25 +227,33 @@ def create_cropped_image_dataset(
         if label.mean() < min_content_ratio:
             continue
         draws.append((z0, y0, x0, transposed, int(rng.integers(factor))))
-    if len(draws) < n_candidates:
+    if len(draws) < n_draws:
         raise UserError(
-            f"Only {len(draws)} of {n_candidates} random crops had a centre slice with at least "
+            f"Only {len(draws)} of {n_draws} random crops had a centre slice with at least "
             f"{min_content_ratio:.3%} foreground after {attempts} tries. Lower MIN_CONTENT_RATIO, "
             "lower TRAIN_NB (or CROP_POOL), or use a smaller TRAIN_XY_SIZE."
         )
+    return draws
 
-    def crop_at(z0: int, y0: int, x0: int, transposed: bool) -> np.ndarray:  # a view: nothing is copied
-        crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
-        return crop.transpose(0, 2, 1) if transposed else crop
 
-    if n_candidates > n_samples:
-        draws = hardest_draws(draws, n_samples, lambda draw: interpolation_error(
-            crop_at(*draw[:4])[depth // 2], factor, draw[4], method, profile_fwhm, kind))
-    inputs = np.empty((n_samples, depth, height, width), dtype=np.float32)
-    labels = np.empty((n_samples, 1, height, width), dtype=np.float32)
-    for i, (z0, y0, x0, transposed, phase) in enumerate(draws):
-        crop = crop_at(z0, y0, x0, transposed)
-        inputs[i] = downscale_upscale_height(crop, factor, phase=phase, method=method, profile_fwhm=profile_fwhm)
+def crop_at(stack: np.ndarray, crop_size_zyx: Sequence[int], draw: tuple) -> np.ndarray:
+    """The crop ``(C, h, w)`` of a draw (transposed laterally when drawn so): a view, nothing is copied."""
+    depth, height, width = crop_size_zyx
+    z0, y0, x0, transposed = draw[:4]
+    crop = stack[z0:z0 + depth, y0:y0 + height, x0:x0 + width]
+    return crop.transpose(0, 2, 1) if transposed else crop
+
+
+def degraded_samples(stack: np.ndarray, crop_size_zyx: Sequence[int], draws: Sequence[tuple], factor: int,
+                     method: str, profile_fwhm: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Training pairs of ``draws``: each crop degraded along its height at its phase
+    (:func:`downscale_upscale_height`), float32 ``(N, C, h, w)``, and its centre slice ``(N, 1, h, w)``."""
+    depth, height, width = crop_size_zyx
+    inputs = np.empty((len(draws), depth, height, width), dtype=np.float32)
+    labels = np.empty((len(draws), 1, height, width), dtype=np.float32)
+    for i, draw in enumerate(draws):
+        crop = crop_at(stack, crop_size_zyx, draw)
+        inputs[i] = downscale_upscale_height(crop, factor, phase=draw[4], method=method, profile_fwhm=profile_fwhm)
         labels[i, 0] = crop[depth // 2]
     return inputs, labels
 
