@@ -946,19 +946,73 @@ def restore_to_ome_zarr(
     given = dict(block_size=block_size, ngff_version=ngff_version, workers=workers, worker_memory=worker_memory,
                  scheduler=scheduler, resume=resume, max_blocks=max_blocks)
     large = dataclasses.replace(settings.large, **{k: v for k, v in given.items() if v is not None})
-    block_size, ngff_version, workers, worker_memory = (large.block_size, large.ngff_version, large.workers,
-                                                        large.worker_memory)
-    scheduler, resume, max_blocks = large.scheduler, large.resume, large.max_blocks
     output = os.path.abspath(str(output))
-    chunk_xy = chunk_edge(block_size)
-    zarr_io.ngff_format(ngff_version)  # validates the version
+    chunk_edge(large.block_size)
+    zarr_io.ngff_format(large.ngff_version)  # validates the version
+    _check_flags(probabilities, probabilities_output, large.resume, overwrite)
+    _check_kind(kind, model, labels_source, probabilities)
+    targets, resuming = _check_targets(output, probabilities, probabilities_output, large.resume, overwrite)
+    if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
+        raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
+    run = _plan_run(source, factor, settings, large, model, kind, probabilities, labels_source, targets,
+                    dict(source_name=source_name, binarize_threshold=binarize_threshold,
+                         voxel_size_zyx=voxel_size_zyx, unit=unit, translation_zyx=translation_zyx))
+    train_s = 0.0
+    if resuming:
+        record, model = _resumed_run(output, run.plan_record, model, run.probabilities_output)
+        if record["state"] == "complete":
+            return _already_complete(run, record, model)
+    else:
+        if model is None:
+            model, train_s = _train(run, source, factor, settings, binarize_threshold, kind, progress)
+        record = _new_run(output, run.plan, run.plan_record, model, model_config, voxel_size_zyx, unit,
+                          translation_zyx, large.ngff_version, chunk_edge(large.block_size), labels_source,
+                          label_name, probabilities and ("float32" if probabilities in ("float16", "float32")
+                                                         else "uint8"),
+                          run.probabilities_output, run.grey_values, run.window)
+    with dask_client(large.workers, large.worker_memory, large.scheduler, processes) as client:
+        if client is not None:  # worker processes read inputs from a store, never from this process' memory
+            if isinstance(source, np.ndarray):
+                source = _stage(output, "input", source)
+            if isinstance(labels_source, np.ndarray):
+                labels_source = _stage(output, "labels_input", labels_source)
+        summary = _run_passes(run, record, model, source, labels_source, factor, settings, binarize_threshold,
+                              client, retries, label_halo, progress)
+        summary["train_s"] = train_s
+    if summary["state"] == "complete":
+        _finish(output, record)
+    return summary
+
+
+@dataclass
+class _Run:
+    """One block-wise restore as planned (:func:`_plan_run`), before any output is written."""
+    output: str
+    probabilities_output: Optional[str]
+    large: LargeVolumes
+    plan: BlockPlan
+    inference: Dict[str, Any]
+    kernel_dtype: str
+    grey_values: Optional[str]  # the output's dtype for grey values, else None
+    value_range: Optional[Tuple[float, float]]
+    window: Optional[Tuple[float, float]]
+    plan_record: Dict[str, Any]
+
+
+def _check_flags(probabilities: Optional[str], probabilities_output, resume: bool, overwrite: bool) -> None:
+    """Refuse flags that contradict each other, before any work."""
     if resume and overwrite:
         raise UserError("--resume continues an existing output and --overwrite replaces it: give one of them.")
     if probabilities not in (None, "uint8", "float16", "float32"):
         raise UserError(f"probabilities must be uint8, float16 or float32, got '{probabilities}'.")
     if probabilities and not probabilities_output:
         raise UserError("Probabilities need a probabilities_output path.")
-    _check_kind(kind, model, labels_source, probabilities)
+
+
+def _check_targets(output: str, probabilities: Optional[str], probabilities_output, resume: bool,
+                   overwrite: bool) -> Tuple[List[str], bool]:
+    """The outputs this run writes and whether it resumes one; outputs that exist are refused (unless
+    --overwrite, or --resume), before any work."""
     targets = [output] + ([os.path.abspath(str(probabilities_output))] if probabilities else [])
     exists = [t for t in targets if os.path.exists(t)]
     resuming = resume and os.path.exists(output)
@@ -970,103 +1024,119 @@ def restore_to_ome_zarr(
                                 "replace it or --resume to continue an interrupted run.")
     if overwrite:  # before any work: --overwrite replaces Zarr stores only
         for target in exists:
-            if not zarr_io.looks_like_zarr_store(target):
+            if not zarr_io.is_zarr_store(target):
                 raise OutputExistsError(f"'{target}' exists and is not a Zarr store; it is not replaced. Choose "
                                         "another output.")
+    return targets, resuming
+
+
+def _plan_run(source: Source, factor: int, settings: Settings, large: LargeVolumes, model: Optional[nn.Module],
+              kind: str, probabilities: Optional[str], labels_source: Optional[Source], targets: List[str],
+              described: Dict[str, Any]) -> _Run:
+    """The blocks, the kernel's options, the grey-value range and the plan recorded in the output (which
+    ``--resume`` compares with the plan of the run it continues); the worker memory is checked here."""
     n_kept, height, width = source.shape
-    if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
-        raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
-    plan = BlockPlan(((n_kept - 1) * factor + 1, height, width), block_size)
-    if model is None:  # a small stack trains on what it holds (a no-op when the caller fitted the recipe)
-        settings = restore.fit_recipe_to_stack(settings, source.shape, factor)[0]
-    inference = restore.inference_kwargs(settings, model)
-    grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None  # the output's dtype
+    plan = BlockPlan(((n_kept - 1) * factor + 1, height, width), large.block_size)
+    inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model)
+    grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
-    _check_worker_memory(plan, n_kept, factor, inference, kernel_dtype, worker_memory, bool(workers or scheduler),
-                         settings.inference.device, grey_values)
+    _check_worker_memory(plan, n_kept, factor, inference, kernel_dtype, large.worker_memory,
+                         bool(large.workers or large.scheduler), settings.inference.device, grey_values)
     # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
     value_range = volume_intensity_range(source) if grey_values else None
     window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
     plan_record = _json({
-        "input": _describe(source, source_name), "kind": kind, "value_range": value_range,
-        "labels_input": None if labels_source is None else _describe(labels_source, source_name),
-        "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(block_size),
-        "output_voxel_size_zyx": [float(v) for v in voxel_size_zyx], "output_unit": unit,
-        "output_translation_zyx": [float(v) for v in translation_zyx],
-        "ngff_version": ngff_version, "probabilities": probabilities, "binarize_threshold": binarize_threshold,
+        "input": _describe(source, described["source_name"]), "kind": kind, "value_range": value_range,
+        "labels_input": None if labels_source is None else _describe(labels_source, described["source_name"]),
+        "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(large.block_size),
+        "output_voxel_size_zyx": [float(v) for v in described["voxel_size_zyx"]], "output_unit": described["unit"],
+        "output_translation_zyx": [float(v) for v in described["translation_zyx"]],
+        "ngff_version": large.ngff_version, "probabilities": probabilities,
+        "binarize_threshold": described["binarize_threshold"],
         "probability_threshold": float(settings.inference.probability_threshold),
-        # batching (tiles, pixels per batch) changes the speed, not the result
-        "inference": {k: v for k, v in inference.items() if k not in ("batch_size", "batch_pixels")}})
+        "inference": _recorded_inference(inference)})
+    return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
+                grey_values, value_range, window, plan_record)
 
-    train_s = 0.0
-    if resuming:
-        record, model = _resumed_run(output, plan_record, model, targets[1] if probabilities else None)
-        if record["state"] == "complete":
-            try:
-                _remove_scaffolding(output)  # a run killed while removing it leaves some
-            except OSError as error:  # e.g. a complete output one may read, not write
-                warnings.warn(f"'{output}' is complete, but the leftovers of its run could not be removed: {error}")
-            print(f"'{output}' is already complete; nothing to resume.")
-            return {"state": "complete", "blocks": len(plan), "skipped": len(plan), "restored": 0, "train_s": 0.0,
-                    "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
-                    "layout": zarr_io.layout_from_record(record["layout"], output), "value_range": value_range}
-    else:
-        if model is None:
-            stack = training_stack(source, settings, binarize_threshold, value_range=value_range)
-            print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
-            model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
-            train_s = info["train_s"]
-            del stack
-            inference = restore.inference_kwargs(settings, model)  # the channels the trained model takes
-            plan_record["inference"] = _json({k: v for k, v in inference.items()
-                                              if k not in ("batch_size", "batch_pixels")})
-        record = _new_run(output, plan, plan_record, model, model_config, voxel_size_zyx, unit, translation_zyx,
-                          ngff_version, chunk_xy, labels_source, label_name,
-                          probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8"),
-                          targets[1] if probabilities else None, grey_values, window)
+
+def _fitted(settings: Settings, source: Source, factor: int, model: Optional[nn.Module]) -> Settings:
+    """A small stack trains on what it holds (a no-op when the caller fitted the recipe, or with a model)."""
+    return settings if model is not None else restore.fit_recipe_to_stack(settings, source.shape, factor)[0]
+
+
+def _recorded_inference(inference: Dict[str, Any]) -> Dict[str, Any]:
+    """The kernel's options as the plan records them: batching (tiles, pixels per batch) changes the
+    speed, not the result, so it is left out."""
+    return _json({k: v for k, v in inference.items() if k not in ("batch_size", "batch_pixels")})
+
+
+def _train(run: _Run, source: Source, factor: int, settings: Settings, binarize_threshold: Optional[float],
+           kind: str, progress: bool) -> Tuple[nn.Module, float]:
+    """Train on (a bounded part of) the kept slices; the plan then records the channels the model takes."""
+    settings = _fitted(settings, source, factor, None)
+    stack = training_stack(source, settings, binarize_threshold, value_range=run.value_range)
+    print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
+    model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
+    del stack
+    run.inference = restore.inference_kwargs(settings, model)
+    run.plan_record["inference"] = _recorded_inference(run.inference)
+    return model, info["train_s"]
+
+
+def _already_complete(run: _Run, record: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:
+    """``--resume`` of a complete output: only the leftovers of its run are removed."""
+    try:
+        _remove_scaffolding(run.output)  # a run killed while removing it leaves some
+    except OSError as error:  # e.g. a complete output one may read, not write
+        warnings.warn(f"'{run.output}' is complete, but the leftovers of its run could not be removed: {error}")
+    print(f"'{run.output}' is already complete; nothing to resume.")
+    return {"state": "complete", "blocks": len(run.plan), "skipped": len(run.plan), "restored": 0, "train_s": 0.0,
+            "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
+            "layout": zarr_io.layout_from_record(record["layout"], run.output), "value_range": run.value_range}
+
+
+def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Source,
+                labels_source: Optional[Source], factor: int, settings: Settings,
+                binarize_threshold: Optional[float], client, retries: int, label_halo: int,
+                progress: bool) -> Dict[str, Any]:
+    """The passes over the blocks: restore (at most ``max_blocks`` now), label ids, pyramids. Returns
+    the summary of :func:`restore_to_ome_zarr` ('partial' when ``max_blocks`` stopped it)."""
+    output, plan = run.output, run.plan
     layout = zarr_io.layout_from_record(record["layout"], output)
-    prob_layout = (zarr_io.layout_from_record(record["probabilities_layout"], targets[1]) if probabilities
-                   else None)
-
-    with dask_client(workers, worker_memory, scheduler, processes) as client:
-        if client is not None:  # worker processes read inputs from a store, never from this process' memory
-            if isinstance(source, np.ndarray):
-                source = _stage(output, "input", source)
-            if isinstance(labels_source, np.ndarray):
-                labels_source = _stage(output, "labels_input", labels_source)
-        job = RestoreJob(source, plan, factor, inference, float(settings.inference.probability_threshold), kernel_dtype,
-                         layout.image, prob_layout.image if prob_layout else None, output,
-                         str(Path(output) / MODEL_FILE), settings.inference.device, binarize_threshold,
-                         value_range)
-        done = finished_blocks(output, "restore")
-        todo = [i for i in range(len(plan)) if i not in done]
-        now = todo if max_blocks is None else todo[:max(0, max_blocks)]
-        start = time.perf_counter()
-        ship = dict(ship_code=bool(scheduler), output=output)
-        results = run_tasks(restore_one_block, job, now, client, retries, "Restoring blocks", progress, **ship)
-        summary = {"state": "partial", "blocks": len(plan), "skipped": len(done), "restored": len(results),
-                   "train_s": train_s, "restore_s": time.perf_counter() - start, "label_blocks_inexact": 0,
-                   "label_halos": [], "model": model, "layout": layout, "probabilities_layout": prob_layout,
-                   "value_range": value_range}
-        if len(now) < len(todo):
-            print(f"{len(done) + len(results)} of {len(plan)} blocks restored; continue with --resume.")
-            return summary
-        if labels_source is not None:
-            label_job = LabelJob(labels_source, plan, factor, layout.image, layout.labels, output, label_halo,
-                                 max(label_halo, MAX_LABEL_HALO_BLOCKS * block_size))
-            labelled = finished_blocks(output, "labels")
-            label_results = run_tasks(label_block, label_job, [i for i in range(len(plan)) if i not in labelled],
-                                      client, retries, "Label ids", progress, **ship)
-            summary["label_blocks_inexact"] = sum(not r["exact"] for r in label_results)
-            summary["label_halos"] = sorted(r["halo"] for r in label_results)
-            if summary["label_blocks_inexact"]:
-                warnings.warn(f"{summary['label_blocks_inexact']} block(s) reached the largest label halo; their ids "
-                              "near the block borders may differ from a whole-slice assignment.")
-        _write_pyramids(output, record, [("image", layout.image), ("labels", layout.labels),
-                                         ("probabilities", prob_layout.image if prob_layout else None)],
-                        client, retries, progress, ship["ship_code"])
-    _finish(output, record)
+    prob_layout = (zarr_io.layout_from_record(record["probabilities_layout"], run.probabilities_output)
+                   if run.probabilities_output else None)
+    job = RestoreJob(source, plan, factor, run.inference, float(settings.inference.probability_threshold),
+                     run.kernel_dtype, layout.image, prob_layout.image if prob_layout else None, output,
+                     str(Path(output) / MODEL_FILE), settings.inference.device, binarize_threshold,
+                     run.value_range)
+    done = finished_blocks(output, "restore")
+    todo = [i for i in range(len(plan)) if i not in done]
+    now = todo if run.large.max_blocks is None else todo[:max(0, run.large.max_blocks)]
+    start = time.perf_counter()
+    ship = dict(ship_code=bool(run.large.scheduler), output=output)
+    results = run_tasks(restore_one_block, job, now, client, retries, "Restoring blocks", progress, **ship)
+    summary = {"state": "partial", "blocks": len(plan), "skipped": len(done), "restored": len(results),
+               "restore_s": time.perf_counter() - start, "label_blocks_inexact": 0,
+               "label_halos": [], "model": model, "layout": layout, "probabilities_layout": prob_layout,
+               "value_range": run.value_range}
+    if len(now) < len(todo):
+        print(f"{len(done) + len(results)} of {len(plan)} blocks restored; continue with --resume.")
+        return summary
+    if labels_source is not None:
+        label_job = LabelJob(labels_source, plan, factor, layout.image, layout.labels, output, label_halo,
+                             max(label_halo, MAX_LABEL_HALO_BLOCKS * run.large.block_size))
+        labelled = finished_blocks(output, "labels")
+        label_results = run_tasks(label_block, label_job, [i for i in range(len(plan)) if i not in labelled],
+                                  client, retries, "Label ids", progress, **ship)
+        summary["label_blocks_inexact"] = sum(not r["exact"] for r in label_results)
+        summary["label_halos"] = sorted(r["halo"] for r in label_results)
+        if summary["label_blocks_inexact"]:
+            warnings.warn(f"{summary['label_blocks_inexact']} block(s) reached the largest label halo; their ids "
+                          "near the block borders may differ from a whole-slice assignment.")
+    _write_pyramids(output, record, [("image", layout.image), ("labels", layout.labels),
+                                     ("probabilities", prob_layout.image if prob_layout else None)],
+                    client, retries, progress, ship["ship_code"])
     summary["state"] = "complete"
     return summary
 

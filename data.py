@@ -352,40 +352,30 @@ def _value_sample(stack: np.ndarray) -> np.ndarray:
     return stack if stack.size <= 20_000_000 else stack[:: max(1, stack.shape[0] // 8)]
 
 
-def is_label_image(stack: np.ndarray) -> bool:
-    """True for an integer stack with more than two distinct values (instance labels)."""
-    if not np.issubdtype(stack.dtype, np.integer) or stack.dtype == bool:
-        return False
-    sample = _value_sample(stack)
-    return len(np.unique(sample)) > 2
-
-
 def read_mask_or_labels(path: PathLike, threshold: Optional[float] = None,
                         labels: str = "auto") -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Read a stack as a mask, keeping instance labels when it is a label image.
+    """Read a segmentation as a mask, keeping the ids of a label image: the kind rule of ``apply.py``
+    (:func:`read_typed_stack`); a grey-scale image is refused.
 
     Parameters
     ----------
     path : folder of slices or multipage TIFF
     threshold : float, optional
-        Binarization cut for non-label images (see :func:`binarize`).
+        Binarization cut (the stack is then a mask, see :func:`binarize`).
     labels : {'auto', 'yes', 'no'}
-        'auto' treats integer stacks with more than two values as label images
-        (and says so); 'no' binarizes them with a warning.
+        'auto' decides by :func:`decide_kind`; 'yes' reads a label image; 'no'
+        binarizes (with a warning for ids).
 
     Returns
     -------
     mask_dhw : ndarray of bool, shape (D, H, W)
-    labels_dhw : ndarray of uint, shape (D, H, W), or None
+    labels_dhw : ndarray of uint16, shape (D, H, W), or None
     """
-    raw = read_stack(path)
-    use_labels = labels == "yes" or (labels == "auto" and threshold is None and is_label_image(raw))
-    if not use_labels:
-        return binarize(raw, threshold, source=f"'{path}'"), None
-    if labels == "auto":
-        print(f"'{Path(path).name}' has more than two values: treated as an instance label image "
-              "(foreground = label != 0, ids restored too).")
-    return as_label_image(raw, path)
+    kind, stack, ids = read_typed_stack(path, {"yes": "labels", "no": "mask", "auto": "auto"}[labels], threshold)
+    if kind == "intensity":
+        raise UserError(f"'{path}' looks like a grey-scale image, not a mask or a label image. Give a "
+                        "segmentation (bench.py --kind intensity benchmarks grey values).")
+    return stack, ids
 
 
 # --------------------------------------------------------------------------- #

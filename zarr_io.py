@@ -76,11 +76,15 @@ LABEL_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int1
 
 
 def is_zarr_path(path: PathLike) -> bool:
-    """True for a name ending in ``.zarr`` (``.ome.zarr``) or a folder holding Zarr metadata."""
+    """True for a name ending in ``.zarr`` (``.ome.zarr``, which need not exist yet: an output) or an
+    existing Zarr store (:func:`is_zarr_store`)."""
     text = str(path).rstrip("/")
-    if text.lower().endswith(".zarr"):
-        return True
-    folder = Path(text)
+    return text.lower().endswith(".zarr") or is_zarr_store(text)
+
+
+def is_zarr_store(path: PathLike) -> bool:
+    """A folder with Zarr metadata at its top: the only kind of folder --overwrite may delete."""
+    folder = Path(path)
     return folder.is_dir() and any((folder / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
 
 
@@ -567,18 +571,12 @@ class OutputLayout:
     label_name: Optional[str] = None
 
 
-def looks_like_zarr_store(path: PathLike) -> bool:
-    """A folder with Zarr metadata at its top (the only kind of folder --overwrite may delete)."""
-    folder = Path(path)
-    return folder.is_dir() and any((folder / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
-
-
 def remove_store(path: PathLike) -> None:
     """Delete an existing Zarr store; refuse anything else (a user's folder is never deleted)."""
     path = Path(path)
     if not path.exists():
         return
-    if not looks_like_zarr_store(path):
+    if not is_zarr_store(path):
         raise OutputExistsError(f"'{path}' exists and is not a Zarr store; it is not replaced. Choose another "
                                 "output.")
     shutil.rmtree(path)
