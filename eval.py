@@ -108,7 +108,7 @@ def default_settings() -> Dict[str, Any]:
     return {name: globals()[name] for name in CONFIG_NAMES}
 
 
-def default_recipe() -> "Settings":
+def default_recipe() -> _Settings:
     """The recipe the constants of this module state, as :class:`settings.Settings`."""
     from settings import Settings
 

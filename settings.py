@@ -20,8 +20,8 @@ fields (:func:`add_setting_arguments`), library functions default to
 earlier versions (``NUM_EPOCHS 0``, ``BINARIZE_THRESHOLD -1``, ...) are still
 accepted wherever a value is read (:meth:`Settings.from_dict`, the flags).
 
-This module sits at the bottom of the project: it imports only ``data``,
-``model`` and ``zarr_io``.
+This module sits at the bottom of the project: it imports only ``errors``,
+``kinds``, ``model`` and ``zarr_io``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from data import KINDS, UserError
+from errors import UserError
+from kinds import KINDS
 from model import PRECISIONS, SKIP_MERGES
 from zarr_io import DEFAULT_NGFF_VERSION, NGFF_VERSIONS
 
