@@ -33,7 +33,8 @@ VAL_SPLIT = 0.1  # fraction of crops kept for validation
 MIN_CONTENT_RATIO = 0.005  # reject crops whose label has less foreground than this
 RANDOM_STATE = 42  # seeds python, numpy and torch
 BATCH_SIZE = 8  # training batch size
-NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 4 for masks and label images, 20 for grey values
+START_FROM = "phantom"  # masks and label images: fine-tune the network trained on built-in phantoms ("phantom") or start from random weights ("scratch")
+NUM_EPOCHS = 0  # passes over the training crops; 0 = by kind: 3 fine-tuning (4 from random weights) for masks and label images, 20 for grey values
 LEARNING_RATE = 0.0  # peak learning rate (one-cycle schedule, Adam); 0 = by kind: 3e-3 for masks, 6e-3 for grey values
 DICE_WEIGHT = 0.0  # weight of a soft-Dice term added to the BCE loss
 BASE_FILTERS = 16  # width of the first U-Net level; with a GPU try 32 (with TRAIN_NB 3000: +0.009 IoU)
@@ -126,7 +127,7 @@ def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
 def validate_settings(settings: Dict[str, Any]) -> None:
     """Reject settings that would fail later, with one clear message each."""
     from data import KINDS, UserError, resolution_factor
-    from model import PRECISIONS, SKIP_MERGES
+    from model import PRECISIONS, SKIP_MERGES, START_FROM_CHOICES
     from train import check_crop_pool, check_lateral_axes
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
@@ -135,6 +136,8 @@ def validate_settings(settings: Dict[str, Any]) -> None:
     if not set(settings["ORIENTATIONS"]) <= {"y", "x"} or not settings["ORIENTATIONS"]:
         raise UserError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{settings['ORIENTATIONS']}'.")
     check_lateral_axes(settings["TRAIN_LATERAL_AXES"])
+    if settings["START_FROM"] not in START_FROM_CHOICES:
+        raise UserError(f"START_FROM must be one of {', '.join(START_FROM_CHOICES)}, got '{settings['START_FROM']}'.")
     if settings["UPSCALE_METHOD"] not in ("linear", "nearest"):
         # 'sdf' would blend distance maps across the channel planes of a 2D crop,
         # so training and inference would not see the same interpolation.

@@ -33,7 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
-from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
+from model import (autocast, compile_for_inference, fuse_for_inference, network_architecture, resolve_precision,
+                   select_device, starting_weights)
 from morph import bracket, interpolate_along_axis
 
 ORIENTATIONS = ("y", "x")
@@ -74,6 +75,7 @@ SETTINGS: Dict[str, Tuple[str, str]] = {
     "CROP_POOL": ("train", "crop_pool"),
     "SLICE_PROFILE_FWHM": ("train", "profile_fwhm"),
     "INTENSITY_LOSS": ("train", "intensity_loss"),
+    "START_FROM": ("train", "start_from"),
     "INFERENCE_TILE_SIZE": ("infer", "tile_size"),
     "INFERENCE_BATCH_SIZE": ("infer", "batch_size"),
     "INFERENCE_BATCH_PIXELS": ("infer", "batch_pixels"),
@@ -94,26 +96,41 @@ MODEL_RECIPE = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TI
 
 
 # NUM_EPOCHS = 0, LEARNING_RATE = 0 and CROP_POOL = 0 take the kind's recipe. Regressing grey values
-# gains far more from a longer, faster-stepping training than masks do (Lucchi++ EM, factor 8, over
-# linear: 5 epochs at 3e-3 +0.83 dB / +0.052 SSIM, 10 at 6e-3 +1.21 / +0.067, 20 at 6e-3 +1.56 / +0.082),
-# and gains nothing from hard crops at that budget. Masks, the everyday and cheaper job, train 4 epochs on
-# the half of twice as many random crops that interpolation gets most wrong: a fifth fewer steps than 5
-# epochs of random crops, better on the real stacks and tied on the phantoms (docs/ablations.md, "Training budget").
-# Training cost does not grow with the volume (TRAIN_NB crops per epoch).
+# gains far more from a longer, faster-stepping training than masks do, and nothing from hard crops
+# at that budget. Masks, the everyday and cheaper job, train on the half of twice as many random crops
+# that interpolation gets most wrong, 4 epochs from random weights, or 3 fine-tuning the phantom-trained
+# starting model, which reaches the same quality in three quarters of the steps (docs/ablations.md,
+# "Training budget"; docs/speed-by-machine.md). Training cost does not grow with the volume.
 RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0},
                   "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0}}
+FINE_TUNING_EPOCHS = 3
 
 
 def training_kwargs(settings: Dict[str, Any], kind: str = "mask") -> Dict[str, Any]:
     """Keyword arguments of ``train.fit_on_sparse_stack`` from ``eval.py``-style settings.
 
     ``NUM_EPOCHS``, ``LEARNING_RATE`` and ``CROP_POOL`` 0 become the recipe of ``kind``
-    ('mask' or 'intensity'; :data:`RECIPE_BY_KIND`); other values are used as given.
+    ('mask' or 'intensity'; :data:`RECIPE_BY_KIND`), with :data:`FINE_TUNING_EPOCHS` where the
+    training starts from the phantom-trained model (:func:`training_start`); other values are used as given.
     """
     kwargs = {keyword: settings[name] for name, (stage, keyword) in SETTINGS.items() if stage == "train"}
-    for keyword, value in RECIPE_BY_KIND[kind].items():
+    recipe = dict(RECIPE_BY_KIND[kind])
+    if training_start(kwargs, kind)[0]:
+        recipe["num_epochs"] = FINE_TUNING_EPOCHS
+    for keyword, value in recipe.items():
         kwargs[keyword] = kwargs[keyword] or value
     return kwargs
+
+
+def training_start(kwargs: Dict[str, Any], kind: str = "mask") -> Tuple[bool, str]:
+    """Whether a training with these ``fit_on_sparse_stack`` arguments fine-tunes the phantom-trained
+    starting model (else random weights), and the plan's line saying so."""
+    architecture = network_architecture(kwargs["train_z_size"], 1, kwargs["depth"], kwargs["base_filters"],
+                                        kwargs["dropout_rate"], kwargs["input_skip"],
+                                        "intensity" if kind == "intensity" else "logits", kwargs["skip_merge"],
+                                        kwargs["shortcut_norm"])
+    state, reason = starting_weights(architecture, kind, kwargs["start_from"])
+    return state is not None, reason
 
 
 # The training settings that inference_kwargs reads too: the geometry and arithmetic a model was trained with.

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from data import UserError
-from model import AttentionResUNet, autocast, resolve_precision, select_device
+from model import AttentionResUNet, autocast, resolve_precision, select_device, starting_weights
 from morph import interpolate_along_axis
 
 
@@ -441,7 +441,7 @@ def fit_on_sparse_stack(
     train_z_size: int = 5,
     train_nb: int = 720,
     batch_size: int = 8,
-    num_epochs: int = 4,
+    num_epochs: int = 3,
     learning_rate: float = 3e-3,
     val_split: float = 0.1,
     min_content_ratio: float = 0.005,
@@ -460,6 +460,7 @@ def fit_on_sparse_stack(
     lateral_axes: str = "yx",
     crop_pool: float = 2.0,
     intensity_loss: str = "mse",
+    start_from: str = "phantom",
     device: Optional[torch.device] = None,
     progress: bool = True,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
@@ -467,7 +468,11 @@ def fit_on_sparse_stack(
 
     This is the one training recipe that ``eval.py``, ``apply.py`` and
     ``bench.py`` share; its defaults are the command line's recipe for masks
-    (``restore.training_kwargs(eval.default_settings(), "mask")``, checked by a test).
+    (``restore.training_kwargs(eval.default_settings(), "mask")``, checked by a test):
+    3 epochs fine-tuning the phantom-trained starting model (``start_from='phantom'``,
+    :func:`model.starting_weights`). A network the starting model does not fit (another
+    architecture, channel count or kind) starts from random weights, as ``start_from='scratch'``
+    does; give it more epochs (the command line's recipe gives 4 by itself).
 
     Returns
     -------
@@ -485,6 +490,11 @@ def fit_on_sparse_stack(
                              dropout_rate=dropout_rate, input_skip=input_skip, skip_merge=skip_merge,
                              shortcut_norm=shortcut_norm,
                              output="intensity" if kind == "intensity" else "logits")
+    state, start = starting_weights(model.architecture, "intensity" if kind == "intensity" else "mask", start_from)
+    if state is not None:
+        model.load_state_dict(state)
+    if progress:
+        print(f"Training starts from {start}.")
     model, history = train_execution_process(model, train_loader, val_loader, num_epochs, learning_rate, device,
                                              dice_weight=dice_weight, progress=progress, precision=precision,
                                              intensity_loss=intensity_loss)
