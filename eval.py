@@ -42,6 +42,7 @@ VAL_SPLIT = _recipe.training.val_split
 MIN_CONTENT_RATIO = _recipe.training.min_content_ratio
 RANDOM_STATE = _recipe.training.random_state
 BATCH_SIZE = _recipe.training.batch_size
+START_FROM = _recipe.training.start_from  # masks: fine-tune the phantom-trained model, or "scratch"
 NUM_EPOCHS = _recipe.training.num_epochs  # None: by kind
 LEARNING_RATE = _recipe.training.learning_rate  # None: by kind
 DICE_WEIGHT = _recipe.training.dice_weight

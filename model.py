@@ -77,6 +77,15 @@ class AttentionGate(nn.Module):
         return x * attention, attention
 
 
+def network_architecture(in_channels: int = 5, n_classes: int = 1, depth: int = 3, base_filters: int = 16,
+                         dropout_rate: float = 0.1, input_skip: bool = True, output: str = "logits",
+                         skip_merge: str = "add", shortcut_norm: bool = False) -> Dict[str, Any]:
+    """The ``architecture`` dict an :class:`AttentionResUNet` of these arguments records (and is saved with)."""
+    return dict(in_channels=in_channels, n_classes=n_classes, depth=depth, base_filters=base_filters,
+                dropout_rate=dropout_rate, input_skip=input_skip, output=output, skip_merge=skip_merge,
+                shortcut_norm=shortcut_norm)
+
+
 class AttentionResUNet(nn.Module):
     """2D attention residual U-Net.
 
@@ -126,9 +135,8 @@ class AttentionResUNet(nn.Module):
             raise ValueError(f"output must be 'logits' or 'intensity', got '{output}'.")
         if skip_merge not in SKIP_MERGES:
             raise ValueError(f"skip_merge must be one of {', '.join(SKIP_MERGES)}, got '{skip_merge}'.")
-        self.architecture = dict(in_channels=in_channels, n_classes=n_classes, depth=depth,
-                                 base_filters=base_filters, dropout_rate=dropout_rate, input_skip=input_skip,
-                                 output=output, skip_merge=skip_merge, shortcut_norm=shortcut_norm)
+        self.architecture = network_architecture(in_channels, n_classes, depth, base_filters, dropout_rate,
+                                                 input_skip, output, skip_merge, shortcut_norm)
         widths = [base_filters * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList()
         previous = in_channels
@@ -341,3 +349,49 @@ def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[At
     model.load_state_dict(checkpoint["state_dict"])
     model.to(select_device(device)).eval()
     return model, checkpoint["config"]
+
+
+# --------------------------------------------------------------------------- #
+# The starting point of a mask training (built by starting_model.py)
+# --------------------------------------------------------------------------- #
+STARTING_MODEL_PATH = Path(__file__).resolve().parent / "models" / "phantom-mask.pt"
+START_FROM_CHOICES = ("phantom", "scratch")
+
+
+def starting_weights(architecture: Dict[str, Any], kind: str, start_from: str = "phantom",
+                     path: Union[str, Path] = STARTING_MODEL_PATH) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """The weights a training of ``architecture`` starts from, and why.
+
+    Parameters
+    ----------
+    architecture : dict
+        ``AttentionResUNet.architecture`` of the network about to be trained.
+    kind : {'mask', 'intensity'}
+    start_from : {'phantom', 'scratch'}
+        'phantom': the phantom-trained model at ``path`` where it has the same network and the stack is a
+        mask (or a label image's foreground); 'scratch': random weights.
+    path : str or Path
+        The starting model file.
+
+    Returns
+    -------
+    state_dict : dict of tensors (a copy), or None for random weights
+    reason : str, one line for the plan and the log
+    """
+    if start_from not in START_FROM_CHOICES:
+        raise UserError(f"START_FROM must be one of {START_FROM_CHOICES}, got '{start_from}'.")
+    if start_from == "scratch":
+        return None, "random weights (START_FROM scratch)"
+    if kind != "mask":
+        return None, "random weights (grey values: the starting model is for masks and label images)"
+    path = Path(path)
+    if not path.is_file():
+        return None, f"random weights (no starting model at {path})"
+    prior, _ = load_model(path, device="cpu")
+    # Dropout is a training choice, not part of the weights: any rate fine-tunes the same starting point.
+    different = [f"{name} {prior.architecture.get(name)}, not {value}"
+                 for name, value in architecture.items() if name != "dropout_rate" and prior.architecture.get(name) != value]
+    if different:
+        return None, f"random weights (the starting model has {', '.join(different)})"
+    return {name: value.clone() for name, value in prior.state_dict().items()}, \
+        f"the phantom-trained starting model ({path.name}), fine-tuned"

@@ -151,9 +151,11 @@ class RestorePlan:
             return "none (nothing to restore)"
         if not self.trained:
             return "none (--model)"
-        recipe = restore.training_kwargs(self.settings, "intensity" if self.kind == "intensity" else "mask")
+        kind = "intensity" if self.kind == "intensity" else "mask"
+        recipe = restore.training_kwargs(self.settings, kind)
         return (f"{recipe['train_nb']} crops of {recipe['train_z_size']} x {recipe['train_xy_size']} x "
-                f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs")
+                f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs, from "
+                f"{restore.training_start(self.settings, kind)[1]}")
 
 
 def human_bytes(count: float) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
-from settings import FITTED_TO, RECIPE_BY_KIND, Settings, as_settings  # noqa: F401 (re-exported)
+from settings import FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, Settings, as_settings  # noqa: F401 (re-exported)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import bracket, interpolate_along_axis
 
@@ -55,10 +55,30 @@ def training_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None, k
     """The training recipe of ``settings`` as keyword arguments of ``train.fit_on_sparse_stack``.
 
     "By kind" values (``NUM_EPOCHS``, ``LEARNING_RATE``, ``CROP_POOL``) become the recipe of ``kind``
-    ('mask' or 'intensity'; :data:`settings.RECIPE_BY_KIND`); other values are used as given.
+    ('mask' or 'intensity'; :data:`settings.RECIPE_BY_KIND`, with :data:`settings.FINE_TUNING_EPOCHS`
+    where the training starts from the phantom-trained model, :func:`training_start`); other values are
+    used as given.
     """
-    settings = as_settings(settings)
-    return {**dataclasses.asdict(settings.training.for_kind(kind)), **dataclasses.asdict(settings.network)}
+    from train import training_recipe
+
+    training, network = training_recipe(settings, kind)
+    return {**dataclasses.asdict(training), **dataclasses.asdict(network)}
+
+
+def training_start(recipe: Union[Settings, Mapping[str, Any], None] = None, kind: str = "mask") -> Tuple[bool, str]:
+    """Whether a training with ``recipe`` (Settings, or keyword arguments of ``train.fit_on_sparse_stack``)
+    fine-tunes the phantom-trained starting model (else random weights), and the plan's line saying so."""
+    from settings import Network, Training
+    from train import starting_point
+
+    if recipe is not None and not isinstance(recipe, Settings) and "train_z_size" in recipe:  # keyword arguments
+        fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+        training = Training(**{k: v for k, v in recipe.items() if k in fields(Training)})
+        network = Network(**{k: v for k, v in recipe.items() if k in fields(Network)})
+    else:
+        training, network = as_settings(recipe).training, as_settings(recipe).network
+    state, reason = starting_point(training, network, kind)
+    return state is not None, reason
 
 
 def inference_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None,

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from errors import UserError
 from kinds import KINDS
-from model import PRECISIONS, SKIP_MERGES
+from model import PRECISIONS, SKIP_MERGES, START_FROM_CHOICES
 from zarr_io import DEFAULT_NGFF_VERSION, NGFF_VERSIONS
 
 GROUPS = {
@@ -181,19 +181,29 @@ class Training:
                                   model="recorded")
     intensity_loss: str = setting("mse", "grey-scale: regression loss", constant="INTENSITY_LOSS", group="advanced",
                                   choices=INTENSITY_LOSSES, model="recorded")
+    start_from: str = setting("phantom", "masks and label images: fine-tune the network trained on built-in "
+                              "phantoms (phantom) or start from random weights (scratch)", constant="START_FROM",
+                              group="model and training", choices=START_FROM_CHOICES, model="recorded")
 
-    def for_kind(self, kind: str = "mask") -> "Training":
+    def for_kind(self, kind: str = "mask", fine_tuning: bool = False) -> "Training":
         """This recipe with its "by kind" values (``None``) set to those of ``kind``
-        ('mask', 'labels' or 'intensity'; :data:`RECIPE_BY_KIND`)."""
-        by_kind = RECIPE_BY_KIND["intensity" if kind == "intensity" else "mask"]
+        ('mask', 'labels' or 'intensity'; :data:`RECIPE_BY_KIND`), with :data:`FINE_TUNING_EPOCHS`
+        when the training fine-tunes the starting model (``train.starting_point`` says whether)."""
+        by_kind = dict(RECIPE_BY_KIND["intensity" if kind == "intensity" else "mask"])
+        if fine_tuning:
+            by_kind["num_epochs"] = FINE_TUNING_EPOCHS
         return dataclasses.replace(self, **{name: value for name, value in by_kind.items()
                                             if getattr(self, name) is None})
 
 
 # The "by kind" recipe: grey values are regressed, which gains from a longer, faster-stepping training
-# without hard crops; masks train shorter on hard crops (docs/ablations.md, "Training budget").
+# without hard crops; masks train shorter on hard crops (docs/ablations.md, "Training budget"). Training
+# cost does not grow with the volume (TRAIN_NB crops per epoch).
 RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0},
                   "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0}}
+# Masks fine-tuning the phantom-trained starting model (START_FROM phantom, model.starting_weights) reach
+# the quality of 4 epochs from random weights in 3 (docs/speed-by-machine.md).
+FINE_TUNING_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -372,8 +382,8 @@ class Settings:
     def with_model_record(self, record: Mapping[str, Any]) -> "Settings":
         """These settings with the values a saved model's ``record`` holds for the settings a restore
         reads from a model (``model="read"``); records of earlier versions hold fewer of them."""
-        read = {constant: record[constant.lower()] for constant, (_, item) in FIELDS.items()
-                if item.metadata["model"] == "read" and constant.lower() in record}
+        read = {constant: record[key] for constant, (_, item) in FIELDS.items() if item.metadata["model"] == "read"
+                for key in (constant.lower(), constant) if key in record}
         return Settings.from_dict(read, base=self)
 
     # ----- checks -------------------------------------------------------------
@@ -406,6 +416,7 @@ class Settings:
             raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
                             f"{inference.batch_pixels}.")
         check_choice("SKIP_MERGE", self.network.skip_merge)
+        check_choice("START_FROM", training.start_from)
         check_choice("PRECISION", training.precision)
         return self
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from data import UserError
-from model import AttentionResUNet, autocast, resolve_precision, select_device
+from model import AttentionResUNet, autocast, network_architecture, resolve_precision, select_device, starting_weights
 from morph import interpolate_along_axis
 from settings import LATERAL_AXES, Network, Settings, Training, as_settings, check_crop_pool  # noqa: F401
 
@@ -461,7 +461,20 @@ def training_recipe(recipe: Union[Settings, Mapping[str, Any], None] = None, kin
                         "of settings.Training and settings.Network.")
     training = dataclasses.replace(recipe.training, **{k: v for k, v in changes.items() if k in training_names})
     network = dataclasses.replace(recipe.network, **{k: v for k, v in changes.items() if k in network_names})
-    return training.for_kind(kind), network
+    fine_tuning = training.num_epochs is None and starting_point(training, network, kind)[0] is not None
+    return training.for_kind(kind, fine_tuning), network
+
+
+def starting_point(training: Training, network: Network, kind: str = "mask"
+                   ) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """The weights a training with this recipe starts from (``START_FROM``: the phantom-trained starting
+    model where it has the same network and the stack is a mask, :func:`model.starting_weights`; else
+    None, random weights) and the plan's line saying so."""
+    output = "intensity" if kind == "intensity" else "logits"
+    architecture = network_architecture(training.train_z_size, 1, network.depth, network.base_filters,
+                                        network.dropout_rate, network.input_skip, output, network.skip_merge,
+                                        network.shortcut_norm)
+    return starting_weights(architecture, "intensity" if kind == "intensity" else "mask", training.start_from)
 
 
 def fit_on_sparse_stack(
@@ -478,7 +491,11 @@ def fit_on_sparse_stack(
 
     This is the one training recipe that ``eval.py``, ``apply.py`` and
     ``bench.py`` share; without ``recipe`` it is the command line's
-    (``settings.Settings()``), for ``kind``.
+    (``settings.Settings()``), for ``kind``: for masks, 3 epochs fine-tuning the
+    phantom-trained starting model (``start_from='phantom'``, :func:`starting_point`).
+    A network the starting model does not fit (another architecture, channel count
+    or kind) starts from random weights, as ``start_from='scratch'`` does, and its
+    "by kind" epochs are then those of a training from scratch.
 
     Parameters
     ----------
@@ -513,6 +530,11 @@ def fit_on_sparse_stack(
                              input_skip=network.input_skip, skip_merge=network.skip_merge,
                              shortcut_norm=network.shortcut_norm,
                              output="intensity" if kind == "intensity" else "logits")
+    state, start = starting_point(training, network, kind)
+    if state is not None:
+        model.load_state_dict(state)
+    if progress:
+        print(f"Training starts from {start}.")
     model, history = train_execution_process(model, train_loader, val_loader, training.num_epochs,
                                              training.learning_rate, device, dice_weight=training.dice_weight,
                                              progress=progress, precision=training.precision,

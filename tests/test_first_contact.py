@@ -204,7 +204,9 @@ def test_apply_restores_a_small_mask_without_crop_flags(tmp_path, capsys, privat
     status, printed, err = run_apply(capsys, "--input", source, "--output", out, *CHEAP)
     assert status == 0, err
     plan = plan_of(printed)
-    assert plan["training"] == "32 crops of 5 x 64 x 64, 1 epochs"
+    # CHEAP's narrow network cannot start from the default network's starting model.
+    assert plan["training"] == ("32 crops of 5 x 64 x 64, 1 epochs, from random weights (the starting model has "
+                                "base_filters 16, not 4)")
     assert "recipe fitted to the stack: TRAIN_XY_SIZE 128 -> 64: the slices are 64 x 64 pixels" in printed
     restored = tifffile.imread(out)
     assert restored.shape == (65, 64, 64) and restored.dtype == np.uint8
@@ -255,7 +257,7 @@ def test_typed_train_nb_reaches_the_training(tmp_path, capsys, monkeypatch):
     with pytest.raises(Stop):
         apply.main(["--input", str(source), "--output", str(tmp_path / "o.tif"), "--train-nb", "600",
                     "--num-epochs", "1", "--base-filters", "4"])
-    assert plan_of(capsys.readouterr().out)["training"] == "600 crops of 5 x 64 x 64, 1 epochs"
+    assert plan_of(capsys.readouterr().out)["training"].startswith("600 crops of 5 x 64 x 64, 1 epochs, from ")
     assert seen["recipe"].training.train_nb == 600  # is 416 (= 4 x 104 distinct crops): the typed value was changed
 
 
@@ -333,7 +335,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert plan["translation"] == "0 x 0 x 0 um"
     assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB|GiB) \(uncompressed\)", plan["output bytes"])
     assert re.fullmatch(r"about \d+\.\d (MiB|GiB) \(estimate\)", plan["memory per worker"])
-    assert plan["training"] == "416 crops of 5 x 64 x 64, 4 epochs"
+    assert plan["training"] == ("416 crops of 5 x 64 x 64, 3 epochs, from the phantom-trained starting model "
+                                "(phantom-mask.pt), fine-tuned")
     assert plan["expected time"].startswith("not known yet")
     assert printed.strip().splitlines()[-1].startswith("dry run:")
     assert "Epoch" not in printed
@@ -383,8 +386,9 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
     assert status == 0
     match = re.fullmatch(r"about (\d+) s on .+ \(from earlier runs here\)", plan_of(printed)["expected time"])
     assert match, plan_of(printed)["expected time"]
-    # The estimate is the plan's work at the measured rates (416 crops of 64 x 64, 4 epochs; 65 x 64 x 64 voxels).
-    expected = 416 * 64 * 64 * 4 / rates["train_pixels_per_s"] + 65 * 64 * 64 / rates["restore_voxels_per_s"]
+    # The estimate is the plan's work at the measured rates (416 crops of 64 x 64, 3 epochs fine-tuning the starting
+    # model; 65 x 64 x 64 voxels).
+    expected = 416 * 64 * 64 * 3 / rates["train_pixels_per_s"] + 65 * 64 * 64 / rates["restore_voxels_per_s"]
     assert int(match.group(1)) == round(expected)
     assert not (tmp_path / "never.tif").exists()
 

@@ -122,7 +122,8 @@ def test_training_recipe_by_kind_unless_given():
     # The numeric sentinels of earlier versions (0 = by kind) give the same recipes.
     legacy = dict(settings, NUM_EPOCHS=0, LEARNING_RATE=0.0, CROP_POOL=0.0)
     assert training_kwargs(legacy, "mask") == mask and training_kwargs(legacy, "intensity") == grey
-    assert (mask["num_epochs"], mask["learning_rate"], mask["crop_pool"]) == (4, 3e-3, 2.0)
+    # Masks: 3 epochs fine-tuning the phantom-trained starting model (4 from random weights).
+    assert (mask["num_epochs"], mask["learning_rate"], mask["crop_pool"]) == (3, 3e-3, 2.0)
     assert (grey["num_epochs"], grey["learning_rate"], grey["crop_pool"]) == (20, 6e-3, 1.0)
     assert all(mask[k] == grey[k] for k in mask if k not in RECIPE_BY_KIND["mask"])
     settings.update(NUM_EPOCHS=3, LEARNING_RATE=1e-3, CROP_POOL=1.5)

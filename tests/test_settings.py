@@ -65,7 +65,10 @@ def test_library_defaults_are_the_command_line_recipe():
         name = "recipe" if "recipe" in parameters else "settings"
         assert parameters[name].default is None, function  # None = Settings()
     assert blocks.BLOCK_SIZE == Settings().large.block_size
-    assert train.training_recipe() == (Settings().training.for_kind("mask"), Settings().network)
+    # Masks fine-tune the phantom-trained starting model by default: 3 epochs (4 from random weights).
+    assert train.training_recipe() == (Settings().training.for_kind("mask", fine_tuning=True), Settings().network)
+    assert train.training_recipe()[0].num_epochs == 3
+    assert train.training_recipe(start_from="scratch")[0].num_epochs == 4
 
 
 def test_dict_view_round_trips_and_reads_old_sentinels():

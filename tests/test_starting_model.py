@@ -1,0 +1,94 @@
+"""The phantom-trained starting model: which trainings start from it, and that it is what it says it is."""
+import pytest
+import torch
+
+from model import STARTING_MODEL_PATH, load_model, network_architecture, save_model, starting_weights
+
+
+def test_shipped_starting_model_was_not_trained_on_evaluated_phantoms():
+    """The prior's phantoms are not the volumes eval.py (RANDOM_STATE) and bench.py (seeds 0, 1) score."""
+    from eval import RANDOM_STATE
+
+    model, config = load_model(STARTING_MODEL_PATH)
+    seeds = set(config["STARTING_MODEL"]["phantom_seeds"])
+    assert seeds and not seeds & {0, 1, 7, RANDOM_STATE}
+    assert model.architecture == network_architecture()  # the default network: what a default run trains
+
+
+def test_default_mask_training_fine_tunes_the_starting_model():
+    state, reason = starting_weights(network_architecture(), "mask")
+    shipped = load_model(STARTING_MODEL_PATH)[0].state_dict()
+    assert state is not None and "phantom" in reason
+    assert all(torch.equal(state[name], shipped[name]) for name in shipped)
+    state["head.weight"].add_(1.0)  # a copy: fine-tuning never changes the shipped weights
+    assert not torch.equal(state["head.weight"], load_model(STARTING_MODEL_PATH)[0].state_dict()["head.weight"])
+
+
+@pytest.mark.parametrize("architecture, kind, start_from, why", [
+    (network_architecture(), "mask", "scratch", "START_FROM scratch"),
+    (network_architecture(output="intensity"), "intensity", "phantom", "grey values"),
+    (network_architecture(base_filters=32), "mask", "phantom", "base_filters 16, not 32"),
+    (network_architecture(in_channels=3), "mask", "phantom", "in_channels 5, not 3"),
+])
+def test_trainings_the_starting_model_does_not_fit_start_from_random_weights(architecture, kind, start_from, why):
+    state, reason = starting_weights(architecture, kind, start_from)
+    assert state is None and why in reason
+
+
+def test_another_dropout_rate_still_fine_tunes():
+    assert starting_weights(network_architecture(dropout_rate=0.3), "mask")[0] is not None
+
+
+def test_missing_starting_model_file_means_random_weights(tmp_path):
+    state, reason = starting_weights(network_architecture(), "mask", path=tmp_path / "absent.pt")
+    assert state is None and "no starting model" in reason
+
+
+def test_unknown_start_from_is_one_clear_error():
+    from data import UserError
+
+    with pytest.raises(UserError, match="START_FROM must be one of"):
+        starting_weights(network_architecture(), "mask", "imagenet")
+
+
+def test_recipe_takes_fewer_epochs_only_where_the_starting_model_is_used():
+    from eval import default_settings
+    from restore import FINE_TUNING_EPOCHS, RECIPE_BY_KIND, training_kwargs
+
+    settings = default_settings()
+    assert training_kwargs(settings, "mask")["num_epochs"] == FINE_TUNING_EPOCHS
+    assert training_kwargs({**settings, "START_FROM": "scratch"}, "mask")["num_epochs"] == RECIPE_BY_KIND["mask"]["num_epochs"]
+    assert training_kwargs({**settings, "BASE_FILTERS": 32}, "mask")["num_epochs"] == RECIPE_BY_KIND["mask"]["num_epochs"]
+    assert training_kwargs({**settings, "NUM_EPOCHS": 7}, "mask")["num_epochs"] == 7  # a typed value is kept
+    assert training_kwargs(settings, "intensity")["num_epochs"] == RECIPE_BY_KIND["intensity"]["num_epochs"]
+
+
+def test_zero_epoch_fine_tuning_returns_the_starting_model():
+    """fit_on_sparse_stack really loads the starting weights (no step taken: the weights are the prior's)."""
+    from data import downsample_z, make_sample_stack
+    from train import fit_on_sparse_stack
+
+    sparse, _ = downsample_z(make_sample_stack((48, 64, 64), seed=3), 4)
+    model, _, _ = fit_on_sparse_stack(sparse, 4, train_xy_size=32, train_nb=16, num_epochs=0, progress=False)
+    shipped = load_model(STARTING_MODEL_PATH)[0].state_dict()
+    assert all(torch.equal(model.state_dict()[name], shipped[name]) for name in shipped)
+
+
+def test_building_the_starting_model_is_reproducible(tmp_path):
+    """A tiny build twice gives the same weights (the shipped one is rebuilt by `python starting_model.py`)."""
+    from eval import default_settings
+    from restore import training_kwargs
+    from starting_model import build_starting_model
+
+    recipe = {**training_kwargs(default_settings(), "mask"), "train_xy_size": 32}
+
+    def build():
+        return build_starting_model(seeds=(101,), factors=(4,), shape=(40, 64, 64), crops_per_volume=12,
+                                    num_epochs=1, recipe=recipe, progress=False)
+
+    first, config = build()
+    second, _ = build()
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert config["STARTING_MODEL"]["phantom_seeds"] == [101]
+    path = save_model(tmp_path / "prior.pt", first, config)
+    assert starting_weights(network_architecture(), "mask", path=path)[0] is not None
