@@ -77,7 +77,7 @@ import zarr_io
 from data import (OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
                   normalize_intensity)
 from model import fuse_for_inference, load_model, save_model, select_device
-from settings import LargeVolumes, Settings, as_settings
+from settings import LargeVolumes, Settings, SettingsLike, as_settings
 from zarr_io import OmeZarrImage, ZarrImage
 
 # Lateral edge of a block (settings.LargeVolumes states the default; memory per block: docs/).
@@ -88,8 +88,8 @@ MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids ar
 LABEL_SLAB_VOXELS = 16_000_000  # voxels of mask per label-id step (a few kept-slice intervals at a time)
 TRAINING_BYTES = 256 * 2**20  # kept-slice bytes read from a large store to train on
 INTENSITY_SAMPLE_VALUES = 10_000_000  # grey values read to find a store's range (data.intensity_range's sample)
-# Host memory a worker using CUDA adds (context and libraries): measured 1.2-1.35 GiB peak per worker on an
-# H200 with torch 2.11, against 0.35-0.5 GiB on CPU; such workers need --worker-memory 2GiB or more.
+# Host memory a worker using CUDA adds (context and libraries, docs/gpu.md); such workers need a larger
+# --worker-memory than CPU workers.
 CUDA_HOST_BYTES = 1 * 2**30
 # Network activations per tile pixel at inference: about 64 float32 values (the widest level's features,
 # its skip and the blend), a generous bound for the default network.
@@ -678,7 +678,7 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
 # --------------------------------------------------------------------------- #
 # Training on a large store
 # --------------------------------------------------------------------------- #
-def training_stack(source: Source, settings: Union[Settings, Dict[str, Any], None], binarize_threshold: Optional[float] = None,
+def training_stack(source: Source, settings: SettingsLike, binarize_threshold: Optional[float] = None,
                    max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None
                    ) -> np.ndarray:
     """Kept slices to train on, at most ``max_bytes`` of them read from the store.
@@ -856,7 +856,7 @@ def restore_to_ome_zarr(
     source: Source,
     output: Union[str, Path],
     factor: int,
-    settings: Union[Settings, Dict[str, Any], None],
+    settings: SettingsLike,
     voxel_size_zyx: Sequence[float],
     unit: str,
     *,

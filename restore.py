@@ -34,7 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
-from settings import FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, Settings, as_settings  # noqa: F401 (re-exported)
+from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, Inference, Settings,  # noqa: F401
+                      SettingsLike, Training, as_settings)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import bracket, interpolate_along_axis
 
@@ -42,16 +43,15 @@ ORIENTATIONS = ("y", "x")
 # Network inputs built at a time (values, 16 MB as float32): memory is the output plus a few of these.
 CHUNK_VALUES = 4_000_000
 # On a CPU, tiles per forward pass are capped at this many pixels (at least two tiles): the default
-# network's full-resolution activations then stay a few MiB, in cache and under glibc's 32 MiB mmap
-# threshold, above which every activation is freshly mapped, page-faulting memory. Restoring ran
-# 1.16x (UroCell) and 1.26x (Lucchi++) faster than with 16 tiles per batch, 0 voxels changed
-# (docs/speed.md, "Batches sized for the CPU's caches").
-CPU_BATCH_PIXELS = 2 ** 17
+# network's full-resolution activations then stay in cache and under glibc's mmap threshold, above which
+# every activation is freshly mapped, page-faulting memory (docs/speed.md, "Batches sized for the CPU's
+# caches"). The default is settings.Inference.batch_pixels.
+CPU_BATCH_PIXELS = Inference.batch_pixels
 
 # --------------------------------------------------------------------------- #
 # The recipe: settings.Settings as the engine's arguments
 # --------------------------------------------------------------------------- #
-def training_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None, kind: str = "mask") -> Dict[str, Any]:
+def training_kwargs(settings: SettingsLike = None, kind: str = "mask") -> Dict[str, Any]:
     """The training recipe of ``settings`` as keyword arguments of ``train.fit_on_sparse_stack``.
 
     "By kind" values (``NUM_EPOCHS``, ``LEARNING_RATE``, ``CROP_POOL``) become the recipe of ``kind``
@@ -65,7 +65,7 @@ def training_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None, k
     return {**dataclasses.asdict(training), **dataclasses.asdict(network)}
 
 
-def training_start(recipe: Union[Settings, Mapping[str, Any], None] = None, kind: str = "mask") -> Tuple[bool, str]:
+def training_start(recipe: SettingsLike = None, kind: str = "mask") -> Tuple[bool, str]:
     """Whether a training with ``recipe`` (Settings, or keyword arguments of ``train.fit_on_sparse_stack``)
     fine-tunes the phantom-trained starting model (else random weights), and the plan's line saying so."""
     from settings import Network, Training
@@ -81,7 +81,7 @@ def training_start(recipe: Union[Settings, Mapping[str, Any], None] = None, kind
     return state is not None, reason
 
 
-def inference_kwargs(settings: Union[Settings, Mapping[str, Any], None] = None,
+def inference_kwargs(settings: SettingsLike = None,
                      model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Keyword arguments of :func:`restore_block` from ``settings``; with ``model``, the channel planes
     are those the model takes (a recipe fitted to a small stack may have fewer)."""
@@ -165,7 +165,7 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     return dataclasses.replace(settings, training=dataclasses.replace(training, **fitted), fitted_to=stack), notes
 
 
-def model_config(settings: Union[Settings, Mapping[str, Any], None], factor: int) -> Dict[str, Any]:
+def model_config(settings: SettingsLike, factor: int) -> Dict[str, Any]:
     """What a saved model keeps: the recipe it was trained with (:meth:`Settings.model_record`) and
     the factor; a restore reads back the settings marked ``model="read"``."""
     return dict(as_settings(settings).model_record(), factor=int(factor))
@@ -482,16 +482,16 @@ class Kernel:
     """
     train_depth: int
     tile_size: int
-    batch_size: int = 16
+    batch_size: int = Inference.batch_size
     channel_stride: Optional[int] = None
     orientations: Sequence[str] = ORIENTATIONS
     flips: Sequence[Tuple[int, ...]] = ((),)
-    keep_kept_slices: bool = True
-    upscale_method: str = "linear"
+    keep_kept_slices: bool = Inference.keep_kept_slices
+    upscale_method: str = Training.upscale_method
     overlap: Optional[int] = None
-    precision: str = "fp32"
-    skip_empty: bool = True
-    compile: bool = False
+    precision: str = "fp32"  # the library's reference arithmetic; the command line's is Training.precision
+    skip_empty: bool = Inference.skip_empty_tiles
+    compile: bool = Inference.compile
     batch_pixels: int = CPU_BATCH_PIXELS
 
     def __post_init__(self) -> None:
@@ -506,7 +506,7 @@ class Kernel:
         return default_overlap(self.tile_size) if self.overlap is None else self.overlap
 
 
-def inference_options(settings: Union[Settings, Mapping[str, Any], None] = None,
+def inference_options(settings: SettingsLike = None,
                       model: Optional[nn.Module] = None) -> Kernel:
     """:class:`Kernel` of ``settings`` (see :func:`inference_kwargs`)."""
     return Kernel(**inference_kwargs(settings, model))
@@ -845,7 +845,7 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
     return mask
 
 
-def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None,
+def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: SettingsLike = None,
                    device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask"
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
@@ -873,7 +873,7 @@ def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: Union[Settings
     return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}
 
 
-def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None,
+def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: SettingsLike = None,
                           model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                           device: Optional[torch.device] = None, out_dtype=np.uint8,
                           progress: bool = True) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
@@ -938,7 +938,7 @@ def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: int
     restored_dhw[kept] = kept_khw[: len(kept)]
 
 
-def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None,
+def restore_intensity(stack_khw: np.ndarray, factor: int, settings: SettingsLike = None,
                       model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                       device: Optional[torch.device] = None, out_dtype=None, progress: bool = True
                       ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
@@ -990,7 +990,8 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: Union[Settin
     return restored, model, info
 
 
-def restore_stack(stack_khw: np.ndarray, factor: int, settings: Union[Settings, Mapping[str, Any], None] = None, model: Optional[nn.Module] = None,
+def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+                  model: Optional[nn.Module] = None,
                   labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
                   probability_dtype=np.uint8, keep_probabilities: bool = True
                   ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:

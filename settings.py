@@ -229,7 +229,7 @@ class Inference:
                              constant="INFERENCE_TILE_SIZE", group="inference", metavar="PX", model="read")
     batch_size: int = setting(16, "tiles per forward pass (on a CPU, see --inference-batch-pixels)",
                               constant="INFERENCE_BATCH_SIZE", group="inference")
-    batch_pixels: int = setting(131072, "CPU: at most this many pixels per forward pass, at least 2 tiles; 0 = no "
+    batch_pixels: int = setting(2 ** 17, "CPU: at most this many pixels per forward pass, at least 2 tiles; 0 = no "
                                 "cap", constant="INFERENCE_BATCH_PIXELS", group="inference", metavar="PX")
     orientations: str = setting("yx", "predict planes along Y (y), along X (x) or both, averaged (yx)",
                                 constant="ORIENTATIONS", group="inference", choices=("yx", "y", "x", "xy"),
@@ -435,7 +435,11 @@ def check_crop_pool(crop_pool: float) -> None:
                         f"got {crop_pool}.")
 
 
-def as_settings(settings: Union[Settings, Mapping[str, Any], None]) -> Settings:
+# What library functions take as their recipe: Settings, the dict view of earlier versions, or None (defaults).
+SettingsLike = Union[Settings, Mapping[str, Any], None]
+
+
+def as_settings(settings: SettingsLike) -> Settings:
     """``settings`` as :class:`Settings`: None gives the defaults, a dict of constant names is read
     with :meth:`Settings.from_dict` (the form earlier versions passed around)."""
     if settings is None:

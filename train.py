@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from data import UserError
 from model import AttentionResUNet, autocast, network_architecture, resolve_precision, select_device, starting_weights
 from morph import interpolate_along_axis
-from settings import LATERAL_AXES, Network, Settings, Training, as_settings, check_crop_pool  # noqa: F401
+from settings import (LATERAL_AXES, Network, Settings, SettingsLike, Training, as_settings,  # noqa: F401
+                      check_crop_pool)
 
 
 def seed_everything(seed: int) -> None:
@@ -447,7 +448,7 @@ def evaluate_loss(model: nn.Module, loader: DataLoader, loss_fn, device: torch.d
     return total / max(count, 1)
 
 
-def training_recipe(recipe: Union[Settings, Mapping[str, Any], None] = None, kind: str = "mask",
+def training_recipe(recipe: SettingsLike = None, kind: str = "mask",
                     **changes: Any) -> Tuple[Training, Network]:
     """The training recipe and network of ``recipe`` (default ``Settings()``, the command line's), with
     ``changes`` (field names of :class:`settings.Training` and :class:`settings.Network`, e.g.
@@ -480,7 +481,7 @@ def starting_point(training: Training, network: Network, kind: str = "mask"
 def fit_on_sparse_stack(
     sparse_dhw: np.ndarray,
     factor: int,
-    recipe: Union[Settings, Mapping[str, Any], None] = None,
+    recipe: SettingsLike = None,
     *,
     kind: str = "mask",
     device: Optional[torch.device] = None,
