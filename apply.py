@@ -317,28 +317,7 @@ def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) 
 def restore_files(args: argparse.Namespace) -> None:
     """Restore every input of the command line. Inputs, outputs, voxel sizes, kinds and settings are all
     checked, and each input's plan printed, before any long work starts; ``--dry-run`` stops there."""
-    kind = kind_from_flags(args)
-    inputs = expand_inputs(args.input)
-    output = Path(args.output)
-    if args.save_model and (len(inputs) > 1 or args.model):
-        raise UserError("--save-model keeps the model trained on one input; it cannot be combined with --model "
-                        "or several inputs.")
-    targets = [output_path_for(p, output, len(inputs)) for p in inputs]
-    if len(set(targets)) < len(targets):
-        raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
-                        "names or restore them in separate calls.")
-    check_large_volume_flags(args, targets)
-    check_kind_flags(args, kind)
-    if not args.dry_run:
-        check_outputs(args, targets)
-    device = args.settings.inference.device
-    select_device(device)  # a device this machine lacks is refused before any reading
-    model, saved_config = load_model(args.model, device) if args.model else (None, {})
-    model_kind = None if model is None else saved_config.get("kind") or (
-        "intensity" if model.architecture.get("output") == "intensity" else "mask")
-    settings = run_settings(args, saved_config, model)
-    plans = [plan_input(args, path, target, kind, settings, saved_config, model_kind)
-             for path, target in zip(inputs, targets)]
+    plans, model = plan_restores(args)
     for plan in plans:
         print("\n".join(plan.lines()), flush=True)
     if args.dry_run:
@@ -351,6 +330,47 @@ def restore_files(args: argparse.Namespace) -> None:
             restore_into_ome_zarr(args, plan, model)
         else:
             restore_into_tiff(args, plan, model)
+
+
+def plan_restores(args: argparse.Namespace) -> Tuple[List[RestorePlan], Optional[Any]]:
+    """Every input's plan, and the model given (or None): all the checks that can fail, in the order a
+    user fixes them (flags, outputs, device, model, then each input's metadata and values)."""
+    kind = kind_from_flags(args)
+    inputs = expand_inputs(args.input)
+    targets = output_targets(args, inputs)
+    check_large_volume_flags(args, targets)
+    check_kind_flags(args, kind)
+    if not args.dry_run:
+        check_outputs(args, targets)
+    model, saved_config, model_kind = given_model(args)
+    settings = run_settings(args, saved_config, model)
+    plans = [plan_input(args, path, target, kind, settings, saved_config, model_kind)
+             for path, target in zip(inputs, targets)]
+    return plans, model
+
+
+def output_targets(args: argparse.Namespace, inputs: Sequence[Path]) -> List[Path]:
+    """Where each input is written (:func:`output_path_for`); one error for outputs that would collide."""
+    if args.save_model and (len(inputs) > 1 or args.model):
+        raise UserError("--save-model keeps the model trained on one input; it cannot be combined with --model "
+                        "or several inputs.")
+    targets = [output_path_for(p, Path(args.output), len(inputs)) for p in inputs]
+    if len(set(targets)) < len(targets):
+        raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
+                        "names or restore them in separate calls.")
+    return targets
+
+
+def given_model(args: argparse.Namespace) -> Tuple[Optional[Any], Dict[str, Any], Optional[str]]:
+    """``--model`` loaded on the device (refused first when this machine lacks it): the model, the recipe
+    saved with it, and its kind ('mask' or 'intensity'); ``(None, {}, None)`` without ``--model``."""
+    device = args.settings.inference.device
+    select_device(device)  # a device this machine lacks is refused before any reading
+    if not args.model:
+        return None, {}, None
+    model, saved_config = load_model(args.model, device)
+    kind = saved_config.get("kind") or ("intensity" if model.architecture.get("output") == "intensity" else "mask")
+    return model, saved_config, kind
 
 
 def read_input(plan: RestorePlan, label_dtype=np.uint16) -> Tuple[np.ndarray, Optional[np.ndarray]]:
