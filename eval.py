@@ -146,7 +146,9 @@ def build_parser(names: Optional[Sequence[str]] = None, add_help: bool = True,
     from settings import FIELDS, SettingsParser, SwitchAction, add_setting_arguments, shown_default
 
     settings = default_settings()
-    parser = SettingsParser(description=__doc__.split("\n\n")[0], add_help=add_help)
+    parser = SettingsParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                            usage="%(prog)s [--input PATH] [--kind KIND] [--z-step Z --xy-size XY] "
+                                  "[--run-directory PATH] [options]")
     for name in (n for n in (names or CONFIG_NAMES) if n in RUN_FLAGS):
         flag, metavar, text, means = RUN_FLAGS[name]
         help_text = f"{text} (default: {shown_default(settings[name], None) if means is None else means})"
