@@ -59,8 +59,8 @@ def build_starting_model(seeds: Sequence[int] = PHANTOM_SEEDS, factors: Sequence
     from restore import training_kwargs
 
     if recipe is None:
-        import eval as defaults  # the constants a user edits are the one statement of the recipe
-        recipe = training_kwargs(defaults.default_settings(), "mask")
+        import eval as defaults  # eval.py's constants: the settings model's defaults, as a user edited them
+        recipe = training_kwargs(defaults.default_recipe(), "mask")
     train.seed_everything(random_state)
     crop = (recipe["train_z_size"], recipe["train_xy_size"], recipe["train_xy_size"])
     inputs, labels = [], []
