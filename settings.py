@@ -417,6 +417,7 @@ class Settings:
                             f"{inference.batch_pixels}.")
         check_choice("SKIP_MERGE", self.network.skip_merge)
         check_choice("START_FROM", training.start_from)
+        check_choice("NGFF_VERSION", self.large.ngff_version)
         check_choice("PRECISION", training.precision)
         return self
 

@@ -90,6 +90,8 @@ def test_validation_names_the_setting():
         Settings().with_values(SKIP_MERGE="sum").validate()
     with pytest.raises(UserError, match="CROP_POOL must be at least 1"):
         Settings().with_values(CROP_POOL=0.5).validate()
+    with pytest.raises(UserError, match="NGFF_VERSION must be one of 0.4, 0.5, got '0.6'"):
+        Settings().with_values(NGFF_VERSION="0.6").validate()
     assert Settings().validate() == Settings()
 
 
