@@ -22,7 +22,7 @@ from data import (LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, Use
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from plan import RestorePlan, record_throughput
-from restore import fit_recipe_to_stack, model_config, restore_intensity, restore_stack
+from restore import fit_recipe_to_stack, is_dense_label_image, model_config, restore_intensity, restore_stack
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
                       typed_values)
 
@@ -279,11 +279,33 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed))
     to_zarr = zarr_io.is_zarr_path(target)
+    label_rule = labels_rule_for(path, image, to_zarr, saved_config, model_kind) if decided == "labels" else None
     return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
                        settings, trained=model_kind is None,
                        block_size=settings.large.block_size if to_zarr else None,
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
-                       else args.save_probabilities, notes=notes)
+                       else args.save_probabilities, notes=notes, label_rule=label_rule)
+
+
+def labels_rule_for(path: Path, image, to_zarr: bool, saved_config: Dict[str, Any],
+                    model_kind: Optional[str]) -> str:
+    """How a label image's ids will be restored, for the plan; a saved model that restores the other
+    target (boundaries of a dense label image, or a foreground) is one error here."""
+    from data import read_value_sample
+
+    sample = zarr_io.sample_for_label_detection(image) if image is not None else read_value_sample(path)
+    dense = is_dense_label_image(sample)
+    if model_kind is not None and saved_config.get("restores", "foreground") != ("boundaries" if dense else "foreground"):
+        trained = saved_config.get("restores", "foreground")
+        raise UserError(f"The model restores the {trained} of {'dense' if trained == 'boundaries' else 'sparse'} label "
+                        f"images, but the ids of '{path}' cover {np.count_nonzero(sample) / sample.size:.0%} of its "
+                        f"voxels ({'dense' if dense else 'not dense'}). Train on this stack (leave out --model).")
+    if dense and to_zarr:
+        return ("dense: ids cover at least half the voxels, but the block-wise restore gives each restored voxel the "
+                "nearest id of its foreground; the boundary rule runs in memory (write a TIFF)")
+    if dense:
+        return "dense: the network restores the boundaries between ids, the ids grow between them"
+    return "the nearest id of the kept slices within each restored object"
 
 
 def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
@@ -402,7 +424,8 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
         preview_figure(stack, restored, factor, target.with_name(target.stem + "_preview.png"),
                        grey=plan.kind == "intensity")
     if args.save_model:
-        save_model(args.save_model, used_model, dict(model_config(settings, factor), kind=plan.kind),
+        restores = "boundaries" if labels is not None and is_dense_label_image(labels) else "foreground"
+        save_model(args.save_model, used_model, dict(model_config(settings, factor), kind=plan.kind, restores=restores),
                    overwrite=args.overwrite)
     record_throughput(plan, info["train_s"], info["infer_s"])
     print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "

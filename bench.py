@@ -18,7 +18,9 @@ FIB-25 neuron crop) get a second table: voxel accuracy, mean per-label IoU and
 adapted Rand error of the restored ids (``metrics.score_label_reconstruction``).
 ``nearest`` copies the nearest kept slice's ids; ``sdf`` adds the row
 ``sdf-labels``, per-label shape-based interpolation (``morph.interpolate_labels_sdf``);
-every other method's ids come from its restored mask through ``restore.assign_labels``.
+every other method's ids come from its restored mask through ``restore.assign_labels``, except the
+network's on a dense label image, which restores the boundaries between ids and grows the ids between
+them (``restore.grow_labels``), as apply.py does.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from data import InputNotFoundError, OutputExistsError, UserError, as_grey_value
 from metrics import (calculate_dice, calculate_iou, mean_surface_distance, reconstructed_indices,
                      score_label_reconstruction)
 from morph import interpolate_along_axis, interpolate_labels_sdf, morph_stack_interpolated
-from restore import assign_labels, restore_probabilities, threshold_probabilities
+from restore import (assign_labels, grow_labels, is_dense_label_image, label_boundaries, restore_probabilities,
+                     threshold_probabilities)
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
 INTENSITY_METHODS = ("linear", "cubic", "network")
@@ -159,8 +162,10 @@ def network_throughput(model, settings: Dict[str, Any], info: Dict[str, Any]) ->
 
 
 def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, factor: int,
-                 settings: Dict[str, Any], device) -> Dict[str, Any]:
-    """Run one method; returns the restored bool stack and its costs."""
+                 settings: Dict[str, Any], device, sparse_labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """Run one method; returns the restored bool stack and its costs. The network restores a dense label
+    image (``sparse_labels``, :func:`restore.is_dense_label_image`) as apply.py does, from its boundaries:
+    ``labels`` then holds the ids and the restored mask is their foreground."""
     train_s = None
     start = time.perf_counter()
     if method == "nearest":
@@ -172,11 +177,17 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
     elif method == "itk_mci":
         restored = run_itk_mci(sparse, kept, depth)
     elif method == "network":
-        probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=depth,
-                                                           device=device)
+        dense = sparse_labels is not None and is_dense_label_image(sparse_labels)
+        probabilities, model, info = restore_probabilities(label_boundaries(sparse_labels) if dense else sparse,
+                                                           factor, settings, original_depth=depth, device=device)
+        result = {"train_s": info["train_s"], "infer_s": info["infer_s"], **network_throughput(model, settings, info)}
+        if dense:
+            start = time.perf_counter()
+            result["labels"] = grow_labels(probabilities, sparse_labels, factor, settings["PROBABILITY_THRESHOLD"])
+            result["labels_s"] = time.perf_counter() - start
+            return {"restored": result["labels"] != 0, **result}
         restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=True)
-        return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"],
-                **network_throughput(model, settings, info)}
+        return {"restored": restored, **result}
     else:
         raise UserError(f"Unknown method '{method}'; choose from {METHODS}.")
     return {"restored": restored, "train_s": train_s, "infer_s": time.perf_counter() - start}
@@ -437,7 +448,8 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                 label = args.label if method == "network" else method
                 try:
                     result = restore_with(method, sparse, kept, truth.shape[0], factor,
-                                          recipes.get((index, factor), settings), device)
+                                          recipes.get((index, factor), settings), device,
+                                          None if labels is None else labels[kept])
                 except ImportError as error:
                     print(f"| {name} | {factor} | {label} | unavailable: {error} |", flush=True)
                     rows.append(unavailable_row(name, factor, label))
@@ -451,10 +463,12 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
                     for label_method, row_name in [(method, label)] + (
                             [(LABEL_SDF_METHOD, LABEL_SDF_METHOD)] if method == "sdf" else []):
                         start = time.perf_counter()
-                        restored_labels = restore_label_ids(label_method, result["restored"], labels[kept], kept,
-                                                            truth.shape[0], factor)
+                        restored_labels = result.get("labels") if label_method == method else None
+                        if restored_labels is None:
+                            restored_labels = restore_label_ids(label_method, result["restored"], labels[kept], kept,
+                                                                truth.shape[0], factor)
                         label_rows.append(label_row(name, factor, row_name, restored_labels, labels, kept,
-                                                    time.perf_counter() - start))
+                                                    result.get("labels_s", time.perf_counter() - start)))
                         del restored_labels
                 save_report()
     plot_iou_vs_factor(rows, out_dir / "iou_vs_factor.png")

@@ -51,6 +51,7 @@ class RestorePlan:
     workers: int = 0
     probabilities: Optional[str] = None
     notes: List[str] = field(default_factory=list)
+    label_rule: Optional[str] = None  # label images: how the ids are restored
 
     @property
     def binarize_threshold(self) -> Optional[float]:
@@ -140,6 +141,7 @@ class RestorePlan:
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
             f"training: {self.training_line()}",
+            *([f"label ids: {self.label_rule}"] if self.label_rule else []),
             "expected time: " + (f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} "
                                  "(from earlier runs here)" if expected is not None else
                                  "not known yet (no run measured on this machine class)"),

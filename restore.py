@@ -827,6 +827,98 @@ def _nearest_of_ids(voxels: np.ndarray, ids: np.ndarray, sides: Sequence[Tuple[n
     return best_id
 
 
+# A label image whose ids cover at least this fraction of the voxels is dense (neurons of a connectomics
+# segmentation, cells of a tissue): its ids are restored from the boundaries between them, not from a foreground.
+DENSE_LABEL_FRACTION = 0.5
+
+
+def is_dense_label_image(labels_khw: np.ndarray) -> bool:
+    """Whether the ids cover at least :data:`DENSE_LABEL_FRACTION` of the voxels (see :func:`grow_labels`)."""
+    return bool(np.count_nonzero(labels_khw) >= DENSE_LABEL_FRACTION * labels_khw.size)
+
+
+def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
+    """The boundary mask of a dense label image, slice by slice: id 0 (the boundaries a segmentation drew)
+    and both pixels of every in-plane 4-neighbour pair of two different non-zero ids (ids that touch).
+
+    Parameters
+    ----------
+    labels_khw : ndarray of int, shape (K, H, W)
+
+    Returns
+    -------
+    boundaries_khw : ndarray of bool, shape (K, H, W)
+    """
+    boundaries = labels_khw == 0
+    for axis in (1, 2):
+        before = [slice(None)] * 3
+        after = [slice(None)] * 3
+        before[axis], after[axis] = slice(None, -1), slice(1, None)
+        first, second = labels_khw[tuple(before)], labels_khw[tuple(after)]
+        touching = (first != second) & (first != 0) & (second != 0)
+        boundaries[tuple(before)] |= touching
+        boundaries[tuple(after)] |= touching
+    return boundaries
+
+
+def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: int,
+                threshold: float = 0.5, progress: bool = True) -> np.ndarray:
+    """Ids of a dense label image, grown from the kept slices into the compartments of a restored boundary.
+
+    Each gap between two kept slices is flooded (seeded watershed, ``skimage.segmentation.watershed``, on the
+    restored boundary probability) from the ids of its two kept slices, boundary pixels left out of the seeds:
+    an id reaches a voxel along the path of least boundary, so two neurites meet where the network put the
+    sheet between them, and an object that ends between two slices ends where its closing boundary is. Where
+    the kept slices hold id 0 (boundaries drawn as 0), a restored voxel whose boundary probability is at least
+    ``threshold`` becomes 0; a volume without 0 stays without.
+
+    Guaranteed as by :func:`assign_labels`: ids only from the two kept slices around a voxel, kept slices
+    verbatim.
+
+    Parameters
+    ----------
+    boundary_probabilities_dhw : ndarray, shape (D, H, W)
+        Restored probability of :func:`label_boundaries` (float in [0, 1], or uint8 read as 0-255).
+    sparse_labels_khw : ndarray of uint, shape (K, H, W)
+    factor : int
+    threshold : float
+    progress : bool
+
+    Returns
+    -------
+    labels_dhw : ndarray, dtype of ``sparse_labels_khw``, shape (D, H, W)
+    """
+    from skimage.segmentation import watershed
+
+    depth = boundary_probabilities_dhw.shape[0]
+    scale = 255.0 if np.issubdtype(boundary_probabilities_dhw.dtype, np.integer) else 1.0
+    seeds_khw = np.where(label_boundaries(sparse_labels_khw), 0, sparse_labels_khw)
+    drawn_boundaries = bool((sparse_labels_khw == 0).any())
+    out = np.zeros(boundary_probabilities_dhw.shape, dtype=sparse_labels_khw.dtype)
+    kept_positions = np.arange(len(sparse_labels_khw)) * factor
+    for k in tqdm(range(len(sparse_labels_khw)), desc="Growing label ids", unit="gap", leave=False,
+                  disable=not progress):
+        z0 = int(kept_positions[k])
+        if z0 >= depth:
+            break
+        z1 = min(z0 + factor, depth - 1) if k + 1 < len(sparse_labels_khw) else depth - 1
+        elevation = boundary_probabilities_dhw[z0:z1 + 1]
+        elevation = elevation.astype(np.float32) if elevation.dtype == np.float16 else elevation
+        markers = np.zeros(elevation.shape, dtype=np.int64)
+        markers[0] = seeds_khw[k]
+        if k + 1 < len(sparse_labels_khw) and z1 == z0 + factor:
+            markers[-1] = seeds_khw[k + 1]
+        if not markers.any():
+            continue
+        grown = watershed(elevation, markers)
+        if drawn_boundaries:
+            grown[elevation >= threshold * scale] = 0
+        out[z0 + 1:z1 + 1] = grown[1:]
+    kept = kept_positions[kept_positions < depth]
+    out[kept] = sparse_labels_khw[: len(kept)]
+    return out
+
+
 def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_place: bool = False) -> np.ndarray:
     """Foreground mask ``p >= threshold``, slice by slice (no float copy of the
     stack); uint8 probabilities are read as 0-255.
@@ -1007,8 +1099,10 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = N
         A trained model; without one, a model is trained on ``stack_khw``
         itself, exactly as ``eval.py`` trains.
     labels : ndarray of uint, shape (K, H, W), optional
-        Instance ids of the acquired slices: ids are restored too
-        (see :func:`assign_labels`).
+        Instance ids of the acquired slices: ids are restored too (see :func:`assign_labels`). A dense
+        label image (:func:`is_dense_label_image`) is restored from its boundaries instead: the network
+        restores :func:`label_boundaries` and the ids grow between them (:func:`grow_labels`);
+        ``stack_khw`` is then not used and the probabilities returned are the boundaries'.
     probability_dtype : numpy dtype
         uint8 (0-255) keeps memory at one byte per output voxel.
     keep_probabilities : bool
@@ -1025,6 +1119,11 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = N
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
     settings = as_settings(settings)
+    if labels is not None and is_dense_label_image(labels):  # the network restores the boundaries between ids
+        probabilities, model, info = restore_probabilities(label_boundaries(labels), factor, settings, model,
+                                                           device=device, out_dtype=probability_dtype)
+        restored = grow_labels(probabilities, labels, factor, settings.inference.probability_threshold)
+        return restored, probabilities, model, info
     probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
                                                        out_dtype=probability_dtype)
     in_place = not keep_probabilities and probabilities.dtype == np.uint8

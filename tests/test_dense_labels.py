@@ -244,3 +244,114 @@ def test_fib25_nearest_reference_breaks_midway_ties_upwards(fib25):
     assert rounded(score_label_reconstruction(ties_up, labels, kept)) == (0.897, 0.570, 0.074)
     nearest = interpolate_along_axis(labels[kept], kept, labels.shape[0], method="nearest")
     assert rounded(score_label_reconstruction(nearest, labels, kept)) == (0.897, 0.573, 0.072)
+
+
+# --------------------------------------------------------------------------- #
+# The network's rule for dense label images: restore the boundaries, grow the ids between them
+# --------------------------------------------------------------------------- #
+def test_label_boundaries_marks_zeros_and_both_sides_of_touching_ids():
+    from restore import label_boundaries
+
+    labels = np.array([[[1, 1, 2, 2, 0, 3]]], dtype=np.uint16)
+    assert label_boundaries(labels)[0, 0].tolist() == [False, True, True, False, True, False]
+    column = labels.transpose(0, 2, 1)  # the same along Y
+    assert label_boundaries(column)[0, :, 0].tolist() == [False, True, True, False, True, False]
+
+
+def test_density_decides_the_rule():
+    from restore import is_dense_label_image
+
+    assert is_dense_label_image(four_columns())  # 8 of 9 columns hold ids
+    sparse_objects = np.zeros((3, 10, 10), dtype=np.uint16)
+    sparse_objects[:, 2:4, 2:4] = 5
+    assert not is_dense_label_image(sparse_objects)
+
+
+def moving_interface(depth=9, factor=4, with_zero=False):
+    """Ids 1 (left) and 2 (right) whose interface moves one column per slice; optionally a 0 column
+    between them. Returns the truth and its boundary mask (what a perfect network restores)."""
+    from restore import label_boundaries
+
+    truth = np.zeros((depth, 6, 24), dtype=np.uint16)
+    for z in range(depth):
+        edge = 8 + z
+        truth[z, :, :edge], truth[z, :, edge:] = 1, 2
+        if with_zero:
+            truth[z, :, edge] = 0
+    return truth, label_boundaries(truth)
+
+
+@pytest.mark.parametrize("with_zero", [False, True])
+def test_grow_labels_follows_a_perfect_boundary_exactly(with_zero):
+    from restore import grow_labels
+
+    truth, boundaries = moving_interface(with_zero=with_zero)
+    kept = np.arange(0, 9, 4)
+    restored = grow_labels(boundaries.astype(np.float32), truth[kept], 4, progress=False)
+    if with_zero:  # the 0 sheet is restored as drawn, the ids on either side of it
+        assert np.array_equal(restored, truth)
+    else:  # no 0 drawn, none made; the interface is off by at most the boundary's one-pixel width
+        assert not (restored == 0).any()
+        assert np.count_nonzero(restored != truth) <= 6 * 9
+    np.testing.assert_array_equal(restored[kept], truth[kept])
+
+
+def test_grow_labels_ids_come_only_from_the_bracketing_kept_slices():
+    from restore import grow_labels
+
+    kept_labels = np.zeros((3, 8, 8), dtype=np.uint16)
+    kept_labels[0], kept_labels[1], kept_labels[2] = 1, 2, 3  # each slice one id, no boundary at all
+    restored = grow_labels(np.zeros((9, 8, 8), np.float32), kept_labels, 4, progress=False)
+    for z in range(1, 4):
+        assert set(np.unique(restored[z])) <= {1, 2}
+    for z in range(5, 8):
+        assert set(np.unique(restored[z])) <= {2, 3}
+    np.testing.assert_array_equal(restored[[0, 4, 8]], kept_labels)
+
+
+def test_restore_stack_takes_the_boundary_rule_for_dense_labels():
+    """A dense label image goes through the boundary network and grow_labels: ids only from the kept
+    slices, kept slices verbatim, and the probabilities returned are those of the boundaries."""
+    from eval import default_settings
+    from restore import restore_stack
+
+    truth, boundaries = moving_interface(depth=17)
+    truth = np.tile(truth, (1, 6, 2))  # 36 x 48 slices: room for 32-pixel crops
+    kept = np.arange(0, 17, 4)
+    settings = {**default_settings(), "TRAIN_XY_SIZE": 32, "TRAIN_NB": 16, "NUM_EPOCHS": 1, "BASE_FILTERS": 4,
+                "BATCH_SIZE": 4, "MIN_CONTENT_RATIO": 0.0}
+    restored, probabilities, _, _ = restore_stack(truth[kept] != 0, 4, settings, labels=truth[kept])
+    assert restored.shape == truth.shape and restored.dtype == truth.dtype
+    np.testing.assert_array_equal(restored[kept], truth[kept])
+    assert set(np.unique(restored)) <= {1, 2}
+    # The probabilities are the boundaries' (kept slices hold their boundary mask verbatim), not the foreground's.
+    from restore import label_boundaries
+    np.testing.assert_array_equal(probabilities[kept], label_boundaries(truth[kept]).astype(np.uint8) * 255)
+
+
+def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_path, capsys):
+    """The plan says how ids are restored; a model saved from a sparse label image is refused on a dense one."""
+    import torch
+
+    from model import AttentionResUNet, save_model
+    from test_first_contact import plan_of, run_apply, write_tif
+
+    dense, _ = moving_interface(depth=17)
+    dense_path = write_tif(tmp_path / "neurons.tif", np.tile(dense[::4], (1, 4, 1)))  # 5 x 24 x 24
+    sparse = np.zeros((5, 24, 24), dtype=np.uint16)
+    sparse[:, 4:9, 4:9], sparse[:, 14:20, 12:18] = 3, 7
+    sparse_path = write_tif(tmp_path / "nuclei.tif", sparse)
+    rules = {}
+    for name, path in (("dense", dense_path), ("sparse", sparse_path)):
+        status, printed, err = run_apply(capsys, "--input", path, "--output", tmp_path / f"{name}_out.tif",
+                                         "--kind", "labels", "--dry-run")
+        assert status == 0, err
+        rules[name] = plan_of(printed)["label ids"]
+    assert rules["dense"].startswith("dense: the network restores the boundaries between ids")
+    assert rules["sparse"] == "the nearest id of the kept slices within each restored object"
+    torch.manual_seed(0)
+    model_path = save_model(tmp_path / "nuclei_model.pt", AttentionResUNet(base_filters=4),
+                            {"factor": 4, "kind": "labels", "restores": "foreground", "train_z_size": 5})
+    status, _, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "o.tif", "--model", model_path)
+    assert status != 0 and "restores the foreground of sparse label images" in err and "leave out --model" in err
+    assert not (tmp_path / "o.tif").exists()
