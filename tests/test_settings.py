@@ -216,3 +216,17 @@ def test_restore_runs_from_settings_objects():
     typed, _, _ = restore.restore_probabilities(sparse, 4, recipe, model, progress=False)
     as_dict, _, _ = restore.restore_probabilities(sparse, 4, recipe.as_dict(), model, progress=False)
     np.testing.assert_array_equal(typed, as_dict)
+
+
+def test_eval_constants_as_shipped_are_the_library_defaults():
+    """The constants at the top of eval.py state the recipe a user edits; as shipped they equal the settings
+    model's defaults, which library callers get (eval.py's simulated voxel size is its own)."""
+    import dataclasses
+
+    import eval as eval_script
+    from settings import Settings
+
+    from_constants, library = eval_script.default_recipe(), Settings()
+    for group in dataclasses.fields(Settings):
+        if group.name != "voxel":
+            assert getattr(from_constants, group.name) == getattr(library, group.name), group.name
