@@ -542,7 +542,7 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
         seed_time = seconds if seed_time is None else seed_time
         difference = float(f"{(out - reference).abs().max().item():.2e}") if same_weights else None
         rows.append({"lever": name, "s_per_batch": round(seconds, 4),
-                     "mpixel_per_s": round(batch * tile * tile / seconds / 1e6, 2),
+                     "mpixel_per_s": float(f"{batch * tile * tile / seconds / 1e6:.3g}"),  # 3 digits: small tiles too
                      "gflop_per_s": round(flops / seconds / 1e9, 1), "speedup": round(seed_time / seconds, 2),
                      "max_abs_diff": difference})
         print(f"| {name} | {rows[-1]['s_per_batch']} | {rows[-1]['mpixel_per_s']} | {rows[-1]['gflop_per_s']} | "
