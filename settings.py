@@ -14,7 +14,8 @@ the ``eval.py`` constant that names it, and what a saved model does with it:
 
 The command lines of ``eval.py`` and ``apply.py`` are generated from these
 fields (:func:`add_setting_arguments`), library functions default to
-:class:`Settings` ``()``, and ``eval.py``'s constants are filled from it.
+:class:`Settings` ``()``, and ``eval.py``'s constants fill it (as shipped they
+equal its defaults; a test checks).
 
 "By kind" and similar defaults are ``None`` here; the numeric sentinels of
 earlier versions (``NUM_EPOCHS 0``, ``BINARIZE_THRESHOLD -1``, ...) are still
