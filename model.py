@@ -7,6 +7,7 @@ tensors with values in [0, 1]; logits are ``(N, n_classes, H, W)``.
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -358,6 +359,13 @@ STARTING_MODEL_PATH = Path(__file__).resolve().parent / "models" / "phantom-mask
 START_FROM_CHOICES = ("phantom", "scratch")
 
 
+@functools.lru_cache(maxsize=2)
+def _starting_model(path: str, modified_ns: int) -> AttentionResUNet:
+    """The starting model file, read once per file version: a run asks several times whether it fits
+    (the recipe's epochs, the plan, the training); callers get copies of its weights, never the model."""
+    return load_model(path, device="cpu")[0]
+
+
 def starting_weights(architecture: Dict[str, Any], kind: str, start_from: str = "phantom",
                      path: Union[str, Path] = STARTING_MODEL_PATH) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
     """The weights a training of ``architecture`` starts from, and why.
@@ -387,7 +395,7 @@ def starting_weights(architecture: Dict[str, Any], kind: str, start_from: str = 
     path = Path(path)
     if not path.is_file():
         return None, f"random weights (no starting model at {path})"
-    prior, _ = load_model(path, device="cpu")
+    prior = _starting_model(str(path), path.stat().st_mtime_ns)
     # Dropout is a training choice, not part of the weights: any rate fine-tunes the same starting point.
     different = [f"{name} {prior.architecture.get(name)}, not {value}"
                  for name, value in architecture.items() if name != "dropout_rate" and prior.architecture.get(name) != value]

@@ -66,18 +66,12 @@ def training_kwargs(settings: SettingsLike = None, kind: str = "mask") -> Dict[s
 
 
 def training_start(recipe: SettingsLike = None, kind: str = "mask") -> Tuple[bool, str]:
-    """Whether a training with ``recipe`` (Settings, or keyword arguments of ``train.fit_on_sparse_stack``)
-    fine-tunes the phantom-trained starting model (else random weights), and the plan's line saying so."""
-    from settings import Network, Training
+    """Whether a training with ``recipe`` fine-tunes the phantom-trained starting model (else random
+    weights), and the plan's line saying so."""
     from train import starting_point
 
-    if recipe is not None and not isinstance(recipe, Settings) and "train_z_size" in recipe:  # keyword arguments
-        fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
-        training = Training(**{k: v for k, v in recipe.items() if k in fields(Training)})
-        network = Network(**{k: v for k, v in recipe.items() if k in fields(Network)})
-    else:
-        training, network = as_settings(recipe).training, as_settings(recipe).network
-    state, reason = starting_point(training, network, kind)
+    recipe = as_settings(recipe)
+    state, reason = starting_point(recipe.training, recipe.network, kind)
     return state is not None, reason
 
 
