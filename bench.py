@@ -43,7 +43,7 @@ from data import InputNotFoundError, OutputExistsError, UserError, as_grey_value
 from metrics import (calculate_dice, calculate_iou, mean_surface_distance, reconstructed_indices,
                      score_label_reconstruction)
 from morph import interpolate_along_axis, interpolate_labels_sdf, morph_stack_interpolated
-from restore import (assign_labels, grow_labels, is_dense_label_image, label_boundaries, restore_probabilities,
+from restore import (assign_labels, is_dense_label_image, restore_dense_labels, restore_probabilities,
                      threshold_probabilities)
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
@@ -177,17 +177,16 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
     elif method == "itk_mci":
         restored = run_itk_mci(sparse, kept, depth)
     elif method == "network":
-        dense = sparse_labels is not None and is_dense_label_image(sparse_labels)
-        probabilities, model, info = restore_probabilities(label_boundaries(sparse_labels) if dense else sparse,
-                                                           factor, settings, original_depth=depth, device=device)
-        result = {"train_s": info["train_s"], "infer_s": info["infer_s"], **network_throughput(model, settings, info)}
-        if dense:
-            start = time.perf_counter()
-            result["labels"] = grow_labels(probabilities, sparse_labels, factor, settings["PROBABILITY_THRESHOLD"])
-            result["labels_s"] = time.perf_counter() - start
-            return {"restored": result["labels"] != 0, **result}
+        if sparse_labels is not None and is_dense_label_image(sparse_labels):
+            labels, _, model, info = restore_dense_labels(sparse_labels, factor, settings, original_depth=depth,
+                                                          device=device)
+            return {"restored": labels != 0, "labels": labels, "labels_s": info["labels_s"], "train_s": info["train_s"],
+                    "infer_s": info["infer_s"], **network_throughput(model, settings, info)}
+        probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=depth,
+                                                           device=device)
         restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=True)
-        return {"restored": restored, **result}
+        return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"],
+                **network_throughput(model, settings, info)}
     else:
         raise UserError(f"Unknown method '{method}'; choose from {METHODS}.")
     return {"restored": restored, "train_s": train_s, "infer_s": time.perf_counter() - start}

@@ -1076,6 +1076,31 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: SettingsLike
     return restored, model, info
 
 
+def restore_dense_labels(labels_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+                         model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
+                         device: Optional[torch.device] = None, out_dtype=np.uint8
+                         ) -> Tuple[np.ndarray, np.ndarray, nn.Module, Dict[str, Any]]:
+    """A dense label image restored from its boundaries: the network restores :func:`label_boundaries`
+    of the kept slices (trained on them unless ``model`` is given), the ids grow between them
+    (:func:`grow_labels`).
+
+    Returns
+    -------
+    labels_dhw : ndarray, dtype of ``labels_khw``, shape (D, H, W)
+    probabilities : ndarray of ``out_dtype``, shape (D, H, W): the boundaries'
+    model : the model used
+    info : dict of :func:`restore_probabilities`, plus ``labels_s`` (seconds growing the ids)
+    """
+    settings = as_settings(settings)
+    probabilities, model, info = restore_probabilities(label_boundaries(labels_khw), factor, settings, model,
+                                                       original_depth=original_depth, device=device,
+                                                       out_dtype=out_dtype)
+    start = time.perf_counter()
+    labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold)
+    info["labels_s"] = time.perf_counter() - start
+    return labels_dhw, probabilities, model, info
+
+
 def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = None,
                   model: Optional[nn.Module] = None,
                   labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
@@ -1113,11 +1138,8 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = N
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
     settings = as_settings(settings)
-    if labels is not None and is_dense_label_image(labels):  # the network restores the boundaries between ids
-        probabilities, model, info = restore_probabilities(label_boundaries(labels), factor, settings, model,
-                                                           device=device, out_dtype=probability_dtype)
-        restored = grow_labels(probabilities, labels, factor, settings.inference.probability_threshold)
-        return restored, probabilities, model, info
+    if labels is not None and is_dense_label_image(labels):
+        return restore_dense_labels(labels, factor, settings, model, device=device, out_dtype=probability_dtype)
     probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
                                                        out_dtype=probability_dtype)
     in_place = not keep_probabilities and probabilities.dtype == np.uint8
