@@ -17,10 +17,11 @@ import numpy as np
 
 import blocks
 import zarr_io
-from data import (LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_dtype, stack_shape)
+from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError,
+                  normal_unit, factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_dtype, stack_shape)
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
+from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
 from restore import fit_recipe_to_stack, is_dense_label_image, model_config, restore_intensity, restore_stack
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
@@ -50,11 +51,13 @@ def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: int,
     import matplotlib.pyplot as plt
 
     y = stack_khw.shape[1] // 2 if grey else int(np.argmax((stack_khw != 0).sum(axis=(0, 2))))
-    before = np.repeat(stack_khw[:, y, :] if grey else stack_khw[:, y, :] != 0, factor, axis=0)
-    before = before[: restored_dhw.shape[0]]
+    # Each acquired slice drawn over the output slices nearest to it: its true Z extent.
+    acquired = stack_khw[:, y, :] if grey else stack_khw[:, y, :] != 0
+    before = interpolate_along_axis(acquired, kept_positions(len(acquired), factor), restored_dhw.shape[0],
+                                    method="nearest")
     after = restored_dhw[:, y, :] if grey else restored_dhw[:, y, :] != 0
     figure, axes = plt.subplots(2, 1, figsize=(10, 2 * 2.2 * max(after.shape[0] / after.shape[1], 0.25) + 1.2))
-    for axis, image, title in zip(axes, (before, after), (f"acquired (Z step = {factor} px), XZ at y={y}",
+    for axis, image, title in zip(axes, (before, after), (f"acquired (Z step = {factor:g} px), XZ at y={y}",
                                                           "restored, isotropic")):
         axis.imshow(image, cmap="gray", interpolation="nearest", aspect="equal")
         axis.set_title(title, fontsize=10)
@@ -265,9 +268,9 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     decided, why = input_kind(path, kind, threshold, model_kind)
     check_kind_flags(args, decided, path)
     voxel, unit, said = voxel_size_for(path, settings.voxel)
-    factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1)[0]
+    factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1, rounding=settings.voxel.factor_rounding)[0]
     trained_at = saved_config.get("factor")
-    if factor > 1 and trained_at not in (None, factor) and not args.allow_factor_mismatch:
+    if factor > 1 and not same_factor(trained_at, factor) and not args.allow_factor_mismatch:
         raise UserError(f"The model was trained at factor {trained_at}, but '{path}' needs factor {factor} ({said}). "
                         "Train a model on this stack (leave out --model), or pass --allow-factor-mismatch to use it "
                         "anyway.")
@@ -285,6 +288,12 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        block_size=settings.large.block_size if to_zarr else None,
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
                        else args.save_probabilities, notes=notes, label_rule=label_rule)
+
+
+def same_factor(trained_at: Optional[float], factor: float) -> bool:
+    """Whether a model trained at ``trained_at`` (None: not recorded) fits ``factor``: within 0.5 %, the
+    tolerance of the factor rule (a ratio of 6.56 and one of 6.5625 are one geometry)."""
+    return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
 
 
 def labels_rule_for(path: Path, image, to_zarr: bool, saved_config: Dict[str, Any],

@@ -77,6 +77,7 @@ import zarr_io
 from data import (OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
                   normalize_intensity)
 from model import fuse_for_inference, load_model, save_model, select_device
+from morph import ON_GRID_TOLERANCE, bracket, kept_positions, restored_depth, slices_on_grid
 from settings import LargeVolumes, Settings, SettingsLike, as_settings
 from zarr_io import OmeZarrImage, ZarrImage
 
@@ -241,7 +242,7 @@ class RestoreJob:
         The kept slices (masks, grey values or ids: foreground by
         ``binarize_threshold``; grey values restored as such with ``value_range``).
     plan : BlockPlan of the output ``(D, H, W)``
-    factor : int
+    factor : float
     inference : dict
         Keyword arguments of :func:`restore.restore_block` (``restore.inference_kwargs``).
     probability_threshold : float
@@ -264,7 +265,7 @@ class RestoreJob:
     """
     source: Any
     plan: BlockPlan
-    factor: int
+    factor: float
     inference: Dict[str, Any]
     probability_threshold: float
     kernel_dtype: str
@@ -277,12 +278,12 @@ class RestoreJob:
     value_range: Optional[Tuple[float, float]] = None
 
 
-def read_window_for(global_hw: Tuple[int, int], region: Region, factor: int, inference: Dict[str, Any]) -> Region:
+def read_window_for(global_hw: Tuple[int, int], region: Region, factor: float, inference: Dict[str, Any]) -> Region:
     """The kept-slice window that restoring ``region`` reads: :func:`restore.read_window` with the
     geometry :func:`restore.restore_block` uses for ``inference`` (its keyword arguments)."""
     tile = inference["tile_size"]
     overlap = inference.get("overlap")  # None: restore_block's default
-    stride = inference.get("channel_stride") or factor
+    stride = inference.get("channel_stride") or restore.channel_stride(factor)
     return restore.read_window(global_hw, region, inference["train_depth"], stride, tile, overlap,
                                inference.get("orientations", restore.ORIENTATIONS))
 
@@ -357,7 +358,7 @@ class LabelJob:
     """Everything a worker needs to give the ids of any block (see :func:`label_block`)."""
     labels_source: Any
     plan: BlockPlan
-    factor: int
+    factor: float
     mask: OmeZarrImage
     labels: OmeZarrImage
     output: str
@@ -365,14 +366,22 @@ class LabelJob:
     max_halo: int = LABEL_HALO * 8
 
 
-def _slabs(n_kept: int, factor: int, window_pixels: int) -> List[Tuple[int, int]]:
+def _slabs(n_kept: int, factor: float, window_pixels: int) -> List[Tuple[int, int]]:
     """Kept-slice ranges ``(ka, kb)`` (inclusive) covering the stack, a few intervals each."""
-    intervals = max(1, LABEL_SLAB_VOXELS // max(1, factor * window_pixels))
+    intervals = max(1, int(LABEL_SLAB_VOXELS // max(1, factor * window_pixels)))
     return [(ka, min(ka + intervals, n_kept - 1)) for ka in range(0, n_kept - 1, intervals)]
 
 
-def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: int, inner: Tuple[slice, slice],
-                      open_edges: Dict[str, bool], halo: int) -> bool:
+def _slab_slices(ka: int, kb: int, factor: float) -> Tuple[slice, float]:
+    """The output slices from kept slice ``ka`` to ``kb`` (each included where it lands on one), and
+    kept slice ``ka``'s position relative to the first of them (``assign_labels``' ``offset``)."""
+    first = int(np.ceil(ka * factor - ON_GRID_TOLERANCE))
+    last = int(np.floor(kb * factor + ON_GRID_TOLERANCE))
+    return slice(first, last + 1), ka * factor - first
+
+
+def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: float, inner: Tuple[slice, slice],
+                      open_edges: Dict[str, bool], halo: int, offset: float = 0.0) -> bool:
     """Whether :func:`restore.assign_labels` on this window could give the region other ids than on
     whole slices.
 
@@ -400,10 +409,12 @@ def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: in
             squared[k] = ndimage.distance_transform_edt(labels_slab[k] == 0).astype(np.float32) ** 2
         return squared[k]
 
+    positions = kept_positions(n_kept, factor) + offset
+    lower_of, upper_of, _ = bracket(positions, mask_slab.shape[0])
+    kept_z = set(slices_on_grid(n_kept, factor, mask_slab.shape[0], offset)[1].tolist())
     for z in range(mask_slab.shape[0]):
-        lower, offset = divmod(z, factor)
         region_mask = mask_slab[z][inner]
-        if offset == 0 or not region_mask.any():
+        if z in kept_z or not region_mask.any():
             continue  # a kept slice keeps its ids verbatim
         components, _ = ndimage.label(mask_slab[z])  # assign_labels' components (4-connected)
         on_edges = np.unique(np.concatenate([components[e].ravel() for e in edges]))
@@ -411,8 +422,9 @@ def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: in
         if np.intersect1d(on_edges[on_edges > 0], in_region).size:
             return True
         best = np.full(region_mask.shape, np.inf, dtype=np.float32)
-        for k, dz in ((lower, offset), (lower + 1, factor - offset)):
-            distances = nearest_squared(k) if k < n_kept else None
+        for k in {int(lower_of[z]), int(upper_of[z])}:
+            dz = z - positions[k]
+            distances = nearest_squared(k)
             if distances is not None:
                 np.minimum(best, distances[inner] + float(dz) ** 2, out=best)
         if np.any(best[region_mask] >= halo ** 2):
@@ -442,15 +454,15 @@ def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
         ids = np.zeros((depth, y1 - y0, x1 - x0), dtype=np.dtype(job.labels.dtype))
         could_differ = False
         for ka, kb in _slabs(n_kept, job.factor, (wy1 - wy0) * (wx1 - wx0)):
-            z = slice(ka * job.factor, kb * job.factor + 1)
+            z, offset = _slab_slices(ka, kb, job.factor)
             mask_slab = job.mask.level(0, mode="r")[z, wy0:wy1, wx0:wx1] != 0
             labels_slab = _read_kept(job.labels_source, slice(wy0, wy1), slice(wx0, wx1), slice(ka, kb + 1))
-            if _ids_could_differ(mask_slab, labels_slab, job.factor, inner, open_edges, halo):
+            if _ids_could_differ(mask_slab, labels_slab, job.factor, inner, open_edges, halo, offset):
                 could_differ = True
                 if halo < job.max_halo:
                     break  # try again with a larger halo
-            ids[z] = restore.assign_labels(mask_slab, labels_slab, job.factor,
-                                           progress=False)[(slice(None),) + inner]  # our bar counts blocks
+            ids[z] = restore.assign_labels(mask_slab, labels_slab, job.factor, progress=False,
+                                           offset=offset)[(slice(None),) + inner]  # our bar counts blocks
         if not could_differ or halo >= job.max_halo:
             break
         halo = min(2 * halo, job.max_halo)
@@ -823,7 +835,7 @@ def _same_weights(first: nn.Module, second: nn.Module) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
-def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: int, inference: Dict[str, Any], kernel_dtype: str,
+def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
                           grey_values: Optional[str] = None) -> int:
     """Rough peak bytes of one restore task.
 
@@ -855,7 +867,7 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: int, inference: 
 def restore_to_ome_zarr(
     source: Source,
     output: Union[str, Path],
-    factor: int,
+    factor: float,
     settings: SettingsLike,
     voxel_size_zyx: Sequence[float],
     unit: str,
@@ -892,7 +904,7 @@ def restore_to_ome_zarr(
         ``> binarize_threshold``), or grey values. An ndarray is staged into
         the output when worker processes are used.
     output : path of the new ``.ome.zarr``
-    factor : int
+    factor : float
     settings : Settings
         Training, inference and large-volume settings (``settings.large``: block
         size, workers, resume, ...); a dict of ``eval.py``-style constants is read
@@ -1030,13 +1042,13 @@ def _check_targets(output: str, probabilities: Optional[str], probabilities_outp
     return targets, resuming
 
 
-def _plan_run(source: Source, factor: int, settings: Settings, large: LargeVolumes, model: Optional[nn.Module],
+def _plan_run(source: Source, factor: float, settings: Settings, large: LargeVolumes, model: Optional[nn.Module],
               kind: str, probabilities: Optional[str], labels_source: Optional[Source], targets: List[str],
               described: Dict[str, Any]) -> _Run:
     """The blocks, the kernel's options, the grey-value range and the plan recorded in the output (which
     ``--resume`` compares with the plan of the run it continues); the worker memory is checked here."""
     n_kept, height, width = source.shape
-    plan = BlockPlan(((n_kept - 1) * factor + 1, height, width), large.block_size)
+    plan = BlockPlan((restored_depth(n_kept, factor), height, width), large.block_size)
     inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model)
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
@@ -1049,7 +1061,7 @@ def _plan_run(source: Source, factor: int, settings: Settings, large: LargeVolum
     plan_record = _json({
         "input": _describe(source, described["source_name"]), "kind": kind, "value_range": value_range,
         "labels_input": None if labels_source is None else _describe(labels_source, described["source_name"]),
-        "factor": int(factor), "shape": list(plan.shape_dhw), "block_size": int(large.block_size),
+        "factor": restore.factor_value(factor), "shape": list(plan.shape_dhw), "block_size": int(large.block_size),
         "output_voxel_size_zyx": [float(v) for v in described["voxel_size_zyx"]], "output_unit": described["unit"],
         "output_translation_zyx": [float(v) for v in described["translation_zyx"]],
         "ngff_version": large.ngff_version, "probabilities": probabilities,
@@ -1060,7 +1072,7 @@ def _plan_run(source: Source, factor: int, settings: Settings, large: LargeVolum
                 grey_values, value_range, window, plan_record)
 
 
-def _fitted(settings: Settings, source: Source, factor: int, model: Optional[nn.Module]) -> Settings:
+def _fitted(settings: Settings, source: Source, factor: float, model: Optional[nn.Module]) -> Settings:
     """A small stack trains on what it holds (a no-op when the caller fitted the recipe, or with a model)."""
     return settings if model is not None else restore.fit_recipe_to_stack(settings, source.shape, factor)[0]
 
@@ -1071,7 +1083,7 @@ def _recorded_inference(inference: Dict[str, Any]) -> Dict[str, Any]:
     return _json({k: v for k, v in inference.items() if k not in ("batch_size", "batch_pixels")})
 
 
-def _train(run: _Run, source: Source, factor: int, settings: Settings, binarize_threshold: Optional[float],
+def _train(run: _Run, source: Source, factor: float, settings: Settings, binarize_threshold: Optional[float],
            kind: str, progress: bool) -> Tuple[nn.Module, float]:
     """Train on (a bounded part of) the kept slices; the plan then records the channels the model takes."""
     settings = _fitted(settings, source, factor, None)
@@ -1097,7 +1109,7 @@ def _already_complete(run: _Run, record: Dict[str, Any], model: nn.Module) -> Di
 
 
 def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Source,
-                labels_source: Optional[Source], factor: int, settings: Settings,
+                labels_source: Optional[Source], factor: float, settings: Settings,
                 binarize_threshold: Optional[float], client, retries: int, label_halo: int,
                 progress: bool) -> Dict[str, Any]:
     """The passes over the blocks: restore (at most ``max_blocks`` now), label ids, pyramids. Returns
@@ -1154,7 +1166,7 @@ def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[S
                         "and no probabilities (--save-probabilities).")
 
 
-def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: int, inference: Dict[str, Any], kernel_dtype: str,
+def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
                          worker_memory: str, on_workers: bool, device: Optional[str],
                          grey_values: Optional[str] = None) -> None:
     """Reject a worker memory that is no size; warn when a block likely needs more than it

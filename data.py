@@ -33,16 +33,29 @@ from tiff_io import (LENGTH_UNITS_IN_UM, TIFF_SUFFIXES, PathLike, list_tiff_file
 MAX_FACTOR = 64
 
 
-def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2) -> Tuple[int, float]:
-    """The project's one factor rule: the Z/XY ratio rounded to the nearest integer (halves up).
+# How a non-integer Z/XY ratio becomes the factor (the setting FACTOR_ROUNDING).
+FACTOR_ROUNDINGS = ("isotropic", "nearest")
+# A ratio this close to an integer (relative) is that integer: the output Z step is then within 0.5 % of XY.
+INTEGER_RATIO_TOLERANCE = 0.005
+# Below this ratio a non-integer one is rounded (to 1: converted, or 2): fewer than one slice is missing per step.
+SMALLEST_FRACTIONAL_RATIO = 1.5
 
-    Used by ``eval.py`` to simulate and by ``apply.py`` to restore. Rounding
-    (rather than flooring) keeps the restored Z voxel, ``z_step / factor``, as
-    close to the lateral size as an integer factor allows: a ratio of 3.9
-    restores 4 slices per step (Z voxel 0.98 x XY) instead of 3 (1.3 x XY).
-    The kept slices stay on the output grid, verbatim, and training degrades
-    by the same integer factor that inference undoes. A warning states the
-    resulting voxel size when the ratio is not an integer (within 1 %).
+
+def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2,
+                           rounding: str = "isotropic") -> Tuple[float, float]:
+    """The project's one factor rule: how many output Z steps one input Z step becomes.
+
+    Used by ``eval.py`` to simulate and by ``apply.py`` to restore. A ratio
+    within 0.5 % of an integer is that integer. Otherwise:
+
+    * ``rounding='isotropic'`` (the default) keeps the ratio itself, for a
+      ratio of at least 1.5: the output Z step is exactly the XY pixel size,
+      the kept slices fall where they fall on that grid (a kept slice between
+      two output slices is restored around, not copied), and training degrades
+      by the same non-integer factor.
+    * ``rounding='nearest'`` rounds the ratio (halves up): the kept slices stay
+      on the output grid, verbatim, and the output Z step is ``z_step / factor``
+      (a ratio of 1.57 gives 2: 22 % off isotropic); a warning states it.
 
     Parameters
     ----------
@@ -50,19 +63,22 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2) -> T
     minimum : int
         The smallest factor accepted: 2 to simulate missing slices (eval.py),
         1 where an already isotropic stack is converted instead (apply.py).
+    rounding : {'isotropic', 'nearest'}
 
     Returns
     -------
-    factor : int
+    factor : int, or float at a non-integer ratio with ``rounding='isotropic'``
     output_z_step : float, ``z_step / factor``
 
     Raises
     ------
     UserError
         A size that is not positive, a ratio above :data:`MAX_FACTOR` (most
-        often sizes in two units), a Z step finer than the pixels, or a
-        factor below ``minimum``.
+        often sizes in two units), a Z step finer than the pixels, a factor
+        below ``minimum``, or an unknown ``rounding``.
     """
+    if rounding not in FACTOR_ROUNDINGS:
+        raise UserError(f"FACTOR_ROUNDING must be one of {', '.join(FACTOR_ROUNDINGS)}, got '{rounding}'.")
     if not (z_step > 0 and xy_size > 0):
         raise UserError(f"Voxel sizes must be positive, got Z step {z_step} and XY size {xy_size}.")
     ratio = z_step / xy_size
@@ -70,24 +86,29 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2) -> T
         raise UserError(f"The Z step ({z_step:g}) is {ratio:.0f} times the XY pixel size ({xy_size:g}), more than "
                         f"{MAX_FACTOR}: most often the two sizes are in different units (nm and um). Give both "
                         "sizes in one unit (--z-step, --xy-size and --unit).")
-    factor = int(math.floor(ratio + 0.5))
-    if factor < 1:
+    nearest = int(math.floor(ratio + 0.5))
+    if nearest < 1:
         raise UserError(f"The Z step ({z_step:g}) is less than half the XY pixel size ({xy_size:g}): nothing is "
                         "missing along Z. Check the voxel size (the Z step comes first: --z-step).")
+    integer = abs(ratio - nearest) <= INTEGER_RATIO_TOLERANCE * ratio
+    fractional = not integer and rounding == "isotropic" and ratio >= SMALLEST_FRACTIONAL_RATIO
+    factor = ratio if fractional else nearest
     if factor < minimum:
         raise UserError(f"The Z step ({z_step:g}) is only {ratio:.2f} times the XY pixel size ({xy_size:g}), a factor "
-                        f"of {factor}; it must be at least {minimum} for slices to be missing: the stack is already "
+                        f"of {factor:g}; it must be at least {minimum} for slices to be missing: the stack is already "
                         "(nearly) isotropic. Check the voxel size (Z_RESOLUTION and XY_RESOLUTION).")
-    if abs(ratio - factor) > 0.01 * ratio:
+    if not integer and not fractional:
         warnings.warn(f"Z/XY ratio {ratio:.3f} is not an integer; restoring {factor} slices per input step. "
                       f"Output voxel size: Z {z_step / factor:.4g} x Y {xy_size:.4g} x X {xy_size:.4g} "
                       f"({(z_step / factor) / xy_size:.3f} times XY along Z).", UserWarning, stacklevel=2)
-    return factor, z_step / factor
+    return factor, (xy_size if fractional else z_step / factor)
 
 
 def resolution_factor(z_resolution: float, xy_resolution: float) -> int:
-    """Integer Z/XY factor of ``eval.py``'s resolutions, by :func:`factor_from_voxel_size`'s rule."""
-    return factor_from_voxel_size(z_resolution, xy_resolution)[0]
+    """Integer Z/XY factor of ``eval.py``'s resolutions, by :func:`factor_from_voxel_size`'s rule with
+    ``rounding='nearest'``: eval.py simulates missing slices by keeping every factor-th slice of an
+    isotropic stack, which needs a whole number."""
+    return factor_from_voxel_size(z_resolution, xy_resolution, rounding="nearest")[0]
 
 
 def check_factor(factor: int, depth: int) -> None:

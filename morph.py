@@ -31,13 +31,102 @@ from tqdm.auto import tqdm
 METHODS = ("nearest", "linear", "cubic", "sdf")
 
 
-def bracket(kept_positions: Sequence[int], length: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+# --------------------------------------------------------------------------- #
+# The Z grid of a factor: where the kept slices sit on the output grid
+# --------------------------------------------------------------------------- #
+# Positions closer than this to an output slice are on it: k * factor in float64 is exact to far better.
+ON_GRID_TOLERANCE = 1e-6
+
+
+def is_integer_factor(factor: float) -> bool:
+    """Whether every kept slice of ``factor`` lands on an output slice."""
+    return abs(factor - round(factor)) <= ON_GRID_TOLERANCE
+
+
+def kept_positions(n_kept: int, factor: float) -> np.ndarray:
+    """Output Z index of each kept slice, ``k * factor``.
+
+    Parameters
+    ----------
+    n_kept : int
+        Number of kept slices K.
+    factor : float
+        Z step of the kept slices in output slices (the Z/XY ratio); an integer,
+        or any value >= 1 for an isotropic output at a non-integer ratio.
+
+    Returns
+    -------
+    ndarray, shape (K,): int64 for an integer factor, else float64 (a kept slice
+    may fall between two output slices).
+    """
+    if is_integer_factor(factor):
+        return np.arange(n_kept, dtype=np.int64) * int(round(factor))
+    return np.arange(n_kept, dtype=np.float64) * float(factor)
+
+
+def restored_depth(n_kept: int, factor: float) -> int:
+    """Output depth D of ``n_kept`` kept slices: every output slice up to the last kept one,
+    ``floor((K - 1) * factor) + 1``."""
+    return int(np.floor((n_kept - 1) * float(factor) + ON_GRID_TOLERANCE)) + 1
+
+
+def slices_on_grid(n_kept: int, factor: float, depth: int, offset: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+    """The kept slices that fall on an output slice: ``(kept indices, output indices)``, int64.
+
+    At an integer factor that is every kept slice inside ``depth``; at a
+    non-integer one, only those whose position ``k * factor`` is an integer
+    (every 16th at 6.5625): the others fall between output slices, which are
+    restored. ``offset``: the output position of kept slice 0 (a slab of the
+    output that starts after it has a negative one).
+    """
+    positions = kept_positions(n_kept, factor).astype(np.float64) + offset
+    nearest = np.round(positions)
+    on_grid = (np.abs(positions - nearest) <= ON_GRID_TOLERANCE) & (nearest >= 0) & (nearest < depth)
+    return np.flatnonzero(on_grid).astype(np.int64), nearest[on_grid].astype(np.int64)
+
+
+def sample_rows(image: np.ndarray, positions: np.ndarray, axis: int = -2, binary: bool = False) -> np.ndarray:
+    """Slices of ``image`` at fractional ``positions`` along ``axis``, blended linearly between the
+    two neighbouring slices; ``binary``: a mask's slice there (the blend >= 0.5).
+
+    This is how a slice cut between two voxel planes of an isotropic image is
+    simulated: the training degradation at a non-integer ratio, and bench.py's
+    ground truth on another grid.
+
+    Parameters
+    ----------
+    image : ndarray
+    positions : ndarray of float, shape (n,), within ``[0, image.shape[axis] - 1]``
+    axis : int
+    binary : bool
+
+    Returns
+    -------
+    ndarray, ``image`` with ``axis`` of length n: float32, or bool when ``binary``.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    size = image.shape[axis]
+    if positions.size and (positions.min() < -ON_GRID_TOLERANCE or positions.max() > size - 1 + ON_GRID_TOLERANCE):
+        raise ValueError(f"Positions must lie within [0, {size - 1}], got {positions.min():g}..{positions.max():g}.")
+    lower = np.clip(np.floor(positions + ON_GRID_TOLERANCE).astype(np.int64), 0, size - 1)
+    upper = np.minimum(lower + 1, size - 1)
+    weight = np.clip(positions - lower, 0.0, 1.0).astype(np.float32)
+    weight[np.abs(weight) <= ON_GRID_TOLERANCE] = 0.0
+    shape = [1] * image.ndim
+    shape[axis] = len(positions)
+    low = np.take(image, lower, axis=axis).astype(np.float32)
+    sampled = low + weight.reshape(shape) * (np.take(image, upper, axis=axis).astype(np.float32) - low)
+    return sampled >= 0.5 if binary else sampled
+
+
+def bracket(kept_positions: Sequence[float], length: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output index, the kept slices on either side and the blend weight.
 
     Parameters
     ----------
-    kept_positions : sequence of int, strictly increasing
-        Output index of each kept slice.
+    kept_positions : sequence of int or float, strictly increasing
+        Output index of each kept slice (between two output indices at a
+        non-integer factor, :func:`kept_positions`).
     length : int
         Output length along the axis.
 
@@ -121,7 +210,7 @@ def interpolate_along_axis(
     ----------
     sparse : ndarray, any dimensionality
         The kept slices, stacked along ``axis`` (binary or [0, 1] values).
-    kept_positions : sequence of int
+    kept_positions : sequence of int or float
         Output index of each kept slice along ``axis``.
     length : int
         Output length along ``axis``.

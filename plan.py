@@ -20,6 +20,7 @@ import numpy as np
 import blocks
 import restore
 from machine import machine_key
+from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
 
 # Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
@@ -38,7 +39,7 @@ class RestorePlan:
     target: Path
     kind: str
     kind_reason: str
-    factor: int
+    factor: float  # an int, or the Z/XY ratio itself at a non-integer ratio (data.factor_from_voxel_size)
     factor_reason: str
     shape_khw: Tuple[int, int, int]
     dtype: np.dtype
@@ -61,12 +62,13 @@ class RestorePlan:
     @property
     def output_shape(self) -> Tuple[int, int, int]:
         n_kept, height, width = self.shape_khw
-        return ((n_kept - 1) * self.factor + 1, height, width)
+        return (restored_depth(n_kept, self.factor), height, width)
 
     @property
     def voxel_out_zyx(self) -> Tuple[float, float, float]:
         z, y, x = self.voxel_in_zyx
-        return (z / self.factor, y, x)
+        # A non-integer factor is the Z/XY ratio itself: the output Z step is the pixel size, exactly.
+        return (z / self.factor if is_integer_factor(self.factor) else x, y, x)
 
     @property
     def output_voxels(self) -> int:
@@ -105,14 +107,14 @@ class RestorePlan:
 
     def training_crop_pixels(self) -> int:
         """Crop pixels the training pushes through the network (crops x area x epochs)."""
-        if not self.trained or self.factor < 2:
+        if not self.trained or self.factor == 1:
             return 0
         recipe = restore.training_kwargs(self.settings, "intensity" if self.kind == "intensity" else "mask")
         return int(recipe["train_nb"] * recipe["train_xy_size"] ** 2 * recipe["num_epochs"])
 
     def expected_seconds(self) -> Optional[float]:
         """Training plus restore time from the throughputs recorded on this machine class, or None."""
-        if self.factor < 2:
+        if self.factor == 1:
             return None
         rates = recorded_throughput(self.kind, self.settings.inference.device or "")
         if rates is None or (self.trained and not rates.get("train_pixels_per_s")):
@@ -130,8 +132,7 @@ class RestorePlan:
         lines = [
             f"input: {self.path}",
             f"kind: {self.kind} ({self.kind_reason})",
-            f"factor: {self.factor} from {self.factor_reason}" + (
-                ": already isotropic, the stack is converted, not restored" if self.factor == 1 else ""),
+            f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
             f"input voxel size: {triple(f'{v:.6g}' for v in self.voxel_in_zyx)} {unit}",
             f"output: {self.target} ({where})",
@@ -148,8 +149,21 @@ class RestorePlan:
         ]
         return lines + [f"recipe fitted to the stack: {note}" for note in self.notes]
 
+    def factor_line(self) -> str:
+        """The factor, where it comes from and what it does to the Z grid."""
+        said = f"{self.factor:g} from {self.factor_reason}"
+        if self.factor == 1:
+            return said + ": already isotropic, the stack is converted, not restored"
+        if is_integer_factor(self.factor):
+            return said
+        n_kept = self.shape_khw[0]
+        on_grid = len(slices_on_grid(n_kept, self.factor, self.output_shape[0])[0])
+        return (said + f": not an integer, so the output grid is isotropic (Z step = XY pixel size); {on_grid} of "
+                f"the {n_kept} kept slices fall on an output slice and are kept verbatim, the others fall between "
+                "two and are restored around (FACTOR_ROUNDING nearest: round the factor, keep every slice verbatim)")
+
     def training_line(self) -> str:
-        if self.factor < 2:
+        if self.factor == 1:
             return "none (nothing to restore)"
         if not self.trained:
             return "none (--model)"
@@ -195,7 +209,7 @@ def recorded_throughput(kind: str, device: str = "") -> Optional[Dict[str, float
 
 def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> None:
     """Keep the throughputs of a finished run (a cache: a failure to write it is no error)."""
-    if plan.factor < 2 or restore_s <= 0:
+    if plan.factor == 1 or restore_s <= 0:
         return
     rates = dict(recorded_throughput(plan.kind, plan.settings.get("DEVICE", "")) or {})
     rates["restore_voxels_per_s"] = plan.output_voxels / restore_s

@@ -15,6 +15,13 @@ written in torch: on a GPU the kept slices go to the device once and only the
 probabilities come back; on a CPU the same code runs with bfloat16 where the
 processor has native support.
 
+``factor`` is the Z step of the kept slices in output slices: an integer (kept
+slice k is output slice ``k * factor``, copied verbatim), or, for an isotropic
+output at a non-integer Z/XY ratio, the ratio itself: kept slices then fall
+between output slices (:func:`morph.kept_positions`), the upscaling blends
+towards their true positions, and only those that land on an output slice
+(:func:`morph.slices_on_grid`) are copied.
+
 This module also holds the train-then-restore recipe shared by every script,
 label-id assignment, and the translation of the settings model
 (``settings.Settings``) into the engine's arguments. It imports nothing above it.
@@ -37,7 +44,8 @@ from data import UserError
 from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, Inference, Settings,  # noqa: F401
                       SettingsLike, Training, as_settings)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
-from morph import bracket, interpolate_along_axis
+from morph import (ON_GRID_TOLERANCE, bracket, interpolate_along_axis, is_integer_factor, kept_positions,
+                   restored_depth, slices_on_grid)
 
 ORIENTATIONS = ("y", "x")
 # Network inputs built at a time (values, 16 MB as float32): memory is the output plus a few of these.
@@ -92,7 +100,7 @@ def inference_kwargs(settings: SettingsLike = None,
         compile=inference.compile)
 
 
-def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw: Sequence[int], factor: int,
+def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw: Sequence[int], factor: float,
                         typed: Sequence[str] = ()) -> Tuple[Union[Settings, Dict[str, Any]], List[str]]:
     """The training recipe of ``settings`` fitted to a stack of kept slices ``shape_khw``.
 
@@ -107,7 +115,7 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     ----------
     settings : Settings, or a dict of ``eval.py``-style constants
     shape_khw : (K, H, W) of the kept slices
-    factor : int
+    factor : float
     typed : names of settings the user gave explicitly (``TRAIN_NB``, ...)
 
     Returns
@@ -129,7 +137,7 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
                        smallest_crop_edge)
 
     n_kept, height, width = (int(s) for s in shape_khw)
-    stack = (n_kept, height, width, int(factor))
+    stack = (n_kept, height, width, factor_value(factor))
     if settings.fitted_to == stack:
         return settings, []  # fitted already, with the caller's typed names
     training, depth = settings.training, settings.network.depth
@@ -159,16 +167,27 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     return dataclasses.replace(settings, training=dataclasses.replace(training, **fitted), fitted_to=stack), notes
 
 
-def model_config(settings: SettingsLike, factor: int) -> Dict[str, Any]:
+def model_config(settings: SettingsLike, factor: float) -> Dict[str, Any]:
     """What a saved model keeps: the recipe it was trained with (:meth:`Settings.model_record`) and
     the factor; a restore reads back the settings marked ``model="read"``."""
-    return dict(as_settings(settings).model_record(), factor=int(factor))
+    return dict(as_settings(settings).model_record(), factor=factor_value(factor))
+
+
+def factor_value(factor: float) -> Union[int, float]:
+    """The factor as recorded (a saved model, a plan, an output's record): an int where it is one."""
+    return int(round(factor)) if is_integer_factor(factor) else float(factor)
+
+
+def channel_stride(factor: float) -> int:
+    """Spacing of the neighbouring planes fed as channels at inference: the kept slices the network
+    trained on were ``factor`` pixels apart, and planes are whole pixels apart, so the nearest whole step."""
+    return max(1, int(round(factor)))
 
 
 # --------------------------------------------------------------------------- #
 # Geometry: upscaling, mirrored channel planes, the tile grid
 # --------------------------------------------------------------------------- #
-def upscale_height(sparse: np.ndarray, factor: int, original_depth: Optional[int] = None, axis: int = 0,
+def upscale_height(sparse: np.ndarray, factor: float, original_depth: Optional[int] = None, axis: int = 0,
                    method: str = "linear") -> np.ndarray:
     """Upsample the sparse axis of a stack (kept slices at ``0, factor, ...``).
 
@@ -179,7 +198,7 @@ def upscale_height(sparse: np.ndarray, factor: int, original_depth: Optional[int
     Parameters
     ----------
     sparse : ndarray, shape (K, ...) along ``axis``
-    factor : int
+    factor : float
     original_depth : int, optional
         Output length; default ``(K - 1) * factor + 1``. Slices after the last
         kept one copy it.
@@ -189,17 +208,17 @@ def upscale_height(sparse: np.ndarray, factor: int, original_depth: Optional[int
     ndarray of float32 ('linear') with ``axis`` of length ``original_depth``.
     """
     n_kept = sparse.shape[axis]
-    depth = (n_kept - 1) * factor + 1 if original_depth is None else int(original_depth)
-    return interpolate_along_axis(sparse, np.arange(n_kept) * factor, depth, axis=axis, method=method)
+    depth = restored_depth(n_kept, factor) if original_depth is None else int(original_depth)
+    return interpolate_along_axis(sparse, kept_positions(n_kept, factor), depth, axis=axis, method=method)
 
 
-def upscale_along_z(sparse: torch.Tensor, factor: int, depth: int, method: str = "linear") -> torch.Tensor:
+def upscale_along_z(sparse: torch.Tensor, factor: float, depth: int, method: str = "linear") -> torch.Tensor:
     """Torch twin of :func:`upscale_height` along dim 0, for the engine (any device).
 
     The arithmetic is the one of ``morph.interpolate_along_axis`` (``low +
     weight * (high - low)`` in float32), so both give the same values.
     """
-    lower, upper, weight = bracket(np.arange(sparse.shape[0]) * factor, depth)
+    lower, upper, weight = bracket(kept_positions(sparse.shape[0], factor), depth)
     if method == "nearest":
         return sparse[torch.from_numpy(np.where(weight <= 0.5, lower, upper)).to(sparse.device)].float()
     if method != "linear":
@@ -547,7 +566,7 @@ class _Pass:
     kernel: Kernel
     sparse: torch.Tensor
     output: torch.Tensor
-    factor: int
+    factor: float
     depth: int
     grid_z: TileGrid
     device: torch.device
@@ -575,7 +594,7 @@ def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origi
     n_planes_global, width_global = (global_hw[1], global_hw[0]) if flip else global_hw
     grid_l = tile_grid(width_global, kernel.tile_size, kernel.tile_overlap, (l0, l1))
     columns = slice(grid_l.lo - origin_l, grid_l.hi - origin_l)
-    offsets = channel_offsets(kernel.train_depth, job.factor if kernel.channel_stride is None
+    offsets = channel_offsets(kernel.train_depth, channel_stride(job.factor) if kernel.channel_stride is None
                               else int(kernel.channel_stride))
     chunk = max(1, CHUNK_VALUES // (kernel.train_depth * depth * (grid_l.hi - grid_l.lo)))
     bar = tqdm(total=p1 - p0, desc=f"Inference (planes along {orientation.upper()})", unit="plane",
@@ -601,7 +620,7 @@ def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origi
 
 
 def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tuple[int, int],
-                  global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: int,
+                  global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: float,
                   kernel: Optional[Kernel] = None, *, depth: Optional[int] = None, out_dtype=np.float32,
                   device: Optional[torch.device] = None, progress: bool = True,
                   stats: Optional[Dict[str, int]] = None, **options: Any) -> np.ndarray:
@@ -621,7 +640,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
         Lateral size of the whole stack (mirroring and the tile grid use it).
     region_yx : ((y0, y1), (x0, x1))
         The output region, global indices.
-    factor : int
+    factor : float
     kernel : Kernel
         How the network is applied (:func:`inference_options`).
     **options
@@ -643,7 +662,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     device = device or select_device()
     network, activation = _network_for_inference(model, kernel, device, out_dtype)
     n_kept = sparse_window.shape[0]
-    depth = (n_kept - 1) * factor + 1 if depth is None else int(depth)
+    depth = restored_depth(n_kept, factor) if depth is None else int(depth)
     (y0, y1), (x0, x1) = region_yx
     torch_out = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}.get(np.dtype(out_dtype),
                                                                                          torch.float32)
@@ -655,7 +674,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     if kernel.keep_kept_slices:
         rows = slice(y0 - window_origin[0], y1 - window_origin[0])
         cols = slice(x0 - window_origin[1], x1 - window_origin[1])
-        for k, z in enumerate(range(0, min(n_kept * factor, depth), factor)):
+        for k, z in zip(*slices_on_grid(n_kept, factor, depth)):
             job.output[z] = job.sparse[k, rows, cols].float() * job.scale
     return job.output.cpu().numpy()
 
@@ -663,7 +682,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
 def apply_model_to_stack_tiled_slice_by_slice(
     model: nn.Module,
     sparse_dhw: np.ndarray,
-    factor: int,
+    factor: float,
     train_depth: Optional[int] = None,
     tile_size: Optional[int] = None,
     *,
@@ -684,7 +703,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
     model : trained network with ``train_depth`` input channels
     sparse_dhw : ndarray, shape (K, H, W)
         The kept slices, Z step ``factor`` (bool or [0, 1] values).
-    factor : int
+    factor : float
     train_depth, tile_size : int
         Channels of the model (odd) and tile edge: the two :class:`Kernel` fields without a default
         (given here or in ``kernel``).
@@ -720,8 +739,8 @@ def apply_model_to_stack_tiled_slice_by_slice(
 # --------------------------------------------------------------------------- #
 # Label ids, thresholds, the train-then-restore recipe
 # --------------------------------------------------------------------------- #
-def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: int,
-                  progress: bool = True) -> np.ndarray:
+def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: float,
+                  progress: bool = True, offset: float = 0.0) -> np.ndarray:
     """Give every restored foreground voxel the id of the nearest labelled voxel of
     the two neighbouring kept slices, among the ids its own restored object touches.
 
@@ -743,9 +762,12 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
     ----------
     foreground_dhw : ndarray of bool, shape (D, H, W)
     sparse_labels_khw : ndarray of uint, shape (K, H, W), 0 = background
-    factor : int
+    factor : float
     progress : bool
         Show a tqdm bar over the slices.
+    offset : float, in (-factor, 0]
+        Output position of kept slice 0: a slab of the output (``blocks``'
+        label pass) starts at the first output slice after it.
 
     Returns
     -------
@@ -754,8 +776,8 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
     from scipy import ndimage
 
     depth = foreground_dhw.shape[0]
-    kept_positions = np.arange(len(sparse_labels_khw)) * factor
-    lower, upper, _ = bracket(kept_positions, depth)
+    positions = kept_positions(len(sparse_labels_khw), factor) + offset
+    lower, upper, _ = bracket(positions, depth)
     out = np.zeros(foreground_dhw.shape, dtype=sparse_labels_khw.dtype)
 
     @functools.lru_cache(maxsize=2)  # slices are visited in order: two kept slices suffice
@@ -771,7 +793,7 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
         foreground = foreground_dhw[z]
         if not foreground.any():
             continue
-        sides = [(sparse_labels_khw[k], float(z - kept_positions[k]) ** 2) for k in (int(lower[z]), int(upper[z]))]
+        sides = [(sparse_labels_khw[k], float(z - positions[k]) ** 2) for k in (int(lower[z]), int(upper[z]))]
         (label_a, dist_a), (label_b, dist_b) = nearest_label(int(lower[z])), nearest_label(int(upper[z]))
         nearest = np.where(dist_a + sides[0][1] <= dist_b + sides[1][1], label_a, label_b)
         components, _ = ndimage.label(foreground)
@@ -781,8 +803,8 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
             voxels = stray & (components == component)
             nearest[voxels] = _nearest_of_ids(voxels, touched[component], sides)
         out[z] = np.where(foreground, nearest, 0)
-    kept = kept_positions[kept_positions < depth]
-    out[kept] = sparse_labels_khw[: len(kept)]
+    kept, on_grid = slices_on_grid(len(sparse_labels_khw), factor, depth, offset)
+    out[on_grid] = sparse_labels_khw[kept]
     return out
 
 
@@ -855,7 +877,7 @@ def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
     return boundaries
 
 
-def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: int,
+def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: float,
                 threshold: float = 0.5, progress: bool = True) -> np.ndarray:
     """Ids of a dense label image, grown from the kept slices into the compartments of a restored boundary.
 
@@ -874,7 +896,7 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     boundary_probabilities_dhw : ndarray, shape (D, H, W)
         Restored probability of :func:`label_boundaries` (float in [0, 1], or uint8 read as 0-255).
     sparse_labels_khw : ndarray of uint, shape (K, H, W)
-    factor : int
+    factor : float
     threshold : float
     progress : bool
 
@@ -886,30 +908,44 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
 
     depth = boundary_probabilities_dhw.shape[0]
     scale = 255.0 if np.issubdtype(boundary_probabilities_dhw.dtype, np.integer) else 1.0
-    seeds_khw = np.where(label_boundaries(sparse_labels_khw), 0, sparse_labels_khw)
+    boundaries_khw = label_boundaries(sparse_labels_khw)
+    seeds_khw = np.where(boundaries_khw, 0, sparse_labels_khw)
     drawn_boundaries = bool((sparse_labels_khw == 0).any())
     out = np.zeros(boundary_probabilities_dhw.shape, dtype=sparse_labels_khw.dtype)
-    kept_positions = np.arange(len(sparse_labels_khw)) * factor
-    for k in tqdm(range(len(sparse_labels_khw)), desc="Growing label ids", unit="gap", leave=False,
-                  disable=not progress):
-        z0 = int(kept_positions[k])
-        if z0 >= depth:
+    n_kept = len(sparse_labels_khw)
+    positions = kept_positions(n_kept, factor).astype(np.float64)
+    inside = positions <= depth - 1 + ON_GRID_TOLERANCE
+    on_grid = dict(zip(*slices_on_grid(n_kept, factor, depth)))
+
+    def kept_plane(k: int) -> np.ndarray:
+        """Elevation of kept slice k: its output slice where it has one, else its own boundary mask."""
+        if k in on_grid:
+            return boundary_probabilities_dhw[on_grid[k]]
+        return (boundaries_khw[k] * scale).astype(boundary_probabilities_dhw.dtype)
+
+    for k in tqdm(range(n_kept), desc="Growing label ids", unit="gap", leave=False, disable=not progress):
+        if not inside[k]:
             break
-        z1 = min(z0 + factor, depth - 1) if k + 1 < len(sparse_labels_khw) else depth - 1
-        elevation = boundary_probabilities_dhw[z0:z1 + 1]
+        # The output slices strictly between kept slices k and k + 1 (to the end after the last one inside).
+        first = int(np.floor(positions[k] + ON_GRID_TOLERANCE)) + 1
+        closed = k + 1 < n_kept and inside[k + 1]
+        end = int(np.ceil(positions[k + 1] - ON_GRID_TOLERANCE)) if closed else depth
+        planes = [kept_plane(k)[None], boundary_probabilities_dhw[first:end]] + ([kept_plane(k + 1)[None]]
+                                                                                 if closed else [])
+        elevation = np.concatenate(planes)
         elevation = elevation.astype(np.float32) if elevation.dtype == np.float16 else elevation
         markers = np.zeros(elevation.shape, dtype=np.int64)
         markers[0] = seeds_khw[k]
-        if k + 1 < len(sparse_labels_khw) and z1 == z0 + factor:
+        if closed:
             markers[-1] = seeds_khw[k + 1]
-        if not markers.any():
+        if not markers.any() or end <= first:
             continue
         grown = watershed(elevation, markers)
         if drawn_boundaries:
             grown[elevation >= threshold * scale] = 0
-        out[z0 + 1:z1 + 1] = grown[1:]
-    kept = kept_positions[kept_positions < depth]
-    out[kept] = sparse_labels_khw[: len(kept)]
+        out[first:end] = grown[1:1 + end - first]
+    kept, on_grid_z = slices_on_grid(n_kept, factor, depth)
+    out[on_grid_z] = sparse_labels_khw[kept]
     return out
 
 
@@ -931,7 +967,7 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
     return mask
 
 
-def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                    device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask"
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
@@ -959,7 +995,7 @@ def train_on_stack(sparse_khw: np.ndarray, factor: int, settings: SettingsLike =
     return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}
 
 
-def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                           model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                           device: Optional[torch.device] = None, out_dtype=np.uint8,
                           progress: bool = True) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
@@ -972,7 +1008,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: int, settings: Setting
     ----------
     sparse_khw : ndarray, shape (K, H, W)
         Kept slices, Z step ``factor`` (non-zero = foreground).
-    factor : int
+    factor : float
     settings : Settings, optional
         Training and inference recipe (a dict of ``eval.py``-style constants
         is read as :meth:`Settings.from_dict`); default ``Settings()``.
@@ -1016,15 +1052,15 @@ def check_model_kind(model: nn.Module, kind: str) -> None:
                         "this kind of stack (leave out --model) or pass the matching --kind.")
 
 
-def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: int) -> None:
+def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: float) -> None:
     """Write the kept grey values verbatim at ``0, factor, ...`` of ``restored_dhw`` (in place; those
-    within its depth). The engine's own copy holds normalised values, and the way back to grey values
+    within its depth that fall on an output slice, :func:`morph.slices_on_grid`). The engine's own copy holds normalised values, and the way back to grey values
     is not exact in floating point."""
-    kept = np.arange(0, min(len(kept_khw) * factor, len(restored_dhw)), factor)
-    restored_dhw[kept] = kept_khw[: len(kept)]
+    kept, on_grid = slices_on_grid(len(kept_khw), factor, len(restored_dhw))
+    restored_dhw[on_grid] = kept_khw[kept]
 
 
-def restore_intensity(stack_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                       model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                       device: Optional[torch.device] = None, out_dtype=None, progress: bool = True
                       ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
@@ -1038,7 +1074,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: SettingsLike
     Parameters
     ----------
     stack_khw : ndarray, shape (K, H, W), any numeric dtype
-    factor : int
+    factor : float
     settings : Settings, optional (see :func:`restore_probabilities`)
     model : intensity model, optional
     original_depth : int, optional
@@ -1076,7 +1112,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: int, settings: SettingsLike
     return restored, model, info
 
 
-def restore_dense_labels(labels_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                          model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                          device: Optional[torch.device] = None, out_dtype=np.uint8
                          ) -> Tuple[np.ndarray, np.ndarray, nn.Module, Dict[str, Any]]:
@@ -1101,7 +1137,7 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: int, settings: Settings
     return labels_dhw, probabilities, model, info
 
 
-def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = None,
+def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                   model: Optional[nn.Module] = None,
                   labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
                   probability_dtype=np.uint8, keep_probabilities: bool = True
@@ -1112,7 +1148,7 @@ def restore_stack(stack_khw: np.ndarray, factor: int, settings: SettingsLike = N
     ----------
     stack_khw : ndarray of bool, shape (K, H, W)
         The acquired slices (foreground mask).
-    factor : int
+    factor : float
     settings : Settings, optional (see :func:`restore_probabilities`)
     model : nn.Module, optional
         A trained model; without one, a model is trained on ``stack_khw``

@@ -31,6 +31,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from data import FACTOR_ROUNDINGS
 from errors import UserError
 from kinds import KINDS
 from model import PRECISIONS, SKIP_MERGES, START_FROM_CHOICES
@@ -137,6 +138,11 @@ class VoxelSize:
     unit: Optional[str] = setting(None, "unit of --z-step and --xy-size, written to the output (um, nm, ...)",
                                   constant="VOXEL_UNIT", group="voxel size", type=str, metavar="UNIT",
                                   none="the file's", flag="--unit", aliases=("--voxel-unit",))
+    factor_rounding: str = setting("isotropic", "a Z/XY ratio that is not an integer: 'isotropic' restores onto a "
+                                   "grid whose Z step is the XY pixel size (kept slices between its slices are "
+                                   "restored around); 'nearest' rounds the ratio, kept slices stay verbatim on the "
+                                   "grid and the output Z step is Z step / factor", constant="FACTOR_ROUNDING",
+                                   group="voxel size", choices=FACTOR_ROUNDINGS, metavar=None)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from data import UserError
 from model import AttentionResUNet, autocast, network_architecture, resolve_precision, select_device, starting_weights
-from morph import interpolate_along_axis
+from morph import interpolate_along_axis, is_integer_factor, kept_positions, sample_rows
 from settings import (LATERAL_AXES, Network, Settings, SettingsLike, Training, as_settings,  # noqa: F401
                       check_crop_pool)
 
@@ -34,7 +34,7 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, method: str = "linear",
+def downscale_upscale_height(image: np.ndarray, factor: float, phase: int = 0, method: str = "linear",
                              profile_fwhm: float = 0.0) -> np.ndarray:
     """Degrade an image along its height axis (axis -2) the way Z was degraded.
 
@@ -42,11 +42,19 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
     :func:`morph.interpolate_along_axis`, the same function that upscales Z at
     inference. Rows before the first / after the last kept row copy it.
 
+    At a non-integer factor (an isotropic output at any Z/XY ratio) the kept
+    rows fall between pixel rows, as kept slices fall between output slices at
+    inference: each is cut there (:func:`morph.sample_rows`: the two pixel rows
+    blended, a mask's row thresholded at 0.5, since a real kept slice of a mask
+    is binary) and the gaps are filled from those fractional positions.
+
     Parameters
     ----------
     image : ndarray, shape (..., H, W)
-    factor : int
-    phase : int, 0 <= phase < factor
+        bool for masks, float32 for grey values.
+    factor : float
+        An integer, or any value >= 1.5.
+    phase : int, 0 <= phase < :func:`row_phases` ``(factor)``
     method : {'linear', 'nearest', 'sdf'}
     profile_fwhm : float
         Slice profile: before rows are dropped, blur along the height with a
@@ -58,17 +66,28 @@ def downscale_upscale_height(image: np.ndarray, factor: int, phase: int = 0, met
     ndarray of float32, shape (..., H, W)
     """
     height = image.shape[-2]
-    kept_rows = np.arange(phase, height, factor)
-    if len(kept_rows) < 2:
-        raise UserError(f"An image of height {height} keeps fewer than two rows at factor {factor}; "
+    positions = phase + kept_positions(max(0, int(np.floor((height - 1 - phase) / factor + 1e-6)) + 1), factor)
+    if len(positions) < 2:
+        raise UserError(f"An image of height {height} keeps fewer than two rows at factor {factor:g}; "
                          "use a larger TRAIN_XY_SIZE.")
+    binary = image.dtype == bool
     if profile_fwhm > 0:
         from scipy.ndimage import gaussian_filter1d
 
         sigma = profile_fwhm * factor / (2.0 * np.sqrt(2.0 * np.log(2.0)))
         image = gaussian_filter1d(np.asarray(image, dtype=np.float32), sigma, axis=-2, mode="reflect")
-    sparse = np.take(image, kept_rows, axis=-2)
-    return interpolate_along_axis(sparse, kept_rows, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
+    if is_integer_factor(factor):
+        sparse = np.take(image, positions, axis=-2)
+    else:
+        sparse = sample_rows(image, positions, axis=-2, binary=binary and profile_fwhm <= 0)
+    return interpolate_along_axis(sparse, positions, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
+
+
+def row_phases(factor: float) -> int:
+    """How many row phases the degradation draws from: ``factor`` at an integer factor (every
+    offset of the kept rows), ``ceil(factor)`` at a non-integer one (whose kept rows take every
+    fractional offset along the crop anyway)."""
+    return int(round(factor)) if is_integer_factor(factor) else int(np.ceil(factor))
 
 
 def check_lateral_axes(lateral_axes: str) -> None:
@@ -77,7 +96,7 @@ def check_lateral_axes(lateral_axes: str) -> None:
         raise UserError(f"TRAIN_LATERAL_AXES must be one of {', '.join(LATERAL_AXES)}, got '{lateral_axes}'.")
 
 
-def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int) -> None:
+def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float) -> None:
     """Raise a clear ``ValueError`` for a crop that cannot be cut from the sparse stack."""
     depth, height, width = crop_size_zyx
     if depth % 2 == 0 or depth < 1:
@@ -92,9 +111,14 @@ def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], fa
             f"TRAIN_XY_SIZE={height}x{width} is larger than the stack's slices ({stack_shape[1]}x{stack_shape[2]}); "
             "use a TRAIN_XY_SIZE no larger than the image."
         )
-    if min(height, width) < 2 * factor:
-        raise UserError(f"TRAIN_XY_SIZE={min(height, width)} is too small for factor {factor}: "
-                         f"use at least {2 * factor}.")
+    if min(height, width) < rows_for_two_kept(factor):
+        raise UserError(f"TRAIN_XY_SIZE={min(height, width)} is too small for factor {factor:g}: "
+                         f"use at least {rows_for_two_kept(factor)}.")
+
+
+def rows_for_two_kept(factor: float) -> int:
+    """The crop edge that keeps two rows at every phase of the degradation (:func:`row_phases`)."""
+    return 2 * int(np.ceil(factor - 1e-6))
 
 
 # How often one distinct crop may be drawn: augment_data's flips still show the network other pixels
@@ -107,11 +131,11 @@ def network_multiple(depth: int) -> int:
     return 2 ** depth
 
 
-def smallest_crop_edge(factor: int, depth: int) -> int:
+def smallest_crop_edge(factor: float, depth: int) -> int:
     """The smallest lateral crop edge that trains: two kept rows at ``factor`` and a bottleneck of
     at least 2 x 2, rounded up to a multiple the network accepts."""
     multiple = network_multiple(depth)
-    need = max(2 * multiple, 2 * factor)
+    need = max(2 * multiple, rows_for_two_kept(factor))
     return -(-need // multiple) * multiple
 
 
@@ -121,7 +145,7 @@ def largest_crop_edge(height: int, width: int, depth: int) -> int:
     return min(height, width) // multiple * multiple
 
 
-def distinct_crops(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: int,
+def distinct_crops(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float,
                    lateral_axes: str = "yx", lateral_step: int = 8) -> int:
     """How many different crops :func:`create_cropped_image_dataset` can draw: the positions of the
     crop in the kept slices (every slice; laterally every ``lateral_step`` pixels, since a shift
@@ -133,14 +157,14 @@ def distinct_crops(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], fac
     for size, crop in zip(stack_shape[1:], crop_size_zyx[1:]):
         positions *= max(0, (size - crop) // lateral_step + 1) if size >= crop else 0
     orientations = 2 if height == width and lateral_axes == "yx" else 1
-    return positions * orientations * factor
+    return positions * orientations * row_phases(factor)
 
 
 def create_cropped_image_dataset(
     downscaled_stack_dhw: np.ndarray,
     crop_size_zyx: Sequence[int],
     n_samples: int,
-    factor: int,
+    factor: float,
     min_content_ratio: float = 0.005,
     random_state: int = 0,
     method: str = "linear",
@@ -164,7 +188,7 @@ def create_cropped_image_dataset(
     crop_size_zyx : (C, h, w)
         C neighbouring kept slices (odd) by an h x w lateral window.
     n_samples : int
-    factor : int
+    factor : float
     min_content_ratio : float
         Crops whose label has a smaller foreground fraction are rejected.
     random_state : int
@@ -208,7 +232,7 @@ def create_cropped_image_dataset(
     return degraded_samples(stack, crop_size_zyx, draws, factor, method, profile_fwhm)
 
 
-def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, factor: int, min_content_ratio: float,
+def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, factor: float, min_content_ratio: float,
                random_state: int, lateral_axes: str) -> List[Tuple[int, int, int, bool, int]]:
     """``n_draws`` random crops ``(z0, y0, x0, transposed, phase)`` of ``stack`` (K, H, W) whose centre
     slice has at least ``min_content_ratio`` foreground, in the order drawn; a ``UserError`` when too
@@ -227,7 +251,7 @@ def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, fa
         label = stack[z0 + depth // 2, y0:y0 + height, x0:x0 + width]
         if label.mean() < min_content_ratio:
             continue
-        draws.append((z0, y0, x0, transposed, int(rng.integers(factor))))
+        draws.append((z0, y0, x0, transposed, int(rng.integers(row_phases(factor)))))
     if len(draws) < n_draws:
         raise UserError(
             f"Only {len(draws)} of {n_draws} random crops had a centre slice with at least "
@@ -245,7 +269,7 @@ def crop_at(stack: np.ndarray, crop_size_zyx: Sequence[int], draw: tuple) -> np.
     return crop.transpose(0, 2, 1) if transposed else crop
 
 
-def degraded_samples(stack: np.ndarray, crop_size_zyx: Sequence[int], draws: Sequence[tuple], factor: int,
+def degraded_samples(stack: np.ndarray, crop_size_zyx: Sequence[int], draws: Sequence[tuple], factor: float,
                      method: str, profile_fwhm: float) -> Tuple[np.ndarray, np.ndarray]:
     """Training pairs of ``draws``: each crop degraded along its height at its phase
     (:func:`downscale_upscale_height`), float32 ``(N, C, h, w)``, and its centre slice ``(N, 1, h, w)``."""
@@ -281,7 +305,7 @@ def hardest_draws(draws: List[tuple], n_samples: int, error: Callable[[tuple], f
     return [distinct[i] for i in hardest]
 
 
-def interpolation_error(label_hw: np.ndarray, factor: int, phase: int, method: str = "linear",
+def interpolation_error(label_hw: np.ndarray, factor: float, phase: int, method: str = "linear",
                         profile_fwhm: float = 0.0, kind: str = "mask") -> float:
     """How wrong the degraded-then-interpolated version of one label image is.
 
@@ -480,7 +504,7 @@ def starting_point(training: Training, network: Network, kind: str = "mask"
 
 def fit_on_sparse_stack(
     sparse_dhw: np.ndarray,
-    factor: int,
+    factor: float,
     recipe: SettingsLike = None,
     *,
     kind: str = "mask",
@@ -503,7 +527,7 @@ def fit_on_sparse_stack(
     sparse_dhw : ndarray, shape (K, H, W)
         The kept slices: a mask (non-zero = foreground) or, with ``kind='intensity'``,
         normalised float32 grey values.
-    factor : int
+    factor : float
     recipe : Settings, optional
         The recipe (a dict of ``eval.py``-style constants is read as ``Settings.from_dict``).
     kind : {'mask', 'intensity'}

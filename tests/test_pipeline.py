@@ -254,12 +254,13 @@ def test_viewer_builds_headless():
 # --------------------------------------------------------------------------- #
 def test_factor_from_voxel_size():
     assert factor_from_voxel_size(16.0, 2.0) == (8, 2.0)
+    assert factor_from_voxel_size(0.5, 0.22) == (pytest.approx(0.5 / 0.22), 0.22)  # isotropic grid by default
     with pytest.warns(UserWarning, match="not an integer"):
-        factor, z = factor_from_voxel_size(0.5, 0.22)
+        factor, z = factor_from_voxel_size(0.5, 0.22, rounding="nearest")
     assert factor == 2 and z == pytest.approx(0.25)
-    # One rule for eval.py and apply.py: nearest integer, halves up (2.5 -> 3, 3.5 -> 4, 3.4 -> 3).
+    # Rounding: nearest integer, halves up (2.5 -> 3, 3.5 -> 4, 3.4 -> 3), as eval.py simulates.
     with pytest.warns(UserWarning):
-        assert [factor_from_voxel_size(r, 1.0)[0] for r in (2.5, 3.5, 3.4, 3.9)] == [3, 4, 3, 4]
+        assert [factor_from_voxel_size(r, 1.0, rounding="nearest")[0] for r in (2.5, 3.5, 3.4, 3.9)] == [3, 4, 3, 4]
     assert eval_module.default_settings()["Z_RESOLUTION"] / eval_module.default_settings()["XY_RESOLUTION"] == 8
     from data import resolution_factor
     with pytest.warns(UserWarning):

@@ -205,8 +205,10 @@ def test_ome_sizes_in_um_and_nm_give_factor_4(tmp_path, capsys, tiny_model_path)
 
 @pytest.mark.parametrize("ratio, factor", [(2.5, 3), (3.5, 4)])
 def test_one_factor_rule_in_eval_and_apply(tmp_path, monkeypatch, capsys, tiny_model_path, ratio, factor):
+    """eval.py simulates a whole factor (it keeps every factor-th slice); apply.py rounds the same way with
+    FACTOR_ROUNDING nearest (its default restores onto an isotropic grid instead: tests/test_any_ratio.py)."""
     with pytest.warns(UserWarning, match="not an integer"):
-        assert data.factor_from_voxel_size(ratio, 1.0) == (factor, pytest.approx(ratio / factor))
+        assert data.factor_from_voxel_size(ratio, 1.0, rounding="nearest") == (factor, pytest.approx(ratio / factor))
     with pytest.warns(UserWarning):
         assert data.resolution_factor(ratio * 2, 2.0) == factor
 
@@ -232,7 +234,8 @@ def test_one_factor_rule_in_eval_and_apply(tmp_path, monkeypatch, capsys, tiny_m
     source = write_fiji(tmp_path / "s.tif", stack, pixels_per_unit=1.0, spacing=ratio)
     out = tmp_path / "o.tif"
     with pytest.warns(UserWarning, match="not an integer"):
-        assert apply.main(["--input", str(source), "--output", str(out), "--model", str(tiny_model_path)]) == 0
+        assert apply.main(["--input", str(source), "--output", str(out), "--model", str(tiny_model_path),
+                           "--factor-rounding", "nearest"]) == 0
     assert f"factor: {factor} from Z {ratio:g} um" in capsys.readouterr().out
     restored = tifffile.imread(out)
     assert restored.shape[0] == (len(stack) - 1) * factor + 1
