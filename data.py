@@ -133,3 +133,40 @@ def downsample_z(stack_dhw: np.ndarray, factor: int) -> Tuple[np.ndarray, np.nda
     check_factor(factor, stack_dhw.shape[0])
     kept_indices = np.arange(0, stack_dhw.shape[0], factor, dtype=np.int64)
     return stack_dhw[kept_indices].copy(), kept_indices
+
+
+def simulate_isotropic_grid(stack_dhw: np.ndarray, step: int, z_step: float, xy_size: float, binary: bool = True
+                            ) -> Tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """Keep every ``step``-th slice of a finely sliced stack and put the truth on the isotropic output grid.
+
+    A stack sliced at ``z_step`` with pixels of ``xy_size`` (UroCell: 15 nm and
+    16 nm) kept every ``step``-th slice has kept slices ``step * z_step`` apart:
+    a Z/XY ratio of ``step * z_step / xy_size`` (7 x 15 / 16 = 6.5625), which
+    :func:`factor_from_voxel_size` keeps as the factor of an isotropic output
+    (Z step = ``xy_size``). The kept slices are real slices; the truth is
+    resampled onto the output grid (:func:`morph.sample_rows`: blended between
+    the two slices around each output position, a mask's thresholded at 0.5),
+    so that a restore is scored where it puts its voxels.
+
+    Parameters
+    ----------
+    stack_dhw : ndarray, shape (D, H, W)
+    step : int >= 2
+    z_step, xy_size : float, in one unit
+    binary : bool
+        The truth is a mask (True) or grey values.
+
+    Returns
+    -------
+    sparse_khw : ndarray, shape (K, H, W), the kept slices (same dtype)
+    factor : float, the Z/XY ratio of the kept slices (an int where it is one)
+    truth_dhw : ndarray, shape (restored_depth(K, factor), H, W): bool, or float32 grey values
+    kept_on_grid : ndarray of int64, the output slices that are kept slices (not scored)
+    """
+    from morph import restored_depth, sample_rows, slices_on_grid
+
+    sparse, _ = downsample_z(stack_dhw, step)
+    factor, _ = factor_from_voxel_size(step * z_step, xy_size)
+    depth = restored_depth(len(sparse), factor)
+    truth = sample_rows(stack_dhw, np.arange(depth) * (xy_size / z_step), axis=0, binary=binary)
+    return sparse, factor, truth, slices_on_grid(len(sparse), factor, depth)[1]

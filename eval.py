@@ -32,7 +32,7 @@ BINARIZE_THRESHOLD = None  # None: foreground = value != 0
 XY_RESOLUTION = 2.0  # lateral pixel size
 Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION / XY_RESOLUTION, rounded
 VOXEL_UNIT = "um"  # unit of the two sizes
-FACTOR_ROUNDING = "isotropic"  # a non-integer ratio: isotropic output grid, or "nearest" integer
+FACTOR_ROUNDING = "isotropic"  # apply.py, a non-integer ratio: isotropic grid, or "nearest" integer (eval rounds)
 # Training
 TRAIN_XY_SIZE = 128  # crop edge, px
 TRAIN_Z_SIZE = 5  # kept slices per crop (channels), odd
