@@ -33,6 +33,8 @@ MODELS = {"0.4": (ImageV04, LabelsV04, ImageLabelV04), "0.5": (ImageV05, LabelsV
 VERSIONS = ("0.4", "0.5")
 SHAPE = (13, 40, 70)  # (D, H, W) of the isotropic truth of the block-wise runs
 BLOCK = 32
+UM = blocks.OutputMetadata((1.0, 1.0, 1.0), "um")  # the restored stack's voxel size and unit
+CELLS_UM = blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells")
 CHUNK = 32  # lateral chunk of the outputs made here: 70 voxels wide gives a pyramid of 3 levels
 
 
@@ -279,9 +281,8 @@ def test_blockwise_restore_keeps_uint32_ids(tmp_path, tiny_model):
     ids = kept_labels(factor, seed=6).astype(np.uint32)
     ids = np.where(ids > 0, ids + 100_000, 0).astype(np.uint32)
     out = tmp_path / "big_ids.ome.zarr"
-    blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um", model=tiny_model,
-                               labels_source=ids, label_name="cells", block_size=BLOCK, ngff_version="0.5",
-                               progress=False)
+    blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(BLOCK_SIZE=BLOCK, NGFF_VERSION="0.5"), CELLS_UM,
+                               model=tiny_model, labels_source=ids, progress=False)
     validate(out, "0.5", ["cells"])
     restored = zarr_io.open_image(out / "labels" / "cells")
     assert restored.dtype == "uint32"
@@ -317,9 +318,9 @@ def test_blockwise_mask_labels_and_probabilities_are_valid(tmp_path, tiny_model,
     factor = 3
     ids = kept_labels(factor, seed=4)
     out, probs = tmp_path / "out.ome.zarr", tmp_path / "probs.ome.zarr"
-    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(), (0.5, 0.5, 0.5), "um",
-                                         model=tiny_model, labels_source=ids, label_name="cells",
-                                         block_size=BLOCK, ngff_version=version, probabilities="float32",
+    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(BLOCK_SIZE=BLOCK, NGFF_VERSION=version),
+                                         blocks.OutputMetadata((0.5, 0.5, 0.5), "um", label_name="cells"),
+                                         model=tiny_model, labels_source=ids, probabilities="float32",
                                          probabilities_output=probs, progress=False)
     assert summary["state"] == "complete" and len(summary["layout"].image.levels) == 3
     validate(out, version, ["cells"])
@@ -338,8 +339,8 @@ def test_blockwise_grey_values_are_valid_and_carry_a_window(tmp_path, tiny_inten
     factor = 4
     sparse = downsample_z(make_sample_intensity(SHAPE, seed=2), factor)[0]
     out = tmp_path / "grey.ome.zarr"
-    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um", kind="intensity",
-                               model=tiny_intensity_model, block_size=BLOCK, ngff_version=version, progress=False)
+    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(BLOCK_SIZE=BLOCK, NGFF_VERSION=version), UM,
+                               kind="intensity", model=tiny_intensity_model, progress=False)
     validate(out, version)
     assert_multiscales_type(out, "mean")
     window = ome(out)["omero"]["channels"][0]["window"]
@@ -350,8 +351,8 @@ def test_blockwise_grey_output_opens_at_the_inputs_percentiles(tmp_path, tiny_in
     factor = 4
     sparse = (downsample_z(make_sample_intensity(SHAPE, seed=2), factor)[0].astype(np.uint16) * 50)
     out = tmp_path / "grey16.ome.zarr"
-    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um", kind="intensity",
-                               model=tiny_intensity_model, block_size=BLOCK, progress=False)
+    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(BLOCK_SIZE=BLOCK), UM, kind="intensity",
+                               model=tiny_intensity_model, progress=False)
     start, end = zarr_io.display_window(sparse)
     assert_window(out, start, end, (0, 65535))
 
