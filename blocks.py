@@ -970,11 +970,7 @@ def restore_to_ome_zarr(
     else:
         if model is None:
             model, train_s = _train(run, source, factor, settings, kind, progress)
-        record = _new_run(output, run.plan, run.plan_record, model, model_config, described.voxel_size_zyx,
-                          described.unit, described.translation_zyx, large.ngff_version, chunk_edge(large.block_size),
-                          labels_source, described.label_name,
-                          probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8"),
-                          run.probabilities_output, run.grey_values, run.window)
+        record = _new_run(run, model, model_config, None if labels_source is None else labels_source.dtype)
     with dask_client(large.workers, large.worker_memory, large.scheduler, processes) as client:
         if client is not None:  # worker processes read inputs from a store, never from this process' memory
             if isinstance(source, np.ndarray):
@@ -1002,6 +998,8 @@ class _Run:
     value_range: Optional[Tuple[float, float]]
     window: Optional[Tuple[float, float]]
     plan_record: Dict[str, Any]
+    described: OutputMetadata
+    probabilities_dtype: Optional[str]  # the probabilities' stored dtype (float16 is stored as float32), else None
 
 
 def _check_flags(probabilities: Optional[str], probabilities_output, resume: bool, overwrite: bool) -> None:
@@ -1062,8 +1060,9 @@ def _plan_run(source: Source, factor: int, settings: Settings, model: Optional[n
         "binarize_threshold": settings.data.binarize_threshold,
         "probability_threshold": float(settings.inference.probability_threshold),
         "inference": _recorded_inference(inference)})
+    probabilities_dtype = probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8")
     return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
-                grey_values, value_range, window, plan_record)
+                grey_values, value_range, window, plan_record, described, probabilities_dtype)
 
 
 def _fitted(settings: Settings, source: Source, factor: int, model: Optional[nn.Module]) -> Settings:
@@ -1246,48 +1245,37 @@ def _remove_stale_scratch(target: str) -> None:
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: nn.Module,
-             model_config: Optional[Dict[str, Any]], voxel_size_zyx: Sequence[float], unit: str,
-             translation_zyx: Sequence[float], ngff_version: str, chunk_xy: int, labels_source: Optional[Source],
-             label_name: str, probabilities_dtype: Optional[str], probabilities_output: Optional[str],
-             grey_values: Optional[str] = None, display_window: Optional[Tuple[float, float]] = None
+def _new_run(run: _Run, model: nn.Module, model_config: Optional[Dict[str, Any]], label_dtype=None
              ) -> Dict[str, Any]:
-    """Lay out the output (and the probabilities' output), keep the model in it, create the markers and
-    the run's record; returns the record. The image is a mask (uint8, max-pooled pyramid) or, with
-    ``grey_values`` (a dtype), grey values with an averaged pyramid, opened by viewers at
-    ``display_window`` (the input's 0.1 / 99.9 percentiles).
+    """Lay out the output (and the probabilities' output) that ``run`` plans, keep the model in it,
+    create the markers and the run's record; returns the record. The image is a mask (uint8,
+    max-pooled pyramid) or, with ``run.grey_values`` (a dtype), grey values with an averaged pyramid,
+    opened by viewers at ``run.window`` (the input's 0.1 / 99.9 percentiles); with ``label_dtype``
+    (the ids' dtype) the output has a label image.
 
     Everything is made in scratch folders beside the targets and renamed into place, the output
     first (with its record: an output never exists without one), replacing an existing target only
     then (``--overwrite`` was checked by the caller). A kill between the two renames leaves the
     probabilities in their scratch folder, named in the record: a resume moves them.
     """
-    targets = [output] + ([probabilities_output] if probabilities_dtype else [])
+    output, probabilities_output = run.output, run.probabilities_output
+    targets = [output] + ([probabilities_output] if run.probabilities_dtype else [])
     for target in targets:
         _remove_stale_scratch(target)
     scratch = {target: _scratch_folder(target, "creating") for target in targets}
     staged = {target: os.path.join(scratch[target], os.path.basename(target)) for target in targets}
     try:
-        image_format = {"image_dtype": grey_values, "image_downsampling": "mean",
-                        "display_window": display_window} if grey_values else {}
-        layout = zarr_io.create_output(staged[output], plan.shape_dhw, voxel_size_zyx, unit, translation_zyx,
-                                       ngff_version, label_dtype=None if labels_source is None else labels_source.dtype,
-                                       label_name=label_name, chunk_xy=chunk_xy, **image_format)
-        prob_layout = None
-        if probabilities_dtype:
-            prob_layout = zarr_io.create_output(staged[probabilities_output], plan.shape_dhw, voxel_size_zyx, unit,
-                                                translation_zyx, ngff_version, image_dtype=probabilities_dtype,
-                                                image_downsampling="stride", chunk_xy=chunk_xy)
+        layout, prob_layout = _lay_out(run, staged, label_dtype)
         model_file = save_model(Path(staged[output]) / MODEL_FILE, model, model_config or {}, overwrite=True)
-        create_markers(staged[output], "restore", len(plan))
-        if labels_source is not None:
-            create_markers(staged[output], "labels", len(plan))
-        record = {"state": "running", "plan": plan_record, "model_sha256": _file_sha256(model_file),
+        create_markers(staged[output], "restore", len(run.plan))
+        if label_dtype is not None:
+            create_markers(staged[output], "labels", len(run.plan))
+        record = {"state": "running", "plan": run.plan_record, "model_sha256": _file_sha256(model_file),
                   "layout": zarr_io.layout_record(layout), "pyramid_levels_done": {},
                   "probabilities_layout": zarr_io.layout_record(prob_layout) if prob_layout else None,
                   "probabilities_staging": (os.path.relpath(staged[probabilities_output],
                                                             os.path.dirname(probabilities_output))
-                                            if probabilities_dtype else None)}
+                                            if run.probabilities_dtype else None)}
         _save_record(staged[output], record)
     except BaseException:
         for folder in scratch.values():
@@ -1298,6 +1286,24 @@ def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: n
         with contextlib.suppress(OSError):
             os.rmdir(scratch[target])
     return _json(record)
+
+
+def _lay_out(run: _Run, staged: Dict[str, str], label_dtype=None
+             ) -> Tuple[zarr_io.OutputLayout, Optional[zarr_io.OutputLayout]]:
+    """The empty arrays and metadata of the output and, when asked for, of the probabilities' output,
+    at their ``staged`` paths (``{target: scratch path}``)."""
+    described, version, chunk_xy = run.described, run.large.ngff_version, chunk_edge(run.large.block_size)
+    place = (run.plan.shape_dhw, described.voxel_size_zyx, described.unit, described.translation_zyx, version)
+    image_format = (zarr_io.ImageFormat(run.grey_values, "mean", run.window) if run.grey_values
+                    else zarr_io.ImageFormat())
+    layout = zarr_io.create_output(staged[run.output], *place, label_dtype=label_dtype,
+                                   label_name=described.label_name, image_format=image_format, chunk_xy=chunk_xy)
+    prob_layout = None
+    if run.probabilities_dtype:
+        prob_layout = zarr_io.create_output(staged[run.probabilities_output], *place,
+                                            image_format=zarr_io.ImageFormat(run.probabilities_dtype, "stride"),
+                                            chunk_xy=chunk_xy)
+    return layout, prob_layout
 
 
 def _move_into_place(staged: str, target: str) -> None:

@@ -555,8 +555,8 @@ def kept_grey_values(factor, dtype=np.uint8, seed=0, shape=SHAPE):
 
 def write_grey_input(path, sparse, voxel=(4.0, 1.0, 1.0), unit="um"):
     """An anisotropic grey-scale OME-Zarr input (one level, no labels)."""
-    layout = zarr_io.create_output(path, sparse.shape, voxel, unit, image_dtype=sparse.dtype,
-                                   image_downsampling="mean", chunk_xy=32, pyramid=False)
+    layout = zarr_io.create_output(path, sparse.shape, voxel, unit, image_format=zarr_io.ImageFormat(sparse.dtype, "mean"),
+                                   chunk_xy=32, pyramid=False)
     layout.image.write((slice(None),) * 3, sparse)
     return zarr_io.open_image(path)
 

@@ -167,8 +167,7 @@ def test_grey_values_carry_the_display_window(tmp_path, version, dtype):
     np.testing.assert_allclose(window, np.percentile(values, (0.1, 99.9)), atol=1.0)
     path = tmp_path / "grey.ome.zarr"
     layout = zarr_io.create_output(path, values.shape, (1.0, 1.0, 1.0), "nm", ngff_version=version,
-                                   image_dtype=dtype, image_downsampling="mean", chunk_xy=CHUNK,
-                                   display_window=window)
+                                   image_format=zarr_io.ImageFormat(dtype, "mean", window), chunk_xy=CHUNK)
     write_all_levels(layout.image, values)
     validate(path, version)
     assert_multiscales_type(path, "mean")
@@ -183,15 +182,14 @@ def test_default_window_and_probabilities(tmp_path, version):
     """Without a window: integer grey values open at their dtype's range, float ones get no omero block
     (no range to guess), and an image of another kind gets one only when asked (probabilities 0..1)."""
     zarr_io.create_output(tmp_path / "u16.ome.zarr", (5, 20, 20), (1.0, 1.0, 1.0), "um", ngff_version=version,
-                          image_dtype=np.uint16, image_downsampling="mean")
+                          image_format=zarr_io.ImageFormat(np.uint16, "mean"))
     assert_window(tmp_path / "u16.ome.zarr", 0.0, 65535.0, (0, 65535))
     zarr_io.create_output(tmp_path / "f32.ome.zarr", (5, 20, 20), (1.0, 1.0, 1.0), "um", ngff_version=version,
-                          image_dtype=np.float32, image_downsampling="mean")
+                          image_format=zarr_io.ImageFormat(np.float32, "mean"))
     assert "omero" not in ome(tmp_path / "f32.ome.zarr")
     path = tmp_path / "probs.ome.zarr"
     layout = zarr_io.create_output(path, (9, 40, 70), (1.0, 1.0, 1.0), "um", ngff_version=version,
-                                   image_dtype=np.float32, image_downsampling="stride", chunk_xy=CHUNK,
-                                   display_window=(0.0, 1.0))
+                                   image_format=zarr_io.ImageFormat(np.float32, "stride", (0.0, 1.0)), chunk_xy=CHUNK)
     write_all_levels(layout.image, np.random.default_rng(0).random((9, 40, 70), dtype=np.float32))
     for name in ("u16.ome.zarr", "f32.ome.zarr", "probs.ome.zarr"):
         validate(tmp_path / name, version)
@@ -218,8 +216,8 @@ def test_display_window_of_arrays_and_stores(tmp_path):
     low, high = np.percentile(values, (0.1, 99.9))
     assert zarr_io.display_window(values) == (np.floor(low), np.ceil(high))
     path = tmp_path / "in.ome.zarr"
-    layout = zarr_io.create_output(path, values.shape, (4.0, 1.0, 1.0), "um", image_dtype=np.uint16,
-                                   image_downsampling="mean", chunk_xy=CHUNK, pyramid=False)
+    layout = zarr_io.create_output(path, values.shape, (4.0, 1.0, 1.0), "um",
+                                   image_format=zarr_io.ImageFormat(np.uint16, "mean"), chunk_xy=CHUNK, pyramid=False)
     layout.image.write((slice(None),) * 3, values)
     store = zarr_io.open_image(path)
     assert zarr_io.display_window(store) == zarr_io.display_window(values)  # a small store is read whole
@@ -235,8 +233,8 @@ def test_display_window_of_arrays_and_stores(tmp_path):
     assert zarr_io.display_window(np.full((2, 4, 4), 7, np.uint8)) == (7.0, 8.0)
     assert zarr_io.display_window(np.full((2, 4, 4), 255, np.uint8)) == (254.0, 255.0)
     with pytest.raises(ValueError, match="start < end"):
-        zarr_io.create_output(tmp_path / "bad.ome.zarr", (2, 4, 4), (1.0, 1.0, 1.0), "um", image_dtype=np.uint8,
-                              image_downsampling="mean", display_window=(5, 5))
+        zarr_io.create_output(tmp_path / "bad.ome.zarr", (2, 4, 4), (1.0, 1.0, 1.0), "um",
+                              image_format=zarr_io.ImageFormat(np.uint8, "mean", (5, 5)))
 
 
 # --------------------------------------------------------------------------- #
@@ -371,8 +369,8 @@ def written_output(tmp_path, version):
     values = make_sample_intensity((9, 40, 70), seed=1).astype(np.uint16) * 100
     grey = tmp_path / f"grey_{version}.ome.zarr"
     layout = zarr_io.create_output(grey, values.shape, (0.5, 0.5, 0.5), "um", (1.0, 2.0, 3.0), version,
-                                   image_dtype=np.uint16, image_downsampling="mean", chunk_xy=CHUNK,
-                                   display_window=zarr_io.display_window(values))
+                                   image_format=zarr_io.ImageFormat(np.uint16, "mean", zarr_io.display_window(values)),
+                                   chunk_xy=CHUNK)
     write_all_levels(layout.image, values)
     return mask, grey, ids, values
 
