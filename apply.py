@@ -40,7 +40,7 @@ def training_only_flags(args: argparse.Namespace) -> List[str]:
     return [FIELDS[name][1].metadata["flag"] for name in TRAINING_ONLY if name in args.typed]
 
 
-def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: int, path: Path,
+def preview_figure(stack_khw: np.ndarray, restored_dhw: np.ndarray, factor: float, path: Path,
                    grey: bool = False) -> None:
     """XZ section through the most populated Y row (the centre row of a grey-scale
     stack): the acquired slices drawn at their true Z spacing (each repeated
@@ -499,12 +499,11 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
     config = dict(model_config(settings, factor), kind=plan.kind)
     voxel = plan.voxel_out_zyx
+    described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path))
     result = blocks.restore_to_ome_zarr(
-        source, target, factor, settings, voxel, plan.unit, kind="intensity" if plan.kind == "intensity" else "mask",
-        model=model, model_config=config, labels_source=labels, label_name=name,
-        translation_zyx=plan.translation_zyx, source_name=str(path), binarize_threshold=threshold,
-        probabilities=probabilities, probabilities_output=probabilities_path_for(target) if probabilities else None,
-        overwrite=args.overwrite)
+        source, target, factor, settings, described, kind="intensity" if plan.kind == "intensity" else "mask",
+        model=model, model_config=config, labels_source=labels, probabilities=probabilities,
+        probabilities_output=probabilities_path_for(target) if probabilities else None, overwrite=args.overwrite)
     if args.save_model and result["model"] is not None:
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
     if result["state"] == "complete":

@@ -59,7 +59,6 @@ import types
 import uuid
 import warnings
 import weakref
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -864,34 +863,44 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
             + inference["batch_size"] * tile_pixels * ACTIVATION_BYTES + PROCESS_BYTES)
 
 
+@dataclass(frozen=True)
+class OutputMetadata:
+    """What a block-wise output says about itself and its input (written into its metadata and its run's
+    record), as opposed to how it is restored (the settings).
+
+    Attributes
+    ----------
+    voxel_size_zyx : (3,) floats
+        The output's voxel size (isotropic-ish), in ``unit``.
+    unit : short (``um``) or NGFF (``micrometer``) unit name
+    translation_zyx : (3,) floats
+        The input's origin, written to the output (voxel 0 of the output is voxel 0 of the input).
+    label_name : name of the output's label image, ``labels/<label_name>`` (with ``labels_source``)
+    source_name : the input's path as the run's record names it (an in-memory stack's TIFF), optional
+    """
+    voxel_size_zyx: Sequence[float]
+    unit: str
+    translation_zyx: Sequence[float] = (0.0, 0.0, 0.0)
+    label_name: str = "restored"
+    source_name: Optional[str] = None
+
+
 def restore_to_ome_zarr(
     source: Source,
     output: Union[str, Path],
     factor: float,
     settings: SettingsLike,
-    voxel_size_zyx: Sequence[float],
-    unit: str,
+    described: OutputMetadata,
     *,
     kind: str = "mask",
     model: Optional[nn.Module] = None,
     model_config: Optional[Dict[str, Any]] = None,
     labels_source: Optional[Source] = None,
-    label_name: str = "restored",
-    translation_zyx: Sequence[float] = (0.0, 0.0, 0.0),
-    source_name: Optional[str] = None,
-    binarize_threshold: Optional[float] = None,
-    block_size: Optional[int] = None,
-    ngff_version: Optional[str] = None,
     probabilities: Optional[str] = None,
     probabilities_output: Optional[Union[str, Path]] = None,
-    workers: Optional[int] = None,
-    worker_memory: Optional[str] = None,
-    scheduler: Optional[str] = None,
-    processes: bool = True,
-    resume: Optional[bool] = None,
     overwrite: bool = False,
+    processes: bool = True,
     retries: int = RETRIES,
-    max_blocks: Optional[int] = None,
     label_halo: int = LABEL_HALO,
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -901,15 +910,25 @@ def restore_to_ome_zarr(
     ----------
     source : ZarrImage or ndarray, shape (K, H, W)
         Kept slices (Z step ``factor``); foreground is non-zero (or
-        ``> binarize_threshold``), or grey values. An ndarray is staged into
-        the output when worker processes are used.
+        ``> settings.data.binarize_threshold``), or grey values. An ndarray is
+        staged into the output when worker processes are used.
     output : path of the new ``.ome.zarr``
     factor : float
     settings : Settings
-        Training, inference and large-volume settings (``settings.large``: block
-        size, workers, resume, ...); a dict of ``eval.py``-style constants is read
-        as ``Settings.from_dict``, None is ``Settings()``.
-    voxel_size_zyx, unit : the output's voxel size (isotropic-ish) and unit
+        Training, inference and large-volume settings: ``settings.large`` gives
+        the block size (lateral block edge, 256 or less or a multiple of 256),
+        the NGFF version ('0.4', Zarr v2, or '0.5', Zarr v3), the workers, worker
+        memory and scheduler (``workers=0`` and no scheduler: run here, block
+        after block; else a Dask cluster, see :func:`dask_client`), ``resume``
+        (continue an interrupted run into the existing ``output``, same plan and
+        model, skipping its finished blocks; a missing output starts afresh) and
+        ``max_blocks`` (restore at most this many blocks now, then stop;
+        ``resume`` continues). Change them with ``settings.with_values(BLOCK_SIZE=..)``.
+        A dict of ``eval.py``-style constants is read as ``Settings.from_dict``,
+        None is ``Settings()``.
+    described : OutputMetadata
+        The output's voxel size, unit and translation, the name of its label
+        image and the input's name in the run's record.
     kind : {'mask', 'intensity'}
         'intensity': ``source`` holds grey values, restored as
         ``restore.restore_intensity`` restores them (one range for the whole
@@ -922,30 +941,20 @@ def restore_to_ome_zarr(
     model_config : dict, optional
         Stored with the model file (``model.save_model``'s ``config``).
     labels_source : ZarrImage or ndarray of uint, shape (K, H, W), optional
-        Instance ids of the kept slices: the output gets ``labels/<label_name>``.
-    translation_zyx : the input's origin, written to the output
-    block_size, ngff_version, workers, worker_memory, scheduler, resume, max_blocks :
-        Override ``settings.large`` (None: take it from there).
-    block_size : int
-        Lateral block edge (256 or less, or a multiple of 256).
-    ngff_version : '0.4' (Zarr v2, default) or '0.5' (Zarr v3)
+        Instance ids of the kept slices: the output gets ``labels/<described.label_name>``.
     probabilities : {'uint8', 'float16', 'float32'}, optional
         Also write the probabilities (float16 is computed in float16, stored as
         float32 for Fiji) to ``probabilities_output``.
-    workers, worker_memory, scheduler, processes :
-        ``workers=0`` and no scheduler: run here, block after block; else a Dask
-        cluster (see :func:`dask_client`).
-    resume : bool
-        Continue an interrupted run into the existing ``output`` (same plan and
-        model), skipping its finished blocks; a missing output starts afresh.
     overwrite : bool
         Replace an existing output.
+    processes : bool
+        A local cluster (``settings.large.workers``) of processes, else of threads.
     retries : int
         Extra attempts per failing task.
-    max_blocks : int, optional
-        Restore at most this many blocks now (then stop; ``resume`` continues).
     label_halo : int
         First halo of the label-id pass.
+    progress : bool
+        Show progress bars.
 
     Returns
     -------
@@ -955,9 +964,7 @@ def restore_to_ome_zarr(
     (:class:`zarr_io.OutputLayout`), ``value_range`` (grey values, else None).
     """
     settings = as_settings(settings)
-    given = dict(block_size=block_size, ngff_version=ngff_version, workers=workers, worker_memory=worker_memory,
-                 scheduler=scheduler, resume=resume, max_blocks=max_blocks)
-    large = dataclasses.replace(settings.large, **{k: v for k, v in given.items() if v is not None})
+    large = settings.large
     output = os.path.abspath(str(output))
     chunk_edge(large.block_size)
     zarr_io.ngff_format(large.ngff_version)  # validates the version
@@ -966,9 +973,7 @@ def restore_to_ome_zarr(
     targets, resuming = _check_targets(output, probabilities, probabilities_output, large.resume, overwrite)
     if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
         raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
-    run = _plan_run(source, factor, settings, large, model, kind, probabilities, labels_source, targets,
-                    dict(source_name=source_name, binarize_threshold=binarize_threshold,
-                         voxel_size_zyx=voxel_size_zyx, unit=unit, translation_zyx=translation_zyx))
+    run = _plan_run(source, factor, settings, model, kind, probabilities, labels_source, targets, described)
     train_s = 0.0
     if resuming:
         record, model = _resumed_run(output, run.plan_record, model, run.probabilities_output)
@@ -976,20 +981,16 @@ def restore_to_ome_zarr(
             return _already_complete(run, record, model)
     else:
         if model is None:
-            model, train_s = _train(run, source, factor, settings, binarize_threshold, kind, progress)
-        record = _new_run(output, run.plan, run.plan_record, model, model_config, voxel_size_zyx, unit,
-                          translation_zyx, large.ngff_version, chunk_edge(large.block_size), labels_source,
-                          label_name, probabilities and ("float32" if probabilities in ("float16", "float32")
-                                                         else "uint8"),
-                          run.probabilities_output, run.grey_values, run.window)
+            model, train_s = _train(run, source, factor, settings, kind, progress)
+        record = _new_run(run, model, model_config, None if labels_source is None else labels_source.dtype)
     with dask_client(large.workers, large.worker_memory, large.scheduler, processes) as client:
         if client is not None:  # worker processes read inputs from a store, never from this process' memory
             if isinstance(source, np.ndarray):
                 source = _stage(output, "input", source)
             if isinstance(labels_source, np.ndarray):
                 labels_source = _stage(output, "labels_input", labels_source)
-        summary = _run_passes(run, record, model, source, labels_source, factor, settings, binarize_threshold,
-                              client, retries, label_halo, progress)
+        summary = _run_passes(run, record, model, source, labels_source, factor, settings, client, retries,
+                              label_halo, progress)
         summary["train_s"] = train_s
     if summary["state"] == "complete":
         _finish(output, record)
@@ -1009,6 +1010,8 @@ class _Run:
     value_range: Optional[Tuple[float, float]]
     window: Optional[Tuple[float, float]]
     plan_record: Dict[str, Any]
+    described: OutputMetadata
+    probabilities_dtype: Optional[str]  # the probabilities' stored dtype (float16 is stored as float32), else None
 
 
 def _check_flags(probabilities: Optional[str], probabilities_output, resume: bool, overwrite: bool) -> None:
@@ -1042,12 +1045,13 @@ def _check_targets(output: str, probabilities: Optional[str], probabilities_outp
     return targets, resuming
 
 
-def _plan_run(source: Source, factor: float, settings: Settings, large: LargeVolumes, model: Optional[nn.Module],
-              kind: str, probabilities: Optional[str], labels_source: Optional[Source], targets: List[str],
-              described: Dict[str, Any]) -> _Run:
+def _plan_run(source: Source, factor: float, settings: Settings, model: Optional[nn.Module], kind: str,
+              probabilities: Optional[str], labels_source: Optional[Source], targets: List[str],
+              described: OutputMetadata) -> _Run:
     """The blocks, the kernel's options, the grey-value range and the plan recorded in the output (which
     ``--resume`` compares with the plan of the run it continues); the worker memory is checked here."""
     n_kept, height, width = source.shape
+    large = settings.large
     plan = BlockPlan((restored_depth(n_kept, factor), height, width), large.block_size)
     inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model)
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
@@ -1059,17 +1063,18 @@ def _plan_run(source: Source, factor: float, settings: Settings, large: LargeVol
     value_range = volume_intensity_range(source) if grey_values else None
     window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
     plan_record = _json({
-        "input": _describe(source, described["source_name"]), "kind": kind, "value_range": value_range,
-        "labels_input": None if labels_source is None else _describe(labels_source, described["source_name"]),
+        "input": _describe(source, described.source_name), "kind": kind, "value_range": value_range,
+        "labels_input": None if labels_source is None else _describe(labels_source, described.source_name),
         "factor": restore.factor_value(factor), "shape": list(plan.shape_dhw), "block_size": int(large.block_size),
-        "output_voxel_size_zyx": [float(v) for v in described["voxel_size_zyx"]], "output_unit": described["unit"],
-        "output_translation_zyx": [float(v) for v in described["translation_zyx"]],
+        "output_voxel_size_zyx": [float(v) for v in described.voxel_size_zyx], "output_unit": described.unit,
+        "output_translation_zyx": [float(v) for v in described.translation_zyx],
         "ngff_version": large.ngff_version, "probabilities": probabilities,
-        "binarize_threshold": described["binarize_threshold"],
+        "binarize_threshold": settings.data.binarize_threshold,
         "probability_threshold": float(settings.inference.probability_threshold),
         "inference": _recorded_inference(inference)})
+    probabilities_dtype = probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8")
     return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
-                grey_values, value_range, window, plan_record)
+                grey_values, value_range, window, plan_record, described, probabilities_dtype)
 
 
 def _fitted(settings: Settings, source: Source, factor: float, model: Optional[nn.Module]) -> Settings:
@@ -1083,11 +1088,11 @@ def _recorded_inference(inference: Dict[str, Any]) -> Dict[str, Any]:
     return _json({k: v for k, v in inference.items() if k not in ("batch_size", "batch_pixels")})
 
 
-def _train(run: _Run, source: Source, factor: float, settings: Settings, binarize_threshold: Optional[float],
-           kind: str, progress: bool) -> Tuple[nn.Module, float]:
+def _train(run: _Run, source: Source, factor: float, settings: Settings, kind: str, progress: bool
+           ) -> Tuple[nn.Module, float]:
     """Train on (a bounded part of) the kept slices; the plan then records the channels the model takes."""
     settings = _fitted(settings, source, factor, None)
-    stack = training_stack(source, settings, binarize_threshold, value_range=run.value_range)
+    stack = training_stack(source, settings, settings.data.binarize_threshold, value_range=run.value_range)
     print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
     model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
     del stack
@@ -1109,9 +1114,8 @@ def _already_complete(run: _Run, record: Dict[str, Any], model: nn.Module) -> Di
 
 
 def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Source,
-                labels_source: Optional[Source], factor: float, settings: Settings,
-                binarize_threshold: Optional[float], client, retries: int, label_halo: int,
-                progress: bool) -> Dict[str, Any]:
+                labels_source: Optional[Source], factor: float, settings: Settings, client, retries: int,
+                label_halo: int, progress: bool) -> Dict[str, Any]:
     """The passes over the blocks: restore (at most ``max_blocks`` now), label ids, pyramids. Returns
     the summary of :func:`restore_to_ome_zarr` ('partial' when ``max_blocks`` stopped it)."""
     output, plan = run.output, run.plan
@@ -1120,8 +1124,8 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
                    if run.probabilities_output else None)
     job = RestoreJob(source, plan, factor, run.inference, float(settings.inference.probability_threshold),
                      run.kernel_dtype, layout.image, prob_layout.image if prob_layout else None, output,
-                     str(Path(output) / MODEL_FILE), settings.inference.device, binarize_threshold,
-                     run.value_range)
+                     str(Path(output) / MODEL_FILE), settings.inference.device,
+                     settings.data.binarize_threshold, run.value_range)
     done = finished_blocks(output, "restore")
     todo = [i for i in range(len(plan)) if i not in done]
     now = todo if run.large.max_blocks is None else todo[:max(0, run.large.max_blocks)]
@@ -1253,48 +1257,37 @@ def _remove_stale_scratch(target: str) -> None:
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
-def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: nn.Module,
-             model_config: Optional[Dict[str, Any]], voxel_size_zyx: Sequence[float], unit: str,
-             translation_zyx: Sequence[float], ngff_version: str, chunk_xy: int, labels_source: Optional[Source],
-             label_name: str, probabilities_dtype: Optional[str], probabilities_output: Optional[str],
-             grey_values: Optional[str] = None, display_window: Optional[Tuple[float, float]] = None
+def _new_run(run: _Run, model: nn.Module, model_config: Optional[Dict[str, Any]], label_dtype=None
              ) -> Dict[str, Any]:
-    """Lay out the output (and the probabilities' output), keep the model in it, create the markers and
-    the run's record; returns the record. The image is a mask (uint8, max-pooled pyramid) or, with
-    ``grey_values`` (a dtype), grey values with an averaged pyramid, opened by viewers at
-    ``display_window`` (the input's 0.1 / 99.9 percentiles).
+    """Lay out the output (and the probabilities' output) that ``run`` plans, keep the model in it,
+    create the markers and the run's record; returns the record. The image is a mask (uint8,
+    max-pooled pyramid) or, with ``run.grey_values`` (a dtype), grey values with an averaged pyramid,
+    opened by viewers at ``run.window`` (the input's 0.1 / 99.9 percentiles); with ``label_dtype``
+    (the ids' dtype) the output has a label image.
 
     Everything is made in scratch folders beside the targets and renamed into place, the output
     first (with its record: an output never exists without one), replacing an existing target only
     then (``--overwrite`` was checked by the caller). A kill between the two renames leaves the
     probabilities in their scratch folder, named in the record: a resume moves them.
     """
-    targets = [output] + ([probabilities_output] if probabilities_dtype else [])
+    output, probabilities_output = run.output, run.probabilities_output
+    targets = [output] + ([probabilities_output] if run.probabilities_dtype else [])
     for target in targets:
         _remove_stale_scratch(target)
     scratch = {target: _scratch_folder(target, "creating") for target in targets}
     staged = {target: os.path.join(scratch[target], os.path.basename(target)) for target in targets}
     try:
-        image_format = {"image_dtype": grey_values, "image_downsampling": "mean",
-                        "display_window": display_window} if grey_values else {}
-        layout = zarr_io.create_output(staged[output], plan.shape_dhw, voxel_size_zyx, unit, translation_zyx,
-                                       ngff_version, label_dtype=None if labels_source is None else labels_source.dtype,
-                                       label_name=label_name, chunk_xy=chunk_xy, **image_format)
-        prob_layout = None
-        if probabilities_dtype:
-            prob_layout = zarr_io.create_output(staged[probabilities_output], plan.shape_dhw, voxel_size_zyx, unit,
-                                                translation_zyx, ngff_version, image_dtype=probabilities_dtype,
-                                                image_downsampling="stride", chunk_xy=chunk_xy)
+        layout, prob_layout = _lay_out(run, staged, label_dtype)
         model_file = save_model(Path(staged[output]) / MODEL_FILE, model, model_config or {}, overwrite=True)
-        create_markers(staged[output], "restore", len(plan))
-        if labels_source is not None:
-            create_markers(staged[output], "labels", len(plan))
-        record = {"state": "running", "plan": plan_record, "model_sha256": _file_sha256(model_file),
+        create_markers(staged[output], "restore", len(run.plan))
+        if label_dtype is not None:
+            create_markers(staged[output], "labels", len(run.plan))
+        record = {"state": "running", "plan": run.plan_record, "model_sha256": _file_sha256(model_file),
                   "layout": zarr_io.layout_record(layout), "pyramid_levels_done": {},
                   "probabilities_layout": zarr_io.layout_record(prob_layout) if prob_layout else None,
                   "probabilities_staging": (os.path.relpath(staged[probabilities_output],
                                                             os.path.dirname(probabilities_output))
-                                            if probabilities_dtype else None)}
+                                            if run.probabilities_dtype else None)}
         _save_record(staged[output], record)
     except BaseException:
         for folder in scratch.values():
@@ -1305,6 +1298,24 @@ def _new_run(output: str, plan: BlockPlan, plan_record: Dict[str, Any], model: n
         with contextlib.suppress(OSError):
             os.rmdir(scratch[target])
     return _json(record)
+
+
+def _lay_out(run: _Run, staged: Dict[str, str], label_dtype=None
+             ) -> Tuple[zarr_io.OutputLayout, Optional[zarr_io.OutputLayout]]:
+    """The empty arrays and metadata of the output and, when asked for, of the probabilities' output,
+    at their ``staged`` paths (``{target: scratch path}``)."""
+    described, version, chunk_xy = run.described, run.large.ngff_version, chunk_edge(run.large.block_size)
+    place = (run.plan.shape_dhw, described.voxel_size_zyx, described.unit, described.translation_zyx, version)
+    image_format = (zarr_io.ImageFormat(run.grey_values, "mean", run.window) if run.grey_values
+                    else zarr_io.ImageFormat())
+    layout = zarr_io.create_output(staged[run.output], *place, label_dtype=label_dtype,
+                                   label_name=described.label_name, image_format=image_format, chunk_xy=chunk_xy)
+    prob_layout = None
+    if run.probabilities_dtype:
+        prob_layout = zarr_io.create_output(staged[run.probabilities_output], *place,
+                                            image_format=zarr_io.ImageFormat(run.probabilities_dtype, "stride"),
+                                            chunk_xy=chunk_xy)
+    return layout, prob_layout
 
 
 def _move_into_place(staged: str, target: str) -> None:

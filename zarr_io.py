@@ -31,6 +31,7 @@ still arriving. ``--ngff-version 0.5`` writes the newer format.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -498,33 +499,49 @@ def _level_transforms(voxel_size_zyx: Sequence[float], translation_zyx: Sequence
     return transforms
 
 
-def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], dtype, voxel_size_zyx: Sequence[float],
-                            unit: str, translation_zyx: Sequence[float], ngff_version: str, downsampling: str,
-                            chunk_xy: int = CHUNK_XY, name: Optional[str] = None, pyramid: bool = True,
-                            display_window: Optional[Tuple[float, float]] = None) -> OmeZarrImage:
-    """Create the (empty, zero-filled) arrays of a multiscale image in ``group`` and write its metadata.
+@dataclass(frozen=True)
+class ImageFormat:
+    """How a multiscale image is stored: the default is a mask (uint8 0/255, max-pooled pyramid).
 
-    The multiscales metadata names the pyramid rule as its ``type`` (``downsampling``: 'max', 'mean' or
-    'stride', described in its ``metadata``).
+    Attributes
+    ----------
+    dtype : numpy dtype of every level
+    downsampling : {'max', 'mean', 'stride'}
+        The pyramid rule (:class:`OmeZarrImage`): 'max' for masks, 'mean' for
+        grey values, 'stride' for labels and probabilities. The multiscales
+        metadata names it as its ``type`` (described in its ``metadata``).
+    display_window : (start, end), optional
+        The values a viewer opens the image at: an ``omero`` block (one grey
+        channel, :func:`omero_metadata`); None writes none.
+    """
+    dtype: Any = np.uint8
+    downsampling: str = "max"
+    display_window: Optional[Tuple[float, float]] = None
+
+
+def create_multiscale_image(group: zarr.Group, shape_dhw: Sequence[int], image_format: ImageFormat,
+                            voxel_size_zyx: Sequence[float], unit: str, translation_zyx: Sequence[float],
+                            ngff_version: str, chunk_xy: int = CHUNK_XY, name: Optional[str] = None,
+                            pyramid: bool = True) -> OmeZarrImage:
+    """Create the (empty, zero-filled) arrays of a multiscale image in ``group`` and write its metadata.
 
     Parameters
     ----------
     group : zarr.Group of the NGFF version's Zarr format
     shape_dhw : (D, H, W) of level 0
-    dtype : numpy dtype of every level
+    image_format : ImageFormat
+        dtype, pyramid rule and display window.
     voxel_size_zyx, translation_zyx : level 0's voxel size and origin, in ``unit``
     unit : short (``um``) or NGFF (``micrometer``) unit name
-    downsampling : {'max', 'mean', 'stride'}
     chunk_xy : lateral chunk edge (Z chunks are ``CHUNK_Z``)
     pyramid : bool
         False: level 0 only.
-    display_window : (start, end), optional
-        Write an ``omero`` block (one grey channel opened at this window, :func:`omero_metadata`).
 
     Returns
     -------
     OmeZarrImage
     """
+    dtype, downsampling, display_window = image_format.dtype, image_format.downsampling, image_format.display_window
     if downsampling not in DOWNSAMPLING_DESCRIPTIONS:
         raise ValueError(f"Unknown downsampling '{downsampling}'.")
     fmt = ngff_format(ngff_version)
@@ -584,14 +601,14 @@ def remove_store(path: PathLike) -> None:
 
 def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequence[float], unit: str,
                   translation_zyx: Sequence[float] = (0.0, 0.0, 0.0), ngff_version: str = DEFAULT_NGFF_VERSION,
-                  label_dtype=None, label_name: str = "restored", image_dtype=np.uint8,
-                  image_downsampling: str = "max", chunk_xy: int = CHUNK_XY, name: Optional[str] = None,
-                  pyramid: bool = True, display_window: Optional[Tuple[float, float]] = None) -> OutputLayout:
+                  label_dtype=None, label_name: str = "restored", image_format: ImageFormat = ImageFormat(),
+                  chunk_xy: int = CHUNK_XY, name: Optional[str] = None, pyramid: bool = True) -> OutputLayout:
     """Create a new OME-Zarr output (the folder must not exist) with empty arrays and full metadata.
 
     The image at the root holds the restored mask (uint8 0/255, max-pooled
-    pyramid) or, with ``image_dtype`` and ``image_downsampling='mean'``, the
-    restored grey values, with an ``omero`` display window. With
+    pyramid, the default ``image_format``) or, with an ``image_format`` of the
+    input's dtype and ``downsampling='mean'``, the restored grey values, with an
+    ``omero`` display window. With
     ``label_dtype``, ``labels/<label_name>`` is a label image (``image-label``
     metadata, strided pyramid) of that dtype. The metadata is valid NGFF 0.4 or
     0.5 (``ome-zarr-models`` validates it).
@@ -605,15 +622,17 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
     ngff_version : '0.4' (Zarr v2) or '0.5' (Zarr v3)
     label_dtype : numpy dtype, optional
         An integer dtype (:func:`ngff_label_dtype`).
-    image_dtype, image_downsampling : the root image's dtype and pyramid rule
+    image_format : ImageFormat
+        The root image's dtype, pyramid rule and display window (the grey values
+        a viewer opens it at: the input's 0.1 / 99.9 percentiles,
+        :func:`display_window`). Without a window, grey values
+        (``downsampling='mean'``) of an integer dtype get the dtype's range and
+        floating-point ones no ``omero`` block; a mask (or probabilities) gets
+        one only when it is given.
+    chunk_xy : lateral chunk edge (Z chunks are ``CHUNK_Z``)
+    name : the root image's name (default: the folder's)
     pyramid : bool
         False: level 0 only (e.g. an input written for a test or a benchmark).
-    display_window : (start, end), optional
-        The grey values a viewer opens the root image at (``omero`` metadata):
-        the input's 0.1 / 99.9 percentiles, :func:`display_window`. Without it,
-        grey values (``image_downsampling='mean'``) of an integer dtype get the
-        dtype's range and floating-point ones no ``omero`` block; a mask (or
-        probabilities) gets one only when it is given.
 
     Returns
     -------
@@ -624,18 +643,18 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
         raise OutputExistsError(f"'{path}' already exists.")
     fmt = ngff_format(ngff_version)
     labels_dtype = None if label_dtype is None else ngff_label_dtype(label_dtype)
-    if display_window is None and image_downsampling == "mean":
-        display_window = default_display_window(image_dtype)
+    if image_format.display_window is None and image_format.downsampling == "mean":
+        image_format = dataclasses.replace(image_format, display_window=default_display_window(image_format.dtype))
     root = zarr.open_group(str(path), mode="w", zarr_format=fmt.zarr_format)
-    image = create_multiscale_image(root, shape_dhw, image_dtype, voxel_size_zyx, unit, translation_zyx,
-                                    ngff_version, image_downsampling, chunk_xy, name=name or path.name, pyramid=pyramid,
-                                    display_window=display_window)
+    image = create_multiscale_image(root, shape_dhw, image_format, voxel_size_zyx, unit, translation_zyx,
+                                    ngff_version, chunk_xy, name=name or path.name, pyramid=pyramid)
     labels = None
     if labels_dtype is not None:
         labels_group = root.create_group("labels")
         label_group = labels_group.create_group(label_name)
-        labels = create_multiscale_image(label_group, shape_dhw, labels_dtype, voxel_size_zyx, unit, translation_zyx,
-                                         ngff_version, "stride", chunk_xy, name=label_name, pyramid=pyramid)
+        labels = create_multiscale_image(label_group, shape_dhw, ImageFormat(labels_dtype, "stride"), voxel_size_zyx,
+                                         unit, translation_zyx, ngff_version, chunk_xy, name=label_name,
+                                         pyramid=pyramid)
         _ome_zarr_writer().write_label_metadata(labels_group, label_name, fmt=fmt, source={"image": "../../"})
         if ngff_version != "0.4":  # ome-zarr's writer gives an NGFF 0.5 labels group no ome.version
             _update_ome_attributes(labels_group, ngff_version, {"version": ngff_version})
@@ -749,9 +768,8 @@ def write_image(path: PathLike, image_dhw: np.ndarray, voxel_size_zyx: Sequence[
     values = image_dhw if grey else np.where(np.asarray(image_dhw) != 0, 255, 0).astype(np.uint8)
     layout = create_output(path, values.shape, voxel_size_zyx, unit, translation_zyx, ngff_version,
                            label_dtype=None if labels_dhw is None else labels_dhw.dtype, label_name=label_name,
-                           image_dtype=values.dtype if grey else np.uint8,
-                           image_downsampling="mean" if grey else "max",
-                           display_window=display_window(values) if grey else None)
+                           image_format=ImageFormat(values.dtype, "mean", display_window(values)) if grey
+                           else ImageFormat())
     everything = (slice(None),) * 3
     for image, stack in ((layout.image, values), (layout.labels, labels_dhw)):
         if image is None:

@@ -154,9 +154,9 @@ def test_in_memory_restore_on_the_isotropic_grid(fractional_run):
 def test_block_wise_labels_equal_the_in_memory_ones(tmp_path, fractional_run):
     factor, kept_ids, restored, _, model = fractional_run
     out = tmp_path / "out.ome.zarr"
-    summary = blocks.restore_to_ome_zarr(kept_ids > 0, out, factor, tiny_settings(BLOCK_SIZE=32), (1.0, 1.0, 1.0),
-                                         "um", model=model, labels_source=kept_ids, label_name="cells",
-                                         progress=False)
+    summary = blocks.restore_to_ome_zarr(kept_ids > 0, out, factor, tiny_settings(BLOCK_SIZE=32),
+                                         blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells"),
+                                         model=model, labels_source=kept_ids, progress=False)
     import zarr
 
     mask = np.asarray(zarr.open_array(store=str(out), path="s0", mode="r")[:]) != 0

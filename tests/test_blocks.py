@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPE = (31, 50, 90)  # (D, H, W) of the isotropic truth; H and W are not multiples of the block size
 BLOCK = 32
 THRESHOLD = 0.5
+UM = blocks.OutputMetadata((1.0, 1.0, 1.0), "um")  # the restored stack's voxel size and unit
+CELLS_UM = blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells")
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,9 @@ def test_blockwise_equals_in_memory(tmp_path, tiny_model, factor, version):
     ids = kept_labels(factor, seed=factor)
     image, _ = write_input(tmp_path / "in.ome.zarr", ids, version=version)
     out, probs = tmp_path / "out.ome.zarr", tmp_path / "probs.ome.zarr"
-    summary = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                                         block_size=BLOCK, ngff_version=version, probabilities="float32",
-                                         probabilities_output=probs, progress=False)
+    summary = blocks.restore_to_ome_zarr(image, out, factor, dict(settings, BLOCK_SIZE=BLOCK, NGFF_VERSION=version), UM,
+                                         model=tiny_model, probabilities="float32", probabilities_output=probs,
+                                         progress=False)
     plan = blocks.BlockPlan(((ids.shape[0] - 1) * factor + 1,) + ids.shape[1:], BLOCK)
     assert summary["state"] == "complete" and summary["restored"] == len(plan) == 6
     # Blocks really read less than the stack: the kernel's read window of the first block.
@@ -105,9 +107,8 @@ def test_label_ids_and_pyramid_match_whole_stack(tmp_path, tiny_model):
     ids = kept_labels(factor, seed=5, shape=(31, 70, 90))
     _, labels = write_input(tmp_path / "in.ome.zarr", ids)
     out = tmp_path / "out.ome.zarr"
-    summary = blocks.restore_to_ome_zarr(labels, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um",
-                                         model=tiny_model, labels_source=labels, label_name="cells",
-                                         block_size=BLOCK, label_halo=4, progress=False)
+    summary = blocks.restore_to_ome_zarr(labels, out, factor, tiny_settings(BLOCK_SIZE=BLOCK), CELLS_UM,
+                                         model=tiny_model, labels_source=labels, label_halo=4, progress=False)
     mask = read_level(out) != 0
     restored_ids = read_level(out / "labels" / "cells")
     # Whole-slice assignment on the same mask: the halo grew where it had to, and the ids agree everywhere.
@@ -133,9 +134,9 @@ def test_local_cluster_of_two_processes(tmp_path, tiny_model):
     settings = tiny_settings()
     out = tmp_path / "out.ome.zarr"
     # In-memory (TIFF-like) inputs are staged into the output for the worker processes.
-    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                                         labels_source=ids, label_name="cells", block_size=BLOCK, workers=2,
-                                         worker_memory="1GiB", processes=True, progress=False)
+    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor,
+                                         dict(settings, BLOCK_SIZE=BLOCK, WORKERS=2, WORKER_MEMORY="1GiB"), CELLS_UM,
+                                         model=tiny_model, labels_source=ids, processes=True, progress=False)
     assert summary["state"] == "complete" and summary["restored"] == 6
     mask = read_level(out) != 0
     assert_masks_agree(mask, in_memory_probabilities(tiny_model, ids > 0, factor, settings))
@@ -192,12 +193,12 @@ def test_scheduler_with_two_worker_subprocesses(tmp_path, tiny_model, dask_sched
     image, _ = write_input(tmp_path / "in.ome.zarr", ids)
     settings = tiny_settings()
     out = tmp_path / "out.ome.zarr"
-    summary = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                                         block_size=BLOCK, scheduler=dask_scheduler, progress=False)
+    summary = blocks.restore_to_ome_zarr(image, out, factor, dict(settings, BLOCK_SIZE=BLOCK, SCHEDULER=dask_scheduler),
+                                         UM, model=tiny_model, progress=False)
     assert summary["state"] == "complete" and summary["restored"] == 6
     local = tmp_path / "local.ome.zarr"
-    blocks.restore_to_ome_zarr(image, local, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                               block_size=BLOCK, progress=False)
+    blocks.restore_to_ome_zarr(image, local, factor, dict(settings, BLOCK_SIZE=BLOCK), UM, model=tiny_model,
+                               progress=False)
     np.testing.assert_array_equal(read_level(out), read_level(local))
     np.testing.assert_array_equal(read_level(out, 1), read_level(local, 1))
     assert_masks_agree(read_level(out) != 0, in_memory_probabilities(tiny_model, ids > 0, factor, settings))
@@ -229,15 +230,15 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, tiny_model, monke
     factor = 4
     ids = kept_labels(factor, seed=2)
     image, labels = write_input(tmp_path / "in.ome.zarr", ids)
-    settings = tiny_settings()
-    run = dict(model=tiny_model, labels_source=labels, label_name="cells", block_size=BLOCK, progress=False)
+    settings = tiny_settings(BLOCK_SIZE=BLOCK)
+    run = dict(model=tiny_model, labels_source=labels, progress=False)
     clean = tmp_path / "clean.ome.zarr"
-    blocks.restore_to_ome_zarr(labels, clean, factor, settings, (1.0, 1.0, 1.0), "um", **run)
+    blocks.restore_to_ome_zarr(labels, clean, factor, settings, CELLS_UM, **run)
 
     out = tmp_path / "out.ome.zarr"
     monkeypatch.setattr(restore, "restore_block", FlakyKernel(block_regions(factor, ids.shape, [3])))
     with pytest.raises(blocks.BlockFailedError, match="failed 1 times") as failed:
-        blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", retries=0, **run)
+        blocks.restore_to_ome_zarr(labels, out, factor, settings, CELLS_UM, retries=0, **run)
     # A user error for the command line (one line), the task's exception chained.
     assert isinstance(failed.value, UserError) and "simulated failure" in str(failed.value.__cause__)
     assert blocks.finished_blocks(str(out), "restore") == {0, 1, 2}
@@ -245,23 +246,22 @@ def test_interrupted_run_resumes_to_identical_result(tmp_path, tiny_model, monke
     (y0, y1), (x0, x1) = blocks.BlockPlan(read_level(clean).shape, BLOCK).region(3)
     zarr.open_array(store=str(out), path="s0", mode="r+")[:5, y0:y1, x0:x1] = 77
     with pytest.raises(OutputExistsError):
-        blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", **run)
+        blocks.restore_to_ome_zarr(labels, out, factor, settings, CELLS_UM, **run)
     with pytest.raises(UserError, match="block_size"):
-        blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True,
-                                   **dict(run, block_size=64))
+        blocks.restore_to_ome_zarr(labels, out, factor, dict(settings, RESUME=True, BLOCK_SIZE=64), CELLS_UM, **run)
 
     counting = FlakyKernel()
     monkeypatch.setattr(restore, "restore_block", counting)
     # Batching changes the speed, not the result: a resume with other batch settings is the same run.
     rebatched = dict(settings, INFERENCE_BATCH_SIZE=3, INFERENCE_BATCH_PIXELS=0)
-    summary = blocks.restore_to_ome_zarr(labels, out, factor, rebatched, (1.0, 1.0, 1.0), "um", resume=True,
+    summary = blocks.restore_to_ome_zarr(labels, out, factor, dict(rebatched, RESUME=True), CELLS_UM,
                                          **dict(run, model=None))  # the model kept in the output is used
     assert counting.calls == 3 and summary["skipped"] == 3 and summary["restored"] == 3
     for level in range(2):
         np.testing.assert_array_equal(read_level(out, level), read_level(clean, level))
         np.testing.assert_array_equal(read_level(out / "labels" / "cells", level),
                                       read_level(clean / "labels" / "cells", level))
-    again = blocks.restore_to_ome_zarr(labels, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True, **run)
+    again = blocks.restore_to_ome_zarr(labels, out, factor, dict(settings, RESUME=True), CELLS_UM, **run)
     assert again["restored"] == 0 and again["state"] == "complete"
 
 
@@ -271,16 +271,16 @@ def test_failed_blocks_are_retried_here_and_on_dask(tmp_path, tiny_model, monkey
     settings = tiny_settings()
     flaky = FlakyKernel(block_regions(factor, ids.shape, [1, 4]))
     monkeypatch.setattr(restore, "restore_block", flaky)
-    summary = blocks.restore_to_ome_zarr(ids > 0, tmp_path / "here.ome.zarr", factor, settings, (1.0, 1.0, 1.0),
-                                         "um", model=tiny_model, block_size=BLOCK, retries=1, progress=False)
+    summary = blocks.restore_to_ome_zarr(ids > 0, tmp_path / "here.ome.zarr", factor, dict(settings, BLOCK_SIZE=BLOCK),
+                                         UM, model=tiny_model, retries=1, progress=False)
     assert summary["state"] == "complete" and flaky.calls == 6 + 2
     # Dask's retries=: threads share this process' (patched) kernel, so its failures are seen.
     flaky = FlakyKernel(block_regions(factor, ids.shape, [0, 2]))
     monkeypatch.setattr(restore, "restore_block", flaky)
     image, _ = write_input(tmp_path / "in.ome.zarr", ids)
-    summary = blocks.restore_to_ome_zarr(image, tmp_path / "dask.ome.zarr", factor, settings, (1.0, 1.0, 1.0), "um",
-                                         model=tiny_model, block_size=BLOCK, retries=1, workers=1, processes=False,
-                                         progress=False)
+    summary = blocks.restore_to_ome_zarr(image, tmp_path / "dask.ome.zarr", factor,
+                                         dict(settings, BLOCK_SIZE=BLOCK, WORKERS=1), UM, model=tiny_model, retries=1,
+                                         processes=False, progress=False)
     assert summary["state"] == "complete" and flaky.calls == 6 + 2
     np.testing.assert_array_equal(read_level(tmp_path / "dask.ome.zarr"), read_level(tmp_path / "here.ome.zarr"))
 
@@ -314,9 +314,9 @@ def test_failing_block_is_one_line_and_resume_is_crash_safe(tmp_path, tiny_model
 
     # The same input must be the same array with the same metadata.
     with pytest.raises(UserError, match=r"input \(.*translation_zyx"):
-        blocks.restore_to_ome_zarr(dataclasses.replace(image, translation_zyx=(5.0, 0.0, 0.0)),
-                                   "iso.ome.zarr", factor, tiny_settings(), (0.5, 0.5, 0.5), "um", resume=True,
-                                   block_size=BLOCK, progress=False)
+        blocks.restore_to_ome_zarr(dataclasses.replace(image, translation_zyx=(5.0, 0.0, 0.0)), "iso.ome.zarr", factor,
+                                   tiny_settings(RESUME=True, BLOCK_SIZE=BLOCK),
+                                   blocks.OutputMetadata((0.5, 0.5, 0.5), "um"), progress=False)
     # Killed right after 'complete' is recorded (the clean-up fails here): complete, readable, resumable.
     monkeypatch.setattr(restore, "restore_block", kernel)
     cleanup = blocks._remove_scaffolding
@@ -337,7 +337,8 @@ def test_outputs_are_laid_out_beside_and_renamed_into_place(tmp_path, tiny_model
     record. Killed between the two renames: the output resumes and moves the probabilities itself."""
     ids = kept_labels(4, seed=1, shape=(13, 40, 40))
     out, probs = tmp_path / "out.ome.zarr", tmp_path / "out_probabilities.ome.zarr"
-    run = dict(model=tiny_model, block_size=BLOCK, probabilities="uint8", probabilities_output=probs, progress=False)
+    settings = tiny_settings(BLOCK_SIZE=BLOCK)
+    run = dict(model=tiny_model, probabilities="uint8", probabilities_output=probs, progress=False)
     move = blocks._move_into_place
 
     def killed_after_the_output(staged, target):
@@ -347,13 +348,12 @@ def test_outputs_are_laid_out_beside_and_renamed_into_place(tmp_path, tiny_model
 
     monkeypatch.setattr(blocks, "_move_into_place", killed_after_the_output)
     with pytest.raises(KeyboardInterrupt):
-        blocks.restore_to_ome_zarr(ids > 0, out, 4, tiny_settings(), (1.0, 1.0, 1.0), "um", **run)
+        blocks.restore_to_ome_zarr(ids > 0, out, 4, settings, UM, **run)
     assert not probs.exists() and zarr.open_group(str(out)).attrs[zarr_io.RESTORE_ATTRIBUTE]["state"] == "running"
     monkeypatch.setattr(blocks, "_move_into_place", move)
-    summary = blocks.restore_to_ome_zarr(ids > 0, out, 4, tiny_settings(), (1.0, 1.0, 1.0), "um", resume=True, **run)
+    summary = blocks.restore_to_ome_zarr(ids > 0, out, 4, dict(settings, RESUME=True), UM, **run)
     assert summary["state"] == "complete" and read_level(probs).shape == read_level(out).shape == (13, 40, 40)
-    replaced = blocks.restore_to_ome_zarr(ids > 0, out, 4, tiny_settings(), (1.0, 1.0, 1.0), "um", overwrite=True,
-                                          **run)
+    replaced = blocks.restore_to_ome_zarr(ids > 0, out, 4, settings, UM, overwrite=True, **run)
     assert replaced["state"] == "complete" and replaced["restored"] == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch folder left
 
@@ -363,15 +363,15 @@ def test_existing_outputs_are_never_touched_without_overwrite_or_resume(tmp_path
     ids = kept_labels(factor, seed=1, shape=(13, 40, 40))
     settings = tiny_settings()
     out = tmp_path / "out.ome.zarr"
-    blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                               block_size=BLOCK, progress=False)
+    blocks.restore_to_ome_zarr(ids > 0, out, factor, dict(settings, BLOCK_SIZE=BLOCK), UM, model=tiny_model,
+                               progress=False)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                                   block_size=BLOCK, progress=False)
+        blocks.restore_to_ome_zarr(ids > 0, out, factor, dict(settings, BLOCK_SIZE=BLOCK), UM, model=tiny_model,
+                                   progress=False)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
-    blocks.restore_to_ome_zarr(ids > 0, out, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                               block_size=BLOCK, progress=False, overwrite=True)
+    blocks.restore_to_ome_zarr(ids > 0, out, factor, dict(settings, BLOCK_SIZE=BLOCK), UM, model=tiny_model,
+                               progress=False, overwrite=True)
     assert read_level(out).shape == (13, 40, 40)
     assert all(p.stat().st_mtime_ns != before[p] for p in [out / ".zattrs"])
     # --overwrite deletes Zarr stores only, and --resume needs a run's own record.
@@ -379,14 +379,14 @@ def test_existing_outputs_are_never_touched_without_overwrite_or_resume(tmp_path
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="not a Zarr store"):
-        blocks.restore_to_ome_zarr(ids > 0, folder, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                                   overwrite=True, progress=False)
+        blocks.restore_to_ome_zarr(ids > 0, folder, factor, settings, UM, model=tiny_model, overwrite=True,
+                                   progress=False)
     assert (folder / "notes.txt").read_text() == "mine"
     foreign = tmp_path / "foreign.ome.zarr"
     write_input(foreign, ids)
     with pytest.raises(UserError, match="not written by apply.py"):
-        blocks.restore_to_ome_zarr(ids > 0, foreign, factor, settings, (1.0, 1.0, 1.0), "um", model=tiny_model,
-                                   resume=True, progress=False)
+        blocks.restore_to_ome_zarr(ids > 0, foreign, factor, dict(settings, RESUME=True), UM, model=tiny_model,
+                                   progress=False)
 
 
 # --------------------------------------------------------------------------- #
@@ -404,9 +404,9 @@ def test_ome_zarr_reader_reads_voxel_size_unit_and_translation(tmp_path, tiny_mo
     assert (labels.voxel_size_zyx, labels.unit, labels.translation_zyx) == ((2.0, 0.5, 0.5), "um", (3.0, 1.5, -2.0))
     assert labels.is_label and labels.ngff_version == version
     out = tmp_path / "out.ome.zarr"
-    blocks.restore_to_ome_zarr(labels, out, factor, tiny_settings(), (0.5, 0.5, 0.5), "um", model=tiny_model,
-                               labels_source=labels, label_name="cells", translation_zyx=labels.translation_zyx,
-                               ngff_version=version, block_size=BLOCK, progress=False)
+    blocks.restore_to_ome_zarr(labels, out, factor, tiny_settings(NGFF_VERSION=version, BLOCK_SIZE=BLOCK),
+                               blocks.OutputMetadata((0.5, 0.5, 0.5), "um", labels.translation_zyx, label_name="cells"),
+                               model=tiny_model, labels_source=labels, progress=False)
     nodes = list(Reader(parse_url(str(out)))())
     image = next(n for n in nodes if n.load(Multiscales) and not n.load(Label))
     label = next(n for n in nodes if n.load(Label))
@@ -555,8 +555,8 @@ def kept_grey_values(factor, dtype=np.uint8, seed=0, shape=SHAPE):
 
 def write_grey_input(path, sparse, voxel=(4.0, 1.0, 1.0), unit="um"):
     """An anisotropic grey-scale OME-Zarr input (one level, no labels)."""
-    layout = zarr_io.create_output(path, sparse.shape, voxel, unit, image_dtype=sparse.dtype,
-                                   image_downsampling="mean", chunk_xy=32, pyramid=False)
+    layout = zarr_io.create_output(path, sparse.shape, voxel, unit, image_format=zarr_io.ImageFormat(sparse.dtype, "mean"),
+                                   chunk_xy=32, pyramid=False)
     layout.image.write((slice(None),) * 3, sparse)
     return zarr_io.open_image(path)
 
@@ -583,8 +583,8 @@ def test_blockwise_grey_values_equal_in_memory(tmp_path, tiny_intensity_model, d
     assert blocks.volume_intensity_range(sparse) == info["value_range"]
     for block_size in block_sizes:
         out = tmp_path / f"grey_{block_size}.ome.zarr"
-        summary = blocks.restore_to_ome_zarr(sparse, out, factor, settings, (1.0, 1.0, 1.0), "um", kind="intensity",
-                                             model=tiny_intensity_model, block_size=block_size, progress=False)
+        summary = blocks.restore_to_ome_zarr(sparse, out, factor, dict(settings, BLOCK_SIZE=block_size), UM,
+                                             kind="intensity", model=tiny_intensity_model, progress=False)
         assert summary["state"] == "complete" and summary["value_range"] == info["value_range"]
         restored = read_level(out)
         assert restored.dtype == expected.dtype == np.dtype(dtype)
@@ -608,9 +608,8 @@ def test_blockwise_grey_values_on_dask_workers(tmp_path, tiny_intensity_model):
     expected = restore.restore_intensity(sparse, factor, settings, model=tiny_intensity_model, progress=False)[0]
     out = tmp_path / "dask.ome.zarr"
     # Two worker threads (the in-memory input is staged into the output for them, as for worker processes).
-    summary = blocks.restore_to_ome_zarr(sparse, out, factor, settings, (1.0, 1.0, 1.0), "um", kind="intensity",
-                                         model=tiny_intensity_model, block_size=BLOCK, workers=2, processes=False,
-                                         progress=False)
+    summary = blocks.restore_to_ome_zarr(sparse, out, factor, dict(settings, BLOCK_SIZE=BLOCK, WORKERS=2), UM,
+                                         kind="intensity", model=tiny_intensity_model, processes=False, progress=False)
     assert summary["state"] == "complete" and summary["restored"] == 6
     np.testing.assert_array_equal(read_level(out), expected)
     assert not (out / blocks.PROGRESS_GROUP).exists()
@@ -620,22 +619,22 @@ def test_grey_value_run_resumes_to_identical_bytes(tmp_path, tiny_intensity_mode
     factor = 4
     sparse = kept_grey_values(factor, np.uint16, seed=5)
     image = write_grey_input(tmp_path / "em.ome.zarr", sparse)
-    settings = tiny_settings()
-    run = dict(kind="intensity", model=tiny_intensity_model, block_size=BLOCK, progress=False)
+    settings = tiny_settings(BLOCK_SIZE=BLOCK)
+    run = dict(kind="intensity", model=tiny_intensity_model, progress=False)
     clean = tmp_path / "clean.ome.zarr"
-    blocks.restore_to_ome_zarr(image, clean, factor, settings, (1.0, 1.0, 1.0), "um", **run)
+    blocks.restore_to_ome_zarr(image, clean, factor, settings, UM, **run)
     out = tmp_path / "out.ome.zarr"
-    partial = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", max_blocks=2, **run)
+    partial = blocks.restore_to_ome_zarr(image, out, factor, dict(settings, MAX_BLOCKS=2), UM, **run)
     assert partial["state"] == "partial" and blocks.finished_blocks(str(out), "restore") == {0, 1}
 
     # The volume's range is part of the run: changed grey values are refused, not mixed into one output.
     brighter = np.minimum(sparse.astype(np.uint32) * 2, 65535).astype(np.uint16)
     zarr.open_array(store=str(image.path), path=image.component, mode="r+")[:] = brighter
     with pytest.raises(UserError, match="value_range"):
-        blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True, **run)
+        blocks.restore_to_ome_zarr(image, out, factor, dict(settings, RESUME=True), UM, **run)
     zarr.open_array(store=str(image.path), path=image.component, mode="r+")[:] = sparse
 
-    resumed = blocks.restore_to_ome_zarr(image, out, factor, settings, (1.0, 1.0, 1.0), "um", resume=True,
+    resumed = blocks.restore_to_ome_zarr(image, out, factor, dict(settings, RESUME=True), UM,
                                          **dict(run, model=None))  # the model kept in the output
     assert resumed["state"] == "complete" and (resumed["skipped"], resumed["restored"]) == (2, 4)
     levels = len(zarr_io.layout_from_record(

@@ -33,6 +33,8 @@ MODELS = {"0.4": (ImageV04, LabelsV04, ImageLabelV04), "0.5": (ImageV05, LabelsV
 VERSIONS = ("0.4", "0.5")
 SHAPE = (13, 40, 70)  # (D, H, W) of the isotropic truth of the block-wise runs
 BLOCK = 32
+UM = blocks.OutputMetadata((1.0, 1.0, 1.0), "um")  # the restored stack's voxel size and unit
+CELLS_UM = blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells")
 CHUNK = 32  # lateral chunk of the outputs made here: 70 voxels wide gives a pyramid of 3 levels
 
 
@@ -165,8 +167,7 @@ def test_grey_values_carry_the_display_window(tmp_path, version, dtype):
     np.testing.assert_allclose(window, np.percentile(values, (0.1, 99.9)), atol=1.0)
     path = tmp_path / "grey.ome.zarr"
     layout = zarr_io.create_output(path, values.shape, (1.0, 1.0, 1.0), "nm", ngff_version=version,
-                                   image_dtype=dtype, image_downsampling="mean", chunk_xy=CHUNK,
-                                   display_window=window)
+                                   image_format=zarr_io.ImageFormat(dtype, "mean", window), chunk_xy=CHUNK)
     write_all_levels(layout.image, values)
     validate(path, version)
     assert_multiscales_type(path, "mean")
@@ -181,15 +182,14 @@ def test_default_window_and_probabilities(tmp_path, version):
     """Without a window: integer grey values open at their dtype's range, float ones get no omero block
     (no range to guess), and an image of another kind gets one only when asked (probabilities 0..1)."""
     zarr_io.create_output(tmp_path / "u16.ome.zarr", (5, 20, 20), (1.0, 1.0, 1.0), "um", ngff_version=version,
-                          image_dtype=np.uint16, image_downsampling="mean")
+                          image_format=zarr_io.ImageFormat(np.uint16, "mean"))
     assert_window(tmp_path / "u16.ome.zarr", 0.0, 65535.0, (0, 65535))
     zarr_io.create_output(tmp_path / "f32.ome.zarr", (5, 20, 20), (1.0, 1.0, 1.0), "um", ngff_version=version,
-                          image_dtype=np.float32, image_downsampling="mean")
+                          image_format=zarr_io.ImageFormat(np.float32, "mean"))
     assert "omero" not in ome(tmp_path / "f32.ome.zarr")
     path = tmp_path / "probs.ome.zarr"
     layout = zarr_io.create_output(path, (9, 40, 70), (1.0, 1.0, 1.0), "um", ngff_version=version,
-                                   image_dtype=np.float32, image_downsampling="stride", chunk_xy=CHUNK,
-                                   display_window=(0.0, 1.0))
+                                   image_format=zarr_io.ImageFormat(np.float32, "stride", (0.0, 1.0)), chunk_xy=CHUNK)
     write_all_levels(layout.image, np.random.default_rng(0).random((9, 40, 70), dtype=np.float32))
     for name in ("u16.ome.zarr", "f32.ome.zarr", "probs.ome.zarr"):
         validate(tmp_path / name, version)
@@ -216,8 +216,8 @@ def test_display_window_of_arrays_and_stores(tmp_path):
     low, high = np.percentile(values, (0.1, 99.9))
     assert zarr_io.display_window(values) == (np.floor(low), np.ceil(high))
     path = tmp_path / "in.ome.zarr"
-    layout = zarr_io.create_output(path, values.shape, (4.0, 1.0, 1.0), "um", image_dtype=np.uint16,
-                                   image_downsampling="mean", chunk_xy=CHUNK, pyramid=False)
+    layout = zarr_io.create_output(path, values.shape, (4.0, 1.0, 1.0), "um",
+                                   image_format=zarr_io.ImageFormat(np.uint16, "mean"), chunk_xy=CHUNK, pyramid=False)
     layout.image.write((slice(None),) * 3, values)
     store = zarr_io.open_image(path)
     assert zarr_io.display_window(store) == zarr_io.display_window(values)  # a small store is read whole
@@ -233,8 +233,8 @@ def test_display_window_of_arrays_and_stores(tmp_path):
     assert zarr_io.display_window(np.full((2, 4, 4), 7, np.uint8)) == (7.0, 8.0)
     assert zarr_io.display_window(np.full((2, 4, 4), 255, np.uint8)) == (254.0, 255.0)
     with pytest.raises(ValueError, match="start < end"):
-        zarr_io.create_output(tmp_path / "bad.ome.zarr", (2, 4, 4), (1.0, 1.0, 1.0), "um", image_dtype=np.uint8,
-                              image_downsampling="mean", display_window=(5, 5))
+        zarr_io.create_output(tmp_path / "bad.ome.zarr", (2, 4, 4), (1.0, 1.0, 1.0), "um",
+                              image_format=zarr_io.ImageFormat(np.uint8, "mean", (5, 5)))
 
 
 # --------------------------------------------------------------------------- #
@@ -279,9 +279,8 @@ def test_blockwise_restore_keeps_uint32_ids(tmp_path, tiny_model):
     ids = kept_labels(factor, seed=6).astype(np.uint32)
     ids = np.where(ids > 0, ids + 100_000, 0).astype(np.uint32)
     out = tmp_path / "big_ids.ome.zarr"
-    blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um", model=tiny_model,
-                               labels_source=ids, label_name="cells", block_size=BLOCK, ngff_version="0.5",
-                               progress=False)
+    blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(BLOCK_SIZE=BLOCK, NGFF_VERSION="0.5"), CELLS_UM,
+                               model=tiny_model, labels_source=ids, progress=False)
     validate(out, "0.5", ["cells"])
     restored = zarr_io.open_image(out / "labels" / "cells")
     assert restored.dtype == "uint32"
@@ -317,9 +316,9 @@ def test_blockwise_mask_labels_and_probabilities_are_valid(tmp_path, tiny_model,
     factor = 3
     ids = kept_labels(factor, seed=4)
     out, probs = tmp_path / "out.ome.zarr", tmp_path / "probs.ome.zarr"
-    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(), (0.5, 0.5, 0.5), "um",
-                                         model=tiny_model, labels_source=ids, label_name="cells",
-                                         block_size=BLOCK, ngff_version=version, probabilities="float32",
+    summary = blocks.restore_to_ome_zarr(ids > 0, out, factor, tiny_settings(BLOCK_SIZE=BLOCK, NGFF_VERSION=version),
+                                         blocks.OutputMetadata((0.5, 0.5, 0.5), "um", label_name="cells"),
+                                         model=tiny_model, labels_source=ids, probabilities="float32",
                                          probabilities_output=probs, progress=False)
     assert summary["state"] == "complete" and len(summary["layout"].image.levels) == 3
     validate(out, version, ["cells"])
@@ -338,8 +337,8 @@ def test_blockwise_grey_values_are_valid_and_carry_a_window(tmp_path, tiny_inten
     factor = 4
     sparse = downsample_z(make_sample_intensity(SHAPE, seed=2), factor)[0]
     out = tmp_path / "grey.ome.zarr"
-    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um", kind="intensity",
-                               model=tiny_intensity_model, block_size=BLOCK, ngff_version=version, progress=False)
+    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(BLOCK_SIZE=BLOCK, NGFF_VERSION=version), UM,
+                               kind="intensity", model=tiny_intensity_model, progress=False)
     validate(out, version)
     assert_multiscales_type(out, "mean")
     window = ome(out)["omero"]["channels"][0]["window"]
@@ -350,8 +349,8 @@ def test_blockwise_grey_output_opens_at_the_inputs_percentiles(tmp_path, tiny_in
     factor = 4
     sparse = (downsample_z(make_sample_intensity(SHAPE, seed=2), factor)[0].astype(np.uint16) * 50)
     out = tmp_path / "grey16.ome.zarr"
-    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(), (1.0, 1.0, 1.0), "um", kind="intensity",
-                               model=tiny_intensity_model, block_size=BLOCK, progress=False)
+    blocks.restore_to_ome_zarr(sparse, out, factor, tiny_settings(BLOCK_SIZE=BLOCK), UM, kind="intensity",
+                               model=tiny_intensity_model, progress=False)
     start, end = zarr_io.display_window(sparse)
     assert_window(out, start, end, (0, 65535))
 
@@ -370,8 +369,8 @@ def written_output(tmp_path, version):
     values = make_sample_intensity((9, 40, 70), seed=1).astype(np.uint16) * 100
     grey = tmp_path / f"grey_{version}.ome.zarr"
     layout = zarr_io.create_output(grey, values.shape, (0.5, 0.5, 0.5), "um", (1.0, 2.0, 3.0), version,
-                                   image_dtype=np.uint16, image_downsampling="mean", chunk_xy=CHUNK,
-                                   display_window=zarr_io.display_window(values))
+                                   image_format=zarr_io.ImageFormat(np.uint16, "mean", zarr_io.display_window(values)),
+                                   chunk_xy=CHUNK)
     write_all_levels(layout.image, values)
     return mask, grey, ids, values
 

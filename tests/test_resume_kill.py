@@ -43,11 +43,10 @@ from model import load_model
 source, output, model_path, mode = sys.argv[2:6]
 settings = default_settings()
 settings.update(TRAIN_Z_SIZE=3, TRAIN_XY_SIZE=16, INFERENCE_TILE_SIZE=32, INFERENCE_BATCH_SIZE=8, PRECISION="fp32",
-                PROBABILITY_THRESHOLD=0.5, DEVICE="cpu")
+                PROBABILITY_THRESHOLD=0.5, DEVICE="cpu", BLOCK_SIZE=32, RESUME=mode == "resume")
 summary = blocks.restore_to_ome_zarr(
-    zarr_io.open_image(source), output, 4, settings, (1.0, 1.0, 1.0), "um", model=load_model(model_path)[0],
-    labels_source=zarr_io.open_image(source + "/labels/cells"), label_name="cells", block_size=32,
-    resume=mode == "resume", progress=False)
+    zarr_io.open_image(source), output, 4, settings, blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells"),
+    model=load_model(model_path)[0], labels_source=zarr_io.open_image(source + "/labels/cells"), progress=False)
 print(summary["state"], summary["restored"], summary["skipped"])
 """
 
