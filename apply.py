@@ -282,12 +282,14 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed))
     to_zarr = zarr_io.is_zarr_path(target)
-    label_rule = labels_rule_for(path, image, to_zarr, saved_config, model_kind) if decided == "labels" else None
+    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind) if decided == "labels"
+                         else (False, None))
     return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
                        settings, trained=model_kind is None,
                        block_size=settings.large.block_size if to_zarr else None,
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
-                       else args.save_probabilities, notes=notes, label_rule=label_rule)
+                       else args.save_probabilities, notes=notes, label_rule=label_rule,
+                       dense_labels=dense)
 
 
 def same_factor(trained_at: Optional[float], factor: float) -> bool:
@@ -296,10 +298,10 @@ def same_factor(trained_at: Optional[float], factor: float) -> bool:
     return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
 
 
-def labels_rule_for(path: Path, image, to_zarr: bool, saved_config: Dict[str, Any],
-                    model_kind: Optional[str]) -> str:
-    """How a label image's ids will be restored, for the plan; a saved model that restores the other
-    target (boundaries of a dense label image, or a foreground) is one error here."""
+def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind: Optional[str]) -> Tuple[bool, str]:
+    """Whether a label image is dense (``restore.is_dense_label_image`` of a sample of its values) and how its
+    ids will be restored, for the plan; a saved model that restores the other target (boundaries of a dense
+    label image, or a foreground) is one error here."""
     from data import read_value_sample
 
     sample = zarr_io.sample_for_label_detection(image) if image is not None else read_value_sample(path)
@@ -309,12 +311,9 @@ def labels_rule_for(path: Path, image, to_zarr: bool, saved_config: Dict[str, An
         raise UserError(f"The model restores the {trained} of {'dense' if trained == 'boundaries' else 'sparse'} label "
                         f"images, but the ids of '{path}' cover {np.count_nonzero(sample) / sample.size:.0%} of its "
                         f"voxels ({'dense' if dense else 'not dense'}). Train on this stack (leave out --model).")
-    if dense and to_zarr:
-        return ("dense: ids cover at least half the voxels, but the block-wise restore gives each restored voxel the "
-                "nearest id of its foreground; the boundary rule runs in memory (write a TIFF)")
     if dense:
-        return "dense: the network restores the boundaries between ids, the ids grow between them"
-    return "the nearest id of the kept slices within each restored object"
+        return True, "dense: the network restores the boundaries between ids, the ids grow between them"
+    return False, "the nearest id of the kept slices within each restored object"
 
 
 def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
@@ -497,12 +496,14 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
         source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None)[1:]
         name = path.stem
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
-    config = dict(model_config(settings, factor), kind=plan.kind)
+    config = dict(model_config(settings, factor), kind=plan.kind,
+                  **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
     voxel = plan.voxel_out_zyx
     described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path))
     result = blocks.restore_to_ome_zarr(
         source, target, factor, settings, described, kind="intensity" if plan.kind == "intensity" else "mask",
-        model=model, model_config=config, labels_source=labels, probabilities=probabilities,
+        model=model, model_config=config, labels_source=labels, label_rule="dense" if plan.dense_labels else "sparse",
+        probabilities=probabilities,
         probabilities_output=probabilities_path_for(target) if probabilities else None, overwrite=args.overwrite)
     if args.save_model and result["model"] is not None:
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)

@@ -83,6 +83,8 @@ from zarr_io import OmeZarrImage, ZarrImage
 # Lateral edge of a block (settings.LargeVolumes states the default; memory per block: docs/).
 BLOCK_SIZE = LargeVolumes.block_size
 RETRIES = 2  # extra attempts of a failing block before the run stops
+LABEL_RULES = ("sparse", "dense")  # how label ids are restored (restore_to_ome_zarr's label_rule)
+BOUNDARIES_ARRAY = "boundaries"  # dense label rule: the boundary probabilities, in the progress group
 LABEL_HALO = 64  # first halo (pixels) of the label-id pass; doubled while a block's ids could still differ
 MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids are accepted and reported
 LABEL_SLAB_VOXELS = 16_000_000  # voxels of mask per label-id step (a few kept-slice intervals at a time)
@@ -151,6 +153,32 @@ def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None))
     if isinstance(source, np.ndarray):
         return source[z, rows, cols]
     return source.read(z, rows, cols)
+
+
+@dataclass(frozen=True)
+class LabelBoundaries:
+    """The boundary mask of a dense label image's kept slices (:func:`restore.label_boundaries`), read
+    like a kept-slice source: what the dense label rule restores, block by block.
+
+    A window is read one pixel larger on each side, so that two ids touching across the window's edge
+    mark their boundary as on whole slices: the mask of any window is the whole-slice mask's window.
+    """
+    labels: Any  # ZarrImage or ndarray of ids, shape (K, H, W)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.labels.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(bool)
+
+    def read(self, z: slice, rows: slice, cols: slice) -> np.ndarray:
+        _, height, width = self.shape
+        (r0, r1), (c0, c1) = (rows.indices(height)[:2], cols.indices(width)[:2])
+        g0, g1, h0, h1 = max(0, r0 - 1), min(height, r1 + 1), max(0, c0 - 1), min(width, c1 + 1)
+        ids = _read_kept(self.labels, slice(g0, g1), slice(h0, h1), z)
+        return restore.label_boundaries(ids)[:, r0 - g0:r1 - g0, c0 - h0:c1 - h0]
 
 
 def _engine_input(values: np.ndarray, threshold: Optional[float],
@@ -275,6 +303,7 @@ class RestoreJob:
     device: Optional[str] = None
     binarize_threshold: Optional[float] = None
     value_range: Optional[Tuple[float, float]] = None
+    boundaries: Optional[str] = None  # dense label rule: the scratch array of boundary probabilities
 
 
 def read_window_for(global_hw: Tuple[int, int], region: Region, factor: float, inference: Dict[str, Any]) -> Region:
@@ -297,7 +326,8 @@ def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
     """
     start = time.perf_counter()
     region = job.plan.region(index)
-    write = _write_mask if job.value_range is None else _write_grey_values
+    write = _write_grey_values if job.value_range is not None else (_write_boundaries if job.boundaries
+                                                                     else _write_mask)
     # The kernel's output goes straight to the writer (no reference kept here), which frees it early.
     result = write(job, region, _restore_region(job, region))
     mark_finished(job.output, "restore", index)
@@ -332,6 +362,17 @@ def _write_mask(job: RestoreJob, region: Region, probabilities: np.ndarray) -> D
     values *= 255  # 0/255, as the TIFF output stores masks
     job.image.write(target, values)
     return {"foreground": int(np.count_nonzero(values))}
+
+
+def _write_boundaries(job: RestoreJob, region: Region, probabilities: np.ndarray) -> Dict[str, Any]:
+    """Dense label rule, pass 1: write a block's boundary probabilities into the run's scratch array
+    (and the probabilities' output, when kept); the mask and the ids come in the label pass."""
+    (y0, y1), (x0, x1) = region
+    target = (slice(None), slice(y0, y1), slice(x0, x1))
+    if job.probabilities is not None:
+        job.probabilities.write(target, probabilities.astype(np.dtype(job.probabilities.dtype), copy=False))
+    zarr.open_array(store=job.output, path=job.boundaries, mode="r+")[target] = probabilities
+    return {}
 
 
 def _write_grey_values(job: RestoreJob, region: Region, normalized: np.ndarray,
@@ -429,6 +470,56 @@ def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: fl
         if np.any(best[region_mask] >= halo ** 2):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class DenseLabelJob:
+    """Everything a worker needs to grow the ids of any block of a dense label image
+    (see :func:`dense_label_block`)."""
+    labels_source: Any
+    plan: BlockPlan
+    factor: float
+    boundaries: str  # the scratch array of boundary probabilities (pass 1), a path in ``output``
+    mask: OmeZarrImage
+    labels: OmeZarrImage
+    output: str
+    probability_threshold: float
+    drawn_boundaries: bool  # the kept slices hold id 0 somewhere (restore.grow_labels)
+    halo: int = LABEL_HALO
+    max_halo: int = LABEL_HALO * 8
+
+
+def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
+    """Pass 2 of the dense label rule for block ``index``: :func:`restore.grow_labels` on the block plus a
+    halo, its ids and their foreground (0/255) written.
+
+    A seeded watershed reaches a voxel along the path of least boundary, which may leave the window: the
+    halo doubles until two halos give the block the same ids (or it covers the whole slice, which is
+    exact), up to ``max_halo``; a block accepted at that limit is reported (``exact`` False).
+    """
+    start = time.perf_counter()
+    _, height, width = job.plan.shape_dhw
+    (y0, y1), (x0, x1) = job.plan.region(index)
+    boundaries = zarr.open_array(store=job.output, path=job.boundaries, mode="r")
+    halo, previous = min(job.halo, job.max_halo), None
+    while True:
+        wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
+        ids_kept = _read_kept(job.labels_source, slice(wy0, wy1), slice(wx0, wx1))
+        grown = restore.grow_labels(boundaries[:, wy0:wy1, wx0:wx1], ids_kept, job.factor, job.probability_threshold,
+                                    progress=False, drawn_boundaries=job.drawn_boundaries,
+                                    boundaries_khw=LabelBoundaries(job.labels_source).read(
+                                        slice(None), slice(wy0, wy1), slice(wx0, wx1)))
+        ids = grown[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        whole = (wy0, wy1, wx0, wx1) == (0, height, 0, width)
+        exact = whole or (previous is not None and np.array_equal(ids, previous))
+        if exact or halo >= job.max_halo:
+            break
+        previous, halo = ids, min(2 * halo, job.max_halo)
+    target = (slice(None), slice(y0, y1), slice(x0, x1))
+    job.labels.write(target, ids.astype(np.dtype(job.labels.dtype), copy=False))
+    job.mask.write(target, (ids != 0).astype(np.uint8) * 255)
+    mark_finished(job.output, "labels", index)
+    return {"index": index, "seconds": time.perf_counter() - start, "halo": halo, "exact": exact}
 
 
 def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
@@ -896,6 +987,7 @@ def restore_to_ome_zarr(
     model: Optional[nn.Module] = None,
     model_config: Optional[Dict[str, Any]] = None,
     labels_source: Optional[Source] = None,
+    label_rule: str = "sparse",
     probabilities: Optional[str] = None,
     probabilities_output: Optional[Union[str, Path]] = None,
     overwrite: bool = False,
@@ -942,6 +1034,15 @@ def restore_to_ome_zarr(
         Stored with the model file (``model.save_model``'s ``config``).
     labels_source : ZarrImage or ndarray of uint, shape (K, H, W), optional
         Instance ids of the kept slices: the output gets ``labels/<described.label_name>``.
+    label_rule : {'sparse', 'dense'}
+        How the ids are restored. 'sparse' (separate objects): the foreground
+        ``source`` is restored and each voxel takes the nearest id
+        (:func:`label_block`). 'dense' (ids on most voxels,
+        ``restore.is_dense_label_image``): the network restores the boundaries
+        between ids (:class:`LabelBoundaries`; ``source`` is not read) and the
+        ids grow between them (:func:`dense_label_block`), as
+        ``restore.restore_dense_labels`` does in memory; the probabilities kept
+        are the boundaries'.
     probabilities : {'uint8', 'float16', 'float32'}, optional
         Also write the probabilities (float16 is computed in float16, stored as
         float32 for Fiji) to ``probabilities_output``.
@@ -969,11 +1070,12 @@ def restore_to_ome_zarr(
     chunk_edge(large.block_size)
     zarr_io.ngff_format(large.ngff_version)  # validates the version
     _check_flags(probabilities, probabilities_output, large.resume, overwrite)
-    _check_kind(kind, model, labels_source, probabilities)
+    _check_kind(kind, model, labels_source, probabilities, label_rule)
     targets, resuming = _check_targets(output, probabilities, probabilities_output, large.resume, overwrite)
     if labels_source is not None and tuple(labels_source.shape) != tuple(source.shape):
         raise UserError(f"Labels of shape {labels_source.shape} do not match the kept slices {source.shape}.")
-    run = _plan_run(source, factor, settings, model, kind, probabilities, labels_source, targets, described)
+    run = _plan_run(source, factor, settings, model, kind, probabilities, labels_source, targets, described,
+                    label_rule)
     train_s = 0.0
     if resuming:
         record, model = _resumed_run(output, run.plan_record, model, run.probabilities_output)
@@ -981,14 +1083,17 @@ def restore_to_ome_zarr(
             return _already_complete(run, record, model)
     else:
         if model is None:
-            model, train_s = _train(run, source, factor, settings, kind, progress)
+            model, train_s = _train(run, LabelBoundaries(labels_source) if run.dense_labels else source, factor,
+                                    settings, kind, progress)
         record = _new_run(run, model, model_config, None if labels_source is None else labels_source.dtype)
     with dask_client(large.workers, large.worker_memory, large.scheduler, processes) as client:
         if client is not None:  # worker processes read inputs from a store, never from this process' memory
-            if isinstance(source, np.ndarray):
+            if isinstance(source, np.ndarray) and not run.dense_labels:
                 source = _stage(output, "input", source)
             if isinstance(labels_source, np.ndarray):
                 labels_source = _stage(output, "labels_input", labels_source)
+        if run.dense_labels:  # the dense rule restores the boundaries between the kept slices' ids
+            source = LabelBoundaries(labels_source)
         summary = _run_passes(run, record, model, source, labels_source, factor, settings, client, retries,
                               label_halo, progress)
         summary["train_s"] = train_s
@@ -1012,6 +1117,8 @@ class _Run:
     plan_record: Dict[str, Any]
     described: OutputMetadata
     probabilities_dtype: Optional[str]  # the probabilities' stored dtype (float16 is stored as float32), else None
+    dense_labels: bool = False  # label_rule 'dense'
+    drawn_boundaries: bool = False  # dense labels: the kept slices hold id 0 somewhere
 
 
 def _check_flags(probabilities: Optional[str], probabilities_output, resume: bool, overwrite: bool) -> None:
@@ -1047,7 +1154,7 @@ def _check_targets(output: str, probabilities: Optional[str], probabilities_outp
 
 def _plan_run(source: Source, factor: float, settings: Settings, model: Optional[nn.Module], kind: str,
               probabilities: Optional[str], labels_source: Optional[Source], targets: List[str],
-              described: OutputMetadata) -> _Run:
+              described: OutputMetadata, label_rule: str = "sparse") -> _Run:
     """The blocks, the kernel's options, the grey-value range and the plan recorded in the output (which
     ``--resume`` compares with the plan of the run it continues); the worker memory is checked here."""
     n_kept, height, width = source.shape
@@ -1071,10 +1178,20 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
         "ngff_version": large.ngff_version, "probabilities": probabilities,
         "binarize_threshold": settings.data.binarize_threshold,
         "probability_threshold": float(settings.inference.probability_threshold),
-        "inference": _recorded_inference(inference)})
+        "inference": _recorded_inference(inference),
+        **({"label_rule": label_rule} if labels_source is not None else {})})
     probabilities_dtype = probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8")
+    dense = labels_source is not None and label_rule == "dense"
     return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
-                grey_values, value_range, window, plan_record, described, probabilities_dtype)
+                grey_values, value_range, window, plan_record, described, probabilities_dtype, dense,
+                dense and _holds_zero(labels_source))
+
+
+def _holds_zero(labels_source: Source) -> bool:
+    """Whether any kept slice holds id 0 (read slice by slice: an id image can be large)."""
+    _, height, width = labels_source.shape
+    return any(bool((_read_kept(labels_source, slice(0, height), slice(0, width), slice(k, k + 1)) == 0).any())
+               for k in range(labels_source.shape[0]))
 
 
 def _fitted(settings: Settings, source: Source, factor: float, model: Optional[nn.Module]) -> Settings:
@@ -1125,7 +1242,8 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
     job = RestoreJob(source, plan, factor, run.inference, float(settings.inference.probability_threshold),
                      run.kernel_dtype, layout.image, prob_layout.image if prob_layout else None, output,
                      str(Path(output) / MODEL_FILE), settings.inference.device,
-                     settings.data.binarize_threshold, run.value_range)
+                     settings.data.binarize_threshold, run.value_range,
+                     _marker_path(BOUNDARIES_ARRAY) if run.dense_labels else None)
     done = finished_blocks(output, "restore")
     todo = [i for i in range(len(plan)) if i not in done]
     now = todo if run.large.max_blocks is None else todo[:max(0, run.large.max_blocks)]
@@ -1140,11 +1258,18 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
         print(f"{len(done) + len(results)} of {len(plan)} blocks restored; continue with --resume.")
         return summary
     if labels_source is not None:
-        label_job = LabelJob(labels_source, plan, factor, layout.image, layout.labels, output, label_halo,
-                             max(label_halo, MAX_LABEL_HALO_BLOCKS * run.large.block_size))
+        max_halo = max(label_halo, MAX_LABEL_HALO_BLOCKS * run.large.block_size)
+        if run.dense_labels:
+            label_job = DenseLabelJob(labels_source, plan, factor, _marker_path(BOUNDARIES_ARRAY), layout.image,
+                                      layout.labels, output, float(settings.inference.probability_threshold),
+                                      run.drawn_boundaries, label_halo, max_halo)
+        else:
+            label_job = LabelJob(labels_source, plan, factor, layout.image, layout.labels, output, label_halo,
+                                 max_halo)
         labelled = finished_blocks(output, "labels")
-        label_results = run_tasks(label_block, label_job, [i for i in range(len(plan)) if i not in labelled],
-                                  client, retries, "Label ids", progress, **ship)
+        label_results = run_tasks(dense_label_block if run.dense_labels else label_block, label_job,
+                                  [i for i in range(len(plan)) if i not in labelled], client, retries, "Label ids",
+                                  progress, **ship)
         summary["label_blocks_inexact"] = sum(not r["exact"] for r in label_results)
         summary["label_halos"] = sorted(r["halo"] for r in label_results)
         if summary["label_blocks_inexact"]:
@@ -1158,11 +1283,13 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
 
 
 def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[Source],
-                probabilities: Optional[str]) -> None:
+                probabilities: Optional[str], label_rule: str = "sparse") -> None:
     """Refuse, before any work, a kind that is not restored block-wise, a model of the other kind, and
     label ids or probabilities of grey values."""
     if kind not in ("mask", "intensity"):
         raise UserError(f"kind must be 'mask' or 'intensity' (label ids come with labels_source), got '{kind}'.")
+    if label_rule not in LABEL_RULES:
+        raise UserError(f"label_rule must be one of {', '.join(LABEL_RULES)}, got '{label_rule}'.")
     if model is not None:
         restore.check_model_kind(model, kind)
     if kind == "intensity" and (labels_source is not None or probabilities):
@@ -1282,6 +1409,11 @@ def _new_run(run: _Run, model: nn.Module, model_config: Optional[Dict[str, Any]]
         create_markers(staged[output], "restore", len(run.plan))
         if label_dtype is not None:
             create_markers(staged[output], "labels", len(run.plan))
+        if run.dense_labels:  # read by the label pass across block borders, so kept apart from the mask
+            edge = chunk_edge(run.large.block_size)
+            zarr.open_group(staged[output], mode="r+").require_group(PROGRESS_GROUP).create_array(
+                BOUNDARIES_ARRAY, shape=run.plan.shape_dhw, chunks=(min(32, run.plan.shape_dhw[0]), edge, edge),
+                dtype=run.kernel_dtype, fill_value=0)
         record = {"state": "running", "plan": run.plan_record, "model_sha256": _file_sha256(model_file),
                   "layout": zarr_io.layout_record(layout), "pyramid_levels_done": {},
                   "probabilities_layout": zarr_io.layout_record(prob_layout) if prob_layout else None,

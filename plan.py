@@ -53,6 +53,7 @@ class RestorePlan:
     probabilities: Optional[str] = None
     notes: List[str] = field(default_factory=list)
     label_rule: Optional[str] = None  # label images: how the ids are restored
+    dense_labels: bool = False  # a dense label image (restore.is_dense_label_image of a sample): the boundary rule
 
     @property
     def binarize_threshold(self) -> Optional[float]:

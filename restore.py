@@ -878,7 +878,8 @@ def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
 
 
 def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: float,
-                threshold: float = 0.5, progress: bool = True) -> np.ndarray:
+                threshold: float = 0.5, progress: bool = True, drawn_boundaries: Optional[bool] = None,
+                boundaries_khw: Optional[np.ndarray] = None) -> np.ndarray:
     """Ids of a dense label image, grown from the kept slices into the compartments of a restored boundary.
 
     Each gap between two kept slices is flooded (seeded watershed, ``skimage.segmentation.watershed``, on the
@@ -899,6 +900,13 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     factor : float
     threshold : float
     progress : bool
+    drawn_boundaries : bool, optional
+        Whether the segmentation draws its boundaries as id 0; default: whether
+        ``sparse_labels_khw`` holds a 0. A window of a larger volume (``blocks``)
+        passes the volume's answer.
+    boundaries_khw : ndarray of bool, shape (K, H, W), optional
+        :func:`label_boundaries` of the kept slices; a window passes the
+        whole slices' (at its edge, ids touching across it count).
 
     Returns
     -------
@@ -908,9 +916,10 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
 
     depth = boundary_probabilities_dhw.shape[0]
     scale = 255.0 if np.issubdtype(boundary_probabilities_dhw.dtype, np.integer) else 1.0
-    boundaries_khw = label_boundaries(sparse_labels_khw)
+    boundaries_khw = label_boundaries(sparse_labels_khw) if boundaries_khw is None else boundaries_khw
     seeds_khw = np.where(boundaries_khw, 0, sparse_labels_khw)
-    drawn_boundaries = bool((sparse_labels_khw == 0).any())
+    if drawn_boundaries is None:
+        drawn_boundaries = bool((sparse_labels_khw == 0).any())
     out = np.zeros(boundary_probabilities_dhw.shape, dtype=sparse_labels_khw.dtype)
     n_kept = len(sparse_labels_khw)
     positions = kept_positions(n_kept, factor).astype(np.float64)

@@ -355,3 +355,55 @@ def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_pa
     status, _, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "o.tif", "--model", model_path)
     assert status != 0 and "restores the foreground of sparse label images" in err and "leave out --model" in err
     assert not (tmp_path / "o.tif").exists()
+
+
+# --------------------------------------------------------------------------- #
+# Block-wise: the same ids as in memory
+# --------------------------------------------------------------------------- #
+def dense_phantom(shape=(25, 70, 90), seed=6, with_zero=True):
+    """A dense label image: the phantom's cells grown to fill every voxel (nearest cell), optionally with
+    a 0 drawn on one side of every in-plane interface between two ids."""
+    from scipy import ndimage
+
+    from data import make_sample_labels
+
+    cells = make_sample_labels(shape, seed=seed)
+    _, nearest = ndimage.distance_transform_edt(cells == 0, return_indices=True)
+    dense = cells[tuple(nearest)]
+    if with_zero:
+        interface = np.zeros(dense.shape, bool)
+        interface[:, 1:] |= dense[:, 1:] != dense[:, :-1]
+        interface[:, :, 1:] |= dense[:, :, 1:] != dense[:, :, :-1]
+        dense[interface] = 0
+    return dense
+
+
+@pytest.mark.parametrize("factor,with_zero", [(3, True), (4, False), (2.5, True)])
+def test_block_wise_dense_labels_equal_the_in_memory_ones(tmp_path, factor, with_zero):
+    import zarr
+
+    import blocks
+    from eval import default_settings
+    from morph import kept_positions
+    from restore import is_dense_label_image, restore_stack
+
+    truth = dense_phantom(with_zero=with_zero)
+    n_kept = int(24 // factor) + 1
+    kept_ids = truth[np.round(kept_positions(n_kept, factor)).astype(int)]  # ids cannot be blended: nearest slice
+    assert is_dense_label_image(kept_ids)
+    settings = {**default_settings(), "TRAIN_Z_SIZE": 3, "TRAIN_XY_SIZE": 32, "TRAIN_NB": 16, "NUM_EPOCHS": 1,
+                "BASE_FILTERS": 4, "BATCH_SIZE": 4, "INFERENCE_TILE_SIZE": 32, "INFERENCE_BATCH_SIZE": 8,
+                "PRECISION": "fp32", "DEVICE": "cpu", "MIN_CONTENT_RATIO": 0.0, "START_FROM": "scratch",
+                "BLOCK_SIZE": 32}
+    restored, probabilities, model, _ = restore_stack(kept_ids != 0, factor, settings, labels=kept_ids)
+    out = tmp_path / "out.ome.zarr"
+    summary = blocks.restore_to_ome_zarr(kept_ids != 0, out, factor, settings,
+                                         blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells"),
+                                         model=model, labels_source=kept_ids, label_rule="dense", progress=False)
+    ids = np.asarray(zarr.open_array(store=str(out / "labels" / "cells"), path="s0", mode="r")[:])
+    mask = np.asarray(zarr.open_array(store=str(out), path="s0", mode="r")[:])
+    assert summary["state"] == "complete" and summary["label_blocks_inexact"] == 0
+    assert len(summary["label_halos"]) == 9  # 3 x 3 blocks of 32 px over 70 x 90
+    np.testing.assert_array_equal(ids, restored)
+    np.testing.assert_array_equal(mask, np.where(restored != 0, 255, 0))
+    assert (restored == 0).any() == with_zero
