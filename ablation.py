@@ -23,6 +23,7 @@ from metrics import score_reconstruction
 from model import select_device
 from morph import interpolate_along_axis, morph_stack_interpolated
 from restore import restore_probabilities, threshold_probabilities
+from settings import Settings
 
 # name -> eval.py constants changed from the defaults
 TRAINING_VARIANTS: Dict[str, Dict[str, str]] = {
@@ -70,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: '{args.out}' already exists", file=sys.stderr)
         return 2
     try:  # a bad setting fails before any work
-        base_settings = parse_overrides(args.set, default_settings())
+        base_settings = Settings.from_dict(parse_overrides(args.set, default_settings()))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -89,17 +90,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {row['training']} | | {row['iou_recon']:.4f} | | | |", flush=True)
     reference = None  # the default model's default inference: what the other variants are compared with
     for training in args.training:
-        settings = parse_overrides([f"{k}={v}" for k, v in TRAINING_VARIANTS[training].items()], base_settings)
+        settings = base_settings.with_values(**TRAINING_VARIANTS[training])
         model, train_s = None, None
         for inference in (args.inference if training == "default" else ["default"]):
-            variant = parse_overrides([f"{k}={v}" for k, v in INFERENCE_VARIANTS[inference].items()], settings)
+            variant = settings.with_values(**INFERENCE_VARIANTS[inference])
             # The first variant trains; the others reuse that model.
             probabilities, model, info = restore_probabilities(sparse, args.factor, variant, model,
                                                                original_depth=truth.shape[0], device=device,
                                                                progress=False)
             train_s = info["train_s"] if train_s is None else train_s
             infer_s = info["infer_s"]
-            predicted = threshold_probabilities(probabilities, variant["PROBABILITY_THRESHOLD"], in_place=True)
+            predicted = threshold_probabilities(probabilities, variant.inference.probability_threshold, in_place=True)
             iou = score_reconstruction(predicted, truth, kept)["iou_recon"]
             reference = predicted if reference is None else reference
             changed = int(np.count_nonzero(predicted != reference))

@@ -35,7 +35,8 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +46,7 @@ from metrics import (calculate_dice, calculate_iou, mean_surface_distance, recon
 from morph import interpolate_along_axis, interpolate_labels_sdf, morph_stack_interpolated
 from restore import (assign_labels, is_dense_label_image, restore_dense_labels, restore_probabilities,
                      threshold_probabilities)
+from settings import Settings
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
 INTENSITY_METHODS = ("linear", "cubic", "network")
@@ -143,17 +145,18 @@ def model_flops(model, input_nchw: Sequence[int], backward: bool = False) -> int
     return int(counter.get_total_flops())
 
 
-def network_throughput(model, settings: Dict[str, Any], info: Dict[str, Any]) -> Dict[str, Optional[float]]:
+def network_throughput(model, settings: Settings, info: Dict[str, Any]) -> Dict[str, Optional[float]]:
     """Achieved GFLOP/s of inference (the tiles actually run, see ``restore.predict_tiled``)
     and of training (samples seen, forward + backward), from counted model FLOPs."""
-    channels, crop = settings["TRAIN_Z_SIZE"], settings["TRAIN_XY_SIZE"]
+    training = settings.training
+    channels, crop = training.train_z_size, training.train_xy_size
     per_pixel = model_flops(model, (1, channels, crop, crop)) / crop**2
     pixels_run = info.get("inference", {}).get("pixels_run", 0)
     result = {"infer_gflop_per_s": round(per_pixel * pixels_run / info["infer_s"] / 1e9, 1) if info["infer_s"] else None,
               "train_gflop_per_s": None}
     if info.get("history"):
-        n_train = round(settings["TRAIN_NB"] * (1 - settings["VAL_SPLIT"]))
-        n_val = settings["TRAIN_NB"] - n_train
+        n_train = round(training.train_nb * (1 - training.val_split))
+        n_val = training.train_nb - n_train
         epochs = len(info["history"]["train"])
         per_sample = model_flops(model, (1, channels, crop, crop), backward=True)
         flops = epochs * (n_train * per_sample + n_val * per_pixel * crop**2)
@@ -162,7 +165,7 @@ def network_throughput(model, settings: Dict[str, Any], info: Dict[str, Any]) ->
 
 
 def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, factor: int,
-                 settings: Dict[str, Any], device, sparse_labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
+                 settings: Settings, device, sparse_labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Run one method; returns the restored bool stack and its costs. The network restores a dense label
     image (``sparse_labels``, :func:`restore.is_dense_label_image`) as apply.py does, from its boundaries:
     ``labels`` then holds the ids and the restored mask is their foreground."""
@@ -184,7 +187,7 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
                     "infer_s": info["infer_s"], **network_throughput(model, settings, info)}
         probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=depth,
                                                            device=device)
-        restored = threshold_probabilities(probabilities, settings["PROBABILITY_THRESHOLD"], in_place=True)
+        restored = threshold_probabilities(probabilities, settings.inference.probability_threshold, in_place=True)
         return {"restored": restored, "train_s": info["train_s"], "infer_s": info["infer_s"],
                 **network_throughput(model, settings, info)}
     else:
@@ -379,97 +382,153 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
-    import torch
+@dataclass(frozen=True)
+class Case:
+    """One stack at one factor: the truth, its kept slices ``sparse`` at the indices ``kept`` (every
+    ``factor``-th slice, ``data.downsample_z``) and, for a label image, its ids (else None)."""
+    name: str
+    factor: int
+    truth: np.ndarray
+    sparse: np.ndarray
+    kept: np.ndarray
+    labels: Optional[np.ndarray] = None
 
+    @classmethod
+    def of(cls, name: str, truth: np.ndarray, factor: int, labels: Optional[np.ndarray] = None) -> "Case":
+        sparse, kept = downsample_z(truth, factor)
+        return cls(name, int(factor), truth, sparse, kept, labels)
+
+
+def benchmark_settings(args: argparse.Namespace) -> Tuple[Settings, Dict[str, Any]]:
+    """The network's recipe: eval.py's constants, :data:`QUICK_SETTINGS` with ``--quick``, then ``--set``.
+    Returns it as :class:`settings.Settings` and as the constants the report records."""
     from eval import default_settings
-    from model import select_device
-    from restore import fit_recipe_to_stack
 
-    settings = default_settings()
-    if args.quick:
-        settings.update(QUICK_SETTINGS)
-    settings = parse_overrides(args.set, settings)
-    out_dir = args.out or Path("bench_runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    constants = parse_overrides(args.set, dict(default_settings(), **(QUICK_SETTINGS if args.quick else {})))
+    return Settings.from_dict(constants), constants
+
+
+def new_output_folder(out: Optional[Path], stamp: str) -> Path:
+    """``out``, or ``bench_runs/<stamp>`` (a ``strftime`` pattern of now); an existing folder is refused
+    (it is made only once the inputs are checked)."""
+    out_dir = out or Path("bench_runs") / datetime.now().strftime(stamp)
     if out_dir.exists():
         raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+    return out_dir
+
+
+def run_report(settings: Dict[str, Any], device, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The report of a run, filled in as its ``rows`` come: ``settings`` (JSON-able), versions, device, date."""
+    import torch
+
+    return {"settings": settings,
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+            "device": describe_device(device), "date": datetime.now().isoformat(timespec="seconds"), "rows": rows}
+
+
+def json_constants(constants: Dict[str, Any]) -> Dict[str, Any]:
+    """Setting constants as the report writes them (tuples as lists)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in constants.items()}
+
+
+def fit_recipes(stacks: Sequence[tuple], factors: Sequence[int], settings: Settings,
+                typed: Optional[Sequence[str]]) -> Tuple[Dict[tuple, Settings], List[str]]:
+    """Check every factor against every stack; with ``typed`` (the network is benchmarked), the recipe
+    fitted to each stack and factor, as apply.py and eval.py fit it: a stack smaller than the recipe
+    trains on what it holds; a setting given with --set (named in ``typed``) is kept as given, or
+    refused. Returns ``{(stack index, factor): recipe}`` and the notes of what was fitted."""
+    from restore import fit_recipe_to_stack
+
+    recipes: Dict[tuple, Settings] = {}
+    notes: List[str] = []
+    for index, (name, stack, _) in enumerate(stacks):
+        for factor in factors:
+            try:
+                check_factor(factor, stack.shape[0])
+                if typed is not None:
+                    n_kept = len(range(0, stack.shape[0], factor))
+                    recipes[index, factor], fitted = fit_recipe_to_stack(settings, (n_kept,) + stack.shape[1:],
+                                                                         factor, typed)
+                    notes += [f"{name}, factor {factor}: {note}" for note in fitted]
+            except ValueError as error:
+                raise UserError(f"{name}: {error}") from None
+    return recipes, notes
+
+
+def mask_rows(case: Case, method: str, label: str, settings: Settings, device
+              ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Restore ``case`` with ``method`` (its rows named ``label``) and score it: the row of the mask (a
+    row of n/a when the method is not installed, printed as it comes) and, for a label image, the
+    rows of its ids (:data:`LABEL_SDF_METHOD` too after 'sdf')."""
+    try:
+        result = restore_with(method, case.sparse, case.kept, case.truth.shape[0], case.factor, settings, device,
+                              None if case.labels is None else case.labels[case.kept])
+    except ImportError as error:
+        print(f"| {case.name} | {case.factor} | {label} | unavailable: {error} |", flush=True)
+        return unavailable_row(case.name, case.factor, label), []
+    row = score_row(case.name, case.factor, label, result["restored"], case.truth, case.kept, result["train_s"],
+                    result["infer_s"], result.get("infer_gflop_per_s"), result.get("train_gflop_per_s"))
+    print(markdown_table([row]).splitlines()[-1], flush=True)
+    if case.labels is None:
+        return row, []
+    label_rows = []
+    for label_method, row_name in [(method, label)] + ([(LABEL_SDF_METHOD, LABEL_SDF_METHOD)] if method == "sdf"
+                                                       else []):
+        start = time.perf_counter()
+        restored_labels = result.get("labels") if label_method == method else None
+        if restored_labels is None:
+            restored_labels = restore_label_ids(label_method, result["restored"], case.labels[case.kept], case.kept,
+                                                case.truth.shape[0], case.factor)
+        label_rows.append(label_row(case.name, case.factor, row_name, restored_labels, case.labels, case.kept,
+                                    result.get("labels_s", time.perf_counter() - start)))
+        del restored_labels
+    return row, label_rows
+
+
+def save_report(out_dir: Path, report: Dict[str, Any], label_rows: List[Dict[str, Any]]) -> None:
+    """The report as JSON and its tables as Markdown: after every row, so that a crash late in a long run
+    loses nothing."""
+    if label_rows:
+        report["label_rows"] = label_rows
+    (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "bench_results.md").write_text(markdown_table(report["rows"]) + "\n" + (
+        "\nLabel ids on reconstructed slices\n\n" + markdown_table(label_rows, LABEL_ROW_KEYS) + "\n"
+        if label_rows else ""))
+
+
+def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    """Masks (and the ids of label images): every method on every stack at every factor, one Markdown
+    row at a time; the report, tables and IoU-vs-factor plot in a new folder."""
+    from model import select_device
+
+    settings, constants = benchmark_settings(args)
+    out_dir = new_output_folder(args.out, "%Y%m%d-%H%M%S")
     paths = args.input if args.input else default_inputs()
     methods = list(args.methods or METHODS)
     stacks = load_inputs(paths, args.quick, args.sample_shape, args.crop)
-    # The network's recipe fitted to each stack and factor, as apply.py and eval.py do: a stack smaller than
-    # the recipe trains on what it holds; a setting given with --set is kept as given, or refused.
     typed = [pair.partition("=")[0] for pair in args.set]
-    recipes: Dict[tuple, Dict[str, Any]] = {}
-    recipe_notes: List[str] = []
-    for index, (name, stack, _) in enumerate(stacks):
-        for factor in args.factors:
-            try:
-                check_factor(factor, stack.shape[0])
-                if "network" in methods:
-                    n_kept = len(range(0, stack.shape[0], factor))
-                    recipes[index, factor], notes = fit_recipe_to_stack(settings, (n_kept,) + stack.shape[1:],
-                                                                        factor, typed)
-                    recipe_notes += [f"{name}, factor {factor}: {note}" for note in notes]
-            except ValueError as error:
-                raise UserError(f"{name}: {error}") from None
+    recipes, recipe_notes = fit_recipes(stacks, args.factors, settings, typed if "network" in methods else None)
     out_dir.mkdir(parents=True)
-    device = select_device(settings["DEVICE"] or None)
+    device = select_device(settings.inference.device)
     print(f"Device: {describe_device(device)}; stacks: {', '.join(f'{n} {s.shape}' for n, s, _ in stacks)}; "
           f"factors {args.factors}")
     for note in recipe_notes:
         print(f"Recipe fitted to the stack: {note}.")
     rows: List[Dict[str, Any]] = []
     label_rows: List[Dict[str, Any]] = []  # label-image inputs: scores of the restored ids (LABEL_ROW_KEYS)
-    report = {
-        "settings": {"factors": args.factors, "methods": methods, "quick": args.quick, "crop": args.crop,
-                     "inputs": [str(p) for p in paths] or "built-in sample",
-                     "network": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-                     **({"recipe_fitted": recipe_notes} if recipe_notes else {})},
-        "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
-        "device": describe_device(device),
-        "date": datetime.now().isoformat(timespec="seconds"),
-        "rows": rows,
-    }
-
-    def save_report() -> None:  # after every row, so a crash late in a long run loses nothing
-        if label_rows:
-            report["label_rows"] = label_rows
-        (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
-        (out_dir / "bench_results.md").write_text(markdown_table(rows) + "\n" + (
-            "\nLabel ids on reconstructed slices\n\n" + markdown_table(label_rows, LABEL_ROW_KEYS) + "\n"
-            if label_rows else ""))
-
+    report = run_report({"factors": args.factors, "methods": methods, "quick": args.quick, "crop": args.crop,
+                         "inputs": [str(p) for p in paths] or "built-in sample", "network": json_constants(constants),
+                         **({"recipe_fitted": recipe_notes} if recipe_notes else {})}, device, rows)
     print(markdown_table([]), flush=True)
     for index, (name, truth, labels) in enumerate(stacks):
         for factor in args.factors:
-            sparse, kept = downsample_z(truth, factor)
+            case = Case.of(name, truth, factor, labels)
             for method in methods:
-                label = args.label if method == "network" else method
-                try:
-                    result = restore_with(method, sparse, kept, truth.shape[0], factor,
-                                          recipes.get((index, factor), settings), device,
-                                          None if labels is None else labels[kept])
-                except ImportError as error:
-                    print(f"| {name} | {factor} | {label} | unavailable: {error} |", flush=True)
-                    rows.append(unavailable_row(name, factor, label))
-                    save_report()
-                    continue
-                row = score_row(name, factor, label, result["restored"], truth, kept, result["train_s"],
-                                result["infer_s"], result.get("infer_gflop_per_s"), result.get("train_gflop_per_s"))
+                row, more = mask_rows(case, method, args.label if method == "network" else method,
+                                      recipes.get((index, factor), settings), device)
                 rows.append(row)
-                print(markdown_table([row]).splitlines()[-1], flush=True)
-                if labels is not None:
-                    for label_method, row_name in [(method, label)] + (
-                            [(LABEL_SDF_METHOD, LABEL_SDF_METHOD)] if method == "sdf" else []):
-                        start = time.perf_counter()
-                        restored_labels = result.get("labels") if label_method == method else None
-                        if restored_labels is None:
-                            restored_labels = restore_label_ids(label_method, result["restored"], labels[kept], kept,
-                                                                truth.shape[0], factor)
-                        label_rows.append(label_row(name, factor, row_name, restored_labels, labels, kept,
-                                                    result.get("labels_s", time.perf_counter() - start)))
-                        del restored_labels
-                save_report()
+                label_rows += more
+                save_report(out_dir, report, label_rows)
     plot_iou_vs_factor(rows, out_dir / "iou_vs_factor.png")
     print(f"\nResults in {out_dir}\n")
     print(markdown_table(rows))
@@ -619,71 +678,82 @@ def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, st
     return rows
 
 
+def read_grey_inputs(paths: Sequence[Path], factors: Sequence[int], box: Optional[Sequence[int]]
+                     ) -> List[Tuple[str, np.ndarray]]:
+    """(name, grey values) of each input, cut to the central ``box`` (:func:`benchmark_box`); every path
+    and factor is checked before any long work."""
+    from data import read_typed_stack
+
+    if not paths:
+        raise InputNotFoundError("No grey-scale input: give --input, or put stacks in ../shared/data/intensity/.")
+    stacks = []
+    for path in paths:
+        if not Path(path).exists():
+            raise InputNotFoundError(f"Input '{path}' does not exist.")
+        _, image, _ = read_typed_stack(path, "intensity")
+        stacks.append((Path(path).name, central_crop(image, box) if box else image))
+    for name, image in stacks:
+        for factor in factors:
+            check_factor(factor, image.shape[0])
+    return stacks
+
+
+def intensity_row(case: Case, method: str, label: str, settings: Settings, device
+                  ) -> Tuple[Dict[str, Any], np.ndarray, Dict[str, float]]:
+    """Restore the grey values of ``case`` with ``method`` (its row named ``label``): the row (PSNR and
+    SSIM on the reconstructed slices, costs), the restored stack and its scores."""
+    from metrics import score_intensity_reconstruction
+    from restore import restore_intensity
+
+    start = time.perf_counter()
+    depth = case.truth.shape[0]
+    costs: Dict[str, Any] = {"train_s": None}
+    if method == "network":
+        restored, model, info = restore_intensity(case.sparse, case.factor, settings, original_depth=depth,
+                                                  device=device)
+        costs = {"train_s": round(info["train_s"], 2), **network_throughput(model, settings, info)}
+        infer_s = info["infer_s"]
+    else:
+        values = interpolate_along_axis(case.sparse, case.kept, depth, method=method)
+        restored = as_grey_values(values, case.truth.dtype)
+        infer_s = time.perf_counter() - start
+    scores = score_intensity_reconstruction(restored, case.truth, case.kept)
+    row = {"stack": case.name, "factor": case.factor, "method": label,
+           "psnr_recon": round(scores["psnr_recon"], 3), "ssim_recon": round(scores["ssim_recon"], 4),
+           "train_s": costs["train_s"], "infer_s": round(infer_s, 3),
+           "voxels_per_s": round(case.truth.size / infer_s) if infer_s > 0 else None,
+           "infer_gflop_per_s": costs.get("infer_gflop_per_s"),
+           "train_gflop_per_s": costs.get("train_gflop_per_s"), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    return row, restored, scores
+
+
 def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     """Grey-scale stacks: linear and cubic interpolation along Z and the network, PSNR and SSIM
     on the reconstructed slices of the identical sparse stack, one Markdown row at a time."""
-    import torch
-
-    from data import read_typed_stack
-    from eval import default_settings, intensity_comparison_figure
-    from metrics import score_intensity_reconstruction
+    from eval import intensity_comparison_figure
     from model import select_device
-    from restore import restore_intensity
 
     methods = args.methods or list(INTENSITY_METHODS)
     unknown = [m for m in methods if m not in INTENSITY_METHODS]
     if unknown:
         raise UserError(f"--kind intensity benchmarks {', '.join(INTENSITY_METHODS)}, not {', '.join(unknown)}.")
-    settings = parse_overrides(args.set, dict(default_settings(), **(QUICK_SETTINGS if args.quick else {})))
-    out_dir = args.out or Path("bench_runs") / datetime.now().strftime("intensity-%Y%m%d-%H%M%S")
-    if out_dir.exists():
-        raise OutputExistsError(f"Output folder '{out_dir}' already exists; give a new --out.")
+    settings, constants = benchmark_settings(args)
+    out_dir = new_output_folder(args.out, "intensity-%Y%m%d-%H%M%S")
     paths = args.input or sorted((SHARED_DATA / "intensity").glob("*.tif"))
-    if not paths:
-        raise InputNotFoundError("No grey-scale input: give --input, or put stacks in ../shared/data/intensity/.")
-    stacks = []
-    shape = benchmark_box(args.crop, args.quick)
-    for path in paths:
-        if not Path(path).exists():
-            raise InputNotFoundError(f"Input '{path}' does not exist.")
-        _, image, _ = read_typed_stack(path, "intensity")
-        stacks.append((Path(path).name, central_crop(image, shape) if shape else image))
-    for name, image in stacks:
-        for factor in args.factors:
-            check_factor(factor, image.shape[0])
+    stacks = read_grey_inputs(paths, args.factors, benchmark_box(args.crop, args.quick))
     out_dir.mkdir(parents=True)
-    device = select_device(settings["DEVICE"] or None)
+    device = select_device(settings.inference.device)
     rows: List[Dict[str, Any]] = []
-    report = {"kind": "intensity", "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
-              "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
-              "device": describe_device(device),
-              "date": datetime.now().isoformat(timespec="seconds"), "rows": rows}
+    report = {"kind": "intensity", **run_report(json_constants(constants), device, rows)}
     print(f"Device: {describe_device(device)}; stacks: {', '.join(f'{n} {s.shape}' for n, s in stacks)}; factors {args.factors}")
     print(markdown_table([], INTENSITY_ROW_KEYS), flush=True)
     for name, truth in stacks:
         for factor in args.factors:
-            sparse, kept = downsample_z(truth, factor)
+            case = Case.of(name, truth, factor)
             restored_by_method, scores_by_method = {}, {}
             for method in methods:
-                start = time.perf_counter()
-                costs: Dict[str, Any] = {"train_s": None}
-                if method == "network":
-                    restored, model, info = restore_intensity(sparse, factor, settings, original_depth=truth.shape[0],
-                                                              device=device)
-                    costs = {"train_s": round(info["train_s"], 2), **network_throughput(model, settings, info)}
-                    infer_s = info["infer_s"]
-                else:
-                    values = interpolate_along_axis(sparse, kept, truth.shape[0], method=method)
-                    restored = as_grey_values(values, truth.dtype)
-                    infer_s = time.perf_counter() - start
-                scores = score_intensity_reconstruction(restored, truth, kept)
-                restored_by_method[method], scores_by_method[method] = restored, scores
-                row = {"stack": name, "factor": int(factor), "method": args.label if method == "network" else method,
-                       "psnr_recon": round(scores["psnr_recon"], 3), "ssim_recon": round(scores["ssim_recon"], 4),
-                       "train_s": costs["train_s"], "infer_s": round(infer_s, 3),
-                       "voxels_per_s": round(truth.size / infer_s) if infer_s > 0 else None,
-                       "infer_gflop_per_s": costs.get("infer_gflop_per_s"),
-                       "train_gflop_per_s": costs.get("train_gflop_per_s"), "peak_rss_mb": round(peak_rss_mb(), 1)}
+                row, restored_by_method[method], scores_by_method[method] = intensity_row(
+                    case, method, args.label if method == "network" else method, settings, device)
                 rows.append(row)
                 print(markdown_table([row], INTENSITY_ROW_KEYS).splitlines()[-1], flush=True)
                 (out_dir / "bench_results.json").write_text(json.dumps(report, indent=2))
@@ -691,7 +761,7 @@ def run_intensity_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
             if set(INTENSITY_METHODS) <= set(restored_by_method):  # the before/after figure needs all three
                 scores_by_method["predicted"] = scores_by_method["network"]
                 intensity_comparison_figure(truth, restored_by_method["linear"], restored_by_method["cubic"],
-                                            restored_by_method["network"], kept,
+                                            restored_by_method["network"], case.kept,
                                             out_dir / f"comparison_{Path(name).stem}_f{factor}.png", scores_by_method)
             del restored_by_method
     print(f"\nResults in {out_dir}")

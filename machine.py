@@ -9,13 +9,12 @@ the class is the emulated one.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Dict, Optional
 
 import torch
 
-from model import cpu_computes_bf16, select_device
+from model import ONEDNN_NO_CAP, cpu_computes_bf16, onednn_isa_cap, select_device
 
 
 def cpuinfo_field(name: str) -> Optional[str]:
@@ -44,14 +43,14 @@ def cpu_model() -> str:
 def isa_class() -> str:
     """'amx', 'avx512-bf16', 'avx512', 'avx2' or 'other': what torch and oneDNN use here now."""
     capability = torch.backends.cpu.get_cpu_capability().upper()
-    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_cap = onednn_isa_cap()
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     if onednn_cap.startswith(("AVX2", "AVX", "SSE")) and not onednn_cap.startswith("AVX512") \
             and not onednn_cap.startswith("AVX10"):
         return "avx2" if onednn_cap.startswith("AVX2") else "other"  # convolutions run at the cap
     if capability.startswith("AVX512"):
         if cpu_computes_bf16():
-            return "amx" if amx and (onednn_cap in ("ALL", "DEFAULT", "") or "AMX" in onednn_cap) else "avx512-bf16"
+            return "amx" if amx and (onednn_cap in ONEDNN_NO_CAP or "AMX" in onednn_cap) else "avx512-bf16"
         return "avx512"
     return "avx2" if capability.startswith("AVX2") else "other"
 

@@ -267,18 +267,26 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
 # oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) under which it still has bfloat16 kernels.
 ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512",
                     "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+ONEDNN_NO_CAP = ("ALL", "DEFAULT", "")  # the values of ONEDNN_MAX_CPU_ISA that leave oneDNN every instruction
+
+
+def onednn_isa_cap() -> str:
+    """oneDNN's cap on the instruction set, upper-case: ``ONEDNN_MAX_CPU_ISA`` (or its older name
+    ``DNNL_MAX_CPU_ISA``), 'ALL' when neither is set. Read here and by ``machine.isa_class``, so that
+    the precision chosen and the machine class reported see the same cap."""
+    import os
+
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
 
 
 def cpu_computes_bf16() -> bool:
     """True where this CPU computes bfloat16 natively (AVX512-BF16 or AMX) *and* torch may use it:
     a cap on the instruction set (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, as set to emulate an
     older CPU) counts, so an emulated AVX2 machine chooses float32 as a real one does."""
-    import os
-
     hardware = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                     or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
-    onednn_allows = onednn_cap in ("ALL", "DEFAULT", "") or onednn_cap in ONEDNN_BF16_ISAS
+    onednn_cap = onednn_isa_cap()
+    onednn_allows = onednn_cap in ONEDNN_NO_CAP or onednn_cap in ONEDNN_BF16_ISAS
     aten_allows = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
     return hardware and onednn_allows and aten_allows
 
