@@ -40,10 +40,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data import InputNotFoundError, OutputExistsError, UserError, as_grey_values, check_factor, downsample_z, list_tiff_files, make_sample_labels, read_mask_or_labels
+from data import (InputNotFoundError, OutputExistsError, UserError, as_grey_values, check_factor, downsample_z,
+                  list_tiff_files, make_sample_labels, read_mask_or_labels, read_voxel_size, simulate_isotropic_grid)
 from metrics import (calculate_dice, calculate_iou, mean_surface_distance, reconstructed_indices,
                      score_label_reconstruction)
-from morph import interpolate_along_axis, interpolate_labels_sdf, morph_stack_interpolated
+from morph import (interpolate_along_axis, interpolate_labels_sdf, is_integer_factor, kept_positions,
+                   morph_stack_interpolated)
 from restore import (assign_labels, is_dense_label_image, restore_dense_labels, restore_probabilities,
                      threshold_probabilities)
 from settings import Settings
@@ -201,7 +203,7 @@ def score_row(stack_name: str, factor: int, method: str, restored: np.ndarray, t
     """One result row, every score computed from the arrays."""
     recon = reconstructed_indices(kept, truth.shape[0])
     return {
-        "stack": stack_name, "factor": int(factor), "method": method,
+        "stack": stack_name, "factor": factor_value(factor), "method": method,
         "iou_recon": round(calculate_iou(restored[recon], truth[recon]), 5),
         "dice_recon": round(calculate_dice(restored[recon], truth[recon]), 5),
         "iou_stack": round(calculate_iou(restored, truth), 5),
@@ -233,7 +235,7 @@ def label_row(stack_name: str, factor: int, method: str, restored_labels: np.nda
     """One label-table row: ``metrics.score_label_reconstruction`` of the restored ids (None for NaN),
     and ``labels_s``, the seconds spent making the ids (after the mask, for mask-based methods)."""
     scores = score_label_reconstruction(restored_labels, true_labels, kept)
-    row = {"stack": stack_name, "factor": int(factor), "method": method}
+    row = {"stack": stack_name, "factor": factor_value(factor), "method": method}
     row.update({key: None if np.isnan(value) else round(value, 5) for key, value in scores.items()})
     row["labels_s"] = round(labels_s, 3)
     return row
@@ -241,7 +243,7 @@ def label_row(stack_name: str, factor: int, method: str, restored_labels: np.nda
 
 def unavailable_row(stack_name: str, factor: int, method: str) -> Dict[str, Any]:
     row = dict.fromkeys(ROW_KEYS)
-    row.update(stack=stack_name, factor=int(factor), method=method)
+    row.update(stack=stack_name, factor=factor_value(factor), method=method)
     return row
 
 
@@ -336,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--input", nargs="+", type=Path, help="TIFF files or slice folders (default: ../shared/data)")
-    parser.add_argument("--factors", nargs="+", type=int, default=[4, 8, 10])
+    parser.add_argument("--factors", nargs="+", type=int, default=[4, 8, 10],
+                        help="keep every N-th slice of each stack")
+    parser.add_argument("--output-grid", choices=("input", "isotropic"), default="input",
+                        help="input: restore onto the input's slices (the factor is N); isotropic: onto the grid "
+                             "whose Z step is the pixel size, from the file's voxel size (UroCell, 15 nm slices and "
+                             "16 nm pixels, kept every 7th: factor 6.5625), the truth resampled onto it (masks)")
     parser.add_argument("--methods", nargs="+", choices=METHODS + ("cubic",),
                         help=f"masks: {' '.join(METHODS)} (default: all); --kind intensity: "
                              f"{' '.join(INTENSITY_METHODS)} (default: all)")
@@ -384,10 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass(frozen=True)
 class Case:
-    """One stack at one factor: the truth, its kept slices ``sparse`` at the indices ``kept`` (every
-    ``factor``-th slice, ``data.downsample_z``) and, for a label image, its ids (else None)."""
+    """One stack at one factor: the truth, its kept slices ``sparse`` at the output positions ``kept``
+    (every ``factor``-th slice, ``data.downsample_z``) and, for a label image, its ids (else None).
+
+    On the isotropic output grid (``--output-grid isotropic``, :meth:`on_isotropic_grid`) the factor is
+    the kept slices' Z/XY ratio, which may not be an integer: ``kept`` are then fractional positions
+    (only those that land on an output slice are not scored, ``metrics.reconstructed_indices``) and
+    ``truth`` is resampled onto the grid.
+    """
     name: str
-    factor: int
+    factor: float
     truth: np.ndarray
     sparse: np.ndarray
     kept: np.ndarray
@@ -397,6 +410,38 @@ class Case:
     def of(cls, name: str, truth: np.ndarray, factor: int, labels: Optional[np.ndarray] = None) -> "Case":
         sparse, kept = downsample_z(truth, factor)
         return cls(name, int(factor), truth, sparse, kept, labels)
+
+    @classmethod
+    def on_isotropic_grid(cls, name: str, truth: np.ndarray, step: int, voxel_zyx: Sequence[float]) -> "Case":
+        """Every ``step``-th slice of a mask sliced at ``voxel_zyx[0]`` with pixels of ``voxel_zyx[2]``,
+        restored onto the grid whose Z step is the pixel size (``data.simulate_isotropic_grid``)."""
+        sparse, factor, truth_on_grid, _ = simulate_isotropic_grid(truth, step, voxel_zyx[0], voxel_zyx[2])
+        return cls(name, factor, truth_on_grid, sparse, kept_positions(len(sparse), factor))
+
+
+def factor_value(factor: float):
+    """A factor as a row shows it: an int, or the ratio to 4 decimals."""
+    return int(round(factor)) if is_integer_factor(factor) else round(float(factor), 4)
+
+
+def benchmark_cases(stacks: Sequence[tuple], steps: Sequence[int], grid: str, voxels: Sequence[Optional[tuple]]
+                    ) -> Dict[tuple, Case]:
+    """Every stack at every step, checked before any long work: ``{(stack index, step): Case}``. On the
+    isotropic ``grid`` each stack needs its voxel size (``voxels``, from its file) and, being scored as a
+    mask, no label ids."""
+    cases = {}
+    for index, (name, truth, labels) in enumerate(stacks):
+        if grid == "isotropic" and (labels is not None or not voxels[index] or voxels[index][0] is None):
+            raise UserError(f"{name}: --output-grid isotropic scores masks of a calibrated stack (a TIFF with its "
+                            "Z step and pixel size); give a mask with its voxel size, or leave the grid as input.")
+        for step in steps:
+            try:
+                check_factor(step, truth.shape[0])
+            except ValueError as error:
+                raise UserError(f"{name}: {error}") from None
+            cases[index, step] = (Case.on_isotropic_grid(name, truth, step, voxels[index]) if grid == "isotropic"
+                                  else Case.of(name, truth, step, labels))
+    return cases
 
 
 def benchmark_settings(args: argparse.Namespace) -> Tuple[Settings, Dict[str, Any]]:
@@ -431,27 +476,23 @@ def json_constants(constants: Dict[str, Any]) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in constants.items()}
 
 
-def fit_recipes(stacks: Sequence[tuple], factors: Sequence[int], settings: Settings,
-                typed: Optional[Sequence[str]]) -> Tuple[Dict[tuple, Settings], List[str]]:
-    """Check every factor against every stack; with ``typed`` (the network is benchmarked), the recipe
-    fitted to each stack and factor, as apply.py and eval.py fit it: a stack smaller than the recipe
-    trains on what it holds; a setting given with --set (named in ``typed``) is kept as given, or
-    refused. Returns ``{(stack index, factor): recipe}`` and the notes of what was fitted."""
+def fit_recipes(cases: Dict[tuple, Case], settings: Settings, typed: Optional[Sequence[str]]
+                ) -> Tuple[Dict[tuple, Settings], List[str]]:
+    """With ``typed`` (the network is benchmarked), the recipe fitted to each case, as apply.py and eval.py
+    fit it: a stack smaller than the recipe trains on what it holds; a setting given with --set (named in
+    ``typed``) is kept as given, or refused. Returns ``{case key: recipe}`` and the notes of what was fitted."""
     from restore import fit_recipe_to_stack
 
     recipes: Dict[tuple, Settings] = {}
     notes: List[str] = []
-    for index, (name, stack, _) in enumerate(stacks):
-        for factor in factors:
-            try:
-                check_factor(factor, stack.shape[0])
-                if typed is not None:
-                    n_kept = len(range(0, stack.shape[0], factor))
-                    recipes[index, factor], fitted = fit_recipe_to_stack(settings, (n_kept,) + stack.shape[1:],
-                                                                         factor, typed)
-                    notes += [f"{name}, factor {factor}: {note}" for note in fitted]
-            except ValueError as error:
-                raise UserError(f"{name}: {error}") from None
+    if typed is None:
+        return recipes, notes
+    for key, case in cases.items():
+        try:
+            recipes[key], fitted = fit_recipe_to_stack(settings, case.sparse.shape, case.factor, typed)
+        except ValueError as error:
+            raise UserError(f"{case.name}: {error}") from None
+        notes += [f"{case.name}, factor {factor_value(case.factor)}: {note}" for note in fitted]
     return recipes, notes
 
 
@@ -461,10 +502,12 @@ def mask_rows(case: Case, method: str, label: str, settings: Settings, device
     row of n/a when the method is not installed, printed as it comes) and, for a label image, the
     rows of its ids (:data:`LABEL_SDF_METHOD` too after 'sdf')."""
     try:
+        if method == "itk_mci" and not is_integer_factor(case.factor):
+            raise ImportError("ITK interpolates between whole slices; the kept slices fall between output slices")
         result = restore_with(method, case.sparse, case.kept, case.truth.shape[0], case.factor, settings, device,
                               None if case.labels is None else case.labels[case.kept])
     except ImportError as error:
-        print(f"| {case.name} | {case.factor} | {label} | unavailable: {error} |", flush=True)
+        print(f"| {case.name} | {factor_value(case.factor)} | {label} | unavailable: {error} |", flush=True)
         return unavailable_row(case.name, case.factor, label), []
     row = score_row(case.name, case.factor, label, result["restored"], case.truth, case.kept, result["train_s"],
                     result["infer_s"], result.get("infer_gflop_per_s"), result.get("train_gflop_per_s"))
@@ -506,8 +549,10 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     paths = args.input if args.input else default_inputs()
     methods = list(args.methods or METHODS)
     stacks = load_inputs(paths, args.quick, args.sample_shape, args.crop)
+    voxels = [read_voxel_size(path) for path in paths] if paths else [(1.0, 1.0, 1.0)]
+    cases = benchmark_cases(stacks, args.factors, args.output_grid, voxels)
     typed = [pair.partition("=")[0] for pair in args.set]
-    recipes, recipe_notes = fit_recipes(stacks, args.factors, settings, typed if "network" in methods else None)
+    recipes, recipe_notes = fit_recipes(cases, settings, typed if "network" in methods else None)
     out_dir.mkdir(parents=True)
     device = select_device(settings.inference.device)
     print(f"Device: {describe_device(device)}; stacks: {', '.join(f'{n} {s.shape}' for n, s, _ in stacks)}; "
@@ -516,19 +561,18 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"Recipe fitted to the stack: {note}.")
     rows: List[Dict[str, Any]] = []
     label_rows: List[Dict[str, Any]] = []  # label-image inputs: scores of the restored ids (LABEL_ROW_KEYS)
-    report = run_report({"factors": args.factors, "methods": methods, "quick": args.quick, "crop": args.crop,
+    report = run_report({"factors": args.factors, "output_grid": args.output_grid, "methods": methods,
+                         "quick": args.quick, "crop": args.crop,
                          "inputs": [str(p) for p in paths] or "built-in sample", "network": json_constants(constants),
                          **({"recipe_fitted": recipe_notes} if recipe_notes else {})}, device, rows)
     print(markdown_table([]), flush=True)
-    for index, (name, truth, labels) in enumerate(stacks):
-        for factor in args.factors:
-            case = Case.of(name, truth, factor, labels)
-            for method in methods:
-                row, more = mask_rows(case, method, args.label if method == "network" else method,
-                                      recipes.get((index, factor), settings), device)
-                rows.append(row)
-                label_rows += more
-                save_report(out_dir, report, label_rows)
+    for key, case in cases.items():
+        for method in methods:
+            row, more = mask_rows(case, method, args.label if method == "network" else method,
+                                  recipes.get(key, settings), device)
+            rows.append(row)
+            label_rows += more
+            save_report(out_dir, report, label_rows)
     plot_iou_vs_factor(rows, out_dir / "iou_vs_factor.png")
     print(f"\nResults in {out_dir}\n")
     print(markdown_table(rows))

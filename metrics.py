@@ -32,13 +32,17 @@ def calculate_dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * np.count_nonzero(a & b) / total
 
 
-def reconstructed_indices(kept_indices: Sequence[int], depth: int) -> np.ndarray:
+def reconstructed_indices(kept_indices: Sequence[float], depth: int) -> np.ndarray:
     """Z indices that had to be reconstructed: between the first and last kept
     slice and not kept. Slices after the last kept one are extrapolated, not
-    interpolated, and are left out."""
-    kept = np.asarray(kept_indices, dtype=np.int64)
-    between = np.arange(kept.min(), min(int(kept.max()) + 1, depth))
-    return between[~np.isin(between, kept)]
+    interpolated, and are left out. ``kept_indices`` may be fractional output
+    positions (an isotropic output at a non-integer factor,
+    ``morph.kept_positions``): a kept slice between two output slices makes
+    neither of them kept."""
+    kept = np.asarray(kept_indices, dtype=np.float64)
+    between = np.arange(int(np.ceil(kept.min() - 1e-6)), min(int(np.floor(kept.max() + 1e-6)) + 1, depth))
+    on_grid = np.round(kept[np.abs(kept - np.round(kept)) <= 1e-6]).astype(np.int64)
+    return between[~np.isin(between, on_grid)]
 
 
 def mean_surface_distance(a: np.ndarray, b: np.ndarray, z_indices: Sequence[int] = None) -> float:

@@ -238,3 +238,46 @@ def test_apply_can_round_the_factor_instead(tmp_path, capsys):
     assert "factor: 3 from" in printed  # 2.5 rounds half up
     assert f"output shape: {(len(kept) - 1) * 3 + 1} x 40 x 48" in printed
     assert "output voxel size: 0.133333 x 0.16 x 0.16 um" in printed
+
+
+# --------------------------------------------------------------------------- #
+# bench.py on the isotropic grid
+# --------------------------------------------------------------------------- #
+def bench_rows(tmp_path, name, voxel, grid):
+    import json
+
+    import bench
+    from data import make_sample_stack, save_stack
+
+    truth = make_sample_stack((40, 48, 48), seed=2)
+    source = tmp_path / f"{name}.tif"
+    if not source.exists():
+        save_stack(source, truth, voxel, "nm")
+    out = tmp_path / f"bench-{name}-{grid}"
+    assert bench.main(["--input", str(source), "--factors", "3", "--methods", "nearest", "sdf", "itk_mci",
+                       "--output-grid", grid, "--out", str(out)]) == 0
+    return truth, json.loads((out / "bench_results.json").read_text())["rows"]
+
+
+def test_bench_scores_a_non_integer_ratio_against_the_truth_on_that_grid(tmp_path):
+    from metrics import calculate_iou, reconstructed_indices
+
+    truth, rows = bench_rows(tmp_path, "urocell_like", (15.0, 16.0, 16.0), "isotropic")
+    factor = 3 * 15 / 16
+    assert [(r["factor"], r["method"]) for r in rows] == [(2.8125, "nearest"), (2.8125, "sdf"), (2.8125, "itk_mci")]
+    assert rows[2]["iou_recon"] is None  # ITK needs whole-slice positions: a row of n/a
+    # An independent score: every 3rd slice kept, the truth sampled at the output positions j * 16 / 15.
+    n_kept = len(range(0, 40, 3))
+    depth = restored_depth(n_kept, factor)
+    truth_on_grid = sample_rows(truth, np.arange(depth) * 16 / 15, axis=0, binary=True)
+    nearest = interpolate_along_axis(truth[::3], kept_positions(n_kept, factor), depth, method="nearest")
+    recon = np.array([z for z in range(depth) if z % 45])  # kept slice 16k lands on output slice 45k
+    assert rows[0]["iou_recon"] == pytest.approx(calculate_iou(nearest[recon], truth_on_grid[recon]), abs=1e-5)
+    assert 0.5 < rows[0]["iou_recon"] < rows[1]["iou_recon"]  # shape-based beats the nearest slice here too
+
+
+def test_bench_isotropic_grid_of_an_isotropic_stack_is_the_input_grid(tmp_path):
+    _, on_input = bench_rows(tmp_path, "iso", (16.0, 16.0, 16.0), "input")
+    _, on_isotropic = bench_rows(tmp_path, "iso", (16.0, 16.0, 16.0), "isotropic")
+    scores = ("factor", "method", "iou_recon", "dice_recon", "iou_stack", "assd_vox")
+    assert [[r[k] for k in scores] for r in on_isotropic[:2]] == [[r[k] for k in scores] for r in on_input[:2]]
