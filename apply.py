@@ -18,7 +18,8 @@ import numpy as np
 import blocks
 import zarr_io
 from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError,
-                  normal_unit, factor_from_voxel_size, read_calibration, read_typed_stack, save_stack, stack_dtype, stack_shape)
+                  factor_from_voxel_size, normal_unit, read_calibration, read_typed_stack, save_stack, stack_dtype,
+                  stack_shape)
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions

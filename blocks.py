@@ -491,35 +491,44 @@ class DenseLabelJob:
 
 def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
     """Pass 2 of the dense label rule for block ``index``: :func:`restore.grow_labels` on the block plus a
-    halo, its ids and their foreground (0/255) written.
+    halo, a few kept-slice intervals at a time (each gap grows from its own two kept slices, so the
+    intervals are independent), its ids and their foreground (0/255) written.
 
     A seeded watershed reaches a voxel along the path of least boundary, which may leave the window: the
     halo doubles until two halos give the block the same ids (or it covers the whole slice, which is
     exact), up to ``max_halo``; a block accepted at that limit is reported (``exact`` False).
     """
     start = time.perf_counter()
-    _, height, width = job.plan.shape_dhw
+    depth, height, width = job.plan.shape_dhw
     (y0, y1), (x0, x1) = job.plan.region(index)
     boundaries = zarr.open_array(store=job.output, path=job.boundaries, mode="r")
-    halo, previous = min(job.halo, job.max_halo), None
-    while True:
-        wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)
-        ids_kept = _read_kept(job.labels_source, slice(wy0, wy1), slice(wx0, wx1))
-        grown = restore.grow_labels(boundaries[:, wy0:wy1, wx0:wx1], ids_kept, job.factor, job.probability_threshold,
-                                    progress=False, drawn_boundaries=job.drawn_boundaries,
-                                    boundaries_khw=LabelBoundaries(job.labels_source).read(
-                                        slice(None), slice(wy0, wy1), slice(wx0, wx1)))
-        ids = grown[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
-        whole = (wy0, wy1, wx0, wx1) == (0, height, 0, width)
-        exact = whole or (previous is not None and np.array_equal(ids, previous))
-        if exact or halo >= job.max_halo:
-            break
-        previous, halo = ids, min(2 * halo, job.max_halo)
+    ids = np.zeros((depth, y1 - y0, x1 - x0), dtype=np.dtype(job.labels.dtype))
+    exact, largest = True, 0
+    window_pixels = (y1 - y0 + 2 * job.halo) * (x1 - x0 + 2 * job.halo)
+    for ka, kb in _slabs(job.labels_source.shape[0], job.factor, window_pixels):
+        z, offset = _slab_slices(ka, kb, job.factor)
+        halo, previous = min(job.halo, job.max_halo), None
+        while True:
+            rows = slice(max(0, y0 - halo), min(height, y1 + halo))
+            cols = slice(max(0, x0 - halo), min(width, x1 + halo))
+            grown = restore.grow_labels(
+                boundaries[z, rows, cols], _read_kept(job.labels_source, rows, cols, slice(ka, kb + 1)), job.factor,
+                job.probability_threshold, progress=False, drawn_boundaries=job.drawn_boundaries,
+                boundaries_khw=LabelBoundaries(job.labels_source).read(slice(ka, kb + 1), rows, cols), offset=offset,
+                origin_zyx=(z.start, rows.start, cols.start))
+            inner = grown[:, y0 - rows.start:y1 - rows.start, x0 - cols.start:x1 - cols.start]
+            whole = (rows.start, rows.stop, cols.start, cols.stop) == (0, height, 0, width)
+            stable = whole or (previous is not None and np.array_equal(inner, previous))
+            if stable or halo >= job.max_halo:
+                break
+            previous, halo = inner, min(2 * halo, job.max_halo)
+        ids[z] = inner
+        exact, largest = exact and stable, max(largest, halo)
     target = (slice(None), slice(y0, y1), slice(x0, x1))
-    job.labels.write(target, ids.astype(np.dtype(job.labels.dtype), copy=False))
+    job.labels.write(target, ids)
     job.mask.write(target, (ids != 0).astype(np.uint8) * 255)
     mark_finished(job.output, "labels", index)
-    return {"index": index, "seconds": time.perf_counter() - start, "halo": halo, "exact": exact}
+    return {"index": index, "seconds": time.perf_counter() - start, "halo": largest, "exact": exact}
 
 
 def label_block(job: LabelJob, index: int) -> Dict[str, Any]:

@@ -370,8 +370,14 @@ START_FROM_CHOICES = ("phantom", "scratch")
 @functools.lru_cache(maxsize=2)
 def _starting_model(path: str, modified_ns: int) -> AttentionResUNet:
     """The starting model file, read once per file version: a run asks several times whether it fits
-    (the recipe's epochs, the plan, the training); callers get copies of its weights, never the model."""
-    return load_model(path, device="cpu")[0]
+    (the recipe's epochs, the plan, the training); callers get copies of its weights, never the model.
+
+    Building the network draws its initial weights from torch's generator; that is done on a fork of it,
+    so that whether the file was read before or after a training seeded the generator (a cold or a warm
+    cache) does not change the training's random stream: the same run gives the same result.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return load_model(path, device="cpu")[0]
 
 
 def starting_weights(architecture: Dict[str, Any], kind: str, start_from: str = "phantom",

@@ -877,9 +877,26 @@ def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
     return boundaries
 
 
+# Ties between equal boundary probabilities are broken by a position hash of this size: far below one uint8
+# level (1/255) or a float16 step, so it only orders voxels that are equal.
+TIE_BREAK = 1e-9
+
+
+def position_hash(z: np.ndarray, shape_hw: Tuple[int, int], origin_yx: Tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A fixed pseudo-random value in [0, 1) for every voxel of the planes ``z`` (global indices) of a window of
+    ``shape_hw`` at ``origin_yx``: a function of the voxel's global position only. Returns float64 (len(z), h, w)."""
+    zz = np.asarray(z, dtype=np.uint64)[:, None, None]
+    yy = (np.arange(shape_hw[0], dtype=np.uint64) + np.uint64(origin_yx[0]))[None, :, None]
+    xx = (np.arange(shape_hw[1], dtype=np.uint64) + np.uint64(origin_yx[1]))[None, None, :]
+    mixed = (zz * np.uint64(73856093)) ^ (yy * np.uint64(19349663)) ^ (xx * np.uint64(83492791))
+    mixed = (mixed * np.uint64(2654435761)) % np.uint64(2**32)
+    return mixed.astype(np.float64) / 2.0**32
+
+
 def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: float,
                 threshold: float = 0.5, progress: bool = True, drawn_boundaries: Optional[bool] = None,
-                boundaries_khw: Optional[np.ndarray] = None) -> np.ndarray:
+                boundaries_khw: Optional[np.ndarray] = None, offset: float = 0.0,
+                origin_zyx: Tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
     """Ids of a dense label image, grown from the kept slices into the compartments of a restored boundary.
 
     Each gap between two kept slices is flooded (seeded watershed, ``skimage.segmentation.watershed``, on the
@@ -907,6 +924,12 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     boundaries_khw : ndarray of bool, shape (K, H, W), optional
         :func:`label_boundaries` of the kept slices; a window passes the
         whole slices' (at its edge, ids touching across it count).
+    offset : float, in (-factor, 0]
+        Output position of kept slice 0, as in :func:`assign_labels` (a slab of the output).
+    origin_zyx : (z, y, x)
+        Where the arrays' first voxel sits in the whole volume. Equal boundary probabilities (uint8 has
+        256 levels) are flooded in an order set by their global position (:func:`position_hash`), not by
+        where they sit in the arrays, so that a window of a volume (``blocks``) grows the ids of the whole.
 
     Returns
     -------
@@ -922,9 +945,9 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
         drawn_boundaries = bool((sparse_labels_khw == 0).any())
     out = np.zeros(boundary_probabilities_dhw.shape, dtype=sparse_labels_khw.dtype)
     n_kept = len(sparse_labels_khw)
-    positions = kept_positions(n_kept, factor).astype(np.float64)
+    positions = kept_positions(n_kept, factor).astype(np.float64) + offset
     inside = positions <= depth - 1 + ON_GRID_TOLERANCE
-    on_grid = dict(zip(*slices_on_grid(n_kept, factor, depth)))
+    on_grid = dict(zip(*slices_on_grid(n_kept, factor, depth, offset)))
 
     def kept_plane(k: int) -> np.ndarray:
         """Elevation of kept slice k: its output slice where it has one, else its own boundary mask."""
@@ -949,11 +972,13 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
             markers[-1] = seeds_khw[k + 1]
         if not markers.any() or end <= first:
             continue
-        grown = watershed(elevation, markers)
+        z_planes = np.arange(first - 1, first + len(elevation) - 1) + origin_zyx[0]
+        grown = watershed(elevation / scale + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]),
+                          markers)
         if drawn_boundaries:
             grown[elevation >= threshold * scale] = 0
         out[first:end] = grown[1:1 + end - first]
-    kept, on_grid_z = slices_on_grid(n_kept, factor, depth)
+    kept, on_grid_z = slices_on_grid(n_kept, factor, depth, offset)
     out[on_grid_z] = sparse_labels_khw[kept]
     return out
 

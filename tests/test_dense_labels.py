@@ -407,3 +407,15 @@ def test_block_wise_dense_labels_equal_the_in_memory_ones(tmp_path, factor, with
     np.testing.assert_array_equal(ids, restored)
     np.testing.assert_array_equal(mask, np.where(restored != 0, 255, 0))
     assert (restored == 0).any() == with_zero
+
+
+def test_ties_are_broken_by_global_position_so_a_window_floods_as_the_whole():
+    """grow_labels orders equal boundary probabilities by a hash of the voxel's position in the volume: the
+    hash of a window is the window of the whole volume's hash, and it never reorders two uint8 levels."""
+    from restore import TIE_BREAK, position_hash
+
+    whole = position_hash(np.arange(3, 9), (40, 50))
+    window = position_hash(np.arange(5, 8), (10, 20), origin_yx=(12, 25))
+    np.testing.assert_array_equal(window, whole[2:5, 12:22, 25:45])
+    assert 0.0 <= whole.min() and whole.max() < 1.0 and len(np.unique(whole)) > 0.99 * whole.size
+    assert TIE_BREAK * 1.0 < 1 / 255 / 1000  # far below one uint8 level

@@ -92,3 +92,17 @@ def test_building_the_starting_model_is_reproducible(tmp_path):
     assert config["STARTING_MODEL"]["phantom_seeds"] == [101]
     path = save_model(tmp_path / "prior.pt", first, config)
     assert starting_weights(network_architecture(), "mask", path=path)[0] is not None
+
+
+def test_reading_the_starting_model_leaves_the_random_stream_alone():
+    """A cold cache (the file read inside a seeded training) and a warm one give the same random stream."""
+    import torch
+
+    import model as model_module
+
+    model_module._starting_model.cache_clear()
+    torch.manual_seed(5)
+    before = torch.get_rng_state().clone()
+    weights, _ = model_module.starting_weights(model_module.network_architecture(), "mask")
+    assert weights is not None
+    assert torch.equal(torch.get_rng_state(), before)
