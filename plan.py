@@ -161,7 +161,7 @@ class RestorePlan:
         on_grid = len(slices_on_grid(n_kept, self.factor, self.output_shape[0])[0])
         return (said + f": not an integer, so the output grid is isotropic (Z step = XY pixel size); {on_grid} of "
                 f"the {n_kept} kept slices fall on an output slice and are kept verbatim, the others fall between "
-                "two and are restored around (FACTOR_ROUNDING nearest: round the factor, keep every slice verbatim)")
+                "two and are restored around (--factor-rounding nearest rounds the factor and keeps every slice verbatim)")
 
     def training_line(self) -> str:
         if self.factor == 1:

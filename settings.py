@@ -242,7 +242,7 @@ class Inference:
                                 constant="ORIENTATIONS", group="inference", choices=("yx", "y", "x", "xy"),
                                 model="read")
     channel_stride: Optional[int] = setting(None, "spacing of the channel planes, in voxels", constant="CHANNEL_STRIDE",
-                                            group="advanced", type=int, none="the factor, as in training",
+                                            group="advanced", type=int, none="the factor (rounded), as in training",
                                             legacy_none=_zero, model="read")
     tta_flips: bool = setting(False, "average predictions over flips along Z and along the lateral axis",
                               constant="TTA_FLIPS", group="inference", model="read")

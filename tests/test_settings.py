@@ -110,7 +110,7 @@ def test_apply_help_reads_top_to_bottom():
     assert "VALUE" not in text and "--tta-flips, --no-tta-flips" in text
     words = " ".join(text.split())  # help texts are wrapped
     assert "--num-epochs N" in text and "passes over the training crops (default: by kind)" in words
-    assert "(default: the factor, as in training)" in words and "(default: value != 0)" in words
+    assert "(default: the factor (rounded), as in training)" in words and "(default: value != 0)" in words
     for constant, (_, item) in FIELDS.items():  # every setting, with its help text
         assert item.metadata["flag"] in text, constant
     import re
