@@ -281,3 +281,25 @@ def test_bench_isotropic_grid_of_an_isotropic_stack_is_the_input_grid(tmp_path):
     _, on_isotropic = bench_rows(tmp_path, "iso", (16.0, 16.0, 16.0), "isotropic")
     scores = ("factor", "method", "iou_recon", "dice_recon", "iou_stack", "assd_vox")
     assert [[r[k] for k in scores] for r in on_isotropic[:2]] == [[r[k] for k in scores] for r in on_input[:2]]
+
+
+def test_grey_values_restore_on_the_isotropic_grid_in_memory_and_block_wise(tmp_path):
+    """Grey values at factor 2.5: the kept slices on the grid verbatim, the others between their neighbours'
+    range, and the block-wise output equal to the in-memory one within one grey level."""
+    import zarr
+
+    from data import make_sample_intensity
+
+    truth = make_sample_intensity((36, 40, 48), seed=4)
+    kept = truth[np.round(kept_positions(15, 2.5)).astype(int)]  # 0, 2.5 -> 2, 5, ...: a grey stack kept at 2.5
+    settings = tiny_settings(NUM_EPOCHS=1, BLOCK_SIZE=32)
+    restored, model, _ = restore.restore_intensity(kept, 2.5, settings)
+    assert restored.shape == (restored_depth(15, 2.5), 40, 48) and restored.dtype == kept.dtype
+    kept_index, on_grid = slices_on_grid(15, 2.5, restored.shape[0])
+    np.testing.assert_array_equal(restored[on_grid], kept[kept_index])
+    out = tmp_path / "grey.ome.zarr"
+    blocks.restore_to_ome_zarr(kept, out, 2.5, settings, blocks.OutputMetadata((0.16, 0.16, 0.16), "um"),
+                               kind="intensity", model=model, progress=False)
+    blockwise = np.asarray(zarr.open_array(store=str(out), path="s0", mode="r")[:])
+    assert blockwise.shape == restored.shape
+    assert np.abs(blockwise.astype(np.int64) - restored.astype(np.int64)).max() <= 1
