@@ -46,8 +46,8 @@ from metrics import (calculate_dice, calculate_iou, mean_surface_distance, recon
                      score_label_reconstruction)
 from morph import (interpolate_along_axis, interpolate_labels_sdf, is_integer_factor, kept_positions,
                    morph_stack_interpolated)
-from restore import (assign_labels, is_dense_label_image, restore_dense_labels, restore_probabilities,
-                     threshold_probabilities)
+from restore import (assign_labels, factor_value, is_dense_label_image, restore_dense_labels,
+                     restore_probabilities, threshold_probabilities)
 from settings import Settings
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
@@ -415,13 +415,8 @@ class Case:
     def on_isotropic_grid(cls, name: str, truth: np.ndarray, step: int, voxel_zyx: Sequence[float]) -> "Case":
         """Every ``step``-th slice of a mask sliced at ``voxel_zyx[0]`` with pixels of ``voxel_zyx[2]``,
         restored onto the grid whose Z step is the pixel size (``data.simulate_isotropic_grid``)."""
-        sparse, factor, truth_on_grid, _ = simulate_isotropic_grid(truth, step, voxel_zyx[0], voxel_zyx[2])
+        sparse, factor, truth_on_grid = simulate_isotropic_grid(truth, step, voxel_zyx[0], voxel_zyx[2])
         return cls(name, factor, truth_on_grid, sparse, kept_positions(len(sparse), factor))
-
-
-def factor_value(factor: float):
-    """A factor as a row shows it: an int, or the ratio to 4 decimals."""
-    return int(round(factor)) if is_integer_factor(factor) else round(float(factor), 4)
 
 
 def benchmark_cases(stacks: Sequence[tuple], steps: Sequence[int], grid: str, voxels: Sequence[Optional[tuple]]

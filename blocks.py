@@ -174,11 +174,16 @@ class LabelBoundaries:
         return np.dtype(bool)
 
     def read(self, z: slice, rows: slice, cols: slice) -> np.ndarray:
+        return self.ids_and_boundaries(z, rows, cols)[1]
+
+    def ids_and_boundaries(self, z: slice, rows: slice, cols: slice) -> Tuple[np.ndarray, np.ndarray]:
+        """The ids of a window and their boundary mask, from one read of the window one pixel wider."""
         _, height, width = self.shape
         (r0, r1), (c0, c1) = (rows.indices(height)[:2], cols.indices(width)[:2])
         g0, g1, h0, h1 = max(0, r0 - 1), min(height, r1 + 1), max(0, c0 - 1), min(width, c1 + 1)
         ids = _read_kept(self.labels, slice(g0, g1), slice(h0, h1), z)
-        return restore.label_boundaries(ids)[:, r0 - g0:r1 - g0, c0 - h0:c1 - h0]
+        inner = (slice(None), slice(r0 - g0, r1 - g0), slice(c0 - h0, c1 - h0))
+        return ids[inner], restore.label_boundaries(ids)[inner]
 
 
 def _engine_input(values: np.ndarray, threshold: Optional[float],
@@ -511,11 +516,12 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
         while True:
             rows = slice(max(0, y0 - halo), min(height, y1 + halo))
             cols = slice(max(0, x0 - halo), min(width, x1 + halo))
-            grown = restore.grow_labels(
-                boundaries[z, rows, cols], _read_kept(job.labels_source, rows, cols, slice(ka, kb + 1)), job.factor,
-                job.probability_threshold, progress=False, drawn_boundaries=job.drawn_boundaries,
-                boundaries_khw=LabelBoundaries(job.labels_source).read(slice(ka, kb + 1), rows, cols), offset=offset,
-                origin_zyx=(z.start, rows.start, cols.start))
+            ids_kept, boundaries_kept = LabelBoundaries(job.labels_source).ids_and_boundaries(slice(ka, kb + 1),
+                                                                                              rows, cols)
+            grown = restore.grow_labels(boundaries[z, rows, cols], ids_kept, job.factor, job.probability_threshold,
+                                        progress=False, drawn_boundaries=job.drawn_boundaries,
+                                        boundaries_khw=boundaries_kept, offset=offset,
+                                        origin_zyx=(z.start, rows.start, cols.start))
             inner = grown[:, y0 - rows.start:y1 - rows.start, x0 - cols.start:x1 - cols.start]
             whole = (rows.start, rows.stop, cols.start, cols.stop) == (0, height, 0, width)
             stable = whole or (previous is not None and np.array_equal(inner, previous))

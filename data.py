@@ -136,7 +136,7 @@ def downsample_z(stack_dhw: np.ndarray, factor: int) -> Tuple[np.ndarray, np.nda
 
 
 def simulate_isotropic_grid(stack_dhw: np.ndarray, step: int, z_step: float, xy_size: float, binary: bool = True
-                            ) -> Tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+                            ) -> Tuple[np.ndarray, float, np.ndarray]:
     """Keep every ``step``-th slice of a finely sliced stack and put the truth on the isotropic output grid.
 
     A stack sliced at ``z_step`` with pixels of ``xy_size`` (UroCell: 15 nm and
@@ -161,12 +161,11 @@ def simulate_isotropic_grid(stack_dhw: np.ndarray, step: int, z_step: float, xy_
     sparse_khw : ndarray, shape (K, H, W), the kept slices (same dtype)
     factor : float, the Z/XY ratio of the kept slices (an int where it is one)
     truth_dhw : ndarray, shape (restored_depth(K, factor), H, W): bool, or float32 grey values
-    kept_on_grid : ndarray of int64, the output slices that are kept slices (not scored)
     """
-    from morph import restored_depth, sample_rows, slices_on_grid
+    from morph import restored_depth, sample_rows
 
     sparse, _ = downsample_z(stack_dhw, step)
     factor, _ = factor_from_voxel_size(step * z_step, xy_size)
     depth = restored_depth(len(sparse), factor)
     truth = sample_rows(stack_dhw, np.arange(depth) * (xy_size / z_step), axis=0, binary=binary)
-    return sparse, factor, truth, slices_on_grid(len(sparse), factor, depth)[1]
+    return sparse, factor, truth

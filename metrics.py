@@ -10,6 +10,8 @@ from typing import Dict, Sequence
 import numpy as np
 from scipy import ndimage
 
+from morph import ON_GRID_TOLERANCE
+
 
 def _check_same_shape(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
@@ -40,8 +42,9 @@ def reconstructed_indices(kept_indices: Sequence[float], depth: int) -> np.ndarr
     ``morph.kept_positions``): a kept slice between two output slices makes
     neither of them kept."""
     kept = np.asarray(kept_indices, dtype=np.float64)
-    between = np.arange(int(np.ceil(kept.min() - 1e-6)), min(int(np.floor(kept.max() + 1e-6)) + 1, depth))
-    on_grid = np.round(kept[np.abs(kept - np.round(kept)) <= 1e-6]).astype(np.int64)
+    between = np.arange(int(np.ceil(kept.min() - ON_GRID_TOLERANCE)),
+                        min(int(np.floor(kept.max() + ON_GRID_TOLERANCE)) + 1, depth))
+    on_grid = np.round(kept[np.abs(kept - np.round(kept)) <= ON_GRID_TOLERANCE]).astype(np.int64)
     return between[~np.isin(between, on_grid)]
 
 

@@ -947,7 +947,8 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     n_kept = len(sparse_labels_khw)
     positions = kept_positions(n_kept, factor).astype(np.float64) + offset
     inside = positions <= depth - 1 + ON_GRID_TOLERANCE
-    on_grid = dict(zip(*slices_on_grid(n_kept, factor, depth, offset)))
+    kept_on_grid, z_on_grid = slices_on_grid(n_kept, factor, depth, offset)
+    on_grid = dict(zip(kept_on_grid.tolist(), z_on_grid.tolist()))
 
     def kept_plane(k: int) -> np.ndarray:
         """Elevation of kept slice k: its output slice where it has one, else its own boundary mask."""
@@ -978,8 +979,7 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
         if drawn_boundaries:
             grown[elevation >= threshold * scale] = 0
         out[first:end] = grown[1:1 + end - first]
-    kept, on_grid_z = slices_on_grid(n_kept, factor, depth, offset)
-    out[on_grid_z] = sparse_labels_khw[kept]
+    out[z_on_grid] = sparse_labels_khw[kept_on_grid]
     return out
 
 
@@ -1088,8 +1088,8 @@ def check_model_kind(model: nn.Module, kind: str) -> None:
 
 def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: float) -> None:
     """Write the kept grey values verbatim at ``0, factor, ...`` of ``restored_dhw`` (in place; those
-    within its depth that fall on an output slice, :func:`morph.slices_on_grid`). The engine's own copy holds normalised values, and the way back to grey values
-    is not exact in floating point."""
+    within its depth that fall on an output slice, :func:`morph.slices_on_grid`). The engine's own copy
+    holds normalised values, and the way back to grey values is not exact in floating point."""
     kept, on_grid = slices_on_grid(len(kept_khw), factor, len(restored_dhw))
     restored_dhw[on_grid] = kept_khw[kept]
 
