@@ -50,7 +50,7 @@ PRECISION = "auto"
 TRAIN_LATERAL_AXES = "yx"
 CROP_POOL = None  # None: by kind (masks 2: the hardest half of twice the crops; grey values 1)
 SLICE_PROFILE_FWHM = 0.0
-INTENSITY_LOSS = "mse"
+INTENSITY_LOSS = "mse+ssim"
 # Network
 BASE_FILTERS = 16
 DEPTH = 3

@@ -50,7 +50,7 @@ GROUPS = {
 LATERAL_AXES = ("yx", "y")  # training crops degraded along Y or X at random, or along Y only
 ORIENTATION_AXES = ("y", "x")
 UPSCALE_METHODS = ("linear", "nearest")
-INTENSITY_LOSSES = ("mse", "l1")
+INTENSITY_LOSSES = ("mse", "l1", "ssim", "mse+ssim")
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
                  "off": False}
 
@@ -186,8 +186,9 @@ class Training:
     profile_fwhm: float = setting(0.0, "grey-scale: Gaussian slice profile of the training degradation, FWHM in Z "
                                   "steps (0 = none)", constant="SLICE_PROFILE_FWHM", group="advanced",
                                   model="recorded")
-    intensity_loss: str = setting("mse", "grey-scale: regression loss", constant="INTENSITY_LOSS", group="advanced",
-                                  choices=INTENSITY_LOSSES, model="recorded")
+    intensity_loss: str = setting("mse+ssim", "grey-scale: regression loss (mse+ssim: MSE + 0.05 x (1 - SSIM); "
+                                  "ssim: 0.84 x (1 - SSIM) + 0.16 x L1)", constant="INTENSITY_LOSS",
+                                  group="advanced", choices=INTENSITY_LOSSES, model="recorded")
     start_from: str = setting("phantom", "masks and label images: fine-tune the network trained on built-in "
                               "phantoms (phantom) or start from random weights (scratch)", constant="START_FROM",
                               group="model and training", choices=START_FROM_CHOICES, model="recorded")
@@ -418,7 +419,8 @@ class Settings:
         if self.data.kind not in KINDS:
             raise UserError(f"KIND must be one of {', '.join(KINDS)}, got '{self.data.kind}'.")
         if training.intensity_loss not in INTENSITY_LOSSES:
-            raise UserError(f"INTENSITY_LOSS must be 'l1' or 'mse', got '{training.intensity_loss}'.")
+            raise UserError(f"INTENSITY_LOSS must be one of {', '.join(INTENSITY_LOSSES)}, got "
+                            f"'{training.intensity_loss}'.")
         if inference.batch_pixels < 0:
             raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
                             f"{inference.batch_pixels}.")

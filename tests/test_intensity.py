@@ -188,3 +188,32 @@ def test_apply_intensity_keeps_dtype_range_and_voxel_size(tmp_path, capsys):
     assert restored.max() <= 255 * 200 * 1.1  # no wrap-around, grey values in the input's range
     with tifffile.TiffFile(out) as tif:
         assert tif.imagej_metadata["spacing"] == pytest.approx(0.05)
+
+
+def test_ssim_losses_use_skimages_ssim_and_vanish_for_a_perfect_match():
+    """The SSIM of the 'ssim' and 'mse+ssim' losses is skimage's default SSIM (uniform 7 x 7 window,
+    sample covariance), mixed with L1 or MSE as documented."""
+    from skimage.metrics import structural_similarity
+    from train import SSIM_MIX, SSIM_WEIGHT_WITH_MSE, intensity_criterion, ssim_map
+
+    rng = np.random.default_rng(5)
+    target = rng.random((2, 1, 30, 40))
+    predicted = np.clip(target + 0.1 * rng.standard_normal(target.shape), 0, 1)
+    reference = np.mean([structural_similarity(t[0], p[0], data_range=1.0) for t, p in zip(target, predicted)])
+    as_tensor = torch.from_numpy
+    assert ssim_map(as_tensor(predicted), as_tensor(target)).mean().item() == pytest.approx(reference, rel=1e-9)
+    loss = intensity_criterion("ssim")(as_tensor(predicted), as_tensor(target)).item()
+    l1 = np.abs(predicted - target).mean()
+    assert loss == pytest.approx(SSIM_MIX * (1 - reference) + (1 - SSIM_MIX) * l1, rel=1e-9)
+    mixed = intensity_criterion("mse+ssim")(as_tensor(predicted), as_tensor(target)).item()
+    mse = np.mean((predicted - target) ** 2)
+    assert mixed == pytest.approx(mse + SSIM_WEIGHT_WITH_MSE * (1 - reference), rel=1e-9)
+    for name in ("ssim", "mse+ssim"):
+        assert intensity_criterion(name)(as_tensor(target), as_tensor(target)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_an_unknown_intensity_loss_is_refused_with_the_choices():
+    from settings import Settings
+
+    with pytest.raises(UserError, match="INTENSITY_LOSS must be one of mse, l1, ssim, mse\\+ssim, got 'ssmi'"):
+        Settings().with_values(INTENSITY_LOSS="ssmi").validate()
