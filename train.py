@@ -393,7 +393,13 @@ def ssim_map(predicted: torch.Tensor, target: torch.Tensor, data_range: float = 
              window: int = SSIM_WINDOW) -> torch.Tensor:
     """Local SSIM of two (N, C, H, W) float tensors, as ``skimage.metrics.structural_similarity``
     computes it by default: a uniform ``window`` x ``window`` window, sample covariances,
-    K1 = 0.01, K2 = 0.03. Returns (N, C, H - window + 1, W - window + 1): valid windows only."""
+    K1 = 0.01, K2 = 0.03. Returns (N, C, H - window + 1, W - window + 1): valid windows only.
+    A crop smaller than the window (a shallow network's smallest crops, 4 or 6 pixels) is
+    scored with the largest odd window it holds."""
+    smallest_edge = min(predicted.shape[-2:])
+    if smallest_edge < window:
+        window = smallest_edge - 1 + smallest_edge % 2
+
     def mean(values: torch.Tensor) -> torch.Tensor:
         return F.avg_pool2d(values, window, stride=1)
 

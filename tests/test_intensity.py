@@ -210,6 +210,12 @@ def test_ssim_losses_use_skimages_ssim_and_vanish_for_a_perfect_match():
     assert mixed == pytest.approx(mse + SSIM_WEIGHT_WITH_MSE * (1 - reference), rel=1e-9)
     for name in ("ssim", "mse+ssim"):
         assert intensity_criterion(name)(as_tensor(target), as_tensor(target)).item() == pytest.approx(0.0, abs=1e-12)
+    # A crop smaller than the 7 x 7 window (DEPTH=1 trains on 4-pixel crops) is scored with a 3 x 3 window.
+    small_target, small_predicted = target[..., :4, :4], predicted[..., :4, :4]
+    small_reference = np.mean([structural_similarity(t[0], p[0], data_range=1.0, win_size=3)
+                               for t, p in zip(small_target, small_predicted)])
+    small = ssim_map(as_tensor(small_predicted), as_tensor(small_target))
+    assert small.shape[-2:] == (2, 2) and small.mean().item() == pytest.approx(small_reference, rel=1e-9)
 
 
 def test_an_unknown_intensity_loss_is_refused_with_the_choices():
