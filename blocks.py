@@ -1175,7 +1175,7 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     n_kept, height, width = source.shape
     large = settings.large
     plan = BlockPlan((restored_depth(n_kept, factor), height, width), large.block_size)
-    inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model)
+    inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model, kind)
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")

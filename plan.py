@@ -91,7 +91,7 @@ class RestorePlan:
     def memory_bytes(self) -> int:
         """Peak memory of the process (in memory) or of one worker (block-wise), an estimate."""
         n_kept, height, width = self.shape_khw
-        inference = restore.inference_kwargs(self.settings)
+        inference = restore.inference_kwargs(self.settings, kind=self.kind)
         grey = str(np.dtype(self.dtype)) if self.kind == "intensity" else None
         if self.block_size:
             plan = blocks.BlockPlan(self.output_shape, self.block_size)
@@ -143,6 +143,7 @@ class RestorePlan:
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
             f"training: {self.training_line()}",
+            *([f"test-time flips: {self.flips_line()}"] if self.factor != 1 else []),
             *([f"label ids: {self.label_rule}"] if self.label_rule else []),
             "expected time: " + (f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} "
                                  "(from earlier runs here)" if expected is not None else
@@ -173,6 +174,13 @@ class RestorePlan:
         return (f"{recipe['train_nb']} crops of {recipe['train_z_size']} x {recipe['train_xy_size']} x "
                 f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs, from "
                 f"{restore.training_start(self.settings, kind)[1]}")
+
+    def flips_line(self) -> str:
+        """Whether the restore averages four flipped passes, and how to change that."""
+        flips = self.settings.inference.flips_for(self.kind)
+        why = "by kind" if self.settings.inference.tta_flips is None else "as set"
+        return (f"on ({why}; --no-tta-flips restores about 4x faster)" if flips else
+                f"off ({why}; --tta-flips averages four flipped passes, about 4x the restore time)")
 
 
 def human_bytes(count: float) -> str:

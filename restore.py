@@ -48,6 +48,8 @@ from morph import (ON_GRID_TOLERANCE, bracket, interpolate_along_axis, is_intege
                    restored_depth, slices_on_grid)
 
 ORIENTATIONS = ("y", "x")
+# Test-time flips of a tile (axes of its (H, W) plane: Z and the lateral axis), averaged by :func:`predict_tiled`.
+TEST_TIME_FLIPS = ((), (-1,), (-2,), (-2, -1))
 # Network inputs built at a time (values, 16 MB as float32): memory is the output plus a few of these.
 CHUNK_VALUES = 4_000_000
 # On a CPU, tiles per forward pass are capped at this many pixels (at least two tiles): the default
@@ -83,19 +85,23 @@ def training_start(recipe: SettingsLike = None, kind: str = "mask") -> Tuple[boo
     return state is not None, reason
 
 
-def inference_kwargs(settings: SettingsLike = None,
-                     model: Optional[nn.Module] = None) -> Dict[str, Any]:
+def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] = None,
+                     kind: str = "mask") -> Dict[str, Any]:
     """Keyword arguments of :func:`restore_block` from ``settings``; with ``model``, the channel planes
-    are those the model takes (a recipe fitted to a small stack may have fewer)."""
+    are those the model takes (a recipe fitted to a small stack may have fewer). Test-time flips "by
+    kind" (``settings.Inference.flips_for``) follow the model's kind where there is a model, else ``kind``
+    ('mask', 'labels' or 'intensity')."""
     settings = as_settings(settings)
     training, inference = settings.training, settings.inference
     architecture = getattr(model, "architecture", {})
+    if architecture:
+        kind = "intensity" if architecture.get("output") == "intensity" else "mask"
     return dict(
         train_depth=architecture.get("in_channels", training.train_z_size), upscale_method=training.upscale_method,
         precision=training.precision, tile_size=max(inference.tile_size, training.train_xy_size),
         batch_size=inference.batch_size, batch_pixels=inference.batch_pixels,
         channel_stride=inference.channel_stride, orientations=tuple(inference.orientations),
-        flips=((), (-1,), (-2,), (-2, -1)) if inference.tta_flips else ((),),
+        flips=TEST_TIME_FLIPS if inference.flips_for(kind) else ((),),
         keep_kept_slices=inference.keep_kept_slices, skip_empty=inference.skip_empty_tiles,
         compile=inference.compile)
 

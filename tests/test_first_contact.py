@@ -337,6 +337,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert re.fullmatch(r"about \d+\.\d (MiB|GiB) \(estimate\)", plan["memory per worker"])
     assert plan["training"] == ("416 crops of 5 x 64 x 64, 3 epochs, from the phantom-trained starting model "
                                 "(phantom-mask.pt), fine-tuned")
+    assert plan["test-time flips"] == ("off (by kind; --tta-flips averages four flipped passes, about 4x the "
+                                       "restore time)")
     assert plan["expected time"].startswith("not known yet")
     assert printed.strip().splitlines()[-1].startswith("dry run:")
     assert "Epoch" not in printed
@@ -363,6 +365,8 @@ def test_dry_run_tells_the_kind_without_kind_flag(tmp_path, capsys, make, kind, 
     status, printed, err = run_apply(capsys, "--input", source, "--output", tmp_path / "o.tif", "--dry-run")
     assert status == 0, err
     assert plan_of(printed)["kind"].startswith(f"{kind} {reason}")
+    # Test-time flips by kind: grey values only (settings.TTA_BY_KIND).
+    assert plan_of(printed)["test-time flips"].startswith("on (by kind" if kind == "intensity" else "off (by kind")
 
 
 def test_dry_run_of_an_ambiguous_stack_asks_for_kind(tmp_path, capsys):

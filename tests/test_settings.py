@@ -185,6 +185,27 @@ def test_model_records_the_recipe_and_a_restore_reads_it_back(tmp_path):
     assert kwargs["orientations"] == ("y",) and kwargs["channel_stride"] == 2 and len(kwargs["flips"]) == 4
 
 
+def test_test_time_flips_are_on_by_kind_for_grey_values_and_a_typed_switch_wins():
+    mask_model = AttentionResUNet(in_channels=3, depth=1, base_filters=4)
+    grey_model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity")
+    by_kind, off, on = Settings(), Settings().with_values(TTA_FLIPS=False), Settings().with_values(TTA_FLIPS=True)
+    assert by_kind.inference.tta_flips is None
+    four, none = restore.TEST_TIME_FLIPS, ((),)
+    assert len(set(four)) == 4 and () in four
+    # The model's kind decides where there is a model; else the kind the caller names.
+    assert restore.inference_kwargs(by_kind, grey_model)["flips"] == four
+    assert restore.inference_kwargs(by_kind, mask_model, kind="intensity")["flips"] == none
+    assert [restore.inference_kwargs(by_kind, kind=kind)["flips"] for kind in ("intensity", "mask", "labels")] == \
+        [four, none, none]
+    assert restore.inference_kwargs(off, grey_model)["flips"] == none
+    assert restore.inference_kwargs(on, mask_model)["flips"] == four
+    # On the command line: nothing typed is "by kind"; the switch and its old spelling set it.
+    assert "TTA_FLIPS" not in vars(apply.parse_args(APPLY))
+    assert vars(apply.parse_args(APPLY + ["--no-tta-flips"]))["TTA_FLIPS"] is False
+    assert vars(apply.parse_args(APPLY + ["--tta-flips", "true"]))["TTA_FLIPS"] is True
+    assert "by kind: on for grey values" in help_text("apply.py")
+
+
 def test_models_saved_by_earlier_versions_still_load(tmp_path):
     """Their config holds the ten settings of the old MODEL_RECIPE, with CHANNEL_STRIDE 0 for 'the factor'."""
     old_config = {"train_xy_size": 32, "train_z_size": 3, "upscale_method": "linear", "inference_tile_size": 128,
