@@ -1175,7 +1175,9 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     n_kept, height, width = source.shape
     large = settings.large
     plan = BlockPlan((restored_depth(n_kept, factor), height, width), large.block_size)
-    inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model, kind)
+    dense = labels_source is not None and label_rule == "dense"
+    inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model,
+                                         "dense labels" if dense else kind)
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
@@ -1196,7 +1198,6 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
         "inference": _recorded_inference(inference),
         **({"label_rule": label_rule} if labels_source is not None else {})})
     probabilities_dtype = probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8")
-    dense = labels_source is not None and label_rule == "dense"
     return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
                 grey_values, value_range, window, plan_record, described, probabilities_dtype, dense,
                 dense and _holds_zero(labels_source))
@@ -1228,7 +1229,7 @@ def _train(run: _Run, source: Source, factor: float, settings: Settings, kind: s
     print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
     model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
     del stack
-    run.inference = restore.inference_kwargs(settings, model)
+    run.inference = restore.inference_kwargs(settings, model, "dense labels" if run.dense_labels else kind)
     run.plan_record["inference"] = _recorded_inference(run.inference)
     return model, info["train_s"]
 

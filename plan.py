@@ -91,7 +91,7 @@ class RestorePlan:
     def memory_bytes(self) -> int:
         """Peak memory of the process (in memory) or of one worker (block-wise), an estimate."""
         n_kept, height, width = self.shape_khw
-        inference = restore.inference_kwargs(self.settings, kind=self.kind)
+        inference = restore.inference_kwargs(self.settings, kind=self.inference_kind())
         grey = str(np.dtype(self.dtype)) if self.kind == "intensity" else None
         if self.block_size:
             plan = blocks.BlockPlan(self.output_shape, self.block_size)
@@ -118,10 +118,18 @@ class RestorePlan:
         if self.factor == 1:
             return None
         rates = recorded_throughput(self.kind, self.settings.inference.device or "")
-        if rates is None or (self.trained and not rates.get("train_pixels_per_s")):
+        if (rates is None or not rates.get("restore_voxel_passes_per_s")
+                or (self.trained and not rates.get("train_pixels_per_s"))):
             return None
         train = self.training_crop_pixels() / rates["train_pixels_per_s"] if self.trained else 0.0
-        return train + self.output_voxels / rates["restore_voxels_per_s"]
+        return train + self.output_voxels * self.network_passes() / rates["restore_voxel_passes_per_s"]
+
+    def network_passes(self) -> int:
+        """Network passes per output voxel: one per orientation and test-time flip. The restore rate is
+        recorded per pass, so that a run with flips predicts one without, and a dense label image (flips on
+        by kind) one of a mask."""
+        inference = restore.inference_kwargs(self.settings, kind=self.inference_kind())
+        return len(inference["orientations"]) * len(inference["flips"])
 
     def lines(self) -> List[str]:
         """The plan, one ``name: value`` per line."""
@@ -175,10 +183,14 @@ class RestorePlan:
                 f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs, from "
                 f"{restore.training_start(self.settings, kind)[1]}")
 
+    def inference_kind(self) -> str:
+        """The kind whose "by kind" inference settings apply: a dense label image restores its boundaries."""
+        return "dense labels" if self.dense_labels else self.kind
+
     def flips_line(self) -> str:
         """Whether the restore averages four flipped passes, and how to change that."""
-        flips = self.settings.inference.flips_for(self.kind)
-        why = "by kind" if self.settings.inference.tta_flips is None else "as set"
+        flips = self.settings.inference.flips_for(self.inference_kind())
+        why = "by kind" if self.settings.inference.tta_flips is None else "--tta-flips or the model's recipe"
         return (f"on ({why}; --no-tta-flips restores about 4x faster)" if flips else
                 f"off ({why}; --tta-flips averages four flipped passes, about 4x the restore time)")
 
@@ -208,7 +220,7 @@ def _throughput_key(kind: str, device: str) -> str:
 
 
 def recorded_throughput(kind: str, device: str = "") -> Optional[Dict[str, float]]:
-    """``train_pixels_per_s`` and ``restore_voxels_per_s`` last measured here for ``kind``, or None."""
+    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` last measured here for ``kind``, or None."""
     try:
         table = json.loads(throughput_file().read_text())
     except (OSError, ValueError):
@@ -221,7 +233,7 @@ def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> No
     if plan.factor == 1 or restore_s <= 0:
         return
     rates = dict(recorded_throughput(plan.kind, plan.settings.get("DEVICE", "")) or {})
-    rates["restore_voxels_per_s"] = plan.output_voxels / restore_s
+    rates["restore_voxel_passes_per_s"] = plan.output_voxels * plan.network_passes() / restore_s
     if plan.trained and train_s > 0:
         rates["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
     path = throughput_file()

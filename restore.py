@@ -89,12 +89,12 @@ def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] =
                      kind: str = "mask") -> Dict[str, Any]:
     """Keyword arguments of :func:`restore_block` from ``settings``; with ``model``, the channel planes
     are those the model takes (a recipe fitted to a small stack may have fewer). Test-time flips "by
-    kind" (``settings.Inference.flips_for``) follow the model's kind where there is a model, else ``kind``
-    ('mask', 'labels' or 'intensity')."""
+    kind" (``settings.Inference.flips_for``) follow ``kind`` ('mask', 'labels', 'dense labels' or
+    'intensity'), which a model of the other output (grey values or not) overrules."""
     settings = as_settings(settings)
     training, inference = settings.training, settings.inference
     architecture = getattr(model, "architecture", {})
-    if architecture:
+    if architecture and (architecture.get("output") == "intensity") != (kind == "intensity"):
         kind = "intensity" if architecture.get("output") == "intensity" else "mask"
     return dict(
         train_depth=architecture.get("in_channels", training.train_z_size), upscale_method=training.upscale_method,
@@ -525,10 +525,10 @@ class Kernel:
         return default_overlap(self.tile_size) if self.overlap is None else self.overlap
 
 
-def inference_options(settings: SettingsLike = None,
-                      model: Optional[nn.Module] = None) -> Kernel:
+def inference_options(settings: SettingsLike = None, model: Optional[nn.Module] = None,
+                      kind: str = "mask") -> Kernel:
     """:class:`Kernel` of ``settings`` (see :func:`inference_kwargs`)."""
-    return Kernel(**inference_kwargs(settings, model))
+    return Kernel(**inference_kwargs(settings, model, kind))
 
 
 def _kernel(kernel: Optional[Kernel], options: Dict[str, Any]) -> Kernel:
@@ -1038,7 +1038,8 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
 def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                           model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                           device: Optional[torch.device] = None, out_dtype=np.uint8,
-                          progress: bool = True) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
+                          progress: bool = True, kind: str = "mask"
+                          ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
     """Train on the kept slices (unless a model is given), then restore them.
 
     The one train-then-apply recipe shared by ``eval.py``, ``apply.py``,
@@ -1058,6 +1059,9 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
         Output depth; default ``(K - 1) * factor + 1``.
     out_dtype : numpy dtype
         Probability dtype (uint8, the default, stores 0-255: one byte per voxel).
+    kind : {'mask', 'labels', 'dense labels'}
+        What the mask is of, for the settings that are "by kind" at inference (test-time flips:
+        'dense labels' when it is the boundaries of a dense label image).
 
     Returns
     -------
@@ -1077,7 +1081,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     start = time.perf_counter()
     info["inference"] = {}
     probabilities = apply_model_to_stack_tiled_slice_by_slice(
-        model, foreground, factor, kernel=inference_options(settings, model), original_depth=original_depth,
+        model, foreground, factor, kernel=inference_options(settings, model, kind), original_depth=original_depth,
         device=device, out_dtype=out_dtype, progress=progress, stats=info["inference"])
     info["infer_s"] = time.perf_counter() - start
     return probabilities, model, info
@@ -1141,8 +1145,9 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
     start = time.perf_counter()
     info["inference"] = {}
     restored = apply_model_to_stack_tiled_slice_by_slice(
-        model, normalized, factor, kernel=inference_options(settings, model), original_depth=original_depth,
-        device=device, out_dtype=np.float32, progress=progress, stats=info["inference"])
+        model, normalized, factor, kernel=inference_options(settings, model, "intensity"),
+        original_depth=original_depth, device=device, out_dtype=np.float32, progress=progress,
+        stats=info["inference"])
     del normalized
     restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
     if settings.inference.keep_kept_slices:
@@ -1170,7 +1175,7 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
     settings = as_settings(settings)
     probabilities, model, info = restore_probabilities(label_boundaries(labels_khw), factor, settings, model,
                                                        original_depth=original_depth, device=device,
-                                                       out_dtype=out_dtype)
+                                                       out_dtype=out_dtype, kind="dense labels")
     start = time.perf_counter()
     labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold)
     info["labels_s"] = time.perf_counter() - start

@@ -320,13 +320,17 @@ def test_restore_stack_takes_the_boundary_rule_for_dense_labels():
     kept = np.arange(0, 17, 4)
     settings = {**default_settings(), "TRAIN_XY_SIZE": 32, "TRAIN_NB": 16, "NUM_EPOCHS": 1, "BASE_FILTERS": 4,
                 "BATCH_SIZE": 4, "MIN_CONTENT_RATIO": 0.0}
-    restored, probabilities, _, _ = restore_stack(truth[kept] != 0, 4, settings, labels=truth[kept])
+    restored, probabilities, model, info = restore_stack(truth[kept] != 0, 4, settings, labels=truth[kept])
     assert restored.shape == truth.shape and restored.dtype == truth.dtype
     np.testing.assert_array_equal(restored[kept], truth[kept])
     assert set(np.unique(restored)) <= {1, 2}
     # The probabilities are the boundaries' (kept slices hold their boundary mask verbatim), not the foreground's.
     from restore import label_boundaries
     np.testing.assert_array_equal(probabilities[kept], label_boundaries(truth[kept]).astype(np.uint8) * 255)
+    # Test-time flips by kind (settings.TTA_BY_KIND): the boundaries of a dense label image take four passes.
+    _, _, _, plain = restore_stack(truth[kept] != 0, 4, {**settings, "TTA_FLIPS": False}, model=model,
+                                   labels=truth[kept])
+    assert info["inference"]["pixels_run"] == 4 * plain["inference"]["pixels_run"] > 0
 
 
 def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_path, capsys):
@@ -347,6 +351,7 @@ def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_pa
                                          "--kind", "labels", "--dry-run")
         assert status == 0, err
         rules[name] = plan_of(printed)["label ids"]
+        assert plan_of(printed)["test-time flips"].startswith("on (by kind" if name == "dense" else "off (by kind")
     assert rules["dense"].startswith("dense: the network restores the boundaries between ids")
     assert rules["sparse"] == "the nearest id of the kept slices within each restored object"
     torch.manual_seed(0)

@@ -365,7 +365,8 @@ def test_dry_run_tells_the_kind_without_kind_flag(tmp_path, capsys, make, kind, 
     status, printed, err = run_apply(capsys, "--input", source, "--output", tmp_path / "o.tif", "--dry-run")
     assert status == 0, err
     assert plan_of(printed)["kind"].startswith(f"{kind} {reason}")
-    # Test-time flips by kind: grey values only (settings.TTA_BY_KIND).
+    # Test-time flips by kind (settings.TTA_BY_KIND): on for grey values (and dense label images), off for masks and
+    # sparse label images (this labels sample).
     assert plan_of(printed)["test-time flips"].startswith("on (by kind" if kind == "intensity" else "off (by kind")
 
 
@@ -385,14 +386,19 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
     assert status == 0, err
     table = json.loads((private_cache / "throughput.json").read_text())
     (rates,) = table.values()
-    assert rates["train_pixels_per_s"] > 0 and rates["restore_voxels_per_s"] > 0
+    assert rates["train_pixels_per_s"] > 0 and rates["restore_voxel_passes_per_s"] > 0
     status, printed, _ = run_apply(capsys, *dry)
     assert status == 0
     match = re.fullmatch(r"about (\d+) s on .+ \(from earlier runs here\)", plan_of(printed)["expected time"])
     assert match, plan_of(printed)["expected time"]
     # The estimate is the plan's work at the measured rates (416 crops of 64 x 64, 3 epochs fine-tuning the starting
-    # model; 65 x 64 x 64 voxels).
-    expected = 416 * 64 * 64 * 3 / rates["train_pixels_per_s"] + 65 * 64 * 64 / rates["restore_voxels_per_s"]
+    # model; 65 x 64 x 64 voxels, two orientations and no flips for a mask).
+    expected = 416 * 64 * 64 * 3 / rates["train_pixels_per_s"] + 65 * 64 * 64 * 2 / rates["restore_voxel_passes_per_s"]
+    # A restore rate is per network pass: with test-time flips the same plan expects four times the restore.
+    status, printed, _ = run_apply(capsys, *dry, "--tta-flips")
+    flipped = re.fullmatch(r"about (\d+) s on .+", plan_of(printed)["expected time"])
+    assert status == 0 and int(flipped.group(1)) == round(expected + 3 * 65 * 64 * 64 * 2
+                                                          / rates["restore_voxel_passes_per_s"])
     assert int(match.group(1)) == round(expected)
     assert not (tmp_path / "never.tif").exists()
 

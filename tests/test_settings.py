@@ -191,19 +191,19 @@ def test_test_time_flips_are_on_by_kind_for_grey_values_and_a_typed_switch_wins(
     by_kind, off, on = Settings(), Settings().with_values(TTA_FLIPS=False), Settings().with_values(TTA_FLIPS=True)
     assert by_kind.inference.tta_flips is None
     four, none = restore.TEST_TIME_FLIPS, ((),)
-    assert len(set(four)) == 4 and () in four
     # The model's kind decides where there is a model; else the kind the caller names.
     assert restore.inference_kwargs(by_kind, grey_model)["flips"] == four
     assert restore.inference_kwargs(by_kind, mask_model, kind="intensity")["flips"] == none
-    assert [restore.inference_kwargs(by_kind, kind=kind)["flips"] for kind in ("intensity", "mask", "labels")] == \
-        [four, none, none]
+    assert [restore.inference_kwargs(by_kind, kind=kind)["flips"]
+            for kind in ("intensity", "dense labels", "mask", "labels")] == [four, four, none, none]
+    assert restore.inference_kwargs(by_kind, mask_model, kind="dense labels")["flips"] == four
     assert restore.inference_kwargs(off, grey_model)["flips"] == none
     assert restore.inference_kwargs(on, mask_model)["flips"] == four
     # On the command line: nothing typed is "by kind"; the switch and its old spelling set it.
     assert "TTA_FLIPS" not in vars(apply.parse_args(APPLY))
     assert vars(apply.parse_args(APPLY + ["--no-tta-flips"]))["TTA_FLIPS"] is False
     assert vars(apply.parse_args(APPLY + ["--tta-flips", "true"]))["TTA_FLIPS"] is True
-    assert "by kind: on for grey values" in help_text("apply.py")
+    assert "by kind: on for grey values and dense label images" in " ".join(help_text("apply.py").split())
 
 
 def test_models_saved_by_earlier_versions_still_load(tmp_path):
