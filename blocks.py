@@ -916,7 +916,12 @@ def _plan_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List
             if changed:
                 differences.append(f"{key} ({'; '.join(changed)})")
         elif key in recorded and recorded[key] != value:
-            differences.append(key)
+            if isinstance(value, dict) and isinstance(recorded[key], dict):  # e.g. inference: name what changed
+                changed = [f"{name} {recorded[key].get(name)} -> {item}" for name, item in value.items()
+                           if recorded[key].get(name) != item]
+                differences.append(f"{key} ({'; '.join(changed)})" if changed else key)
+            else:
+                differences.append(key)
     return differences
 
 

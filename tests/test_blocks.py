@@ -732,3 +732,12 @@ def test_worker_memory_warning_follows_the_fitted_tiles_and_the_volume():
     # the tiles follow the planes: 16 tiles of 161 x 512 pixels, not of 1024 x 1024
     small_tiles = dict(inference, batch_size=1)
     assert mask - blocks.estimate_block_memory(modest, 21, 8, small_tiles, "uint8") == 15 * 161 * 512 * blocks.ACTIVATION_BYTES
+
+
+def test_resume_names_what_changed_in_the_recorded_inference():
+    """A run interrupted before test-time flips were on by kind is refused with the setting that changed."""
+    recorded = {"kind": "intensity", "factor": 4, "inference": {"flips": [[]], "orientations": ["y", "x"]}}
+    current = {**recorded, "inference": {"flips": [[], [-1], [-2], [-2, -1]], "orientations": ["y", "x"]}}
+    assert blocks._plan_differences(recorded, current) == ["inference (flips [[]] -> [[], [-1], [-2], [-2, -1]])"]
+    assert blocks._plan_differences(recorded, {**recorded, "factor": 3}) == ["factor"]
+    assert blocks._plan_differences({"kind": "intensity"}, recorded) == []  # keys an earlier version did not record
