@@ -1182,7 +1182,7 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     plan = BlockPlan((restored_depth(n_kept, factor), height, width), large.block_size)
     dense = labels_source is not None and label_rule == "dense"
     inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model,
-                                         "dense labels" if dense else kind)
+                                         restore.inference_kind(kind, dense))
     grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
@@ -1234,7 +1234,7 @@ def _train(run: _Run, source: Source, factor: float, settings: Settings, kind: s
     print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
     model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
     del stack
-    run.inference = restore.inference_kwargs(settings, model, "dense labels" if run.dense_labels else kind)
+    run.inference = restore.inference_kwargs(settings, model, restore.inference_kind(kind, run.dense_labels))
     run.plan_record["inference"] = _recorded_inference(run.inference)
     return model, info["train_s"]
 

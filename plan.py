@@ -184,8 +184,8 @@ class RestorePlan:
                 f"{restore.training_start(self.settings, kind)[1]}")
 
     def inference_kind(self) -> str:
-        """The kind whose "by kind" inference settings apply: a dense label image restores its boundaries."""
-        return "dense labels" if self.dense_labels else self.kind
+        """The kind whose "by kind" inference settings apply (``restore.inference_kind``)."""
+        return restore.inference_kind(self.kind, self.dense_labels)
 
     def flips_line(self) -> str:
         """Whether the restore averages four flipped passes, and how to change that."""

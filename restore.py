@@ -85,6 +85,12 @@ def training_start(recipe: SettingsLike = None, kind: str = "mask") -> Tuple[boo
     return state is not None, reason
 
 
+def inference_kind(kind: str, dense_labels: bool = False) -> str:
+    """The kind whose "by kind" inference settings apply (``settings.TTA_BY_KIND``): a dense label image
+    restores the boundaries between its ids, 'dense labels'."""
+    return "dense labels" if dense_labels else kind
+
+
 def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] = None,
                      kind: str = "mask") -> Dict[str, Any]:
     """Keyword arguments of :func:`restore_block` from ``settings``; with ``model``, the channel planes
@@ -1175,7 +1181,8 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
     settings = as_settings(settings)
     probabilities, model, info = restore_probabilities(label_boundaries(labels_khw), factor, settings, model,
                                                        original_depth=original_depth, device=device,
-                                                       out_dtype=out_dtype, kind="dense labels")
+                                                       out_dtype=out_dtype,
+                                                       kind=inference_kind("labels", dense_labels=True))
     start = time.perf_counter()
     labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold)
     info["labels_s"] = time.perf_counter() - start
