@@ -424,7 +424,7 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
         restored, probabilities, used_model, info = restore_stack(
             stack, factor, settings, model=model, labels=labels,
             probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
-            keep_probabilities=args.save_probabilities != "none")
+            keep_probabilities=args.save_probabilities != "none", dense_labels=plan.dense_labels)
     voxel, unit = plan.voxel_out_zyx, plan.unit
     save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
     if args.save_probabilities != "none":
@@ -433,7 +433,7 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
         preview_figure(stack, restored, factor, target.with_name(target.stem + "_preview.png"),
                        grey=plan.kind == "intensity")
     if args.save_model:
-        restores = "boundaries" if labels is not None and is_dense_label_image(labels) else "foreground"
+        restores = "boundaries" if labels is not None and plan.dense_labels else "foreground"
         save_model(args.save_model, used_model, dict(model_config(settings, factor), kind=plan.kind, restores=restores),
                    overwrite=args.overwrite)
     record_throughput(plan, info["train_s"], info["infer_s"])

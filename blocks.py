@@ -316,7 +316,7 @@ def read_window_for(global_hw: Tuple[int, int], region: Region, factor: float, i
     geometry :func:`restore.restore_block` uses for ``inference`` (its keyword arguments)."""
     tile = inference["tile_size"]
     overlap = inference.get("overlap")  # None: restore_block's default
-    stride = inference.get("channel_stride") or restore.channel_stride(factor)
+    stride = inference.get("channel_stride") or restore.channel_stride(factor, inference.get("stride_fraction", 1.0))
     return restore.read_window(global_hw, region, inference["train_depth"], stride, tile, overlap,
                                inference.get("orientations", restore.ORIENTATIONS))
 

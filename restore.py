@@ -94,9 +94,10 @@ def inference_kind(kind: str, dense_labels: bool = False) -> str:
 def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] = None,
                      kind: str = "mask") -> Dict[str, Any]:
     """Keyword arguments of :func:`restore_block` from ``settings``; with ``model``, the channel planes
-    are those the model takes (a recipe fitted to a small stack may have fewer). Test-time flips "by
-    kind" (``settings.Inference.flips_for``) follow ``kind`` ('mask', 'labels', 'dense labels' or
-    'intensity'), which a model of the other output (grey values or not) overrules."""
+    are those the model takes (a recipe fitted to a small stack may have fewer). Test-time flips and the
+    channel planes' spacing "by kind" (``settings.Inference.flips_for``, ``stride_fraction_for``) follow
+    ``kind`` ('mask', 'labels', 'dense labels' or 'intensity'), which a model of the other output (grey
+    values or not) overrules."""
     settings = as_settings(settings)
     training, inference = settings.training, settings.inference
     architecture = getattr(model, "architecture", {})
@@ -106,7 +107,8 @@ def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] =
         train_depth=architecture.get("in_channels", training.train_z_size), upscale_method=training.upscale_method,
         precision=training.precision, tile_size=max(inference.tile_size, training.train_xy_size),
         batch_size=inference.batch_size, batch_pixels=inference.batch_pixels,
-        channel_stride=inference.channel_stride, orientations=tuple(inference.orientations),
+        channel_stride=inference.channel_stride, stride_fraction=inference.stride_fraction_for(kind),
+        orientations=tuple(inference.orientations),
         flips=TEST_TIME_FLIPS if inference.flips_for(kind) else ((),),
         keep_kept_slices=inference.keep_kept_slices, skip_empty=inference.skip_empty_tiles,
         compile=inference.compile)
@@ -190,10 +192,12 @@ def factor_value(factor: float) -> Union[int, float]:
     return int(round(factor)) if is_integer_factor(factor) else float(factor)
 
 
-def channel_stride(factor: float) -> int:
-    """Spacing of the neighbouring planes fed as channels at inference: the kept slices the network
-    trained on were ``factor`` pixels apart, and planes are whole pixels apart, so the nearest whole step."""
-    return max(1, int(round(factor)))
+def channel_stride(factor: float, fraction: float = 1.0) -> int:
+    """Spacing of the neighbouring planes fed as channels at inference, in whole voxels: ``fraction`` of the
+    factor, rounded half up, at least 1. The kept slices the network trained on were ``factor`` voxels apart
+    (``fraction`` 1, the training geometry); masks and labels are restored with planes half as far apart
+    (``settings.STRIDE_BY_KIND``)."""
+    return max(1, int(np.floor(factor * fraction + 0.5)))
 
 
 # --------------------------------------------------------------------------- #
@@ -480,9 +484,13 @@ class Kernel:
     batch_size : int
         Tiles per forward pass (on a CPU, see ``batch_pixels``).
     channel_stride : int, optional
-        Spacing of the neighbouring planes used as channels. In training the
-        channels are kept slices ``factor`` voxels apart, so None means
-        ``factor``: the geometry the network was trained on.
+        Spacing of the neighbouring planes used as channels, in voxels. None:
+        ``stride_fraction`` of the factor (:func:`channel_stride`).
+    stride_fraction : float
+        With ``channel_stride`` None, the spacing as a fraction of the factor: 1,
+        the default here, is the geometry the network trained on (kept slices
+        ``factor`` voxels apart); the command line restores masks and labels at
+        0.5 (``settings.STRIDE_BY_KIND``).
     orientations : subset of ('y', 'x')
         'y': planes along Y, images ``(Z, X)``; 'x': planes along X, images
         ``(Z, Y)``. Probabilities of several orientations are averaged.
@@ -509,6 +517,7 @@ class Kernel:
     tile_size: int
     batch_size: int = Inference.batch_size
     channel_stride: Optional[int] = None
+    stride_fraction: float = 1.0
     orientations: Sequence[str] = ORIENTATIONS
     flips: Sequence[Tuple[int, ...]] = ((),)
     keep_kept_slices: bool = Inference.keep_kept_slices
@@ -525,6 +534,12 @@ class Kernel:
         unknown = set(self.orientations) - set(ORIENTATIONS)
         if unknown or not self.orientations:
             raise UserError(f"orientations must be a non-empty subset of {ORIENTATIONS}, got {self.orientations}.")
+
+    def stride_for(self, factor: float) -> int:
+        """The channel planes' spacing in voxels at ``factor``."""
+        if self.channel_stride is not None:
+            return int(self.channel_stride)
+        return channel_stride(factor, self.stride_fraction)
 
     @property
     def tile_overlap(self) -> int:
@@ -606,8 +621,7 @@ def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origi
     n_planes_global, width_global = (global_hw[1], global_hw[0]) if flip else global_hw
     grid_l = tile_grid(width_global, kernel.tile_size, kernel.tile_overlap, (l0, l1))
     columns = slice(grid_l.lo - origin_l, grid_l.hi - origin_l)
-    offsets = channel_offsets(kernel.train_depth, channel_stride(job.factor) if kernel.channel_stride is None
-                              else int(kernel.channel_stride))
+    offsets = channel_offsets(kernel.train_depth, kernel.stride_for(job.factor))
     chunk = max(1, CHUNK_VALUES // (kernel.train_depth * depth * (grid_l.hi - grid_l.lo)))
     bar = tqdm(total=p1 - p0, desc=f"Inference (planes along {orientation.upper()})", unit="plane",
                disable=not progress, leave=False)
@@ -1192,7 +1206,8 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
 def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                   model: Optional[nn.Module] = None,
                   labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
-                  probability_dtype=np.uint8, keep_probabilities: bool = True
+                  probability_dtype=np.uint8, keep_probabilities: bool = True,
+                  dense_labels: Optional[bool] = None
                   ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:
     """Restore an anisotropic stack to ``(K - 1) * factor + 1`` slices.
 
@@ -1215,6 +1230,11 @@ def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike =
     keep_probabilities : bool
         False (with uint8) thresholds in place: peak memory about one byte per
         output voxel, and ``None`` is returned for the probabilities.
+    dense_labels : bool, optional
+        Whether ``labels`` is restored by the dense rule; default
+        :func:`is_dense_label_image` of ``labels``. ``apply.py`` passes the
+        decision its plan printed (made on a sample of the file, as the
+        block-wise restore uses it), so what the plan says is what runs.
 
     Returns
     -------
@@ -1226,7 +1246,9 @@ def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike =
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
     settings = as_settings(settings)
-    if labels is not None and is_dense_label_image(labels):
+    if labels is not None and dense_labels is None:
+        dense_labels = is_dense_label_image(labels)
+    if labels is not None and dense_labels:
         return restore_dense_labels(labels, factor, settings, model, device=device, out_dtype=probability_dtype)
     probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
                                                        out_dtype=probability_dtype)

@@ -331,6 +331,11 @@ def test_restore_stack_takes_the_boundary_rule_for_dense_labels():
     _, _, _, plain = restore_stack(truth[kept] != 0, 4, {**settings, "TTA_FLIPS": False}, model=model,
                                    labels=truth[kept])
     assert info["inference"]["pixels_run"] == 4 * plain["inference"]["pixels_run"] > 0
+    # The caller's decision overrules the image's (apply.py passes the one its plan printed): the foreground rule
+    # returns the foreground's probabilities, 255 on the kept slices where every voxel holds an id.
+    _, foreground_probabilities, _, _ = restore_stack(truth[kept] != 0, 4, settings, model=model,
+                                                      labels=truth[kept], dense_labels=False)
+    assert (foreground_probabilities[kept] == 255).all()
 
 
 def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_path, capsys):

@@ -110,7 +110,8 @@ def test_apply_help_reads_top_to_bottom():
     assert "VALUE" not in text and "--tta-flips, --no-tta-flips" in text
     words = " ".join(text.split())  # help texts are wrapped
     assert "--num-epochs N" in text and "passes over the training crops (default: by kind)" in words
-    assert "(default: the factor (rounded), as in training)" in words and "(default: value != 0)" in words
+    assert "(default: by kind: half the factor (rounded) for masks and labels, the factor for grey values)" in words
+    assert "(default: value != 0)" in words
     for constant, (_, item) in FIELDS.items():  # every setting, with its help text
         assert item.metadata["flag"] in text, constant
     import re
@@ -204,6 +205,25 @@ def test_test_time_flips_are_on_by_kind_for_grey_values_and_a_typed_switch_wins(
     assert vars(apply.parse_args(APPLY + ["--no-tta-flips"]))["TTA_FLIPS"] is False
     assert vars(apply.parse_args(APPLY + ["--tta-flips", "true"]))["TTA_FLIPS"] is True
     assert "by kind: on for grey values and dense label images" in " ".join(help_text("apply.py").split())
+
+
+def test_channel_planes_are_half_the_factor_apart_for_masks_and_labels_and_the_factor_for_grey_values():
+    mask_model = AttentionResUNet(in_channels=3, depth=1, base_filters=4)
+    grey_model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity")
+    by_kind, typed = Settings(), Settings().with_values(CHANNEL_STRIDE=5)
+
+    def stride(settings, factor, model=None, kind="mask"):
+        return restore.Kernel(**restore.inference_kwargs(settings, model, kind)).stride_for(factor)
+
+    # Half the factor, rounded half up, at least one voxel; any ratio (6.5625: UroCell kept every 7th slice).
+    assert [stride(by_kind, f) for f in (8, 4, 3, 6.5625, 1.57, 1)] == [4, 2, 2, 3, 1, 1]
+    assert [stride(by_kind, 8, kind=kind) for kind in ("mask", "labels", "dense labels", "intensity")] == [4, 4, 4, 8]
+    # The model's output decides where there is a model, as for the flips.
+    assert stride(by_kind, 8, grey_model) == 8 and stride(by_kind, 8, mask_model, kind="intensity") == 4
+    # A typed stride is voxels, whatever the kind and factor.
+    assert stride(typed, 8) == stride(typed, 3, grey_model) == 5
+    # The library's reference keeps the training geometry: a Kernel built by hand spaces its planes a factor apart.
+    assert restore.Kernel(train_depth=3, tile_size=32).stride_for(8) == restore.channel_stride(8) == 8
 
 
 def test_models_saved_by_earlier_versions_still_load(tmp_path):

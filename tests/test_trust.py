@@ -528,9 +528,13 @@ def upscale_by_hand(sparse, factor, depth):
 
 
 @pytest.mark.parametrize("orientation", ["y", "x"])
-@pytest.mark.parametrize("stride", [None, 2])
+@pytest.mark.parametrize("stride", [None, 2, "half"])
 def test_inference_channel_planes_match_hand_built_reference(orientation, stride):
+    """Channel planes ``factor`` apart (the library's reference), a typed stride, and half the factor (the
+    command line's rule for masks and labels: 3 * 0.5 rounds half up to 2)."""
     factor, channels = 3, 5
+    spacing = {"stride_fraction": 0.5} if stride == "half" else {"channel_stride": stride}
+    stride = 2 if stride == "half" else stride
     sparse = np.random.default_rng(4).random((6, 23, 37)) > 0.7
     depth = (len(sparse) - 1) * factor + 1 + 2  # with two slices after the last kept one
     upscaled = upscale_by_hand(sparse.astype(np.float64), factor, depth)
@@ -546,7 +550,7 @@ def test_inference_channel_planes_match_hand_built_reference(orientation, stride
         expected = 1 / (1 + np.exp(-40 * (expected_values - 0.5)))
         got = restore.apply_model_to_stack_tiled_slice_by_slice(
             PickChannel(channel), sparse, factor, train_depth=channels, tile_size=16, batch_size=4,
-            original_depth=depth, channel_stride=stride, orientations=orientation, keep_kept_slices=False,
+            original_depth=depth, **spacing, orientations=orientation, keep_kept_slices=False,
             precision="fp32", out_dtype=np.float32, device=torch.device("cpu"), progress=False)
         assert got.shape == expected.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"channel {channel}")
