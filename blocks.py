@@ -906,6 +906,18 @@ def _input_differences(recorded: Optional[Dict[str, Any]], current: Optional[Dic
     return differences
 
 
+def _inference_as_run(inference: Dict[str, Any], factor: Optional[float]) -> Dict[str, Any]:
+    """A recorded kernel's options with the channel planes' spacing in voxels, as the kernel runs it: a
+    record of an earlier version has no ``stride_fraction`` (its planes were the factor apart), and a
+    typed ``--channel-stride`` equal to the spacing a rule gives is the same run."""
+    if factor is None or "channel_stride" not in inference:
+        return inference
+    as_run = {name: value for name, value in inference.items() if name != "stride_fraction"}
+    as_run["channel_stride"] = inference["channel_stride"] or restore.channel_stride(
+        factor, inference.get("stride_fraction", 1.0))
+    return as_run
+
+
 def _plan_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """The settings of this run that differ from the recorded plan of the interrupted one (keys an
     earlier version did not record are not compared)."""
@@ -915,13 +927,15 @@ def _plan_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List
             changed = _input_differences(recorded.get(key), value)
             if changed:
                 differences.append(f"{key} ({'; '.join(changed)})")
+        elif key == "inference" and isinstance(recorded.get(key), dict) and isinstance(value, dict):
+            before = _inference_as_run(recorded[key], recorded.get("factor"))
+            after = _inference_as_run(value, current.get("factor"))
+            changed = [f"{name} {before.get(name)} -> {item}" for name, item in after.items()
+                       if name in before and before[name] != item]  # name what changed
+            if changed:
+                differences.append(f"{key} ({'; '.join(changed)})")
         elif key in recorded and recorded[key] != value:
-            if isinstance(value, dict) and isinstance(recorded[key], dict):  # e.g. inference: name what changed
-                changed = [f"{name} {recorded[key].get(name)} -> {item}" for name, item in value.items()
-                           if recorded[key].get(name) != item]
-                differences.append(f"{key} ({'; '.join(changed)})" if changed else key)
-            else:
-                differences.append(key)
+            differences.append(key)
     return differences
 
 

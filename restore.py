@@ -194,10 +194,11 @@ def factor_value(factor: float) -> Union[int, float]:
 
 def channel_stride(factor: float, fraction: float = 1.0) -> int:
     """Spacing of the neighbouring planes fed as channels at inference, in whole voxels: ``fraction`` of the
-    factor, rounded half up, at least 1. The kept slices the network trained on were ``factor`` voxels apart
-    (``fraction`` 1, the training geometry); masks and labels are restored with planes half as far apart
+    factor, rounded to the nearest (Python's ``round``: halves to even, 2.5 -> 2, 3.5 -> 4), at least 1. The
+    kept slices the network trained on were ``factor`` voxels apart (``fraction`` 1, the training geometry,
+    rounded as it always was); masks and labels are restored with planes half as far apart
     (``settings.STRIDE_BY_KIND``)."""
-    return max(1, int(np.floor(factor * fraction + 0.5)))
+    return max(1, int(round(factor * fraction)))
 
 
 # --------------------------------------------------------------------------- #

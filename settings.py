@@ -283,10 +283,13 @@ TTA_BY_KIND = {"mask": False, "labels": False, "dense labels": True, "intensity"
 # Spacing of the channel planes at inference, as a fraction of the factor (CHANNEL_STRIDE None). The network
 # trained on kept slices ``factor`` voxels apart, but at inference the planes beside the restored one are there
 # at every voxel: at half the factor the network follows sheets that move across the plane more closely
-# (UroCell vesicles at factor 8: IoU 0.7737 against 0.7643; Golgi and mitochondria no worse; dense labels' scores
-# equal or better), while grey values are as good at the factor (25.797 against 25.791 dB on FIB-25 EM) and worse
-# below it (docs/benchmarks.md, "Channel planes at half the factor").
+# (UroCell vesicles at factor 8: IoU 0.7737 against 0.7643, Golgi +0.0004, mitochondria +0.002, and at factor 4
+# within 0.0005; dense labels' scores within 0.0003 or better), while grey values are as good at the factor
+# (25.797 against 25.791 dB on FIB-25 EM) and worse below it (docs/benchmarks.md, "Channel planes at half the
+# factor").
 STRIDE_BY_KIND = {"mask": 0.5, "labels": 0.5, "dense labels": 0.5, "intensity": 1.0}
+# A sparse label image restores its foreground as a mask: the 'labels' entries above, which the plan prints, must
+# equal 'mask' (tests/test_settings.py checks it).
 
 
 @dataclass(frozen=True)

@@ -741,3 +741,20 @@ def test_resume_names_what_changed_in_the_recorded_inference():
     assert blocks._plan_differences(recorded, current) == ["inference (flips [[]] -> [[], [-1], [-2], [-2, -1]])"]
     assert blocks._plan_differences(recorded, {**recorded, "factor": 3}) == ["factor"]
     assert blocks._plan_differences({"kind": "intensity"}, recorded) == []  # keys an earlier version did not record
+
+
+def test_resume_compares_the_channel_planes_spacing_in_voxels():
+    """A run recorded before the spacing was by kind has no stride_fraction (its planes were the factor apart):
+    a mask run is refused with the spacing that changed, and resumes with that spacing typed; a grey-value run,
+    whose spacing did not change, resumes."""
+    old_mask = {"kind": "mask", "factor": 8, "inference": {"channel_stride": None, "orientations": ["y", "x"]}}
+    by_kind = {**old_mask, "inference": {"channel_stride": None, "stride_fraction": 0.5, "orientations": ["y", "x"]}}
+    typed = {**old_mask, "inference": {"channel_stride": 8, "stride_fraction": 1.0, "orientations": ["y", "x"]}}
+    assert blocks._plan_differences(old_mask, by_kind) == ["inference (channel_stride 8 -> 4)"]
+    assert blocks._plan_differences(old_mask, typed) == []
+    old_grey = {**old_mask, "kind": "intensity"}
+    grey_now = {**old_grey, "inference": {"channel_stride": None, "stride_fraction": 1.0, "orientations": ["y", "x"]}}
+    assert blocks._plan_differences(old_grey, grey_now) == []
+    # Recorded by this version: the rule and a typed stride of the same spacing are one run; another is not.
+    assert blocks._plan_differences(by_kind, {**by_kind, "inference": {**typed["inference"], "channel_stride": 4}}) == []
+    assert blocks._plan_differences(by_kind, typed) == ["inference (channel_stride 4 -> 8)"]

@@ -215,13 +215,19 @@ def test_channel_planes_are_half_the_factor_apart_for_masks_and_labels_and_the_f
     def stride(settings, factor, model=None, kind="mask"):
         return restore.Kernel(**restore.inference_kwargs(settings, model, kind)).stride_for(factor)
 
-    # Half the factor, rounded half up, at least one voxel; any ratio (6.5625: UroCell kept every 7th slice).
-    assert [stride(by_kind, f) for f in (8, 4, 3, 6.5625, 1.57, 1)] == [4, 2, 2, 3, 1, 1]
+    # Half the factor, rounded to the nearest (halves to even), at least one voxel; any ratio (6.5625: UroCell
+    # kept every 7th slice).
+    assert [stride(by_kind, f) for f in (8, 4, 3, 5, 7, 6.5625, 1.57, 1)] == [4, 2, 2, 2, 4, 3, 1, 1]
+    # Grey values keep the spacing of earlier versions at every factor, 2.5 included (round(2.5) = 2).
+    assert [stride(by_kind, f, kind="intensity") for f in (8, 2.5, 3.5, 6.5625)] == [8, 2, 4, 7]
     assert [stride(by_kind, 8, kind=kind) for kind in ("mask", "labels", "dense labels", "intensity")] == [4, 4, 4, 8]
     # The model's output decides where there is a model, as for the flips.
     assert stride(by_kind, 8, grey_model) == 8 and stride(by_kind, 8, mask_model, kind="intensity") == 4
     # A typed stride is voxels, whatever the kind and factor.
     assert stride(typed, 8) == stride(typed, 3, grey_model) == 5
+    # A sparse label image restores its foreground as a mask: what the plan prints for 'labels' is what runs.
+    assert settings_module.STRIDE_BY_KIND["labels"] == settings_module.STRIDE_BY_KIND["mask"]
+    assert settings_module.TTA_BY_KIND["labels"] == settings_module.TTA_BY_KIND["mask"]
     # The library's reference keeps the training geometry: a Kernel built by hand spaces its planes a factor apart.
     assert restore.Kernel(train_depth=3, tile_size=32).stride_for(8) == restore.channel_stride(8) == 8
 

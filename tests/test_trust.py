@@ -531,7 +531,7 @@ def upscale_by_hand(sparse, factor, depth):
 @pytest.mark.parametrize("stride", [None, 2, "half"])
 def test_inference_channel_planes_match_hand_built_reference(orientation, stride):
     """Channel planes ``factor`` apart (the library's reference), a typed stride, and half the factor (the
-    command line's rule for masks and labels: 3 * 0.5 rounds half up to 2)."""
+    command line's rule for masks and labels: 3 * 0.5 = 1.5 rounds to 2)."""
     factor, channels = 3, 5
     spacing = {"stride_fraction": 0.5} if stride == "half" else {"channel_stride": stride}
     stride = 2 if stride == "half" else stride
