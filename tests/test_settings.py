@@ -223,8 +223,10 @@ def test_channel_planes_are_half_the_factor_apart_for_masks_and_labels_and_the_f
     assert [stride(by_kind, 8, kind=kind) for kind in ("mask", "labels", "dense labels", "intensity")] == [4, 4, 4, 8]
     # The model's output decides where there is a model, as for the flips.
     assert stride(by_kind, 8, grey_model) == 8 and stride(by_kind, 8, mask_model, kind="intensity") == 4
-    # A typed stride is voxels, whatever the kind and factor.
+    # A typed stride is voxels, whatever the kind and factor; a negative one is refused, naming the fix.
     assert stride(typed, 8) == stride(typed, 3, grey_model) == 5
+    with pytest.raises(UserError, match="CHANNEL_STRIDE must be 0 .by kind. or a number of voxels, got -2"):
+        Settings().with_values(CHANNEL_STRIDE=-2).validate()
     # A sparse label image restores its foreground as a mask: what the plan prints for 'labels' is what runs.
     assert settings_module.STRIDE_BY_KIND["labels"] == settings_module.STRIDE_BY_KIND["mask"]
     assert settings_module.TTA_BY_KIND["labels"] == settings_module.TTA_BY_KIND["mask"]
