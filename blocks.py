@@ -316,7 +316,7 @@ def read_window_for(global_hw: Tuple[int, int], region: Region, factor: float, i
     geometry :func:`restore.restore_block` uses for ``inference`` (its keyword arguments)."""
     tile = inference["tile_size"]
     overlap = inference.get("overlap")  # None: restore_block's default
-    stride = inference.get("channel_stride") or restore.channel_stride(factor, inference.get("stride_fraction", 1.0))
+    stride = restore.planes_apart(inference.get("channel_stride"), factor, inference.get("stride_fraction", 1.0))
     return restore.read_window(global_hw, region, inference["train_depth"], stride, tile, overlap,
                                inference.get("orientations", restore.ORIENTATIONS))
 
@@ -913,8 +913,8 @@ def _inference_as_run(inference: Dict[str, Any], factor: Optional[float]) -> Dic
     if factor is None or "channel_stride" not in inference:
         return inference
     as_run = {name: value for name, value in inference.items() if name != "stride_fraction"}
-    as_run["channel_stride"] = inference["channel_stride"] or restore.channel_stride(
-        factor, inference.get("stride_fraction", 1.0))
+    as_run["channel_stride"] = restore.planes_apart(inference["channel_stride"], factor,
+                                                    inference.get("stride_fraction", 1.0))
     return as_run
 
 

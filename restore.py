@@ -201,6 +201,12 @@ def channel_stride(factor: float, fraction: float = 1.0) -> int:
     return max(1, int(round(factor * fraction)))
 
 
+def planes_apart(stride: Optional[int], factor: float, fraction: float = 1.0) -> int:
+    """The channel planes' spacing in voxels as the kernel runs it: a set ``CHANNEL_STRIDE`` (``stride``; 0 and
+    None mean the rule), else :func:`channel_stride` of the factor."""
+    return int(stride) if stride else channel_stride(factor, fraction)
+
+
 # --------------------------------------------------------------------------- #
 # Geometry: upscaling, mirrored channel planes, the tile grid
 # --------------------------------------------------------------------------- #
@@ -538,9 +544,7 @@ class Kernel:
 
     def stride_for(self, factor: float) -> int:
         """The channel planes' spacing in voxels at ``factor``."""
-        if self.channel_stride is not None:
-            return int(self.channel_stride)
-        return channel_stride(factor, self.stride_fraction)
+        return planes_apart(self.channel_stride, factor, self.stride_fraction)
 
     @property
     def tile_overlap(self) -> int:
