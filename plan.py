@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -91,7 +91,7 @@ class RestorePlan:
     def memory_bytes(self) -> int:
         """Peak memory of the process (in memory) or of one worker (block-wise), an estimate."""
         n_kept, height, width = self.shape_khw
-        inference = restore.inference_kwargs(self.settings, kind=self.inference_kind())
+        inference = self.inference()
         grey = str(np.dtype(self.dtype)) if self.kind == "intensity" else None
         if self.block_size:
             plan = blocks.BlockPlan(self.output_shape, self.block_size)
@@ -128,7 +128,7 @@ class RestorePlan:
         """Network passes per output voxel: one per orientation and test-time flip. The restore rate is
         recorded per pass, so that a run with flips predicts one without, and a dense label image (flips on
         by kind) one of a mask."""
-        inference = restore.inference_kwargs(self.settings, kind=self.inference_kind())
+        inference = self.inference()
         return len(inference["orientations"]) * len(inference["flips"])
 
     def lines(self) -> List[str]:
@@ -186,6 +186,10 @@ class RestorePlan:
     def inference_kind(self) -> str:
         """The kind whose "by kind" inference settings apply (``restore.inference_kind``)."""
         return restore.inference_kind(self.kind, self.dense_labels)
+
+    def inference(self) -> Dict[str, Any]:
+        """The restore's kernel options (``restore.inference_kwargs`` of this plan's settings and kind)."""
+        return restore.inference_kwargs(self.settings, kind=self.inference_kind())
 
     def flips_line(self) -> str:
         """Whether the restore averages four flipped passes, and how to change that."""

@@ -1251,9 +1251,7 @@ def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike =
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
     settings = as_settings(settings)
-    if labels is not None and dense_labels is None:
-        dense_labels = is_dense_label_image(labels)
-    if labels is not None and dense_labels:
+    if labels is not None and (is_dense_label_image(labels) if dense_labels is None else dense_labels):
         return restore_dense_labels(labels, factor, settings, model, device=device, out_dtype=probability_dtype)
     probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
                                                        out_dtype=probability_dtype)

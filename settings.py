@@ -455,7 +455,8 @@ class Settings:
             raise UserError(f"INTENSITY_LOSS must be one of {', '.join(INTENSITY_LOSSES)}, got "
                             f"'{training.intensity_loss}'.")
         if inference.channel_stride is not None and inference.channel_stride < 0:
-            raise UserError(f"CHANNEL_STRIDE must be 0 (by kind) or a number of voxels, got {inference.channel_stride}.")
+            raise UserError(f"CHANNEL_STRIDE must be 0 (by kind) or a number of voxels, got "
+                            f"{inference.channel_stride}.")
         if inference.batch_pixels < 0:
             raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
                             f"{inference.batch_pixels}.")
