@@ -24,7 +24,8 @@ from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
-from restore import fit_recipe_to_stack, is_dense_label_image, model_config, restore_intensity, restore_stack
+from restore import (fit_recipe_to_stack, is_dense_label_image, model_config, restore_intensity, restore_stack,
+                     training_kind)
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
                       typed_values)
 
@@ -279,12 +280,13 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if image is not None:
         scale = unit_scale(image.unit, unit, path) if image.unit and image.unit != unit else 1.0
         translation = tuple(float(t) * scale for t in image.translation_zyx)
-    notes: List[str] = []
-    if factor > 1 and model_kind is None:
-        settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed))
-    to_zarr = zarr_io.is_zarr_path(target)
     dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind) if decided == "labels"
                          else (False, None))
+    notes: List[str] = []
+    if factor > 1 and model_kind is None:
+        settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),
+                                              training_kind(decided, dense))
+    to_zarr = zarr_io.is_zarr_path(target)
     return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
                        settings, trained=model_kind is None,
                        block_size=settings.large.block_size if to_zarr else None,

@@ -47,7 +47,7 @@ from metrics import (calculate_dice, calculate_iou, mean_surface_distance, recon
 from morph import (interpolate_along_axis, interpolate_labels_sdf, is_integer_factor, kept_positions,
                    morph_stack_interpolated)
 from restore import (assign_labels, factor_value, is_dense_label_image, restore_dense_labels,
-                     restore_probabilities, threshold_probabilities)
+                     restore_probabilities, threshold_probabilities, training_kwargs)
 from settings import Settings
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
@@ -147,18 +147,20 @@ def model_flops(model, input_nchw: Sequence[int], backward: bool = False) -> int
     return int(counter.get_total_flops())
 
 
-def network_throughput(model, settings: Settings, info: Dict[str, Any]) -> Dict[str, Optional[float]]:
+def network_throughput(model, settings: Settings, info: Dict[str, Any], kind: str = "mask"
+                       ) -> Dict[str, Optional[float]]:
     """Achieved GFLOP/s of inference (the tiles actually run, see ``restore.predict_tiled``)
-    and of training (samples seen, forward + backward), from counted model FLOPs."""
-    training = settings.training
-    channels, crop = training.train_z_size, training.train_xy_size
+    and of training (samples seen, forward + backward, with the recipe of the training's ``kind``),
+    from counted model FLOPs."""
+    recipe = training_kwargs(settings, kind)
+    channels, crop = recipe["train_z_size"], recipe["train_xy_size"]
     per_pixel = model_flops(model, (1, channels, crop, crop)) / crop**2
     pixels_run = info.get("inference", {}).get("pixels_run", 0)
     result = {"infer_gflop_per_s": round(per_pixel * pixels_run / info["infer_s"] / 1e9, 1) if info["infer_s"] else None,
               "train_gflop_per_s": None}
     if info.get("history"):
-        n_train = round(training.train_nb * (1 - training.val_split))
-        n_val = training.train_nb - n_train
+        n_train = round(recipe["train_nb"] * (1 - recipe["val_split"]))
+        n_val = recipe["train_nb"] - n_train
         epochs = len(info["history"]["train"])
         per_sample = model_flops(model, (1, channels, crop, crop), backward=True)
         flops = epochs * (n_train * per_sample + n_val * per_pixel * crop**2)
@@ -186,7 +188,7 @@ def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, 
             labels, _, model, info = restore_dense_labels(sparse_labels, factor, settings, original_depth=depth,
                                                           device=device)
             return {"restored": labels != 0, "labels": labels, "labels_s": info["labels_s"], "train_s": info["train_s"],
-                    "infer_s": info["infer_s"], **network_throughput(model, settings, info)}
+                    "infer_s": info["infer_s"], **network_throughput(model, settings, info, "dense labels")}
         probabilities, model, info = restore_probabilities(sparse, factor, settings, original_depth=depth,
                                                            device=device)
         restored = threshold_probabilities(probabilities, settings.inference.probability_threshold, in_place=True)
@@ -484,7 +486,9 @@ def fit_recipes(cases: Dict[tuple, Case], settings: Settings, typed: Optional[Se
         return recipes, notes
     for key, case in cases.items():
         try:
-            recipes[key], fitted = fit_recipe_to_stack(settings, case.sparse.shape, case.factor, typed)
+            dense = case.labels is not None and is_dense_label_image(case.labels[case.kept])
+            recipes[key], fitted = fit_recipe_to_stack(settings, case.sparse.shape, case.factor, typed,
+                                                       "dense labels" if dense else "mask")
         except ValueError as error:
             raise UserError(f"{case.name}: {error}") from None
         notes += [f"{case.name}, factor {factor_value(case.factor)}: {note}" for note in fitted]
@@ -750,7 +754,7 @@ def intensity_row(case: Case, method: str, label: str, settings: Settings, devic
     if method == "network":
         restored, model, info = restore_intensity(case.sparse, case.factor, settings, original_depth=depth,
                                                   device=device)
-        costs = {"train_s": round(info["train_s"], 2), **network_throughput(model, settings, info)}
+        costs = {"train_s": round(info["train_s"], 2), **network_throughput(model, settings, info, "intensity")}
         infer_s = info["infer_s"]
     else:
         values = interpolate_along_axis(case.sparse, case.kept, depth, method=method)

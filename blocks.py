@@ -796,8 +796,8 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
 # Training on a large store
 # --------------------------------------------------------------------------- #
 def training_stack(source: Source, settings: SettingsLike, binarize_threshold: Optional[float] = None,
-                   max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None
-                   ) -> np.ndarray:
+                   max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None,
+                   kind: str = "mask") -> np.ndarray:
     """Kept slices to train on, at most ``max_bytes`` of them read from the store.
 
     An in-memory source, or a store that small, is used whole (the training is
@@ -813,6 +813,8 @@ def training_stack(source: Source, settings: SettingsLike, binarize_threshold: O
     value_range : (lo, hi), optional
         Grey-scale stacks: read grey values normalised by this range (the
         volume's, :func:`volume_intensity_range`) instead of a mask.
+    kind : str
+        The training's kind (:func:`restore.training_kind`), whose ``TRAIN_NB`` "by kind" applies.
 
     Returns
     -------
@@ -824,19 +826,19 @@ def training_stack(source: Source, settings: SettingsLike, binarize_threshold: O
     itemsize = 1 if value_range is None else 4  # bytes per voxel of what is returned
     if n_kept * height * width * itemsize <= max_bytes:
         return _read_engine_input(source, slice(0, height), slice(0, width), binarize_threshold, value_range)
-    training = as_settings(settings).training
-    crop = int(training.train_xy_size)
+    recipe = restore.training_kwargs(settings, kind)
+    crop = int(recipe["train_xy_size"])
     side = min(height, width, 8 * crop)
-    wanted = math.ceil(2 * training.train_nb * crop ** 2 / side ** 2)
+    wanted = math.ceil(2 * recipe["train_nb"] * crop ** 2 / side ** 2)
     count = max(1, min(wanted, max_bytes // (n_kept * side * side * itemsize)))
-    rng = np.random.default_rng(training.random_state)
+    rng = np.random.default_rng(recipe["random_state"])
     windows = []
     for _ in range(count):
         for _attempt in range(4):
             y0, x0 = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
             window = _read_engine_input(source, slice(y0, y0 + side), slice(x0, x0 + side), binarize_threshold,
                                         value_range)
-            if value_range is not None or window[n_kept // 2].mean() >= training.min_content_ratio:
+            if value_range is not None or window[n_kept // 2].mean() >= recipe["min_content_ratio"]:
                 break
         windows.append(window)
     return np.concatenate(windows, axis=2)
@@ -1244,9 +1246,11 @@ def _train(run: _Run, source: Source, factor: float, settings: Settings, kind: s
            ) -> Tuple[nn.Module, float]:
     """Train on (a bounded part of) the kept slices; the plan then records the channels the model takes."""
     settings = _fitted(settings, source, factor, None)
-    stack = training_stack(source, settings, settings.data.binarize_threshold, value_range=run.value_range)
+    training_kind = restore.training_kind(kind, run.dense_labels)
+    stack = training_stack(source, settings, settings.data.binarize_threshold, value_range=run.value_range,
+                           kind=training_kind)
     print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
-    model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=kind)
+    model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=training_kind)
     del stack
     run.inference = restore.inference_kwargs(settings, model, restore.inference_kind(kind, run.dense_labels))
     run.plan_record["inference"] = _recorded_inference(run.inference)

@@ -36,7 +36,7 @@ FACTOR_ROUNDING = "isotropic"  # apply.py, a non-integer ratio: isotropic grid, 
 # Training
 TRAIN_XY_SIZE = 128  # crop edge, px
 TRAIN_Z_SIZE = 5  # kept slices per crop (channels), odd
-TRAIN_NB = 720  # crops
+TRAIN_NB = None  # None: by kind (720 crops; 2880 for the boundaries of dense label images)
 VAL_SPLIT = 0.1
 MIN_CONTENT_RATIO = 0.005
 RANDOM_STATE = 42

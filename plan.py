@@ -110,7 +110,7 @@ class RestorePlan:
         """Crop pixels the training pushes through the network (crops x area x epochs)."""
         if not self.trained or self.factor == 1:
             return 0
-        recipe = restore.training_kwargs(self.settings, "intensity" if self.kind == "intensity" else "mask")
+        recipe = restore.training_kwargs(self.settings, restore.training_kind(self.kind, self.dense_labels))
         return int(recipe["train_nb"] * recipe["train_xy_size"] ** 2 * recipe["num_epochs"])
 
     def expected_seconds(self) -> Optional[float]:
@@ -177,7 +177,7 @@ class RestorePlan:
             return "none (nothing to restore)"
         if not self.trained:
             return "none (--model)"
-        kind = "intensity" if self.kind == "intensity" else "mask"
+        kind = restore.training_kind(self.kind, self.dense_labels)
         recipe = restore.training_kwargs(self.settings, kind)
         return (f"{recipe['train_nb']} crops of {recipe['train_z_size']} x {recipe['train_xy_size']} x "
                 f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs, from "

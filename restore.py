@@ -85,6 +85,13 @@ def training_start(recipe: SettingsLike = None, kind: str = "mask") -> Tuple[boo
     return state is not None, reason
 
 
+def training_kind(kind: str, dense_labels: bool = False) -> str:
+    """The kind whose "by kind" training recipe applies (``settings.RECIPE_BY_KIND``): the boundaries of a
+    dense label image train as 'dense labels', other label images as the mask of their objects."""
+    kind = inference_kind(kind, dense_labels)
+    return kind if kind in ("intensity", "dense labels") else "mask"
+
+
 def inference_kind(kind: str, dense_labels: bool = False) -> str:
     """The kind whose "by kind" inference settings apply (``settings.TTA_BY_KIND``): a dense label image
     restores the boundaries between its ids, 'dense labels'."""
@@ -115,7 +122,8 @@ def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] =
 
 
 def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw: Sequence[int], factor: float,
-                        typed: Sequence[str] = ()) -> Tuple[Union[Settings, Dict[str, Any]], List[str]]:
+                        typed: Sequence[str] = (), kind: str = "mask"
+                        ) -> Tuple[Union[Settings, Dict[str, Any]], List[str]]:
     """The training recipe of ``settings`` fitted to a stack of kept slices ``shape_khw``.
 
     A stack smaller than the recipe trains on what it holds: ``TRAIN_XY_SIZE``
@@ -131,6 +139,10 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     shape_khw : (K, H, W) of the kept slices
     factor : float
     typed : names of settings the user gave explicitly (``TRAIN_NB``, ...)
+    kind : str
+        What the network will be trained for ('mask', 'dense labels', 'intensity'), for the note on
+        ``TRAIN_NB`` "by kind": that stays ``None`` in the settings, and :func:`train.training_recipe`
+        caps the kind's number of crops the same way.
 
     Returns
     -------
@@ -144,11 +156,10 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
         :func:`train.smallest_crop_edge` pixels), or a typed setting does not fit.
     """
     if not isinstance(settings, Settings):  # the dict view in, the dict view out
-        fitted, notes = fit_recipe_to_stack(Settings.from_dict(settings), shape_khw, factor, typed)
+        fitted, notes = fit_recipe_to_stack(Settings.from_dict(settings), shape_khw, factor, typed, kind)
         changed = ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB", FITTED_TO)
         return dict(settings, **{name: fitted[name] for name in changed}), notes
-    from train import (DRAWS_PER_DISTINCT_CROP, check_crop_size, distinct_crops, largest_crop_edge,
-                       smallest_crop_edge)
+    from train import DRAWS_PER_DISTINCT_CROP, check_crop_size, largest_crop_edge, most_draws, smallest_crop_edge
 
     n_kept, height, width = (int(s) for s in shape_khw)
     stack = (n_kept, height, width, factor_value(factor))
@@ -172,11 +183,13 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     crop_zyx = (fitted.get("train_z_size", training.train_z_size),) + (fitted.get("train_xy_size",
                                                                                  training.train_xy_size),) * 2
     check_crop_size((n_kept, height, width), crop_zyx, factor)
-    most = DRAWS_PER_DISTINCT_CROP * distinct_crops((n_kept, height, width), crop_zyx, factor,
-                                                    training.lateral_axes, 2 ** depth)
-    if training.train_nb > most and "TRAIN_NB" not in typed:
-        fitted["train_nb"] = most
-        notes.append(f"TRAIN_NB {training.train_nb} -> {most}: the stack offers "
+    most = most_draws((n_kept, height, width), crop_zyx, factor, training.lateral_axes, depth)
+    # "By kind" (None) stays so, and train.training_recipe caps the kind's number the same way.
+    wanted = training.for_kind(kind).train_nb
+    if wanted > most and "TRAIN_NB" not in typed:
+        if training.train_nb is not None:
+            fitted["train_nb"] = most
+        notes.append(f"TRAIN_NB {wanted} -> {most}: the stack offers "
                      f"{most // DRAWS_PER_DISTINCT_CROP} distinct crops")
     return dataclasses.replace(settings, training=dataclasses.replace(training, **fitted), fitted_to=stack), notes
 
@@ -1049,9 +1062,9 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
 
     settings = as_settings(settings)
     device = device or select_device(settings.inference.device)
-    if kind == "mask":
+    if kind != "intensity":
         sparse_khw = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
-    settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor)[0]  # a no-op when the caller fitted it
+    settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor, kind=kind)[0]  # a no-op when fitted
     start = time.perf_counter()
     model, history, samples = fit_on_sparse_stack(sparse_khw, factor, settings, kind=kind, device=device,
                                                   progress=progress)
@@ -1101,7 +1114,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     if model is None:
-        model, info = train_on_stack(foreground, factor, settings, device, progress)
+        model, info = train_on_stack(foreground, factor, settings, device, progress, kind=training_kind(kind))
     check_model_kind(model, "mask")
     start = time.perf_counter()
     info["inference"] = {}

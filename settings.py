@@ -152,8 +152,9 @@ class Training:
                                  metavar="PX", model="read", inference=True)
     train_z_size: int = setting(5, "neighbouring kept slices fed as channels (odd)", constant="TRAIN_Z_SIZE",
                                 group="advanced", model="read", inference=True)
-    train_nb: int = setting(720, "number of training crops (training + validation)", constant="TRAIN_NB",
-                            group="model and training", model="recorded")
+    train_nb: Optional[int] = setting(None, "number of training crops (training + validation)",
+                                      constant="TRAIN_NB", group="model and training", type=int, none="by kind",
+                                      legacy_none=_zero, model="recorded")
     val_split: float = setting(0.1, "fraction of crops kept for validation", constant="VAL_SPLIT", group="advanced",
                                model="recorded")
     min_content_ratio: float = setting(0.005, "masks: reject crops whose centre slice has less foreground",
@@ -195,9 +196,10 @@ class Training:
 
     def for_kind(self, kind: str = "mask", fine_tuning: bool = False) -> "Training":
         """This recipe with its "by kind" values (``None``) set to those of ``kind``
-        ('mask', 'labels' or 'intensity'; :data:`RECIPE_BY_KIND`), with :data:`FINE_TUNING_EPOCHS`
-        when the training fine-tunes the starting model (``train.starting_point`` says whether)."""
-        by_kind = dict(RECIPE_BY_KIND["intensity" if kind == "intensity" else "mask"])
+        ('mask', 'labels', 'dense labels' or 'intensity'; :data:`RECIPE_BY_KIND`, 'labels' trains as
+        'mask'), with :data:`FINE_TUNING_EPOCHS` when the training fine-tunes the starting model
+        (``train.starting_point`` says whether)."""
+        by_kind = dict(RECIPE_BY_KIND[kind if kind in RECIPE_BY_KIND else "mask"])
         if fine_tuning:
             by_kind["num_epochs"] = FINE_TUNING_EPOCHS
         return dataclasses.replace(self, **{name: value for name, value in by_kind.items()
@@ -207,8 +209,13 @@ class Training:
 # The "by kind" recipe: grey values are regressed, which gains from a longer, faster-stepping training
 # without hard crops; masks train shorter on hard crops (docs/ablations.md, "Training budget"). Training
 # cost does not grow with the volume (TRAIN_NB crops per epoch).
-RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0},
-                  "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0}}
+# The boundaries of a dense label image (restore.label_boundaries) are sheets 1-2 pixels thick by
+# construction, and where they run decides every id: they train as a mask on four times the crops
+# (docs/dense-labels.md, "Four times the training crops"). A small stack still draws each distinct crop at
+# most train.DRAWS_PER_DISTINCT_CROP times (train.training_recipe).
+RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0, "train_nb": 720},
+                  "dense labels": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0, "train_nb": 2880},
+                  "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0, "train_nb": 720}}
 # Masks fine-tuning the phantom-trained starting model (START_FROM phantom, model.starting_weights) reach
 # the quality of 4 epochs from random weights in 3 (docs/speed-by-machine.md).
 FINE_TUNING_EPOCHS = 3
@@ -443,6 +450,8 @@ class Settings:
         if training.num_epochs is not None and training.num_epochs < 0:
             raise UserError(f"NUM_EPOCHS must be 0 (by kind) or a positive number of epochs, got "
                             f"{training.num_epochs}.")
+        if training.train_nb is not None and training.train_nb < 0:
+            raise UserError(f"TRAIN_NB must be 0 (by kind) or a positive number of crops, got {training.train_nb}.")
         if training.learning_rate is not None and training.learning_rate < 0:
             raise UserError(f"LEARNING_RATE must be 0 (by kind) or positive, got {training.learning_rate}.")
         if training.crop_pool is not None:

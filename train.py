@@ -146,6 +146,15 @@ def largest_crop_edge(height: int, width: int, depth: int) -> int:
     return min(height, width) // multiple * multiple
 
 
+def most_draws(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float, lateral_axes: str = "yx",
+               depth: int = 3) -> int:
+    """The most training crops a stack of kept slices ``stack_shape`` (K, H, W) is drawn for:
+    :data:`DRAWS_PER_DISTINCT_CROP` draws of each of its :func:`distinct_crops` (a network of ``depth``
+    levels tells lateral shifts of less than ``2 ** depth`` pixels hardly apart)."""
+    return DRAWS_PER_DISTINCT_CROP * distinct_crops(stack_shape, crop_size_zyx, factor, lateral_axes,
+                                                    network_multiple(depth))
+
+
 def distinct_crops(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float,
                    lateral_axes: str = "yx", lateral_step: int = 8) -> int:
     """How many different crops :func:`create_cropped_image_dataset` can draw: the positions of the
@@ -543,7 +552,15 @@ def training_recipe(recipe: SettingsLike = None, kind: str = "mask",
     training = dataclasses.replace(recipe.training, **{k: v for k, v in changes.items() if k in training_names})
     network = dataclasses.replace(recipe.network, **{k: v for k, v in changes.items() if k in network_names})
     fine_tuning = training.num_epochs is None and starting_point(training, network, kind)[0] is not None
-    return training.for_kind(kind, fine_tuning), network
+    crops_by_kind = training.train_nb is None
+    training = training.for_kind(kind, fine_tuning)
+    if crops_by_kind and recipe.fitted_to is not None:
+        # The kind's number of crops, as restore.fit_recipe_to_stack caps a number typed in eval.py.
+        n_kept, height, width, factor = recipe.fitted_to
+        most = most_draws((n_kept, height, width), (training.train_z_size,) + (training.train_xy_size,) * 2, factor,
+                          training.lateral_axes, network.depth)
+        training = dataclasses.replace(training, train_nb=min(training.train_nb, most))
+    return training, network
 
 
 def starting_point(training: Training, network: Network, kind: str = "mask"
@@ -586,7 +603,9 @@ def fit_on_sparse_stack(
     factor : float
     recipe : Settings, optional
         The recipe (a dict of ``eval.py``-style constants is read as ``Settings.from_dict``).
-    kind : {'mask', 'intensity'}
+    kind : {'mask', 'dense labels', 'intensity'}
+        'dense labels': the boundary mask of a dense label image, trained as a mask with that kind's
+        recipe (:data:`settings.RECIPE_BY_KIND`).
     **changes
         Fields of :class:`settings.Training` or :class:`settings.Network` changed from ``recipe``
         (``train_xy_size=32, num_epochs=1, base_filters=8``).
@@ -602,8 +621,9 @@ def fit_on_sparse_stack(
     seed_everything(training.random_state)
     inputs, labels = create_cropped_image_dataset(
         sparse_dhw, (training.train_z_size, training.train_xy_size, training.train_xy_size), training.train_nb,
-        factor, training.min_content_ratio, training.random_state, training.upscale_method, kind,
-        training.profile_fwhm, training.lateral_axes, training.crop_pool)
+        factor, training.min_content_ratio, training.random_state, training.upscale_method,
+        "intensity" if kind == "intensity" else "mask", training.profile_fwhm, training.lateral_axes,
+        training.crop_pool)
     train_loader, val_loader = make_loaders(inputs, labels, training.val_split, training.batch_size,
                                             training.random_state)
     model = AttentionResUNet(in_channels=training.train_z_size, n_classes=1, depth=network.depth,

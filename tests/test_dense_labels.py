@@ -367,6 +367,43 @@ def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_pa
     assert not (tmp_path / "o.tif").exists()
 
 
+def test_dense_label_boundaries_train_on_four_times_the_crops(tmp_path, capsys, monkeypatch):
+    """TRAIN_NB by kind: the plan of a dense label image trains on 2880 crops (at most 4 draws of each distinct
+    crop of a smaller stack) where a mask of the same size trains on 720, and restore_stack's boundary network
+    is trained with that recipe ('dense labels')."""
+    import train
+    from restore import restore_stack
+    from test_first_contact import plan_of, run_apply, write_tif
+
+    labels = dense_phantom((17, 136, 136), with_zero=True)
+    paths = {"labels": write_tif(tmp_path / "cells.tif", labels),
+             "mask": write_tif(tmp_path / "mask.tif", (labels != 0).astype(np.uint8) * 255)}
+    lines = {}
+    for kind, path in paths.items():
+        status, printed, err = run_apply(capsys, "--input", path, "--output", tmp_path / f"{kind}_o.tif",
+                                         "--kind", kind, "--dry-run")
+        assert status == 0, err
+        lines[kind] = plan_of(printed)["training"]
+    # The file's 17 slices are the kept ones: 13 z positions x 2 x 2 lateral x 2 orientations x 4 phases = 416
+    # distinct crops, so the dense label image's 2880 are capped at 4 draws each.
+    assert train.distinct_crops((17, 136, 136), (5, 128, 128), 4) == 416
+    assert lines["labels"].startswith("1664 crops of 5 x 128 x 128, 3 epochs") and lines["mask"].startswith("720 crops")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(sparse, factor, recipe=None, kind="mask", **kwargs):
+        seen["kind"], seen["crops"] = kind, train.training_recipe(recipe, kind)[0].train_nb
+        raise Stop
+
+    monkeypatch.setattr(train, "fit_on_sparse_stack", spy)
+    with pytest.raises(Stop):
+        restore_stack(labels[::4] != 0, 4, labels=labels[::4])
+    # 5 kept slices of 136 x 136: 1 z position x 2 x 2 lateral x 2 orientations x 4 phases = 32 distinct crops.
+    assert seen == {"kind": "dense labels", "crops": min(2880, 4 * 32)}
+
+
 # --------------------------------------------------------------------------- #
 # Block-wise: the same ids as in memory
 # --------------------------------------------------------------------------- #

@@ -30,6 +30,7 @@ from data import (INTENSITY_FLATNESS, LABEL_FLATNESS, UserError, decide_kind, fl
 from eval import default_settings
 from model import AttentionResUNet, save_model
 from plan import human_bytes
+from settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 # Cheap training; deliberately no --train-xy-size / --train-z-size: the recipe is fitted to the stack.
@@ -113,7 +114,8 @@ def test_default_phantom_recipe_is_unchanged():
     assert notes == []
     assert {k: v for k, v in fitted.items() if k != restore.FITTED_TO} == settings
     assert fitted[restore.FITTED_TO] == [16, 128, 128, 8]  # marked, so that training does not fit it again
-    assert (fitted["TRAIN_XY_SIZE"], fitted["TRAIN_Z_SIZE"], fitted["TRAIN_NB"]) == (128, 5, 720)
+    assert (fitted["TRAIN_XY_SIZE"], fitted["TRAIN_Z_SIZE"], fitted["TRAIN_NB"]) == (128, 5, None)  # by kind
+    assert restore.training_kwargs(fitted, "mask")["train_nb"] == 720
 
 
 @pytest.mark.parametrize("shape, factor, expected", [
@@ -129,9 +131,11 @@ def test_recipe_fitted_to_small_stacks(shape, factor, expected):
     before = dict(settings)
     fitted, notes = restore.fit_recipe_to_stack(settings, shape, factor)
     assert settings == before  # the caller's dict is not changed
-    assert (fitted["TRAIN_XY_SIZE"], fitted["TRAIN_Z_SIZE"], fitted["TRAIN_NB"]) == expected
-    # Only the three training sizes may change.
-    assert {k for k in settings if fitted[k] != settings[k]} <= {"TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB"}
+    # TRAIN_NB stays "by kind" (None); the training caps the kind's number (train.training_recipe).
+    crops = restore.training_kwargs(fitted, "mask")["train_nb"]
+    assert (fitted["TRAIN_XY_SIZE"], fitted["TRAIN_Z_SIZE"], crops) == expected and fitted["TRAIN_NB"] is None
+    # Only the two crop sizes may change.
+    assert {k for k in settings if fitted[k] != settings[k]} <= {"TRAIN_XY_SIZE", "TRAIN_Z_SIZE"}
     # The rules, stated independently.
     n_kept, height, width = shape
     assert fitted["TRAIN_XY_SIZE"] == min(128, min(height, width) // 8 * 8)
@@ -139,15 +143,45 @@ def test_recipe_fitted_to_small_stacks(shape, factor, expected):
     assert fitted["TRAIN_Z_SIZE"] == min(5, n_kept if n_kept % 2 else n_kept - 1)
     crop = (fitted["TRAIN_Z_SIZE"], fitted["TRAIN_XY_SIZE"], fitted["TRAIN_XY_SIZE"])
     distinct = train.distinct_crops(shape, crop, factor, "yx", 8)
-    assert fitted["TRAIN_NB"] == min(720, train.DRAWS_PER_DISTINCT_CROP * distinct)
+    assert crops == min(720, train.DRAWS_PER_DISTINCT_CROP * distinct)
+    # The boundaries of a dense label image train on 4 x the crops, capped the same way.
+    assert restore.training_kwargs(fitted, "dense labels")["train_nb"] == min(2880, 4 * distinct)
     train.check_crop_size(shape, crop, factor)  # the fitted crop can be cut
     # One note per setting changed, naming old and new values.
-    for name in ("TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "TRAIN_NB"):
+    new_values = {"TRAIN_XY_SIZE": fitted["TRAIN_XY_SIZE"], "TRAIN_Z_SIZE": fitted["TRAIN_Z_SIZE"], "TRAIN_NB": crops}
+    old_values = {"TRAIN_XY_SIZE": 128, "TRAIN_Z_SIZE": 5, "TRAIN_NB": 720}
+    for name in new_values:
         changed = [n for n in notes if n.startswith(name + " ")]
-        if fitted[name] != settings[name]:
-            assert len(changed) == 1 and f"{settings[name]} -> {fitted[name]}" in changed[0], notes
+        if new_values[name] != old_values[name]:
+            assert len(changed) == 1 and f"{old_values[name]} -> {new_values[name]}" in changed[0], notes
         else:
             assert changed == [], notes
+
+
+def test_dense_label_crops_by_kind_and_typed():
+    """TRAIN_NB "by kind": 720 crops for masks and grey values, 2880 for the boundaries of a dense label
+    image (restore.training_kind), at most 4 draws per distinct crop of a small stack; a number typed or
+    set in eval.py is used for every kind (capped only when not typed)."""
+    settings = default_settings()
+    big, _ = restore.fit_recipe_to_stack(settings, (17, 256, 256), 4, kind="dense labels")
+    assert [restore.training_kwargs(big, kind)["train_nb"] for kind in ("mask", "dense labels", "intensity")] == \
+        [720, 2880, 720]
+    assert restore.training_kind("labels", dense_labels=True) == "dense labels"
+    assert restore.training_kind("labels") == restore.training_kind("mask") == "mask"
+    # 72 distinct crops: both kinds capped at 288, and the note says so for the kind fitted for.
+    small, notes = restore.fit_recipe_to_stack(settings, (13, 120, 122), 4, kind="dense labels")
+    assert restore.training_kwargs(small, "dense labels")["train_nb"] == 288 and "TRAIN_NB 2880 -> 288" in notes[-1]
+    # 1008 distinct crops: a mask keeps 720, a dense label image gets 4032 -> capped at 2880, not changed.
+    middle, notes = restore.fit_recipe_to_stack(settings, (13, 100, 200), 4, kind="mask")
+    assert (restore.training_kwargs(middle, "mask")["train_nb"], restore.training_kwargs(middle, "dense labels")[
+        "train_nb"]) == (720, 2880) and not any(n.startswith("TRAIN_NB") for n in notes)
+    # A number set in eval.py (not typed) is capped for every kind; a typed one is kept for every kind.
+    fixed, _ = restore.fit_recipe_to_stack(dict(settings, TRAIN_NB=600), (13, 120, 122), 4)
+    assert restore.training_kwargs(fixed, "dense labels")["train_nb"] == 288
+    typed, _ = restore.fit_recipe_to_stack(dict(settings, TRAIN_NB=600), (13, 120, 122), 4, typed=["TRAIN_NB"])
+    assert restore.training_kwargs(typed, "dense labels")["train_nb"] == 600
+    with pytest.raises(UserError, match="TRAIN_NB must be 0 \\(by kind\\) or a positive number of crops"):
+        Settings.from_dict(dict(settings, TRAIN_NB=-5)).validate()
 
 
 def test_recipe_fitting_follows_the_network_depth():
@@ -161,14 +195,15 @@ def test_recipe_fitting_follows_the_network_depth():
 def test_typed_settings_are_never_changed():
     settings = default_settings()
     # TRAIN_NB typed: kept, although the stack offers fewer distinct crops.
-    fitted, notes = restore.fit_recipe_to_stack(settings, (17, 64, 64), 4, typed=["TRAIN_NB"])
+    fitted, notes = restore.fit_recipe_to_stack(dict(settings, TRAIN_NB=720), (17, 64, 64), 4, typed=["TRAIN_NB"])
     assert fitted["TRAIN_NB"] == 720 and not any(n.startswith("TRAIN_NB") for n in notes)
     assert fitted["TRAIN_XY_SIZE"] == 64  # the others are still fitted
     # TRAIN_XY_SIZE typed and fitting: kept; TRAIN_NB is then counted with that crop.
     fitted, notes = restore.fit_recipe_to_stack(dict(settings, TRAIN_XY_SIZE=32), (17, 64, 64), 4,
                                                 typed=["TRAIN_XY_SIZE"])
     assert fitted["TRAIN_XY_SIZE"] == 32
-    assert fitted["TRAIN_NB"] == min(720, 4 * train.distinct_crops((17, 64, 64), (5, 32, 32), 4, "yx", 8))
+    assert restore.training_kwargs(fitted, "mask")["train_nb"] == min(720, 4 * train.distinct_crops(
+        (17, 64, 64), (5, 32, 32), 4, "yx", 8))
     # Typed values that do not fit: a UserError naming the setting, never a silent change.
     with pytest.raises(UserError, match=r"TRAIN_XY_SIZE=128x128 is larger than the stack's slices \(64x64\)"):
         restore.fit_recipe_to_stack(settings, (17, 64, 64), 4, typed=["TRAIN_XY_SIZE"])
@@ -767,7 +802,8 @@ def test_eval_on_a_small_sample_fits_the_recipe(tmp_path):
     assert metrics["shape_dhw"] == [9, 48, 48] and metrics["factor"] == 8 and metrics["kept_indices"] == [0, 8]
     settings = metrics["settings"]
     assert settings["TRAIN_XY_SIZE"] == 48 and settings["TRAIN_Z_SIZE"] == 1
-    assert settings["TRAIN_NB"] == 4 * 32  # 1 z position x 1 x 1 x 2 orientations x 8 phases, 4 draws each
+    assert settings["TRAIN_NB"] is None  # by kind, capped at training: 1 z position x 1 x 1 x 2 orientations x 8
+    assert restore.training_kwargs(settings, "mask")["train_nb"] == 4 * 32  # phases, 4 draws each
     assert settings["NUM_EPOCHS"] == 1
     assert (run / "model.pt").is_file()
 
