@@ -436,8 +436,9 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
                        grey=plan.kind == "intensity")
     if args.save_model:
         restores = "boundaries" if labels is not None and plan.dense_labels else "foreground"
-        save_model(args.save_model, used_model, dict(model_config(settings, factor), kind=plan.kind, restores=restores),
-                   overwrite=args.overwrite)
+        trained_as = training_kind(plan.kind, plan.dense_labels) if plan.trained else None
+        save_model(args.save_model, used_model, dict(model_config(settings, factor, trained_as), kind=plan.kind,
+                                                     restores=restores), overwrite=args.overwrite)
     record_throughput(plan, info["train_s"], info["infer_s"])
     print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {unit}); "
           f"training {info['train_s']:.0f} s, restoring {info['infer_s']:.0f} s.")
@@ -499,7 +500,8 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
         source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None)[1:]
         name = path.stem
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
-    config = dict(model_config(settings, factor), kind=plan.kind,
+    config = dict(model_config(settings, factor, training_kind(plan.kind, plan.dense_labels) if plan.trained else None),
+                  kind=plan.kind,
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
     voxel = plan.voxel_out_zyx
     described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path))

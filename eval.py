@@ -427,7 +427,7 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
 
     from data import downsample_z, resolution_factor, save_stack
     from model import save_model, select_device
-    from restore import fit_recipe_to_stack, model_config
+    from restore import fit_recipe_to_stack, model_config, training_kind
     from train import display_training_results, plot_loss_history
 
     from settings import FITTED_TO, Settings
@@ -442,7 +442,7 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
     print("Loading the stack ...")
     kind, truth, true_labels, source = load_evaluation_stack(settings)
     sparse, kept_indices = downsample_z(truth, factor)
-    recipe, notes = fit_recipe_to_stack(recipe, sparse.shape, factor, typed)
+    recipe, notes = fit_recipe_to_stack(recipe, sparse.shape, factor, typed, training_kind(kind))
     settings = {**settings, **{name: value for name, value in recipe.as_dict().items()
                                if name in settings or name == FITTED_TO}}
     for note in notes:
@@ -461,7 +461,7 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
     print("Saving ...")
     voxel = (settings["XY_RESOLUTION"],) * 3
     unit, overwrite = settings["VOXEL_UNIT"], settings["OVERWRITE"]
-    config = dict(model_config(recipe, factor), kind=kind)
+    config = dict(model_config(recipe, factor, training_kind(kind)), kind=kind)
     written = [save_model(paths["model"], model, config, overwrite=overwrite)]
     written += [save_stack(paths[name], stack, voxel, unit, overwrite) for name, stack in stacks.items()]
     plot_loss_history(info["history"], paths["loss_curve"])

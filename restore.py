@@ -64,10 +64,11 @@ CPU_BATCH_PIXELS = Inference.batch_pixels
 def training_kwargs(settings: SettingsLike = None, kind: str = "mask") -> Dict[str, Any]:
     """The training recipe of ``settings`` as keyword arguments of ``train.fit_on_sparse_stack``.
 
-    "By kind" values (``NUM_EPOCHS``, ``LEARNING_RATE``, ``CROP_POOL``) become the recipe of ``kind``
-    ('mask' or 'intensity'; :data:`settings.RECIPE_BY_KIND`, with :data:`settings.FINE_TUNING_EPOCHS`
-    where the training starts from the phantom-trained model, :func:`training_start`); other values are
-    used as given.
+    "By kind" values (``TRAIN_NB``, ``NUM_EPOCHS``, ``LEARNING_RATE``, ``CROP_POOL``) become the recipe of
+    ``kind`` ('mask', 'dense labels' or 'intensity', :func:`training_kind`; :data:`settings.RECIPE_BY_KIND`,
+    with :data:`settings.FINE_TUNING_EPOCHS` where the training starts from the phantom-trained model,
+    :func:`training_start`; the crops at most 4 draws per distinct crop of the stack the settings were fitted
+    to, :func:`train.training_recipe`); other values are used as given.
     """
     from train import training_recipe
 
@@ -128,10 +129,12 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
 
     A stack smaller than the recipe trains on what it holds: ``TRAIN_XY_SIZE``
     becomes the largest crop edge that fits (a multiple the network accepts),
-    ``TRAIN_Z_SIZE`` the largest odd number of kept slices, and ``TRAIN_NB``
-    at most ``train.DRAWS_PER_DISTINCT_CROP`` draws per distinct crop the stack
-    offers (so a small stack trains in seconds). Settings named in ``typed``
-    (given by the user) are never changed: one that does not fit is an error.
+    ``TRAIN_Z_SIZE`` the largest odd number of kept slices, and a ``TRAIN_NB``
+    set to a number at most ``train.DRAWS_PER_DISTINCT_CROP`` draws per distinct
+    crop the stack offers (so a small stack trains in seconds; ``TRAIN_NB`` "by
+    kind" stays ``None``, and :func:`train.training_recipe` caps the kind's number
+    the same way). Settings named in ``typed`` (given by the user) are never
+    changed: one that does not fit is an error.
 
     Parameters
     ----------
@@ -186,7 +189,7 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     most = most_draws((n_kept, height, width), crop_zyx, factor, training.lateral_axes, depth)
     # "By kind" (None) stays so, and train.training_recipe caps the kind's number the same way.
     wanted = training.for_kind(kind).train_nb
-    if wanted > most and "TRAIN_NB" not in typed:
+    if wanted > most and ("TRAIN_NB" not in typed or training.train_nb is None):  # typed 0 is "by kind"
         if training.train_nb is not None:
             fitted["train_nb"] = most
         notes.append(f"TRAIN_NB {wanted} -> {most}: the stack offers "
@@ -194,10 +197,21 @@ def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw:
     return dataclasses.replace(settings, training=dataclasses.replace(training, **fitted), fitted_to=stack), notes
 
 
-def model_config(settings: SettingsLike, factor: float) -> Dict[str, Any]:
+# The "by kind" training settings a model records as the numbers its training used (kind given to model_config).
+RESOLVED_IN_RECORD = ("train_nb", "num_epochs", "learning_rate", "crop_pool")
+
+
+def model_config(settings: SettingsLike, factor: float, kind: Optional[str] = None) -> Dict[str, Any]:
     """What a saved model keeps: the recipe it was trained with (:meth:`Settings.model_record`) and
-    the factor; a restore reads back the settings marked ``model="read"``."""
-    return dict(as_settings(settings).model_record(), factor=factor_value(factor))
+    the factor; a restore reads back the settings marked ``model="read"``. With the training's ``kind``
+    (:func:`training_kind`), the "by kind" training settings are recorded as the values it used (crops
+    after the small-stack cap, epochs, learning rate, crop pool) instead of ``None``."""
+    settings = as_settings(settings)
+    record = settings.model_record()
+    if kind is not None:
+        trained = training_kwargs(settings, kind)
+        record.update({name: trained[name] for name in RESOLVED_IN_RECORD})
+    return dict(record, factor=factor_value(factor))
 
 
 def factor_value(factor: float) -> Union[int, float]:
@@ -1050,8 +1064,8 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
 
-    ``kind`` 'mask' binarises ``sparse_khw`` (non-zero = foreground);
-    'intensity' takes it as normalised float32 grey values
+    ``kind`` 'mask' (and 'dense labels': the boundary mask of a dense label image, trained with that kind's
+    recipe) binarises ``sparse_khw`` (non-zero = foreground); 'intensity' takes it as normalised float32 grey values
     (``data.normalize_intensity``) and trains an intensity model.
 
     Returns the model and ``info`` with ``train_s``, ``history`` and

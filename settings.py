@@ -199,7 +199,10 @@ class Training:
         ('mask', 'labels', 'dense labels' or 'intensity'; :data:`RECIPE_BY_KIND`, 'labels' trains as
         'mask'), with :data:`FINE_TUNING_EPOCHS` when the training fine-tunes the starting model
         (``train.starting_point`` says whether)."""
-        by_kind = dict(RECIPE_BY_KIND[kind if kind in RECIPE_BY_KIND else "mask"])
+        if kind not in RECIPE_BY_KIND and kind not in TRAINS_AS:
+            raise ValueError(f"No training recipe for kind '{kind}': one of {', '.join(RECIPE_BY_KIND)}, or "
+                             f"{', '.join(TRAINS_AS)}.")
+        by_kind = dict(RECIPE_BY_KIND[TRAINS_AS.get(kind, kind)])
         if fine_tuning:
             by_kind["num_epochs"] = FINE_TUNING_EPOCHS
         return dataclasses.replace(self, **{name: value for name, value in by_kind.items()
@@ -216,6 +219,8 @@ class Training:
 RECIPE_BY_KIND = {"mask": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0, "train_nb": 720},
                   "dense labels": {"num_epochs": 4, "learning_rate": 3e-3, "crop_pool": 2.0, "train_nb": 2880},
                   "intensity": {"num_epochs": 20, "learning_rate": 6e-3, "crop_pool": 1.0, "train_nb": 720}}
+# Kinds that train with another kind's recipe: a sparse label image trains on the mask of its objects.
+TRAINS_AS = {"labels": "mask"}
 # Masks fine-tuning the phantom-trained starting model (START_FROM phantom, model.starting_weights) reach
 # the quality of 4 epochs from random weights in 3 (docs/speed-by-machine.md).
 FINE_TUNING_EPOCHS = 3

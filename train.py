@@ -626,6 +626,7 @@ def fit_on_sparse_stack(
         training.crop_pool)
     train_loader, val_loader = make_loaders(inputs, labels, training.val_split, training.batch_size,
                                             training.random_state)
+    del inputs, labels  # the loaders hold their own copies: the samples are in memory once, not twice
     model = AttentionResUNet(in_channels=training.train_z_size, n_classes=1, depth=network.depth,
                              base_filters=network.base_filters, dropout_rate=network.dropout_rate,
                              input_skip=network.input_skip, skip_merge=network.skip_merge,

@@ -371,7 +371,10 @@ def test_dense_label_boundaries_train_on_four_times_the_crops(tmp_path, capsys, 
     """TRAIN_NB by kind: the plan of a dense label image trains on 2880 crops (at most 4 draws of each distinct
     crop of a smaller stack) where a mask of the same size trains on 720, and restore_stack's boundary network
     is trained with that recipe ('dense labels')."""
+    import apply
+    import restore as restore_module
     import train
+    from eval import default_settings
     from restore import restore_stack
     from test_first_contact import plan_of, run_apply, write_tif
 
@@ -388,20 +391,29 @@ def test_dense_label_boundaries_train_on_four_times_the_crops(tmp_path, capsys, 
     # distinct crops, so the dense label image's 2880 are capped at 4 draws each.
     assert train.distinct_crops((17, 136, 136), (5, 128, 128), 4) == 416
     assert lines["labels"].startswith("1664 crops of 5 x 128 x 128, 3 epochs") and lines["mask"].startswith("720 crops")
-    seen = {}
+    # What the training draws, in memory and block-wise: the crops the plan printed.
+    seen = []
 
     class Stop(Exception):
         pass
 
-    def spy(sparse, factor, recipe=None, kind="mask", **kwargs):
-        seen["kind"], seen["crops"] = kind, train.training_recipe(recipe, kind)[0].train_nb
-        raise Stop
+    def spy(stack, crop_size_zyx, n_samples, *args, **kwargs):
+        seen.append(n_samples)
+        raise Stop  # no training needed: how many crops it was asked to draw is the point
 
-    monkeypatch.setattr(train, "fit_on_sparse_stack", spy)
+    monkeypatch.setattr(train, "create_cropped_image_dataset", spy)
+    for output in ("o.tif", "o.ome.zarr"):
+        with pytest.raises(Stop):
+            apply.main(["--input", str(paths["labels"]), "--output", str(tmp_path / output), "--kind", "labels"])
     with pytest.raises(Stop):
         restore_stack(labels[::4] != 0, 4, labels=labels[::4])
     # 5 kept slices of 136 x 136: 1 z position x 2 x 2 lateral x 2 orientations x 4 phases = 32 distinct crops.
-    assert seen == {"kind": "dense labels", "crops": min(2880, 4 * 32)}
+    assert seen == [1664, 1664, min(2880, 4 * 32)]
+    # A saved model records the crops its training used, not "by kind".
+    fitted, _ = restore_module.fit_recipe_to_stack(default_settings(), (17, 136, 136), 4, kind="dense labels")
+    assert restore_module.model_config(fitted, 4)["train_nb"] is None
+    assert restore_module.model_config(fitted, 4, "dense labels")["train_nb"] == 1664
+    assert restore_module.model_config(fitted, 4, "mask")["train_nb"] == 720
 
 
 # --------------------------------------------------------------------------- #

@@ -180,6 +180,11 @@ def test_dense_label_crops_by_kind_and_typed():
     assert restore.training_kwargs(fixed, "dense labels")["train_nb"] == 288
     typed, _ = restore.fit_recipe_to_stack(dict(settings, TRAIN_NB=600), (13, 120, 122), 4, typed=["TRAIN_NB"])
     assert restore.training_kwargs(typed, "dense labels")["train_nb"] == 600
+    # A typed 0 is "by kind": capped, and the plan says why.
+    by_kind, notes = restore.fit_recipe_to_stack(dict(settings, TRAIN_NB=0), (13, 120, 122), 4, typed=["TRAIN_NB"])
+    assert restore.training_kwargs(by_kind, "mask")["train_nb"] == 288 and "TRAIN_NB 720 -> 288" in notes[-1]
+    with pytest.raises(ValueError, match="No training recipe for kind 'auto'"):
+        restore.training_kwargs(settings, "auto")
     with pytest.raises(UserError, match="TRAIN_NB must be 0 \\(by kind\\) or a positive number of crops"):
         Settings.from_dict(dict(settings, TRAIN_NB=-5)).validate()
 
