@@ -179,9 +179,11 @@ class RestorePlan:
             return "none (--model)"
         kind = restore.training_kind(self.kind, self.dense_labels)
         recipe = restore.training_kwargs(self.settings, kind)
+        # The samples are held in memory during the training: float32 crops and their centre-slice targets.
+        sample_bytes = recipe["train_nb"] * (recipe["train_z_size"] + 1) * recipe["train_xy_size"] ** 2 * 4
         return (f"{recipe['train_nb']} crops of {recipe['train_z_size']} x {recipe['train_xy_size']} x "
-                f"{recipe['train_xy_size']}, {recipe['num_epochs']} epochs, from "
-                f"{restore.training_start(self.settings, kind)[1]}")
+                f"{recipe['train_xy_size']} ({human_bytes(sample_bytes)} in memory), {recipe['num_epochs']} epochs, "
+                f"from {restore.training_start(self.settings, kind)[1]}")
 
     def inference_kind(self) -> str:
         """The kind whose "by kind" inference settings apply (``restore.inference_kind``)."""

@@ -390,7 +390,7 @@ def test_dense_label_boundaries_train_on_four_times_the_crops(tmp_path, capsys, 
     # The file's 17 slices are the kept ones: 13 z positions x 2 x 2 lateral x 2 orientations x 4 phases = 416
     # distinct crops, so the dense label image's 2880 are capped at 4 draws each.
     assert train.distinct_crops((17, 136, 136), (5, 128, 128), 4) == 416
-    assert lines["labels"].startswith("1664 crops of 5 x 128 x 128, 3 epochs") and lines["mask"].startswith("720 crops")
+    assert lines["labels"].startswith("1664 crops of 5 x 128 x 128 (624.0 MiB in memory), 3 epochs") and lines["mask"].startswith("720 crops")
     # What the training draws, in memory and block-wise: the crops the plan printed.
     seen = []
 

@@ -245,7 +245,7 @@ def test_apply_restores_a_small_mask_without_crop_flags(tmp_path, capsys, privat
     assert status == 0, err
     plan = plan_of(printed)
     # CHEAP's narrow network cannot start from the default network's starting model.
-    assert plan["training"] == ("32 crops of 5 x 64 x 64, 1 epochs, from random weights (the starting model has "
+    assert plan["training"] == ("32 crops of 5 x 64 x 64 (3.0 MiB in memory), 1 epochs, from random weights (the starting model has "
                                 "base_filters 16, not 4)")
     assert "recipe fitted to the stack: TRAIN_XY_SIZE 128 -> 64: the slices are 64 x 64 pixels" in printed
     restored = tifffile.imread(out)
@@ -297,7 +297,7 @@ def test_typed_train_nb_reaches_the_training(tmp_path, capsys, monkeypatch):
     with pytest.raises(Stop):
         apply.main(["--input", str(source), "--output", str(tmp_path / "o.tif"), "--train-nb", "600",
                     "--num-epochs", "1", "--base-filters", "4"])
-    assert plan_of(capsys.readouterr().out)["training"].startswith("600 crops of 5 x 64 x 64, 1 epochs, from ")
+    assert plan_of(capsys.readouterr().out)["training"].startswith("600 crops of 5 x 64 x 64 (56.2 MiB in memory), 1 epochs, from ")
     assert seen["recipe"].training.train_nb == 600  # is 416 (= 4 x 104 distinct crops): the typed value was changed
 
 
@@ -375,7 +375,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert plan["translation"] == "0 x 0 x 0 um"
     assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB|GiB) \(uncompressed\)", plan["output bytes"])
     assert re.fullmatch(r"about \d+\.\d (MiB|GiB) \(estimate\)", plan["memory per worker"])
-    assert plan["training"] == ("416 crops of 5 x 64 x 64, 3 epochs, from the phantom-trained starting model "
+    assert plan["training"] == ("416 crops of 5 x 64 x 64 (39.0 MiB in memory), 3 epochs, from the phantom-trained starting model "
                                 "(phantom-mask.pt), fine-tuned")
     assert plan["test-time flips"] == ("off (by kind; --tta-flips averages four flipped passes, about 4x the "
                                        "restore time)")
