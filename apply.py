@@ -436,7 +436,7 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
                        grey=plan.kind == "intensity")
     if args.save_model:
         restores = "boundaries" if labels is not None and plan.dense_labels else "foreground"
-        trained_as = training_kind(plan.kind, plan.dense_labels) if plan.trained else None
+        trained_as = plan.training_kind() if plan.trained else None
         save_model(args.save_model, used_model, dict(model_config(settings, factor, trained_as), kind=plan.kind,
                                                      restores=restores), overwrite=args.overwrite)
     record_throughput(plan, info["train_s"], info["infer_s"])
@@ -500,8 +500,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
         source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None)[1:]
         name = path.stem
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
-    config = dict(model_config(settings, factor, training_kind(plan.kind, plan.dense_labels) if plan.trained else None),
-                  kind=plan.kind,
+    config = dict(model_config(settings, factor, plan.training_kind() if plan.trained else None), kind=plan.kind,
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
     voxel = plan.voxel_out_zyx
     described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path))

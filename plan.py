@@ -110,7 +110,7 @@ class RestorePlan:
         """Crop pixels the training pushes through the network (crops x area x epochs)."""
         if not self.trained or self.factor == 1:
             return 0
-        recipe = restore.training_kwargs(self.settings, restore.training_kind(self.kind, self.dense_labels))
+        recipe = restore.training_kwargs(self.settings, self.training_kind())
         return int(recipe["train_nb"] * recipe["train_xy_size"] ** 2 * recipe["num_epochs"])
 
     def expected_seconds(self) -> Optional[float]:
@@ -177,13 +177,17 @@ class RestorePlan:
             return "none (nothing to restore)"
         if not self.trained:
             return "none (--model)"
-        kind = restore.training_kind(self.kind, self.dense_labels)
+        kind = self.training_kind()
         recipe = restore.training_kwargs(self.settings, kind)
         # The samples are held in memory during the training: float32 crops and their centre-slice targets.
         sample_bytes = recipe["train_nb"] * (recipe["train_z_size"] + 1) * recipe["train_xy_size"] ** 2 * 4
         return (f"{recipe['train_nb']} crops of {recipe['train_z_size']} x {recipe['train_xy_size']} x "
                 f"{recipe['train_xy_size']} ({human_bytes(sample_bytes)} in memory), {recipe['num_epochs']} epochs, "
                 f"from {restore.training_start(self.settings, kind)[1]}")
+
+    def training_kind(self) -> str:
+        """The kind whose "by kind" training recipe applies (``restore.training_kind``)."""
+        return restore.training_kind(self.kind, self.dense_labels)
 
     def inference_kind(self) -> str:
         """The kind whose "by kind" inference settings apply (``restore.inference_kind``)."""

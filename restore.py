@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
-from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, Inference, Settings,  # noqa: F401
+from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, TRAINS_AS, Inference, Settings,  # noqa: F401
                       SettingsLike, Training, as_settings)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import (ON_GRID_TOLERANCE, bracket, interpolate_along_axis, is_integer_factor, kept_positions,
@@ -90,7 +90,7 @@ def training_kind(kind: str, dense_labels: bool = False) -> str:
     """The kind whose "by kind" training recipe applies (``settings.RECIPE_BY_KIND``): the boundaries of a
     dense label image train as 'dense labels', other label images as the mask of their objects."""
     kind = inference_kind(kind, dense_labels)
-    return kind if kind in ("intensity", "dense labels") else "mask"
+    return TRAINS_AS.get(kind, kind)
 
 
 def inference_kind(kind: str, dense_labels: bool = False) -> str:
