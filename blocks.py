@@ -797,14 +797,16 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
 # --------------------------------------------------------------------------- #
 def training_stack(source: Source, settings: SettingsLike, binarize_threshold: Optional[float] = None,
                    max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None,
-                   kind: str = "mask") -> np.ndarray:
+                   kind: str = "mask") -> Tuple[np.ndarray, int]:
     """Kept slices to train on, at most ``max_bytes`` of them read from the store.
 
     An in-memory source, or a store that small, is used whole (the training is
     then exactly the in-memory one). A larger store gives random lateral
     windows of all K slices, ``8 x TRAIN_XY_SIZE`` wide, as many as hold about
     ``2 x TRAIN_NB`` training crops (and fit in ``max_bytes``), laid side by
-    side along X. For a mask, a window whose middle slice has less foreground
+    side along X: training draws each crop within one window (``panel_width``
+    of :func:`restore.train_on_stack`), as a crop across two would hold an edge
+    that is in no image. For a mask, a window whose middle slice has less foreground
     than ``MIN_CONTENT_RATIO`` is drawn again (a few times); grey values take
     every window (training takes every grey-value crop too).
 
@@ -818,14 +820,16 @@ def training_stack(source: Source, settings: SettingsLike, binarize_threshold: O
 
     Returns
     -------
-    ndarray of bool (masks) or float32 (normalised grey values), shape (K, h, w)
+    stack : ndarray of bool (masks) or float32 (normalised grey values), shape (K, h, w)
+    panel_width : int
+        The width of one window (``w`` when the source is used whole).
     """
     if isinstance(source, np.ndarray):
-        return _engine_input(source, binarize_threshold, value_range)
+        return _engine_input(source, binarize_threshold, value_range), source.shape[2]
     n_kept, height, width = source.shape
     itemsize = 1 if value_range is None else 4  # bytes per voxel of what is returned
     if n_kept * height * width * itemsize <= max_bytes:
-        return _read_engine_input(source, slice(0, height), slice(0, width), binarize_threshold, value_range)
+        return _read_engine_input(source, slice(0, height), slice(0, width), binarize_threshold, value_range), width
     recipe = restore.training_kwargs(settings, kind)
     crop = int(recipe["train_xy_size"])
     side = min(height, width, 8 * crop)
@@ -841,7 +845,7 @@ def training_stack(source: Source, settings: SettingsLike, binarize_threshold: O
             if value_range is not None or window[n_kept // 2].mean() >= recipe["min_content_ratio"]:
                 break
         windows.append(window)
-    return np.concatenate(windows, axis=2)
+    return np.concatenate(windows, axis=2), side
 
 
 def volume_intensity_range(source: Source, max_values: int = INTENSITY_SAMPLE_VALUES) -> Tuple[float, float]:
@@ -1247,10 +1251,14 @@ def _train(run: _Run, source: Source, factor: float, settings: Settings, kind: s
     """Train on (a bounded part of) the kept slices; the plan then records the channels the model takes."""
     settings = _fitted(settings, source, factor, None)
     training_kind = restore.training_kind(kind, run.dense_labels)
-    stack = training_stack(source, settings, settings.data.binarize_threshold, value_range=run.value_range,
-                           kind=training_kind)
-    print(f"Training on kept slices {stack.shape} (K, Y, X) ...", flush=True)
-    model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=training_kind)
+    stack, panel_width = training_stack(source, settings, settings.data.binarize_threshold, TRAINING_BYTES,
+                                        value_range=run.value_range, kind=training_kind)
+    windows = stack.shape[2] // panel_width
+    print(f"Training on kept slices {stack.shape} (K, Y, X)"
+          + (f", {windows} windows of {panel_width} x {panel_width} pixels" if windows > 1 else "") + " ...",
+          flush=True)
+    model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=training_kind,
+                                         panel_width=panel_width)
     del stack
     run.inference = restore.inference_kwargs(settings, model, restore.inference_kind(kind, run.dense_labels))
     run.plan_record["inference"] = _recorded_inference(run.inference)

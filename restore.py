@@ -1060,13 +1060,15 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
 
 
 def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
-                   device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask"
-                   ) -> Tuple[nn.Module, Dict[str, Any]]:
+                   device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask",
+                   panel_width: Optional[int] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
 
     ``kind`` 'mask' (and 'dense labels': the boundary mask of a dense label image, trained with that kind's
     recipe) binarises ``sparse_khw`` (non-zero = foreground); 'intensity' takes it as normalised float32 grey values
-    (``data.normalize_intensity``) and trains an intensity model.
+    (``data.normalize_intensity``) and trains an intensity model. ``panel_width``: ``sparse_khw`` is
+    separate windows of that many columns side by side (``blocks.training_stack``), and no training crop
+    straddles two.
 
     Returns the model and ``info`` with ``train_s``, ``history`` and
     ``examples`` (three training and three validation samples for figures; the
@@ -1081,7 +1083,7 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
     settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor, kind=kind)[0]  # a no-op when fitted
     start = time.perf_counter()
     model, history, samples = fit_on_sparse_stack(sparse_khw, factor, settings, kind=kind, device=device,
-                                                  progress=progress)
+                                                  progress=progress, panel_width=panel_width)
     examples = {name: (inputs[:3].copy(), labels[:3].copy()) for name, (inputs, labels) in samples.items()}
     del samples
     return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}

@@ -97,9 +97,16 @@ def check_lateral_axes(lateral_axes: str) -> None:
         raise UserError(f"TRAIN_LATERAL_AXES must be one of {', '.join(LATERAL_AXES)}, got '{lateral_axes}'.")
 
 
-def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float) -> None:
-    """Raise a clear ``ValueError`` for a crop that cannot be cut from the sparse stack."""
+def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float,
+                    panel_width: Optional[int] = None) -> None:
+    """Raise a clear ``UserError`` for a crop that cannot be cut from the sparse stack (or from one of
+    its panels of ``panel_width`` columns, :func:`create_cropped_image_dataset`)."""
     depth, height, width = crop_size_zyx
+    if panel_width is not None and (panel_width < 1 or stack_shape[2] % panel_width):
+        raise ValueError(f"panel_width {panel_width} does not divide the stack's width {stack_shape[2]}")
+    if panel_width is not None and width > panel_width:
+        raise UserError(f"TRAIN_XY_SIZE={width} is wider than the {panel_width} columns of each training window; "
+                        "use a smaller TRAIN_XY_SIZE.")
     if depth % 2 == 0 or depth < 1:
         raise UserError(f"TRAIN_Z_SIZE must be odd (the centre slice is the label), got {depth}. Use e.g. 3 or 5.")
     if depth > stack_shape[0]:
@@ -182,6 +189,7 @@ def create_cropped_image_dataset(
     profile_fwhm: float = 0.0,
     lateral_axes: str = "yx",
     crop_pool: float = 1.0,
+    panel_width: Optional[int] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Random lateral crops of the sparse stack, degraded along their height.
 
@@ -219,6 +227,12 @@ def create_cropped_image_dataset(
         draw for that many samples. The choice is among distinct candidates
         (:func:`hardest_draws`): a stack too small to offer ``n_samples`` of
         them trains on the crops of ``crop_pool=1``.
+    panel_width : int, optional
+        The stack is separate windows of ``panel_width`` columns laid side by
+        side along X (a large store's training windows,
+        ``blocks.training_stack``): no crop straddles two of them, whose
+        meeting column is an edge no image has. Default: one panel, the whole
+        width.
 
     Returns
     -------
@@ -230,12 +244,13 @@ def create_cropped_image_dataset(
     else:
         stack = np.asarray(downscaled_stack_dhw, dtype=np.float32)
         min_content_ratio = -np.inf
-    check_crop_size(stack.shape, crop_size_zyx, factor)
+    check_crop_size(stack.shape, crop_size_zyx, factor, panel_width)
     check_lateral_axes(lateral_axes)
     check_crop_pool(crop_pool)
     depth = crop_size_zyx[0]
     n_candidates = max(n_samples, int(round(n_samples * crop_pool)))
-    draws = draw_crops(stack, crop_size_zyx, n_candidates, factor, min_content_ratio, random_state, lateral_axes)
+    draws = draw_crops(stack, crop_size_zyx, n_candidates, factor, min_content_ratio, random_state, lateral_axes,
+                       panel_width)
     if n_candidates > n_samples:
         draws = hardest_draws(draws, n_samples, lambda draw: interpolation_error(
             crop_at(stack, crop_size_zyx, draw)[depth // 2], factor, draw[4], method, profile_fwhm, kind))
@@ -243,11 +258,13 @@ def create_cropped_image_dataset(
 
 
 def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, factor: float, min_content_ratio: float,
-               random_state: int, lateral_axes: str) -> List[Tuple[int, int, int, bool, int]]:
+               random_state: int, lateral_axes: str, panel_width: Optional[int] = None
+               ) -> List[Tuple[int, int, int, bool, int]]:
     """``n_draws`` random crops ``(z0, y0, x0, transposed, phase)`` of ``stack`` (K, H, W) whose centre
-    slice has at least ``min_content_ratio`` foreground, in the order drawn; a ``UserError`` when too
-    few are found (see :func:`create_cropped_image_dataset`)."""
+    slice has at least ``min_content_ratio`` foreground, in the order drawn, each within one panel of
+    ``panel_width`` columns; a ``UserError`` when too few are found (see :func:`create_cropped_image_dataset`)."""
     depth, height, width = crop_size_zyx
+    panels = 1 if panel_width is None else stack.shape[2] // panel_width
     rng = np.random.default_rng(random_state)
     draws = []
     attempts, max_attempts = 0, 200 * n_draws
@@ -255,7 +272,10 @@ def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, fa
         attempts += 1
         z0 = rng.integers(0, stack.shape[0] - depth + 1)
         y0 = rng.integers(0, stack.shape[1] - height + 1)
-        x0 = rng.integers(0, stack.shape[2] - width + 1)
+        if panels == 1:  # the draws of a whole stack, as before panels existed
+            x0 = rng.integers(0, stack.shape[2] - width + 1)
+        else:
+            x0 = rng.integers(panels) * panel_width + rng.integers(0, panel_width - width + 1)
         # The coin is tossed for every crop, so that 'y' draws the very crops of 'yx' (a fair ablation).
         transposed = bool(rng.random() < 0.5 and height == width and lateral_axes == "yx")
         label = stack[z0 + depth // 2, y0:y0 + height, x0:x0 + width]
@@ -583,6 +603,7 @@ def fit_on_sparse_stack(
     kind: str = "mask",
     device: Optional[torch.device] = None,
     progress: bool = True,
+    panel_width: Optional[int] = None,
     **changes: Any,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """The complete self-supervised training on a sparse stack.
@@ -606,6 +627,9 @@ def fit_on_sparse_stack(
     kind : {'mask', 'dense labels', 'intensity'}
         'dense labels': the boundary mask of a dense label image, trained as a mask with that kind's
         recipe (:data:`settings.RECIPE_BY_KIND`).
+    panel_width : int, optional
+        ``sparse_dhw`` is separate windows of this many columns side by side; no crop straddles two
+        (:func:`create_cropped_image_dataset`).
     **changes
         Fields of :class:`settings.Training` or :class:`settings.Network` changed from ``recipe``
         (``train_xy_size=32, num_epochs=1, base_filters=8``).
@@ -623,7 +647,7 @@ def fit_on_sparse_stack(
         sparse_dhw, (training.train_z_size, training.train_xy_size, training.train_xy_size), training.train_nb,
         factor, training.min_content_ratio, training.random_state, training.upscale_method,
         "intensity" if kind == "intensity" else "mask", training.profile_fwhm, training.lateral_axes,
-        training.crop_pool)
+        training.crop_pool, panel_width)
     train_loader, val_loader = make_loaders(inputs, labels, training.val_split, training.batch_size,
                                             training.random_state)
     del inputs, labels  # the loaders hold their own copies: the samples are in memory once, not twice

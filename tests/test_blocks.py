@@ -18,6 +18,7 @@ import zarr
 import apply
 import blocks
 import restore
+import train
 import zarr_io
 from data import (OutputExistsError, UserError, downsample_z, intensity_range, make_sample_intensity,
                   make_sample_labels, normalize_intensity, save_stack)
@@ -499,7 +500,9 @@ def test_training_on_a_large_store_reads_bounded_windows(tmp_path, monkeypatch):
     ids = kept_labels(4, seed=9, shape=(41, 200, 260))
     image, _ = write_input(tmp_path / "in.ome.zarr", ids)
     settings = tiny_settings(TRAIN_NB=200, MIN_CONTENT_RATIO=0.0)  # every window drawn is kept
-    np.testing.assert_array_equal(blocks.training_stack(image, settings), ids > 0)  # a small store: all of it
+    whole, panel_width = blocks.training_stack(image, settings)
+    np.testing.assert_array_equal(whole, ids > 0)  # a small store: all of it, one panel
+    assert panel_width == ids.shape[2]
     reads = []
     original_read = zarr_io.ZarrImage.read
 
@@ -509,12 +512,36 @@ def test_training_on_a_large_store_reads_bounded_windows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zarr_io.ZarrImage, "read", spy)
     budget = ids.shape[0] * 128 * 128 * 3  # three windows of 8 x TRAIN_XY_SIZE = 128 pixels, all K slices
-    stack = blocks.training_stack(image, settings, max_bytes=budget)
-    assert stack.shape == (ids.shape[0], 128, 3 * 128) and stack.nbytes <= budget
+    stack, panel_width = blocks.training_stack(image, settings, max_bytes=budget)
+    assert stack.shape == (ids.shape[0], 128, 3 * 128) and stack.nbytes <= budget and panel_width == 128
     assert len(reads) == 3  # only the windows were read, each once
     for j, (y, x) in enumerate(reads):
         assert (y.stop - y.start, x.stop - x.start) == (128, 128)
         np.testing.assert_array_equal(stack[:, :, j * 128:(j + 1) * 128], ids[:, y, x] > 0)
+
+
+def test_block_wise_training_draws_each_crop_within_one_window(tmp_path, monkeypatch, capsys):
+    # A store larger than the training budget trains on windows laid side by side: apply.py passes
+    # their width down, so that no training crop straddles two (their meeting column is in no image).
+    ids = kept_labels(4, seed=9, shape=(41, 200, 260))
+    write_input(tmp_path / "in.ome.zarr", ids)
+    monkeypatch.setattr(blocks, "TRAINING_BYTES", ids.shape[0] * 128 * 128 * 2)  # two windows of 128 px
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(stack, crop_size_zyx, n_samples, *args, **kwargs):
+        seen.update(shape=stack.shape, panel_width=args[-1] if args else kwargs.get("panel_width"))
+        raise Stop
+
+    monkeypatch.setattr(train, "create_cropped_image_dataset", spy)
+    with pytest.raises(Stop):
+        apply.main(["--input", str(tmp_path / "in.ome.zarr"), "--output", str(tmp_path / "o.ome.zarr"),
+                    "--train-xy-size", "16", "--train-z-size", "3", "--train-nb", "200", "--device", "cpu",
+                    "--block-size", str(BLOCK)])
+    assert seen == {"shape": (ids.shape[0], 128, 2 * 128), "panel_width": 128}
+    assert "2 windows of 128 x 128 pixels" in capsys.readouterr().out
 
 
 def test_cli_trains_on_a_zarr_input_and_resume_reuses_its_model(tmp_path, capsys):
@@ -664,11 +691,11 @@ def test_grey_value_range_and_training_windows_of_a_store(tmp_path, monkeypatch)
 
     # Training windows hold normalised grey values (float32), every window drawn is kept.
     settings = tiny_settings(TRAIN_NB=200, MIN_CONTENT_RATIO=1.0)  # no mask window would pass this
-    np.testing.assert_array_equal(blocks.training_stack(sparse, settings, value_range=value_range),
+    np.testing.assert_array_equal(blocks.training_stack(sparse, settings, value_range=value_range)[0],
                                   normalize_intensity(sparse, value_range))
     budget = sparse.shape[0] * 128 * 128 * 4 * 2  # two windows of 128 x 128 float32 values
-    stack = blocks.training_stack(image, settings, max_bytes=budget, value_range=value_range)
-    assert stack.dtype == np.float32 and stack.shape == (sparse.shape[0], 128, 2 * 128) and stack.nbytes <= budget
+    stack, panel_width = blocks.training_stack(image, settings, max_bytes=budget, value_range=value_range)
+    assert panel_width == 128 and stack.dtype == np.float32 and stack.shape == (sparse.shape[0], 128, 2 * 128) and stack.nbytes <= budget
 
 
 def test_cli_grey_scale_tif_into_ome_zarr(tmp_path, capsys):

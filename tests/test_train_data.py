@@ -244,4 +244,36 @@ def test_library_training_defaults_are_the_command_line_recipe(monkeypatch):
     assert seen["crop"] == (recipe["train_z_size"], recipe["train_xy_size"], recipe["train_xy_size"])
     assert seen["n"] == recipe["train_nb"]
     assert seen["rest"] == (recipe["min_content_ratio"], recipe["random_state"], recipe["upscale_method"], "mask",
-                            recipe["profile_fwhm"], recipe["lateral_axes"], recipe["crop_pool"])
+                            recipe["profile_fwhm"], recipe["lateral_axes"], recipe["crop_pool"], None)
+
+
+@pytest.mark.parametrize("crop_pool", [1.0, 2.0])
+def test_cropped_dataset_never_straddles_two_panels(crop_pool):
+    # Three windows of a large store side by side (blocks.training_stack): each holds one value, so a
+    # crop across two of them holds two. Without panel_width some crops straddle: the test can tell.
+    panel, crop = 24, 16
+    values = (0.2, 0.5, 0.8)
+    stack = np.concatenate([np.full((3, 20, panel), v, np.float32) for v in values], axis=2)
+    stack += np.linspace(0, 0.01, 3 * panel, dtype=np.float32)  # distinct columns: crops are distinct draws
+
+    def panels_touched(labels):
+        return [len({min(range(3), key=lambda p: abs(float(x) - values[p])) for x in np.unique(label)})
+                for label in labels[:, 0].round(2)]
+
+    common = dict(n_samples=40, factor=4, random_state=3, kind="intensity", crop_pool=crop_pool)
+    _, across = create_cropped_image_dataset(stack, (3, crop, crop), **common)
+    assert max(panels_touched(across)) == 2
+    _, within = create_cropped_image_dataset(stack, (3, crop, crop), panel_width=panel, **common)
+    assert panels_touched(within) == [1] * 40
+    # Crops come from every panel, and a whole stack as one panel draws exactly the crops of no panels.
+    assert {int(np.argmin([abs(float(label[0, 0, 0]) - v) for v in values])) for label in within} == {0, 1, 2}
+    whole = create_cropped_image_dataset(stack, (3, crop, crop), panel_width=3 * panel, **common)
+    assert np.array_equal(whole[1], across)
+
+
+def test_cropped_dataset_panels_are_checked():
+    stack = np.zeros((3, 20, 48), np.float32)
+    with pytest.raises(ValueError, match="panel_width 20 does not divide the stack's width 48"):
+        create_cropped_image_dataset(stack, (3, 16, 16), 4, 4, kind="intensity", panel_width=20)
+    with pytest.raises(Exception, match="TRAIN_XY_SIZE=16 is wider than the 12 columns of each training window"):
+        create_cropped_image_dataset(stack, (3, 16, 16), 4, 4, kind="intensity", panel_width=12)
