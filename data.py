@@ -97,7 +97,10 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2,
         raise UserError(f"The Z step ({z_step:g}) is only {ratio:.2f} times the XY pixel size ({xy_size:g}), a factor "
                         f"of {factor:g}; it must be at least {minimum} for slices to be missing: the stack is already "
                         "(nearly) isotropic. Check the voxel size (Z_RESOLUTION and XY_RESOLUTION).")
-    if not integer and not fractional:
+    if not integer and not fractional and factor == 1:
+        warnings.warn(f"Z/XY ratio {ratio:.3f} rounds to 1: no slices are added, the output keeps the input's Z step "
+                      f"({ratio:.3f} times XY along Z).", UserWarning, stacklevel=2)
+    elif not integer and not fractional:
         warnings.warn(f"Z/XY ratio {ratio:.3f} is not an integer; restoring {factor} slices per input step. "
                       f"Output voxel size: Z {z_step / factor:.4g} x Y {xy_size:.4g} x X {xy_size:.4g} "
                       f"({(z_step / factor) / xy_size:.3f} times XY along Z).", UserWarning, stacklevel=2)

@@ -8,6 +8,7 @@ import tifffile
 
 from data import (
     downsample_z,
+    factor_from_voxel_size,
     import_binary_tiff_sequence,
     list_tiff_files,
     make_sample_labels,
@@ -238,6 +239,16 @@ def test_resolution_factor():
         resolution_factor(2.8, 2)  # 1.4 rounds to 1
     with pytest.raises(ValueError, match="must be positive"):
         resolution_factor(4, 0)
+
+
+def test_factor_near_one_is_a_conversion_said_so():
+    # apply.py converts a stack whose Z/XY ratio rounds to 1 (minimum 1): the warning says nothing is added
+    # (below 1.5 even the isotropic rounding rounds: a fraction of a slice is not restored).
+    with pytest.warns(UserWarning, match=r"Z/XY ratio 0.938 rounds to 1: no slices are added") as caught:
+        assert factor_from_voxel_size(15, 16, minimum=1) == (1, 15)
+    assert "slices per input step" not in str(caught[0].message)
+    with pytest.warns(UserWarning, match="not an integer; restoring 3 slices per input step"):
+        assert factor_from_voxel_size(5, 2, minimum=1, rounding="nearest") == (3, 5 / 3)
 
 
 # --------------------------------------------------------------------------- #
