@@ -153,7 +153,8 @@ class RestorePlan:
             f"training: {self.training_line()}",
             *([f"test-time flips: {self.flips_line()}"] if self.factor != 1 else []),
             *([f"label ids: {self.label_rule}"] if self.label_rule else []),
-            "expected time: " + (f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} "
+            "expected time: " + ("seconds: a conversion, no network runs" if self.factor == 1 else
+                                 f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} "
                                  "(from earlier runs here)" if expected is not None else
                                  "not known yet (no run measured on this machine class)"),
         ]

@@ -570,6 +570,7 @@ def test_isotropic_stacks_are_converted_not_restored(tmp_path, capsys):
     plan = plan_of(printed)
     assert plan["factor"].startswith("1 ") and "converted, not restored" in plan["factor"]
     assert plan["training"] == "none (nothing to restore)" and "Epoch" not in printed
+    assert plan["expected time"] == "seconds: a conversion, no network runs"
     label_image = zarr_io.open_image(store / "labels" / "cells")
     assert label_image.is_label
     np.testing.assert_array_equal(label_image.read(slice(None), slice(None), slice(None)), ids)
