@@ -138,11 +138,18 @@ def read_stack(path: PathLike) -> np.ndarray:
             raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
         stack = np.squeeze(read_tiff(path))
     if stack.ndim != 3 or stack.shape[0] < 2:
-        raise UserError(
-            f"'{path}' holds an image of shape {stack.shape}; expected a 3D stack (Z, Y, X) "
-            "of at least two slices. Multi-channel or time-lapse files must be split first."
-        )
+        raise UserError(not_a_stack(path, stack.shape))
     return stack
+
+
+def not_a_stack(path: PathLike, shape: Tuple[int, ...]) -> str:
+    """The error for a file that is not one 3D stack, with the fix for the usual causes."""
+    fix = ("a single image has no Z to restore" if len(shape) < 3 else
+           "it may hold channels, time points or RGB colours: restore one 3D stack at a time (in Fiji: "
+           "Image > Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality, or Image > Type > "
+           "8-bit for RGB; save each stack as TIFF)" if len(shape) > 3 else
+           "a stack needs at least two slices")
+    return f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X): {fix}."
 
 
 def stack_shape(path: PathLike) -> Tuple[int, ...]:
@@ -158,7 +165,7 @@ def stack_shape(path: PathLike) -> Tuple[int, ...]:
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
         shape = tuple(s for s in tif.series[0].shape if s != 1)
     if len(shape) != 3:
-        raise UserError(f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X).")
+        raise UserError(not_a_stack(path, shape))
     return shape
 
 

@@ -221,7 +221,8 @@ def open_image(path: PathLike) -> ZarrImage:
     name = zarr_stem(path_text)
     if isinstance(node, zarr.Array):
         if node.ndim < 3 or any(size != 1 for size in node.shape[:-3]):
-            raise UserError(f"'{path_text}' holds an array of shape {node.shape}; expected a 3D stack (Z, Y, X).")
+            raise UserError(f"'{path_text}' holds an array of shape {node.shape}; expected a 3D stack (Z, Y, X): "
+                            "restore one channel or time point at a time (write it as its own array first).")
         return ZarrImage(path_text, "", (0,) * (node.ndim - 3), tuple(node.shape[-3:]), str(node.dtype), name=name)
     ome = _ome_attributes(node)
     multiscales = ome.get("multiscales")

@@ -194,6 +194,16 @@ def test_single_2d_image_file_is_rejected(tmp_path):
         import_binary_tiff_sequence(path)
 
 
+def test_multichannel_tiff_error_names_the_fix(tmp_path):
+    import tiff_io
+
+    path = tmp_path / "two_channels.tif"
+    tifffile.imwrite(path, np.zeros((6, 2, 8, 8), np.uint8), imagej=True, metadata={"axes": "ZCYX"})
+    for read in (import_binary_tiff_sequence, tiff_io.stack_shape):  # the dry run's metadata check says it too
+        with pytest.raises(ValueError, match=r"shape \(6, 2, 8, 8\); expected a 3D stack .*Split Channels"):
+            read(path)
+
+
 def test_non_tiff_file_is_rejected(tmp_path):
     path = tmp_path / "stack.png"
     path.write_bytes(b"\x89PNG")
