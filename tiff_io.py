@@ -130,26 +130,47 @@ def read_stack(path: PathLike) -> np.ndarray:
         if slices[0].ndim != 2:
             raise UserError(
                 f"Each file in the folder '{path}' must be one 2D slice, got shape "
-                f"{slices[0].shape}. For multipage TIFFs pass the file itself as input."
+                f"{slices[0].shape}. For multipage TIFFs pass the file itself as input; slices with channels "
+                "or RGB colours need one channel each (in Fiji: Image > Color > Split Channels, or Image > "
+                "Type > 8-bit for RGB)."
             )
         stack = np.stack(slices, axis=0)
     else:
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
+        check_stack_axes(path)
         stack = np.squeeze(read_tiff(path))
     if stack.ndim != 3 or stack.shape[0] < 2:
         raise UserError(not_a_stack(path, stack.shape))
     return stack
 
 
-def not_a_stack(path: PathLike, shape: Tuple[int, ...]) -> str:
+# tifffile's axis codes that are not space: samples (RGB), channels, time points
+NON_SPATIAL_AXES = "SCT"
+
+
+def check_stack_axes(path: PathLike) -> None:
+    """Refuse a TIFF of colour samples (RGB: tifffile's axis 'S'), which squeezing could pass for a 3D
+    stack (a single RGB image, Y x X x 3). Three axes named channels or time points are read as a
+    stack, as before: ImageJ files written without axes often call their slices channels."""
+    with _tiff_guard(path), tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        if any(axis == "S" and size > 1 for axis, size in zip(series.axes, series.shape)):
+            raise UserError(not_a_stack(path, tuple(series.shape), series.axes))
+
+
+def not_a_stack(path: PathLike, shape: Tuple[int, ...], axes: str = "") -> str:
     """The error for a file that is not one 3D stack, with the fix for the usual causes."""
-    fix = ("a single image has no Z to restore" if len(shape) < 3 else
-           "it may hold channels, time points or RGB colours: restore one 3D stack at a time (in Fiji: "
-           "Image > Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality, or Image > Type > "
-           "8-bit for RGB; save each stack as TIFF)" if len(shape) > 3 else
-           "a stack needs at least two slices")
-    return f"'{path}' holds an image of shape {shape}; expected a 3D stack (Z, Y, X): {fix}."
+    if len(shape) > 3 or any(axis in NON_SPATIAL_AXES for axis in axes):
+        fix = ("it holds channels, time points or RGB colours: restore one 3D stack at a time (in Fiji: "
+               "Image > Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality, or Image > Type > "
+               "8-bit for RGB; save each stack as TIFF)")
+    elif len(shape) < 3:
+        fix = "a single image has no Z to restore"
+    else:
+        fix = "a stack needs at least two slices"
+    named = f" (axes {axes})" if axes else ""
+    return f"'{path}' holds an image of shape {shape}{named}; expected a 3D stack (Z, Y, X): {fix}."
 
 
 def stack_shape(path: PathLike) -> Tuple[int, ...]:
@@ -162,6 +183,7 @@ def stack_shape(path: PathLike) -> Tuple[int, ...]:
             raise InputNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
         with _tiff_guard(files[0]), tifffile.TiffFile(files[0]) as tif:
             return (len(files),) + tuple(s for s in tif.series[0].shape if s != 1)[-2:]
+    check_stack_axes(path)
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
         shape = tuple(s for s in tif.series[0].shape if s != 1)
     if len(shape) != 3:

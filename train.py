@@ -100,7 +100,8 @@ def check_lateral_axes(lateral_axes: str) -> None:
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float,
                     panel_width: Optional[int] = None) -> None:
     """Raise a clear ``UserError`` for a crop that cannot be cut from the sparse stack (or from one of
-    its panels of ``panel_width`` columns, :func:`create_cropped_image_dataset`)."""
+    its panels of ``panel_width`` columns, :func:`create_cropped_image_dataset`); a ``panel_width`` that
+    does not divide the stack's width is the caller's error (``ValueError``)."""
     depth, height, width = crop_size_zyx
     if panel_width is not None and (panel_width < 1 or stack_shape[2] % panel_width):
         raise ValueError(f"panel_width {panel_width} does not divide the stack's width {stack_shape[2]}")

@@ -199,9 +199,17 @@ def test_multichannel_tiff_error_names_the_fix(tmp_path):
 
     path = tmp_path / "two_channels.tif"
     tifffile.imwrite(path, np.zeros((6, 2, 8, 8), np.uint8), imagej=True, metadata={"axes": "ZCYX"})
+    rgb = tmp_path / "rgb.tif"  # one RGB image squeezes to 3 axes: its metadata tells
+    tifffile.imwrite(rgb, np.zeros((8, 9, 3), np.uint8), photometric="rgb")
     for read in (import_binary_tiff_sequence, tiff_io.stack_shape):  # the dry run's metadata check says it too
         with pytest.raises(ValueError, match=r"shape \(6, 2, 8, 8\); expected a 3D stack .*Split Channels"):
             read(path)
+        with pytest.raises(ValueError, match=r"shape \(8, 9, 3\) \(axes YXS\); expected a 3D stack .*8-bit for RGB"):
+            read(rgb)
+    # A 3D stack whose ImageJ metadata calls its slices channels is still read as a stack.
+    tifffile.imwrite(tmp_path / "ij.tif", np.ones((4, 8, 8), np.uint8), imagej=True)
+    assert tiff_io.stack_shape(tmp_path / "ij.tif") == (4, 8, 8)
+    assert import_binary_tiff_sequence(tmp_path / "ij.tif").shape == (4, 8, 8)
 
 
 def test_non_tiff_file_is_rejected(tmp_path):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from data import downsample_z, make_sample_stack
-from train import create_cropped_image_dataset, downscale_upscale_height, hardest_draws, split_indices
+from data import UserError, downsample_z, make_sample_stack
+from train import (create_cropped_image_dataset, downscale_upscale_height, draw_crops, hardest_draws,
+                   split_indices)
 
 
 # --------------------------------------------------------------------------- #
@@ -271,9 +272,19 @@ def test_cropped_dataset_never_straddles_two_panels(crop_pool):
     assert np.array_equal(whole[1], across)
 
 
+def test_crops_as_wide_as_a_panel_start_at_every_panel_and_nowhere_else():
+    # Every start inside a panel is drawn, the last one included, and no other (an off-by-one fails here).
+    stack = np.ones((3, 16, 48), np.float32)
+    starts = {draw[2] for draw in draw_crops(stack, (3, 16, 16), 60, 4, -np.inf, 0, "yx", panel_width=16)}
+    assert starts == {0, 16, 32}
+    starts = {draw[2] for draw in draw_crops(stack, (3, 16, 12), 200, 4, -np.inf, 0, "yx", panel_width=16)}
+    assert starts == {p * 16 + x for p in range(3) for x in range(5)}
+
+
 def test_cropped_dataset_panels_are_checked():
     stack = np.zeros((3, 20, 48), np.float32)
-    with pytest.raises(ValueError, match="panel_width 20 does not divide the stack's width 48"):
+    with pytest.raises(ValueError, match="panel_width 20 does not divide the stack's width 48") as caught:
         create_cropped_image_dataset(stack, (3, 16, 16), 4, 4, kind="intensity", panel_width=20)
-    with pytest.raises(Exception, match="TRAIN_XY_SIZE=16 is wider than the 12 columns of each training window"):
+    assert type(caught.value) is ValueError  # the caller's error: a traceback, not a user's message
+    with pytest.raises(UserError, match="TRAIN_XY_SIZE=16 is wider than the 12 columns of each training window"):
         create_cropped_image_dataset(stack, (3, 16, 16), 4, 4, kind="intensity", panel_width=12)
