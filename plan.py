@@ -137,7 +137,6 @@ class RestorePlan:
         triple = " x ".join
         where = (f"OME-Zarr, blocks of {self.block_size} x {self.block_size} pixels"
                  + (f" on {self.workers} worker(s)" if self.workers else "") if self.block_size else "in memory")
-        expected = self.expected_seconds()
         lines = [
             f"input: {self.path}",
             f"kind: {self.kind} ({self.kind_reason})",
@@ -153,12 +152,18 @@ class RestorePlan:
             f"training: {self.training_line()}",
             *([f"test-time flips: {self.flips_line()}"] if self.factor != 1 else []),
             *([f"label ids: {self.label_rule}"] if self.label_rule else []),
-            "expected time: " + ("seconds: a conversion, no network runs" if self.factor == 1 else
-                                 f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} "
-                                 "(from earlier runs here)" if expected is not None else
-                                 "not known yet (no run measured on this machine class)"),
+            f"expected time: {self.expected_line()}",
         ]
         return lines + [f"recipe fitted to the stack: {note}" for note in self.notes]
+
+    def expected_line(self) -> str:
+        """The expected time, from the throughputs recorded on this machine class."""
+        if self.factor == 1:
+            return "seconds: a conversion, no network runs"
+        expected = self.expected_seconds()
+        if expected is None:
+            return "not known yet (no run measured on this machine class)"
+        return f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} (from earlier runs here)"
 
     def factor_line(self) -> str:
         """The factor, where it comes from and what it does to the Z grid."""

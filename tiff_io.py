@@ -138,30 +138,25 @@ def read_stack(path: PathLike) -> np.ndarray:
     else:
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
-        check_stack_axes(path)
-        stack = np.squeeze(read_tiff(path))
+        with _tiff_guard(path), tifffile.TiffFile(path) as tif:  # one open: the axes, then the pixels
+            refuse_colour_samples(path, tif.series[0])
+            stack = np.squeeze(tif.asarray())
     if stack.ndim != 3 or stack.shape[0] < 2:
         raise UserError(not_a_stack(path, stack.shape))
     return stack
 
 
-# tifffile's axis codes that are not space: samples (RGB), channels, time points
-NON_SPATIAL_AXES = "SCT"
-
-
-def check_stack_axes(path: PathLike) -> None:
+def refuse_colour_samples(path: PathLike, series: "tifffile.TiffPageSeries") -> None:
     """Refuse a TIFF of colour samples (RGB: tifffile's axis 'S'), which squeezing could pass for a 3D
     stack (a single RGB image, Y x X x 3). Three axes named channels or time points are read as a
     stack, as before: ImageJ files written without axes often call their slices channels."""
-    with _tiff_guard(path), tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        if any(axis == "S" and size > 1 for axis, size in zip(series.axes, series.shape)):
-            raise UserError(not_a_stack(path, tuple(series.shape), series.axes))
+    if any(axis == "S" and size > 1 for axis, size in zip(series.axes, series.shape)):
+        raise UserError(not_a_stack(path, tuple(series.shape), series.axes))
 
 
 def not_a_stack(path: PathLike, shape: Tuple[int, ...], axes: str = "") -> str:
     """The error for a file that is not one 3D stack, with the fix for the usual causes."""
-    if len(shape) > 3 or any(axis in NON_SPATIAL_AXES for axis in axes):
+    if len(shape) > 3 or "S" in axes:
         fix = ("it holds channels, time points or RGB colours: restore one 3D stack at a time (in Fiji: "
                "Image > Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality, or Image > Type > "
                "8-bit for RGB; save each stack as TIFF)")
@@ -183,8 +178,8 @@ def stack_shape(path: PathLike) -> Tuple[int, ...]:
             raise InputNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
         with _tiff_guard(files[0]), tifffile.TiffFile(files[0]) as tif:
             return (len(files),) + tuple(s for s in tif.series[0].shape if s != 1)[-2:]
-    check_stack_axes(path)
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
+        refuse_colour_samples(path, tif.series[0])
         shape = tuple(s for s in tif.series[0].shape if s != 1)
     if len(shape) != 3:
         raise UserError(not_a_stack(path, shape))
