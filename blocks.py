@@ -490,6 +490,7 @@ class DenseLabelJob:
     output: str
     probability_threshold: float
     drawn_boundaries: bool  # the kept slices hold id 0 somewhere (restore.grow_labels)
+    shape_prior: float  # weight of the shape-based interfaces (restore.grow_labels)
     halo: int = LABEL_HALO
     max_halo: int = LABEL_HALO * 8
 
@@ -521,7 +522,7 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
             grown = restore.grow_labels(boundaries[z, rows, cols], ids_kept, job.factor, job.probability_threshold,
                                         progress=False, drawn_boundaries=job.drawn_boundaries,
                                         boundaries_khw=boundaries_kept, offset=offset,
-                                        origin_zyx=(z.start, rows.start, cols.start))
+                                        origin_zyx=(z.start, rows.start, cols.start), shape_prior=job.shape_prior)
             inner = grown[:, y0 - rows.start:y1 - rows.start, x0 - cols.start:x1 - cols.start]
             whole = (rows.start, rows.stop, cols.start, cols.stop) == (0, height, 0, width)
             stable = whole or (previous is not None and np.array_equal(inner, previous))
@@ -1221,7 +1222,8 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
         "binarize_threshold": settings.data.binarize_threshold,
         "probability_threshold": float(settings.inference.probability_threshold),
         "inference": _recorded_inference(inference),
-        **({"label_rule": label_rule} if labels_source is not None else {})})
+        **({"label_rule": label_rule} if labels_source is not None else {}),
+        **({"shape_prior": float(settings.inference.shape_prior)} if dense else {})})
     probabilities_dtype = probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8")
     return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
                 grey_values, value_range, window, plan_record, described, probabilities_dtype, dense,
@@ -1309,7 +1311,8 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
         if run.dense_labels:
             label_job = DenseLabelJob(labels_source, plan, factor, _marker_path(BOUNDARIES_ARRAY), layout.image,
                                       layout.labels, output, float(settings.inference.probability_threshold),
-                                      run.drawn_boundaries, label_halo, max_halo)
+                                      run.drawn_boundaries, float(settings.inference.shape_prior), label_halo,
+                                      max_halo)
         else:
             label_job = LabelJob(labels_source, plan, factor, layout.image, layout.labels, output, label_halo,
                                  max_halo)

@@ -69,6 +69,7 @@ KEEP_KEPT_SLICES = True
 SKIP_EMPTY_TILES = True
 COMPILE = False
 PROBABILITY_THRESHOLD = 0.5
+SHAPE_PRIOR = 0.4  # dense label images: weight of shape-based interfaces where the ids grow
 DEVICE = None  # None: CUDA when available
 
 import argparse

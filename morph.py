@@ -355,13 +355,27 @@ def interpolate_labels_sdf(sparse_labels_khw: np.ndarray, kept_indices: Sequence
     for k in tqdm(gaps, desc="Per-label shape-based interpolation", unit="gap", disable=not progress, leave=False):
         zs = np.flatnonzero((lower == k) & ~copies)
         gap = int(kept_indices[k + 1]) - int(kept_indices[k])
-        out[zs] = _fill_label_gap(sparse[k], sparse[k + 1], weight[zs],
-                                  max(8, 4 * gap) if margin is None else max(1, int(margin)))
+        out[zs] = fill_label_gap(sparse[k], sparse[k + 1], weight[zs],
+                                 max(8, 4 * gap) if margin is None else max(1, int(margin)))
     return out
 
 
-def _fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarray, margin: int) -> np.ndarray:
-    """The output slices at ``weights`` between two kept label slices (see :func:`interpolate_labels_sdf`)."""
+def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarray, margin: int = 8) -> np.ndarray:
+    """Per-label shape-based interpolation of one gap: the slices at ``weights`` between two kept label slices.
+
+    Parameters
+    ----------
+    labels_a, labels_b : ndarray of int, shape (H, W)
+        The kept slices below and above the gap.
+    weights : ndarray of float, shape (n,)
+        Where each output slice lies, 0 at ``labels_a`` and 1 at ``labels_b``.
+    margin : int
+        A speed setting only, as in :func:`interpolate_labels_sdf`.
+
+    Returns
+    -------
+    labels_nhw : ndarray, dtype of ``labels_a``, shape (n, H, W)
+    """
     shape = labels_a.shape
     ids, inverse = np.unique(np.stack([labels_a, labels_b]), return_inverse=True)
     inverse = inverse.reshape((2,) + shape) + 1  # ids renumbered 1..n, as ndimage.find_objects wants them

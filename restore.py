@@ -44,8 +44,8 @@ from data import UserError
 from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, TRAINS_AS, Inference, Settings,  # noqa: F401
                       SettingsLike, Training, as_settings)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
-from morph import (ON_GRID_TOLERANCE, bracket, interpolate_along_axis, is_integer_factor, kept_positions,
-                   restored_depth, slices_on_grid)
+from morph import (ON_GRID_TOLERANCE, bracket, fill_label_gap, interpolate_along_axis, is_integer_factor,
+                   kept_positions, restored_depth, slices_on_grid)
 
 ORIENTATIONS = ("y", "x")
 # Test-time flips of a tile (axes of its (H, W) plane: Z and the lateral axis), averaged by :func:`predict_tiled`.
@@ -940,6 +940,38 @@ def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
 TIE_BREAK = 1e-9
 
 
+# The interfaces of per-label shape-based interpolation enter the ids' elevation smoothed by a Gaussian of this
+# many voxels (in Z and in-plane), so that they pull the watershed towards them over a voxel or two.
+SHAPE_PRIOR_SIGMA = 1.0
+
+
+def shape_based_interfaces(labels_a: np.ndarray, labels_b: Optional[np.ndarray], boundaries_a: np.ndarray,
+                           boundaries_b: Optional[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    """Where per-label shape-based interpolation puts the boundaries between ids in one gap, smoothed.
+
+    The gap's slices at ``weights`` (0 at ``labels_a``, 1 at ``labels_b``) are filled by
+    :func:`morph.fill_label_gap`, their :func:`label_boundaries` stacked between the two kept slices'
+    (``boundaries_b`` None: an open gap after the last kept slice, which copies ``labels_a``), and the stack
+    smoothed by a Gaussian of :data:`SHAPE_PRIOR_SIGMA` voxels within the gap (edges: nearest).
+
+    Returns
+    -------
+    interfaces : ndarray of float32, shape (len(weights) + 1 or + 2, H, W), values in [0, 1]
+        Kept slice a, the gap's slices, kept slice b (when given): the planes of :func:`grow_labels`'
+        elevation of the gap.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    if boundaries_b is None:
+        between = np.repeat(boundaries_a[None], len(weights), axis=0)
+        planes = [boundaries_a[None], between]
+    else:
+        between = label_boundaries(fill_label_gap(labels_a, labels_b, weights)) if len(weights) else \
+            np.zeros((0,) + labels_a.shape, dtype=bool)
+        planes = [boundaries_a[None], between, boundaries_b[None]]
+    return gaussian_filter(np.concatenate(planes).astype(np.float32), SHAPE_PRIOR_SIGMA, mode="nearest")
+
+
 def position_hash(z: np.ndarray, shape_hw: Tuple[int, int], origin_yx: Tuple[int, int] = (0, 0)) -> np.ndarray:
     """A fixed pseudo-random value in [0, 1) for every voxel of the planes ``z`` (global indices) of a window of
     ``shape_hw`` at ``origin_yx``: a function of the voxel's global position only. Returns float64 (len(z), h, w)."""
@@ -954,7 +986,8 @@ def position_hash(z: np.ndarray, shape_hw: Tuple[int, int], origin_yx: Tuple[int
 def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.ndarray, factor: float,
                 threshold: float = 0.5, progress: bool = True, drawn_boundaries: Optional[bool] = None,
                 boundaries_khw: Optional[np.ndarray] = None, offset: float = 0.0,
-                origin_zyx: Tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+                origin_zyx: Tuple[int, int, int] = (0, 0, 0),
+                shape_prior: float = Inference.shape_prior) -> np.ndarray:
     """Ids of a dense label image, grown from the kept slices into the compartments of a restored boundary.
 
     Each gap between two kept slices is flooded (seeded watershed, ``skimage.segmentation.watershed``, on the
@@ -963,6 +996,11 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     sheet between them, and an object that ends between two slices ends where its closing boundary is. Where
     the kept slices hold id 0 (boundaries drawn as 0), a restored voxel whose boundary probability is at least
     ``threshold`` becomes 0; a volume without 0 stays without.
+
+    With ``shape_prior`` w > 0 the flooding runs on ``(1 - w) * probability + w * interfaces``, where
+    ``interfaces`` are those of per-label shape-based interpolation of the gap (:func:`shape_based_interfaces`):
+    the network places the boundary sheets where it is sure, the ids' outlines keep moving continuously
+    between the kept slices where it is not. Which voxels become 0 is decided by the probability alone.
 
     Guaranteed as by :func:`assign_labels`: ids only from the two kept slices around a voxel, kept slices
     verbatim.
@@ -988,6 +1026,8 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
         Where the arrays' first voxel sits in the whole volume. Equal boundary probabilities (uint8 has
         256 levels) are flooded in an order set by their global position (:func:`position_hash`), not by
         where they sit in the arrays, so that a window of a volume (``blocks``) grows the ids of the whole.
+    shape_prior : float in [0, 1)
+        Weight of the shape-based interfaces in the elevation (0: the probability alone).
 
     Returns
     -------
@@ -1032,8 +1072,14 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
         if not markers.any() or end <= first:
             continue
         z_planes = np.arange(first - 1, first + len(elevation) - 1) + origin_zyx[0]
-        grown = watershed(elevation / scale + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]),
-                          markers)
+        flooded = elevation / scale
+        if shape_prior > 0:
+            weights = (np.arange(first, end) - positions[k]) / (positions[k + 1] - positions[k]) if closed else \
+                np.zeros(end - first)
+            interfaces = shape_based_interfaces(sparse_labels_khw[k], sparse_labels_khw[k + 1] if closed else None,
+                                                boundaries_khw[k], boundaries_khw[k + 1] if closed else None, weights)
+            flooded = (1.0 - shape_prior) * flooded + shape_prior * interfaces
+        grown = watershed(flooded + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]), markers)
         if drawn_boundaries:
             grown[elevation >= threshold * scale] = 0
         out[first:end] = grown[1:1 + end - first]
@@ -1232,7 +1278,8 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
                                                        out_dtype=out_dtype,
                                                        kind=inference_kind("labels", dense_labels=True))
     start = time.perf_counter()
-    labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold)
+    labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold,
+                             shape_prior=settings.inference.shape_prior)
     info["labels_s"] = time.perf_counter() - start
     return labels_dhw, probabilities, model, info
 

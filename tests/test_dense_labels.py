@@ -296,6 +296,33 @@ def test_grow_labels_follows_a_perfect_boundary_exactly(with_zero):
     np.testing.assert_array_equal(restored[kept], truth[kept])
 
 
+def test_shape_prior_moves_the_ids_as_shape_based_interpolation_where_the_network_is_unsure():
+    """With a boundary probability that says nothing (0 everywhere), the watershed alone floods in hash order;
+    with the shape-based interfaces in the elevation the ids follow per-label shape-based interpolation, which
+    on this linearly moving interface is the truth. A perfect probability still gives the truth exactly."""
+    from morph import interpolate_labels_sdf
+    from restore import grow_labels
+
+    truth, boundaries = moving_interface()
+    kept = np.arange(0, 9, 4)
+    unsure = np.zeros(truth.shape, np.float32)
+    alone = grow_labels(unsure, truth[kept], 4, progress=False, shape_prior=0.0)
+    with_prior = grow_labels(unsure, truth[kept], 4, progress=False, shape_prior=0.4)
+    np.testing.assert_array_equal(interpolate_labels_sdf(truth[kept], kept, 9), truth)
+    assert np.count_nonzero(alone != truth) > 6 * 9  # more than the interface's width on every restored slice
+    np.testing.assert_array_equal(with_prior, truth)
+    perfect = grow_labels(boundaries.astype(np.float32), truth[kept], 4, progress=False, shape_prior=0.4)
+    np.testing.assert_array_equal(perfect, truth)
+
+
+def test_shape_prior_is_checked():
+    from data import UserError
+    from settings import Settings
+
+    with pytest.raises(UserError, match="SHAPE_PRIOR must be at least 0 and below 1"):
+        Settings.from_dict({"SHAPE_PRIOR": 1.0}).validate()
+
+
 def test_grow_labels_ids_come_only_from_the_bracketing_kept_slices():
     from restore import grow_labels
 
