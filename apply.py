@@ -282,6 +282,11 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
         translation = tuple(float(t) * scale for t in image.translation_zyx)
     dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind) if decided == "labels"
                          else (False, None))
+    if dense:
+        prior = settings.inference.shape_prior
+        label_rule += (f", pulled towards per-label shape-based interpolation's boundaries where the network is "
+                       f"unsure (--shape-prior {prior:g})" if prior > 0 else ", on the network's boundaries alone "
+                       "(--shape-prior 0)")
     notes: List[str] = []
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),

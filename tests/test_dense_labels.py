@@ -385,7 +385,13 @@ def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_pa
         rules[name] = plan_of(printed)["label ids"]
         assert plan_of(printed)["test-time flips"].startswith("on (by kind" if name == "dense" else "off (by kind")
     assert rules["dense"].startswith("dense: the network restores the boundaries between ids")
+    assert rules["dense"].endswith("(--shape-prior 0.4)")
     assert rules["sparse"] == "the nearest id of the kept slices within each restored object"
+    status, printed, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--kind", "labels",
+                                     "--dry-run", "--shape-prior", "0")
+    assert status == 0 and plan_of(printed)["label ids"].endswith("on the network's boundaries alone (--shape-prior 0)")
+    status, _, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--shape-prior", "1")
+    assert status != 0 and "SHAPE_PRIOR must be at least 0 and below 1" in err
     torch.manual_seed(0)
     model_path = save_model(tmp_path / "nuclei_model.pt", AttentionResUNet(base_filters=4),
                             {"factor": 4, "kind": "labels", "restores": "foreground", "train_z_size": 5})
