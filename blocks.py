@@ -513,7 +513,8 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
     window_pixels = (y1 - y0 + 2 * job.halo) * (x1 - x0 + 2 * job.halo)
     for ka, kb in _slabs(job.labels_source.shape[0], job.factor, window_pixels):
         z, offset = _slab_slices(ka, kb, job.factor)
-        halo, previous = min(job.halo, job.max_halo), None
+        # The shape-based interfaces of a window are those of the whole slices beyond their reach from its edge.
+        halo, previous = max(min(job.halo, job.max_halo), restore.shape_prior_reach() if job.shape_prior else 0), None
         while True:
             rows = slice(max(0, y0 - halo), min(height, y1 + halo))
             cols = slice(max(0, x0 - halo), min(width, x1 + halo))
@@ -927,7 +928,10 @@ def _inference_as_run(inference: Dict[str, Any], factor: Optional[float]) -> Dic
 
 def _plan_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """The settings of this run that differ from the recorded plan of the interrupted one (keys an
-    earlier version did not record are not compared)."""
+    earlier version did not record are not compared, except the shape prior of a dense label image: a
+    version without it grew the ids on the boundaries alone, weight 0)."""
+    if recorded.get("label_rule") == "dense":
+        recorded = {"shape_prior": 0.0, **recorded}
     differences = []
     for key, value in current.items():
         if key in ("input", "labels_input"):

@@ -22,7 +22,7 @@ Conventions (all methods)
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -360,8 +360,15 @@ def interpolate_labels_sdf(sparse_labels_khw: np.ndarray, kept_indices: Sequence
     return out
 
 
-def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarray, margin: int = 8) -> np.ndarray:
+def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarray, margin: int = 8,
+                   cap: Optional[float] = None) -> np.ndarray:
     """Per-label shape-based interpolation of one gap: the slices at ``weights`` between two kept label slices.
+
+    With ``cap``, a local variant: every distance is clipped to ``[-cap, cap]`` and an id missing from one
+    kept slice counts as ``cap`` away there (instead of never winning in the gap), so a voxel's id depends only
+    on the kept slices within ``cap`` pixels of it, and a window of the slices gives the whole slices' result
+    wherever it is more than ``cap`` pixels from the window's edge (what ``restore.grow_labels`` needs block by
+    block). An id that ends in the gap then fades out instead of stopping at its last kept slice.
 
     Parameters
     ----------
@@ -370,7 +377,9 @@ def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarr
     weights : ndarray of float, shape (n,)
         Where each output slice lies, 0 at ``labels_a`` and 1 at ``labels_b``.
     margin : int
-        A speed setting only, as in :func:`interpolate_labels_sdf`.
+        A speed setting only, as in :func:`interpolate_labels_sdf` (with ``cap``: unused).
+    cap : float, optional
+        Largest distance, in pixels, that counts (see above); None: the reference definition.
 
     Returns
     -------
@@ -380,25 +389,31 @@ def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarr
     ids, inverse = np.unique(np.stack([labels_a, labels_b]), return_inverse=True)
     inverse = inverse.reshape((2,) + shape) + 1  # ids renumbered 1..n, as ndimage.find_objects wants them
     boxes_a, boxes_b = (ndimage.find_objects(inverse[s], max_label=len(ids)) for s in (0, 1))
-    common = [j for j in range(len(ids)) if boxes_a[j] is not None and boxes_b[j] is not None]
-    if not common:  # nothing to blend: each output slice copies the nearer kept slice (ties: the lower one)
-        return np.where((weights <= 0.5)[:, None, None], labels_a, labels_b)
+    if cap is None:
+        common = [j for j in range(len(ids)) if boxes_a[j] is not None and boxes_b[j] is not None]
+        if not common:  # nothing to blend: each output slice copies the nearer kept slice (ties: the lower one)
+            return np.where((weights <= 0.5)[:, None, None], labels_a, labels_b)
+    else:  # every id of either slice; further than cap + 1 from its box an id's clipped distance is cap
+        common, margin = list(range(len(ids))), int(np.ceil(cap)) + 1
     w = weights.astype(np.float32)[:, None, None]
     while True:
         best = np.full((len(weights),) + shape, np.inf, dtype=np.float32)
         winner = np.zeros((len(weights),) + shape, dtype=np.int64)
         for j in common:  # increasing ids: with strict '<', ties go to the smaller id
+            box_a, box_b = boxes_a[j] or boxes_b[j], boxes_b[j] or boxes_a[j]  # one may be missing (cap only)
             box = tuple(slice(max(0, min(a.start, b.start) - margin), min(size, max(a.stop, b.stop) + margin))
-                        for a, b, size in zip(boxes_a[j], boxes_b[j], shape))
+                        for a, b, size in zip(box_a, box_b, shape))
             # Exact inside the box: the id's voxels all lie in it, and a ring of at least one
             # other voxel surrounds them wherever the box does not meet the slice's edge.
             sdf_a = -signed_distance(inverse[0][box] == j + 1)
             sdf_b = -signed_distance(inverse[1][box] == j + 1)
+            if cap is not None:  # a missing id's -signed_distance is +inf: clipped to cap
+                sdf_a, sdf_b = np.clip(sdf_a, -cap, cap), np.clip(sdf_b, -cap, cap)
             blended = (1.0 - w) * sdf_a + w * sdf_b
             region = (slice(None),) + box
             better = blended < best[region]
             best[region][better] = blended[better]
             winner[region][better] = j
-        if margin >= max(shape) or not (best > margin).any():
+        if cap is not None or margin >= max(shape) or not (best > margin).any():
             return ids[winner]
         margin *= 2

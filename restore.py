@@ -943,6 +943,16 @@ TIE_BREAK = 1e-9
 # The interfaces of per-label shape-based interpolation enter the ids' elevation smoothed by a Gaussian of this
 # many voxels (in Z and in-plane), so that they pull the watershed towards them over a voxel or two.
 SHAPE_PRIOR_SIGMA = 1.0
+# Distances beyond this many pixels do not count in those interfaces (morph.fill_label_gap's cap), so that they
+# are local: a block's window with a halo wider than this (plus the smoothing) gives the whole slices' interfaces.
+SHAPE_PRIOR_CAP = 16.0
+
+
+def shape_prior_reach() -> int:
+    """How far, in pixels, the shape-based interfaces at a pixel depend on the kept slices: the distance cap,
+    a pixel for the distances' rounding and one for :func:`label_boundaries`, and the smoothing's radius
+    (``gaussian_filter``'s default truncation at 4 sigma)."""
+    return int(np.ceil(SHAPE_PRIOR_CAP)) + 2 + int(4.0 * SHAPE_PRIOR_SIGMA + 0.5)
 
 
 def shape_based_interfaces(labels_a: np.ndarray, labels_b: Optional[np.ndarray], boundaries_a: np.ndarray,
@@ -950,7 +960,8 @@ def shape_based_interfaces(labels_a: np.ndarray, labels_b: Optional[np.ndarray],
     """Where per-label shape-based interpolation puts the boundaries between ids in one gap, smoothed.
 
     The gap's slices at ``weights`` (0 at ``labels_a``, 1 at ``labels_b``) are filled by
-    :func:`morph.fill_label_gap`, their :func:`label_boundaries` stacked between the two kept slices'
+    :func:`morph.fill_label_gap` (distances capped at :data:`SHAPE_PRIOR_CAP`, so that the result at a pixel only
+    depends on the kept slices within :func:`shape_prior_reach` of it), their :func:`label_boundaries` stacked between the two kept slices'
     (``boundaries_b`` None: an open gap after the last kept slice, which copies ``labels_a``), and the stack
     smoothed by a Gaussian of :data:`SHAPE_PRIOR_SIGMA` voxels within the gap (edges: nearest).
 
@@ -966,8 +977,8 @@ def shape_based_interfaces(labels_a: np.ndarray, labels_b: Optional[np.ndarray],
         between = np.repeat(boundaries_a[None], len(weights), axis=0)
         planes = [boundaries_a[None], between]
     else:
-        between = label_boundaries(fill_label_gap(labels_a, labels_b, weights)) if len(weights) else \
-            np.zeros((0,) + labels_a.shape, dtype=bool)
+        filled = fill_label_gap(labels_a, labels_b, weights, cap=SHAPE_PRIOR_CAP)
+        between = label_boundaries(filled) if len(weights) else np.zeros((0,) + labels_a.shape, dtype=bool)
         planes = [boundaries_a[None], between, boundaries_b[None]]
     return gaussian_filter(np.concatenate(planes).astype(np.float32), SHAPE_PRIOR_SIGMA, mode="nearest")
 
@@ -1078,7 +1089,8 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
                 np.zeros(end - first)
             interfaces = shape_based_interfaces(sparse_labels_khw[k], sparse_labels_khw[k + 1] if closed else None,
                                                 boundaries_khw[k], boundaries_khw[k + 1] if closed else None, weights)
-            flooded = (1.0 - shape_prior) * flooded + shape_prior * interfaces
+            flooded *= 1.0 - shape_prior  # in place: the gap's float64 elevation is the largest array here
+            flooded += shape_prior * interfaces
         grown = watershed(flooded + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]), markers)
         if drawn_boundaries:
             grown[elevation >= threshold * scale] = 0

@@ -270,9 +270,10 @@ class Inference:
                             "pays on large volumes", constant="COMPILE", group="inference")
     probability_threshold: float = setting(0.5, "masks: probability above which a voxel is foreground",
                                            constant="PROBABILITY_THRESHOLD", group="inference", model="read")
-    # 0.4: better accuracy, adapted Rand error and per-label IoU than the network's boundaries alone on FIB-25
-    # neurons (with and without 0 boundaries) and a tissue phantom at factors 3-8; 0.5 starts losing per-label
-    # IoU (docs/dense-labels.md, "Shape-based interfaces beside the network's boundaries").
+    # 0.4: better accuracy and per-label IoU than the network's boundaries alone on FIB-25 neurons (with and
+    # without 0 boundaries) and a tissue phantom at factors 3-8, and the adapted Rand error lower but in one case
+    # (+0.00003); 0.5 starts losing per-label IoU (docs/dense-labels.md, "Shape-based interfaces beside the
+    # network's boundaries").
     shape_prior: float = setting(0.4, "dense label images: weight of per-label shape-based interpolation's "
                                  "boundaries beside the network's in the elevation the ids grow on (0: the "
                                  "network's alone)", constant="SHAPE_PRIOR", group="advanced")

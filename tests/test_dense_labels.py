@@ -315,6 +315,58 @@ def test_shape_prior_moves_the_ids_as_shape_based_interpolation_where_the_networ
     np.testing.assert_array_equal(perfect, truth)
 
 
+def test_capped_shape_based_fill_is_local():
+    """With a cap, per-label shape-based interpolation of a gap at a pixel only depends on the kept slices within
+    the cap: a window gives the whole slices' ids beyond cap + 2 pixels from its cut edge, including an id that
+    leaves the window between the two slices (the reference definition, no cap, is not local there)."""
+    from morph import fill_label_gap
+
+    rng = np.random.default_rng(3)
+    cells = rng.integers(10, 60, size=(2, 6, 12)).astype(np.uint16)  # 16-pixel cells, different on each slice
+    a, b = (c.repeat(16, 0).repeat(16, 1) for c in cells)  # 96 x 192
+    a[16:32, 16:32], b[16:32, 16:32], b[16:32, 160:176] = 1, 99, 1  # id 1 leaves the window on slice b
+    weights = np.arange(1, 8) / 8.0
+    cap, cut = 16.0, 96
+    inner = slice(0, cut - int(cap) - 2)
+    whole = fill_label_gap(a, b, weights, cap=cap)
+    window = fill_label_gap(a[:, :cut], b[:, :cut], weights, cap=cap)
+    np.testing.assert_array_equal(window[:, :, inner], whole[:, :, inner])
+    reference = fill_label_gap(a, b, weights), fill_label_gap(a[:, :cut], b[:, :cut], weights)
+    assert not np.array_equal(reference[0][:, :, inner], reference[1][:, :, inner])
+
+
+def test_block_wise_shape_prior_window_grows_the_whole_slices_ids():
+    """grow_labels on a window plus a halo of the prior's reach gives the block the whole slices' ids, where an
+    id leaves the window between the kept slices (what blocks.dense_label_block relies on)."""
+    from restore import grow_labels, label_boundaries, shape_prior_reach
+
+    cells = np.arange(4)[:, None] * 100 + np.arange(10)[None, :] + 10
+    a = cells.repeat(16, 0).repeat(16, 1).astype(np.uint32)  # 64 x 160
+    b = a.copy()
+    a[16:32, 16:32], b[16:32, 16:32], b[16:32, 112:128] = 1, 999, 1
+    kept = np.stack([a, b])
+    boundaries = label_boundaries(kept)
+    probabilities = np.full((9, 64, 160), 0.3, np.float32)
+    probabilities[0], probabilities[-1] = boundaries
+    whole = grow_labels(probabilities, kept, 8, progress=False, drawn_boundaries=False, shape_prior=0.4)
+    cols = slice(0, 48 + shape_prior_reach())
+    window = grow_labels(probabilities[:, :, cols], kept[:, :, cols], 8, progress=False, drawn_boundaries=False,
+                         boundaries_khw=boundaries[:, :, cols], shape_prior=0.4)
+    np.testing.assert_array_equal(window[:, :, :48], whole[:, :, :48])
+
+
+def test_resume_refuses_dense_blocks_grown_with_another_shape_prior():
+    """A dense run recorded before the shape prior existed grew its ids with weight 0: resuming it with another
+    weight is a difference; an equal weight, or a sparse label run, is not."""
+    from blocks import _plan_differences
+
+    old_dense, old_sparse = {"label_rule": "dense", "factor": 4}, {"label_rule": "sparse", "factor": 4}
+    assert _plan_differences(old_dense, {**old_dense, "shape_prior": 0.4}) == ["shape_prior"]
+    assert _plan_differences(old_dense, {**old_dense, "shape_prior": 0.0}) == []
+    assert _plan_differences({**old_dense, "shape_prior": 0.4}, {**old_dense, "shape_prior": 0.4}) == []
+    assert _plan_differences(old_sparse, dict(old_sparse)) == []
+
+
 def test_shape_prior_is_checked():
     from data import UserError
     from settings import Settings
