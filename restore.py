@@ -1089,7 +1089,7 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
                 np.zeros(end - first)
             interfaces = shape_based_interfaces(sparse_labels_khw[k], sparse_labels_khw[k + 1] if closed else None,
                                                 boundaries_khw[k], boundaries_khw[k + 1] if closed else None, weights)
-            flooded *= 1.0 - shape_prior  # in place: the gap's float64 elevation is the largest array here
+            flooded *= 1.0 - shape_prior  # in place: the gap's elevation is the largest array here
             flooded += shape_prior * interfaces
         grown = watershed(flooded + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]), markers)
         if drawn_boundaries:
