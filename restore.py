@@ -1058,6 +1058,7 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     inside = positions <= depth - 1 + ON_GRID_TOLERANCE
     kept_on_grid, z_on_grid = slices_on_grid(n_kept, factor, depth, offset)
     on_grid = dict(zip(kept_on_grid.tolist(), z_on_grid.tolist()))
+    blend_weights = bracket(positions, depth)[2]  # of each output slice between its two kept slices
 
     def kept_plane(k: int) -> np.ndarray:
         """Elevation of kept slice k: its output slice where it has one, else its own boundary mask."""
@@ -1085,10 +1086,9 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
         z_planes = np.arange(first - 1, first + len(elevation) - 1) + origin_zyx[0]
         flooded = elevation / scale
         if shape_prior > 0:
-            weights = (np.arange(first, end) - positions[k]) / (positions[k + 1] - positions[k]) if closed else \
-                np.zeros(end - first)
             interfaces = shape_based_interfaces(sparse_labels_khw[k], sparse_labels_khw[k + 1] if closed else None,
-                                                boundaries_khw[k], boundaries_khw[k + 1] if closed else None, weights)
+                                                boundaries_khw[k], boundaries_khw[k + 1] if closed else None,
+                                                blend_weights[first:end])
             flooded *= 1.0 - shape_prior  # in place: the gap's elevation is the largest array here
             flooded += shape_prior * interfaces
         grown = watershed(flooded + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]), markers)
