@@ -336,6 +336,7 @@ def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
     # The kernel's output goes straight to the writer (no reference kept here), which frees it early.
     result = write(job, region, _restore_region(job, region))
     mark_finished(job.output, "restore", index)
+    restore.release_freed_memory()
     return dict(result, index=index, seconds=time.perf_counter() - start)
 
 
@@ -536,6 +537,7 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
     job.labels.write(target, ids)
     job.mask.write(target, (ids != 0).astype(np.uint8) * 255)
     mark_finished(job.output, "labels", index)
+    restore.release_freed_memory()
     return {"index": index, "seconds": time.perf_counter() - start, "halo": largest, "exact": exact}
 
 
@@ -575,6 +577,7 @@ def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
         halo = min(2 * halo, job.max_halo)
     job.labels.write((slice(None), slice(y0, y1), slice(x0, x1)), ids)
     mark_finished(job.output, "labels", index)
+    restore.release_freed_memory()
     return {"index": index, "seconds": time.perf_counter() - start, "halo": halo, "exact": not could_differ}
 
 
@@ -719,6 +722,8 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
         else:
             # Threads (processes=False, for tests) share this process, whose memory a per-worker limit
             # would misread as theirs (and pause them): they get none.
+            # The workers take the user's Dask configuration, its malloc setting included
+            # (docs/large-volumes.md#worker-processes-and-glibcs-malloc).
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
                                    memory_limit=worker_memory if processes else 0, processes=processes,
                                    dashboard_address=":0")
@@ -970,6 +975,47 @@ def _same_weights(first: nn.Module, second: nn.Module) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
+def estimate_dense_label_memory(plan: BlockPlan, n_kept: int, factor: float, label_dtype: Any,
+                                halo: int = 2 * LABEL_HALO) -> int:
+    """Rough peak bytes of one task of the dense label pass (:func:`dense_label_block`).
+
+    The block's ids and the mask written from them; a slab of its window
+    (:func:`_slabs`, sized for the first halo): the boundary probabilities read
+    and the ids grown with two successive halos; one gap flooded on the window
+    (:func:`restore.grow_labels_memory`); and the process. The window is a
+    middle block with ``halo`` pixels around it, by default the second halo
+    tried: the first at which a block that does not span the slices can be
+    accepted (two halos must agree). A block whose halo doubles further needs
+    more: about the square of its window's edge.
+    """
+    depth, height, width = plan.shape_dhw
+    grid_y, grid_x = plan.grid
+    (y0, y1), (x0, x1) = plan.region((grid_y // 2) * grid_x + grid_x // 2)
+
+    def window_pixels(margin: int) -> int:
+        return min(height, y1 - y0 + 2 * margin) * min(width, x1 - x0 + 2 * margin)
+
+    # The slabs are cut for the first halo's window, as dense_label_block cuts them.
+    first_window = (y1 - y0 + 2 * LABEL_HALO) * (x1 - x0 + 2 * LABEL_HALO)
+    intervals = max((kb - ka for ka, kb in _slabs(n_kept, factor, first_window)), default=1)
+    slab_voxels = min(depth, int(np.ceil(intervals * factor)) + 1) * window_pixels(halo)
+    item = np.dtype(label_dtype).itemsize
+    block_voxels = depth * (y1 - y0) * (x1 - x0)
+    return int(block_voxels * (item + 2) + slab_voxels * (1 + 2 * item)
+               + restore.grow_labels_memory(factor, window_pixels(halo)) + PROCESS_BYTES)
+
+
+def estimate_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any],
+                           kernel_dtype: str, grey_values: Optional[str] = None,
+                           dense_label_dtype: Optional[Any] = None) -> int:
+    """Rough peak bytes of a worker: its largest task, a restore (:func:`estimate_block_memory`) or, for the
+    ids of a dense label image of ``dense_label_dtype``, a dense label task (:func:`estimate_dense_label_memory`)."""
+    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values)
+    if dense_label_dtype is not None:
+        need = max(need, estimate_dense_label_memory(plan, n_kept, factor, dense_label_dtype))
+    return int(need)
+
+
 def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
                           grey_values: Optional[str] = None) -> int:
     """Rough peak bytes of one restore task.
@@ -1212,7 +1258,8 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
     _check_worker_memory(plan, n_kept, factor, inference, kernel_dtype, large.worker_memory,
-                         bool(large.workers or large.scheduler), settings.inference.device, grey_values)
+                         bool(large.workers or large.scheduler), settings.inference.device, grey_values,
+                         labels_source.dtype if dense else None)
     # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
     value_range = volume_intensity_range(source) if grey_values else None
     window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
@@ -1353,14 +1400,14 @@ def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[S
 
 def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
                          worker_memory: str, on_workers: bool, device: Optional[str],
-                         grey_values: Optional[str] = None) -> None:
+                         grey_values: Optional[str] = None, dense_label_dtype: Optional[Any] = None) -> None:
     """Reject a worker memory that is no size; warn when a block likely needs more than it
-    (:func:`estimate_block_memory`)."""
+    (:func:`estimate_worker_memory`)."""
     try:
         limit = parse_bytes(worker_memory)
     except (ValueError, TypeError) as error:
         raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
-    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values)
+    need = estimate_worker_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype)
     if select_device(device).type == "cuda":
         need += CUDA_HOST_BYTES
     if on_workers and need > limit:

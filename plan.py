@@ -96,7 +96,8 @@ class RestorePlan:
         if self.block_size:
             plan = blocks.BlockPlan(self.output_shape, self.block_size)
             kernel = "float32" if grey else ("float32" if self.probabilities in ("float16", "float32") else "uint8")
-            return int(blocks.estimate_block_memory(plan, n_kept, self.factor, inference, kernel, grey))
+            return blocks.estimate_worker_memory(plan, n_kept, self.factor, inference, kernel, grey,
+                                                 self.dtype if self.dense_labels else None)
         item = np.dtype(self.dtype).itemsize
         if self.kind == "intensity":  # normalised float32 input, float32 restore, grey values out
             held = n_kept * height * width * (item + 4) + self.output_voxels * (4 + item)
@@ -104,7 +105,10 @@ class RestorePlan:
             labels = self.label_bytes() if self.kind == "labels" else 0
             held = n_kept * height * width * (item + 1 + labels) + self.output_voxels * (2 + labels)
         tile_pixels = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
-        return int(held + inference["batch_size"] * tile_pixels * blocks.ACTIVATION_BYTES + PROCESS_BYTES)
+        working = inference["batch_size"] * tile_pixels * blocks.ACTIVATION_BYTES
+        if self.dense_labels:  # the ids grow after the restore, on whole slices
+            working = max(working, restore.grow_labels_memory(self.factor, height * width))
+        return int(held + working + PROCESS_BYTES)
 
     def training_crop_pixels(self) -> int:
         """Crop pixels the training pushes through the network (crops x area x epochs)."""

@@ -144,6 +144,24 @@ def test_local_cluster_of_two_processes(tmp_path, tiny_model):
     np.testing.assert_array_equal(read_level(out / "labels" / "cells"), restore.assign_labels(mask, ids, factor))
 
 
+def test_local_workers_take_the_users_malloc_setting(monkeypatch):
+    """A local cluster's workers start with Dask's malloc setting (memory-safe, the default), and without it
+    when the user's Dask configuration says so: heap reuse, 1.6-2.4x faster restores for more memory
+    (docs/large-volumes.md#worker-processes-and-glibcs-malloc)."""
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    # Dask's nanny writes its setting into this process' environment; the test leaves it as it found it.
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "unset below")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    with dask.config.set({key: None}), blocks.dask_client(workers=1, worker_memory="1GiB") as client:
+        assert list(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == [None]
+    default = dask.config.get(key)
+    if default is not None:
+        with blocks.dask_client(workers=1, worker_memory="1GiB") as client:
+            assert list(client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values()) == [str(default)]
+
+
 @pytest.fixture
 def dask_scheduler(tmp_path):
     """A ``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, started as a cluster's operator
@@ -759,6 +777,23 @@ def test_worker_memory_warning_follows_the_fitted_tiles_and_the_volume():
     # the tiles follow the planes: 16 tiles of 161 x 512 pixels, not of 1024 x 1024
     small_tiles = dict(inference, batch_size=1)
     assert mask - blocks.estimate_block_memory(modest, 21, 8, small_tiles, "uint8") == 15 * 161 * 512 * blocks.ACTIVATION_BYTES
+
+
+def test_worker_memory_warning_counts_the_dense_label_pass():
+    """The ids of a dense label image grow on a block's window one gap at a time: at factor 16 a shallow stack's
+    restore fits a 1 GiB worker but its id pass (17 planes of the window) does not, and the warning says so."""
+    inference = restore.inference_kwargs(default_settings())
+    shallow = blocks.BlockPlan((65, 2048, 2048), 512)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blocks._check_worker_memory(shallow, 5, 16, inference, "uint8", "1GiB", True, "cpu")
+    with pytest.warns(UserWarning, match="may need about"):
+        blocks._check_worker_memory(shallow, 5, 16, inference, "uint8", "1GiB", True, "cpu", dense_label_dtype="uint32")
+    restore_pass = blocks.estimate_block_memory(shallow, 5, 16, inference, "uint8")
+    id_pass = blocks.estimate_dense_label_memory(shallow, 5, 16, "uint32")
+    assert blocks.estimate_worker_memory(shallow, 5, 16, inference, "uint8", None, "uint32") == id_pass > restore_pass
+    # A middle block's window is the block and two halos on every side: one gap of 17 planes of it.
+    assert id_pass > restore.grow_labels_memory(16, (512 + 4 * blocks.LABEL_HALO) ** 2) + blocks.PROCESS_BYTES
 
 
 def test_resume_names_what_changed_in_the_recorded_inference():

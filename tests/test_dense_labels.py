@@ -388,6 +388,51 @@ def test_grow_labels_ids_come_only_from_the_bracketing_kept_slices():
     np.testing.assert_array_equal(restored[[0, 4, 8]], kept_labels)
 
 
+@pytest.mark.parametrize("factor", [2.5, 4, 8, 16])
+def test_grow_labels_stays_within_its_memory_estimate(factor):
+    """The plan's memory per worker counts restore.grow_labels_memory for the id pass: the arrays grow_labels
+    allocates beyond its output (tracemalloc sees numpy's) stay below it, with the shape prior on, and do not
+    grow with the number of gaps."""
+    import tracemalloc
+
+    from scipy import ndimage as ndi
+
+    from restore import grow_labels, grow_labels_memory, label_boundaries
+
+    rng = np.random.default_rng(0)
+    edge = 144
+    kept = ndi.zoom(rng.integers(1, 60, size=(5, 12, 12)), (1, 12, 12), order=0).astype(np.uint16)
+    kept[label_boundaries(kept)] = 0  # neurites with 0 boundaries between them
+    probabilities = rng.integers(0, 256, size=(int(np.floor(4 * factor)) + 1, edge, edge)).astype(np.uint8)
+    grow_labels(probabilities[:8], kept[:2], factor, progress=False)  # imports and caches are not the id pass
+    tracemalloc.start()
+    try:
+        out = grow_labels(probabilities, kept, factor, progress=False, shape_prior=0.4)
+        peak = tracemalloc.get_traced_memory()[1] - out.nbytes
+    finally:
+        tracemalloc.stop()
+    assert 0.5 * grow_labels_memory(factor, edge * edge) < peak <= grow_labels_memory(factor, edge * edge)
+
+
+def test_plan_memory_counts_the_id_pass_of_a_dense_label_image():
+    """In memory the ids grow on whole slices after the restore's tiles are freed: the plan's memory is the
+    larger of the two, here the id pass (a wide, shallow stack at factor 8)."""
+    import dataclasses
+
+    from plan import RestorePlan
+    from restore import grow_labels_memory
+    from settings import Settings
+
+    dense = RestorePlan(Path("neurons.tif"), Path("out.tif"), "labels", "", 8, "", (9, 1024, 1024),
+                        np.dtype("uint16"), (0.04, 0.005, 0.005), "um", (0.0, 0.0, 0.0), Settings(), True,
+                        label_rule="dense", dense_labels=True)
+    sparse = dataclasses.replace(dense, label_rule="sparse", dense_labels=False)
+    inference = dense.inference()
+    tiles = inference["batch_size"] * min(65 * 1024, inference["tile_size"] ** 2) * 256
+    assert grow_labels_memory(8, 1024 * 1024) > tiles
+    assert dense.memory_bytes() - sparse.memory_bytes() == grow_labels_memory(8, 1024 * 1024) - tiles
+
+
 def test_restore_stack_takes_the_boundary_rule_for_dense_labels():
     """A dense label image goes through the boundary network and grow_labels: ids only from the kept
     slices, kept slices verbatim, and the probabilities returned are those of the boundaries."""
