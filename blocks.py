@@ -41,6 +41,7 @@ finishes the removal.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib
 import importlib.util
@@ -146,6 +147,11 @@ class BlockPlan:
         _, height, width = self.shape_dhw
         size = self.block_size
         return (by * size, min((by + 1) * size, height)), (bx * size, min((bx + 1) * size, width))
+
+    def middle_region(self) -> Region:
+        """The region of the middle block: the widest read window, the memory estimates' block."""
+        grid_y, grid_x = self.grid
+        return self.region((grid_y // 2) * grid_x + grid_x // 2)
 
 
 def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None)) -> np.ndarray:
@@ -321,6 +327,20 @@ def read_window_for(global_hw: Tuple[int, int], region: Region, factor: float, i
                                inference.get("orientations", restore.ORIENTATIONS))
 
 
+def release_freed_memory() -> None:
+    """Give the pages the heap holds free back to the operating system (glibc's ``malloc_trim``; nothing
+    where there is no glibc).
+
+    Called after each block. A worker that reuses its heap (started without Dask's
+    ``MALLOC_TRIM_THRESHOLD_``, docs/large-volumes.md) keeps its last block's freed tensors there, and Dask's
+    memory monitor would count them against ``--worker-memory`` while the worker waits for its next block.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
     """Pass 1 for block ``index``: read its window, run the kernel, threshold it (masks) or map it back
     to grey values, write, mark it finished.
@@ -336,7 +356,7 @@ def restore_one_block(job: RestoreJob, index: int) -> Dict[str, Any]:
     # The kernel's output goes straight to the writer (no reference kept here), which frees it early.
     result = write(job, region, _restore_region(job, region))
     mark_finished(job.output, "restore", index)
-    restore.release_freed_memory()
+    release_freed_memory()
     return dict(result, index=index, seconds=time.perf_counter() - start)
 
 
@@ -537,7 +557,7 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
     job.labels.write(target, ids)
     job.mask.write(target, (ids != 0).astype(np.uint8) * 255)
     mark_finished(job.output, "labels", index)
-    restore.release_freed_memory()
+    release_freed_memory()
     return {"index": index, "seconds": time.perf_counter() - start, "halo": largest, "exact": exact}
 
 
@@ -577,7 +597,7 @@ def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
         halo = min(2 * halo, job.max_halo)
     job.labels.write((slice(None), slice(y0, y1), slice(x0, x1)), ids)
     mark_finished(job.output, "labels", index)
-    restore.release_freed_memory()
+    release_freed_memory()
     return {"index": index, "seconds": time.perf_counter() - start, "halo": halo, "exact": not could_differ}
 
 
@@ -989,8 +1009,7 @@ def estimate_dense_label_memory(plan: BlockPlan, n_kept: int, factor: float, lab
     more: about the square of its window's edge.
     """
     depth, height, width = plan.shape_dhw
-    grid_y, grid_x = plan.grid
-    (y0, y1), (x0, x1) = plan.region((grid_y // 2) * grid_x + grid_x // 2)
+    (y0, y1), (x0, x1) = plan.middle_region()
 
     def window_pixels(margin: int) -> int:
         return min(height, y1 - y0 + 2 * margin) * min(width, x1 - x0 + 2 * margin)
@@ -1031,8 +1050,7 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
     ``apply.py`` process.
     """
     depth, height, width = plan.shape_dhw
-    grid_y, grid_x = plan.grid
-    region = plan.region((grid_y // 2) * grid_x + grid_x // 2)
+    region = plan.middle_region()
     (wy0, wy1), (wx0, wx1) = read_window_for((height, width), region, factor, inference)
     block_voxels = depth * (region[0][1] - region[0][0]) * (region[1][1] - region[1][0])
     tile = inference["tile_size"]

@@ -28,7 +28,6 @@ label-id assignment, and the translation of the settings model
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import math
@@ -635,20 +634,6 @@ class _Pass:
     @property
     def scale(self) -> float:
         return 255.0 if self.output.dtype == torch.uint8 else 1.0
-
-
-def release_freed_memory() -> None:
-    """Give the pages the heap holds free back to the operating system (glibc's ``malloc_trim``; nothing
-    where there is no glibc).
-
-    Called after each block (``blocks``). A worker that reuses its heap (started without Dask's
-    ``MALLOC_TRIM_THRESHOLD_``, docs/large-volumes.md) keeps its last block's freed tensors there, and Dask's
-    memory monitor would count them against ``--worker-memory`` while the worker waits for its next block.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origin: Tuple[int, int],
