@@ -1,10 +1,13 @@
 """The network a mask training starts from: trained once on built-in phantoms, fine-tuned on each stack.
 
 Training from random weights spends its first epochs learning what every mask stack shares (edges,
-smooth surfaces, how a blob narrows between two kept slices). A network that has learnt that on
-synthetic phantoms needs fewer steps on the user's stack to reach the same quality, which matters on
-CPUs without bfloat16 hardware (docs/speed-by-machine.md). The phantoms' seeds are not the seeds
-``eval.py`` or the benchmarks evaluate on, so no evaluation sees its own test volume in the prior.
+smooth surfaces, how a blob narrows between two kept slices, where a thin sheet runs between them). A
+network that has learnt that on synthetic phantoms needs fewer steps on the user's stack to reach the
+same quality, which matters on CPUs without bfloat16 hardware (docs/speed-by-machine.md). The phantoms
+are of three kinds (:data:`PHANTOMS`): compact objects, thin sheets, and the boundary masks of dense
+label images, which the network restores for a dense label image (``restore.label_boundaries``). Their
+seeds are not the seeds ``eval.py`` or the benchmarks evaluate on, so no evaluation sees its own test
+volume in the prior.
 
 The starting model is shipped in ``models/`` and rebuilt, bit for bit on the same CPU, by::
 
@@ -24,12 +27,37 @@ import torch
 
 from data import downsample_z, make_sample_stack
 from model import STARTING_MODEL_PATH, AttentionResUNet, save_model
+from phantoms import make_sheet_labels, make_tissue_labels
 
-# Phantom seeds of the prior: never 0, 1 (bench.py), 7 or 42 (eval.py's RANDOM_STATE and the seed checks).
-PHANTOM_SEEDS = (101, 102, 103, 104)
+# The prior's phantoms, by kind, in the order their crops are drawn. Seeds are never 0, 1 (bench.py), 7 or 42
+# (eval.py's RANDOM_STATE and the seed checks). 'objects' alone was the prior until 2026-11-30: sheets and
+# boundaries were added because the network learns thin structure slowly on a user's stack
+# (docs/benchmarks.md, "A starting model that has seen sheets").
+PHANTOMS = {
+    "objects": (101, 102, 103, 104),  # tubes and ellipsoids (data.make_sample_stack)
+    "sheets": (201, 202, 203, 204),  # membranes and bent discs, alone and stacked (phantoms.make_sheet_labels)
+    "boundaries": (301, 302, 303, 304),  # dense label images' boundary masks (phantoms.make_tissue_labels)
+}
+# Cells per boundary phantom, and whether their ids are separated by 0: tissues with and without drawn boundaries.
+TISSUE_CELLS = {301: (120, True), 302: (250, False), 303: (400, True), 304: (200, False)}
+PHANTOM_SEEDS = tuple(seed for seeds in PHANTOMS.values() for seed in seeds)
 # Z/XY factors the prior is trained at, mixed: one starting point for every factor a user has.
 PHANTOM_FACTORS = (2, 4, 8)
 PHANTOM_SHAPE = (128, 128, 128)
+
+
+def phantom_mask(seed: int, shape: Tuple[int, int, int] = PHANTOM_SHAPE) -> np.ndarray:
+    """The prior's phantom of ``seed`` (a seed of :data:`PHANTOMS`): a bool ``(D, H, W)`` mask, the boundary
+    mask of a tissue label image for the 'boundaries' seeds (whose crops teach what a dense label image's
+    restore asks)."""
+    from restore import label_boundaries
+
+    if seed in PHANTOMS["sheets"]:
+        return make_sheet_labels(shape, seed=seed) > 0
+    if seed in PHANTOMS["boundaries"]:
+        n_cells, membrane = TISSUE_CELLS[seed]
+        return label_boundaries(make_tissue_labels(shape, seed=seed, n_cells=n_cells, membrane=membrane))
+    return make_sample_stack(shape, seed=seed)
 
 
 def build_starting_model(seeds: Sequence[int] = PHANTOM_SEEDS, factors: Sequence[int] = PHANTOM_FACTORS,
@@ -41,7 +69,7 @@ def build_starting_model(seeds: Sequence[int] = PHANTOM_SEEDS, factors: Sequence
 
     Parameters
     ----------
-    seeds : phantom seeds (:func:`data.make_sample_stack`)
+    seeds : phantom seeds (:func:`phantom_mask`; any other seed is an objects phantom)
     factors : Z/XY factors; every phantom is thinned at each of them and the crops pooled
     shape : (D, H, W) of each phantom
     crops_per_volume : training crops per (seed, factor) pair
@@ -65,7 +93,7 @@ def build_starting_model(seeds: Sequence[int] = PHANTOM_SEEDS, factors: Sequence
     crop = (recipe["train_z_size"], recipe["train_xy_size"], recipe["train_xy_size"])
     inputs, labels = [], []
     for seed in seeds:
-        phantom = make_sample_stack(tuple(shape), seed=seed)
+        phantom = phantom_mask(seed, tuple(shape))
         for factor in factors:
             sparse, _ = downsample_z(phantom, factor)
             x, y = train.create_cropped_image_dataset(

@@ -106,3 +106,55 @@ def test_reading_the_starting_model_leaves_the_random_stream_alone():
     weights, _ = model_module.starting_weights(model_module.network_architecture(), "mask")
     assert weights is not None
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_sheet_phantom_is_thin_structure_at_every_orientation():
+    """Sheets 2-5 voxels thick: eroding by 3 voxels leaves almost nothing (the objects phantom keeps much),
+    and they are not all flat in one plane: their foreground covers many slices along each axis."""
+    import numpy as np
+    from scipy import ndimage
+
+    from phantoms import make_sample_stack, make_sheet_labels
+
+    sheets = make_sheet_labels((64, 64, 64), seed=201) > 0
+    objects = make_sample_stack((64, 64, 64), seed=101)
+    ball = ndimage.generate_binary_structure(3, 1)
+
+    def surviving(mask):
+        return ndimage.binary_erosion(mask, ball, iterations=3).sum() / mask.sum()
+
+    assert 0.03 < sheets.mean() < 0.3
+    assert surviving(sheets) < 0.05 < surviving(objects)
+    normals = np.stack(np.gradient(ndimage.gaussian_filter(sheets.astype(np.float32), 1.5)), axis=-1)[sheets]
+    normals = normals[np.linalg.norm(normals, axis=-1) > 1e-3]
+    dominant = np.abs(normals).argmax(axis=-1)
+    assert all(0.1 < np.mean(dominant == axis) for axis in range(3))  # sheets facing Z, Y and X alike
+    assert np.array_equal(sheets, make_sheet_labels((64, 64, 64), seed=201) > 0)  # deterministic
+
+
+@pytest.mark.parametrize("membrane", [False, True])
+def test_tissue_phantom_is_a_dense_label_image(membrane):
+    import numpy as np
+
+    from phantoms import make_tissue_labels
+    from restore import is_dense_label_image
+
+    labels = make_tissue_labels((48, 64, 64), seed=302, n_cells=60, membrane=membrane)
+    background = np.mean(labels == 0)
+    assert (0.03 < background < 0.3) if membrane else background == 0
+    assert 30 <= len(np.unique(labels[labels > 0])) <= 60
+    assert is_dense_label_image(labels)
+
+
+def test_boundary_phantoms_teach_the_boundary_mask_a_dense_label_image_restores():
+    import numpy as np
+
+    from phantoms import make_tissue_labels
+    from restore import label_boundaries
+    from starting_model import PHANTOMS, TISSUE_CELLS, phantom_mask
+
+    seed = PHANTOMS["boundaries"][0]
+    n_cells, membrane = TISSUE_CELLS[seed]
+    expected = label_boundaries(make_tissue_labels((32, 48, 48), seed=seed, n_cells=n_cells, membrane=membrane))
+    assert np.array_equal(phantom_mask(seed, (32, 48, 48)), expected)
+    assert set(PHANTOMS) == {"objects", "sheets", "boundaries"}
