@@ -24,17 +24,24 @@ def _paint_capsule(labels: np.ndarray, p0: np.ndarray, p1: np.ndarray, radius: f
     box[dist2 <= radius**2] = label
 
 
-def _paint_ellipsoid(labels: np.ndarray, centre: np.ndarray, radii: np.ndarray, rotation: np.ndarray, label: int) -> None:
-    reach = float(np.max(radii))
+def _box_around(labels: np.ndarray, centre: np.ndarray, reach: float):
+    """The part of ``labels`` within ``reach`` of ``centre`` (a view) and its voxels' (z, y, x) coordinates,
+    float32 ``(d, h, w, 3)``; None where that box is outside the volume."""
     lo = np.maximum(np.floor(centre - reach).astype(int), 0)
     hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, labels.shape)
     if np.any(hi <= lo):
-        return
+        return None
     grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), axis=-1).astype(np.float32)
+    return labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], grid
+
+
+def _paint_ellipsoid(labels: np.ndarray, centre: np.ndarray, radii: np.ndarray, rotation: np.ndarray, label: int) -> None:
+    around = _box_around(labels, centre, float(np.max(radii)))
+    if around is None:
+        return
+    box, grid = around
     local = (grid - centre) @ rotation  # coordinates in the ellipsoid's own frame
-    inside = np.sum((local / radii) ** 2, axis=-1) <= 1.0
-    box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    box[inside] = label
+    box[np.sum((local / radii) ** 2, axis=-1) <= 1.0] = label
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -136,17 +143,13 @@ def _paint_bent_disc(labels: np.ndarray, centre: np.ndarray, radii: np.ndarray, 
                      bend: Tuple[float, float], label: int) -> None:
     """Paint a thin ellipsoid (``radii[0]`` is its half-thickness) bent along its normal: in the disc's own
     frame (w, u, v) a voxel is inside where ``((w - bend_u u^2 - bend_v v^2) / r0)^2 + (u / r1)^2 + (v / r2)^2 <= 1``."""
-    reach = float(np.max(radii)) + float(np.max(np.abs(bend))) * float(np.max(radii)) ** 2
-    lo = np.maximum(np.floor(centre - reach).astype(int), 0)
-    hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, labels.shape)
-    if np.any(hi <= lo):
+    around = _box_around(labels, centre, float(np.max(radii)) + float(np.max(np.abs(bend))) * float(np.max(radii)) ** 2)
+    if around is None:
         return
-    grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), axis=-1).astype(np.float32)
+    box, grid = around
     w, u, v = np.moveaxis((grid - centre) @ rotation, -1, 0)
     w = w - bend[0] * u**2 - bend[1] * v**2
-    inside = (w / radii[0]) ** 2 + (u / radii[1]) ** 2 + (v / radii[2]) ** 2 <= 1.0
-    box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    box[inside] = label
+    box[(w / radii[0]) ** 2 + (u / radii[1]) ** 2 + (v / radii[2]) ** 2 <= 1.0] = label
 
 
 def make_sheet_labels(shape: Tuple[int, int, int] = (128, 128, 128), seed: int = 0) -> np.ndarray:
