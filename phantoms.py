@@ -2,7 +2,7 @@
 ``python eval.py`` runs with no data."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ def _paint_capsule(labels: np.ndarray, p0: np.ndarray, p1: np.ndarray, radius: f
     box[dist2 <= radius**2] = label
 
 
-def _box_around(labels: np.ndarray, centre: np.ndarray, reach: float):
+def _box_around(labels: np.ndarray, centre: np.ndarray, reach: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The part of ``labels`` within ``reach`` of ``centre`` (a view) and its voxels' (z, y, x) coordinates,
     float32 ``(d, h, w, 3)``; None where that box is outside the volume."""
     lo = np.maximum(np.floor(centre - reach).astype(int), 0)
