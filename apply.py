@@ -284,9 +284,13 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                          else (False, None))
     if dense:
         prior = settings.inference.shape_prior
-        label_rule += (f", pulled towards per-label shape-based interpolation's boundaries where the network is "
-                       f"unsure (--shape-prior {prior:g})" if prior > 0 else ", on the network's boundaries alone "
-                       "(--shape-prior 0)")
+        label_rule += ("; the network sees the boundary mask upsampled and where per-label shape-based interpolation "
+                       "puts the boundaries along each plane (--boundary-input interfaces)"
+                       if settings.training.boundary_input == "interfaces"
+                       else "; the network sees the boundary mask upsampled (--boundary-input linear)")
+        label_rule += (f"; the ids pulled towards per-label shape-based interpolation's boundaries where the network "
+                       f"is unsure (--shape-prior {prior:g})" if prior > 0 else "; the ids grow on the network's "
+                       "boundaries alone (--shape-prior 0)")
     notes: List[str] = []
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),

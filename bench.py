@@ -582,6 +582,16 @@ def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
+def bf16_is_native(device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (AVX512-BF16 or AMX; a GPU that supports it), which the
+    lever tables say beside their bfloat16 rows; ``PRECISION auto`` chooses it only where it is also faster."""
+    import torch
+
+    from model import cpu_computes_bf16
+
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_computes_bf16()
+
+
 def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> List[Dict[str, Any]]:
     """Forward throughput of the network under each engine lever, side by side in one run.
 
@@ -599,7 +609,7 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
     """
     import torch
 
-    from model import PREVIOUS_NETWORK, AttentionResUNet, autocast, fuse_for_inference, resolve_precision
+    from model import PREVIOUS_NETWORK, AttentionResUNet, autocast, fuse_for_inference
 
     def network(**architecture):
         torch.manual_seed(0)
@@ -613,7 +623,7 @@ def measure_engine_levers(tile: int = 256, batch: int = 8, repeats: int = 5) -> 
     images = (torch.rand(batch, 5, tile, tile) > 0.7).float()
     images_cl = images.contiguous(memory_format=torch.channels_last)
     device = next(previous.parameters()).device
-    bf16 = resolve_precision("auto", device) == torch.bfloat16
+    bf16 = bf16_is_native(device)
     emulated = "" if bf16 else " (not native here: emulated)"
     folded = fuse_for_inference(previous).to(memory_format=torch.channels_last)
     # (name, network, input, compute dtype, unfolded network for FLOPs, same weights as the seed)
@@ -669,7 +679,7 @@ def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, st
 
     import torch
 
-    from model import PREVIOUS_NETWORK, AttentionResUNet, autocast, resolve_precision
+    from model import PREVIOUS_NETWORK, AttentionResUNet, autocast
 
     torch.manual_seed(0)
     networks = {"previous": AttentionResUNet(in_channels=5, **PREVIOUS_NETWORK),
@@ -678,7 +688,7 @@ def measure_training_levers(crop: int = 128, batch: int = 8, rounds: int = 5, st
     device = next(networks["default"].parameters()).device
     images = (torch.rand(batch, 5, crop, crop) > 0.7).float()
     targets = (torch.rand(batch, 1, crop, crop) > 0.7).float()
-    bf16 = resolve_precision("auto", device) == torch.bfloat16
+    bf16 = bf16_is_native(device)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     # (name, network, channels-last, compute dtype, fused Adam)
     levers = [("seed: previous network, float32, NCHW", "previous", False, torch.float32, False),

@@ -366,11 +366,22 @@ def _restore_region(job: RestoreJob, region: Region) -> np.ndarray:
     (wy0, wy1), (wx0, wx1) = read_window_for(job.plan.shape_dhw[1:], region, job.factor, job.inference)
     kept = _read_engine_input(job.source, slice(wy0, wy1), slice(wx0, wx1), job.binarize_threshold,
                               job.value_range)
+    labels = _label_window(job.source, (wy0, wy1), (wx0, wx1)) if job.inference.get("interfaces") else None
     model = cached_model(job.model_path, job.device)
     return restore.restore_block(model, kept, (wy0, wx0), job.plan.shape_dhw[1:], region, job.factor,
                                  depth=job.plan.shape_dhw[0], out_dtype=np.dtype(job.kernel_dtype),
                                  device=torch.device(job.device) if job.device else None, progress=False,
-                                 **job.inference)
+                                 labels=labels, **job.inference)
+
+
+def _label_window(source: "LabelBoundaries", rows: Tuple[int, int], cols: Tuple[int, int]) -> restore.LabelWindow:
+    """The kept ids around a read window, :func:`restore.interfaces_reach` wider on every side (within the
+    slices), for a kernel that takes interfaces."""
+    _, height, width = source.shape
+    reach = restore.interfaces_reach()
+    y0, y1 = max(0, rows[0] - reach), min(height, rows[1] + reach)
+    x0, x1 = max(0, cols[0] - reach), min(width, cols[1] + reach)
+    return restore.LabelWindow(np.asarray(_read_kept(source.labels, slice(y0, y1), slice(x0, x1))), (y0, x0))
 
 
 def _write_mask(job: RestoreJob, region: Region, probabilities: np.ndarray) -> Dict[str, Any]:
@@ -824,7 +835,8 @@ def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence
 # --------------------------------------------------------------------------- #
 def training_stack(source: Source, settings: SettingsLike, binarize_threshold: Optional[float] = None,
                    max_bytes: int = TRAINING_BYTES, value_range: Optional[Tuple[float, float]] = None,
-                   kind: str = "mask") -> Tuple[np.ndarray, int]:
+                   kind: str = "mask", with_ids: bool = False
+                   ) -> Tuple[np.ndarray, int, Optional[np.ndarray]]:
     """Kept slices to train on, at most ``max_bytes`` of them read from the store.
 
     An in-memory source, or a store that small, is used whole (the training is
@@ -844,35 +856,49 @@ def training_stack(source: Source, settings: SettingsLike, binarize_threshold: O
         volume's, :func:`volume_intensity_range`) instead of a mask.
     kind : str
         The training's kind (:func:`restore.training_kind`), whose ``TRAIN_NB`` "by kind" applies.
+    with_ids : bool
+        ``source`` is a :class:`LabelBoundaries` whose network takes interfaces: return the kept ids of the
+        same windows too.
 
     Returns
     -------
     stack : ndarray of bool (masks) or float32 (normalised grey values), shape (K, h, w)
     panel_width : int
         The width of one window (``w`` when the source is used whole).
+    ids : ndarray of int, shape (K, h, w), or None (without ``with_ids``)
     """
     if isinstance(source, np.ndarray):
-        return _engine_input(source, binarize_threshold, value_range), source.shape[2]
+        return _engine_input(source, binarize_threshold, value_range), source.shape[2], None
     n_kept, height, width = source.shape
     itemsize = 1 if value_range is None else 4  # bytes per voxel of what is returned
+    if with_ids:  # the ids beside the boundary mask
+        itemsize += np.dtype(source.labels.dtype).itemsize
+
+    def read(rows: slice, cols: slice) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        if with_ids:
+            ids, boundaries = source.ids_and_boundaries(slice(None), rows, cols)
+            return boundaries, np.asarray(ids)
+        return _read_engine_input(source, rows, cols, binarize_threshold, value_range), None
+
     if n_kept * height * width * itemsize <= max_bytes:
-        return _read_engine_input(source, slice(0, height), slice(0, width), binarize_threshold, value_range), width
+        stack, ids = read(slice(0, height), slice(0, width))
+        return stack, width, ids
     recipe = restore.training_kwargs(settings, kind)
     crop = int(recipe["train_xy_size"])
     side = min(height, width, 8 * crop)
     wanted = math.ceil(2 * recipe["train_nb"] * crop ** 2 / side ** 2)
     count = max(1, min(wanted, max_bytes // (n_kept * side * side * itemsize)))
     rng = np.random.default_rng(recipe["random_state"])
-    windows = []
+    windows, window_ids = [], []
     for _ in range(count):
         for _attempt in range(4):
             y0, x0 = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-            window = _read_engine_input(source, slice(y0, y0 + side), slice(x0, x0 + side), binarize_threshold,
-                                        value_range)
+            window, ids = read(slice(y0, y0 + side), slice(x0, x0 + side))
             if value_range is not None or window[n_kept // 2].mean() >= recipe["min_content_ratio"]:
                 break
         windows.append(window)
-    return np.concatenate(windows, axis=2), side
+        window_ids.append(ids)
+    return np.concatenate(windows, axis=2), side, np.concatenate(window_ids, axis=2) if with_ids else None
 
 
 def volume_intensity_range(source: Source, max_values: int = INTENSITY_SAMPLE_VALUES) -> Tuple[float, float]:
@@ -1029,14 +1055,14 @@ def estimate_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inferenc
                            dense_label_dtype: Optional[Any] = None) -> int:
     """Rough peak bytes of a worker: its largest task, a restore (:func:`estimate_block_memory`) or, for the
     ids of a dense label image of ``dense_label_dtype``, a dense label task (:func:`estimate_dense_label_memory`)."""
-    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values)
+    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype)
     if dense_label_dtype is not None:
         need = max(need, estimate_dense_label_memory(plan, n_kept, factor, dense_label_dtype))
     return int(need)
 
 
 def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
-                          grey_values: Optional[str] = None) -> int:
+                          grey_values: Optional[str] = None, label_dtype: Optional[Any] = None) -> int:
     """Rough peak bytes of one restore task.
 
     The block's kernel output and what is written of it (the mask, or grey
@@ -1047,7 +1073,11 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
     ``restore.fitted_tile``) at :data:`ACTIVATION_BYTES` per tile pixel; and
     the process itself. A 161 x 512 x 512 grey-scale block (uint8, default
     network) is estimated at 0.9 GiB and measured at 1.05 GiB for the whole
-    ``apply.py`` process.
+    ``apply.py`` process. A kernel that takes interfaces (a dense label image's
+    ids of ``label_dtype``) also holds the ids of its window, widened by
+    ``restore.interfaces_reach``, and one chunk of planes' interfaces being filled
+    (``restore.CHUNK_VALUES`` output voxels: a float32 distance, an id and a few
+    bytes of masks each).
     """
     depth, height, width = plan.shape_dhw
     region = plan.middle_region()
@@ -1058,8 +1088,13 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
     tile_pixels = restore.fitted_tile(depth, tile, overlap)[0] * restore.fitted_tile(max(height, width), tile,
                                                                                       overlap)[0]
     written, kept = (1, 1) if grey_values is None else (np.dtype(grey_values).itemsize, 4)
+    interfaces = 0
+    if inference.get("interfaces") and label_dtype is not None:
+        item, reach = np.dtype(label_dtype).itemsize, restore.interfaces_reach()
+        window = min(height, wy1 - wy0 + 2 * reach) * min(width, wx1 - wx0 + 2 * reach)
+        interfaces = n_kept * window * item + restore.CHUNK_VALUES * (4 + item + 6)
     return (block_voxels * (np.dtype(kernel_dtype).itemsize + written)
-            + 2 * n_kept * (wy1 - wy0) * (wx1 - wx0) * kept
+            + 2 * n_kept * (wy1 - wy0) * (wx1 - wx0) * kept + interfaces
             + inference["batch_size"] * tile_pixels * ACTIVATION_BYTES + PROCESS_BYTES)
 
 
@@ -1322,15 +1357,16 @@ def _train(run: _Run, source: Source, factor: float, settings: Settings, kind: s
     """Train on (a bounded part of) the kept slices; the plan then records the channels the model takes."""
     settings = _fitted(settings, source, factor, None)
     training_kind = restore.training_kind(kind, run.dense_labels)
-    stack, panel_width = training_stack(source, settings, settings.data.binarize_threshold, TRAINING_BYTES,
-                                        value_range=run.value_range, kind=training_kind)
+    with_ids = restore.uses_interfaces(settings, training_kind)
+    stack, panel_width, ids = training_stack(source, settings, settings.data.binarize_threshold, TRAINING_BYTES,
+                                             value_range=run.value_range, kind=training_kind, with_ids=with_ids)
     windows = stack.shape[2] // panel_width
     print(f"Training on kept slices {stack.shape} (K, Y, X)"
           + (f", {windows} windows of {panel_width} x {panel_width} pixels" if windows > 1 else "") + " ...",
           flush=True)
     model, info = restore.train_on_stack(stack, factor, settings, progress=progress, kind=training_kind,
-                                         panel_width=panel_width)
-    del stack
+                                         panel_width=panel_width, label_ids=ids)
+    del stack, ids
     run.inference = restore.inference_kwargs(settings, model, restore.inference_kind(kind, run.dense_labels))
     run.plan_record["inference"] = _recorded_inference(run.inference)
     return model, info["train_s"]

@@ -46,6 +46,7 @@ NUM_EPOCHS = None  # None: by kind (masks 3 fine-tuning, 4 from random weights; 
 LEARNING_RATE = None  # None: by kind (masks 3e-3, grey values 6e-3)
 DICE_WEIGHT = 0.0
 UPSCALE_METHOD = "linear"
+BOUNDARY_INPUT = "interfaces"  # dense label images: the boundary network's input (or "linear")
 PRECISION = "auto"
 TRAIN_LATERAL_AXES = "yx"
 CROP_POOL = None  # None: by kind (masks 2: the hardest half of twice the crops; grey values 1)

@@ -291,15 +291,25 @@ def cpu_computes_bf16() -> bool:
     return hardware and onednn_allows and aten_allows
 
 
+def cpu_prefers_bf16() -> bool:
+    """True where bfloat16 is the faster arithmetic on this CPU: AMX, which oneDNN and torch may use (no cap
+    below it). AVX512-BF16 alone computes bfloat16 natively but not faster: on an AVX-512 Xeon without AMX the
+    everyday job ran 1.36x slower in bfloat16 than in float32, a training step 1.27x (docs/speed-by-machine.md)."""
+    hardware = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    onednn_cap = onednn_isa_cap()
+    onednn_allows = onednn_cap in ONEDNN_NO_CAP or "AMX" in onednn_cap
+    return hardware and onednn_allows and cpu_computes_bf16()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for ``PRECISION``: 'auto' is bfloat16 where the hardware
-    computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else float32."""
+    """The compute dtype for ``PRECISION``: 'auto' is bfloat16 where it is the faster arithmetic (AMX CPUs,
+    :func:`cpu_prefers_bf16`; GPUs that compute it natively, Ampere and later), else float32."""
     if precision not in PRECISIONS:
         raise UserError(f"PRECISION must be one of {PRECISIONS}, got '{precision}'.")
     if precision == "fp32":
         return torch.float32
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_computes_bf16()
-    if precision == "bf16" or native:
+    faster = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_prefers_bf16()
+    if precision == "bf16" or faster:
         return torch.bfloat16
     return torch.float32
 

@@ -417,3 +417,117 @@ def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarr
         if cap is not None or margin >= max(shape) or not (best > margin).any():
             return ids[winner]
         margin *= 2
+
+
+# --------------------------------------------------------------------------- #
+# Dense label images: the boundaries between ids, and where shape-based interpolation puts them
+# --------------------------------------------------------------------------- #
+def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
+    """The boundary mask of a dense label image, slice by slice: id 0 (the boundaries a segmentation drew)
+    and both pixels of every in-plane 4-neighbour pair of two different non-zero ids (ids that touch).
+
+    Parameters
+    ----------
+    labels_khw : ndarray of int, shape (K, H, W)
+
+    Returns
+    -------
+    boundaries_khw : ndarray of bool, shape (K, H, W)
+    """
+    boundaries = labels_khw == 0
+    for axis in (1, 2):
+        before = [slice(None)] * 3
+        after = [slice(None)] * 3
+        before[axis], after[axis] = slice(None, -1), slice(1, None)
+        first, second = labels_khw[tuple(before)], labels_khw[tuple(after)]
+        touching = (first != second) & (first != 0) & (second != 0)
+        boundaries[tuple(before)] |= touching
+        boundaries[tuple(after)] |= touching
+    return boundaries
+
+
+def _distance_along_rows(mask_rw: np.ndarray) -> np.ndarray:
+    """For each pixel of ``mask_rw`` (R, W), the distance along its row to the nearest True pixel of that row:
+    0 on True pixels, ``inf`` in a row without one. float32 (R, W)."""
+    columns = np.arange(mask_rw.shape[1], dtype=np.float32)
+    last_before = np.maximum.accumulate(np.where(mask_rw, columns, -np.inf), axis=1)
+    first_after = np.minimum.accumulate(np.where(mask_rw, columns, np.inf)[:, ::-1], axis=1)[:, ::-1]
+    return np.minimum(columns - last_before, first_after - columns)
+
+
+def fill_label_rows(kept_rows_njw: np.ndarray, positions: Sequence[float], height: int,
+                    cap: float = 16.0) -> np.ndarray:
+    """Per-label shape-based interpolation between rows, each row's distances measured along the row only.
+
+    The rows ``positions`` of ``n`` images are known; every other row of each image gets, pixel by pixel, the
+    id with the smallest blend (:func:`bracket`) of its two bracketing rows' signed distances (negated: inside
+    < 0), as :func:`fill_label_gap` blends a kept slice's, but with each kept row's distances taken along that
+    row alone and clipped to ``[-cap, cap]`` (an id missing from a row counts as ``cap`` away there). A restored
+    pixel thus depends only on its own column's neighbourhood of ``cap`` pixels in its image's kept rows, the
+    same in a network plane at inference (rows = kept slices along Z) as in a training crop (rows = kept rows of
+    a lateral crop): what makes it an input the network can train on and restore with.
+
+    Parameters
+    ----------
+    kept_rows_njw : ndarray of int, shape (n, J, W)
+        The known rows of ``n`` images, ``J >= 1`` of them each.
+    positions : sequence of float, strictly increasing, length J
+        Where the known rows lie along the images' height (fractional at a non-integer factor).
+    height : int
+        Height of the filled images.
+    cap : float
+        Largest distance, in pixels, that counts.
+
+    Returns
+    -------
+    labels_nhw : ndarray, dtype of ``kept_rows_njw``, shape (n, height, W)
+        Rows outside ``positions``' range copy the nearest known row; ties go to the smaller id.
+    """
+    kept = np.asarray(kept_rows_njw)
+    n, n_rows, width = kept.shape
+    lower, upper, weight = bracket(positions, height)
+    weight = weight[None, :, None]
+    best = np.full((n, height, width), np.inf, dtype=np.float32)
+    winner = np.zeros((n, height, width), dtype=kept.dtype)
+    ids, inverse = np.unique(kept, return_inverse=True)
+    inverse = inverse.reshape(kept.shape) + 1  # ids renumbered 1..n, as ndimage.find_objects wants them
+    margin = int(np.ceil(cap)) + 1
+    for j, box in enumerate(ndimage.find_objects(inverse)):  # increasing ids: ties go to the smaller id
+        # Exact within the id's images and columns widened by the cap: elsewhere its blended distance is cap,
+        # and every pixel has an id below that (the one it holds on its lower known row).
+        images, columns = box[0], slice(max(0, box[2].start - margin), min(width, box[2].stop + margin))
+        rows = inverse[images, :, columns]
+        inside = (rows == j + 1).reshape(-1, rows.shape[2])
+        signed = np.where(inside, -_distance_along_rows(~inside), _distance_along_rows(inside))
+        signed = np.clip(signed, -cap, cap).reshape(rows.shape)
+        blended = (1.0 - weight) * signed[:, lower] + weight * signed[:, upper]
+        region = (images, slice(None), columns)
+        better = blended < best[region]
+        best[region][better] = blended[better]
+        winner[region][better] = ids[j]
+    return winner
+
+
+# The boundary network of a dense label image (BOUNDARY_INPUT "interfaces") sees between kept slices the mean of
+# two guesses of where the boundaries run: the boundary mask upsampled linearly, which cannot tell one id from
+# another (a sheet that moved shows twice, faintly), and row_interfaces, which follow each id from one kept slice to
+# the next. Half and half: the network weighs them itself.
+INTERFACES_SHARE = 0.5
+
+
+def mix_interfaces(linear, interfaces):
+    """The boundary network's input with interfaces: ``(1 - INTERFACES_SHARE) * linear + INTERFACES_SHARE *
+    interfaces``, for numpy arrays or torch tensors of one float dtype (training crops and the engine's planes)."""
+    return (1.0 - INTERFACES_SHARE) * linear + INTERFACES_SHARE * interfaces
+
+
+def row_interfaces(kept_rows_njw: np.ndarray, positions: Sequence[float], height: int,
+                   cap: float = 16.0) -> np.ndarray:
+    """Where per-label shape-based interpolation between rows puts the boundaries between ids:
+    :func:`label_boundaries` of :func:`fill_label_rows`, each image's boundaries in its own plane.
+
+    Returns
+    -------
+    interfaces_nhw : ndarray of bool, shape (n, height, W)
+    """
+    return label_boundaries(fill_label_rows(kept_rows_njw, positions, height, cap))

@@ -45,7 +45,7 @@ from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, TRAINS_AS, 
                       SettingsLike, Training, as_settings)
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import (ON_GRID_TOLERANCE, bracket, fill_label_gap, interpolate_along_axis, is_integer_factor,
-                   kept_positions, restored_depth, slices_on_grid)
+                   kept_positions, label_boundaries, mix_interfaces, restored_depth, row_interfaces, slices_on_grid)
 
 ORIENTATIONS = ("y", "x")
 # Test-time flips of a tile (axes of its (H, W) plane: Z and the lateral axis), averaged by :func:`predict_tiled`.
@@ -119,7 +119,13 @@ def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] =
         orientations=tuple(inference.orientations),
         flips=TEST_TIME_FLIPS if inference.flips_for(kind) else ((),),
         keep_kept_slices=inference.keep_kept_slices, skip_empty=inference.skip_empty_tiles,
-        compile=inference.compile)
+        compile=inference.compile, interfaces=uses_interfaces(settings, kind))
+
+
+def uses_interfaces(settings: SettingsLike = None, kind: str = "mask") -> bool:
+    """Whether a network of ``kind`` with these settings takes the input with interfaces: the boundaries of a
+    dense label image ('dense labels') with ``BOUNDARY_INPUT`` 'interfaces'."""
+    return kind == "dense labels" and as_settings(settings).training.boundary_input == "interfaces"
 
 
 def fit_recipe_to_stack(settings: Union[Settings, Mapping[str, Any]], shape_khw: Sequence[int], factor: float,
@@ -393,6 +399,49 @@ def read_window(global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tu
     return (window[0][0], window[0][1]), (window[1][0], window[1][1])
 
 
+# The distance cap of the interfaces along a plane (morph.fill_label_rows): what a restored pixel's interfaces
+# depend on stays local, as for the shape-based interfaces where the ids grow (SHAPE_PRIOR_CAP).
+INTERFACES_CAP = 16.0
+
+
+def interfaces_reach() -> int:
+    """How far, in pixels along a plane's width, the interfaces at a pixel depend on the kept ids: the distance
+    cap of :func:`morph.fill_label_rows`, one pixel for :func:`label_boundaries` and one to spare. Ids read that
+    far around what the engine reads give the whole slices' interfaces."""
+    return int(np.ceil(INTERFACES_CAP)) + 2
+
+
+@dataclass(frozen=True)
+class LabelWindow:
+    """The kept ids of a dense label image over a lateral window, for a kernel that takes interfaces
+    (:attr:`Kernel.interfaces`): ``ids`` (K, h, w) whose first row and column are global ``origin`` (y, x). It
+    must hold the engine's read window and reach :func:`interfaces_reach` pixels beyond it wherever that is not
+    the stack's edge."""
+    ids: np.ndarray
+    origin: Tuple[int, int] = (0, 0)
+
+
+def _chunk_interfaces(labels: LabelWindow, orientation: str, planes_global: np.ndarray, columns: Tuple[int, int],
+                      factor: float, depth: int, width_global: int) -> np.ndarray:
+    """The interfaces half of the boundary input for some planes of one orientation (global plane indices,
+    mirrored ones included; global ``columns`` along the planes' width): each plane is filled between its kept
+    slices by per-label shape-based interpolation along its width (:func:`morph.row_interfaces`), the very
+    degradation a training crop's rows get (``train.degrade_label_interfaces``), and the boundaries between its
+    ids are marked in the plane. Returns bool ``(D, n, c1 - c0)``."""
+    ids = labels.ids if orientation == "y" else labels.ids.transpose(0, 2, 1)
+    origin_p, origin_l = labels.origin if orientation == "y" else labels.origin[::-1]
+    reach = interfaces_reach()
+    lo, hi = max(0, columns[0] - reach), min(width_global, columns[1] + reach)
+    if lo < origin_l or hi > origin_l + ids.shape[2]:
+        raise ValueError(f"The ids' window (columns {origin_l}..{origin_l + ids.shape[2]}) must reach "
+                         f"{reach} pixels around the columns read ({columns[0]}..{columns[1]}).")
+    # Neighbouring planes share their channel planes: each distinct plane is filled once.
+    distinct, copies = np.unique(planes_global, return_inverse=True)
+    rows = ids[:, distinct - origin_p, lo - origin_l:hi - origin_l].transpose(1, 0, 2)  # (planes, K, width)
+    filled = row_interfaces(rows, kept_positions(ids.shape[0], factor), depth, INTERFACES_CAP)
+    return filled[copies.ravel(), :, columns[0] - lo:columns[1] - lo].transpose(1, 0, 2)
+
+
 # --------------------------------------------------------------------------- #
 # Precision and the tiling function
 # --------------------------------------------------------------------------- #
@@ -546,6 +595,10 @@ class Kernel:
     batch_pixels : int
         On a CPU, at most this many pixels per forward pass, but at least two
         tiles (:data:`CPU_BATCH_PIXELS`: activations that stay in cache); 0 = no cap.
+    interfaces : bool
+        The network restores a dense label image's boundaries from the input with interfaces
+        (``BOUNDARY_INPUT`` 'interfaces', :func:`_chunk_interfaces`): :func:`restore_block` then needs the
+        kept slices' ids.
     """
     train_depth: int
     tile_size: int
@@ -561,6 +614,7 @@ class Kernel:
     skip_empty: bool = Inference.skip_empty_tiles
     compile: bool = Inference.compile
     batch_pixels: int = CPU_BATCH_PIXELS
+    interfaces: bool = False
 
     def __post_init__(self) -> None:
         if self.train_depth % 2 == 0:
@@ -619,7 +673,8 @@ def _network_for_inference(model: nn.Module, kernel: Kernel, device: torch.devic
 @dataclass
 class _Pass:
     """What every chunk of one restore shares: the network, the kept slices on the device, the output
-    (``(D, h, w)``, uint8 holding ``round(255 * p)`` or float), the Z tile grid and the counters."""
+    (``(D, h, w)``, uint8 holding ``round(255 * p)`` or float), the Z tile grid, the counters and, for a
+    kernel that takes interfaces, the kept ids."""
     network: nn.Module
     activation: Any
     kernel: Kernel
@@ -630,6 +685,7 @@ class _Pass:
     grid_z: TileGrid
     device: torch.device
     stats: Optional[Dict[str, int]]
+    labels: Optional[LabelWindow] = None
 
     @property
     def scale(self) -> float:
@@ -640,8 +696,9 @@ def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origi
                          global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]],
                          progress: bool) -> None:
     """Add one orientation's probabilities to ``job.output`` (a running mean over the ``n_done``
-    orientations before it), chunk of planes by chunk of planes: read the channel planes, upscale Z,
-    tile and blend (:func:`predict_tiled`)."""
+    orientations before it), chunk of planes by chunk of planes: read the channel planes, upscale Z
+    (and mix in their interfaces, :func:`_chunk_interfaces`, for a kernel that takes them), tile and blend
+    (:func:`predict_tiled`)."""
     kernel, depth, device = job.kernel, job.depth, job.device
     (y0, y1), (x0, x1) = region_yx
     # A transposed view turns planes along X into planes along Y, so one code path serves both.
@@ -659,10 +716,15 @@ def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origi
                disable=not progress, leave=False)
     for start in range(p0, p1, chunk):
         planes = np.arange(start, min(start + chunk, p1))
-        channel_planes = reflect_indices(planes[:, None] + offsets[None, :], n_planes_global) - origin_p
-        gathered = sparse_view[:, torch.from_numpy(channel_planes.ravel()).to(device), columns]  # (K, n*C, L)
+        planes_global = reflect_indices(planes[:, None] + offsets[None, :], n_planes_global).ravel()
+        gathered = sparse_view[:, torch.from_numpy(planes_global - origin_p).to(device), columns]  # (K, n*C, L)
         images = upscale_along_z(gathered, job.factor, depth, kernel.upscale_method)  # (D, n*C, L)
         del gathered
+        if kernel.interfaces:
+            interfaces = _chunk_interfaces(job.labels, orientation, planes_global, (grid_l.lo, grid_l.hi), job.factor,
+                                           depth, width_global)
+            images = mix_interfaces(images, torch.from_numpy(np.ascontiguousarray(interfaces)).to(device).float())
+            del interfaces
         images = images.view(depth, len(planes), kernel.train_depth, -1).permute(1, 2, 0, 3)  # (n, C, D, L)
         probabilities = predict_tiled(job.network, images, kernel.tile_size, kernel.tile_overlap, kernel.batch_size,
                                       device, kernel.flips, kernel.precision, kernel.skip_empty, kernel.batch_pixels,
@@ -681,7 +743,8 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
                   global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: float,
                   kernel: Optional[Kernel] = None, *, depth: Optional[int] = None, out_dtype=np.float32,
                   device: Optional[torch.device] = None, progress: bool = True,
-                  stats: Optional[Dict[str, int]] = None, **options: Any) -> np.ndarray:
+                  stats: Optional[Dict[str, int]] = None, labels: Optional[LabelWindow] = None,
+                  **options: Any) -> np.ndarray:
     """Probabilities of one lateral region of the restored stack, all of Z.
 
     Parameters
@@ -710,6 +773,10 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
         float32, float16, or uint8 (stores ``round(255 * p)``).
     stats : dict, optional
         Tile and pixel counters (see :func:`predict_tiled`).
+    labels : LabelWindow, optional
+        With ``kernel.interfaces`` (and only then): the kept ids of the dense label image whose boundary mask
+        ``sparse_window`` is, over a window that reaches :func:`interfaces_reach` pixels beyond the read
+        window wherever that is not the stack's edge (so that the interfaces are the whole slices').
 
     Returns
     -------
@@ -726,7 +793,10 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
                                                                                          torch.float32)
     job = _Pass(network, activation, kernel, _as_engine_tensor(sparse_window, device),
                 torch.zeros((depth, y1 - y0, x1 - x0), dtype=torch_out, device=device), factor, depth,
-                tile_grid(depth, kernel.tile_size, kernel.tile_overlap, (0, depth)), device, stats)
+                tile_grid(depth, kernel.tile_size, kernel.tile_overlap, (0, depth)), device, stats, labels)
+    if kernel.interfaces != (labels is not None):
+        raise ValueError("The kept ids (labels) are given exactly when the kernel takes interfaces "
+                         "(kernel.interfaces).")
     for n_done, orientation in enumerate(kernel.orientations):
         _restore_orientation(job, orientation, n_done, window_origin, global_hw, region_yx, progress)
     if kernel.keep_kept_slices:
@@ -750,6 +820,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
     device: Optional[torch.device] = None,
     progress: bool = True,
     stats: Optional[Dict[str, int]] = None,
+    label_ids: Optional[np.ndarray] = None,
     **options: Any,
 ) -> np.ndarray:
     """Restore the full-depth probability stack from the kept slices (in memory).
@@ -774,6 +845,9 @@ def apply_model_to_stack_tiled_slice_by_slice(
     out_dtype : numpy dtype
         float32 by default; float16 halves the memory of large outputs, and
         uint8 quarters it, storing ``round(255 * p)``.
+    label_ids : ndarray of int, shape (K, H, W), optional
+        The kept ids of the dense label image whose boundary mask ``sparse_dhw`` is, for a kernel that takes
+        interfaces (:func:`restore_block`).
 
     Returns
     -------
@@ -791,7 +865,8 @@ def apply_model_to_stack_tiled_slice_by_slice(
     kernel = _kernel(kernel, {**given, **options})
     _, height, width = sparse_dhw.shape
     return restore_block(model, sparse_dhw, (0, 0), (height, width), ((0, height), (0, width)), factor, kernel,
-                         depth=original_depth, out_dtype=out_dtype, device=device, progress=progress, stats=stats)
+                         depth=original_depth, out_dtype=out_dtype, device=device, progress=progress, stats=stats,
+                         labels=None if label_ids is None else LabelWindow(np.asarray(label_ids)))
 
 
 # --------------------------------------------------------------------------- #
@@ -909,30 +984,6 @@ DENSE_LABEL_FRACTION = 0.5
 def is_dense_label_image(labels_khw: np.ndarray) -> bool:
     """Whether the ids cover at least :data:`DENSE_LABEL_FRACTION` of the voxels (see :func:`grow_labels`)."""
     return bool(np.count_nonzero(labels_khw) >= DENSE_LABEL_FRACTION * labels_khw.size)
-
-
-def label_boundaries(labels_khw: np.ndarray) -> np.ndarray:
-    """The boundary mask of a dense label image, slice by slice: id 0 (the boundaries a segmentation drew)
-    and both pixels of every in-plane 4-neighbour pair of two different non-zero ids (ids that touch).
-
-    Parameters
-    ----------
-    labels_khw : ndarray of int, shape (K, H, W)
-
-    Returns
-    -------
-    boundaries_khw : ndarray of bool, shape (K, H, W)
-    """
-    boundaries = labels_khw == 0
-    for axis in (1, 2):
-        before = [slice(None)] * 3
-        after = [slice(None)] * 3
-        before[axis], after[axis] = slice(None, -1), slice(1, None)
-        first, second = labels_khw[tuple(before)], labels_khw[tuple(after)]
-        touching = (first != second) & (first != 0) & (second != 0)
-        boundaries[tuple(before)] |= touching
-        boundaries[tuple(after)] |= touching
-    return boundaries
 
 
 # Ties between equal boundary probabilities are broken by a position hash of this size: far below one uint8
@@ -1133,14 +1184,16 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
 
 def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                    device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask",
-                   panel_width: Optional[int] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+                   panel_width: Optional[int] = None, label_ids: Optional[np.ndarray] = None
+                   ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
 
     ``kind`` 'mask' (and 'dense labels': the boundary mask of a dense label image, trained with that kind's
     recipe) binarises ``sparse_khw`` (non-zero = foreground); 'intensity' takes it as normalised float32 grey values
     (``data.normalize_intensity``) and trains an intensity model. ``panel_width``: ``sparse_khw`` is
     separate windows of that many columns side by side (``blocks.training_stack``), and no training crop
-    straddles two.
+    straddles two. ``label_ids``: the kept ids of the dense label image whose boundary mask ``sparse_khw`` is,
+    given when the network takes interfaces (:func:`uses_interfaces`; ``train.create_cropped_image_dataset``).
 
     Returns the model and ``info`` with ``train_s``, ``history`` and
     ``examples`` (three training and three validation samples for figures; the
@@ -1155,7 +1208,7 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
     settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor, kind=kind)[0]  # a no-op when fitted
     start = time.perf_counter()
     model, history, samples = fit_on_sparse_stack(sparse_khw, factor, settings, kind=kind, device=device,
-                                                  progress=progress, panel_width=panel_width)
+                                                  progress=progress, panel_width=panel_width, label_ids=label_ids)
     examples = {name: (inputs[:3].copy(), labels[:3].copy()) for name, (inputs, labels) in samples.items()}
     del samples
     return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}
@@ -1164,7 +1217,7 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
 def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                           model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
                           device: Optional[torch.device] = None, out_dtype=np.uint8,
-                          progress: bool = True, kind: str = "mask"
+                          progress: bool = True, kind: str = "mask", label_ids: Optional[np.ndarray] = None
                           ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
     """Train on the kept slices (unless a model is given), then restore them.
 
@@ -1188,6 +1241,9 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     kind : {'mask', 'labels', 'dense labels'}
         What the mask is of, for the settings that are "by kind" at inference (test-time flips:
         'dense labels' when it is the boundaries of a dense label image).
+    label_ids : ndarray of int, shape (K, H, W), optional
+        'dense labels': the kept ids whose boundary mask ``sparse_khw`` is; the network's input holds their
+        interfaces where the settings (or the model's record) say so (:func:`uses_interfaces`).
 
     Returns
     -------
@@ -1201,14 +1257,19 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     device = device or select_device(settings.inference.device)
     foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
+    interfaces = uses_interfaces(settings, kind)
+    if interfaces and label_ids is None:
+        raise ValueError("A dense label image's boundaries restored with interfaces need the kept ids (label_ids).")
+    label_ids = label_ids if interfaces else None
     if model is None:
-        model, info = train_on_stack(foreground, factor, settings, device, progress, kind=training_kind(kind))
+        model, info = train_on_stack(foreground, factor, settings, device, progress, kind=training_kind(kind),
+                                     label_ids=label_ids)
     check_model_kind(model, "mask")
     start = time.perf_counter()
     info["inference"] = {}
     probabilities = apply_model_to_stack_tiled_slice_by_slice(
         model, foreground, factor, kernel=inference_options(settings, model, kind), original_depth=original_depth,
-        device=device, out_dtype=out_dtype, progress=progress, stats=info["inference"])
+        device=device, out_dtype=out_dtype, progress=progress, stats=info["inference"], label_ids=label_ids)
     info["infer_s"] = time.perf_counter() - start
     return probabilities, model, info
 
@@ -1288,8 +1349,9 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
                          device: Optional[torch.device] = None, out_dtype=np.uint8
                          ) -> Tuple[np.ndarray, np.ndarray, nn.Module, Dict[str, Any]]:
     """A dense label image restored from its boundaries: the network restores :func:`label_boundaries`
-    of the kept slices (trained on them unless ``model`` is given), the ids grow between them
-    (:func:`grow_labels`).
+    of the kept slices (trained on them unless ``model`` is given; with ``BOUNDARY_INPUT`` 'interfaces', from
+    an input that also holds where per-label shape-based interpolation puts them, :func:`_chunk_interfaces`),
+    the ids grow between them (:func:`grow_labels`).
 
     Returns
     -------
@@ -1302,7 +1364,8 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
     probabilities, model, info = restore_probabilities(label_boundaries(labels_khw), factor, settings, model,
                                                        original_depth=original_depth, device=device,
                                                        out_dtype=out_dtype,
-                                                       kind=inference_kind("labels", dense_labels=True))
+                                                       kind=inference_kind("labels", dense_labels=True),
+                                                       label_ids=labels_khw)
     start = time.perf_counter()
     labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold,
                              shape_prior=settings.inference.shape_prior)

@@ -50,6 +50,7 @@ GROUPS = {
 LATERAL_AXES = ("yx", "y")  # training crops degraded along Y or X at random, or along Y only
 ORIENTATION_AXES = ("y", "x")
 UPSCALE_METHODS = ("linear", "nearest")
+BOUNDARY_INPUTS = ("interfaces", "linear")  # the network's input for a dense label image's boundaries
 INTENSITY_LOSSES = ("mse", "l1", "ssim", "mse+ssim")
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
                  "off": False}
@@ -75,7 +76,7 @@ def parse_shape(text: Union[str, Sequence[int]]) -> Tuple[int, ...]:
 def setting(default: Any, help: str, *, constant: str, group: str, type: Optional[Callable] = None,
             metavar: Optional[str] = None, choices: Optional[Sequence[Any]] = None, none: Optional[str] = None,
             legacy_none: Optional[Callable[[Any], bool]] = None, model: Optional[str] = None, inference: bool = False,
-            flag: Optional[str] = None, aliases: Sequence[str] = ()) -> Any:
+            flag: Optional[str] = None, aliases: Sequence[str] = (), model_absent: Any = None) -> Any:
     """A dataclass field that is a setting.
 
     Parameters
@@ -92,6 +93,8 @@ def setting(default: Any, help: str, *, constant: str, group: str, type: Optiona
     model : ``"read"`` (saved with a model and read back by a restore), ``"recorded"`` or None
     inference : a training setting that a restore reads too
     flag, aliases : the command-line flag (default from ``constant``) and older names for it
+    model_absent : with ``model="read"``, the value a saved model whose record lacks the setting was trained
+        with (a model saved before the setting existed); None: the current value applies
     """
     if type is None:
         type = {bool: parse_bool, tuple: parse_shape}.get(default.__class__, default.__class__)
@@ -99,7 +102,7 @@ def setting(default: Any, help: str, *, constant: str, group: str, type: Optiona
         metavar = {int: "N", float: "FLOAT", str: "NAME", parse_shape: "D,H,W"}.get(type)
     return field(default=default, metadata=dict(
         help=help, constant=constant, group=group, type=type, metavar=metavar, choices=choices, none=none,
-        legacy_none=legacy_none, model=model, inference=inference,
+        legacy_none=legacy_none, model=model, inference=inference, model_absent=model_absent,
         flag=flag or "--" + constant.lower().replace("_", "-"), aliases=tuple(aliases)))
 
 
@@ -174,7 +177,12 @@ class Training:
     upscale_method: str = setting("linear", "interpolation that degrades training crops and upscales Z",
                                   constant="UPSCALE_METHOD", group="advanced", choices=UPSCALE_METHODS,
                                   model="read", inference=True)
-    precision: str = setting("auto", "network arithmetic: auto (bfloat16 where the CPU or GPU has it natively), "
+    boundary_input: str = setting("interfaces", "dense label images: what the boundary network sees between kept "
+                                  "slices: the boundary mask upsampled (linear), or half that and half the "
+                                  "boundaries of per-label shape-based interpolation along each plane (interfaces)",
+                                  constant="BOUNDARY_INPUT", group="advanced", choices=BOUNDARY_INPUTS,
+                                  model="read", inference=True, model_absent="linear")
+    precision: str = setting("auto", "network arithmetic: auto (bfloat16 where it is faster: AMX CPUs, recent GPUs), "
                              "fp32 or bf16", constant="PRECISION", group="advanced", choices=PRECISIONS,
                              model="recorded", inference=True)
     lateral_axes: str = setting("yx", "degrade training crops along Y and X at random (yx) or along Y only (y)",
@@ -444,6 +452,9 @@ class Settings:
         reads from a model (``model="read"``); records of earlier versions hold fewer of them."""
         read = {constant: record[key] for constant, (_, item) in FIELDS.items() if item.metadata["model"] == "read"
                 for key in (constant.lower(), constant) if key in record}
+        if record:  # a model saved before a setting existed was trained as that setting's model_absent says
+            read.update({constant: item.metadata["model_absent"] for constant, (_, item) in FIELDS.items()
+                         if item.metadata["model_absent"] is not None and constant not in read})
         return Settings.from_dict(read, base=self)
 
     # ----- checks -------------------------------------------------------------
@@ -455,6 +466,7 @@ class Settings:
         if not inference.orientations or not set(inference.orientations) <= set(ORIENTATION_AXES):
             raise UserError(f"ORIENTATIONS must be 'y', 'x' or 'yx', got '{inference.orientations}'.")
         check_choice("TRAIN_LATERAL_AXES", training.lateral_axes)
+        check_choice("BOUNDARY_INPUT", training.boundary_input)
         if training.upscale_method not in UPSCALE_METHODS:
             # 'sdf' would blend distance maps across the channel planes of a 2D crop,
             # so training and inference would not see the same interpolation.

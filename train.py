@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from data import UserError
 from model import AttentionResUNet, autocast, network_architecture, resolve_precision, select_device, starting_weights
-from morph import interpolate_along_axis, is_integer_factor, kept_positions, sample_rows
+from morph import (interpolate_along_axis, is_integer_factor, kept_positions, mix_interfaces, row_interfaces,
+                   sample_rows)
 from settings import (LATERAL_AXES, Network, Settings, SettingsLike, Training, as_settings,  # noqa: F401
                       check_crop_pool)
 
@@ -67,7 +68,7 @@ def downscale_upscale_height(image: np.ndarray, factor: float, phase: int = 0, m
     ndarray of float32, shape (..., H, W)
     """
     height = image.shape[-2]
-    positions = phase + kept_positions(max(0, int(np.floor((height - 1 - phase) / factor + 1e-6)) + 1), factor)
+    positions = kept_row_positions(height, factor, phase)
     if len(positions) < 2:
         raise UserError(f"An image of height {height} keeps fewer than two rows at factor {factor:g}; "
                          "use a larger TRAIN_XY_SIZE.")
@@ -82,6 +83,35 @@ def downscale_upscale_height(image: np.ndarray, factor: float, phase: int = 0, m
     else:
         sparse = sample_rows(image, positions, axis=-2, binary=binary and profile_fwhm <= 0)
     return interpolate_along_axis(sparse, positions, height, axis=image.ndim - 2, method=method).astype(np.float32, copy=False)
+
+
+def kept_row_positions(height: int, factor: float, phase: int = 0) -> np.ndarray:
+    """The rows :func:`downscale_upscale_height` keeps of an image ``height`` rows high: ``phase, phase + factor,
+    ...`` (fractional at a non-integer factor), every one within the image."""
+    return phase + kept_positions(max(0, int(np.floor((height - 1 - phase) / factor + 1e-6)) + 1), factor)
+
+
+def degrade_label_interfaces(labels: np.ndarray, factor: float, phase: int = 0) -> np.ndarray:
+    """The interfaces half of a dense label image's boundary input (``BOUNDARY_INPUT`` 'interfaces') for a training
+    crop degraded along its height as :func:`downscale_upscale_height` degrades it: the ids of the kept rows (at a
+    non-integer factor, of the pixel row nearest each kept row, as a kept slice of a label image holds whole ids),
+    filled between them by per-label shape-based interpolation along the rows (:func:`morph.row_interfaces`),
+    as the restore fills its planes (``restore._chunk_interfaces``).
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (C, H, W)
+    factor : float
+    phase : int
+
+    Returns
+    -------
+    ndarray of float32 (0/1), shape (C, H, W)
+    """
+    height = labels.shape[-2]
+    positions = kept_row_positions(height, factor, phase)
+    rows = np.clip(np.round(positions).astype(np.int64), 0, height - 1)
+    return row_interfaces(labels[:, rows, :], positions, height).astype(np.float32)
 
 
 def row_phases(factor: float) -> int:
@@ -191,6 +221,7 @@ def create_cropped_image_dataset(
     lateral_axes: str = "yx",
     crop_pool: float = 1.0,
     panel_width: Optional[int] = None,
+    label_ids: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Random lateral crops of the sparse stack, degraded along their height.
 
@@ -234,6 +265,10 @@ def create_cropped_image_dataset(
         ``blocks.training_stack``): no crop straddles two of them, whose
         meeting column is an edge no image has. Default: one panel, the whole
         width.
+    label_ids : ndarray of int, shape (K, H, W), optional
+        The ids of a dense label image whose boundary mask is ``downscaled_stack_dhw``: each input is then
+        the boundary network's with interfaces (:func:`morph.mix_interfaces` of the degraded mask and
+        :func:`degrade_label_interfaces` of the crop's ids; ``BOUNDARY_INPUT`` 'interfaces').
 
     Returns
     -------
@@ -245,6 +280,8 @@ def create_cropped_image_dataset(
     else:
         stack = np.asarray(downscaled_stack_dhw, dtype=np.float32)
         min_content_ratio = -np.inf
+    if label_ids is not None and np.shape(label_ids) != stack.shape:
+        raise ValueError(f"label_ids has shape {np.shape(label_ids)}, the stack {stack.shape}: they must match.")
     check_crop_size(stack.shape, crop_size_zyx, factor, panel_width)
     check_lateral_axes(lateral_axes)
     check_crop_pool(crop_pool)
@@ -255,7 +292,7 @@ def create_cropped_image_dataset(
     if n_candidates > n_samples:
         draws = hardest_draws(draws, n_samples, lambda draw: interpolation_error(
             crop_at(stack, crop_size_zyx, draw)[depth // 2], factor, draw[4], method, profile_fwhm, kind))
-    return degraded_samples(stack, crop_size_zyx, draws, factor, method, profile_fwhm)
+    return degraded_samples(stack, crop_size_zyx, draws, factor, method, profile_fwhm, label_ids)
 
 
 def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, factor: float, min_content_ratio: float,
@@ -301,15 +338,20 @@ def crop_at(stack: np.ndarray, crop_size_zyx: Sequence[int], draw: tuple) -> np.
 
 
 def degraded_samples(stack: np.ndarray, crop_size_zyx: Sequence[int], draws: Sequence[tuple], factor: float,
-                     method: str, profile_fwhm: float) -> Tuple[np.ndarray, np.ndarray]:
+                     method: str, profile_fwhm: float, label_ids: Optional[np.ndarray] = None
+                     ) -> Tuple[np.ndarray, np.ndarray]:
     """Training pairs of ``draws``: each crop degraded along its height at its phase
-    (:func:`downscale_upscale_height`), float32 ``(N, C, h, w)``, and its centre slice ``(N, 1, h, w)``."""
+    (:func:`downscale_upscale_height`), float32 ``(N, C, h, w)``, and its centre slice ``(N, 1, h, w)``;
+    with ``label_ids``, the degraded crop mixed with the interfaces of its ids (:func:`degrade_label_interfaces`)."""
     depth, height, width = crop_size_zyx
     inputs = np.empty((len(draws), depth, height, width), dtype=np.float32)
     labels = np.empty((len(draws), 1, height, width), dtype=np.float32)
     for i, draw in enumerate(draws):
         crop = crop_at(stack, crop_size_zyx, draw)
         inputs[i] = downscale_upscale_height(crop, factor, phase=draw[4], method=method, profile_fwhm=profile_fwhm)
+        if label_ids is not None:
+            inputs[i] = mix_interfaces(inputs[i], degrade_label_interfaces(crop_at(label_ids, crop_size_zyx, draw),
+                                                                           factor, draw[4]))
         labels[i, 0] = crop[depth // 2]
     return inputs, labels
 
@@ -605,6 +647,7 @@ def fit_on_sparse_stack(
     device: Optional[torch.device] = None,
     progress: bool = True,
     panel_width: Optional[int] = None,
+    label_ids: Optional[np.ndarray] = None,
     **changes: Any,
 ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
     """The complete self-supervised training on a sparse stack.
@@ -631,6 +674,9 @@ def fit_on_sparse_stack(
     panel_width : int, optional
         ``sparse_dhw`` is separate windows of this many columns side by side; no crop straddles two
         (:func:`create_cropped_image_dataset`).
+    label_ids : ndarray of int, shape (K, H, W), optional
+        The ids of the dense label image whose boundary mask ``sparse_dhw`` is: the network then trains on
+        the input with interfaces (``BOUNDARY_INPUT`` 'interfaces', :func:`create_cropped_image_dataset`).
     **changes
         Fields of :class:`settings.Training` or :class:`settings.Network` changed from ``recipe``
         (``train_xy_size=32, num_epochs=1, base_filters=8``).
@@ -648,7 +694,7 @@ def fit_on_sparse_stack(
         sparse_dhw, (training.train_z_size, training.train_xy_size, training.train_xy_size), training.train_nb,
         factor, training.min_content_ratio, training.random_state, training.upscale_method,
         "intensity" if kind == "intensity" else "mask", training.profile_fwhm, training.lateral_axes,
-        training.crop_pool, panel_width)
+        training.crop_pool, panel_width, label_ids)
     train_loader, val_loader = make_loaders(inputs, labels, training.val_split, training.batch_size,
                                             training.random_state)
     del inputs, labels  # the loaders hold their own copies: the samples are in memory once, not twice

@@ -518,7 +518,7 @@ def test_training_on_a_large_store_reads_bounded_windows(tmp_path, monkeypatch):
     ids = kept_labels(4, seed=9, shape=(41, 200, 260))
     image, _ = write_input(tmp_path / "in.ome.zarr", ids)
     settings = tiny_settings(TRAIN_NB=200, MIN_CONTENT_RATIO=0.0)  # every window drawn is kept
-    whole, panel_width = blocks.training_stack(image, settings)
+    whole, panel_width, _ = blocks.training_stack(image, settings)
     np.testing.assert_array_equal(whole, ids > 0)  # a small store: all of it, one panel
     assert panel_width == ids.shape[2]
     reads = []
@@ -530,7 +530,7 @@ def test_training_on_a_large_store_reads_bounded_windows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zarr_io.ZarrImage, "read", spy)
     budget = ids.shape[0] * 128 * 128 * 3  # three windows of 8 x TRAIN_XY_SIZE = 128 pixels, all K slices
-    stack, panel_width = blocks.training_stack(image, settings, max_bytes=budget)
+    stack, panel_width, _ = blocks.training_stack(image, settings, max_bytes=budget)
     assert stack.shape == (ids.shape[0], 128, 3 * 128) and stack.nbytes <= budget and panel_width == 128
     assert len(reads) == 3  # only the windows were read, each once
     for j, (y, x) in enumerate(reads):
@@ -550,7 +550,7 @@ def test_block_wise_training_draws_each_crop_within_one_window(tmp_path, monkeyp
         pass
 
     def spy(stack, crop_size_zyx, n_samples, *args, **kwargs):
-        seen.update(shape=stack.shape, panel_width=args[-1] if args else kwargs.get("panel_width"))
+        seen.update(shape=stack.shape, panel_width=args[-2] if args else kwargs.get("panel_width"))  # then label_ids
         raise Stop
 
     monkeypatch.setattr(train, "create_cropped_image_dataset", spy)
@@ -712,7 +712,7 @@ def test_grey_value_range_and_training_windows_of_a_store(tmp_path, monkeypatch)
     np.testing.assert_array_equal(blocks.training_stack(sparse, settings, value_range=value_range)[0],
                                   normalize_intensity(sparse, value_range))
     budget = sparse.shape[0] * 128 * 128 * 4 * 2  # two windows of 128 x 128 float32 values
-    stack, panel_width = blocks.training_stack(image, settings, max_bytes=budget, value_range=value_range)
+    stack, panel_width, _ = blocks.training_stack(image, settings, max_bytes=budget, value_range=value_range)
     assert panel_width == 128 and stack.dtype == np.float32 and stack.shape == (sparse.shape[0], 128, 2 * 128) and stack.nbytes <= budget
 
 

@@ -487,6 +487,18 @@ def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_pa
     status, printed, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--kind", "labels",
                                      "--dry-run", "--shape-prior", "0")
     assert status == 0 and plan_of(printed)["label ids"].endswith("on the network's boundaries alone (--shape-prior 0)")
+    # What the boundary network sees: the interfaces by default, the upsampled mask alone on request or with a
+    # model saved before the interfaces existed (its record does not say).
+    assert "(--boundary-input interfaces)" in rules["dense"]
+    status, printed, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--kind", "labels",
+                                     "--dry-run", "--boundary-input", "linear")
+    assert status == 0 and "sees the boundary mask upsampled (--boundary-input linear)" in plan_of(printed)["label ids"]
+    older = save_model(tmp_path / "older.pt", AttentionResUNet(base_filters=4),
+                       {"factor": 4, "kind": "labels", "restores": "boundaries", "train_z_size": 5})
+    status, printed, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--model", older,
+                                     "--dry-run")
+    assert status == 0, err
+    assert "(--boundary-input linear)" in plan_of(printed)["label ids"]
     status, _, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--shape-prior", "1")
     assert status != 0 and "SHAPE_PRIOR must be at least 0 and below 1" in err
     torch.manual_seed(0)
@@ -608,3 +620,169 @@ def test_ties_are_broken_by_global_position_so_a_window_floods_as_the_whole():
     np.testing.assert_array_equal(window, whole[2:5, 12:22, 25:45])
     assert 0.0 <= whole.min() and whole.max() < 1.0 and len(np.unique(whole)) > 0.99 * whole.size
     assert TIE_BREAK * 1.0 < 1 / 255 / 1000  # far below one uint8 level
+
+
+# --------------------------------------------------------------------------- #
+# The boundary network's input with interfaces (BOUNDARY_INPUT 'interfaces')
+# --------------------------------------------------------------------------- #
+def fill_rows_by_hand(kept_rows, positions, height, cap):
+    """morph.fill_label_rows pixel by pixel: each id's distance along the row found by scanning it."""
+    n, n_rows, width = kept_rows.shape
+    out = np.zeros((n, height, width), dtype=kept_rows.dtype)
+
+    def signed(row, label, x):
+        if row[x] == label:  # inside: minus the distance to the nearest other pixel
+            others = [abs(x - c) for c in range(width) if row[c] != label]
+            return -min(min(others), cap) if others else -cap
+        mine = [abs(x - c) for c in range(width) if row[c] == label]
+        return min(min(mine), cap) if mine else cap
+
+    for i in range(n):
+        for r in range(height):
+            below = max([j for j in range(n_rows) if positions[j] <= r], default=0)
+            above = min([j for j in range(n_rows) if positions[j] >= r], default=n_rows - 1)
+            t = 0.0 if above == below else (r - positions[below]) / (positions[above] - positions[below])
+            t = np.float32(t)  # the blend in float32, as the tool computes it, so that ties tie alike
+            for x in range(width):
+                best = None
+                for label in sorted(set(kept_rows[i].ravel().tolist())):  # ties: the smaller id
+                    a, b = np.float32(signed(kept_rows[i, below], label, x)), np.float32(signed(kept_rows[i, above],
+                                                                                               label, x))
+                    score = (np.float32(1) - t) * a + t * b
+                    if best is None or score < best:
+                        best, out[i, r, x] = score, label
+    return out
+
+
+@pytest.mark.parametrize("positions,height", [([0, 3, 6], 7), ([0.0, 2.5, 5.0], 6)])
+def test_fill_label_rows_equals_a_pixel_by_pixel_reference(positions, height):
+    from morph import fill_label_rows
+
+    rng = np.random.default_rng(3)
+    kept_rows = np.repeat(rng.integers(0, 4, size=(3, 3, 7)), 2, axis=2).astype(np.uint16)  # runs of 2+ pixels
+    kept_rows[2, 1] = 5  # a row of one id: an id missing elsewhere counts as cap away
+    for cap in (2.0, 16.0):
+        np.testing.assert_array_equal(fill_label_rows(kept_rows, positions, height, cap),
+                                      fill_rows_by_hand(kept_rows, np.asarray(positions, float), height, cap))
+
+
+def test_row_interfaces_follow_an_id_that_moves():
+    """An interface that moved 8 columns between two kept rows lies, on the rows between, where shape-based
+    interpolation puts it: one step of a column per row, not twice (faintly) as a linear blend of the masks."""
+    from morph import row_interfaces
+
+    rows = np.zeros((1, 2, 30), dtype=np.uint16)
+    rows[0, 0, :10], rows[0, 0, 10:] = 1, 2
+    rows[0, 1, :18], rows[0, 1, 18:] = 1, 2
+    interfaces = row_interfaces(rows, [0, 8], 9)[0]
+    for r in range(9):
+        assert np.flatnonzero(interfaces[r]).tolist() == [9 + r, 10 + r]
+
+
+def test_engine_input_with_interfaces_is_the_mix_of_both_guesses_in_memory_and_in_a_window():
+    """The kernel that takes interfaces restores what a network given, plane by plane, the linear upsampling of
+    the boundary mask mixed with morph.row_interfaces of whole planes restores; a window of ids reaching
+    restore.interfaces_reach() around the read window gives the same; a narrower one is refused."""
+    import dataclasses
+
+    import torch
+
+    from model import AttentionResUNet
+    from morph import kept_positions, label_boundaries, mix_interfaces, row_interfaces
+    from restore import (Kernel, LabelWindow, apply_model_to_stack_tiled_slice_by_slice, interfaces_reach,
+                         read_window, restore_block)
+
+    kept = dense_phantom(shape=(13, 96, 110), with_zero=False)[::4]
+    depth, positions = 13, kept_positions(len(kept), 4)
+    torch.manual_seed(0)
+    model = AttentionResUNet(in_channels=3, n_classes=1, depth=3, base_filters=4).eval()
+    kernel = Kernel(train_depth=3, tile_size=32, batch_size=8, channel_stride=2, interfaces=True,
+                    keep_kept_slices=False)
+    boundaries = label_boundaries(kept)
+    restored = apply_model_to_stack_tiled_slice_by_slice(model, boundaries, 4, kernel=kernel, label_ids=kept,
+                                                         progress=False)
+    linear = interpolate_along_axis(boundaries, positions, depth, method="linear")
+    by_hand = []
+    for orientation, axes, back in (("y", (1, 0, 2), (1, 0, 2)), ("x", (2, 0, 1), (1, 2, 0))):
+        interfaces = row_interfaces(kept.transpose(axes), positions, depth, 16.0).transpose(back)
+        planes = mix_interfaces(linear, interfaces.astype(np.float32)).astype(np.float32)
+        one = dataclasses.replace(kernel, interfaces=False, orientations=(orientation,))
+        by_hand.append(apply_model_to_stack_tiled_slice_by_slice(model, planes, 1, kernel=one, progress=False))
+    np.testing.assert_allclose(restored, (by_hand[0] + by_hand[1]) / 2, atol=1e-6)
+    assert not np.array_equal(restored, apply_model_to_stack_tiled_slice_by_slice(
+        model, boundaries, 4, kernel=dataclasses.replace(kernel, interfaces=False), progress=False))
+
+    height, width = kept.shape[1:]
+    region = ((40, 60), (45, 65))  # its read window is inside the slices: (22, 74) x (20, 90)
+    (wy0, wy1), (wx0, wx1) = read_window((height, width), region, 3, 2, 32)
+    reach = interfaces_reach()
+    y0, y1, x0, x1 = max(0, wy0 - reach), min(height, wy1 + reach), max(0, wx0 - reach), min(width, wx1 + reach)
+    window = restore_block(model, boundaries[:, wy0:wy1, wx0:wx1], (wy0, wx0), (height, width), region, 4, kernel,
+                           labels=LabelWindow(kept[:, y0:y1, x0:x1], (y0, x0)), progress=False)
+    assert 0 < wy0 and wy1 < height and 0 < wx0 and wx1 < width
+    np.testing.assert_allclose(window, restored[:, 40:60, 45:65], atol=1e-6)
+    with pytest.raises(ValueError, match="must reach"):
+        restore_block(model, boundaries[:, wy0:wy1, wx0:wx1], (wy0, wx0), (height, width), region, 4, kernel,
+                      labels=LabelWindow(kept[:, wy0:wy1, wx0:wx1], (wy0, wx0)), progress=False)
+    with pytest.raises(ValueError, match="exactly when the kernel takes interfaces"):
+        restore_block(model, boundaries, (0, 0), (height, width), ((0, height), (0, width)), 4, kernel,
+                      progress=False)
+
+
+def test_training_inputs_with_interfaces_mix_the_degraded_mask_and_the_ids_interfaces():
+    from morph import label_boundaries, mix_interfaces
+    from train import create_cropped_image_dataset, degrade_label_interfaces, downscale_upscale_height, draw_crops
+
+    ids = dense_phantom(shape=(5, 48, 48), with_zero=True)
+    boundaries = label_boundaries(ids)
+    crop = (3, 32, 32)
+    for factor in (4, 2.5):
+        inputs, labels = create_cropped_image_dataset(boundaries, crop, 6, factor, 0.0, random_state=1,
+                                                      label_ids=ids)
+        plain, plain_labels = create_cropped_image_dataset(boundaries, crop, 6, factor, 0.0, random_state=1)
+        np.testing.assert_array_equal(labels, plain_labels)  # the same crops, the same targets
+        for i, (z0, y0, x0, transposed, phase) in enumerate(draw_crops(boundaries, crop, 6, factor, 0.0, 1, "yx")):
+            take = (slice(z0, z0 + 3), slice(y0, y0 + 32), slice(x0, x0 + 32))
+            mask, labelled = boundaries[take], ids[take]
+            if transposed:
+                mask, labelled = mask.transpose(0, 2, 1), labelled.transpose(0, 2, 1)
+            linear = downscale_upscale_height(mask, factor, phase)
+            np.testing.assert_array_equal(plain[i], linear)
+            np.testing.assert_array_equal(inputs[i], mix_interfaces(linear, degrade_label_interfaces(labelled, factor,
+                                                                                                    phase)))
+    with pytest.raises(ValueError, match="must match"):
+        create_cropped_image_dataset(boundaries, crop, 6, 4, 0.0, label_ids=ids[:, :40])
+
+
+def test_a_model_saved_before_interfaces_restores_with_the_linear_input():
+    from errors import UserError
+    from restore import inference_kwargs, uses_interfaces
+    from settings import Settings
+
+    assert Settings().training.boundary_input == "interfaces"
+    assert uses_interfaces(Settings(), "dense labels") and not uses_interfaces(Settings(), "mask")
+    old = Settings().with_model_record({"factor": 4, "train_z_size": 5})  # a record without the setting
+    assert old.training.boundary_input == "linear" and not inference_kwargs(old, kind="dense labels")["interfaces"]
+    new = Settings().with_model_record({"factor": 4, "boundary_input": "interfaces"})
+    assert inference_kwargs(new, kind="dense labels")["interfaces"]
+    assert Settings().with_model_record({}).training.boundary_input == "interfaces"  # no model: the setting's
+    with pytest.raises(UserError, match="BOUNDARY_INPUT"):
+        Settings.from_dict({"BOUNDARY_INPUT": "cubic"}).validate()
+
+
+def test_block_memory_counts_the_ids_and_the_interfaces_of_a_kernel_that_takes_them():
+    import blocks
+    from restore import CHUNK_VALUES, inference_kwargs, interfaces_reach
+    from settings import Settings
+
+    plan = blocks.BlockPlan((161, 4096, 4096), 512)
+    with_interfaces = inference_kwargs(Settings(), kind="dense labels")
+    linear = inference_kwargs(Settings().with_values(BOUNDARY_INPUT="linear"), kind="dense labels")
+    assert with_interfaces["interfaces"] and not linear["interfaces"]
+    (wy0, wy1), (wx0, wx1) = blocks.read_window_for((4096, 4096), plan.middle_region(), 8, with_interfaces)
+    window = (wy1 - wy0 + 2 * interfaces_reach()) * (wx1 - wx0 + 2 * interfaces_reach())
+    extra = (blocks.estimate_block_memory(plan, 21, 8, with_interfaces, "uint8", label_dtype=np.uint32)
+             - blocks.estimate_block_memory(plan, 21, 8, linear, "uint8", label_dtype=np.uint32))
+    assert extra == 21 * window * 4 + CHUNK_VALUES * (4 + 4 + 6)
+    assert blocks.estimate_block_memory(plan, 21, 8, with_interfaces, "uint8") == blocks.estimate_block_memory(
+        plan, 21, 8, linear, "uint8")  # no ids, no interfaces: a mask

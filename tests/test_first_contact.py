@@ -754,7 +754,14 @@ def test_emulated_avx2_cpu_computes_in_float32(monkeypatch):
     assert model_module.cpu_computes_bf16() is True
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert model_module.cpu_computes_bf16() is True
-    assert model_module.resolve_precision("auto", cpu) == torch.bfloat16
+    # AVX512-BF16 without AMX computes bfloat16, but float32 is faster there: auto chooses float32.
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert model_module.resolve_precision("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert model_module.resolve_precision("auto", cpu) == torch.bfloat16  # AMX: bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX capped off, as on an AVX-512-BF16 part
+    assert model_module.cpu_computes_bf16() is True and model_module.resolve_precision("auto", cpu) == torch.float32
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert model_module.resolve_precision("fp32", cpu) == torch.float32
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name for the cap
     assert model_module.cpu_computes_bf16() is False

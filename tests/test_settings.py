@@ -176,7 +176,7 @@ def test_model_records_the_recipe_and_a_restore_reads_it_back(tmp_path):
     restored_with = apply.run_settings(args, config, model)
     read = [name for name, (_, item) in FIELDS.items() if item.metadata["model"] == "read"]
     assert set(read) == {"TRAIN_XY_SIZE", "TRAIN_Z_SIZE", "UPSCALE_METHOD", "INFERENCE_TILE_SIZE", "ORIENTATIONS",
-                         "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES", "PROBABILITY_THRESHOLD"}
+                         "CHANNEL_STRIDE", "TTA_FLIPS", "KEEP_KEPT_SLICES", "PROBABILITY_THRESHOLD", "BOUNDARY_INPUT"}
     for name in read:
         expected = 64 if name == "INFERENCE_TILE_SIZE" else trained_with[name]
         assert restored_with[name] == expected, name

@@ -245,7 +245,7 @@ def test_library_training_defaults_are_the_command_line_recipe(monkeypatch):
     assert seen["crop"] == (recipe["train_z_size"], recipe["train_xy_size"], recipe["train_xy_size"])
     assert seen["n"] == recipe["train_nb"]
     assert seen["rest"] == (recipe["min_content_ratio"], recipe["random_state"], recipe["upscale_method"], "mask",
-                            recipe["profile_fwhm"], recipe["lateral_axes"], recipe["crop_pool"], None)
+                            recipe["profile_fwhm"], recipe["lateral_axes"], recipe["crop_pool"], None, None)
 
 
 @pytest.mark.parametrize("crop_pool", [1.0, 2.0])
