@@ -364,9 +364,11 @@ def _restore_region(job: RestoreJob, region: Region) -> np.ndarray:
     """The kernel's output for ``region`` (all of Z): probabilities of ``job.kernel_dtype``, or
     normalised grey values (float32); its read window is freed on return."""
     (wy0, wy1), (wx0, wx1) = read_window_for(job.plan.shape_dhw[1:], region, job.factor, job.inference)
-    kept = _read_engine_input(job.source, slice(wy0, wy1), slice(wx0, wx1), job.binarize_threshold,
-                              job.value_range)
-    labels = _label_window(job.source, (wy0, wy1), (wx0, wx1)) if job.inference.get("interfaces") else None
+    if job.inference.get("interfaces"):  # the ids, read once, give both the boundary mask and the interfaces
+        labels, kept = _label_window(job.source, (wy0, wy1), (wx0, wx1))
+    else:
+        labels, kept = None, _read_engine_input(job.source, slice(wy0, wy1), slice(wx0, wx1),
+                                                job.binarize_threshold, job.value_range)
     model = cached_model(job.model_path, job.device)
     return restore.restore_block(model, kept, (wy0, wx0), job.plan.shape_dhw[1:], region, job.factor,
                                  depth=job.plan.shape_dhw[0], out_dtype=np.dtype(job.kernel_dtype),
@@ -374,14 +376,17 @@ def _restore_region(job: RestoreJob, region: Region) -> np.ndarray:
                                  labels=labels, **job.inference)
 
 
-def _label_window(source: "LabelBoundaries", rows: Tuple[int, int], cols: Tuple[int, int]) -> restore.LabelWindow:
-    """The kept ids around a read window, :func:`restore.interfaces_reach` wider on every side (within the
-    slices), for a kernel that takes interfaces."""
+def _label_window(source: "LabelBoundaries", rows: Tuple[int, int], cols: Tuple[int, int]
+                  ) -> Tuple[restore.LabelWindow, np.ndarray]:
+    """For a kernel that takes interfaces: the kept ids around a read window, :func:`restore.interfaces_reach`
+    wider on every side (within the slices), and the boundary mask of the read window itself, from one read."""
     _, height, width = source.shape
     reach = restore.interfaces_reach()
     y0, y1 = max(0, rows[0] - reach), min(height, rows[1] + reach)
     x0, x1 = max(0, cols[0] - reach), min(width, cols[1] + reach)
-    return restore.LabelWindow(np.asarray(_read_kept(source.labels, slice(y0, y1), slice(x0, x1))), (y0, x0))
+    ids, boundaries = source.ids_and_boundaries(slice(None), slice(y0, y1), slice(x0, x1))
+    window = boundaries[:, rows[0] - y0:rows[1] - y0, cols[0] - x0:cols[1] - x0]
+    return restore.LabelWindow(np.asarray(ids), (y0, x0)), np.ascontiguousarray(window)
 
 
 def _write_mask(job: RestoreJob, region: Region, probabilities: np.ndarray) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 
 from data import downsample_z, make_sample_stack
 from model import STARTING_MODEL_PATH, AttentionResUNet, save_model
+from morph import label_boundaries
 from phantoms import make_sheet_labels, make_tissue_labels
 
 # The prior's phantoms, by kind, in the order their crops are drawn. Seeds are never 0, 1 (bench.py), 7 or 42
@@ -50,8 +51,6 @@ def phantom_mask(seed: int, shape: Tuple[int, int, int] = PHANTOM_SHAPE) -> np.n
     """The prior's phantom of ``seed`` (a seed of :data:`PHANTOMS`): a bool ``(D, H, W)`` mask, the boundary
     mask of a tissue label image for the 'boundaries' seeds (whose crops teach what a dense label image's
     restore asks)."""
-    from restore import label_boundaries
-
     if seed in PHANTOMS["sheets"]:
         return make_sheet_labels(shape, seed=seed) > 0
     if seed in PHANTOMS["boundaries"]:
