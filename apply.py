@@ -17,9 +17,9 @@ import numpy as np
 
 import blocks
 import zarr_io
-from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, UserError,
-                  factor_from_voxel_size, normal_unit, read_calibration, read_typed_stack, save_stack, stack_dtype,
-                  stack_shape)
+from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, StackChoice,
+                  UserError, factor_from_voxel_size, normal_unit, read_calibration, read_typed_stack, save_stack,
+                  stack_dtype, stack_shape)
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
@@ -85,17 +85,20 @@ def expand_inputs(patterns: Sequence[str]) -> List[Path]:
     return paths
 
 
-def output_path_for(input_path: Path, output: Path, n_inputs: int) -> Path:
+def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: StackChoice = StackChoice()) -> Path:
     """Where the restored version of ``input_path`` goes: ``output`` itself for one input (a .tif or an
-    .ome.zarr), else ``<input name>_restored`` in the folder ``output``, in the input's format."""
+    .ome.zarr), else ``<input name>_restored`` in the folder ``output``, in the input's format, with the
+    channel and time point chosen (``_c1_t0``) so that one run per channel fills one folder."""
     single = output.suffix.lower() in (".tif", ".tiff", ".zarr")
     if n_inputs == 1 and single:
         return output
     if single:
         raise UserError(f"{n_inputs} inputs need an output folder, not '{output}'.")
+    chosen = "".join(f"_{letter}{value}" for letter, value in (("c", choice.channel), ("t", choice.timepoint))
+                     if value is not None)
     if zarr_io.is_zarr_path(input_path):
-        return output / f"{zarr_io.zarr_stem(input_path)}_restored.ome.zarr"
-    return output / f"{input_path.stem}_restored.tif"
+        return output / f"{zarr_io.zarr_stem(input_path)}{chosen}_restored.ome.zarr"
+    return output / f"{input_path.stem}{chosen}_restored.tif"
 
 
 def probabilities_path_for(target: Path) -> Path:
@@ -230,7 +233,8 @@ def kind_from_flags(args: argparse.Namespace) -> str:
     return kind if kind != "auto" else from_labels
 
 
-def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Optional[str]) -> Tuple[str, str]:
+def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Optional[str],
+               choice: StackChoice = StackChoice()) -> Tuple[str, str]:
     """The kind of one input and why, from a sample of its values (nothing else is read).
 
     Order: ``--kind``; a binarization threshold (a mask); a saved model's
@@ -244,12 +248,13 @@ def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Op
         return kind, "given as --kind"
     if threshold is not None:
         return "mask", "--binarize-threshold given"
-    image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None
+    image = zarr_io.open_image(path, choice) if zarr_io.is_zarr_path(path) else None
     if model_kind == "intensity":
         return "intensity", "the model restores grey values"
     if image is not None and image.is_label:
         return "labels", "an OME-Zarr label image"
-    sample = zarr_io.sample_for_label_detection(image) if image is not None else read_value_sample(path)
+    sample = (zarr_io.sample_for_label_detection(image) if image is not None
+              else read_value_sample(path, choice=choice))
     decided, reason = decide_kind_and_reason(sample, "auto", f"'{path}'")
     if model_kind is not None:
         if decided == "intensity":
@@ -263,11 +268,11 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                saved_config: Dict[str, Any], model_kind: Optional[str]) -> RestorePlan:
     """Decide one input's restore from its metadata and a sample of its values; all checks that can fail
     do so here, before any long work."""
-    threshold = settings.data.binarize_threshold
-    image = zarr_io.open_image(path) if zarr_io.is_zarr_path(path) else None  # a damaged file is named first
-    shape = tuple(image.shape) if image is not None else stack_shape(path)
+    threshold, choice = settings.data.binarize_threshold, settings.data.stack_choice()
+    image = zarr_io.open_image(path, choice) if zarr_io.is_zarr_path(path) else None  # a damaged file is named first
+    shape = tuple(image.shape) if image is not None else stack_shape(path, choice)
     dtype = image.dtype if image is not None else stack_dtype(path)
-    decided, why = input_kind(path, kind, threshold, model_kind)
+    decided, why = input_kind(path, kind, threshold, model_kind, choice)
     check_kind_flags(args, decided, path)
     voxel, unit, said = voxel_size_for(path, settings.voxel)
     factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1, rounding=settings.voxel.factor_rounding)[0]
@@ -280,7 +285,7 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if image is not None:
         scale = unit_scale(image.unit, unit, path) if image.unit and image.unit != unit else 1.0
         translation = tuple(float(t) * scale for t in image.translation_zyx)
-    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind) if decided == "labels"
+    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind, choice) if decided == "labels"
                          else (False, None))
     if dense:
         prior = settings.inference.shape_prior
@@ -310,13 +315,15 @@ def same_factor(trained_at: Optional[float], factor: float) -> bool:
     return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
 
 
-def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind: Optional[str]) -> Tuple[bool, str]:
+def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind: Optional[str],
+                    choice: StackChoice = StackChoice()) -> Tuple[bool, str]:
     """Whether a label image is dense (``restore.is_dense_label_image`` of a sample of its values) and how its
     ids will be restored, for the plan; a saved model that restores the other target (boundaries of a dense
     label image, or a foreground) is one error here."""
     from data import read_value_sample
 
-    sample = zarr_io.sample_for_label_detection(image) if image is not None else read_value_sample(path)
+    sample = (zarr_io.sample_for_label_detection(image) if image is not None
+              else read_value_sample(path, choice=choice))
     dense = is_dense_label_image(sample)
     if model_kind is not None and saved_config.get("restores", "foreground") != ("boundaries" if dense else "foreground"):
         trained = saved_config.get("restores", "foreground")
@@ -396,7 +403,7 @@ def output_targets(args: argparse.Namespace, inputs: Sequence[Path]) -> List[Pat
     if args.save_model and (len(inputs) > 1 or args.model):
         raise UserError("--save-model keeps the model trained on one input; it cannot be combined with --model "
                         "or several inputs.")
-    targets = [output_path_for(p, Path(args.output), len(inputs)) for p in inputs]
+    targets = [output_path_for(p, Path(args.output), len(inputs), args.settings.data.stack_choice()) for p in inputs]
     if len(set(targets)) < len(targets):
         raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
                         "names or restore them in separate calls.")
@@ -419,9 +426,9 @@ def read_input(plan: RestorePlan, label_dtype=np.uint16) -> Tuple[np.ndarray, Op
     """The whole input, typed as planned: the stored values (grey values) or the foreground, and ids of
     ``label_dtype`` (uint16 for a TIFF output; None, the smallest that holds them, for OME-Zarr)."""
     if zarr_io.is_zarr_path(plan.path):
-        return zarr_io.read_typed_image(zarr_io.open_image(plan.path), plan.kind, plan.binarize_threshold,
+        return zarr_io.read_typed_image(zarr_io.open_image(plan.path, plan.choice), plan.kind, plan.binarize_threshold,
                                         label_dtype)[1:]
-    return read_typed_stack(plan.path, plan.kind, plan.binarize_threshold, label_dtype)[1:]
+    return read_typed_stack(plan.path, plan.kind, plan.binarize_threshold, label_dtype, plan.choice)[1:]
 
 
 def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> None:
@@ -502,17 +509,18 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     settings, factor, path, target = plan.settings, plan.factor, plan.path, plan.target
     threshold = plan.binarize_threshold
     if zarr_io.is_zarr_path(path):
-        image = zarr_io.open_image(path)
+        image = zarr_io.open_image(path, plan.choice)
         source, name = image, image.name
         labels = image if plan.kind == "labels" else None
     else:  # OME-Zarr holds ids beyond a TIFF's 65535
-        source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None)[1:]
+        source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None, choice=plan.choice)[1:]
         name = path.stem
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
     config = dict(model_config(settings, factor, plan.training_kind() if plan.trained else None), kind=plan.kind,
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
     voxel = plan.voxel_out_zyx
-    described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path))
+    described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path),
+                                      source_stack=plan.choice.describe())
     result = blocks.restore_to_ome_zarr(
         source, target, factor, settings, described, kind="intensity" if plan.kind == "intensity" else "mask",
         model=model, model_config=config, labels_source=labels, label_rule="dense" if plan.dense_labels else "sparse",

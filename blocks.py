@@ -941,16 +941,18 @@ def _resolved(name: Optional[str]) -> Optional[str]:
     return os.path.realpath(name) if name and os.path.exists(name) else name
 
 
-def _describe(source: Source, name: Optional[str]) -> Dict[str, Any]:
+def _describe(source: Source, name: Optional[str], stack: str = "") -> Dict[str, Any]:
     """The identity of an input, recorded to check that a resumed run reads the same one: its resolved
-    path (a Zarr image's own path; an in-memory stack's ``name``, e.g. its TIFF), array, shape, dtype
-    and, for a Zarr image, its voxel size, unit and translation."""
+    path (a Zarr image's own path; an in-memory stack's ``name``, e.g. its TIFF), the ``stack`` of that file
+    (its channel and time point, :class:`OutputMetadata`), array, shape, dtype and, for a Zarr image, the
+    index of its channel and time point, its voxel size, unit and translation."""
     if isinstance(source, np.ndarray):
-        return {"path": _resolved(name), "shape": list(source.shape), "dtype": str(source.dtype)}
+        return {"path": _resolved(name), "stack": stack, "shape": list(source.shape), "dtype": str(source.dtype)}
     def floats(values):
         return None if values is None else [float(v) for v in values]
 
-    return {"path": os.path.realpath(source.path), "component": source.component, "shape": list(source.shape),
+    return {"path": os.path.realpath(source.path), "component": source.component,
+            "leading_index": list(source.leading_index), "shape": list(source.shape),
             "dtype": str(source.dtype), "voxel_size_zyx": floats(source.voxel_size_zyx), "unit": source.unit,
             "translation_zyx": floats(source.translation_zyx)}
 
@@ -967,6 +969,12 @@ def _input_differences(recorded: Optional[Dict[str, Any]], current: Optional[Dic
     for key in ("component", "shape", "dtype", "voxel_size_zyx", "unit", "translation_zyx"):
         if key in recorded and recorded[key] != current.get(key):
             differences.append(f"{key} {recorded[key]} -> {current.get(key)}")
+    # Records from before channels could be chosen read the file's only stack: '' and index 0 throughout.
+    if recorded.get("stack", "") != current.get("stack", ""):
+        differences.append(f"stack '{recorded.get('stack', '')}' -> '{current.get('stack', '')}'")
+    if "leading_index" in current and recorded.get("leading_index", [0] * len(current["leading_index"])) != \
+            current["leading_index"]:
+        differences.append(f"channel / time point index {recorded.get('leading_index')} -> {current['leading_index']}")
     return differences
 
 
@@ -1117,12 +1125,15 @@ class OutputMetadata:
         The input's origin, written to the output (voxel 0 of the output is voxel 0 of the input).
     label_name : name of the output's label image, ``labels/<label_name>`` (with ``labels_source``)
     source_name : the input's path as the run's record names it (an in-memory stack's TIFF), optional
+    source_stack : which stack of that file (``'channel 1'``: ``tiff_io.StackChoice.describe``), '' for its
+        only one: a resumed run must read the same
     """
     voxel_size_zyx: Sequence[float]
     unit: str
     translation_zyx: Sequence[float] = (0.0, 0.0, 0.0)
     label_name: str = "restored"
     source_name: Optional[str] = None
+    source_stack: str = ""
 
 
 def restore_to_ome_zarr(
@@ -1322,8 +1333,10 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     value_range = volume_intensity_range(source) if grey_values else None
     window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
     plan_record = _json({
-        "input": _describe(source, described.source_name), "kind": kind, "value_range": value_range,
-        "labels_input": None if labels_source is None else _describe(labels_source, described.source_name),
+        "input": _describe(source, described.source_name, described.source_stack), "kind": kind,
+        "value_range": value_range,
+        "labels_input": None if labels_source is None else _describe(labels_source, described.source_name,
+                                                                     described.source_stack),
         "factor": restore.factor_value(factor), "shape": list(plan.shape_dhw), "block_size": int(large.block_size),
         "output_voxel_size_zyx": [float(v) for v in described.voxel_size_zyx], "output_unit": described.unit,
         "output_translation_zyx": [float(v) for v in described.translation_zyx],

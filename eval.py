@@ -29,6 +29,8 @@ SHOW = "auto"  # slice viewer after the run: auto, yes, no
 # The input and the simulated voxel size
 KIND = "auto"  # mask, labels, intensity or auto
 BINARIZE_THRESHOLD = None  # None: foreground = value != 0
+CHANNEL = None  # a file with several channels (or RGB): the one to use, from 0; None: the file has one
+TIMEPOINT = None  # a file with several time points: the one to use, from 0; None: the file has one
 XY_RESOLUTION = 2.0  # lateral pixel size
 Z_RESOLUTION = 16.0  # simulated Z step; factor = Z_RESOLUTION / XY_RESOLUTION, rounded
 VOXEL_UNIT = "um"  # unit of the two sizes
@@ -348,7 +350,8 @@ def load_evaluation_stack(settings: Dict[str, Any]):
     if settings["INPUT_IMAGES_DIRECTORY"]:
         source = str(settings["INPUT_IMAGES_DIRECTORY"])
         recipe = _Settings.from_dict(settings)
-        kind, truth, labels = read_typed_stack(source, recipe.data.kind, recipe.data.binarize_threshold)
+        kind, truth, labels = read_typed_stack(source, recipe.data.kind, recipe.data.binarize_threshold,
+                                               choice=recipe.data.stack_choice())
         return kind, truth, labels, source
     shape, seed = tuple(settings["SAMPLE_SHAPE"]), settings["RANDOM_STATE"]
     source = f"built-in sample {shape}"

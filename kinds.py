@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from errors import UserError
-from tiff_io import PathLike, read_stack
+from tiff_io import PathLike, StackChoice, read_stack
 
 
 def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str = "input") -> np.ndarray:
@@ -178,8 +178,10 @@ def decide_kind_and_reason(stack: np.ndarray, kind: str = "auto", source: str = 
 
 
 def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[float] = None,
-                     label_dtype=np.uint16) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
-    """Read a stack and decide its kind (see :func:`decide_kind`).
+                     label_dtype=np.uint16, choice: StackChoice = StackChoice()
+                     ) -> Tuple[str, np.ndarray, Optional[np.ndarray]]:
+    """Read a stack (``choice``: the channel and time point of a file that holds several,
+    :func:`tiff_io.choose_stack`) and decide its kind (see :func:`decide_kind`).
 
     Returns
     -------
@@ -189,7 +191,7 @@ def read_typed_stack(path: PathLike, kind: str = "auto", threshold: Optional[flo
     labels_dhw : ndarray of ``label_dtype`` or None (label images only; ``label_dtype`` None:
         the smallest unsigned type that holds the ids, see :func:`as_label_image`)
     """
-    raw = read_stack(path)
+    raw = read_stack(path, choice)
     kind = "mask" if kind == "auto" and threshold is not None else decide_kind(raw, kind, f"'{path}'")
     return kind, *as_typed_stack(raw, kind, threshold, path, label_dtype)
 

@@ -22,6 +22,7 @@ import restore
 from machine import machine_key
 from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
+from tiff_io import StackChoice
 
 # Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
 PROCESS_BYTES = blocks.PROCESS_BYTES
@@ -54,6 +55,11 @@ class RestorePlan:
     notes: List[str] = field(default_factory=list)
     label_rule: Optional[str] = None  # label images: how the ids are restored
     dense_labels: bool = False  # a dense label image (restore.is_dense_label_image of a sample): the boundary rule
+
+    @property
+    def choice(self) -> StackChoice:
+        """The channel and time point read from the input (``CHANNEL``, ``TIMEPOINT``)."""
+        return self.settings.data.stack_choice()
 
     @property
     def binarize_threshold(self) -> Optional[float]:
@@ -142,7 +148,7 @@ class RestorePlan:
         where = (f"OME-Zarr, blocks of {self.block_size} x {self.block_size} pixels"
                  + (f" on {self.workers} worker(s)" if self.workers else "") if self.block_size else "in memory")
         lines = [
-            f"input: {self.path}",
+            f"input: {self.path}" + (f" ({self.choice.describe()})" if self.choice.describe() else ""),
             f"kind: {self.kind} ({self.kind_reason})",
             f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",

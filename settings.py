@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from data import FACTOR_ROUNDINGS
+from data import FACTOR_ROUNDINGS, StackChoice
 from errors import UserError
 from kinds import KINDS
 from model import PRECISIONS, SKIP_MERGES, START_FROM_CHOICES
@@ -127,6 +127,16 @@ class Data:
     binarize_threshold: Optional[float] = setting(
         None, "foreground = value > threshold (read the input as a mask)", constant="BINARIZE_THRESHOLD",
         group="advanced", type=float, none="value != 0", legacy_none=lambda value: value < 0)
+    channel: Optional[int] = setting(
+        None, "the channel to restore of a file that holds several (counted from 0; also picks a colour of an RGB "
+        "file)", constant="CHANNEL", group="main", type=int, none="the file's only one")
+    timepoint: Optional[int] = setting(
+        None, "the time point to restore of a file that holds several (counted from 0)", constant="TIMEPOINT",
+        group="main", type=int, none="the file's only one")
+
+    def stack_choice(self) -> StackChoice:
+        """The channel and time point to read, as the readers take them (``tiff_io.choose_stack``)."""
+        return StackChoice(self.channel, self.timepoint)
 
 
 @dataclass(frozen=True)
@@ -487,6 +497,9 @@ class Settings:
             raise UserError(f"VAL_SPLIT must be between 0 and 1, got {training.val_split}.")
         if self.data.kind not in KINDS:
             raise UserError(f"KIND must be one of {', '.join(KINDS)}, got '{self.data.kind}'.")
+        for constant, value in (("CHANNEL", self.data.channel), ("TIMEPOINT", self.data.timepoint)):
+            if value is not None and value < 0:
+                raise UserError(f"{constant} counts from 0 (the first); got {value}.")
         if training.intensity_loss not in INTENSITY_LOSSES:
             raise UserError(f"INTENSITY_LOSS must be one of {', '.join(INTENSITY_LOSSES)}, got "
                             f"'{training.intensity_loss}'.")

@@ -13,8 +13,9 @@ import re
 import struct
 import zlib
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tifffile
@@ -23,6 +24,144 @@ from errors import DamagedFileError, InputNotFoundError, OutputExistsError, User
 
 PathLike = Union[str, os.PathLike]
 TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------- #
+# Which 3D stack of a file that holds several
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class StackChoice:
+    """Which 3D stack to restore of a file that holds several: a channel (or a colour sample of an RGB file)
+    and a time point, each counted from 0 (``--channel``, ``--timepoint``; ``CHANNEL``, ``TIMEPOINT`` in
+    eval.py). None: the file must hold only one along that axis."""
+    channel: Optional[int] = None
+    timepoint: Optional[int] = None
+
+    def describe(self) -> str:
+        """'channel 1, time point 0' for the plan; '' when nothing is chosen."""
+        parts = [f"{name} {value}" for name, value in (("channel", self.channel), ("time point", self.timepoint))
+                 if value is not None]
+        return ", ".join(parts)
+
+
+# Axis letters (tifffile's; an OME-Zarr image's axes are mapped onto them) and the choice that fixes each:
+# T time points, C channels, S colour samples (RGB), which --channel picks as well.
+CHOICE_OF_AXIS = {"T": "timepoint", "C": "channel", "S": "channel"}
+FLAG_OF_CHOICE = {"channel": "--channel", "timepoint": "--timepoint"}
+
+
+def choose_stack(axes: str, shape: Sequence[int], choice: StackChoice, where: str,
+                 unnamed_third_axis: bool = False) -> Tuple[Union[int, slice], ...]:
+    """The index that takes the chosen 3D stack out of an array with ``axes`` (one letter per axis of
+    ``shape``; T, C and S are chosen from, every other axis is kept).
+
+    Parameters
+    ----------
+    axes : str
+        One letter per axis, as tifffile names them ('TZCYX', 'QYXS', ...).
+    shape : sequence of int
+    choice : StackChoice
+    where : str
+        The file, for the errors.
+    unnamed_third_axis : bool
+        Exactly three axes longer than 1, none of them colour samples, are a stack whatever the first is
+        called (ImageJ files written without axes call their slices channels or frames), unless ``choice``
+        picks one of them: TIFF files, not OME-Zarr, whose axes are named by the standard.
+
+    Returns
+    -------
+    index : tuple of int and slice, one per axis: a chosen axis is an int (0 for an axis of length 1)
+
+    Raises
+    ------
+    UserError
+        A channel or time point that is not in the file; several along an axis and none chosen.
+    """
+    index: List[Union[int, slice]] = []
+    open_axes = []  # chosen from but not chosen: (choice name, letter, length)
+    for letter, size in zip(axes, shape):
+        name = CHOICE_OF_AXIS.get(letter)
+        wanted = None if name is None else getattr(choice, name)
+        if name is None:
+            index.append(slice(None))
+        elif size == 1 and wanted in (None, 0):
+            index.append(0)
+        elif wanted is None:
+            open_axes.append((name, letter, size))
+            index.append(slice(None))
+        elif not 0 <= wanted < size:
+            raise UserError(f"'{where}' holds {size} {_plural(letter, size)} ({FLAG_OF_CHOICE[name]} 0..{size - 1}); "
+                            f"{FLAG_OF_CHOICE[name]} {wanted} is not one of them.")
+        else:
+            index.append(int(wanted))
+    for name, flag in FLAG_OF_CHOICE.items():
+        wanted = getattr(choice, name)
+        if wanted not in (None, 0) and not any(CHOICE_OF_AXIS.get(letter) == name for letter in axes):
+            raise UserError(f"'{where}' holds one {_plural(name[0].upper(), 1)} (axes {axes}, shape {tuple(shape)}); "
+                            f"{flag} {wanted} is not in it. Leave out {flag}.")
+    if sum(1 for letter, size in zip(axes, shape) if CHOICE_OF_AXIS.get(letter) == "channel" and size > 1) > 1:
+        raise UserError(f"'{where}' holds both channels and colour samples (axes {axes}, shape {tuple(shape)}); "
+                        "split them first (in Fiji: Image > Color > Split Channels) and restore one stack at a time.")
+    kept = [size for i, size in zip(index, shape) if isinstance(i, slice) and size > 1]
+    if unnamed_third_axis and len(kept) == 3 and all(letter != "S" for _, letter, _ in open_axes):
+        return tuple(index)
+    spatial = [size for letter, size in zip(axes, shape) if letter not in CHOICE_OF_AXIS and size > 1]
+    if len(spatial) < 3:  # one image, whatever channels it has: no Z to restore
+        raise UserError(not_a_stack(where, tuple(shape), axes))
+    if open_axes:
+        held = " and ".join(f"{size} {_plural(letter, size)}" for _, letter, size in open_axes)
+        flags = " and ".join(f"{FLAG_OF_CHOICE[name]} 0..{size - 1}" for name, _, size in open_axes)
+        constants = " and ".join(name.upper() for name, _, _ in open_axes)
+        raise UserError(f"'{where}' holds {held} (axes {axes}, shape {tuple(shape)}): choose the stack to restore with "
+                        f"{flags} ({constants} in eval.py), one run per stack.")
+    return tuple(index)
+
+
+def _plural(letter: str, count: int) -> str:
+    """What ``count`` positions along an axis named ``letter`` are called in the errors."""
+    words = {"C": ("channel", "channels"), "T": ("time point", "time points"),
+             "S": ("colour sample", "colour samples (RGB)")}[letter]
+    return words[count != 1]
+
+
+def _chosen_shape(shape: Sequence[int], index: Sequence[Union[int, slice]]) -> Tuple[int, ...]:
+    """The shape :func:`choose_stack`'s ``index`` leaves, axes of length 1 dropped."""
+    return tuple(size for i, size in zip(index, shape) if isinstance(i, slice) and size != 1)
+
+
+def _series_index(path: PathLike, series: "tifffile.TiffPageSeries", choice: StackChoice
+                  ) -> Tuple[Union[int, slice], ...]:
+    """:func:`choose_stack` of a TIFF file's first series."""
+    return choose_stack(series.axes, series.shape, choice, str(path), unnamed_third_axis=True)
+
+
+def _plane_axes(series: "tifffile.TiffPageSeries") -> int:
+    """How many of a series' last axes one page holds: Y, X, and colour samples when the file has them."""
+    return 3 if series.axes.endswith("S") else 2
+
+
+def _chosen_pages(series: "tifffile.TiffPageSeries", index: Sequence[Union[int, slice]]) -> Optional[np.ndarray]:
+    """The page numbers holding the chosen planes, shaped as ``index`` leaves the axes in front of the plane,
+    or None when the file's pages are not one plane each (then the whole series is read)."""
+    leading = tuple(series.shape[:len(series.shape) - _plane_axes(series)])
+    if len(series.pages) != int(np.prod(leading, dtype=np.int64)):
+        return None
+    return np.arange(len(series.pages)).reshape(leading)[tuple(index[:len(leading)])]
+
+
+def _read_chosen(tif: "tifffile.TiffFile", index: Sequence[Union[int, slice]]) -> np.ndarray:
+    """The chosen stack of a file's first series (``index`` of :func:`choose_stack`), reading only its own
+    pages where each page is one plane: one channel of a large hyperstack costs that channel's bytes."""
+    series = tif.series[0]
+    if all(isinstance(i, slice) for i in index):
+        return series.asarray()
+    pages = _chosen_pages(series, index)
+    if pages is None:
+        return series.asarray()[tuple(index)]
+    n_leading = len(series.shape) - _plane_axes(series)
+    planes = tif.asarray(key=pages.ravel().tolist(), series=0)
+    planes = planes.reshape(pages.shape + tuple(series.shape[n_leading:]))
+    return planes[(slice(None),) * pages.ndim + tuple(index[n_leading:])]
 
 
 # --------------------------------------------------------------------------- #
@@ -52,6 +191,11 @@ class _TiffComplaints(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _damage_reported(complaints: _TiffComplaints) -> list:
+    """tifffile's messages that say the file is damaged."""
+    return [m for m in complaints.messages if any(w in m.lower() for w in ("invalid", "corrupt", "truncat"))]
+
+
 @contextlib.contextmanager
 def _tiff_guard(path: Path):
     """Turn tifffile's complaints and decoder errors about ``path`` into one :class:`DamagedFileError`."""
@@ -61,20 +205,29 @@ def _tiff_guard(path: Path):
     try:
         yield
     except UserError:
-        raise
+        # A file cut short may read as fewer pages than it holds (one image, not a stack): its damage, which
+        # tifffile reported on the way, is the error to name, not the shape that damage left.
+        damaged = _damage_reported(complaints)
+        if not damaged:
+            raise
+        raise _damaged(path, f"tifffile: {damaged[0]}") from None
     except PermissionError as error:  # the file may be fine: the user may not read it
         raise UserError(f"'{path}' cannot be read: permission denied ({error.strerror}). Check the file's "
                         "permissions (ls -l), or copy it somewhere you can read.") from error
     except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, IndexError, KeyError, ValueError,
             OSError, ET.ParseError) as error:  # only the read of one file runs inside: these are the file's faults
-        raise DamagedFileError(f"'{path}' is damaged or not a valid TIFF ({type(error).__name__}: {error}). "
-                               "Check that the file was copied completely, or export it again.") from error
+        raise _damaged(path, f"{type(error).__name__}: {error}") from error
     finally:
         logger.removeHandler(complaints)
-    damaged = [m for m in complaints.messages if any(w in m.lower() for w in ("invalid", "corrupt", "truncat"))]
+    damaged = _damage_reported(complaints)
     if damaged:
-        raise DamagedFileError(f"'{path}' is damaged or not a valid TIFF (tifffile: {damaged[0]}). "
-                               "Check that the file was copied completely, or export it again.")
+        raise _damaged(path, f"tifffile: {damaged[0]}")
+
+
+def _damaged(path: Path, detail: str) -> DamagedFileError:
+    """The one error for a damaged file, with what was wrong."""
+    return DamagedFileError(f"'{path}' is damaged or not a valid TIFF ({detail}). "
+                            "Check that the file was copied completely, or export it again.")
 
 
 def read_tiff(path: PathLike) -> np.ndarray:
@@ -85,7 +238,7 @@ def read_tiff(path: PathLike) -> np.ndarray:
         return tifffile.imread(path)
 
 
-def read_stack(path: PathLike) -> np.ndarray:
+def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarray:
     """Read a stack as stored: a folder of 2D TIFF slices or one multipage TIFF.
 
     Parameters
@@ -93,6 +246,9 @@ def read_stack(path: PathLike) -> np.ndarray:
     path : str or Path
         A folder holding one 2D TIFF per Z slice (sorted in natural order), or a
         single multipage / ImageJ / OME TIFF file with axes Z, Y, X.
+    choice : StackChoice
+        The channel and time point of a file that holds several (:func:`choose_stack`);
+        only its own pages are read.
 
     Returns
     -------
@@ -119,6 +275,7 @@ def read_stack(path: PathLike) -> np.ndarray:
                 f"No TIFF files (*.tif, *.tiff) found in folder '{path}'. "
                 "Point the input to a folder of 2D TIFF slices or to a multipage TIFF file."
             )
+        refuse_choice_in_folder(path, choice)
         slices = [np.squeeze(read_tiff(f)) for f in files]
         shapes = {s.shape for s in slices}
         if len(shapes) != 1:
@@ -139,27 +296,32 @@ def read_stack(path: PathLike) -> np.ndarray:
         if path.suffix.lower() not in TIFF_SUFFIXES:
             raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
         with _tiff_guard(path), tifffile.TiffFile(path) as tif:  # one open: the axes, then the pixels
-            refuse_colour_samples(path, tif.series[0])
-            stack = np.squeeze(tif.asarray())
+            stack = np.squeeze(_read_chosen(tif, _series_index(path, tif.series[0], choice)))
     if stack.ndim != 3 or stack.shape[0] < 2:
         raise UserError(not_a_stack(path, stack.shape))
     return stack
 
 
-def refuse_colour_samples(path: PathLike, series: "tifffile.TiffPageSeries") -> None:
-    """Refuse a TIFF of colour samples (RGB: tifffile's axis 'S'), which squeezing could pass for a 3D
-    stack (a single RGB image, Y x X x 3). Three axes named channels or time points are read as a
-    stack, as before: ImageJ files written without axes often call their slices channels."""
-    if any(axis == "S" and size > 1 for axis, size in zip(series.axes, series.shape)):
-        raise UserError(not_a_stack(path, tuple(series.shape), series.axes))
+def refuse_choice_in_folder(path: PathLike, choice: StackChoice) -> None:
+    """A folder of 2D slices holds one stack: a channel or time point chosen beyond the first is an error."""
+    chosen = [f"{FLAG_OF_CHOICE[name]} {value}" for name, value in (("channel", choice.channel),
+                                                                    ("timepoint", choice.timepoint))
+              if value not in (None, 0)]
+    if chosen:
+        raise UserError(f"'{path}' is a folder of 2D slices, which holds one stack; {' and '.join(chosen)} choose "
+                        "from a multipage TIFF or an OME-Zarr image. Leave them out, or give the file that holds "
+                        "the channels.")
 
 
 def not_a_stack(path: PathLike, shape: Tuple[int, ...], axes: str = "") -> str:
     """The error for a file that is not one 3D stack, with the fix for the usual causes."""
-    if len(shape) > 3 or "S" in axes:
-        fix = ("it holds channels, time points or RGB colours: restore one 3D stack at a time (in Fiji: "
-               "Image > Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality, or Image > Type > "
-               "8-bit for RGB; save each stack as TIFF)")
+    spatial = [size for letter, size in zip(axes, shape) if letter not in CHOICE_OF_AXIS and size > 1]
+    if axes and len(spatial) < 3:
+        fix = "a single image has no Z to restore"
+    elif len(shape) > 3 or "S" in axes:
+        fix = ("it holds channels, time points or RGB colours besides Z, Y and X: choose one stack with --channel "
+               "and --timepoint where its axes are named, or save each stack as its own TIFF (in Fiji: Image > "
+               "Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality)")
     elif len(shape) < 3:
         fix = "a single image has no Z to restore"
     else:
@@ -168,21 +330,22 @@ def not_a_stack(path: PathLike, shape: Tuple[int, ...], axes: str = "") -> str:
     return f"'{path}' holds an image of shape {shape}{named}; expected a 3D stack (Z, Y, X): {fix}."
 
 
-def stack_shape(path: PathLike) -> Tuple[int, ...]:
-    """Shape of a stack read from its metadata only (no pixels), to validate
-    inputs before long work. :func:`read_stack` gives the detailed errors."""
+def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[int, ...]:
+    """Shape of a stack (of the chosen channel and time point) read from its metadata only (no pixels),
+    to validate inputs before long work. :func:`read_stack` gives the detailed errors."""
     path = Path(path)
     if path.is_dir():
         files = list_tiff_files(path)
         if not files:
             raise InputNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
+        refuse_choice_in_folder(path, choice)
         with _tiff_guard(files[0]), tifffile.TiffFile(files[0]) as tif:
             return (len(files),) + tuple(s for s in tif.series[0].shape if s != 1)[-2:]
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
-        refuse_colour_samples(path, tif.series[0])
-        shape = tuple(s for s in tif.series[0].shape if s != 1)
-    if len(shape) != 3:
-        raise UserError(not_a_stack(path, shape))
+        series = tif.series[0]
+        shape = _chosen_shape(series.shape, _series_index(path, series, choice))
+        if len(shape) != 3:  # axes beyond Z, Y, X that are neither channels nor time points
+            raise UserError(not_a_stack(path, tuple(series.shape), series.axes))
     return shape
 
 
@@ -194,25 +357,30 @@ def stack_dtype(path: PathLike) -> np.dtype:
         return np.dtype(tif.series[0].dtype)
 
 
-def read_value_sample(path: PathLike, max_slices: int = 8) -> np.ndarray:
-    """At most ``max_slices`` evenly spaced slices of a stack (a multipage TIFF or a slice folder),
-    read without the rest: enough to decide its kind (:func:`kind_evidence`) before any long work.
+def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice = StackChoice()) -> np.ndarray:
+    """At most ``max_slices`` evenly spaced slices of a stack (a multipage TIFF or a slice folder; of the
+    chosen channel and time point), read without the rest: enough to decide its kind (:func:`kind_evidence`)
+    before any long work.
 
     Returns
     -------
     sample_dhw : ndarray, shape (n, H, W), the stored dtype
     """
     path = Path(path)
-    depth = stack_shape(path)[0]
+    depth = stack_shape(path, choice)[0]
     indices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
     if path.is_dir():
         files = list_tiff_files(path)
         return np.stack([np.squeeze(read_tiff(files[i])) for i in indices])
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        if len(series.pages) != depth:  # one page holds several slices: read the stack itself
-            return np.squeeze(series.asarray())[indices]
-        return np.stack([np.squeeze(series.pages[int(i)].asarray()) for i in indices])
+        index = _series_index(path, series, choice)
+        pages = _chosen_pages(series, index)
+        pages = None if pages is None else np.squeeze(pages)
+        if pages is None or pages.shape != (depth,):  # pages are not one slice each: read the stack itself
+            return np.squeeze(_read_chosen(tif, index))[indices]
+        samples = index[len(series.shape) - _plane_axes(series):]  # the colour sample chosen, if any
+        return np.stack([np.squeeze(series.pages[int(pages[i])].asarray()[tuple(samples)]) for i in indices])
 
 
 LENGTH_UNITS_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "um": 1.0, "µm": 1.0, "micron": 1.0, "mm": 1e3,

@@ -43,8 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import zarr
 
-from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, UserError, normal_unit,
-                  as_grey_values, as_typed_stack, decide_kind)
+from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, StackChoice, UserError,
+                  as_grey_values, as_typed_stack, choose_stack, decide_kind, normal_unit)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -171,19 +171,31 @@ def _ome_attributes(node: Union[zarr.Group, zarr.Array]) -> Dict[str, Any]:
     return attributes.get("ome", attributes)
 
 
-def _spatial_layout(axes: Optional[list], shape: Tuple[int, ...], where: str) -> Tuple[Tuple[int, ...], List[str]]:
-    """Indices fixing the non-spatial axes, and each spatial axis' unit (or None)."""
+def _axis_letter(axis: Union[str, Dict[str, Any]]) -> str:
+    """An NGFF axis in front of z, y, x as :func:`tiff_io.choose_stack`'s letter: T for time, C for channels
+    (by type, else by the names t and c), '?' for any other."""
+    name = axis if isinstance(axis, str) else str(axis.get("name"))
+    kind = None if isinstance(axis, str) else axis.get("type")
+    return {"time": "T", "channel": "C"}.get(kind) or {"t": "T", "c": "C"}.get(name, "?")
+
+
+def _spatial_layout(axes: Optional[list], shape: Tuple[int, ...], where: str, choice: StackChoice = StackChoice()
+                    ) -> Tuple[Tuple[int, ...], List[str]]:
+    """Indices fixing the non-spatial axes at the chosen channel and time point, and each spatial axis' unit
+    (or None)."""
     if axes is None:  # NGFF 0.1/0.2: always t, c, z, y, x
         axes = ["t", "c", "z", "y", "x"][-len(shape):]
     names = [a if isinstance(a, str) else a.get("name") for a in axes]
     units = [None if isinstance(a, str) else a.get("unit") for a in axes]
     if names[-3:] != ["z", "y", "x"]:
         raise UserError(f"'{where}' has axes {names}; expected a 3D image with axes z, y, x last.")
-    extra = [(name, size) for name, size in zip(names[:-3], shape[:-3]) if size != 1]
-    if extra:
-        raise UserError(f"'{where}' has {', '.join(f'{n}={s}' for n, s in extra)}: restore one channel and time "
-                        "point at a time (write them as separate images first).")
-    return (0,) * (len(shape) - 3), units[-3:]
+    letters = "".join(_axis_letter(axis) for axis in axes[:-3])
+    unknown = [(name, size) for name, letter, size in zip(names, letters, shape) if letter == "?" and size != 1]
+    if unknown:
+        raise UserError(f"'{where}' has {', '.join(f'{n}={s}' for n, s in unknown)} besides z, y and x: restore one "
+                        "3D image at a time (write it as its own image first).")
+    index = choose_stack(letters + "ZYX", shape, choice, where)
+    return tuple(0 if isinstance(i, slice) else i for i in index[:-3]), units[-3:]
 
 
 def _transform_of(transformations: Optional[list], ndim: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -200,8 +212,9 @@ def _transform_of(transformations: Optional[list], ndim: int) -> Tuple[np.ndarra
     return scale, translation
 
 
-def open_image(path: PathLike) -> ZarrImage:
-    """Describe the 3D image at ``path`` (OME-Zarr image, label image or plain array) without reading pixels.
+def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage:
+    """Describe the 3D image at ``path`` (OME-Zarr image, label image or plain array) without reading pixels;
+    of an image with channels or time points, the stack ``choice`` names (:func:`tiff_io.choose_stack`).
 
     Raises
     ------
@@ -235,7 +248,7 @@ def open_image(path: PathLike) -> ZarrImage:
     multiscale = multiscales[0]
     dataset = multiscale["datasets"][0]
     array = node[dataset["path"]]
-    leading, units = _spatial_layout(multiscale.get("axes"), array.shape, path_text)
+    leading, units = _spatial_layout(multiscale.get("axes"), array.shape, path_text, choice)
     ndim = array.ndim
     scale, translation = _transform_of(dataset.get("coordinateTransformations"), ndim)
     global_scale, global_translation = _transform_of(multiscale.get("coordinateTransformations"), ndim)
@@ -271,7 +284,7 @@ def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], fl
 
     Returns None when the store holds no calibration (a plain array, or scale 1 without units).
     """
-    image = open_image(path)
+    image = open_image(path, StackChoice(0, 0))  # every channel and time point has the same voxel size
     return None if image.voxel_size_zyx is None else (image.voxel_size_zyx, image.unit)
 
 

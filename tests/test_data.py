@@ -202,9 +202,10 @@ def test_multichannel_tiff_error_names_the_fix(tmp_path):
     rgb = tmp_path / "rgb.tif"  # one RGB image squeezes to 3 axes: its metadata tells
     tifffile.imwrite(rgb, np.zeros((8, 9, 3), np.uint8), photometric="rgb")
     for read in (import_binary_tiff_sequence, tiff_io.stack_shape):  # the dry run's metadata check says it too
-        with pytest.raises(ValueError, match=r"shape \(6, 2, 8, 8\); expected a 3D stack .*Split Channels"):
+        with pytest.raises(ValueError, match=r"holds 2 channels \(axes ZCYX, shape \(6, 2, 8, 8\)\): choose the "
+                                             r"stack to restore with --channel 0\.\.1 \(CHANNEL in eval.py\)"):
             read(path)
-        with pytest.raises(ValueError, match=r"shape \(8, 9, 3\) \(axes YXS\); expected a 3D stack .*8-bit for RGB"):
+        with pytest.raises(ValueError, match=r"shape \(8, 9, 3\) \(axes YXS\); expected a 3D stack .*single image"):
             read(rgb)
     # A 3D stack whose ImageJ metadata calls its slices channels is still read as a stack.
     tifffile.imwrite(tmp_path / "ij.tif", np.ones((4, 8, 8), np.uint8), imagej=True)
