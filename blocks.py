@@ -957,6 +957,11 @@ def _describe(source: Source, name: Optional[str], stack: str = "") -> Dict[str,
             "translation_zyx": floats(source.translation_zyx)}
 
 
+def _stack_read(stack: str) -> set:
+    """The parts of a recorded stack choice (``'channel 1, time point 0'``) that pick other than the first."""
+    return {part for part in stack.split(", ") if part and not part.endswith(" 0")}
+
+
 def _input_differences(recorded: Optional[Dict[str, Any]], current: Optional[Dict[str, Any]]) -> List[str]:
     """What differs between a recorded input (:func:`_describe`) and this run's, in words. A record of an
     earlier version (a ``name`` as typed, no metadata) is compared on what it holds."""
@@ -969,8 +974,9 @@ def _input_differences(recorded: Optional[Dict[str, Any]], current: Optional[Dic
     for key in ("component", "shape", "dtype", "voxel_size_zyx", "unit", "translation_zyx"):
         if key in recorded and recorded[key] != current.get(key):
             differences.append(f"{key} {recorded[key]} -> {current.get(key)}")
-    # Records from before channels could be chosen read the file's only stack: '' and index 0 throughout.
-    if recorded.get("stack", "") != current.get("stack", ""):
+    # Records from before channels could be chosen read the file's only stack: '' and index 0 throughout. A stack
+    # chosen at 0 along an axis is the same read as none chosen (a file with several is refused without a choice).
+    if _stack_read(recorded.get("stack", "")) != _stack_read(current.get("stack", "")):
         differences.append(f"stack '{recorded.get('stack', '')}' -> '{current.get('stack', '')}'")
     if "leading_index" in current and recorded.get("leading_index", [0] * len(current["leading_index"])) != \
             current["leading_index"]:

@@ -51,7 +51,7 @@ FLAG_OF_CHOICE = {"channel": "--channel", "timepoint": "--timepoint"}
 
 
 def choose_stack(axes: str, shape: Sequence[int], choice: StackChoice, where: str,
-                 unnamed_third_axis: bool = False) -> Tuple[Union[int, slice], ...]:
+                 unnamed_third_axis: bool = False, axes_shown: Optional[str] = None) -> Tuple[Union[int, slice], ...]:
     """The index that takes the chosen 3D stack out of an array with ``axes`` (one letter per axis of
     ``shape``; T, C and S are chosen from, every other axis is kept).
 
@@ -66,7 +66,10 @@ def choose_stack(axes: str, shape: Sequence[int], choice: StackChoice, where: st
     unnamed_third_axis : bool
         Exactly three axes longer than 1, none of them colour samples, are a stack whatever the first is
         called (ImageJ files written without axes call their slices channels or frames), unless ``choice``
-        picks one of them: TIFF files, not OME-Zarr, whose axes are named by the standard.
+        picks one of them: TIFF files, not OME-Zarr, whose axes are named by the standard. Such a file is
+        one stack, so a choice of 0 (a script's ``CHANNEL = 0``) reads it whole, and any other is an error.
+    axes_shown : str, optional
+        The axes as the errors name them (an OME-Zarr image's axis names); default ``axes``.
 
     Returns
     -------
@@ -77,6 +80,17 @@ def choose_stack(axes: str, shape: Sequence[int], choice: StackChoice, where: st
     UserError
         A channel or time point that is not in the file; several along an axis and none chosen.
     """
+    axes_shown = axes if axes_shown is None else axes_shown
+    named = f"(axes {axes_shown}, shape {tuple(shape)})"
+    long_axes = [letter for letter, size in zip(axes, shape) if size > 1]
+    if unnamed_third_axis and len(long_axes) == 3 and "S" not in long_axes and ("C" in long_axes or "T" in long_axes):
+        beyond = [f"{FLAG_OF_CHOICE[name]} {value}" for name, value in (("channel", choice.channel),
+                                                                       ("timepoint", choice.timepoint))
+                  if value not in (None, 0)]
+        if beyond:
+            raise UserError(f"'{where}' is one stack {named}, its slices called channels or frames by its "
+                            f"metadata, read as Z: {' and '.join(beyond)} is not in it. Leave it out.")
+        return tuple(0 if size == 1 else slice(None) for size in shape)
     index: List[Union[int, slice]] = []
     open_axes = []  # chosen from but not chosen: (choice name, letter, length)
     for letter, size in zip(axes, shape):
@@ -97,22 +111,20 @@ def choose_stack(axes: str, shape: Sequence[int], choice: StackChoice, where: st
     for name, flag in FLAG_OF_CHOICE.items():
         wanted = getattr(choice, name)
         if wanted not in (None, 0) and not any(CHOICE_OF_AXIS.get(letter) == name for letter in axes):
-            raise UserError(f"'{where}' holds one {_plural(name[0].upper(), 1)} (axes {axes}, shape {tuple(shape)}); "
+            raise UserError(f"'{where}' holds one {_plural(name[0].upper(), 1)} {named}; "
                             f"{flag} {wanted} is not in it. Leave out {flag}.")
     if sum(1 for letter, size in zip(axes, shape) if CHOICE_OF_AXIS.get(letter) == "channel" and size > 1) > 1:
-        raise UserError(f"'{where}' holds both channels and colour samples (axes {axes}, shape {tuple(shape)}); "
+        raise UserError(f"'{where}' holds both channels and colour samples {named}; "
                         "split them first (in Fiji: Image > Color > Split Channels) and restore one stack at a time.")
-    kept = [size for i, size in zip(index, shape) if isinstance(i, slice) and size > 1]
-    if unnamed_third_axis and len(kept) == 3 and all(letter != "S" for _, letter, _ in open_axes):
-        return tuple(index)
     spatial = [size for letter, size in zip(axes, shape) if letter not in CHOICE_OF_AXIS and size > 1]
     if len(spatial) < 3:  # one image, whatever channels it has: no Z to restore
-        raise UserError(not_a_stack(where, tuple(shape), axes))
+        raise UserError(f"'{where}' holds an image of shape {tuple(shape)} (axes {axes_shown}); expected a 3D stack "
+                        "(Z, Y, X): a single image has no Z to restore.")
     if open_axes:
         held = " and ".join(f"{size} {_plural(letter, size)}" for _, letter, size in open_axes)
         flags = " and ".join(f"{FLAG_OF_CHOICE[name]} 0..{size - 1}" for name, _, size in open_axes)
         constants = " and ".join(name.upper() for name, _, _ in open_axes)
-        raise UserError(f"'{where}' holds {held} (axes {axes}, shape {tuple(shape)}): choose the stack to restore with "
+        raise UserError(f"'{where}' holds {held} {named}: choose the stack to restore with "
                         f"{flags} ({constants} in eval.py), one run per stack.")
     return tuple(index)
 

@@ -194,7 +194,7 @@ def _spatial_layout(axes: Optional[list], shape: Tuple[int, ...], where: str, ch
     if unknown:
         raise UserError(f"'{where}' has {', '.join(f'{n}={s}' for n, s in unknown)} besides z, y and x: restore one "
                         "3D image at a time (write it as its own image first).")
-    index = choose_stack(letters + "ZYX", shape, choice, where)
+    index = choose_stack(letters + "ZYX", shape, choice, where, axes_shown=",".join(map(str, names)))
     return tuple(0 if isinstance(i, slice) else i for i in index[:-3]), units[-3:]
 
 
@@ -236,6 +236,7 @@ def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage
         if node.ndim < 3 or any(size != 1 for size in node.shape[:-3]):
             raise UserError(f"'{path_text}' holds an array of shape {node.shape}; expected a 3D stack (Z, Y, X): "
                             "restore one channel or time point at a time (write it as its own array first).")
+        choose_stack("?" * (node.ndim - 3) + "ZYX", node.shape, choice, path_text)  # no channels to choose from
         return ZarrImage(path_text, "", (0,) * (node.ndim - 3), tuple(node.shape[-3:]), str(node.dtype), name=name)
     ome = _ome_attributes(node)
     multiscales = ome.get("multiscales")

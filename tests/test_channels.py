@@ -62,13 +62,19 @@ def test_choose_stack_index_and_its_errors():
         choose_stack("ZCYXS", (9, 2, 8, 8, 3), StackChoice(channel=0), "f")
     with pytest.raises(UserError, match=r"3 colour samples \(RGB\).*--channel 0\.\.2"):
         choose_stack("ZYXS", (9, 8, 8, 3), StackChoice(), "f")
-    with pytest.raises(UserError, match="single image has no Z"):  # channels of one image: no stack at all
+    with pytest.raises(UserError, match="single image has no Z"):  # one image of channels: no stack at all
+        choose_stack("YXS", (8, 8, 3), StackChoice(channel=1), "f", unnamed_third_axis=True)
+    # ImageJ files saved without axes call their slices channels: three axes are one stack, read whole with
+    # --channel 0 too (a script's CHANNEL = 0 for every file); OME-Zarr names its axes, so there c is channels.
+    for choice in (StackChoice(), StackChoice(channel=0), StackChoice(0, 0)):
+        assert choose_stack("CYX", (4, 8, 8), choice, "f", unnamed_third_axis=True) == (slice(None),) * 3
+    with pytest.raises(UserError, match=r"is one stack \(axes CYX, shape \(4, 8, 8\)\), its slices called channels "
+                                        r"or frames by its metadata, read as Z: --channel 1 is not in it"):
         choose_stack("CYX", (4, 8, 8), StackChoice(channel=1), "f", unnamed_third_axis=True)
-    # ImageJ files saved without axes call their slices channels: three axes are still one stack, unless one
-    # of them is chosen from; OME-Zarr names its axes, so there c is channels.
-    assert choose_stack("CYX", (4, 8, 8), StackChoice(), "f", unnamed_third_axis=True) == (slice(None),) * 3
     with pytest.raises(UserError, match="single image has no Z"):
         choose_stack("CYX", (4, 8, 8), StackChoice(), "f")
+    with pytest.raises(UserError, match=r"axes angle,c,z,y,x"):  # the errors name an OME-Zarr image's own axes
+        choose_stack("?CZYX", (1, 2, 4, 8, 8), StackChoice(), "f", axes_shown="angle,c,z,y,x")
 
 
 # --------------------------------------------------------------------------- #
@@ -130,13 +136,18 @@ def write_zarr_channels(path, stacks_czyx):
 def test_ome_zarr_channel_is_chosen_by_its_index(tmp_path):
     stacks = hyperstack(n_times=1)[0].transpose(1, 0, 2, 3)  # (C, Z, Y, X)
     path = write_zarr_channels(tmp_path / "cells.ome.zarr", stacks)
-    with pytest.raises(UserError, match=r"holds 3 channels \(axes CZYX.*--channel 0\.\.2"):
+    with pytest.raises(UserError, match=r"holds 3 channels \(axes c,z,y,x.*--channel 0\.\.2"):
         zarr_io.open_image(path)
     image = zarr_io.open_image(path, StackChoice(channel=2))
     assert image.leading_index == (2,) and image.shape == stacks.shape[1:]
     np.testing.assert_array_equal(image.read(), stacks[2])
     # The voxel size is every channel's: read without a choice.
     assert zarr_io.read_calibration(path) == (VOXEL, "um")
+    # A plain array names no channels: a choice beyond the first is refused, not ignored.
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(1, 4, 5, 6), dtype="uint8")
+    assert zarr_io.open_image(tmp_path / "plain.zarr", StackChoice(channel=0)).shape == (4, 5, 6)
+    with pytest.raises(UserError, match="--channel 3 is not in it"):
+        zarr_io.open_image(tmp_path / "plain.zarr", StackChoice(channel=3))
 
 
 # --------------------------------------------------------------------------- #
@@ -187,6 +198,15 @@ def test_block_wise_resume_refuses_another_channel(tmp_path, capsys, tiny_model_
     capsys.readouterr()
     assert apply.main(common + ["--channel", "1", "--resume"]) == 2
     assert "channel / time point index [0] -> [1]" in capsys.readouterr().err
+    assert apply.main(common + ["--channel", "0", "--resume", "--max-blocks", "1"]) == 0
+    capsys.readouterr()
+    # A TIFF's record: channel 0 chosen and none chosen read the same stack of a one-channel file.
+    import blocks
+    one = np.zeros((5, 8, 9), np.uint8)
+    recorded = blocks._json(blocks._describe(one, str(source), ""))
+    assert blocks._input_differences(recorded, blocks._json(blocks._describe(one, str(source), "channel 0"))) == []
+    assert blocks._input_differences(recorded, blocks._json(blocks._describe(one, str(source), "channel 1"))) == \
+        ["stack '' -> 'channel 1'"]
     assert apply.main(common + ["--channel", "0", "--resume"]) == 0
     capsys.readouterr()
     restored = zarr_io.open_image(output).read()
