@@ -212,6 +212,15 @@ def _transform_of(transformations: Optional[list], ndim: int) -> Tuple[np.ndarra
     return scale, translation
 
 
+def _bioformats2raw_series(root: zarr.Group) -> List[str]:
+    """The images of a bioformats2raw store: the ``series`` its ``OME`` group lists, else its groups named by
+    numbers, in order."""
+    if "OME" in root and "series" in _ome_attributes(root["OME"]):
+        return [str(name) for name in _ome_attributes(root["OME"])["series"]]
+    names = [name for name, _ in root.groups() if name.isdigit()]
+    return sorted(names, key=int)
+
+
 def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage:
     """Describe the 3D image at ``path`` (OME-Zarr image, label image or plain array) without reading pixels;
     of an image with channels or time points, the stack ``choice`` names (:func:`tiff_io.choose_stack`).
@@ -221,8 +230,9 @@ def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage
     InputNotFoundError
         Nothing at ``path``.
     UserError
-        Not a Zarr store, not 3D, several channels or time points, or a
-        ``labels`` group instead of one label image.
+        Not a Zarr store, not 3D, several channels or time points, a
+        ``labels`` group instead of one label image, or a bioformats2raw
+        store of several images (one of them is opened as itself).
     """
     path_text = str(path)
     if "://" not in path_text and not Path(path_text).exists():
@@ -240,6 +250,14 @@ def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage
         return ZarrImage(path_text, "", (0,) * (node.ndim - 3), tuple(node.shape[-3:]), str(node.dtype), name=name)
     ome = _ome_attributes(node)
     multiscales = ome.get("multiscales")
+    if not multiscales and "bioformats2raw.layout" in ome:
+        # A microscope file converted by bioformats2raw: its images (series) are groups 0, 1, ... of the root.
+        series = _bioformats2raw_series(node)
+        if len(series) != 1:
+            raise UserError(f"'{path_text}' holds {len(series)} images (a bioformats2raw conversion, series "
+                            f"{', '.join(series) or 'none'}): give one, e.g. {path_text.rstrip('/')}/"
+                            f"{series[0] if series else '0'}.")
+        return dataclasses.replace(open_image(f"{path_text.rstrip('/')}/{series[0]}", choice), name=name)
     if not multiscales:
         if "labels" in ome:
             raise UserError(f"'{path_text}' is a labels group holding {ome['labels']}: give one label image, "

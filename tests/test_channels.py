@@ -227,3 +227,25 @@ def test_eval_reads_the_chosen_stack_and_settings_refuse_a_negative_index(tmp_pa
     for constant in ("CHANNEL", "TIMEPOINT"):
         with pytest.raises(UserError, match=f"{constant} counts from 0 \\(the first\\); got -1"):
             Settings.from_dict({constant: -1}).validate()
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_bioformats2raw_store_opens_its_one_image_and_names_several(tmp_path, version):
+    """A microscope file converted by bioformats2raw: images are the root's groups 0, 1, ...; one is opened
+    as itself (named as the store), several are one error naming them."""
+    stacks = hyperstack(n_times=1)[0][:, 0]  # (Z, Y, X) mask
+    root = tmp_path / "scan.ome.zarr"
+    zarr_io.write_image(root / "0", stacks, VOXEL, "um", ngff_version=version)
+    group = zarr.open_group(str(root), mode="a", zarr_format=2 if version == "0.4" else 3)
+    if version == "0.4":
+        group.attrs["bioformats2raw.layout"] = 3
+    else:
+        group.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    image = zarr_io.open_image(root)
+    assert image.path.endswith("0") and image.name == "scan" and image.voxel_size_zyx == VOXEL
+    np.testing.assert_array_equal(image.read(), stacks)
+    assert zarr_io.read_calibration(root) == (VOXEL, "um")
+    zarr_io.write_image(root / "1", stacks, VOXEL, "um", ngff_version=version)
+    with pytest.raises(UserError, match=r"holds 2 images \(a bioformats2raw conversion, series 0, 1\): give one, "
+                                        r"e\.g\. .*scan\.ome\.zarr/0"):
+        zarr_io.open_image(root)
