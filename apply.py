@@ -18,8 +18,8 @@ import numpy as np
 import blocks
 import zarr_io
 from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, StackChoice,
-                  UserError, factor_from_voxel_size, normal_unit, read_calibration, read_typed_stack, save_stack,
-                  stack_dtype, stack_shape)
+                  UserError, factor_from_voxel_size, normal_unit, other_series, read_calibration, read_typed_stack,
+                  save_stack, stack_dtype, stack_shape)
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
@@ -306,6 +306,7 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        block_size=settings.large.block_size if to_zarr else None,
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
                        else args.save_probabilities, notes=notes, label_rule=label_rule,
+                       other_images=[] if image is not None else other_series(path),
                        dense_labels=dense)
 
 

@@ -22,8 +22,8 @@ from kinds import (INTENSITY_FLATNESS, KINDS, LABEL_FLATNESS, as_grey_values, as
                    read_mask_or_labels, read_typed_stack)
 from phantoms import make_sample_intensity, make_sample_labels, make_sample_stack  # noqa: F401
 from tiff_io import (LENGTH_UNITS_IN_UM, TIFF_SUFFIXES, PathLike, StackChoice, choose_stack,  # noqa: F401
-                     list_tiff_files, natural_sort_key, normal_unit, read_calibration, read_stack, read_tiff,
-                     read_value_sample, read_voxel_size, save_stack, stack_dtype, stack_shape, writing_to)
+                     list_tiff_files, natural_sort_key, normal_unit, other_series, read_calibration, read_stack,
+                     read_tiff, read_value_sample, read_voxel_size, save_stack, stack_dtype, stack_shape, writing_to)
 
 
 # --------------------------------------------------------------------------- #

@@ -54,6 +54,7 @@ class RestorePlan:
     probabilities: Optional[str] = None
     notes: List[str] = field(default_factory=list)
     label_rule: Optional[str] = None  # label images: how the ids are restored
+    other_images: List[Tuple[int, ...]] = field(default_factory=list)  # a TIFF's further series, not restored
     dense_labels: bool = False  # a dense label image (restore.is_dense_label_image of a sample): the boundary rule
 
     @property
@@ -149,6 +150,9 @@ class RestorePlan:
                  + (f" on {self.workers} worker(s)" if self.workers else "") if self.block_size else "in memory")
         lines = [
             f"input: {self.path}" + (f" ({self.choice.describe()})" if self.choice.describe() else ""),
+            *([f"other images: the file holds {len(self.other_images)} more (shapes "
+               f"{', '.join(' x '.join(map(str, shape)) for shape in self.other_images)}); the first is restored"]
+              if self.other_images else []),
             f"kind: {self.kind} ({self.kind_reason})",
             f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",

@@ -361,6 +361,16 @@ def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[in
     return shape
 
 
+def other_series(path: PathLike) -> List[Tuple[int, ...]]:
+    """The shapes of the images a TIFF file holds beyond the first (tifffile's series: the positions of an
+    OME-TIFF, a thumbnail a microscope stores beside the stack), which is the one read; [] for a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return []
+    with _tiff_guard(path), tifffile.TiffFile(path) as tif:
+        return [tuple(series.shape) for series in tif.series[1:]]
+
+
 def stack_dtype(path: PathLike) -> np.dtype:
     """The dtype of a stack, from its (first file's) metadata only."""
     path = Path(path)

@@ -249,3 +249,19 @@ def test_bioformats2raw_store_opens_its_one_image_and_names_several(tmp_path, ve
     with pytest.raises(UserError, match=r"holds 2 images \(a bioformats2raw conversion, series 0, 1\): give one, "
                                         r"e\.g\. .*scan\.ome\.zarr/0"):
         zarr_io.open_image(root)
+
+
+def test_plan_names_the_images_a_tiff_holds_beyond_the_first(tmp_path, capsys):
+    """A TIFF of several images (an OME-TIFF's positions, a thumbnail beside the stack): the first is read, and
+    the plan says so rather than dropping the others silently."""
+    path = tmp_path / "with_thumbnail.tif"
+    stack = hyperstack(n_times=1)[0][:, 0]
+    tifffile.imwrite(path, stack, resolution=(1 / VOXEL[2], 1 / VOXEL[1]))
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint8), append=True)
+    np.testing.assert_array_equal(read_stack(path), stack)
+    args = ["--output", str(tmp_path / "x.tif"), "--dry-run", "--z-step", "1", "--xy-size", "0.25", "--unit", "um"]
+    assert apply.main(["--input", str(path)] + args) == 0
+    assert "other images: the file holds 1 more (shapes 8 x 8); the first is restored" in capsys.readouterr().out
+    single = write_hyperstack(tmp_path / "single.tif", hyperstack(n_times=1, n_channels=1)[0], axes="ZCYX")
+    assert apply.main(["--input", str(single)] + args) == 0
+    assert "other images" not in capsys.readouterr().out
