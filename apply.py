@@ -18,8 +18,9 @@ import numpy as np
 import blocks
 import zarr_io
 from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, StackChoice,
-                  UserError, factor_from_voxel_size, normal_unit, other_series, read_calibration, read_typed_stack,
-                  save_stack, stack_dtype, stack_shape)
+                  UserError, factor_from_voxel_size, input_exists, normal_unit, other_series, read_calibration,
+                  read_typed_stack, save_stack, stack_dtype, stack_shape)
+from h5_io import is_hdf5_path, split_hdf5_path
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
@@ -79,9 +80,9 @@ def expand_inputs(patterns: Sequence[str]) -> List[Path]:
             raise InputNotFoundError(f"No input matches '{pattern}'.")
         paths.extend(Path(m) for m in matches)
     for path in paths:
-        if not path.exists():
-            raise InputNotFoundError(f"Input '{path}' does not exist. Give a multipage TIFF, a folder of TIFF slices "
-                                     "or an OME-Zarr image.")
+        if not input_exists(path):
+            raise InputNotFoundError(f"Input '{path}' does not exist. Give a multipage TIFF, a folder of TIFF slices, "
+                                     "an HDF5 file (or file.h5/dataset) or an OME-Zarr image.")
     return paths
 
 
@@ -98,6 +99,10 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: Stack
                      if value is not None)
     if zarr_io.is_zarr_path(input_path):
         return output / f"{zarr_io.zarr_stem(input_path)}{chosen}_restored.ome.zarr"
+    if is_hdf5_path(input_path):  # plant.h5/segmentation -> plant_segmentation
+        file_path, key = split_hdf5_path(input_path)
+        stem = file_path.stem + ("_" + key.replace("/", "_") if key else "")
+        return output / f"{stem}{chosen}_restored.tif"
     return output / f"{input_path.stem}{chosen}_restored.tif"
 
 
@@ -119,7 +124,8 @@ def build_apply_parser() -> argparse.ArgumentParser:
         epilog="Flags left out take the defaults shown, or a saved model's (--model); old forms such as "
                "--num-epochs 0 (by kind) and --tta-flips true are still accepted.")
     parser.add_argument("--input", nargs="+", required=True, metavar="STACK",
-                        help="multipage TIFF(s), slice folder(s), OME-Zarr image(s) or label image(s), or a glob")
+                        help="multipage TIFF(s), slice folder(s), HDF5 dataset(s) (file.h5 or file.h5/key), OME-Zarr "
+                             "image(s) or label image(s), or a glob")
     parser.add_argument("--output", required=True, metavar="OUT",
                         help="output .tif or .ome.zarr for one input, or a folder for several")
     add_setting_arguments(parser, defaults, ["KIND"])
@@ -192,7 +198,8 @@ def voxel_size_for(path: Path, typed: VoxelSize) -> Tuple[Tuple[float, float, fl
                         "--xy-size (and --z-step, --unit), or set the voxel size in Fiji (Image > Properties) and "
                         "save again.")
     if z is None:
-        why = "a folder of 2D slices has none" if path.is_dir() else "no ImageJ spacing or OME PhysicalSizeZ"
+        why = ("a folder of 2D slices has none" if path.is_dir() else "no element_size_um attribute"
+               if is_hdf5_path(path) else "no ImageJ spacing or OME PhysicalSizeZ")
         raise UserError(f"'{path}' carries no Z step ({why}). Pass --z-step, in the unit of the file's pixel size"
                         + (f" ({file_unit})." if file_unit else " (and --unit)."))
     y = x if y is None else y

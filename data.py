@@ -1,7 +1,8 @@
 """Stacks: the factor rule and simulated anisotropy, and the names users know from earlier versions.
 
 The rest lives in modules with one job each, re-exported here so that ``from data import ...`` keeps
-working: ``errors`` (the user errors), ``tiff_io`` (TIFF reading, writing, voxel size), ``kinds`` (the
+working: ``errors`` (the user errors), ``tiff_io`` (TIFF reading, writing, voxel size), ``stack_io`` (a stack
+from a TIFF or an HDF5 file, ``h5_io``), ``kinds`` (the
 kind rule, binarisation, label ids, grey values), ``phantoms`` (the built-in samples).
 
 Every stack in this project is a numpy array with axes ``(D, H, W)``: ``D`` is the (anisotropic) Z axis,
@@ -21,9 +22,11 @@ from kinds import (INTENSITY_FLATNESS, KINDS, LABEL_FLATNESS, as_grey_values, as
                    grey_dtype, import_binary_tiff_sequence, intensity_range, kind_evidence, normalize_intensity,
                    read_mask_or_labels, read_typed_stack)
 from phantoms import make_sample_intensity, make_sample_labels, make_sample_stack  # noqa: F401
+from stack_io import (input_exists, other_series, read_calibration, read_stack, read_value_sample,  # noqa: F401
+                      stack_dtype, stack_shape)
 from tiff_io import (LENGTH_UNITS_IN_UM, TIFF_SUFFIXES, PathLike, StackChoice, choose_stack,  # noqa: F401
-                     list_tiff_files, natural_sort_key, normal_unit, other_series, read_calibration, read_stack,
-                     read_tiff, read_value_sample, read_voxel_size, save_stack, stack_dtype, stack_shape, writing_to)
+                     list_tiff_files, natural_sort_key, normal_unit, read_tiff, read_voxel_size, save_stack,
+                     writing_to)
 
 
 # --------------------------------------------------------------------------- #

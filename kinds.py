@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import numpy as np
 
 from errors import UserError
-from tiff_io import PathLike, StackChoice, read_stack
+from stack_io import read_stack
+from tiff_io import PathLike, StackChoice
 
 
 def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str = "input") -> np.ndarray:

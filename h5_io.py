@@ -1,0 +1,143 @@
+"""HDF5 stacks in: one 3D dataset of an ``.h5`` file (PlantSeg's and ilastik's segmentations and predictions,
+Fiji's HDF5 export), named ``file.h5/key`` or found alone in the file, with its voxel size from the
+``element_size_um`` attribute those tools write.
+
+The functions mirror ``tiff_io``'s readers (same names, arguments and returns), so that ``stack_io`` can
+pick either by the path. ``h5py`` is imported where a file is opened.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+
+from errors import DamagedFileError, InputNotFoundError, UserError
+from tiff_io import StackChoice, choose_stack
+
+PathLike = Union[str, os.PathLike]
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+# The attribute PlantSeg, ilastik and Fiji's HDF5 plugin give a dataset's voxel size in (Z, Y, X order, um).
+VOXEL_ATTRIBUTE = "element_size_um"
+
+
+def split_hdf5_path(path: PathLike) -> Tuple[Path, Optional[str]]:
+    """``file.h5/group/key`` as the file and the dataset's key inside it (None when only the file is named).
+    Raises ValueError for a path with no HDF5 file in it (see :func:`is_hdf5_path`)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        if part.lower().endswith(HDF5_SUFFIXES):
+            key = "/".join(parts[i + 1:])
+            return Path(*parts[:i + 1]), key or None
+    raise ValueError(f"'{path}' names no HDF5 file ({', '.join(HDF5_SUFFIXES)}).")
+
+
+def is_hdf5_path(path: PathLike) -> bool:
+    """Whether ``path`` is an HDF5 file, or a dataset inside one (``file.h5/key``)."""
+    return any(part.lower().endswith(HDF5_SUFFIXES) for part in Path(path).parts)
+
+
+def hdf5_exists(path: PathLike) -> bool:
+    """Whether the HDF5 file of ``path`` exists (its dataset is checked when the file is opened)."""
+    return split_hdf5_path(path)[0].is_file()
+
+
+def _open(path: PathLike):
+    """The open file and the dataset ``path`` names (the file's only 3D-or-more dataset when it names none)."""
+    try:
+        import h5py
+    except ImportError:  # a dependency, but a user's environment may lack it
+        raise UserError("Reading HDF5 files needs h5py: pip install h5py (or pip install -r requirements.txt).") from None
+    file_path, key = split_hdf5_path(path)
+    if not file_path.is_file():
+        raise InputNotFoundError(f"Input '{file_path}' does not exist.")
+    try:
+        handle = h5py.File(file_path, "r")
+    except OSError as error:
+        raise DamagedFileError(f"'{file_path}' is damaged or not a valid HDF5 file ({error}). Check that the file "
+                               "was copied completely, or export it again.") from None
+    if key is None:
+        found: List[str] = []
+        handle.visititems(lambda name, node: found.append(name) if isinstance(node, h5py.Dataset) and node.ndim >= 3
+                          else None)
+        if len(found) != 1:
+            handle.close()
+            listed = ", ".join(found[:8]) + (" ..." if len(found) > 8 else "") if found else "none"
+            raise UserError(f"'{file_path}' holds {len(found)} datasets of 3 or more axes ({listed}): name the one "
+                            f"to restore, e.g. --input {file_path}/{found[0] if found else 'KEY'}.")
+        key = found[0]
+    node = handle.get(key)
+    if not isinstance(node, h5py.Dataset):
+        handle.close()
+        raise UserError(f"'{file_path}' has no dataset '{key}'; its datasets: {', '.join(_datasets(file_path))}.")
+    return handle, node
+
+
+def _datasets(file_path: Path) -> List[str]:
+    import h5py
+
+    with h5py.File(file_path, "r") as handle:
+        names: List[str] = []
+        handle.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
+    return names
+
+
+def _index(path: PathLike, shape: Tuple[int, ...], choice: StackChoice) -> tuple:
+    """The index of the dataset's stack. An HDF5 dataset names no axes: axes in front of Z, Y, X must have
+    length 1, and a channel or time point beyond the first is an error (:func:`tiff_io.choose_stack`)."""
+    if len(shape) < 3 or any(size != 1 for size in shape[:-3]):
+        raise UserError(f"'{path}' holds a dataset of shape {tuple(shape)}; expected a 3D stack (Z, Y, X): write "
+                        "one channel or time point as its own dataset first.")
+    choose_stack("?" * (len(shape) - 3) + "ZYX", shape, choice, str(path))
+    return (0,) * (len(shape) - 3) + (slice(None),) * 3
+
+
+def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[int, ...]:
+    """The dataset's (Z, Y, X) shape, from its metadata."""
+    handle, node = _open(path)
+    with handle:
+        index = _index(path, node.shape, choice)
+        return tuple(size for i, size in zip(index, node.shape) if isinstance(i, slice))
+
+
+def stack_dtype(path: PathLike) -> np.dtype:
+    handle, node = _open(path)
+    with handle:
+        return np.dtype(node.dtype)
+
+
+def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarray:
+    """The whole dataset ``(D, H, W)``, stored values and dtype."""
+    handle, node = _open(path)
+    with handle:
+        stack = np.asarray(node[_index(path, node.shape, choice)])
+    if stack.shape[0] < 2:
+        raise UserError(f"'{path}' holds a dataset of shape {stack.shape}; a stack needs at least two slices.")
+    return stack
+
+
+def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice = StackChoice()) -> np.ndarray:
+    """At most ``max_slices`` evenly spaced slices, read without the rest (``tiff_io.read_value_sample``)."""
+    handle, node = _open(path)
+    with handle:
+        index = _index(path, node.shape, choice)
+        depth = node.shape[len(node.shape) - 3]
+        slices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
+        return np.stack([np.asarray(node[index[:-3] + (int(z),) + index[-2:]]) for z in slices])
+
+
+def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], float, float], Optional[str]]]:
+    """Voxel size ``(z, y, x)`` in um from the dataset's ``element_size_um``, or None when it has none."""
+    handle, node = _open(path)
+    with handle:
+        sizes = node.attrs.get(VOXEL_ATTRIBUTE)
+    if sizes is None or len(sizes) < 3:
+        return None
+    z, y, x = (float(v) for v in list(sizes)[-3:])
+    return (z, y, x), "um"
+
+
+def other_series(path: PathLike) -> List[Tuple[int, ...]]:
+    """An HDF5 dataset is one image: nothing beside it is read (``tiff_io.other_series``)."""
+    return []

@@ -1,0 +1,74 @@
+"""HDF5 inputs (PlantSeg's and ilastik's segmentations, Fiji's HDF5 export): one 3D dataset, named
+``file.h5/key`` or alone in its file, with the voxel size of its ``element_size_um`` attribute."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+h5py = pytest.importorskip("h5py")
+
+import apply  # noqa: E402
+from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack, read_typed_stack,  # noqa: E402
+                  read_value_sample, stack_dtype, stack_shape)
+from model import AttentionResUNet, save_model  # noqa: E402
+
+
+def write_plantseg_like(path, ids, voxel_um=(1.0, 0.25, 0.25), extra=True):
+    """A file as PlantSeg writes it: the segmentation and (optionally) the raw and prediction datasets."""
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("segmentation", data=ids, chunks=True, compression="gzip")
+        handle["segmentation"].attrs["element_size_um"] = voxel_um
+        if extra:
+            handle.create_dataset("raw", data=(ids % 7).astype(np.float32) * 10)
+            handle.create_dataset("predictions", data=np.zeros((1,) + ids.shape, np.float32))
+    return path
+
+
+def test_hdf5_dataset_reads_like_a_tiff(tmp_path):
+    ids = make_sample_labels((9, 32, 32), seed=4).astype(np.uint16)
+    path = write_plantseg_like(tmp_path / "ovule.h5", ids)
+    seg = tmp_path / "ovule.h5" / "segmentation"
+    np.testing.assert_array_equal(read_stack(seg), ids)
+    assert stack_shape(seg) == ids.shape and stack_dtype(seg) == np.uint16
+    np.testing.assert_array_equal(read_value_sample(seg, 4), ids[np.unique(np.linspace(0, 8, 4).round().astype(int))])
+    assert read_calibration(seg) == ((1.0, 0.25, 0.25), "um")
+    kind, mask, labels = read_typed_stack(seg)
+    assert kind == "labels" and np.array_equal(labels, ids)
+    # A 4D dataset whose first axis has length 1 (a one-channel prediction) is its stack.
+    assert stack_shape(tmp_path / "ovule.h5" / "predictions") == ids.shape
+    with pytest.raises(UserError, match=r"holds 3 datasets of 3 or more axes \(predictions, raw, segmentation\): "
+                                        r"name the one to restore, e\.g\. --input .*ovule\.h5/predictions"):
+        read_stack(path)
+    with pytest.raises(UserError, match="has no dataset 'labels'; its datasets: predictions, raw, segmentation"):
+        read_stack(tmp_path / "ovule.h5" / "labels")
+    with pytest.raises(UserError, match="--channel 1 is not in it"):
+        read_stack(seg, StackChoice(channel=1))
+    with h5py.File(tmp_path / "two.h5", "w") as handle:
+        handle.create_dataset("c", data=np.zeros((2, 9, 8, 8), np.uint8))
+    with pytest.raises(UserError, match=r"shape \(2, 9, 8, 8\); expected a 3D stack"):
+        stack_shape(tmp_path / "two.h5")
+    (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
+    with pytest.raises(UserError, match="damaged or not a valid HDF5"):
+        read_stack(tmp_path / "bad.h5")
+
+
+def test_apply_restores_an_hdf5_label_image_as_its_tiff_twin(tmp_path, capsys):
+    torch.manual_seed(0)
+    model_path = save_model(tmp_path / "m.pt", AttentionResUNet(in_channels=3, depth=1, base_filters=4).eval(),
+                            {"factor": 4, "inference_tile_size": 32, "train_xy_size": 16})
+    ids = make_sample_labels((65, 32, 32), seed=6)[::4].astype(np.uint16)
+    write_plantseg_like(tmp_path / "cells.h5", ids, extra=False)  # one dataset: the file alone names it
+    tifffile.imwrite(tmp_path / "cells.tif", ids, imagej=True, resolution=(4, 4), metadata={"spacing": 1.0, "unit": "um"})
+    common = ["--model", str(model_path), "--precision", "fp32", "--device", "cpu", "--kind", "labels"]
+    assert apply.main(["--input", str(tmp_path / "cells.h5"), "--output", str(tmp_path / "out"), "--dry-run"] + common) == 0
+    out = capsys.readouterr().out
+    assert "factor: 4 from Z 1 um, XY 0.25 um (from the file)" in out
+    assert f"output: {tmp_path / 'out' / 'cells_restored.tif'}" in out
+    assert apply.main(["--input", str(tmp_path / "cells.h5"), "--output", str(tmp_path / "h5.tif")] + common) == 0
+    assert apply.main(["--input", str(tmp_path / "cells.tif"), "--output", str(tmp_path / "tif.tif")] + common) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "h5.tif"), tifffile.imread(tmp_path / "tif.tif"))
+    assert apply.main(["--input", str(tmp_path / "missing.h5" / "seg"), "--output", str(tmp_path / "x.tif")]) == 2
+    assert "does not exist" in capsys.readouterr().err
