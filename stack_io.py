@@ -3,6 +3,7 @@ an HDF5 dataset (``h5_io``), chosen by the path. OME-Zarr images are read window
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -13,7 +14,12 @@ from tiff_io import PathLike, StackChoice
 
 
 def _reader(path: PathLike):
-    return h5_io if h5_io.is_hdf5_path(path) else tiff_io
+    """The module that reads ``path``; a file of any other format is one error here, before it is opened."""
+    if h5_io.is_hdf5_path(path):
+        return h5_io
+    if os.path.exists(path):
+        tiff_io.refuse_other_formats(Path(path))
+    return tiff_io
 
 
 def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarray:

@@ -305,13 +305,20 @@ def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarra
             )
         stack = np.stack(slices, axis=0)
     else:
-        if path.suffix.lower() not in TIFF_SUFFIXES:
-            raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file or a folder of TIFF slices.")
+        refuse_other_formats(path)
         with _tiff_guard(path), tifffile.TiffFile(path) as tif:  # one open: the axes, then the pixels
             stack = np.squeeze(_read_chosen(tif, _series_index(path, tif.series[0], choice)))
     if stack.ndim != 3 or stack.shape[0] < 2:
         raise UserError(not_a_stack(path, stack.shape))
     return stack
+
+
+def refuse_other_formats(path: Path) -> None:
+    """One error for a file that is no TIFF by its name, naming the formats read and how to convert the rest."""
+    if not path.is_dir() and path.suffix.lower() not in TIFF_SUFFIXES:
+        raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file, a folder of TIFF slices, an "
+                        "HDF5 file (.h5) or an OME-Zarr image (.ome.zarr); a microscope's own format (.czi, .lif, "
+                        ".nd2, .ims, ...) converts to one in Fiji (File > Save As > Tiff) or with bioformats2raw.")
 
 
 def refuse_choice_in_folder(path: PathLike, choice: StackChoice) -> None:

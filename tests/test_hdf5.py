@@ -72,3 +72,11 @@ def test_apply_restores_an_hdf5_label_image_as_its_tiff_twin(tmp_path, capsys):
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "h5.tif"), tifffile.imread(tmp_path / "tif.tif"))
     assert apply.main(["--input", str(tmp_path / "missing.h5" / "seg"), "--output", str(tmp_path / "x.tif")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_microscope_format_is_one_error_naming_the_conversion(tmp_path):
+    path = tmp_path / "scan.czi"
+    path.write_bytes(b"ZISRAWFILE")
+    for read in (read_stack, stack_shape, read_calibration):  # the dry run's metadata reads say it too
+        with pytest.raises(UserError, match=r"'.*scan\.czi' is not a TIFF file .*HDF5 file \(\.h5\).*bioformats2raw"):
+            read(path)
