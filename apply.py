@@ -21,6 +21,7 @@ from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundErro
                   UserError, factor_from_voxel_size, input_exists, normal_unit, other_series, read_calibration,
                   read_typed_stack, save_stack, stack_dtype, stack_shape)
 from h5_io import is_hdf5_path, split_hdf5_path
+from mrc_io import is_mrc_path
 from eval import default_recipe, run_cli
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
@@ -124,8 +125,8 @@ def build_apply_parser() -> argparse.ArgumentParser:
         epilog="Flags left out take the defaults shown, or a saved model's (--model); old forms such as "
                "--num-epochs 0 (by kind) and --tta-flips true are still accepted.")
     parser.add_argument("--input", nargs="+", required=True, metavar="STACK",
-                        help="multipage TIFF(s), slice folder(s), HDF5 dataset(s) (file.h5 or file.h5/key), OME-Zarr "
-                             "image(s) or label image(s), or a glob")
+                        help="multipage TIFF(s), slice folder(s), HDF5 dataset(s) (file.h5 or file.h5/key), MRC "
+                             "file(s), OME-Zarr image(s) or label image(s), or a glob")
     parser.add_argument("--output", required=True, metavar="OUT",
                         help="output .tif or .ome.zarr for one input, or a folder for several")
     add_setting_arguments(parser, defaults, ["KIND"])
@@ -199,7 +200,8 @@ def voxel_size_for(path: Path, typed: VoxelSize) -> Tuple[Tuple[float, float, fl
                         "save again.")
     if z is None:
         why = ("a folder of 2D slices has none" if path.is_dir() else "no element_size_um attribute"
-               if is_hdf5_path(path) else "no ImageJ spacing or OME PhysicalSizeZ")
+               if is_hdf5_path(path) else "no voxel size in the MRC header" if is_mrc_path(path)
+               else "no ImageJ spacing or OME PhysicalSizeZ")
         raise UserError(f"'{path}' carries no Z step ({why}). Pass --z-step, in the unit of the file's pixel size"
                         + (f" ({file_unit})." if file_unit else " (and --unit)."))
     y = x if y is None else y

@@ -1,5 +1,6 @@
-"""A stack read from a file, whatever its format: a TIFF (a multipage file or a folder of slices, ``tiff_io``) or
-an HDF5 dataset (``h5_io``), chosen by the path. OME-Zarr images are read window by window by ``zarr_io``."""
+"""A stack read from a file, whatever its format: a TIFF (a multipage file or a folder of slices, ``tiff_io``), an
+HDF5 dataset (``h5_io``) or an MRC file (``mrc_io``), chosen by the path. OME-Zarr images are read window by
+window by ``zarr_io``."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 import h5_io
+import mrc_io
 import tiff_io
 from tiff_io import PathLike, StackChoice
 
@@ -17,6 +19,8 @@ def _reader(path: PathLike):
     """The module that reads ``path``; a file of any other format is one error here, before it is opened."""
     if h5_io.is_hdf5_path(path):
         return h5_io
+    if mrc_io.is_mrc_path(path):
+        return mrc_io
     if os.path.exists(path):
         tiff_io.refuse_other_formats(Path(path))
     return tiff_io

@@ -317,8 +317,9 @@ def refuse_other_formats(path: Path) -> None:
     """One error for a file that is no TIFF by its name, naming the formats read and how to convert the rest."""
     if not path.is_dir() and path.suffix.lower() not in TIFF_SUFFIXES:
         raise UserError(f"'{path}' is not a TIFF file (.tif/.tiff). Give a TIFF file, a folder of TIFF slices, an "
-                        "HDF5 file (.h5) or an OME-Zarr image (.ome.zarr); a microscope's own format (.czi, .lif, "
-                        ".nd2, .ims, ...) converts to one in Fiji (File > Save As > Tiff) or with bioformats2raw.")
+                        "HDF5 file (.h5), an MRC file (.mrc) or an OME-Zarr image (.ome.zarr); a microscope's own "
+                        "format (.czi, .lif, .nd2, .ims, ...) converts to one in Fiji (File > Save As > Tiff) or with "
+                        "bioformats2raw.")
 
 
 def refuse_choice_in_folder(path: PathLike, choice: StackChoice) -> None:
