@@ -48,7 +48,8 @@ def _open(path: PathLike):
     try:
         import h5py
     except ImportError:  # a dependency, but a user's environment may lack it
-        raise UserError("Reading HDF5 files needs h5py: pip install h5py (or pip install -r requirements.txt).") from None
+        raise UserError("Reading HDF5 files needs h5py: pip install h5py (or pip install -r requirements.txt).") \
+            from None
     file_path, key = split_hdf5_path(path)
     if not file_path.is_file():
         raise InputNotFoundError(f"Input '{file_path}' does not exist.")

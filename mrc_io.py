@@ -29,7 +29,8 @@ def _open(path: PathLike):
     try:
         import mrcfile
     except ImportError:  # a dependency, but a user's environment may lack it
-        raise UserError("Reading MRC files needs mrcfile: pip install mrcfile (or pip install -r requirements.txt).") from None
+        raise UserError("Reading MRC files needs mrcfile: pip install mrcfile (or pip install -r "
+                        "requirements.txt).") from None
     if not Path(path).is_file():
         raise InputNotFoundError(f"Input '{path}' does not exist.")
     try:

@@ -10,8 +10,8 @@ import torch
 h5py = pytest.importorskip("h5py")
 
 import apply  # noqa: E402
-from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack, read_typed_stack,  # noqa: E402
-                  read_value_sample, stack_dtype, stack_shape)
+from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack,  # noqa: E402
+                  read_typed_stack, read_value_sample, stack_dtype, stack_shape)
 from model import AttentionResUNet, save_model  # noqa: E402
 
 
@@ -60,9 +60,11 @@ def test_apply_restores_an_hdf5_label_image_as_its_tiff_twin(tmp_path, capsys):
                             {"factor": 4, "inference_tile_size": 32, "train_xy_size": 16})
     ids = make_sample_labels((65, 32, 32), seed=6)[::4].astype(np.uint16)
     write_plantseg_like(tmp_path / "cells.h5", ids, extra=False)  # one dataset: the file alone names it
-    tifffile.imwrite(tmp_path / "cells.tif", ids, imagej=True, resolution=(4, 4), metadata={"spacing": 1.0, "unit": "um"})
+    tifffile.imwrite(tmp_path / "cells.tif", ids, imagej=True, resolution=(4, 4),
+                     metadata={"spacing": 1.0, "unit": "um"})
     common = ["--model", str(model_path), "--precision", "fp32", "--device", "cpu", "--kind", "labels"]
-    assert apply.main(["--input", str(tmp_path / "cells.h5"), "--output", str(tmp_path / "out"), "--dry-run"] + common) == 0
+    dry = ["--input", str(tmp_path / "cells.h5"), "--output", str(tmp_path / "out"), "--dry-run"]
+    assert apply.main(dry + common) == 0
     out = capsys.readouterr().out
     assert "factor: 4 from Z 1 um, XY 0.25 um (from the file)" in out
     assert f"output: {tmp_path / 'out' / 'cells_restored.tif'}" in out

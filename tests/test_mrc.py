@@ -10,8 +10,8 @@ import torch
 mrcfile = pytest.importorskip("mrcfile")
 
 import apply  # noqa: E402
-from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack, read_typed_stack,  # noqa: E402
-                  read_value_sample, stack_dtype, stack_shape)
+from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack,  # noqa: E402
+                  read_typed_stack, read_value_sample, stack_dtype, stack_shape)
 from model import AttentionResUNet, save_model  # noqa: E402
 
 
@@ -49,7 +49,8 @@ def test_apply_restores_an_mrc_stack_as_its_tiff_twin(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "fib.tif", mask, imagej=True, resolution=(0.25, 0.25),
                      metadata={"spacing": 16.0, "unit": "nm"})
     common = ["--model", str(model_path), "--precision", "fp32", "--device", "cpu"]
-    assert apply.main(["--input", str(tmp_path / "fib.mrc"), "--output", str(tmp_path / "x.tif"), "--dry-run"] + common) == 0
+    dry = ["--input", str(tmp_path / "fib.mrc"), "--output", str(tmp_path / "x.tif"), "--dry-run"]
+    assert apply.main(dry + common) == 0
     assert "factor: 4 from Z 16 nm, XY 4 nm (from the file)" in capsys.readouterr().out
     assert apply.main(["--input", str(tmp_path / "fib.mrc"), "--output", str(tmp_path / "mrc.tif")] + common) == 0
     assert apply.main(["--input", str(tmp_path / "fib.tif"), "--output", str(tmp_path / "tif.tif")] + common) == 0
