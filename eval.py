@@ -19,7 +19,7 @@ from __future__ import annotations
 # get (a test checks). None = the rule named in the comment.
 # ----------------------------------------------------------------------------
 # The run (eval.py only)
-INPUT_IMAGES_DIRECTORY = ""  # folder of 2D TIFF slices or one multipage TIFF; "" = built-in sample
+INPUT_IMAGES_DIRECTORY = ""  # folder of 2D TIFF slices, a multipage TIFF, file.h5/key or .mrc; "" = built-in sample
 OUTPUT_PREDICTION_OUTDIRECTORY = ""  # predicted stacks; "" = <RUN_DIRECTORY>/predicted
 OUTPUT_INTERPOLATED_DIRECTORY = ""  # morphed (baseline) stack; "" = <RUN_DIRECTORY>/interpolated
 RUN_DIRECTORY = ""  # model, figures, metrics.json; "" = a new folder runs/eval-<date>-<time>
@@ -94,8 +94,8 @@ CONFIG_NAMES = [name for name in list(globals()) if name.isupper() and not name.
 
 # The flags of the run constants above (the recipe's flags come from settings.py).
 RUN_FLAGS = {
-    "INPUT_IMAGES_DIRECTORY": ("--input", "PATH", "folder of 2D TIFF slices or one multipage TIFF",
-                               "the built-in sample"),
+    "INPUT_IMAGES_DIRECTORY": ("--input", "PATH", "folder of 2D TIFF slices, a multipage TIFF, an HDF5 dataset "
+                               "(file.h5/key) or an MRC file", "the built-in sample"),
     "RUN_DIRECTORY": ("--run-directory", "PATH", "folder for the model, figures and metrics.json",
                       "a new folder runs/eval-<date>-<time>"),
     "OUTPUT_PREDICTION_OUTDIRECTORY": ("--output-prediction-outdirectory", "PATH", "folder of the predicted stacks",
