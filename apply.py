@@ -195,9 +195,10 @@ def voxel_size_for(path: Path, typed: VoxelSize) -> Tuple[Tuple[float, float, fl
     z = z_step if z_step is not None else file_z
     y, x = (xy_size, xy_size) if xy_size is not None else (file_y, file_x)
     if x is None:
-        raise UserError(f"'{path}' carries no lateral pixel size (ImageJ resolution or OME PhysicalSizeX). Pass "
-                        "--xy-size (and --z-step, --unit), or set the voxel size in Fiji (Image > Properties) and "
-                        "save again.")
+        where = ("its dataset's element_size_um" if is_hdf5_path(path) else "the MRC header's voxel size"
+                 if is_mrc_path(path) else "ImageJ resolution or OME PhysicalSizeX")
+        raise UserError(f"'{path}' carries no lateral pixel size ({where}). Pass --xy-size (and --z-step, --unit), "
+                        "or set the voxel size in Fiji (Image > Properties) and save again.")
     if z is None:
         why = ("a folder of 2D slices has none" if path.is_dir() else "no element_size_um attribute"
                if is_hdf5_path(path) else "no voxel size in the MRC header" if is_mrc_path(path)

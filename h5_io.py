@@ -50,6 +50,10 @@ def _open(path: PathLike):
     except ImportError:  # a dependency, but a user's environment may lack it
         raise UserError("Reading HDF5 files needs h5py: pip install h5py (or pip install -r requirements.txt).") \
             from None
+    try:
+        import hdf5plugin  # noqa: F401  (registers the compression filters of Blosc, Zstd, ... where installed)
+    except ImportError:
+        pass
     file_path, key = split_hdf5_path(path)
     if not file_path.is_file():
         raise InputNotFoundError(f"Input '{file_path}' does not exist.")
@@ -85,13 +89,25 @@ def _datasets(file_path: Path) -> List[str]:
 
 
 def _index(path: PathLike, shape: Tuple[int, ...], choice: StackChoice) -> tuple:
-    """The index of the dataset's stack. An HDF5 dataset names no axes: axes in front of Z, Y, X must have
-    length 1, and a channel or time point beyond the first is an error (:func:`tiff_io.choose_stack`)."""
-    if len(shape) < 3 or any(size != 1 for size in shape[:-3]):
-        raise UserError(f"'{path}' holds a dataset of shape {tuple(shape)}; expected a 3D stack (Z, Y, X): write "
-                        "one channel or time point as its own dataset first.")
-    choose_stack("?" * (len(shape) - 3) + "ZYX", shape, choice, str(path))
-    return (0,) * (len(shape) - 3) + (slice(None),) * 3
+    """The index of the dataset's stack. An HDF5 dataset names no axes: its three axes longer than 1 are Z, Y and
+    X, in order, and every other axis must have length 1 wherever it is (a one-channel prediction in front, as
+    PlantSeg writes it, or behind, as ilastik exports it); a channel or time point beyond the first is an error."""
+    long_axes = [size for size in shape if size > 1]
+    if len(long_axes) != 3:
+        raise UserError(f"'{path}' holds a dataset of shape {tuple(shape)}; expected a 3D stack (Z, Y, X), other "
+                        "axes of length 1: write one channel or time point as its own dataset first.")
+    choose_stack("ZYX", tuple(long_axes), choice, str(path))
+    return tuple(slice(None) if size > 1 else 0 for size in shape)
+
+
+def _read(node, index: tuple, path: PathLike) -> np.ndarray:
+    """``node[index]`` in native byte order; a compression filter this installation lacks is one clear error."""
+    try:
+        values = np.asarray(node[index])
+    except OSError as error:
+        raise UserError(f"'{path}' cannot be decoded here ({error}): it is compressed with a filter HDF5 lacks; "
+                        "pip install hdf5plugin, then run again.") from None
+    return values.astype(values.dtype.newbyteorder("="), copy=False)
 
 
 def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[int, ...]:
@@ -103,16 +119,17 @@ def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[in
 
 
 def stack_dtype(path: PathLike) -> np.dtype:
+    """The dataset's dtype, in native byte order (as it is read)."""
     handle, node = _open(path)
     with handle:
-        return np.dtype(node.dtype)
+        return np.dtype(node.dtype).newbyteorder("=")
 
 
 def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarray:
-    """The whole dataset ``(D, H, W)``, stored values and dtype."""
+    """The whole dataset ``(D, H, W)``, stored values and dtype (native byte order)."""
     handle, node = _open(path)
     with handle:
-        stack = np.asarray(node[_index(path, node.shape, choice)])
+        stack = _read(node, _index(path, node.shape, choice), path)
     if stack.shape[0] < 2:
         raise UserError(f"'{path}' holds a dataset of shape {stack.shape}; a stack needs at least two slices.")
     return stack
@@ -123,19 +140,25 @@ def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice =
     handle, node = _open(path)
     with handle:
         index = _index(path, node.shape, choice)
-        depth = node.shape[len(node.shape) - 3]
+        z_axis = next(axis for axis, i in enumerate(index) if isinstance(i, slice))
+        depth = node.shape[z_axis]
         slices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
-        return np.stack([np.asarray(node[index[:-3] + (int(z),) + index[-2:]]) for z in slices])
+        return np.stack([_read(node, index[:z_axis] + (int(z),) + index[z_axis + 1:], path) for z in slices])
 
 
 def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], float, float], Optional[str]]]:
-    """Voxel size ``(z, y, x)`` in um from the dataset's ``element_size_um``, or None when it has none."""
+    """Voxel size ``(z, y, x)`` in um from the dataset's ``element_size_um`` (its last three values), or None
+    when it has none or none that reads as three sizes."""
     handle, node = _open(path)
     with handle:
         sizes = node.attrs.get(VOXEL_ATTRIBUTE)
-    if sizes is None or len(sizes) < 3:
+    try:
+        values = np.atleast_1d(np.asarray(sizes, dtype=float)).ravel()
+    except (TypeError, ValueError):
         return None
-    z, y, x = (float(v) for v in list(sizes)[-3:])
+    if sizes is None or values.size < 3:
+        return None
+    z, y, x = (float(v) for v in values[-3:])
     return (z, y, x), "um"
 
 

@@ -82,3 +82,21 @@ def test_a_microscope_format_is_one_error_naming_the_conversion(tmp_path):
     for read in (read_stack, stack_shape, read_calibration):  # the dry run's metadata reads say it too
         with pytest.raises(UserError, match=r"'.*scan\.czi' is not a TIFF file .*HDF5 file \(\.h5\).*bioformats2raw"):
             read(path)
+
+
+def test_hdf5_byte_order_axis_layouts_and_odd_voxel_attributes(tmp_path):
+    ids = make_sample_labels((9, 16, 16), seed=2).astype(np.uint16)
+    with h5py.File(tmp_path / "odd.h5", "w") as handle:
+        handle.create_dataset("big_endian", data=ids.astype(">u2"))
+        handle["big_endian"].attrs["element_size_um"] = 1.0  # a scalar: no voxel size, not a crash
+        handle.create_dataset("ilastik", data=ids[..., None])  # ilastik's (Z, Y, X, 1)
+        handle["ilastik"].attrs["element_size_um"] = np.array([2.0, 0.5, 0.5, 1.0])[:3]
+    big = read_stack(tmp_path / "odd.h5" / "big_endian")
+    assert big.dtype == np.uint16 and big.dtype.isnative and np.array_equal(big, ids)
+    assert stack_dtype(tmp_path / "odd.h5" / "big_endian") == np.dtype(np.uint16)
+    assert read_value_sample(tmp_path / "odd.h5" / "big_endian", 3).dtype.isnative
+    assert read_calibration(tmp_path / "odd.h5" / "big_endian") is None
+    np.testing.assert_array_equal(read_stack(tmp_path / "odd.h5" / "ilastik"), ids)
+    np.testing.assert_array_equal(read_value_sample(tmp_path / "odd.h5" / "ilastik", 3), ids[[0, 4, 8]])
+    assert stack_shape(tmp_path / "odd.h5" / "ilastik") == ids.shape
+    assert read_calibration(tmp_path / "odd.h5" / "ilastik") == ((2.0, 0.5, 0.5), "um")

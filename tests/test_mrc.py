@@ -56,3 +56,22 @@ def test_apply_restores_an_mrc_stack_as_its_tiff_twin(tmp_path, capsys):
     assert apply.main(["--input", str(tmp_path / "fib.tif"), "--output", str(tmp_path / "tif.tif")] + common) == 0
     capsys.readouterr()
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "mrc.tif"), tifffile.imread(tmp_path / "tif.tif"))
+
+
+def test_mrc_imod_unsigned_bytes_big_endian_and_a_missing_z_size(tmp_path):
+    values = np.arange(4 * 8 * 8, dtype=np.int64).reshape(4, 8, 8) % 256
+    path = tmp_path / "imod.mrc"
+    with mrcfile.new(str(path), overwrite=True) as handle:
+        handle.set_data(values.astype(np.uint8).view(np.int8))  # mode 0, as IMOD writes unsigned bytes
+        extra = bytearray(np.asarray(handle.header.extra2).tobytes())  # IMOD's stamp and flags: header bytes 152-159
+        extra[40:48] = np.array([1146047817, 1], dtype=handle.header.nx.dtype).tobytes()
+        handle.header.extra2 = bytes(extra)
+        handle.voxel_size = (40.0, 40.0, 0.0)  # Z unset
+    stack = read_stack(path)
+    assert stack.dtype == np.uint8 and np.array_equal(stack, values)
+    assert stack_dtype(path) == np.dtype(np.uint8)
+    assert read_calibration(path) == ((None, 4.0, 4.0), "nm")  # --z-step gives the rest
+    big = tmp_path / "big.mrc"
+    with mrcfile.new(str(big), overwrite=True) as handle:
+        handle.set_data(values.astype(">f4"))
+    assert read_stack(big).dtype.isnative and np.array_equal(read_stack(big), values.astype(np.float32))
