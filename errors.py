@@ -19,3 +19,10 @@ class OutputExistsError(UserError, FileExistsError):
 
 class DamagedFileError(UserError):
     """A file that is cut short or is not what its header says."""
+
+    @classmethod
+    def of(cls, path, what: str, detail: str) -> "DamagedFileError":
+        """The one message for a damaged file of any format: ``what`` it should be ('TIFF', 'HDF5 file', ...)
+        and ``detail``, what the reader said."""
+        return cls(f"'{path}' is damaged or not a valid {what} ({detail}). Check that the file was copied "
+                   "completely, or export it again.")

@@ -60,8 +60,7 @@ def _open(path: PathLike):
     try:
         handle = h5py.File(file_path, "r")
     except OSError as error:
-        raise DamagedFileError(f"'{file_path}' is damaged or not a valid HDF5 file ({error}). Check that the file "
-                               "was copied completely, or export it again.") from None
+        raise DamagedFileError.of(file_path, "HDF5 file", str(error)) from None
     if key is None:
         found: List[str] = []
         handle.visititems(lambda name, node: found.append(name) if isinstance(node, h5py.Dataset) and node.ndim >= 3

@@ -38,8 +38,7 @@ def _open(path: PathLike):
     try:
         return mrcfile.mmap(str(path), mode="r", permissive=False)
     except (ValueError, OSError) as error:
-        raise DamagedFileError(f"'{path}' is damaged or not a valid MRC file ({error}). Check that the file was "
-                               "copied completely, or export it again.") from None
+        raise DamagedFileError.of(path, "MRC file", str(error)) from None
 
 
 def _volume(path: PathLike, handle, choice: StackChoice) -> np.ndarray:

@@ -237,9 +237,8 @@ def _tiff_guard(path: Path):
 
 
 def _damaged(path: Path, detail: str) -> DamagedFileError:
-    """The one error for a damaged file, with what was wrong."""
-    return DamagedFileError(f"'{path}' is damaged or not a valid TIFF ({detail}). "
-                            "Check that the file was copied completely, or export it again.")
+    """The one error for a damaged TIFF, with what was wrong."""
+    return DamagedFileError.of(path, "TIFF", detail)
 
 
 def read_tiff(path: PathLike) -> np.ndarray:
@@ -335,10 +334,7 @@ def refuse_choice_in_folder(path: PathLike, choice: StackChoice) -> None:
 
 def not_a_stack(path: PathLike, shape: Tuple[int, ...], axes: str = "") -> str:
     """The error for a file that is not one 3D stack, with the fix for the usual causes."""
-    spatial = [size for letter, size in zip(axes, shape) if letter not in CHOICE_OF_AXIS and size > 1]
-    if axes and len(spatial) < 3:
-        fix = "a single image has no Z to restore"
-    elif len(shape) > 3 or "S" in axes:
+    if len(shape) > 3 or "S" in axes:
         fix = ("it holds channels, time points or RGB colours besides Z, Y and X: choose one stack with --channel "
                "and --timepoint where its axes are named, or save each stack as its own TIFF (in Fiji: Image > "
                "Color > Split Channels, Image > Hyperstacks > Reduce Dimensionality)")
