@@ -16,3 +16,19 @@ import os  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ["AXIAL_SR_CACHE"] = tempfile.mkdtemp(prefix="axial-sr-test-cache-")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_args(tmp_path_factory):
+    """apply.py flags restoring with a small untrained network saved for factor 4 (3 channel planes, depth 1) on
+    the CPU in float32: quick and deterministic, for tests that compare one input read two ways."""
+    import torch
+    from model import AttentionResUNet, save_model
+
+    torch.manual_seed(0)
+    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4).eval()
+    path = save_model(tmp_path_factory.mktemp("model") / "m.pt", model,
+                      {"factor": 4, "inference_tile_size": 32, "train_xy_size": 16})
+    return ["--model", str(path), "--precision", "fp32", "--device", "cpu"]

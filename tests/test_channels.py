@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 
 import apply
 import zarr_io
 from data import (StackChoice, UserError, choose_stack, make_sample_labels, make_sample_stack, read_stack,
                   read_typed_stack)
-from model import AttentionResUNet, save_model
 from tiff_io import read_value_sample, stack_shape
 
 VOXEL = (1.0, 0.25, 0.25)  # um: factor 4
@@ -153,21 +151,13 @@ def test_ome_zarr_channel_is_chosen_by_its_index(tmp_path):
 # --------------------------------------------------------------------------- #
 # apply.py
 # --------------------------------------------------------------------------- #
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4).eval()
-    return save_model(tmp_path_factory.mktemp("model") / "m.pt", model,
-                      {"factor": 4, "inference_tile_size": 32, "train_xy_size": 16})
-
-
-def test_apply_restores_the_chosen_channel_as_its_own_file(tmp_path, capsys, tiny_model_file):
+def test_apply_restores_the_chosen_channel_as_its_own_file(tmp_path, capsys, tiny_model_args):
     stacks = hyperstack()
     path = write_hyperstack(tmp_path / "tzc.tif", stacks)
     alone = tmp_path / "alone.tif"  # the same stack saved by itself: the reference
     tifffile.imwrite(alone, stacks[1, :, 0], imagej=True, resolution=(1 / VOXEL[2], 1 / VOXEL[1]),
                      metadata={"spacing": VOXEL[0], "unit": "um"})
-    common = ["--model", str(tiny_model_file), "--precision", "fp32", "--device", "cpu"]
+    common = tiny_model_args
 
     assert apply.main(["--input", str(path), "--output", str(tmp_path / "x.tif")] + common) == 2
     err = capsys.readouterr().err
@@ -188,12 +178,12 @@ def test_apply_restores_the_chosen_channel_as_its_own_file(tmp_path, capsys, tin
     np.testing.assert_array_equal(restored[::4] > 0, stacks[1, :, 0] > 0)  # kept slices verbatim
 
 
-def test_block_wise_resume_refuses_another_channel(tmp_path, capsys, tiny_model_file):
+def test_block_wise_resume_refuses_another_channel(tmp_path, capsys, tiny_model_args):
     stacks = hyperstack(n_times=1)[0].transpose(1, 0, 2, 3)
     source = write_zarr_channels(tmp_path / "cells.ome.zarr", stacks)
     output = tmp_path / "iso.ome.zarr"
-    common = ["--input", str(source), "--output", str(output), "--block-size", "16", "--model",
-              str(tiny_model_file), "--precision", "fp32", "--device", "cpu", "--kind", "mask"]
+    common = ["--input", str(source), "--output", str(output), "--block-size", "16", "--kind", "mask",
+              *tiny_model_args]
     assert apply.main(common + ["--channel", "0", "--max-blocks", "1"]) == 0
     capsys.readouterr()
     assert apply.main(common + ["--channel", "1", "--resume"]) == 2

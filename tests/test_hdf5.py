@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 h5py = pytest.importorskip("h5py")
 
 import apply  # noqa: E402
 from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack,  # noqa: E402
                   read_typed_stack, read_value_sample, stack_dtype, stack_shape)
-from model import AttentionResUNet, save_model  # noqa: E402
 
 
 def write_plantseg_like(path, ids, voxel_um=(1.0, 0.25, 0.25), extra=True):
@@ -54,15 +52,12 @@ def test_hdf5_dataset_reads_like_a_tiff(tmp_path):
         read_stack(tmp_path / "bad.h5")
 
 
-def test_apply_restores_an_hdf5_label_image_as_its_tiff_twin(tmp_path, capsys):
-    torch.manual_seed(0)
-    model_path = save_model(tmp_path / "m.pt", AttentionResUNet(in_channels=3, depth=1, base_filters=4).eval(),
-                            {"factor": 4, "inference_tile_size": 32, "train_xy_size": 16})
+def test_apply_restores_an_hdf5_label_image_as_its_tiff_twin(tmp_path, capsys, tiny_model_args):
     ids = make_sample_labels((65, 32, 32), seed=6)[::4].astype(np.uint16)
     write_plantseg_like(tmp_path / "cells.h5", ids, extra=False)  # one dataset: the file alone names it
     tifffile.imwrite(tmp_path / "cells.tif", ids, imagej=True, resolution=(4, 4),
                      metadata={"spacing": 1.0, "unit": "um"})
-    common = ["--model", str(model_path), "--precision", "fp32", "--device", "cpu", "--kind", "labels"]
+    common = tiny_model_args + ["--kind", "labels"]
     dry = ["--input", str(tmp_path / "cells.h5"), "--output", str(tmp_path / "out"), "--dry-run"]
     assert apply.main(dry + common) == 0
     out = capsys.readouterr().out

@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 mrcfile = pytest.importorskip("mrcfile")
 
 import apply  # noqa: E402
 from data import (StackChoice, UserError, make_sample_labels, read_calibration, read_stack,  # noqa: E402
                   read_typed_stack, read_value_sample, stack_dtype, stack_shape)
-from model import AttentionResUNet, save_model  # noqa: E402
 
 
 def write_mrc(path, stack, voxel_angstrom=(40.0, 40.0, 160.0)):
@@ -40,15 +38,12 @@ def test_mrc_reads_like_a_tiff(tmp_path):
         stack_shape(tmp_path / "bad.mrc")
 
 
-def test_apply_restores_an_mrc_stack_as_its_tiff_twin(tmp_path, capsys):
-    torch.manual_seed(0)
-    model_path = save_model(tmp_path / "m.pt", AttentionResUNet(in_channels=3, depth=1, base_filters=4).eval(),
-                            {"factor": 4, "inference_tile_size": 32, "train_xy_size": 16})
+def test_apply_restores_an_mrc_stack_as_its_tiff_twin(tmp_path, capsys, tiny_model_args):
     mask = (make_sample_labels((65, 32, 32), seed=6)[::4] > 0).astype(np.uint8) * 255
     write_mrc(tmp_path / "fib.mrc", mask, (40.0, 40.0, 160.0))
     tifffile.imwrite(tmp_path / "fib.tif", mask, imagej=True, resolution=(0.25, 0.25),
                      metadata={"spacing": 16.0, "unit": "nm"})
-    common = ["--model", str(model_path), "--precision", "fp32", "--device", "cpu"]
+    common = tiny_model_args
     dry = ["--input", str(tmp_path / "fib.mrc"), "--output", str(tmp_path / "x.tif"), "--dry-run"]
     assert apply.main(dry + common) == 0
     assert "factor: 4 from Z 16 nm, XY 4 nm (from the file)" in capsys.readouterr().out
