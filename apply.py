@@ -17,9 +17,11 @@ import numpy as np
 
 import blocks
 import zarr_io
-from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, OutputExistsError, StackChoice,
-                  UserError, factor_from_voxel_size, input_exists, normal_unit, other_series, read_calibration,
-                  read_typed_stack, save_stack, stack_dtype, stack_shape)
+from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, MaskValues, OutputExistsError,
+                  StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists, normal_unit,
+                  other_series, read_calibration, read_typed_stack, read_value_sample, save_stack, stack_dtype,
+                  stack_shape)
+from tiff_io import is_ome_tiff_path
 from h5_io import is_hdf5_path, split_hdf5_path
 from mrc_io import is_mrc_path
 from eval import default_recipe, run_cli
@@ -34,6 +36,10 @@ from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, V
 # The settings apply.py's command line takes: all but eval.py's simulated voxel size, which is read from
 # the file here (the voxel-size flags override it).
 RESTORE_SETTING_NAMES = tuple(FIELDS)
+# Output names that ask for a format this tool does not write (a name with another suffix is a folder).
+OTHER_IMAGE_SUFFIXES = frozenset((".png", ".jpg", ".jpeg", ".bmp", ".gif", ".h5", ".hdf5", ".hdf", ".n5", ".mrc",
+                                  ".rec", ".nii", ".gz", ".nrrd", ".mha", ".mhd", ".npy", ".npz", ".raw", ".czi",
+                                  ".lif", ".nd2", ".ims", ".klb", ".am", ".vtk"))
 USAGE = ("%(prog)s --input STACK [STACK ...] --output OUT [--kind KIND] [--model FILE | --save-model FILE]\n"
          "       [--z-step Z --xy-size XY --unit UNIT] [options]")
 
@@ -92,6 +98,9 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: Stack
     .ome.zarr), else ``<input name>_restored`` in the folder ``output``, in the input's format, with the
     channel and time point chosen (``_c1_t0``) so that one run per channel fills one folder."""
     single = output.suffix.lower() in (".tif", ".tiff", ".zarr")
+    if not single and output.suffix.lower() in OTHER_IMAGE_SUFFIXES and not output.is_dir():
+        raise UserError(f"--output '{output}' names a {output.suffix} file, a format this tool does not write. Name a "
+                        ".tif (ImageJ TIFF), .ome.tif (OME-TIFF) or .ome.zarr output, or a folder for several inputs.")
     if n_inputs == 1 and single:
         return output
     if single:
@@ -99,19 +108,44 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: Stack
     chosen = "".join(f"_{letter}{value}" for letter, value in (("c", choice.channel), ("t", choice.timepoint))
                      if value is not None)
     if zarr_io.is_zarr_path(input_path):
-        return output / f"{zarr_io.zarr_stem(input_path)}{chosen}_restored.ome.zarr"
+        return output / f"{zarr_image_stem(input_path)}{chosen}_restored.ome.zarr"
     if is_hdf5_path(input_path):  # plant.h5/segmentation -> plant_segmentation
         file_path, key = split_hdf5_path(input_path)
         stem = file_path.stem + ("_" + key.replace("/", "_") if key else "")
         return output / f"{stem}{chosen}_restored.tif"
-    return output / f"{input_path.stem}{chosen}_restored.tif"
+    suffix = ".ome.tif" if is_ome_tiff_path(input_path) else ".tif"
+    return output / f"{tiff_stem(input_path)}{chosen}_restored{suffix}"
+
+
+def zarr_image_stem(path: Path) -> str:
+    """An OME-Zarr image's name for a file name: the store's, and for an image inside it the path within
+    (``cells.ome.zarr/labels/nuclei`` -> ``cells_labels_nuclei``), as label images share names across stores."""
+    parts = Path(str(path).rstrip("/")).parts
+    stores = [i for i, part in enumerate(parts) if part.lower().endswith(".zarr")]
+    if not stores or stores[-1] == len(parts) - 1:
+        return zarr_io.zarr_stem(path)
+    return "_".join([zarr_io.zarr_stem(parts[stores[-1]]), *parts[stores[-1] + 1:]])
+
+
+def tiff_stem(path: Path) -> str:
+    """A TIFF's name without ``.tif``/``.tiff`` and ``.ome`` (``cells.ome.tif`` -> ``cells``)."""
+    name = path.name
+    for suffix in (".tiff", ".tif", ".ome"):
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    return name
 
 
 def probabilities_path_for(target: Path) -> Path:
     """Where ``--save-probabilities`` writes, next to the output and in its format."""
     if zarr_io.is_zarr_path(target):
         return target.with_name(zarr_io.zarr_stem(target) + "_probabilities.ome.zarr")
-    return target.with_name(target.stem + "_probabilities.tif")
+    return target.with_name(tiff_stem(target) + "_probabilities" + (".ome.tif" if is_ome_tiff_path(target) else ".tif"))
+
+
+def preview_path_for(target: Path) -> Path:
+    """Where ``--preview`` writes its figure, next to the output."""
+    stem = zarr_io.zarr_stem(target) if zarr_io.is_zarr_path(target) else tiff_stem(target)
+    return target.with_name(stem + "_preview.png")
 
 
 def build_apply_parser() -> argparse.ArgumentParser:
@@ -252,8 +286,6 @@ def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Op
     label images when the values are ids); an OME-Zarr label image's
     metadata; the values (``data.kind_evidence``).
     """
-    from data import decide_kind_and_reason, read_value_sample
-
     if kind != "auto":
         return kind, "given as --kind"
     if threshold is not None:
@@ -295,8 +327,9 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if image is not None:
         scale = unit_scale(image.unit, unit, path) if image.unit and image.unit != unit else 1.0
         translation = tuple(float(t) * scale for t in image.translation_zyx)
-    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind, choice) if decided == "labels"
-                         else (False, None))
+    label_dtype = None if zarr_io.is_zarr_path(target) else np.uint16  # what the output holds
+    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind, choice, label_dtype)
+                         if decided == "labels" else (False, None))
     if dense:
         prior = settings.inference.shape_prior
         label_rule += ("; the network sees the boundary mask upsampled and where per-label shape-based interpolation "
@@ -317,7 +350,19 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
                        else args.save_probabilities, notes=notes, label_rule=label_rule,
                        other_images=[] if image is not None else other_series(path),
-                       dense_labels=dense)
+                       dense_labels=dense, mask_values=mask_values_for(path, image, decided, threshold, choice))
+
+
+def mask_values_for(path: Path, image, kind: str, threshold: Optional[float], choice: StackChoice
+                    ) -> Optional[MaskValues]:
+    """The two values a restored mask is written in: the input mask's own (``data.MaskValues.of`` a sample of
+    its values), 0/255 for a mask binarised by ``--binarize-threshold``; None for other kinds."""
+    if kind != "mask":
+        return None
+    if threshold is not None:
+        return MaskValues()
+    return MaskValues.of(zarr_io.sample_for_label_detection(image) if image is not None
+                         else read_value_sample(path, choice=choice))
 
 
 def same_factor(trained_at: Optional[float], factor: float) -> bool:
@@ -327,14 +372,14 @@ def same_factor(trained_at: Optional[float], factor: float) -> bool:
 
 
 def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind: Optional[str],
-                    choice: StackChoice = StackChoice()) -> Tuple[bool, str]:
+                    choice: StackChoice = StackChoice(), label_dtype=np.uint16) -> Tuple[bool, str]:
     """Whether a label image is dense (``restore.is_dense_label_image`` of a sample of its values) and how its
-    ids will be restored, for the plan; a saved model that restores the other target (boundaries of a dense
-    label image, or a foreground) is one error here."""
-    from data import read_value_sample
-
+    ids will be restored, for the plan; ids the output cannot hold (``label_dtype``: uint16 for a TIFF, None
+    for OME-Zarr, ``data.as_label_image``) in the sample, and a saved model that restores the other target
+    (boundaries of a dense label image, or a foreground), are one error here, before the whole stack is read."""
     sample = (zarr_io.sample_for_label_detection(image) if image is not None
               else read_value_sample(path, choice=choice))
+    as_label_image(sample, path, label_dtype)
     dense = is_dense_label_image(sample)
     if model_kind is not None and saved_config.get("restores", "foreground") != ("boundaries" if dense else "foreground"):
         trained = saved_config.get("restores", "foreground")
@@ -349,7 +394,7 @@ def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind:
 def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     """Refuse outputs that exist (unless --overwrite, or --resume for OME-Zarr), before any work."""
     extra = [probabilities_path_for(t) for t in targets] if args.save_probabilities != "none" else []
-    extra += [t.with_name(t.stem + "_preview.png") for t in targets] if args.preview else []
+    extra += [preview_path_for(t) for t in targets] if args.preview else []
     extra += [Path(args.save_model)] if args.save_model else []
     resume = args.settings.large.resume
     resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if resume else set()
@@ -381,6 +426,10 @@ def restore_files(args: argparse.Namespace) -> None:
     for plan in plans:
         print("\n".join(plan.lines()), flush=True)
     if args.dry_run:
+        try:
+            check_outputs(args, [plan.target for plan in plans])
+        except OutputExistsError as error:  # the run would stop here: say so now
+            print(f"note: {error}")
         print("dry run: nothing was read beyond the metadata and a sample of values; nothing was written.")
         return
     for plan in plans:
@@ -418,7 +467,26 @@ def output_targets(args: argparse.Namespace, inputs: Sequence[Path]) -> List[Pat
     if len(set(targets)) < len(targets):
         raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
                         "names or restore them in separate calls.")
+    for path, target in zip(inputs, targets):
+        refuse_output_over_input(path, target)
     return targets
+
+
+def refuse_output_over_input(input_path: Path, target: Path) -> None:
+    """One error, even with --overwrite, where an output would replace or write into its own input (the
+    input file itself, the store or HDF5 file that holds it, or the slice folder it is): an OME-Zarr output
+    is cleared before the input is read, and no run should put the only copy of the data at risk."""
+    source, written = input_path.absolute().resolve(), target.absolute().resolve()
+    if written == source:
+        where = "is the input"
+    elif written in source.parents:
+        where = "holds the input"
+    elif source in written.parents:
+        where = "lies inside the input"
+    else:
+        return
+    raise UserError(f"The output '{target}' {where} '{input_path}': writing it would destroy the data being "
+                    "restored. Choose an --output outside the input.")
 
 
 def given_model(args: argparse.Namespace) -> Tuple[Optional[Any], Dict[str, Any], Optional[str]]:
@@ -455,11 +523,11 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
             probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
             keep_probabilities=args.save_probabilities != "none", dense_labels=plan.dense_labels)
     voxel, unit = plan.voxel_out_zyx, plan.unit
-    save_stack(target, restored, voxel, unit, overwrite=args.overwrite)
+    save_stack(target, restored, voxel, unit, overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode)
     if args.save_probabilities != "none":
         save_stack(probabilities_path_for(target), probabilities, voxel, unit, overwrite=args.overwrite)
     if args.preview:
-        preview_figure(stack, restored, factor, target.with_name(target.stem + "_preview.png"),
+        preview_figure(stack, restored, factor, preview_path_for(target),
                        grey=plan.kind == "intensity")
     if args.save_model:
         restores = "boundaries" if labels is not None and plan.dense_labels else "foreground"
@@ -479,10 +547,10 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
         name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else plan.path.stem
         zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx,
                             plan.settings.large.ngff_version,
-                            plan.kind, labels, name, overwrite=args.overwrite)
+                            plan.kind, labels, name, overwrite=args.overwrite, mask_values=plan.written_mask_values)
     else:
         save_stack(plan.target, labels if plan.kind == "labels" else stack, plan.voxel_in_zyx, plan.unit,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode)
     print(f"Wrote {plan.target}: the stack is already isotropic, converted without restoring.")
 
 
@@ -531,7 +599,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
     voxel = plan.voxel_out_zyx
     described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path),
-                                      source_stack=plan.choice.describe())
+                                      source_stack=plan.choice.describe(), mask_values=plan.written_mask_values)
     result = blocks.restore_to_ome_zarr(
         source, target, factor, settings, described, kind="intensity" if plan.kind == "intensity" else "mask",
         model=model, model_config=config, labels_source=labels, label_rule="dense" if plan.dense_labels else "sparse",

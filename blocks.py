@@ -74,8 +74,8 @@ from tqdm.auto import tqdm
 
 import restore
 import zarr_io
-from data import (OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
-                  normalize_intensity)
+from data import (MaskValues, OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
+                  normalize_intensity, refuse_non_finite)
 from model import fuse_for_inference, load_model, save_model, select_device
 from morph import ON_GRID_TOLERANCE, bracket, kept_positions, restored_depth, slices_on_grid
 from settings import LargeVolumes, Settings, SettingsLike, as_settings
@@ -315,6 +315,7 @@ class RestoreJob:
     binarize_threshold: Optional[float] = None
     value_range: Optional[Tuple[float, float]] = None
     boundaries: Optional[str] = None  # dense label rule: the scratch array of boundary probabilities
+    mask_values: MaskValues = MaskValues()  # the values a restored mask is written in (the input's own)
 
 
 def read_window_for(global_hw: Tuple[int, int], region: Region, factor: float, inference: Dict[str, Any]) -> Region:
@@ -390,7 +391,8 @@ def _label_window(source: "LabelBoundaries", rows: Tuple[int, int], cols: Tuple[
 
 
 def _write_mask(job: RestoreJob, region: Region, probabilities: np.ndarray) -> Dict[str, Any]:
-    """Write a block's probabilities (when kept) and its mask (0/255); returns ``foreground`` (voxels)."""
+    """Write a block's probabilities (when kept) and its mask (in ``job.mask_values``: the input's values, 0/255 by
+    default); returns ``foreground`` (voxels)."""
     (y0, y1), (x0, x1) = region
     target = (slice(None), slice(y0, y1), slice(x0, x1))
     if job.probabilities is not None:
@@ -400,8 +402,11 @@ def _write_mask(job: RestoreJob, region: Region, probabilities: np.ndarray) -> D
     in_place = job.probabilities is None and probabilities.dtype == np.uint8
     mask = restore.threshold_probabilities(probabilities, job.probability_threshold, in_place=in_place)
     del probabilities
-    values = mask.view(np.uint8)
-    values *= 255  # 0/255, as the TIFF output stores masks
+    if job.mask_values == MaskValues():  # 0/255, in place: no second output-sized array
+        values = mask.view(np.uint8)
+        values *= 255
+    else:
+        values = job.mask_values.encode(mask)
     job.image.write(target, values)
     return {"foreground": int(np.count_nonzero(values))}
 
@@ -923,8 +928,10 @@ def volume_intensity_range(source: Source, max_values: int = INTENSITY_SAMPLE_VA
     slice_step = max(1, min(n_kept, int(math.sqrt(excess))))
     n_slices = math.ceil(n_kept / slice_step)
     row_step = max(1, math.ceil(n_slices * height * width / max_values))
-    sample = [source.read(slice(k, k + 1), slice(0, height, row_step)).ravel() for k in range(0, n_kept, slice_step)]
-    return intensity_range(np.concatenate(sample))
+    sample = np.concatenate([source.read(slice(k, k + 1), slice(0, height, row_step)).ravel()
+                             for k in range(0, n_kept, slice_step)])
+    refuse_non_finite(sample, getattr(source, "path", "the input"))
+    return intensity_range(sample)
 
 
 # --------------------------------------------------------------------------- #
@@ -1140,6 +1147,7 @@ class OutputMetadata:
     label_name: str = "restored"
     source_name: Optional[str] = None
     source_stack: str = ""
+    mask_values: MaskValues = MaskValues()  # a restored mask's two values: the input mask's own
 
 
 def restore_to_ome_zarr(
@@ -1421,7 +1429,7 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
                      run.kernel_dtype, layout.image, prob_layout.image if prob_layout else None, output,
                      str(Path(output) / MODEL_FILE), settings.inference.device,
                      settings.data.binarize_threshold, run.value_range,
-                     _marker_path(BOUNDARIES_ARRAY) if run.dense_labels else None)
+                     _marker_path(BOUNDARIES_ARRAY) if run.dense_labels else None, run.described.mask_values)
     done = finished_blocks(output, "restore")
     todo = [i for i in range(len(plan)) if i not in done]
     now = todo if run.large.max_blocks is None else todo[:max(0, run.large.max_blocks)]
@@ -1618,7 +1626,7 @@ def _lay_out(run: _Run, staged: Dict[str, str], label_dtype=None
     described, version, chunk_xy = run.described, run.large.ngff_version, chunk_edge(run.large.block_size)
     place = (run.plan.shape_dhw, described.voxel_size_zyx, described.unit, described.translation_zyx, version)
     image_format = (zarr_io.ImageFormat(run.grey_values, "mean", run.window) if run.grey_values
-                    else zarr_io.ImageFormat())
+                    else zarr_io.ImageFormat(np.dtype(described.mask_values.dtype)))
     layout = zarr_io.create_output(staged[run.output], *place, label_dtype=label_dtype,
                                    label_name=described.label_name, image_format=image_format, chunk_xy=chunk_xy)
     prob_layout = None

@@ -17,10 +17,10 @@ from typing import Tuple
 import numpy as np
 
 from errors import DamagedFileError, InputNotFoundError, OutputExistsError, UserError  # noqa: F401
-from kinds import (INTENSITY_FLATNESS, KINDS, LABEL_FLATNESS, as_grey_values, as_label_image,  # noqa: F401
+from kinds import (INTENSITY_FLATNESS, KINDS, LABEL_FLATNESS, MaskValues, as_grey_values, as_label_image,  # noqa: F401
                    as_typed_stack, binarize, decide_kind, decide_kind_and_reason, denormalize_intensity, flatness,
                    grey_dtype, import_binary_tiff_sequence, intensity_range, kind_evidence, normalize_intensity,
-                   read_mask_or_labels, read_typed_stack)
+                   read_mask_or_labels, read_typed_stack, refuse_non_finite)
 from phantoms import make_sample_intensity, make_sample_labels, make_sample_stack  # noqa: F401
 from stack_io import (input_exists, other_series, read_calibration, read_stack, read_value_sample,  # noqa: F401
                       stack_dtype, stack_shape)

@@ -7,6 +7,7 @@ pick either by the path. ``h5py`` is imported where a file is opened.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
@@ -87,16 +88,47 @@ def _datasets(file_path: Path) -> List[str]:
     return names
 
 
-def _index(path: PathLike, shape: Tuple[int, ...], choice: StackChoice) -> tuple:
-    """The index of the dataset's stack. An HDF5 dataset names no axes: its three axes longer than 1 are Z, Y and
-    X, in order, and every other axis must have length 1 wherever it is (a one-channel prediction in front, as
-    PlantSeg writes it, or behind, as ilastik exports it); a channel or time point beyond the first is an error."""
-    long_axes = [size for size in shape if size > 1]
+def _index(path: PathLike, shape: Tuple[int, ...], choice: StackChoice, axes: Optional[str] = None) -> tuple:
+    """The index of the dataset's stack (:func:`tiff_io.choose_stack` by its axes, :func:`_axes`). A dataset whose
+    axes are not named has three axes longer than 1, Z, Y and X in order, and every other axis of length 1
+    wherever it is (a one-channel prediction in front, as PlantSeg writes it, or behind), or one more axis at
+    either end, the shorter: its channels (PlantSeg's (C, Z, Y, X) predictions, ilastik's (Z, Y, X, C))."""
+    if axes is None:
+        axes = _unnamed_axes(path, shape)
+    index = choose_stack(axes, tuple(shape), choice, str(path))
+    # Axes of length 1 that are neither chosen from nor Z, Y, X (a prediction's one class) are dropped.
+    return tuple(0 if isinstance(i, slice) and size == 1 and letter not in "ZYX" else i
+                 for i, size, letter in zip(index, shape, axes))
+
+
+def _unnamed_axes(path: PathLike, shape: Tuple[int, ...]) -> str:
+    long_axes = [i for i, size in enumerate(shape) if size > 1]
+    if len(long_axes) == 4 and long_axes in ([0, 1, 2, 3], [len(shape) - 4, len(shape) - 3, len(shape) - 2,
+                                                            len(shape) - 1]):
+        first, last = long_axes[0], long_axes[-1]
+        channel = first if shape[first] < shape[last] else last
+        letters = iter("ZYX")
+        return "".join("C" if i == channel else (next(letters) if size > 1 or i in long_axes else "Q")
+                       for i, size in enumerate(shape))
     if len(long_axes) != 3:
         raise UserError(f"'{path}' holds a dataset of shape {tuple(shape)}; expected a 3D stack (Z, Y, X), other "
-                        "axes of length 1: write one channel or time point as its own dataset first.")
-    choose_stack("ZYX", tuple(long_axes), choice, str(path))
-    return tuple(slice(None) if size > 1 else 0 for size in shape)
+                        "axes of length 1 or one axis of channels: write one channel or time point as its own dataset "
+                        "first.")
+    letters = iter("ZYX")
+    return "".join(next(letters) if size > 1 else "Q" for size in shape)
+
+
+def _axes(node) -> Optional[str]:
+    """The axes ilastik names in its ``axistags`` attribute (``'ZYXC'``), or None: most HDF5 datasets name none."""
+    tags = node.attrs.get("axistags")
+    if tags is None:
+        return None
+    try:
+        keys = [axis["key"] for axis in json.loads(tags if isinstance(tags, str) else tags.decode())["axes"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    letters = "".join(str(key).upper()[:1] for key in keys)
+    return letters if len(letters) == node.ndim and {"Z", "Y", "X"} <= set(letters) else None
 
 
 def _read(node, index: tuple, path: PathLike) -> np.ndarray:
@@ -113,7 +145,7 @@ def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[in
     """The dataset's (Z, Y, X) shape, from its metadata."""
     handle, node = _open(path)
     with handle:
-        index = _index(path, node.shape, choice)
+        index = _index(path, node.shape, choice, _axes(node))
         return tuple(size for i, size in zip(index, node.shape) if isinstance(i, slice))
 
 
@@ -128,7 +160,7 @@ def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarra
     """The whole dataset ``(D, H, W)``, stored values and dtype (native byte order)."""
     handle, node = _open(path)
     with handle:
-        stack = _read(node, _index(path, node.shape, choice), path)
+        stack = _read(node, _index(path, node.shape, choice, _axes(node)), path)
     if stack.shape[0] < 2:
         raise UserError(f"'{path}' holds a dataset of shape {stack.shape}; a stack needs at least two slices.")
     return stack
@@ -138,7 +170,7 @@ def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice =
     """At most ``max_slices`` evenly spaced slices, read without the rest (``tiff_io.read_value_sample``)."""
     handle, node = _open(path)
     with handle:
-        index = _index(path, node.shape, choice)
+        index = _index(path, node.shape, choice, _axes(node))
         z_axis = next(axis for axis, i in enumerate(index) if isinstance(i, slice))
         depth = node.shape[z_axis]
         slices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))

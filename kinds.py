@@ -4,6 +4,7 @@ ids and the normalisation of grey values. Masks are ``bool``; label images are u
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
@@ -37,6 +38,43 @@ def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str =
     if len(values) > 2:
         warnings.warn(f"{source} is not binary; binarized as foreground = value > {threshold}.", UserWarning, stacklevel=2)
     return stack > threshold
+
+
+@dataclass(frozen=True)
+class MaskValues:
+    """The two values a restored mask is written in: the input mask's own, so that 0/1 comes back 0/1 and
+    0/255 comes back 0/255 (the kept slices verbatim), in a type every output holds (uint8, uint16 or
+    float32). The default, 0/255 uint8, is ImageJ's binary mask: what a mask binarised from other values
+    (a threshold, a label image given as a mask) is written in.
+    """
+    foreground: float = 255
+    dtype: str = "uint8"
+
+    @classmethod
+    def of(cls, sample: np.ndarray) -> "MaskValues":
+        """The values of a mask whose ``sample`` (any shape, its stored dtype) holds 0 and one other value;
+        the default for a bool sample or any other."""
+        values = np.unique(sample) if sample.dtype != bool else np.zeros(0)
+        foreground = values[values != 0]
+        if len(foreground) != 1 or not foreground[0] > 0:
+            return cls()
+        value = foreground[0]
+        if not np.issubdtype(sample.dtype, np.integer):
+            return cls(float(value), "float32") if float(np.float32(value)) == float(value) else cls()
+        if value <= np.iinfo(np.uint8).max:
+            return cls(int(value), "uint8" if sample.dtype.itemsize == 1 else "uint16")
+        return cls(int(value), "uint16") if value <= np.iinfo(np.uint16).max else cls()
+
+    def encode(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` (bool, or non-zero = foreground) as 0 / ``foreground`` of ``dtype``."""
+        out = np.asarray(mask).astype(bool, copy=False).astype(self.dtype)
+        if self.foreground != 1:
+            out *= np.array(self.foreground, dtype=self.dtype)
+        return out
+
+    def describe(self) -> str:
+        """``0/1 uint8`` for the plan."""
+        return f"0/{self.foreground:g} {self.dtype}"
 
 
 def import_binary_tiff_sequence(path: PathLike, threshold: Optional[float] = None) -> np.ndarray:
@@ -207,11 +245,26 @@ def as_typed_stack(raw: np.ndarray, kind: str, threshold: Optional[float], sourc
         the stored values for 'intensity', else the bool foreground (:func:`binarize`)
     labels_dhw : ndarray of ``label_dtype`` or None ('labels' only)
     """
+    refuse_non_finite(raw, source)
     if kind == "intensity":
         return raw, None
     if kind == "labels":
         return as_label_image(raw, source, label_dtype)
     return binarize(raw, threshold, source=f"'{source}'"), None
+
+
+def refuse_non_finite(values: np.ndarray, source: PathLike) -> None:
+    """One error, before any training, for NaN or infinite values (the padding a registration or a
+    drift correction leaves, a division by zero): they spread through the network's normalisation and its
+    every output. Integer and bool values pass without a look."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        return
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise UserError(f"'{source}' holds {bad} NaN or infinite values ({bad / values.size:.2%} of those read); the "
+                        "network cannot learn from or restore them. Replace them with a number first (in Fiji: "
+                        "Process > Math > Remove NaNs, or Process > Math > Set; in Python: numpy.nan_to_num).")
 
 
 def as_label_image(raw: np.ndarray, source: PathLike, dtype=np.uint16) -> Tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ import numpy as np
 
 import blocks
 import restore
+from data import MaskValues
 from machine import machine_key
 from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
@@ -56,6 +57,13 @@ class RestorePlan:
     label_rule: Optional[str] = None  # label images: how the ids are restored
     other_images: List[Tuple[int, ...]] = field(default_factory=list)  # a TIFF's further series, not restored
     dense_labels: bool = False  # a dense label image (restore.is_dense_label_image of a sample): the boundary rule
+    mask_values: Optional[MaskValues] = None  # masks: the two values the output is written in
+
+    @property
+    def written_mask_values(self) -> MaskValues:
+        """``mask_values``, or the default 0/255 (``data.MaskValues()``) where the output is no mask: a label
+        image's foreground image in an OME-Zarr output."""
+        return self.mask_values if self.mask_values is not None else MaskValues()
 
     @property
     def choice(self) -> StackChoice:
@@ -153,7 +161,8 @@ class RestorePlan:
             *([f"other images: the file holds {len(self.other_images)} more (shapes "
                f"{', '.join(' x '.join(map(str, shape)) for shape in self.other_images)}); the first is restored"]
               if self.other_images else []),
-            f"kind: {self.kind} ({self.kind_reason})",
+            f"kind: {self.kind} ({self.kind_reason})"
+            + (f"; written as {self.mask_values.describe()}" if self.mask_values is not None else ""),
             f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
             f"input voxel size: {triple(f'{v:.6g}' for v in self.voxel_in_zyx)} {unit}",

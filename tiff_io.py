@@ -15,7 +15,7 @@ import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tifffile
@@ -185,9 +185,11 @@ def natural_sort_key(name: str) -> list:
 
 
 def list_tiff_files(folder: PathLike) -> list:
-    """TIFF files directly inside ``folder``, in natural order."""
+    """TIFF files directly inside ``folder``, in natural order; hidden files (``.name``: the ``._name.tif``
+    that macOS writes beside each file on a shared disk) are not slices, as ImageJ's folder opener skips them."""
     folder = Path(folder)
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES]
+    files = [p for p in folder.iterdir()
+             if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")]
     return sorted(files, key=lambda p: natural_sort_key(p.name))
 
 
@@ -228,6 +230,9 @@ def _tiff_guard(path: Path):
                         "permissions (ls -l), or copy it somewhere you can read.") from error
     except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, IndexError, KeyError, ValueError,
             OSError, ET.ParseError) as error:  # only the read of one file runs inside: these are the file's faults
+        if "imagecodecs" in str(error):  # a compression tifffile decodes only through imagecodecs (LZW, JPEG, ...)
+            raise UserError(f"'{path}' is compressed in a way that needs the imagecodecs package ({error}). Install "
+                            "it (pip install -r requirements.txt, or pip install imagecodecs) and run again.") from error
         raise _damaged(path, f"{type(error).__name__}: {error}") from error
     finally:
         logger.removeHandler(complaints)
@@ -287,22 +292,8 @@ def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarra
                 "Point the input to a folder of 2D TIFF slices or to a multipage TIFF file."
             )
         refuse_choice_in_folder(path, choice)
-        slices = [np.squeeze(read_tiff(f)) for f in files]
-        shapes = {s.shape for s in slices}
-        if len(shapes) != 1:
-            sizes = ", ".join(f"{f.name}: {s.shape}" for f, s in list(zip(files, slices))[:6])
-            raise UserError(
-                f"Slices in '{path}' have different sizes ({sizes} ...). All slices of a "
-                "stack must share one height and width; crop or pad them to one size first."
-            )
-        if slices[0].ndim != 2:
-            raise UserError(
-                f"Each file in the folder '{path}' must be one 2D slice, got shape "
-                f"{slices[0].shape}. For multipage TIFFs pass the file itself as input; slices with channels "
-                "or RGB colours need one channel each (in Fiji: Image > Color > Split Channels, or Image > "
-                "Type > 8-bit for RGB)."
-            )
-        stack = np.stack(slices, axis=0)
+        folder_slice_shape(path, files)
+        stack = np.stack([np.squeeze(read_tiff(f)) for f in files], axis=0)
     else:
         refuse_other_formats(path)
         with _tiff_guard(path), tifffile.TiffFile(path) as tif:  # one open: the axes, then the pixels
@@ -310,6 +301,28 @@ def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarra
     if stack.ndim != 3 or stack.shape[0] < 2:
         raise UserError(not_a_stack(path, stack.shape))
     return stack
+
+
+def folder_slice_shape(folder: PathLike, files: Sequence[Path]) -> Tuple[int, int]:
+    """The (H, W) every slice of a folder shares, from each file's header (no pixels read); one error for a
+    file that is not one 2D slice (RGB colours, channels, several pages) or slices of different sizes."""
+    shapes = []
+    for file in files:
+        with _tiff_guard(file), tifffile.TiffFile(file) as tif:
+            shapes.append(tuple(int(n) for n in tif.series[0].shape if n != 1))
+    odd = [(file, shape) for file, shape in zip(files, shapes) if len(shape) != 2]
+    if odd:
+        file, shape = odd[0]
+        raise UserError(
+            f"Each file in the folder '{folder}' must be one 2D slice; '{file.name}' has shape {shape}. For "
+            "multipage TIFFs pass the file itself as input; slices with channels or RGB colours need one channel "
+            "each (in Fiji: Image > Color > Split Channels, or Image > Type > 8-bit for RGB).")
+    if len(set(shapes)) != 1:
+        sizes = ", ".join(f"{file.name}: {shape}" for file, shape in list(zip(files, shapes))[:6])
+        raise UserError(
+            f"Slices in '{folder}' have different sizes ({sizes} ...). All slices of a stack must share one "
+            "height and width; crop or pad them to one size first.")
+    return shapes[0]
 
 
 def refuse_other_formats(path: Path) -> None:
@@ -355,8 +368,7 @@ def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[in
         if not files:
             raise InputNotFoundError(f"No TIFF files (*.tif, *.tiff) found in folder '{path}'.")
         refuse_choice_in_folder(path, choice)
-        with _tiff_guard(files[0]), tifffile.TiffFile(files[0]) as tif:
-            return (len(files),) + tuple(s for s in tif.series[0].shape if s != 1)[-2:]
+        return (len(files),) + folder_slice_shape(path, files)
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         shape = _chosen_shape(series.shape, _series_index(path, series, choice))
@@ -465,14 +477,28 @@ def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], fl
         unit = normal_unit((meta or {}).get("unit"))
         scale = 1.0
         if unit is None and "ResolutionUnit" in tags:
-            scale = {2: 25400.0, 3: 10000.0}.get(int(tags["ResolutionUnit"].value), 1.0)  # inch, cm -> um
+            resolution_unit = int(tags["ResolutionUnit"].value)
+            if resolution_unit == 2 and x_den and y_den and x_num / x_den == y_num / y_den == 72.0:
+                return None  # 72 dpi: the default of MATLAB, PIL, GIMP and Photoshop; ImageJ reads it as uncalibrated
+            scale = {2: 25400.0, 3: 10000.0}.get(resolution_unit, 1.0)  # inch, cm -> um
             unit = "um" if scale != 1.0 else None
         if x_num == 0 or y_num == 0 or (x_num == x_den and y_num == y_den and unit is None):
             return None  # 1 pixel per (no) unit: the default of tifffile and ImageJ, no calibration stored
         z = None
         if meta is not None and not from_folder:
-            z = float(meta.get("spacing", 1.0)) * scale
+            z = float(meta.get("spacing", 1.0)) * scale * _zunit_scale(meta, unit)
         return (z, y_den / y_num * scale, x_den / x_num * scale), unit
+
+
+def _zunit_scale(imagej_metadata: Dict[str, Any], unit: Optional[str]) -> float:
+    """The factor from ImageJ's ``zunit`` (written when Z is calibrated in another unit than X and Y,
+    e.g. Z in micron, X/Y in nm) to ``unit``; 1 when there is none or either is not a length."""
+    zunit = normal_unit(imagej_metadata.get("zunit"))
+    if zunit is None or unit is None or zunit == unit:
+        return 1.0
+    if zunit not in LENGTH_UNITS_IN_UM or unit not in LENGTH_UNITS_IN_UM:
+        return 1.0
+    return LENGTH_UNITS_IN_UM[zunit] / LENGTH_UNITS_IN_UM[unit]
 
 
 def read_voxel_size(path: PathLike) -> Optional[Tuple[Optional[float], float, float]]:
@@ -518,9 +544,12 @@ def _check_writable(path: Path, overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _as_savable(stack: np.ndarray):
-    """Data for tifffile: bool masks become 0/255 uint8 (shown as a mask in every
-    viewer), converted page by page so a large mask is never copied whole."""
+def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+    """Data for tifffile: bool masks become 0/255 uint8 (shown as a mask in every viewer), or what
+    ``encode_mask`` makes of each page, converted page by page so a large mask is never copied whole."""
+    if stack.dtype == bool and encode_mask is not None and len(stack):
+        dtype = encode_mask(stack[:1]).dtype
+        return (encode_mask(page) for page in stack), dict(shape=stack.shape, dtype=dtype)
     if stack.dtype == bool:
         return (page.view(np.uint8) * np.uint8(255) for page in stack), dict(shape=stack.shape, dtype=np.uint8)
     if stack.dtype == np.float16:  # ImageJ reads no 16-bit floats: written as float32, page by page
@@ -539,6 +568,11 @@ def _as_savable_array(stack: np.ndarray) -> np.ndarray:
     return stack
 
 
+def is_ome_tiff_path(path: PathLike) -> bool:
+    """Whether a file name asks for an OME-TIFF (``name.ome.tif`` or ``name.ome.tiff``)."""
+    return Path(path).name.lower().endswith((".ome.tif", ".ome.tiff"))
+
+
 def save_stack(
     path: PathLike,
     stack_dhw: np.ndarray,
@@ -546,6 +580,7 @@ def save_stack(
     unit: str = "um",
     overwrite: bool = False,
     as_slices: bool = False,
+    encode_mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> Path:
     """Write a stack that Fiji/ImageJ and napari open with the right voxel size.
 
@@ -560,6 +595,9 @@ def save_stack(
         Physical voxel size, stored as ImageJ ``spacing`` and X/Y resolution.
     overwrite : bool
         Existing files are never replaced unless this is True.
+    encode_mask : callable, optional
+        How a bool mask's pages are written (``data.MaskValues.encode``: the input mask's own values, uint8,
+        uint16 or float32); default 0/255 uint8.
 
     Returns
     -------
@@ -569,7 +607,7 @@ def save_stack(
     stack_dhw = np.asarray(stack_dhw)
     if stack_dhw.ndim != 3:
         raise UserError(f"save_stack expects a (D, H, W) stack, got shape {stack_dhw.shape}.")
-    data, page_kwargs = _as_savable(stack_dhw)
+    data, page_kwargs = _as_savable(stack_dhw, encode_mask)
     z, y, x = (float(v) for v in voxel_size_zyx)
     kwargs = dict(
         imagej=True,
@@ -577,6 +615,11 @@ def save_stack(
         metadata={"spacing": z, "unit": _imagej_unit(unit), "axes": "ZYX"},
         compression="zlib",
     )
+    if is_ome_tiff_path(path) and not as_slices:  # the name promises OME-XML: Fiji's Bio-Formats, QuPath, OMERO
+        ome_unit = "µm" if normal_unit(unit) == "um" else str(unit)
+        kwargs.update(imagej=False, ome=True, metadata={
+            "axes": "ZYX", **{f"PhysicalSize{axis}": size for axis, size in zip("ZYX", (z, y, x))},
+            **{f"PhysicalSize{axis}Unit": ome_unit for axis in "ZYX"}})
     if as_slices:
         if path.exists() and any(path.iterdir()) and not overwrite:
             raise OutputExistsError(f"Folder '{path}' is not empty; choose another output folder or pass overwrite=True.")

@@ -303,6 +303,9 @@ def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, fa
     ``panel_width`` columns; a ``UserError`` when too few are found (see :func:`create_cropped_image_dataset`)."""
     depth, height, width = crop_size_zyx
     panels = 1 if panel_width is None else stack.shape[2] // panel_width
+    if min_content_ratio > 0 and not np.any(stack):
+        raise UserError("The stack holds no foreground (every voxel is 0): there is nothing to learn from, and "
+                        "nothing to restore. Check that the input (and --channel) is the mask or label image meant.")
     rng = np.random.default_rng(random_state)
     draws = []
     attempts, max_attempts = 0, 200 * n_draws

@@ -43,8 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import zarr
 
-from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, OutputExistsError, StackChoice, UserError,
-                  as_grey_values, as_typed_stack, choose_stack, decide_kind, normal_unit)
+from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, MaskValues, OutputExistsError, StackChoice,
+                  UserError, as_grey_values, as_typed_stack, choose_stack, decide_kind, normal_unit)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -779,14 +779,14 @@ def write_pyramid_region(image: OmeZarrImage, level: int, region: Tuple[slice, s
 def write_image(path: PathLike, image_dhw: np.ndarray, voxel_size_zyx: Sequence[float], unit: str,
                 translation_zyx: Sequence[float] = (0.0, 0.0, 0.0), ngff_version: str = DEFAULT_NGFF_VERSION,
                 kind: str = "mask", labels_dhw: Optional[np.ndarray] = None, label_name: str = "labels",
-                overwrite: bool = False) -> OutputLayout:
+                overwrite: bool = False, mask_values: MaskValues = MaskValues()) -> OutputLayout:
     """Write a whole stack held in memory as a new OME-Zarr image, with its pyramid (an isotropic
     input converted to OME-Zarr without restoring).
 
     Parameters
     ----------
     image_dhw : ndarray, shape (D, H, W)
-        A mask (bool or non-zero = foreground, written 0/255) or, with
+        A mask (bool or non-zero = foreground, written in ``mask_values``: 0/255 by default) or, with
         ``kind='intensity'``, grey values (written in their dtype, with the
         input's display window).
     kind : {'mask', 'labels', 'intensity'}
@@ -794,15 +794,17 @@ def write_image(path: PathLike, image_dhw: np.ndarray, voxel_size_zyx: Sequence[
         Ids, written as ``labels/<label_name>``.
     overwrite : bool
         Replace an existing store (never a folder that is not one).
+    mask_values : data.MaskValues
+        The two values a mask is written in (the input mask's own).
     """
     if overwrite:
         remove_store(path)
     grey = kind == "intensity"
-    values = image_dhw if grey else np.where(np.asarray(image_dhw) != 0, 255, 0).astype(np.uint8)
+    values = image_dhw if grey else mask_values.encode(image_dhw)
     layout = create_output(path, values.shape, voxel_size_zyx, unit, translation_zyx, ngff_version,
                            label_dtype=None if labels_dhw is None else labels_dhw.dtype, label_name=label_name,
                            image_format=ImageFormat(values.dtype, "mean", display_window(values)) if grey
-                           else ImageFormat())
+                           else ImageFormat(values.dtype))
     everything = (slice(None),) * 3
     for image, stack in ((layout.image, values), (layout.labels, labels_dhw)):
         if image is None:

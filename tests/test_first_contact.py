@@ -391,6 +391,7 @@ def test_dry_run_ignores_an_existing_output(tmp_path, capsys):
     status, printed, err = run_apply(capsys, "--input", source, "--output", out, "--dry-run")
     assert status == 0, err
     assert out.read_bytes() == b"keep me"
+    assert f"note: Output exists: {out}. Choose another --output or pass --overwrite." in printed  # as the run says
 
 
 @pytest.mark.parametrize("make, kind, reason", [

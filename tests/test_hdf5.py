@@ -2,6 +2,8 @@
 ``file.h5/key`` or alone in its file, with the voxel size of its ``element_size_um`` attribute."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -43,10 +45,10 @@ def test_hdf5_dataset_reads_like_a_tiff(tmp_path):
         read_stack(tmp_path / "ovule.h5" / "labels")
     with pytest.raises(UserError, match="--channel 1 is not in it"):
         read_stack(seg, StackChoice(channel=1))
-    with h5py.File(tmp_path / "two.h5", "w") as handle:
-        handle.create_dataset("c", data=np.zeros((2, 9, 8, 8), np.uint8))
-    with pytest.raises(UserError, match=r"shape \(2, 9, 8, 8\); expected a 3D stack"):
-        stack_shape(tmp_path / "two.h5")
+    with h5py.File(tmp_path / "five.h5", "w") as handle:
+        handle.create_dataset("tc", data=np.zeros((2, 9, 8, 8, 2), np.uint8))
+    with pytest.raises(UserError, match=r"shape \(2, 9, 8, 8, 2\); expected a 3D stack"):
+        stack_shape(tmp_path / "five.h5")
     (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
     with pytest.raises(UserError, match="damaged or not a valid HDF5"):
         read_stack(tmp_path / "bad.h5")
@@ -95,3 +97,22 @@ def test_hdf5_byte_order_axis_layouts_and_odd_voxel_attributes(tmp_path):
     np.testing.assert_array_equal(read_value_sample(tmp_path / "odd.h5" / "ilastik", 3), ids[[0, 4, 8]])
     assert stack_shape(tmp_path / "odd.h5" / "ilastik") == ids.shape
     assert read_calibration(tmp_path / "odd.h5" / "ilastik") == ((2.0, 0.5, 0.5), "um")
+
+
+def test_hdf5_channels_are_chosen_with_channel(tmp_path):
+    """PlantSeg's (C, Z, Y, X) predictions and ilastik's (Z, Y, X, C) exports: the shorter end axis is the
+    channels where no axes are named; ilastik's ``axistags`` name them where it writes them."""
+    probabilities = np.random.default_rng(1).random((9, 16, 16, 2)).astype(np.float32)
+    with h5py.File(tmp_path / "p.h5", "w") as handle:
+        handle.create_dataset("ilastik", data=probabilities)
+        handle.create_dataset("plantseg", data=np.moveaxis(probabilities, 3, 0))
+        tagged = handle.create_dataset("tagged", data=np.moveaxis(probabilities, 3, 1))  # Z, C, Y, X
+        tagged.attrs["axistags"] = json.dumps({"axes": [{"key": k} for k in "zcyx"]})
+    for key in ("ilastik", "plantseg", "tagged"):
+        path = tmp_path / "p.h5" / key
+        with pytest.raises(UserError, match=r"holds 2 channels .*--channel 0\.\.1"):
+            stack_shape(path)
+        for channel in (0, 1):
+            np.testing.assert_array_equal(read_stack(path, StackChoice(channel=channel)), probabilities[..., channel])
+            assert stack_shape(path, StackChoice(channel=channel)) == (9, 16, 16)
+        np.testing.assert_array_equal(read_value_sample(path, 3, StackChoice(channel=1)), probabilities[[0, 4, 8], ..., 1])

@@ -328,7 +328,8 @@ def test_restore_ome_metadata_and_label_round_trip(tmp_path, tiny_problem):
     # many integer values in flat regions, and a mask model: a label image, without --kind
     assert apply.main(["--input", str(source), "--output", str(out_dir), "--model", str(model_path),
                        "--inference-tile-size", "64"]) == 0
-    restored = tifffile.imread(out_dir / "labels.ome_restored.tif")
+    restored = tifffile.imread(out_dir / "labels_restored.ome.tif")  # an OME-TIFF input gives an OME-TIFF output
+    assert tifffile.TiffFile(out_dir / "labels_restored.ome.tif").is_ome
     assert restored.shape == (41, 64, 64)
     np.testing.assert_array_equal(restored[::4], sparse_labels)
     assert set(np.unique(restored)) <= set(np.unique(sparse_labels))

@@ -341,7 +341,7 @@ def test_labels_bare_flag_means_yes(tmp_path, tiny_model_path):
     assert apply.main(common + ["--output", str(tmp_path / "auto.tif")]) == 0
     assert apply.main(common + ["--output", str(tmp_path / "ids.tif"), "--labels"]) == 0
     as_mask, with_ids = tifffile.imread(tmp_path / "auto.tif"), tifffile.imread(tmp_path / "ids.tif")
-    assert as_mask.dtype == np.uint8 and set(np.unique(as_mask)) == {0, 255}
+    assert as_mask.dtype == np.uint16 and set(np.unique(as_mask)) == {0, 300}  # a mask keeps its own two values
     assert with_ids.dtype == np.uint16 and set(np.unique(with_ids)) == {0, 300}
     np.testing.assert_array_equal(with_ids[::4], labels)
     np.testing.assert_array_equal(with_ids > 0, as_mask > 0)  # the ids change no voxel's foreground

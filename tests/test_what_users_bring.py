@@ -1,0 +1,195 @@
+"""Files as other programs write them, and outputs as users name them: a 72 dpi TIFF, ImageJ's zunit,
+LZW compression, macOS's hidden files in a slice folder, RGB or odd-sized slices, NaN in grey values, an
+empty mask, 0/1 masks written back in their own values, an output over its own input, an output format
+the tool does not write, OME-TIFF outputs and label images of several OME-Zarr stores in one batch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import apply
+import zarr_io
+from data import (MaskValues, UserError, as_typed_stack, make_sample_labels, make_sample_stack, read_calibration,
+                  read_stack, stack_shape)
+
+VOXEL = (1.0, 0.25, 0.25)  # um: factor 4
+CHEAP = ["--num-epochs", "1", "--train-nb", "32", "--base-filters", "4", "--batch-size", "4"]
+
+
+def fiji_tiff(path, stack, voxel=VOXEL, **metadata):
+    tifffile.imwrite(path, stack, imagej=True, resolution=(1 / voxel[2], 1 / voxel[1]),
+                     metadata={"spacing": voxel[0], "unit": "um", **metadata})
+    return Path(path)
+
+
+def mask_stack(shape=(9, 32, 32), seed=2):
+    return make_sample_stack(shape=(4 * (shape[0] - 1) + 1,) + shape[1:], seed=seed)[::4]
+
+
+# --------------------------------------------------------------------------- #
+# Reading what other programs write
+# --------------------------------------------------------------------------- #
+def test_72_dpi_is_no_calibration_as_imagej_reads_it(tmp_path):
+    stack = np.zeros((3, 16, 16), np.uint8)
+    tifffile.imwrite(tmp_path / "matlab.tif", stack, resolution=(72, 72), resolutionunit="INCH",
+                     photometric="minisblack")
+    assert read_calibration(tmp_path / "matlab.tif") is None  # not 352.8 um pixels: the user is asked for sizes
+    tifffile.imwrite(tmp_path / "scan.tif", stack, resolution=(2540, 2540), resolutionunit="INCH",
+                     photometric="minisblack")
+    (z, y, x), unit = read_calibration(tmp_path / "scan.tif")
+    assert unit == "um" and x == pytest.approx(10.0) and y == pytest.approx(10.0)
+
+
+def test_imagej_zunit_converts_the_z_step(tmp_path):
+    path = fiji_tiff(tmp_path / "z_in_um.tif", np.zeros((3, 16, 16), np.uint8), voxel=(1.0, 250.0, 250.0))
+    tifffile.imwrite(path, np.zeros((3, 16, 16), np.uint8), imagej=True, resolution=(1 / 250, 1 / 250),
+                     metadata={"spacing": 1.0, "unit": "nm", "zunit": "micron"})
+    assert read_calibration(path) == ((1000.0, 250.0, 250.0), "nm")
+
+
+def test_lzw_compressed_tiff_reads_as_its_values(tmp_path):
+    stack = (np.arange(4 * 32 * 32) % 251).astype(np.uint8).reshape(4, 32, 32)
+    tifffile.imwrite(tmp_path / "lzw.tif", stack, compression="lzw", photometric="minisblack")
+    np.testing.assert_array_equal(read_stack(tmp_path / "lzw.tif"), stack)
+
+
+def test_hidden_files_in_a_slice_folder_are_not_slices(tmp_path):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    stack = (np.arange(3 * 8 * 8) % 7).astype(np.uint8).reshape(3, 8, 8)
+    for index, slice_hw in enumerate(stack):
+        tifffile.imwrite(folder / f"img_{index}.tif", slice_hw)
+    (folder / "._img_0.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # what macOS leaves on a shared disk
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    np.testing.assert_array_equal(read_stack(folder), stack)
+    assert stack_shape(folder) == (3, 8, 8)
+
+
+@pytest.mark.parametrize("odd, message", [
+    (np.zeros((8, 8, 3), np.uint8), r"must be one 2D slice; 'img_1.tif' has shape \(8, 8, 3\)"),
+    (np.zeros((8, 9), np.uint8), r"have different sizes \(img_0.tif: \(8, 8\), img_1.tif: \(8, 9\)"),
+])
+def test_odd_slices_are_one_error_from_the_metadata_reads(tmp_path, odd, message):
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for index, slice_hw in enumerate([np.zeros((8, 8), np.uint8), odd, np.zeros((8, 8), np.uint8)]):
+        tifffile.imwrite(folder / f"img_{index}.tif", slice_hw, photometric="rgb" if slice_hw.ndim == 3 else None)
+    for read in (stack_shape, read_stack):  # the dry run's shape as well as the run's read
+        with pytest.raises(UserError, match=message):
+            read(folder)
+
+
+def test_nan_in_grey_values_is_one_error_before_training(tmp_path, capsys):
+    grey = np.random.default_rng(0).random((9, 32, 32)).astype(np.float32)
+    grey[2, 10:20, 10:20] = np.nan
+    with pytest.raises(UserError, match=r"holds 100 NaN or infinite values \(1\.09% of those read\).*nan_to_num"):
+        as_typed_stack(grey, "intensity", None, "grey.tif")
+    path = fiji_tiff(tmp_path / "grey.tif", grey)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "out.tif"), "--kind", "intensity"]
+                      + CHEAP) == 2
+    assert "holds 100 NaN or infinite values" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_an_empty_mask_is_one_error_before_training(tmp_path, capsys):
+    path = fiji_tiff(tmp_path / "empty.tif", np.zeros((9, 32, 32), np.uint8))
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "out.tif"), "--kind", "mask"] + CHEAP) == 2
+    assert "holds no foreground (every voxel is 0)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Masks come back in their own values
+# --------------------------------------------------------------------------- #
+def test_mask_values_of_a_sample():
+    assert MaskValues.of(np.array([0, 1], np.uint8)) == MaskValues(1, "uint8")
+    assert MaskValues.of(np.array([0, 255], np.uint8)) == MaskValues()
+    assert MaskValues.of(np.array([0, 1], np.int32)) == MaskValues(1, "uint16")
+    assert MaskValues.of(np.array([0, 1.0], np.float64)) == MaskValues(1.0, "float32")
+    assert MaskValues.of(np.array([0, 70000], np.uint32)) == MaskValues()  # no output type holds it: 0/255
+    assert MaskValues.of(np.array([True, False])) == MaskValues()
+    encoded = MaskValues(5, "uint16").encode(np.array([[True, False]]))
+    assert encoded.dtype == np.uint16 and encoded.tolist() == [[5, 0]]
+
+
+@pytest.mark.parametrize("dtype, foreground, written", [(np.uint8, 1, np.uint8), (np.float32, 1.0, np.float32),
+                                                        (np.uint16, 7, np.uint16), (np.uint8, 255, np.uint8)])
+def test_a_mask_is_written_in_its_own_values_and_its_kept_slices_verbatim(tmp_path, capsys, tiny_model_args,
+                                                                           dtype, foreground, written):
+    kept = (mask_stack() * foreground).astype(dtype)
+    path = fiji_tiff(tmp_path / "mask.tif", kept)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "out.tif")] + tiny_model_args) == 0
+    assert f"written as 0/{foreground:g} {np.dtype(written).name}" in capsys.readouterr().out
+    restored = tifffile.imread(tmp_path / "out.tif")
+    assert restored.dtype == written and set(np.unique(restored)) <= {0, foreground}
+    np.testing.assert_array_equal(restored[::4], kept)
+
+
+def test_a_0_1_mask_into_ome_zarr_keeps_its_values(tmp_path, tiny_model_args):
+    kept = mask_stack().astype(np.uint8)
+    path = fiji_tiff(tmp_path / "mask.tif", kept)
+    out = tmp_path / "out.ome.zarr"
+    assert apply.main(["--input", str(path), "--output", str(out), "--block-size", "32"] + tiny_model_args) == 0
+    restored = zarr_io.open_image(out).read()
+    assert restored.dtype == np.uint8 and set(np.unique(restored)) == {0, 1}
+    np.testing.assert_array_equal(restored[::4], kept)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "out.tif")] + tiny_model_args) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), restored)  # block-wise = in memory
+
+
+# --------------------------------------------------------------------------- #
+# Outputs as users name them
+# --------------------------------------------------------------------------- #
+def test_an_output_over_its_own_input_is_refused_even_with_overwrite(tmp_path, capsys, tiny_model_args):
+    kept = mask_stack().astype(np.uint8) * 255
+    store = tmp_path / "cells.ome.zarr"
+    zarr_io.write_image(store, kept, VOXEL, "um")
+    before = zarr_io.open_image(store).read()
+    tiff = fiji_tiff(tmp_path / "cells.tif", kept)
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    for index, slice_hw in enumerate(kept):
+        tifffile.imwrite(slices / f"s_{index}.tif", slice_hw)
+    for source, target, where in [(store, store, "is the input"), (tiff, tiff, "is the input"),
+                                  (store / "s0", store, "holds the input"),
+                                  (slices, slices / "restored.tif", "lies inside the input")]:
+        args = ["--input", str(source), "--output", str(target), "--overwrite", "--z-step", "1"] + tiny_model_args
+        assert apply.main(args) == 2
+        assert f"{where} '{source}': writing it would destroy the data" in capsys.readouterr().err
+    np.testing.assert_array_equal(zarr_io.open_image(store).read(), before)
+    np.testing.assert_array_equal(tifffile.imread(tiff), kept)
+
+
+@pytest.mark.parametrize("name", ["restored.png", "restored.h5", "restored.mrc", "restored.nii.gz"])
+def test_an_output_format_not_written_is_one_error(tmp_path, capsys, tiny_model_args, name):
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack().astype(np.uint8) * 255)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / name), "--dry-run"] + tiny_model_args) == 2
+    assert "a format this tool does not write. Name a .tif" in capsys.readouterr().err
+    assert not (tmp_path / name).exists()
+
+
+def test_an_ome_tiff_output_holds_ome_metadata(tmp_path, tiny_model_args):
+    kept = mask_stack().astype(np.uint8) * 255
+    path = fiji_tiff(tmp_path / "mask.tif", kept)
+    out = tmp_path / "restored.ome.tif"
+    assert apply.main(["--input", str(path), "--output", str(out), "--save-probabilities", "uint8"]
+                      + tiny_model_args) == 0
+    with tifffile.TiffFile(out) as tif:
+        assert tif.is_ome and tif.series[0].axes == "ZYX"
+    assert read_calibration(out) == ((0.25, 0.25, 0.25), "um")
+    np.testing.assert_array_equal(read_stack(out)[::4], kept)
+    assert (tmp_path / "restored_probabilities.ome.tif").exists()
+
+
+def test_label_images_of_several_stores_get_names_of_their_own(tmp_path, capsys, tiny_model_args):
+    for name in ("a", "b"):
+        zarr_io.write_image(tmp_path / f"{name}.ome.zarr", make_sample_labels((9, 32, 32), seed=4) > 0, VOXEL, "um",
+                            kind="labels", labels_dhw=make_sample_labels((9, 32, 32), seed=4).astype(np.uint16),
+                            label_name="cells")
+    pattern = str(tmp_path / "*.ome.zarr" / "labels" / "cells")
+    assert apply.main(["--input", pattern, "--output", str(tmp_path / "out"), "--dry-run"] + tiny_model_args) == 0
+    out = capsys.readouterr().out
+    for name in ("a", "b"):
+        assert f"output: {tmp_path / 'out' / f'{name}_labels_cells_restored.ome.zarr'}" in out
