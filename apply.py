@@ -344,13 +344,16 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),
                                               training_kind(decided, dense))
     to_zarr = zarr_io.is_zarr_path(target)
+    mask_values = mask_values_for(path, image, decided, threshold, choice)
+    if mask_values is not None and mask_values.background != 0:  # a two-class segmentation: every block cuts alike
+        settings = settings.with_values(BINARIZE_THRESHOLD=float(mask_values.background))
     return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
                        settings, trained=model_kind is None,
                        block_size=settings.large.block_size if to_zarr else None,
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
                        else args.save_probabilities, notes=notes, label_rule=label_rule,
                        other_images=[] if image is not None else other_series(path),
-                       dense_labels=dense, mask_values=mask_values_for(path, image, decided, threshold, choice))
+                       dense_labels=dense, mask_values=mask_values)
 
 
 def mask_values_for(path: Path, image, kind: str, threshold: Optional[float], choice: StackChoice

@@ -17,16 +17,18 @@ from tiff_io import PathLike, StackChoice
 def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str = "input") -> np.ndarray:
     """Convert a stack to ``bool`` by a documented rule.
 
-    Rule: with ``threshold=None`` every non-zero voxel is foreground; otherwise
-    voxels strictly greater than ``threshold`` are. A ``UserWarning`` says which
-    rule was applied when the stack has more than two distinct values (or, with
-    no threshold, two values other than {0, x}).
+    Rule: with ``threshold=None`` every non-zero voxel is foreground, but of two
+    values neither of them 0 (a two-class segmentation: ilastik's 1/2) the larger
+    is; otherwise voxels strictly greater than ``threshold`` are. A ``UserWarning``
+    says which rule was applied when the stack has more than two distinct values.
     """
     if stack.dtype == bool:
         return stack
     values = np.unique(stack) if stack.size <= 50_000_000 else np.unique(stack[:: max(1, stack.shape[0] // 16)])
+    if threshold is None and len(values) == 2 and values[0] > 0:
+        return stack > values[0]
     if threshold is None:
-        if len(values) > 2 or (len(values) == 2 and values[0] != 0):
+        if len(values) > 2:
             warnings.warn(
                 f"{source} is not binary ({len(values)} distinct values, range {values.min()}..{values.max()}); "
                 "binarized as foreground = value != 0. Pass a threshold to use another cut "
@@ -42,39 +44,46 @@ def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str =
 
 @dataclass(frozen=True)
 class MaskValues:
-    """The two values a restored mask is written in: the input mask's own, so that 0/1 comes back 0/1 and
-    0/255 comes back 0/255 (the kept slices verbatim), in a type every output holds (uint8, uint16 or
-    float32). The default, 0/255 uint8, is ImageJ's binary mask: what a mask binarised from other values
-    (a threshold, a label image given as a mask) is written in.
+    """The two values a restored mask is written in: the input mask's own, so that 0/1 comes back 0/1,
+    0/255 comes back 0/255 and a two-class segmentation's 1/2 comes back 1/2 (the kept slices verbatim), in
+    a type every output holds (uint8, uint16 or float32). The default, 0/255 uint8, is ImageJ's binary mask:
+    what a mask binarised from other values (a threshold, a label image given as a mask) is written in.
     """
     foreground: float = 255
     dtype: str = "uint8"
+    background: float = 0
 
     @classmethod
     def of(cls, sample: np.ndarray) -> "MaskValues":
-        """The values of a mask whose ``sample`` (any shape, its stored dtype) holds 0 and one other value;
-        the default for a bool sample or any other."""
+        """The values of a mask whose ``sample`` (any shape, its stored dtype) holds 0 and one other value, or
+        two values neither of them 0 (:func:`binarize`: the larger is the foreground); the default for a bool
+        sample or any other."""
         values = np.unique(sample) if sample.dtype != bool else np.zeros(0)
-        foreground = values[values != 0]
-        if len(foreground) != 1 or not foreground[0] > 0:
+        if len(values) == 2 and values[0] > 0:
+            background, foreground = values
+        elif len(values) in (1, 2) and values[0] == 0 and values[-1] > 0:
+            background, foreground = 0, values[-1]
+        else:
             return cls()
-        value = foreground[0]
         if not np.issubdtype(sample.dtype, np.integer):
-            return cls(float(value), "float32") if float(np.float32(value)) == float(value) else cls()
-        if value <= np.iinfo(np.uint8).max:
-            return cls(int(value), "uint8" if sample.dtype.itemsize == 1 else "uint16")
-        return cls(int(value), "uint16") if value <= np.iinfo(np.uint16).max else cls()
+            exact = all(float(np.float32(v)) == float(v) for v in (background, foreground))
+            return cls(float(foreground), "float32", float(background)) if exact else cls()
+        if foreground <= np.iinfo(np.uint8).max:
+            return cls(int(foreground), "uint8" if sample.dtype.itemsize == 1 else "uint16", int(background))
+        return cls(int(foreground), "uint16", int(background)) if foreground <= np.iinfo(np.uint16).max else cls()
 
     def encode(self, mask: np.ndarray) -> np.ndarray:
-        """``mask`` (bool, or non-zero = foreground) as 0 / ``foreground`` of ``dtype``."""
+        """``mask`` (bool, or non-zero = foreground) as ``background`` / ``foreground`` of ``dtype``."""
         out = np.asarray(mask).astype(bool, copy=False).astype(self.dtype)
+        if self.background != 0:
+            return np.where(out, np.array(self.foreground, self.dtype), np.array(self.background, self.dtype))
         if self.foreground != 1:
             out *= np.array(self.foreground, dtype=self.dtype)
         return out
 
     def describe(self) -> str:
         """``0/1 uint8`` for the plan."""
-        return f"0/{self.foreground:g} {self.dtype}"
+        return f"{self.background:g}/{self.foreground:g} {self.dtype}"
 
 
 def import_binary_tiff_sequence(path: PathLike, threshold: Optional[float] = None) -> np.ndarray:
@@ -162,7 +171,7 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
     """The kind a person would read from a sample of a stack's values, and why.
 
     Rule, in order: a bool stack or at most two values, one of them 0 (0/1,
-    0/255) -> 'mask'; non-integer values -> 'intensity'; an integer stack whose
+    0/255), or two positive integers (a two-class segmentation, ilastik's 1/2) -> 'mask'; non-integer values -> 'intensity'; an integer stack whose
     object pixels are piecewise constant (:func:`flatness` >= ``LABEL_FLATNESS``)
     -> 'labels'; one with noise or texture (<= ``INTENSITY_FLATNESS``) ->
     'intensity'; in between, ``None`` (the evidence is ambiguous).
@@ -179,6 +188,9 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
         return None, "no values to decide from"
     if len(values) <= 2 and values[0] == 0:
         return "mask", f"{'/'.join(f'{v:g}' for v in values)} values"
+    if len(values) == 2 and values[0] > 0 and np.array_equal(values, np.round(values)):
+        return "mask", (f"two values, {values[0]:g}/{values[1]:g}: a two-class segmentation, {values[1]:g} the "
+                        "foreground")
     if len(values) == 1:
         return "intensity", f"one value ({values[0]:g}) other than 0"
     if not np.issubdtype(sample.dtype, np.integer) and not np.array_equal(values, np.round(values)):

@@ -10,6 +10,7 @@ from data import (
     downsample_z,
     factor_from_voxel_size,
     import_binary_tiff_sequence,
+    kind_evidence,
     list_tiff_files,
     make_sample_labels,
     make_sample_stack,
@@ -136,14 +137,17 @@ def test_binarization_warns_for_non_binary_values(tmp_path):
     assert np.array_equal(result, arr != 0)
 
 
-def test_binarization_warns_for_two_values_without_zero(tmp_path):
+def test_two_values_without_zero_are_a_two_class_segmentation(tmp_path):
+    """ilastik's Simple Segmentation (1/2, here 3/7): the larger value is the foreground, as kind_evidence says."""
     arr = np.full((2, 3, 3), 3, dtype=np.uint8)
-    arr[1] = 7
+    arr[1, 1:] = 7
     path = tmp_path / "two.tif"
     _imwrite(path, arr)
-    with pytest.warns(UserWarning, match="binarized"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         result = import_binary_tiff_sequence(path)
-    assert result.all()
+    np.testing.assert_array_equal(result, arr == 7)
+    assert kind_evidence(arr) == ("mask", "two values, 3/7: a two-class segmentation, 7 the foreground")
 
 
 def test_binarization_threshold(tmp_path):

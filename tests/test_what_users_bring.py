@@ -193,3 +193,19 @@ def test_label_images_of_several_stores_get_names_of_their_own(tmp_path, capsys,
     out = capsys.readouterr().out
     for name in ("a", "b"):
         assert f"output: {tmp_path / 'out' / f'{name}_labels_cells_restored.ome.zarr'}" in out
+
+
+def test_a_two_class_segmentation_is_a_mask_written_in_its_values(tmp_path, capsys, tiny_model_args):
+    """ilastik's Simple Segmentation: 1 and 2, no 0. The larger value is the foreground; block by block the
+    same cut is made (a block may hold only 1s), and the output holds 1 and 2 again."""
+    kept = np.where(mask_stack(), 2, 1).astype(np.uint8)
+    path = fiji_tiff(tmp_path / "simple_segmentation.tif", kept)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "out.tif")] + tiny_model_args) == 0
+    assert ("kind: mask (a mask model; two values, 1/2: a two-class segmentation, 2 the foreground); written as 1/2 "
+            "uint8") in capsys.readouterr().out
+    in_memory = tifffile.imread(tmp_path / "out.tif")
+    assert in_memory.dtype == np.uint8 and set(np.unique(in_memory)) == {1, 2}
+    np.testing.assert_array_equal(in_memory[::4], kept)
+    out = tmp_path / "out.ome.zarr"
+    assert apply.main(["--input", str(path), "--output", str(out), "--block-size", "32"] + tiny_model_args) == 0
+    np.testing.assert_array_equal(zarr_io.open_image(out).read(), in_memory)
