@@ -18,10 +18,10 @@ import numpy as np
 import blocks
 import zarr_io
 from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, MaskValues, OutputExistsError,
-                  StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists, normal_unit,
-                  other_series, read_calibration, read_typed_stack, read_value_sample, save_stack, stack_dtype,
-                  stack_shape)
-from tiff_io import is_ome_tiff_path
+                  StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists,
+                  normal_unit, other_series, read_calibration, read_typed_stack, read_value_sample, save_stack,
+                  stack_dtype, stack_shape)
+from tiff_io import is_ome_tiff_path, refuse_unwritable
 from h5_io import is_hdf5_path, split_hdf5_path
 from mrc_io import is_mrc_path
 from eval import default_recipe, run_cli
@@ -298,6 +298,8 @@ def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Op
     sample = (zarr_io.sample_for_label_detection(image) if image is not None
               else read_value_sample(path, choice=choice))
     decided, reason = decide_kind_and_reason(sample, "auto", f"'{path}'")
+    if model_kind == "labels" and decided == "mask" and sample.size and sample.min() > 0:
+        return "labels", f"a label model; {reason}"  # two ids and no 0: what a dense label model restores
     if model_kind is not None:
         if decided == "intensity":
             raise UserError(f"The model restores masks, but '{path}' looks like a grey-scale image ({reason}). Pass "
@@ -327,8 +329,9 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if image is not None:
         scale = unit_scale(image.unit, unit, path) if image.unit and image.unit != unit else 1.0
         translation = tuple(float(t) * scale for t in image.translation_zyx)
-    label_dtype = None if zarr_io.is_zarr_path(target) else np.uint16  # what the output holds
-    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind, choice, label_dtype)
+    to_zarr = zarr_io.is_zarr_path(target)
+    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind, choice,
+                                         None if to_zarr else np.uint16)  # the ids the output holds
                          if decided == "labels" else (False, None))
     if dense:
         prior = settings.inference.shape_prior
@@ -343,7 +346,6 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),
                                               training_kind(decided, dense))
-    to_zarr = zarr_io.is_zarr_path(target)
     mask_values = mask_values_for(path, image, decided, threshold, choice)
     if mask_values is not None and mask_values.background != 0:  # a two-class segmentation: every block cuts alike
         settings = settings.with_values(BINARIZE_THRESHOLD=float(mask_values.background))
@@ -394,13 +396,21 @@ def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind:
     return False, "the nearest id of the kept slices within each restored object"
 
 
+def output_files(args: argparse.Namespace, targets: Sequence[Path]) -> List[Tuple[Path, str]]:
+    """Every path this run writes, with what it is: the outputs, their probabilities and previews, the model."""
+    files = [(t, "output") for t in targets]
+    files += [(probabilities_path_for(t), "probabilities") for t in targets] if args.save_probabilities != "none" else []
+    files += [(preview_path_for(t), "preview") for t in targets] if args.preview else []
+    return files + ([(Path(args.save_model), "model (--save-model)")] if args.save_model else [])
+
+
 def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     """Refuse outputs that exist (unless --overwrite, or --resume for OME-Zarr), before any work."""
-    extra = [probabilities_path_for(t) for t in targets] if args.save_probabilities != "none" else []
-    extra += [preview_path_for(t) for t in targets] if args.preview else []
-    extra += [Path(args.save_model)] if args.save_model else []
+    extra = [path for path, _ in output_files(args, targets)[len(targets):]]
     resume = args.settings.large.resume
-    resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if resume else set()
+    # A resumed run replaces its --save-model file with the model its store holds: the one it saved before.
+    resumable = ({str(t) for t in targets + extra if zarr_io.is_zarr_path(t) or str(t) == str(args.save_model)}
+                 if resume else set())
     clashes = [str(t) for t in list(targets) + extra if t.exists() and str(t) not in resumable]
     if clashes and not args.overwrite:
         raise OutputExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite"
@@ -452,6 +462,8 @@ def plan_restores(args: argparse.Namespace) -> Tuple[List[RestorePlan], Optional
     targets = output_targets(args, inputs)
     check_large_volume_flags(args, targets)
     check_kind_flags(args, kind)
+    for path, what in output_files(args, targets):
+        refuse_unwritable(path, what)
     if not args.dry_run:
         check_outputs(args, targets)
     model, saved_config, model_kind = given_model(args)
@@ -583,6 +595,10 @@ def check_large_volume_flags(args: argparse.Namespace, targets: Sequence[Path]) 
         raise UserError("--preview needs the whole restored stack in memory; it is available for TIFF outputs.")
     if any(to_zarr):
         blocks.chunk_edge(large.block_size)
+    if large.workers > 0:
+        blocks.check_worker_memory_floor(large.worker_memory)
+    if large.scheduler:  # reached now, not after the training
+        blocks.check_scheduler(large.scheduler)
 
 
 def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) -> None:
@@ -603,13 +619,19 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     voxel = plan.voxel_out_zyx
     described = blocks.OutputMetadata(voxel, plan.unit, plan.translation_zyx, label_name=name, source_name=str(path),
                                       source_stack=plan.choice.describe(), mask_values=plan.written_mask_values)
-    result = blocks.restore_to_ome_zarr(
-        source, target, factor, settings, described, kind="intensity" if plan.kind == "intensity" else "mask",
-        model=model, model_config=config, labels_source=labels, label_rule="dense" if plan.dense_labels else "sparse",
-        probabilities=probabilities,
-        probabilities_output=probabilities_path_for(target) if probabilities else None, overwrite=args.overwrite)
+    try:
+        result = blocks.restore_to_ome_zarr(
+            source, target, factor, settings, described, kind="intensity" if plan.kind == "intensity" else "mask",
+            model=model, model_config=config, labels_source=labels,
+            label_rule="dense" if plan.dense_labels else "sparse", probabilities=probabilities,
+            probabilities_output=probabilities_path_for(target) if probabilities else None, overwrite=args.overwrite)
+    except KeyboardInterrupt:  # the blocks written are kept: say how to go on
+        if target.exists():
+            print(f"\n'{target}' keeps the blocks written so far: the same command with --resume (and without "
+                  "--overwrite) continues from them.", file=sys.stderr)
+        raise
     if args.save_model and result["model"] is not None:
-        save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
+        save_model(args.save_model, result["model"], config, overwrite=args.overwrite or settings.large.resume)
     if result["state"] == "complete":
         if not result["skipped"]:
             record_throughput(plan, result["train_s"], result["restore_s"])

@@ -98,6 +98,7 @@ CUDA_HOST_BYTES = 1 * 2**30
 # its skip and the blend), a generous bound for the default network.
 ACTIVATION_BYTES = 256
 PROCESS_BYTES = 300 * 2**20  # Python, torch and the model in a worker
+SCHEDULER_TIMEOUT = "10s"  # how long a --scheduler address is tried before the run is refused
 PROGRESS_GROUP = "restore_progress"  # markers of finished blocks (and staged inputs), removed when complete
 MODEL_FILE = "restore_model.pt"  # the model of a run, in the output until it completes (resume, workers)
 ERROR_FILE = "restore_error.txt"  # full traceback of the task that stopped a run, in the output until it completes
@@ -1484,11 +1485,40 @@ def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[S
                         "and no probabilities (--save-probabilities).")
 
 
+def check_worker_memory_floor(worker_memory: str) -> None:
+    """One error for a ``--worker-memory`` that is no size, or below what a worker process holds before any
+    block (``PROCESS_BYTES``: Python, torch and the model): Dask would restart such workers for ever."""
+    try:
+        limit = parse_bytes(worker_memory)
+    except (ValueError, TypeError) as error:
+        raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
+    if limit < PROCESS_BYTES:
+        raise UserError(f"--worker-memory {worker_memory} is less than a worker process needs before any block (about "
+                        f"{PROCESS_BYTES // 2**20} MiB for Python, torch and the model), so Dask would restart the "
+                        "workers for ever. Give at least 1GiB (the plan's 'memory per worker' line estimates a block's "
+                        "need), or fewer --workers with more memory each.")
+
+
+def check_scheduler(address: str) -> None:
+    """One error, before any work, when the Dask scheduler at ``address`` cannot be reached."""
+    from distributed import Client
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            Client(address, timeout=SCHEDULER_TIMEOUT).close()
+        except OSError as error:
+            raise UserError(f"Cannot reach the Dask scheduler at {address} ({error}). Check the address (as the "
+                            "scheduler prints it, tcp://HOST:8786) and that it is running.") from None
+
+
 def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
                          worker_memory: str, on_workers: bool, device: Optional[str],
                          grey_values: Optional[str] = None, dense_label_dtype: Optional[Any] = None) -> None:
-    """Reject a worker memory that is no size; warn when a block likely needs more than it
-    (:func:`estimate_worker_memory`)."""
+    """Reject a worker memory that is no size (or too small for any worker, :func:`check_worker_memory_floor`);
+    warn when a block likely needs more than it (:func:`estimate_worker_memory`)."""
+    if on_workers:
+        check_worker_memory_floor(worker_memory)
     try:
         limit = parse_bytes(worker_memory)
     except (ValueError, TypeError) as error:

@@ -19,7 +19,7 @@ from __future__ import annotations
 # get (a test checks). None = the rule named in the comment.
 # ----------------------------------------------------------------------------
 # The run (eval.py only)
-INPUT_IMAGES_DIRECTORY = ""  # folder of 2D TIFF slices, a multipage TIFF, file.h5/key or .mrc; "" = built-in sample
+INPUT_IMAGES_DIRECTORY = ""  # isotropic TIFF, slice folder, file.h5/key, .mrc or .ome.zarr; "" = built-in sample
 OUTPUT_PREDICTION_OUTDIRECTORY = ""  # predicted stacks; "" = <RUN_DIRECTORY>/predicted
 OUTPUT_INTERPOLATED_DIRECTORY = ""  # morphed (baseline) stack; "" = <RUN_DIRECTORY>/interpolated
 RUN_DIRECTORY = ""  # model, figures, metrics.json; "" = a new folder runs/eval-<date>-<time>
@@ -81,6 +81,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
@@ -94,8 +95,9 @@ CONFIG_NAMES = [name for name in list(globals()) if name.isupper() and not name.
 
 # The flags of the run constants above (the recipe's flags come from settings.py).
 RUN_FLAGS = {
-    "INPUT_IMAGES_DIRECTORY": ("--input", "PATH", "folder of 2D TIFF slices, a multipage TIFF, an HDF5 dataset "
-                               "(file.h5/key) or an MRC file", "the built-in sample"),
+    "INPUT_IMAGES_DIRECTORY": ("--input", "PATH", "an isotropic stack: folder of 2D TIFF slices, a multipage TIFF, "
+                               "an HDF5 dataset (file.h5/key), an MRC file or an OME-Zarr image; its pixel size and "
+                               "unit are read from the file", "the built-in sample"),
     "RUN_DIRECTORY": ("--run-directory", "PATH", "folder for the model, figures and metrics.json",
                       "a new folder runs/eval-<date>-<time>"),
     "OUTPUT_PREDICTION_OUTDIRECTORY": ("--output-prediction-outdirectory", "PATH", "folder of the predicted stacks",
@@ -177,6 +179,10 @@ def validate_settings(settings: Dict[str, Any]) -> None:
 
     resolution_factor(settings["Z_RESOLUTION"], settings["XY_RESOLUTION"])
     Settings.from_dict(settings).validate()
+    shape = tuple(settings["SAMPLE_SHAPE"])
+    if len(shape) != 3 or not all(int(n) == n and n > 0 for n in shape):
+        raise UserError(f"SAMPLE_SHAPE (--sample-shape) is three positive sizes D,H,W (e.g. 128,128,128), got "
+                        f"{','.join(map(str, shape))}.")
     if str(settings["SHOW"]).lower() not in ("auto", "yes", "no", "true", "false"):
         raise UserError(f"SHOW must be auto, yes or no, got '{settings['SHOW']}'.")
 
@@ -314,6 +320,7 @@ def intensity_comparison_figure(truth_dhw: np.ndarray, linear_dhw: np.ndarray, c
 def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
     """Every file this run writes; checked before any long work starts."""
     from data import OutputExistsError
+    from tiff_io import refuse_unwritable
 
     run_dir = Path(settings["RUN_DIRECTORY"] or Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
     predicted_dir = Path(settings["OUTPUT_PREDICTION_OUTDIRECTORY"] or run_dir / "predicted")
@@ -329,12 +336,53 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
         "morphed": interpolated_dir / "morphed_stack.tif",  # grey-scale: linear interpolation along Z
         "predicted_labels": predicted_dir / "predicted_labels.tif",  # written for label-image inputs
     }
+    for path in paths.values():
+        refuse_unwritable(path)
     if not settings["OVERWRITE"]:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise OutputExistsError(f"Output files already exist: {', '.join(existing)}. Choose other output "
                                   "directories or pass --overwrite.")
     return paths
+
+
+def with_input_voxel_size(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[str, Any]:
+    """The settings of a run on a user's isotropic stack (``INPUT_IMAGES_DIRECTORY``): its pixel size and unit
+    read from the file, as apply.py reads them, unless typed (``--xy-size``, ``--unit``); the simulated Z step
+    keeps the default factor (``Z_RESOLUTION / XY_RESOLUTION``) unless ``--z-step`` is typed (in the file's
+    unit). Unchanged for the built-in sample or a file that carries no pixel size (the plan line says so)."""
+    import zarr_io
+    from data import LENGTH_UNITS_IN_UM, UserError, read_calibration
+
+    path = settings["INPUT_IMAGES_DIRECTORY"]
+    if not path or "XY_RESOLUTION" in typed:
+        return settings
+    if zarr_io.is_zarr_path(path):
+        image = zarr_io.open_image(path, _Settings.from_dict(settings).data.stack_choice())
+        calibration = (image.voxel_size_zyx, image.unit) if image.voxel_size_zyx else None
+    else:
+        calibration = read_calibration(path)
+    if calibration is None or not calibration[0][2]:
+        print(f"'{path}' carries no pixel size: the default XY_RESOLUTION {settings['XY_RESOLUTION']:g} "
+              f"{settings['VOXEL_UNIT']} is used (--xy-size and --unit give it).")
+        return settings
+    (z, _, x), unit = calibration
+    unit = unit or settings["VOXEL_UNIT"]
+    if "VOXEL_UNIT" in typed and unit != settings["VOXEL_UNIT"]:
+        if unit not in LENGTH_UNITS_IN_UM or settings["VOXEL_UNIT"] not in LENGTH_UNITS_IN_UM:
+            raise UserError(f"--unit {settings['VOXEL_UNIT']} differs from the unit of '{path}' ({unit}) and cannot "
+                            "be converted; pass --xy-size too.")
+        scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[settings["VOXEL_UNIT"]]
+        x, z, unit = x * scale, None if z is None else z * scale, settings["VOXEL_UNIT"]
+    ratio = settings["Z_RESOLUTION"] / settings["XY_RESOLUTION"]
+    resolved = dict(settings, XY_RESOLUTION=float(x), VOXEL_UNIT=unit)
+    if "Z_RESOLUTION" not in typed:
+        resolved["Z_RESOLUTION"] = float(ratio * x)
+    print(f"Pixel size from '{path}': {x:g} {unit}; simulated Z step {resolved['Z_RESOLUTION']:g} {unit}.")
+    if z is not None and abs(z - x) > 0.01 * x:
+        warnings.warn(f"'{path}' has a Z step of {z:g} {unit} and pixels of {x:g} {unit}: eval.py simulates the "
+                      "anisotropy of an isotropic stack, and this one is anisotropic already (apply.py restores it).")
+    return resolved
 
 
 def load_evaluation_stack(settings: Dict[str, Any]):
@@ -345,13 +393,19 @@ def load_evaluation_stack(settings: Dict[str, Any]):
     stored grey values for intensities. Without an input, the built-in sample
     (a label phantom, or its grey-scale rendering for ``KIND = intensity``).
     """
+    import zarr_io
     from data import make_sample_intensity, make_sample_labels, read_typed_stack
 
     if settings["INPUT_IMAGES_DIRECTORY"]:
         source = str(settings["INPUT_IMAGES_DIRECTORY"])
         recipe = _Settings.from_dict(settings)
-        kind, truth, labels = read_typed_stack(source, recipe.data.kind, recipe.data.binarize_threshold,
-                                               choice=recipe.data.stack_choice())
+        if zarr_io.is_zarr_path(source):
+            image = zarr_io.open_image(source, recipe.data.stack_choice())
+            kind, truth, labels = zarr_io.read_typed_image(image, recipe.data.kind, recipe.data.binarize_threshold,
+                                                           None)
+        else:
+            kind, truth, labels = read_typed_stack(source, recipe.data.kind, recipe.data.binarize_threshold,
+                                                   choice=recipe.data.stack_choice())
         return kind, truth, labels, source
     shape, seed = tuple(settings["SAMPLE_SHAPE"]), settings["RANDOM_STATE"]
     source = f"built-in sample {shape}"
@@ -437,6 +491,7 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
 
     from settings import FITTED_TO, Settings
 
+    settings = with_input_voxel_size(settings, typed)
     validate_settings(settings)
     recipe = Settings.from_dict(settings)
     start = time.perf_counter()
@@ -497,7 +552,8 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
 def run_cli(job, *args) -> int:
     """Run a command-line job: a user error (``data.UserError``: bad path, damaged
     file, existing output, bad setting) prints one ``error: ...`` line and gives
-    exit status 2. Any other exception is a bug and keeps its traceback."""
+    exit status 2; Ctrl-C prints ``interrupted`` and gives 130, as a shell does. Any
+    other exception is a bug and keeps its traceback."""
     from data import UserError
 
     try:
@@ -505,6 +561,9 @@ def run_cli(job, *args) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C).", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -563,7 +563,18 @@ class SwitchAction(argparse.BooleanOptionalAction):
 
 class SettingsParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` that also takes ``--switch true/false`` (and ``--switch=false``) for its
-    switches, as earlier versions did."""
+    switches, as earlier versions did. Flags are never abbreviated: ``--factor 4`` would otherwise be read
+    as ``--factor-rounding 4``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if "--factor" in message and "--factor-rounding" not in message:
+            message += (" (there is no --factor: it comes from the voxel size, --z-step over --xy-size, read from the "
+                        "file in apply.py)")
+        super().error(message)
 
     def parse_known_args(self, args=None, namespace=None):
         import sys

@@ -640,6 +640,22 @@ def save_stack(
     return path
 
 
+def refuse_unwritable(path: PathLike, what: str = "output") -> None:
+    """One error, before any work, for an output path that cannot be written: one under a file (a path that
+    names a file as a folder), or under a folder this user may not write to or on a read-only disk (the
+    nearest folder that exists decides; missing folders below it are created on writing)."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"Cannot write the {what} '{path}': '{ancestor}' is a file, not a folder. Choose a path in a "
+                        "folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write the {what} '{path}': the folder '{ancestor}' is not writable (no permission, "
+                        "or a read-only disk). Choose a folder you may write to.")
+
+
 @contextlib.contextmanager
 def writing_to(path: PathLike):
     """Turn the operating system's refusals while writing ``path`` (no permission, disk full,

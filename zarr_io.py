@@ -113,6 +113,11 @@ def short_unit(unit: Optional[str]) -> Optional[str]:
 # --------------------------------------------------------------------------- #
 # Reading
 # --------------------------------------------------------------------------- #
+# What the codecs say of a chunk that does not decode (blosc, zstd, gzip, crc32c, a short read).
+CHUNK_DAMAGE_WORDS = ("decompress", "decode", "codec", "checksum", "crc", "truncat", "corrupt", "invalid data",
+                      "unexpected end", "incorrect header")
+
+
 @dataclass(frozen=True)
 class ZarrImage:
     """One 3D image in a Zarr store, described without its pixels (small, picklable).
@@ -156,8 +161,15 @@ class ZarrImage:
         return _open_array(self.path, self.component, mode)
 
     def read(self, z: slice = slice(None), y: slice = slice(None), x: slice = slice(None)) -> np.ndarray:
-        """The pixels of one window, ``(z, y, x)`` order, as stored; only the chunks it touches are read."""
-        return np.asarray(self.array()[self.leading_index + (z, y, x)])
+        """The pixels of one window, ``(z, y, x)`` order, as stored; only the chunks it touches are read. A chunk
+        that does not decode (a store copied in part, a disk error) is one :class:`DamagedFileError`."""
+        try:
+            return np.asarray(self.array()[self.leading_index + (z, y, x)])
+        except (RuntimeError, ValueError, OSError) as error:
+            if not any(word in str(error).lower() for word in CHUNK_DAMAGE_WORDS):
+                raise
+            raise DamagedFileError.of(self.path, "Zarr store", f"a chunk of '{self.component or '/'}' does not decode: "
+                                      f"{type(error).__name__}: {error}") from error
 
 
 def _open_array(path: str, component: str, mode: str = "r") -> zarr.Array:

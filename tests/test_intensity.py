@@ -41,7 +41,9 @@ def test_decide_kind_asks_only_where_the_evidence_is_ambiguous():
     assert decide_kind(np.linspace(0, 1, 18, dtype=np.float32).reshape(2, 3, 3)) == "intensity"
     # every neighbour differs (noise, texture): grey values; flat regions of ids: a label image
     assert decide_kind(np.arange(18, dtype=np.uint8).reshape(2, 3, 3)) == "intensity"
-    assert decide_kind(np.array([[3, 3, 7, 7]] * 4, np.uint8)[None].repeat(2, 0)) == "labels"
+    assert decide_kind(np.array([[3, 3, 3, 7, 7, 7, 9, 9, 9]] * 4, np.uint8)[None].repeat(2, 0)) == "labels"
+    # two values neither 0 are a two-class segmentation (ilastik's 1/2), a mask
+    assert decide_kind(np.array([[3, 3, 7, 7]] * 4, np.uint8)[None].repeat(2, 0)) == "mask"
     # two thirds of the neighbouring pairs equal: between the two, so --kind is asked for
     ambiguous = np.array([[1, 1, 2, 3]] * 4, np.uint8)[None].repeat(2, 0)
     with pytest.raises(UserError, match="--kind labels or --kind intensity"):

@@ -209,3 +209,109 @@ def test_a_two_class_segmentation_is_a_mask_written_in_its_values(tmp_path, caps
     out = tmp_path / "out.ome.zarr"
     assert apply.main(["--input", str(path), "--output", str(out), "--block-size", "32"] + tiny_model_args) == 0
     np.testing.assert_array_equal(zarr_io.open_image(out).read(), in_memory)
+
+
+# --------------------------------------------------------------------------- #
+# Large volumes and eval.py, as a new user meets them
+# --------------------------------------------------------------------------- #
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys, tiny_model_args):
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack().astype(np.uint8) * 255)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a file, where a folder is named")
+    for flags in (["--output", str(notes / "out.tif")],
+                  ["--output", str(tmp_path / "out.tif"), "--save-model", str(notes / "m.pt"), "--num-epochs", "1"]):
+        assert apply.main(["--input", str(path), "--dry-run"] + flags) == 2
+        assert f"'{notes}' is a file, not a folder" in capsys.readouterr().err
+    import eval as evaluation
+
+    settings = dict(evaluation.default_settings(), RUN_DIRECTORY=str(path / "run"), SHOW="no")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        evaluation.output_paths(settings)
+
+
+def test_flags_are_never_abbreviated_and_factor_is_explained(capsys):
+    import eval as evaluation
+
+    for main, args in ((apply.main, ["--input", "x.tif", "--output", "y.tif"]), (evaluation.main, [])):
+        with pytest.raises(SystemExit):
+            main(args + ["--factor", "4"])
+        assert "unrecognized arguments: --factor 4 (there is no --factor: it comes from the voxel size" in \
+            capsys.readouterr().err
+
+
+def test_eval_sample_shape_needs_three_sizes(capsys):
+    import eval as evaluation
+
+    assert evaluation.main(["--sample-shape", "64,64", "--show", "no"]) == 2
+    assert "SAMPLE_SHAPE (--sample-shape) is three positive sizes D,H,W" in capsys.readouterr().err
+
+
+def test_eval_reads_the_pixel_size_of_its_input(tmp_path, capsys):
+    import eval as evaluation
+
+    path = fiji_tiff(tmp_path / "iso.tif", mask_stack().astype(np.uint8), voxel=(0.5, 0.5, 0.5))
+    settings = dict(evaluation.default_settings(), INPUT_IMAGES_DIRECTORY=str(path))
+    resolved = evaluation.with_input_voxel_size(settings)  # the default factor 8 kept, in the file's pixels
+    assert (resolved["XY_RESOLUTION"], resolved["Z_RESOLUTION"], resolved["VOXEL_UNIT"]) == (0.5, 4.0, "um")
+    typed_z = evaluation.with_input_voxel_size(dict(settings, Z_RESOLUTION=2.0), ["Z_RESOLUTION"])
+    assert (typed_z["XY_RESOLUTION"], typed_z["Z_RESOLUTION"]) == (0.5, 2.0)  # factor 4
+    in_nm = evaluation.with_input_voxel_size(dict(settings, VOXEL_UNIT="nm"), ["VOXEL_UNIT"])
+    assert (in_nm["XY_RESOLUTION"], in_nm["Z_RESOLUTION"], in_nm["VOXEL_UNIT"]) == (500.0, 4000.0, "nm")
+    typed_xy = dict(settings, XY_RESOLUTION=3.0)
+    assert evaluation.with_input_voxel_size(typed_xy, ["XY_RESOLUTION"]) == typed_xy
+    store = tmp_path / "iso.ome.zarr"
+    zarr_io.write_image(store, mask_stack(), (0.5, 0.5, 0.5), "um")
+    from_zarr = evaluation.with_input_voxel_size(dict(settings, INPUT_IMAGES_DIRECTORY=str(store)))
+    assert (from_zarr["XY_RESOLUTION"], from_zarr["Z_RESOLUTION"]) == (0.5, 4.0)
+    kind, truth, _, _ = evaluation.load_evaluation_stack(dict(settings, INPUT_IMAGES_DIRECTORY=str(store)))
+    assert kind == "mask" and np.array_equal(truth, mask_stack())
+
+
+def test_worker_memory_below_a_workers_own_need_is_one_error(tmp_path, capsys, tiny_model_args):
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack().astype(np.uint8) * 255)
+    args = ["--input", str(path), "--output", str(tmp_path / "o.ome.zarr"), "--workers", "2", "--worker-memory",
+            "150MiB", "--dry-run"] + tiny_model_args
+    assert apply.main(args) == 2
+    assert "--worker-memory 150MiB is less than a worker process needs before any block" in capsys.readouterr().err
+
+
+def test_an_unreachable_scheduler_is_one_error_before_training(tmp_path, capsys, monkeypatch):
+    import blocks
+
+    monkeypatch.setattr(blocks, "SCHEDULER_TIMEOUT", "1s")
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack().astype(np.uint8) * 255)
+    out = tmp_path / "o.ome.zarr"
+    assert apply.main(["--input", str(path), "--output", str(out), "--scheduler", "tcp://127.0.0.1:1"] + CHEAP) == 2
+    assert "Cannot reach the Dask scheduler at tcp://127.0.0.1:1" in capsys.readouterr().err
+    assert not out.exists()  # nothing left behind that a corrected command would meet as 'Output exists'
+
+
+def test_a_damaged_zarr_chunk_is_a_damaged_file(tmp_path, capsys):
+    store = tmp_path / "bad.ome.zarr"
+    zarr_io.write_image(store, np.ones((5, 64, 64), bool), VOXEL, "um")
+    chunk = next(p for p in sorted((store / "s0").rglob("*")) if p.is_file() and not p.name.startswith("."))
+    chunk.write_bytes(np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes())
+    assert apply.main(["--input", str(store), "--output", str(tmp_path / "o.tif"), "--dry-run"]) == 2
+    assert "is damaged or not a valid Zarr store (a chunk of 's0' does not decode" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_with_save_model_resumes(tmp_path, capsys):
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack((9, 64, 64)).astype(np.uint8) * 255)
+    out, model = tmp_path / "o.ome.zarr", tmp_path / "m.pt"
+    common = ["--input", str(path), "--output", str(out), "--save-model", str(model), "--block-size", "32"] + CHEAP
+    assert apply.main(common + ["--max-blocks", "1"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    assert apply.main(common + ["--resume"]) == 0  # the model file of the first part is no 'Output exists'
+    capsys.readouterr()
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "again.tif"), "--model", str(model)]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "again.tif"), zarr_io.open_image(out).read())
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    import eval as evaluation
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert evaluation.run_cli(interrupted) == 130
+    assert "interrupted (Ctrl-C)." in capsys.readouterr().err
