@@ -19,8 +19,8 @@ import blocks
 import zarr_io
 from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, MaskValues, OutputExistsError,
                   StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists,
-                  normal_unit, other_series, read_calibration, read_typed_stack, read_value_sample, save_stack,
-                  stack_dtype, stack_shape)
+                  normal_unit, other_series, read_calibration, read_stack, read_typed_stack, read_value_sample,
+                  save_stack, stack_dtype, stack_shape)
 from tiff_io import is_ome_tiff_path, refuse_unwritable
 from h5_io import is_hdf5_path, split_hdf5_path
 from mrc_io import is_mrc_path
@@ -277,9 +277,10 @@ def kind_from_flags(args: argparse.Namespace) -> str:
     return kind if kind != "auto" else from_labels
 
 
-def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Optional[str],
-               choice: StackChoice = StackChoice()) -> Tuple[str, str]:
-    """The kind of one input and why, from a sample of its values (nothing else is read).
+def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Optional[str], image,
+               sample: np.ndarray) -> Tuple[str, str]:
+    """The kind of one input and why, from its OME-Zarr metadata (``image``, None for a file) and a
+    ``sample`` of its values (:func:`value_sample`).
 
     Order: ``--kind``; a binarization threshold (a mask); a saved model's
     kind (a grey-scale model restores grey values; a mask model masks, or
@@ -290,13 +291,10 @@ def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Op
         return kind, "given as --kind"
     if threshold is not None:
         return "mask", "--binarize-threshold given"
-    image = zarr_io.open_image(path, choice) if zarr_io.is_zarr_path(path) else None
     if model_kind == "intensity":
         return "intensity", "the model restores grey values"
     if image is not None and image.is_label:
         return "labels", "an OME-Zarr label image"
-    sample = (zarr_io.sample_for_label_detection(image) if image is not None
-              else read_value_sample(path, choice=choice))
     decided, reason = decide_kind_and_reason(sample, "auto", f"'{path}'")
     if model_kind == "labels" and decided == "mask" and sample.size and sample.min() > 0:
         return "labels", f"a label model; {reason}"  # two ids and no 0: what a dense label model restores
@@ -316,7 +314,8 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     image = zarr_io.open_image(path, choice) if zarr_io.is_zarr_path(path) else None  # a damaged file is named first
     shape = tuple(image.shape) if image is not None else stack_shape(path, choice)
     dtype = image.dtype if image is not None else stack_dtype(path)
-    decided, why = input_kind(path, kind, threshold, model_kind, choice)
+    sample = value_sample(path, image, choice)  # read once: the kind, the label rule and the mask's values
+    decided, why = input_kind(path, kind, threshold, model_kind, image, sample)
     check_kind_flags(args, decided, path)
     voxel, unit, said = voxel_size_for(path, settings.voxel)
     factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1, rounding=settings.voxel.factor_rounding)[0]
@@ -330,7 +329,7 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
         scale = unit_scale(image.unit, unit, path) if image.unit and image.unit != unit else 1.0
         translation = tuple(float(t) * scale for t in image.translation_zyx)
     to_zarr = zarr_io.is_zarr_path(target)
-    dense, label_rule = (labels_rule_for(path, image, saved_config, model_kind, choice,
+    dense, label_rule = (labels_rule_for(path, sample, saved_config, model_kind,
                                          None if to_zarr else np.uint16)  # the ids the output holds
                          if decided == "labels" else (False, None))
     if dense:
@@ -346,7 +345,7 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),
                                               training_kind(decided, dense))
-    mask_values = mask_values_for(path, image, decided, threshold, choice)
+    mask_values = mask_values_for(path, image, decided, threshold, choice, sample)
     if mask_values is not None and mask_values.background != 0:  # a two-class segmentation: every block cuts alike
         settings = settings.with_values(BINARIZE_THRESHOLD=float(mask_values.background))
     return RestorePlan(path, target, decided, why, factor, said, shape, np.dtype(dtype), voxel, unit, translation,
@@ -358,16 +357,36 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        dense_labels=dense, mask_values=mask_values)
 
 
-def mask_values_for(path: Path, image, kind: str, threshold: Optional[float], choice: StackChoice
-                    ) -> Optional[MaskValues]:
-    """The two values a restored mask is written in: the input mask's own (``data.MaskValues.of`` a sample of
-    its values), 0/255 for a mask binarised by ``--binarize-threshold``; None for other kinds."""
+def value_sample(path: Path, image, choice: StackChoice) -> np.ndarray:
+    """A sample of an input's values, read once per input: a few evenly spaced slices of a file
+    (``data.read_value_sample``), the central window of a store's middle slice."""
+    return (zarr_io.sample_for_label_detection(image) if image is not None
+            else read_value_sample(path, choice=choice))
+
+
+def mask_values_for(path: Path, image, kind: str, threshold: Optional[float], choice: StackChoice,
+                    sample: np.ndarray) -> Optional[MaskValues]:
+    """The two values a restored mask is written in: the input mask's own (``data.MaskValues.of`` its value
+    ``sample``, or of :func:`fuller_sample` where that holds one value only: a small object the sampled slices
+    miss), 0/255 for a mask binarised by ``--binarize-threshold``; None for other kinds."""
     if kind != "mask":
         return None
     if threshold is not None:
         return MaskValues()
-    return MaskValues.of(zarr_io.sample_for_label_detection(image) if image is not None
-                         else read_value_sample(path, choice=choice))
+    if sample.dtype != bool and len(np.unique(sample)) < 2:
+        sample = fuller_sample(path, image, choice)
+    return MaskValues.of(sample)
+
+
+def fuller_sample(path: Path, image, choice: StackChoice, max_values: int = 2**26) -> np.ndarray:
+    """Values of every slice: a file's whole stack (an in-memory restore reads it anyway), or a store's every
+    slice at a lateral stride that keeps to about ``max_values`` values."""
+    if image is None:
+        return read_stack(path, choice)
+    depth, height, width = image.shape
+    step = max(1, int(np.ceil(np.sqrt(depth * height * width / max_values))))
+    return np.concatenate([image.read(slice(k, k + 1), slice(0, height, step), slice(0, width, step)).ravel()
+                           for k in range(depth)])
 
 
 def same_factor(trained_at: Optional[float], factor: float) -> bool:
@@ -376,14 +395,12 @@ def same_factor(trained_at: Optional[float], factor: float) -> bool:
     return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
 
 
-def labels_rule_for(path: Path, image, saved_config: Dict[str, Any], model_kind: Optional[str],
-                    choice: StackChoice = StackChoice(), label_dtype=np.uint16) -> Tuple[bool, str]:
-    """Whether a label image is dense (``restore.is_dense_label_image`` of a sample of its values) and how its
+def labels_rule_for(path: Path, sample: np.ndarray, saved_config: Dict[str, Any], model_kind: Optional[str],
+                    label_dtype=np.uint16) -> Tuple[bool, str]:
+    """Whether a label image is dense (``restore.is_dense_label_image`` of a ``sample`` of its values) and how its
     ids will be restored, for the plan; ids the output cannot hold (``label_dtype``: uint16 for a TIFF, None
     for OME-Zarr, ``data.as_label_image``) in the sample, and a saved model that restores the other target
     (boundaries of a dense label image, or a foreground), are one error here, before the whole stack is read."""
-    sample = (zarr_io.sample_for_label_detection(image) if image is not None
-              else read_value_sample(path, choice=choice))
     as_label_image(sample, path, label_dtype)
     dense = is_dense_label_image(sample)
     if model_kind is not None and saved_config.get("restores", "foreground") != ("boundaries" if dense else "foreground"):
@@ -406,16 +423,30 @@ def output_files(args: argparse.Namespace, targets: Sequence[Path]) -> List[Tupl
 
 def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     """Refuse outputs that exist (unless --overwrite, or --resume for OME-Zarr), before any work."""
-    extra = [path for path, _ in output_files(args, targets)[len(targets):]]
+    extra = [path for path, what in output_files(args, targets) if what != "output"]
     resume = args.settings.large.resume
-    # A resumed run replaces its --save-model file with the model its store holds: the one it saved before.
-    resumable = ({str(t) for t in targets + extra if zarr_io.is_zarr_path(t) or str(t) == str(args.save_model)}
-                 if resume else set())
+    resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if resume else set()
+    if resume_replaces_saved_model(args, targets):
+        resumable.add(str(args.save_model))
     clashes = [str(t) for t in list(targets) + extra if t.exists() and str(t) not in resumable]
     if clashes and not args.overwrite:
         raise OutputExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite"
                                 + (" (or --resume for an interrupted OME-Zarr output)." if any(
                                     zarr_io.is_zarr_path(c) for c in clashes) else "."))
+
+
+def resume_replaces_saved_model(args: argparse.Namespace, targets: Sequence[Path]) -> bool:
+    """Whether a ``--resume`` may replace its ``--save-model`` file: only one that holds a model saved by this
+    project, beside an output store being resumed (the interrupted run wrote it; the model is the store's)."""
+    if not (args.settings.large.resume and args.save_model and Path(args.save_model).is_file()):
+        return False
+    if not any(zarr_io.is_zarr_path(t) and t.exists() for t in targets):
+        return False
+    try:
+        load_model(args.save_model, "cpu")
+    except UserError:
+        return False
+    return True
 
 
 def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) -> Settings:
@@ -482,15 +513,17 @@ def output_targets(args: argparse.Namespace, inputs: Sequence[Path]) -> List[Pat
     if len(set(targets)) < len(targets):
         raise UserError("Several inputs would be written to the same output name; give inputs with distinct "
                         "names or restore them in separate calls.")
-    for path, target in zip(inputs, targets):
-        refuse_output_over_input(path, target)
+    for written, what in output_files(args, targets):
+        for path in inputs:  # any input, not only its own: '*.tif --output ./' meets a_restored.tif of a run before
+            refuse_output_over_input(path, written, what)
     return targets
 
 
-def refuse_output_over_input(input_path: Path, target: Path) -> None:
-    """One error, even with --overwrite, where an output would replace or write into its own input (the
-    input file itself, the store or HDF5 file that holds it, or the slice folder it is): an OME-Zarr output
-    is cleared before the input is read, and no run should put the only copy of the data at risk."""
+def refuse_output_over_input(input_path: Path, target: Path, what: str = "output") -> None:
+    """One error, even with --overwrite, where a file this run writes (``what``: the output, its probabilities
+    or preview, the --save-model file) would replace or write into an input (the input file itself, the store
+    or HDF5 file that holds it, or the slice folder it is): an OME-Zarr output is cleared before the input is
+    read, and no run should put the only copy of the data at risk."""
     source, written = input_path.absolute().resolve(), target.absolute().resolve()
     if written == source:
         where = "is the input"
@@ -500,8 +533,8 @@ def refuse_output_over_input(input_path: Path, target: Path) -> None:
         where = "lies inside the input"
     else:
         return
-    raise UserError(f"The output '{target}' {where} '{input_path}': writing it would destroy the data being "
-                    "restored. Choose an --output outside the input.")
+    raise UserError(f"The {what} '{target}' {where} '{input_path}': writing it would destroy the data being "
+                    f"restored. Choose another path outside the input.")
 
 
 def given_model(args: argparse.Namespace) -> Tuple[Optional[Any], Dict[str, Any], Optional[str]]:
@@ -559,7 +592,7 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
     to_zarr = zarr_io.is_zarr_path(plan.target)
     stack, labels = read_input(plan, None if to_zarr else np.uint16)
     if to_zarr:
-        name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else plan.path.stem
+        name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else tiff_stem(plan.path)
         zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx,
                             plan.settings.large.ngff_version,
                             plan.kind, labels, name, overwrite=args.overwrite, mask_values=plan.written_mask_values)
@@ -612,7 +645,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
         labels = image if plan.kind == "labels" else None
     else:  # OME-Zarr holds ids beyond a TIFF's 65535
         source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None, choice=plan.choice)[1:]
-        name = path.stem
+        name = tiff_stem(path)
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
     config = dict(model_config(settings, factor, plan.training_kind() if plan.trained else None), kind=plan.kind,
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
@@ -631,7 +664,8 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
                   "--overwrite) continues from them.", file=sys.stderr)
         raise
     if args.save_model and result["model"] is not None:
-        save_model(args.save_model, result["model"], config, overwrite=args.overwrite or settings.large.resume)
+        save_model(args.save_model, result["model"], config,
+                   overwrite=args.overwrite or resume_replaces_saved_model(args, [target]))
     if result["state"] == "complete":
         if not result["skipped"]:
             record_throughput(plan, result["train_s"], result["restore_s"])

@@ -196,7 +196,9 @@ class LabelBoundaries:
 def _engine_input(values: np.ndarray, threshold: Optional[float],
                   value_range: Optional[Tuple[float, float]]) -> np.ndarray:
     """What the kernel takes of stored values: their mask (``zarr_io.foreground``), or with
-    ``value_range`` the grey values normalised by it (float32, ``data.normalize_intensity``)."""
+    ``value_range`` the grey values normalised by it (float32, ``data.normalize_intensity``). NaN or
+    infinite values are refused (``data.refuse_non_finite``) in every window, as a whole stack's are."""
+    refuse_non_finite(values, "the input")
     if value_range is None:
         return zarr_io.foreground(values, threshold)
     return normalize_intensity(values, value_range)
@@ -756,11 +758,7 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 'dashboard needs bokeh' and port notices
         if scheduler:
-            try:
-                client = Client(scheduler, timeout="30s")
-            except OSError as error:
-                raise UserError(f"Cannot reach the Dask scheduler at {scheduler} ({error}).") from None
-            cluster = None
+            client, cluster = connect_scheduler(scheduler, timeout="30s"), None
         else:
             # Threads (processes=False, for tests) share this process, whose memory a per-worker limit
             # would misread as theirs (and pause them): they get none.
@@ -1485,31 +1483,43 @@ def _check_kind(kind: str, model: Optional[nn.Module], labels_source: Optional[S
                         "and no probabilities (--save-probabilities).")
 
 
-def check_worker_memory_floor(worker_memory: str) -> None:
-    """One error for a ``--worker-memory`` that is no size, or below what a worker process holds before any
-    block (``PROCESS_BYTES``: Python, torch and the model): Dask would restart such workers for ever."""
+def worker_memory_bytes(worker_memory: str) -> int:
+    """``--worker-memory`` in bytes (0: no limit, as Dask reads it); one error for what is no size."""
     try:
-        limit = parse_bytes(worker_memory)
+        return int(parse_bytes(worker_memory)) if str(worker_memory).strip() not in ("0", "") else 0
     except (ValueError, TypeError) as error:
         raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
-    if limit < PROCESS_BYTES:
+
+
+def check_worker_memory_floor(worker_memory: str) -> None:
+    """One error for a ``--worker-memory`` that is no size, or below what a worker process holds before any
+    block (``PROCESS_BYTES``: Python, torch and the model): Dask would restart such workers for ever. 0 is
+    Dask's 'no limit'."""
+    limit = worker_memory_bytes(worker_memory)
+    if 0 < limit < PROCESS_BYTES:
         raise UserError(f"--worker-memory {worker_memory} is less than a worker process needs before any block (about "
                         f"{PROCESS_BYTES // 2**20} MiB for Python, torch and the model), so Dask would restart the "
                         "workers for ever. Give at least 1GiB (the plan's 'memory per worker' line estimates a block's "
                         "need), or fewer --workers with more memory each.")
 
 
-def check_scheduler(address: str) -> None:
-    """One error, before any work, when the Dask scheduler at ``address`` cannot be reached."""
+def connect_scheduler(address: str, timeout: Optional[str] = None):
+    """A ``distributed.Client`` on the scheduler at ``address``; one error for an address that is malformed or
+    cannot be reached within ``timeout`` (default ``SCHEDULER_TIMEOUT``)."""
     from distributed import Client
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         try:
-            Client(address, timeout=SCHEDULER_TIMEOUT).close()
-        except OSError as error:
-            raise UserError(f"Cannot reach the Dask scheduler at {address} ({error}). Check the address (as the "
-                            "scheduler prints it, tcp://HOST:8786) and that it is running.") from None
+            return Client(address, timeout=timeout or SCHEDULER_TIMEOUT)
+        except (OSError, ValueError, TypeError) as error:  # unreachable; no port, an unknown protocol
+            raise UserError(f"Cannot reach the Dask scheduler at {address} ({type(error).__name__}: {error}). Check "
+                            "the address (as the scheduler prints it, tcp://HOST:8786) and that it is running.") from None
+
+
+def check_scheduler(address: str) -> None:
+    """One error, before any work, when the Dask scheduler at ``address`` cannot be reached."""
+    connect_scheduler(address).close()
 
 
 def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
@@ -1519,14 +1529,11 @@ def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference:
     warn when a block likely needs more than it (:func:`estimate_worker_memory`)."""
     if on_workers:
         check_worker_memory_floor(worker_memory)
-    try:
-        limit = parse_bytes(worker_memory)
-    except (ValueError, TypeError) as error:
-        raise UserError(f"--worker-memory '{worker_memory}' is not a size (e.g. 1GiB, 800MB): {error}") from None
+    limit = worker_memory_bytes(worker_memory)
     need = estimate_worker_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype)
     if select_device(device).type == "cuda":
         need += CUDA_HOST_BYTES
-    if on_workers and need > limit:
+    if on_workers and 0 < limit < need:
         warnings.warn(f"A block of {plan.block_size} x {plan.block_size} x {plan.shape_dhw[0]} slices may need about "
                       f"{need / 2**20:.0f} MiB, more than --worker-memory {worker_memory}; pass a smaller "
                       "--block-size if workers are restarted.")

@@ -347,40 +347,47 @@ def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
 
 
 def with_input_voxel_size(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[str, Any]:
-    """The settings of a run on a user's isotropic stack (``INPUT_IMAGES_DIRECTORY``): its pixel size and unit
-    read from the file, as apply.py reads them, unless typed (``--xy-size``, ``--unit``); the simulated Z step
-    keeps the default factor (``Z_RESOLUTION / XY_RESOLUTION``) unless ``--z-step`` is typed (in the file's
-    unit). Unchanged for the built-in sample or a file that carries no pixel size (the plan line says so)."""
+    """The settings of a run on a user's isotropic stack (``INPUT_IMAGES_DIRECTORY``), read as apply.py reads a
+    file: the pixel size and unit from the file unless typed (``--xy-size``, ``--unit``; a size typed without
+    ``--unit`` is in the file's unit); the simulated Z step keeps the default factor (``Z_RESOLUTION /
+    XY_RESOLUTION`` of the constants) unless ``--z-step`` is typed. Unchanged for the built-in sample."""
     import zarr_io
-    from data import LENGTH_UNITS_IN_UM, UserError, read_calibration
+    from data import LENGTH_UNITS_IN_UM, InputNotFoundError, UserError, input_exists, read_calibration
 
     path = settings["INPUT_IMAGES_DIRECTORY"]
-    if not path or "XY_RESOLUTION" in typed:
+    if not path:
         return settings
+    if not input_exists(path):
+        raise InputNotFoundError(f"Input '{path}' does not exist. Give an isotropic stack: a multipage TIFF, a folder "
+                                 "of TIFF slices, an HDF5 dataset (file.h5/key), an MRC file or an OME-Zarr image.")
     if zarr_io.is_zarr_path(path):
         image = zarr_io.open_image(path, _Settings.from_dict(settings).data.stack_choice())
         calibration = (image.voxel_size_zyx, image.unit) if image.voxel_size_zyx else None
     else:
         calibration = read_calibration(path)
-    if calibration is None or not calibration[0][2]:
-        print(f"'{path}' carries no pixel size: the default XY_RESOLUTION {settings['XY_RESOLUTION']:g} "
-              f"{settings['VOXEL_UNIT']} is used (--xy-size and --unit give it).")
-        return settings
-    (z, _, x), unit = calibration
-    unit = unit or settings["VOXEL_UNIT"]
-    if "VOXEL_UNIT" in typed and unit != settings["VOXEL_UNIT"]:
-        if unit not in LENGTH_UNITS_IN_UM or settings["VOXEL_UNIT"] not in LENGTH_UNITS_IN_UM:
-            raise UserError(f"--unit {settings['VOXEL_UNIT']} differs from the unit of '{path}' ({unit}) and cannot "
-                            "be converted; pass --xy-size too.")
-        scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[settings["VOXEL_UNIT"]]
-        x, z, unit = x * scale, None if z is None else z * scale, settings["VOXEL_UNIT"]
-    ratio = settings["Z_RESOLUTION"] / settings["XY_RESOLUTION"]
-    resolved = dict(settings, XY_RESOLUTION=float(x), VOXEL_UNIT=unit)
-    if "Z_RESOLUTION" not in typed:
-        resolved["Z_RESOLUTION"] = float(ratio * x)
-    print(f"Pixel size from '{path}': {x:g} {unit}; simulated Z step {resolved['Z_RESOLUTION']:g} {unit}.")
-    if z is not None and abs(z - x) > 0.01 * x:
-        warnings.warn(f"'{path}' has a Z step of {z:g} {unit} and pixels of {x:g} {unit}: eval.py simulates the "
+    file_z, file_x, file_unit = (None, None, None) if calibration is None else (
+        calibration[0][0], calibration[0][2], calibration[1])
+    unit = settings["VOXEL_UNIT"] if "VOXEL_UNIT" in typed else (file_unit or settings["VOXEL_UNIT"])
+    if "XY_RESOLUTION" in typed:
+        x = float(settings["XY_RESOLUTION"])
+    elif file_x:
+        x = float(file_x)
+        if file_unit and file_unit != unit:  # --unit typed alone: the file's size converted to it
+            if file_unit not in LENGTH_UNITS_IN_UM or unit not in LENGTH_UNITS_IN_UM:
+                raise UserError(f"--unit {unit} differs from the unit of '{path}' ({file_unit}) and cannot be "
+                                "converted; pass --xy-size too.")
+            scale = LENGTH_UNITS_IN_UM[file_unit] / LENGTH_UNITS_IN_UM[unit]
+            x, file_z = x * scale, None if file_z is None else file_z * scale
+    else:
+        print(f"'{path}' carries no pixel size: the default XY_RESOLUTION {settings['XY_RESOLUTION']:g} {unit} is "
+              "used (--xy-size gives it).")
+        x = float(settings["XY_RESOLUTION"])
+    default_factor = Z_RESOLUTION / XY_RESOLUTION  # of the constants above, whatever was typed
+    resolved = dict(settings, XY_RESOLUTION=x, VOXEL_UNIT=unit,
+                    Z_RESOLUTION=float(settings["Z_RESOLUTION"]) if "Z_RESOLUTION" in typed else default_factor * x)
+    print(f"Pixel size of '{path}': {x:g} {unit}; simulated Z step {resolved['Z_RESOLUTION']:g} {unit}.")
+    if file_z is not None and file_x and "XY_RESOLUTION" not in typed and abs(file_z - x) > 0.01 * x:
+        warnings.warn(f"'{path}' has a Z step of {file_z:g} {unit} and pixels of {x:g} {unit}: eval.py simulates the "
                       "anisotropy of an isotropic stack, and this one is anisotropic already (apply.py restores it).")
     return resolved
 

@@ -95,6 +95,10 @@ def _index(path: PathLike, shape: Tuple[int, ...], choice: StackChoice, axes: Op
     either end, the shorter: its channels (PlantSeg's (C, Z, Y, X) predictions, ilastik's (Z, Y, X, C))."""
     if axes is None:
         axes = _unnamed_axes(path, shape)
+    if [letter for letter in axes if letter in "ZYX"] != list("ZYX"):
+        raise UserError(f"'{path}' names its axes {axes.lower()} (ilastik's axistags); only datasets stored with Z "
+                        "before Y before X are read. Export it again in zyx order (ilastik: Export Settings > axis "
+                        "order), or transpose it (numpy.transpose) into a dataset of its own.")
     index = choose_stack(axes, tuple(shape), choice, str(path))
     # Axes of length 1 that are neither chosen from nor Z, Y, X (a prediction's one class) are dropped.
     return tuple(0 if isinstance(i, slice) and size == 1 and letter not in "ZYX" else i

@@ -25,7 +25,7 @@ def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str =
     if stack.dtype == bool:
         return stack
     values = np.unique(stack) if stack.size <= 50_000_000 else np.unique(stack[:: max(1, stack.shape[0] // 16)])
-    if threshold is None and len(values) == 2 and values[0] > 0:
+    if threshold is None and two_class_values(values) is not None:
         return stack > values[0]
     if threshold is None:
         if len(values) > 2:
@@ -42,6 +42,15 @@ def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str =
     return stack > threshold
 
 
+def two_class_values(values: np.ndarray) -> Optional[Tuple[float, float]]:
+    """``(background, foreground)`` of a two-class segmentation (ilastik's Simple Segmentation writes 1/2):
+    exactly two values, neither of them 0 (``values`` sorted and distinct, as ``np.unique`` gives them); the
+    larger is the foreground. None for anything else."""
+    if len(values) == 2 and values[0] > 0:
+        return values[0], values[1]
+    return None
+
+
 @dataclass(frozen=True)
 class MaskValues:
     """The two values a restored mask is written in: the input mask's own, so that 0/1 comes back 0/1,
@@ -56,11 +65,13 @@ class MaskValues:
     @classmethod
     def of(cls, sample: np.ndarray) -> "MaskValues":
         """The values of a mask whose ``sample`` (any shape, its stored dtype) holds 0 and one other value, or
-        two values neither of them 0 (:func:`binarize`: the larger is the foreground); the default for a bool
-        sample or any other."""
-        values = np.unique(sample) if sample.dtype != bool else np.zeros(0)
-        if len(values) == 2 and values[0] > 0:
-            background, foreground = values
+        two values neither of them 0 (:func:`two_class_values`); 0/1 uint8 for a bool sample; the default,
+        0/255, for any other."""
+        if sample.dtype == bool:  # a 1-bit TIFF (MATLAB's logical), a bool store: 0/1
+            return cls(1, "uint8")
+        values = np.unique(sample)
+        if two_class_values(values) is not None:
+            background, foreground = two_class_values(values)
         elif len(values) in (1, 2) and values[0] == 0 and values[-1] > 0:
             background, foreground = 0, values[-1]
         else:
@@ -188,7 +199,7 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
         return None, "no values to decide from"
     if len(values) <= 2 and values[0] == 0:
         return "mask", f"{'/'.join(f'{v:g}' for v in values)} values"
-    if len(values) == 2 and values[0] > 0 and np.array_equal(values, np.round(values)):
+    if two_class_values(values) is not None and np.array_equal(values, np.round(values)):
         return "mask", (f"two values, {values[0]:g}/{values[1]:g}: a two-class segmentation, {values[1]:g} the "
                         "foreground")
     if len(values) == 1:

@@ -572,8 +572,7 @@ class SettingsParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if "--factor" in message and "--factor-rounding" not in message:
-            message += (" (there is no --factor: it comes from the voxel size, --z-step over --xy-size, read from the "
-                        "file in apply.py)")
+            message += " (there is no --factor: the factor is the Z step over the XY pixel size, --z-step / --xy-size)"
         super().error(message)
 
     def parse_known_args(self, args=None, namespace=None):

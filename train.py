@@ -304,8 +304,10 @@ def draw_crops(stack: np.ndarray, crop_size_zyx: Sequence[int], n_draws: int, fa
     depth, height, width = crop_size_zyx
     panels = 1 if panel_width is None else stack.shape[2] // panel_width
     if min_content_ratio > 0 and not np.any(stack):
-        raise UserError("The stack holds no foreground (every voxel is 0): there is nothing to learn from, and "
-                        "nothing to restore. Check that the input (and --channel) is the mask or label image meant.")
+        raise UserError("The kept slices read for training hold no foreground (every voxel is 0): there is nothing "
+                        "to learn from. Check that the input (and --channel) is the mask or label image meant. A "
+                        "large store trains on random windows: where its foreground fills only a small region, train "
+                        "on a crop around it (--save-model) and restore the store with --model.")
     rng = np.random.default_rng(random_state)
     draws = []
     attempts, max_attempts = 0, 200 * n_draws

@@ -116,3 +116,8 @@ def test_hdf5_channels_are_chosen_with_channel(tmp_path):
             np.testing.assert_array_equal(read_stack(path, StackChoice(channel=channel)), probabilities[..., channel])
             assert stack_shape(path, StackChoice(channel=channel)) == (9, 16, 16)
         np.testing.assert_array_equal(read_value_sample(path, 3, StackChoice(channel=1)), probabilities[[0, 4, 8], ..., 1])
+    with h5py.File(tmp_path / "p.h5", "a") as handle:  # X before Z: refused, never read as Z
+        handle.create_dataset("xyzc", data=np.moveaxis(probabilities, 0, 2)).attrs["axistags"] = json.dumps(
+            {"axes": [{"key": k} for k in "xyzc"]})
+    with pytest.raises(UserError, match=r"names its axes xyzc .*only datasets stored with Z before Y before X"):
+        stack_shape(tmp_path / "p.h5" / "xyzc", StackChoice(channel=1))

@@ -185,7 +185,7 @@ def test_crop_pool_on_a_stack_too_small_for_a_choice_trains_on_the_random_crops(
 
 
 def test_cropped_dataset_empty_stack():
-    with pytest.raises(ValueError, match=r"holds no foreground \(every voxel is 0\)"):
+    with pytest.raises(ValueError, match=r"hold no foreground \(every voxel is 0\)"):
         create_cropped_image_dataset(np.zeros((5, 20, 20), bool), (3, 16, 16), n_samples=2, factor=4)
     nearly_empty = np.zeros((5, 20, 20), bool)
     nearly_empty[2, 0, 0] = True

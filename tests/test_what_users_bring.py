@@ -97,7 +97,7 @@ def test_nan_in_grey_values_is_one_error_before_training(tmp_path, capsys):
 def test_an_empty_mask_is_one_error_before_training(tmp_path, capsys):
     path = fiji_tiff(tmp_path / "empty.tif", np.zeros((9, 32, 32), np.uint8))
     assert apply.main(["--input", str(path), "--output", str(tmp_path / "out.tif"), "--kind", "mask"] + CHEAP) == 2
-    assert "holds no foreground (every voxel is 0)" in capsys.readouterr().err
+    assert "hold no foreground (every voxel is 0)" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- #
@@ -109,7 +109,9 @@ def test_mask_values_of_a_sample():
     assert MaskValues.of(np.array([0, 1], np.int32)) == MaskValues(1, "uint16")
     assert MaskValues.of(np.array([0, 1.0], np.float64)) == MaskValues(1.0, "float32")
     assert MaskValues.of(np.array([0, 70000], np.uint32)) == MaskValues()  # no output type holds it: 0/255
-    assert MaskValues.of(np.array([True, False])) == MaskValues()
+    assert MaskValues.of(np.array([True, False])) == MaskValues(1, "uint8")  # a 1-bit TIFF, MATLAB's logical
+    assert MaskValues.of(np.array([1, 2], np.uint8)) == MaskValues(2, "uint8", 1)  # a two-class segmentation
+    assert MaskValues(2, "uint8", 1).encode(np.array([True, False])).tolist() == [2, 1]
     encoded = MaskValues(5, "uint16").encode(np.array([[True, False]]))
     assert encoded.dtype == np.uint16 and encoded.tolist() == [[5, 0]]
 
@@ -235,7 +237,7 @@ def test_flags_are_never_abbreviated_and_factor_is_explained(capsys):
     for main, args in ((apply.main, ["--input", "x.tif", "--output", "y.tif"]), (evaluation.main, [])):
         with pytest.raises(SystemExit):
             main(args + ["--factor", "4"])
-        assert "unrecognized arguments: --factor 4 (there is no --factor: it comes from the voxel size" in \
+        assert "unrecognized arguments: --factor 4 (there is no --factor: the factor is the Z step over the XY pixel" in \
             capsys.readouterr().err
 
 
@@ -257,8 +259,8 @@ def test_eval_reads_the_pixel_size_of_its_input(tmp_path, capsys):
     assert (typed_z["XY_RESOLUTION"], typed_z["Z_RESOLUTION"]) == (0.5, 2.0)  # factor 4
     in_nm = evaluation.with_input_voxel_size(dict(settings, VOXEL_UNIT="nm"), ["VOXEL_UNIT"])
     assert (in_nm["XY_RESOLUTION"], in_nm["Z_RESOLUTION"], in_nm["VOXEL_UNIT"]) == (500.0, 4000.0, "nm")
-    typed_xy = dict(settings, XY_RESOLUTION=3.0)
-    assert evaluation.with_input_voxel_size(typed_xy, ["XY_RESOLUTION"]) == typed_xy
+    typed_xy = evaluation.with_input_voxel_size(dict(settings, XY_RESOLUTION=3.0), ["XY_RESOLUTION"])
+    assert (typed_xy["XY_RESOLUTION"], typed_xy["Z_RESOLUTION"], typed_xy["VOXEL_UNIT"]) == (3.0, 24.0, "um")
     store = tmp_path / "iso.ome.zarr"
     zarr_io.write_image(store, mask_stack(), (0.5, 0.5, 0.5), "um")
     from_zarr = evaluation.with_input_voxel_size(dict(settings, INPUT_IMAGES_DIRECTORY=str(store)))
@@ -315,3 +317,70 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
 
     assert evaluation.run_cli(interrupted) == 130
     assert "interrupted (Ctrl-C)." in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# What a review of the above found
+# --------------------------------------------------------------------------- #
+def test_no_file_of_a_batch_is_written_over_any_input(tmp_path, capsys, tiny_model_args):
+    """'data/*.tif --output data/' run twice: the first run's a_restored.tif is an input of the second."""
+    kept = mask_stack().astype(np.uint8) * 255
+    first, earlier = fiji_tiff(tmp_path / "a.tif", kept), fiji_tiff(tmp_path / "a_restored.tif", kept)
+    assert apply.main(["--input", str(first), str(earlier), "--output", str(tmp_path), "--overwrite"]
+                      + tiny_model_args) == 2
+    assert f"The output '{earlier}' is the input '{earlier}'" in capsys.readouterr().err
+    args = ["--input", str(first), "--output", str(tmp_path / "o.tif"), "--save-model", str(first), "--overwrite"]
+    assert apply.main(args + CHEAP) == 2
+    assert f"The model (--save-model) '{first}' is the input" in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(first), kept)
+
+
+def test_resume_replaces_only_its_own_model_file(tmp_path, capsys):
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack((9, 64, 64)).astype(np.uint8) * 255)
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not a model")
+    args = ["--input", str(path), "--output", str(tmp_path / "o.ome.zarr"), "--block-size", "32", "--save-model",
+            str(notes)] + CHEAP
+    assert apply.main(args + ["--max-blocks", "1"]) == 2  # not a resume: an existing file is an existing file
+    assert apply.main(args + ["--resume"]) == 2
+    assert "Output exists" in capsys.readouterr().err and notes.read_text() == "not a model"
+
+
+def test_mask_values_come_from_every_slice_where_the_sample_misses_the_object(tmp_path, capsys, tiny_model_args):
+    kept = np.zeros((33, 32, 32), np.uint8)
+    kept[2:4, 10:20, 10:20] = 1  # slices the evenly spaced sample (0, 5, 9, ...) does not read
+    path = fiji_tiff(tmp_path / "small.tif", kept)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "o.tif"), "--kind", "mask", "--dry-run"]
+                      + tiny_model_args) == 0
+    assert "written as 0/1 uint8" in capsys.readouterr().out
+    two_class = zarr_io.write_image(tmp_path / "two.ome.zarr", kept + 1, VOXEL, "um", kind="intensity")
+    del two_class
+    for out in ("o.tif", "o.ome.zarr"):  # blocks cut where the whole stack does, though most blocks hold only 1s
+        assert apply.main(["--input", str(tmp_path / "two.ome.zarr"), "--output", str(tmp_path / ("two_" + out)),
+                           "--kind", "mask", "--block-size", "32"] + tiny_model_args) == 0
+    assert "written as 1/2 uint8" in capsys.readouterr().out
+    in_memory = tifffile.imread(tmp_path / "two_o.tif")
+    np.testing.assert_array_equal(in_memory[::4], kept + 1)
+    np.testing.assert_array_equal(zarr_io.open_image(tmp_path / "two_o.ome.zarr").read(), in_memory)
+
+
+def test_nan_in_any_block_window_is_refused():
+    import blocks
+
+    window = np.zeros((3, 8, 8), np.float32)
+    window[1, 2, 3] = np.nan
+    with pytest.raises(UserError, match="holds 1 NaN or infinite values"):
+        blocks._engine_input(window, None, (0.0, 1.0))
+    with pytest.raises(UserError, match="holds 1 NaN or infinite values"):
+        blocks._engine_input(window, None, None)  # a float mask too
+
+
+def test_scheduler_addresses_and_worker_memory_edge_cases(tmp_path, capsys, tiny_model_args):
+    import blocks
+
+    for address in ("foo", "tcp://localhost:notaport"):
+        with pytest.raises(UserError, match=f"Cannot reach the Dask scheduler at {address} "):
+            blocks.check_scheduler(address)
+    blocks.check_worker_memory_floor("0")  # Dask's 'no limit'
+    with pytest.raises(UserError, match="is not a size"):
+        blocks.check_worker_memory_floor("lots")
