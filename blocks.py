@@ -291,7 +291,7 @@ class RestoreJob:
         dtype the kernel computes probabilities into (uint8 stores ``round(255 p)``);
         float32 for grey values.
     image : OmeZarrImage
-        The output image: the mask (uint8, 0/255), or grey values of the input's
+        The output image: the mask (in ``mask_values``), or grey values of the input's
         dtype (``data.grey_dtype``).
     probabilities : OmeZarrImage or None
         Where probabilities go, when they are kept (masks only).

@@ -590,7 +590,7 @@ def save_stack(
         Output ``.tif`` file, or with ``as_slices=True`` a folder that receives
         one ``slice_0000.tif`` per Z slice (the seed's format).
     stack_dhw : ndarray, shape (D, H, W)
-        bool (written as uint8 0/255), uint8/uint16 labels or float32 probabilities.
+        bool (written as uint8 0/255, or by ``encode_mask``), uint8/uint16 labels or float32 probabilities.
     voxel_size_zyx : (float, float, float)
         Physical voxel size, stored as ImageJ ``spacing`` and X/Y resolution.
     overwrite : bool

@@ -9,7 +9,7 @@ never loaded whole: :class:`ZarrImage` names the array and reads windows.
 
 Writing: :func:`create_output` lays out an OME-Zarr whose arrays are filled
 later, region by region (``blocks.py`` writes them from many processes): the
-restored mask as the image (uint8, 0/255 as in the TIFF output) or the restored
+restored mask as the image (in the input mask's values, as the TIFF output) or the restored
 grey values (in the input's dtype), the restored ids as a label image under
 ``labels/NAME`` with ``image-label`` metadata, and a pyramid made by
 max-pooling (masks), averaging (grey values) or striding (labels,
@@ -650,8 +650,8 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
                   chunk_xy: int = CHUNK_XY, name: Optional[str] = None, pyramid: bool = True) -> OutputLayout:
     """Create a new OME-Zarr output (the folder must not exist) with empty arrays and full metadata.
 
-    The image at the root holds the restored mask (uint8 0/255, max-pooled
-    pyramid, the default ``image_format``) or, with an ``image_format`` of the
+    The image at the root holds the restored mask (max-pooled pyramid; uint8 0/255 with the default
+    ``image_format``, the input mask's dtype with its own) or, with an ``image_format`` of the
     input's dtype and ``downsampling='mean'``, the restored grey values, with an
     ``omero`` display window. With
     ``label_dtype``, ``labels/<label_name>`` is a label image (``image-label``
