@@ -1503,23 +1503,32 @@ def check_worker_memory_floor(worker_memory: str) -> None:
                         "need), or fewer --workers with more memory each.")
 
 
-def connect_scheduler(address: str, timeout: Optional[str] = None):
-    """A ``distributed.Client`` on the scheduler at ``address``; one error for an address that is malformed or
-    cannot be reached within ``timeout`` (default ``SCHEDULER_TIMEOUT``)."""
+def connect_scheduler(address: str, timeout: Optional[str] = None, as_default: bool = True):
+    """A ``distributed.Client`` on the scheduler at ``address`` (Dask's default client with ``as_default``, as the
+    run's task loop wants it); one error for an address that is malformed or cannot be reached within
+    ``timeout`` (default ``SCHEDULER_TIMEOUT``)."""
     from distributed import Client
+    from distributed.comm import get_address_host_port
 
+    if "://" not in address or address.split("://")[0] in ("tcp", "tls"):
+        try:  # checked before a Client exists: a half-made one waits 20 s at exit to close
+            get_address_host_port(address if "://" in address else "tcp://" + address)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"--scheduler {address} is not an address ({error}): give it as the scheduler prints "
+                            "it, tcp://HOST:8786.") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         try:
-            return Client(address, timeout=timeout or SCHEDULER_TIMEOUT)
+            return Client(address, timeout=timeout or SCHEDULER_TIMEOUT, set_as_default=as_default)
         except (OSError, ValueError, TypeError) as error:  # unreachable; no port, an unknown protocol
             raise UserError(f"Cannot reach the Dask scheduler at {address} ({type(error).__name__}: {error}). Check "
                             "the address (as the scheduler prints it, tcp://HOST:8786) and that it is running.") from None
 
 
 def check_scheduler(address: str) -> None:
-    """One error, before any work, when the Dask scheduler at ``address`` cannot be reached."""
-    connect_scheduler(address).close()
+    """One error, before any work, when the Dask scheduler at ``address`` cannot be reached. Not as the default
+    client: one that fails to connect would leave Dask's scheduler setting pointing at it in this process."""
+    connect_scheduler(address, as_default=False).close()
 
 
 def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
