@@ -17,11 +17,11 @@ import numpy as np
 
 import blocks
 import zarr_io
-from data import (INTEGER_RATIO_TOLERANCE, LENGTH_UNITS_IN_UM, InputNotFoundError, MaskValues, OutputExistsError,
+from data import (INTEGER_RATIO_TOLERANCE, InputNotFoundError, MaskValues, OutputExistsError,
                   StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists,
                   normal_unit, other_series, read_calibration, read_stack, read_typed_stack, read_value_sample,
                   save_stack, stack_dtype, stack_shape)
-from tiff_io import is_ome_tiff_path, refuse_unwritable
+from tiff_io import is_ome_tiff_path, length_scale, refuse_unwritable
 from h5_io import is_hdf5_path, split_hdf5_path
 from mrc_io import is_mrc_path
 from eval import default_recipe, run_cli
@@ -260,12 +260,11 @@ def voxel_size_for(path: Path, typed: VoxelSize) -> Tuple[Tuple[float, float, fl
 def unit_scale(from_unit: str, to_unit: str, path: Path) -> float:
     """The factor that expresses lengths in ``from_unit`` in ``to_unit``; a clear error when either is no
     length unit."""
-    if from_unit == to_unit:
-        return 1.0
-    if from_unit not in LENGTH_UNITS_IN_UM or to_unit not in LENGTH_UNITS_IN_UM:
+    scale = length_scale(from_unit, to_unit)
+    if scale is None:
         raise UserError(f"--unit {to_unit} differs from the unit of '{path}' ({from_unit}) and cannot be converted; "
                         "pass all of --z-step, --xy-size and --unit.")
-    return LENGTH_UNITS_IN_UM[from_unit] / LENGTH_UNITS_IN_UM[to_unit]
+    return scale
 
 
 def kind_from_flags(args: argparse.Namespace) -> str:

@@ -25,7 +25,7 @@ from phantoms import make_sample_intensity, make_sample_labels, make_sample_stac
 from stack_io import (input_exists, other_series, read_calibration, read_stack, read_value_sample,  # noqa: F401
                       stack_dtype, stack_shape)
 from tiff_io import (LENGTH_UNITS_IN_UM, TIFF_SUFFIXES, PathLike, StackChoice, choose_stack,  # noqa: F401
-                     list_tiff_files, natural_sort_key, normal_unit, read_tiff, read_voxel_size, save_stack,
+                     length_scale, list_tiff_files, natural_sort_key, normal_unit, read_tiff, read_voxel_size, save_stack,
                      writing_to)
 
 

@@ -352,7 +352,7 @@ def with_input_voxel_size(settings: Dict[str, Any], typed: Sequence[str] = ()) -
     ``--unit`` is in the file's unit); the simulated Z step keeps the default factor (``Z_RESOLUTION /
     XY_RESOLUTION`` of the constants) unless ``--z-step`` is typed. Unchanged for the built-in sample."""
     import zarr_io
-    from data import LENGTH_UNITS_IN_UM, InputNotFoundError, UserError, input_exists, read_calibration
+    from data import InputNotFoundError, UserError, input_exists, length_scale, read_calibration
 
     path = settings["INPUT_IMAGES_DIRECTORY"]
     if not path:
@@ -373,10 +373,10 @@ def with_input_voxel_size(settings: Dict[str, Any], typed: Sequence[str] = ()) -
     elif file_x:
         x = float(file_x)
         if file_unit and file_unit != unit:  # --unit typed alone: the file's size converted to it
-            if file_unit not in LENGTH_UNITS_IN_UM or unit not in LENGTH_UNITS_IN_UM:
+            scale = length_scale(file_unit, unit)
+            if scale is None:
                 raise UserError(f"--unit {unit} differs from the unit of '{path}' ({file_unit}) and cannot be "
                                 "converted; pass --xy-size too.")
-            scale = LENGTH_UNITS_IN_UM[file_unit] / LENGTH_UNITS_IN_UM[unit]
             x, file_z = x * scale, None if file_z is None else file_z * scale
     else:
         print(f"'{path}' carries no pixel size: the default XY_RESOLUTION {settings['XY_RESOLUTION']:g} {unit} is "

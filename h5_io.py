@@ -106,20 +106,21 @@ def _index(path: PathLike, shape: Tuple[int, ...], choice: StackChoice, axes: Op
 
 
 def _unnamed_axes(path: PathLike, shape: Tuple[int, ...]) -> str:
+    """The axes :func:`_index` assumes where none are named: Z, Y, X for the three axes longer than 1 and, of four
+    such axes at the start or the end of ``shape``, C for the shorter end one; Q for every axis of length 1."""
     long_axes = [i for i, size in enumerate(shape) if size > 1]
-    if len(long_axes) == 4 and long_axes in ([0, 1, 2, 3], [len(shape) - 4, len(shape) - 3, len(shape) - 2,
-                                                            len(shape) - 1]):
+    at_an_end = long_axes in (list(range(4)), list(range(len(shape) - 4, len(shape))))
+    if len(long_axes) == 4 and at_an_end:
         first, last = long_axes[0], long_axes[-1]
         channel = first if shape[first] < shape[last] else last
-        letters = iter("ZYX")
-        return "".join("C" if i == channel else (next(letters) if size > 1 or i in long_axes else "Q")
-                       for i, size in enumerate(shape))
-    if len(long_axes) != 3:
+    elif len(long_axes) == 3:
+        channel = None
+    else:
         raise UserError(f"'{path}' holds a dataset of shape {tuple(shape)}; expected a 3D stack (Z, Y, X), other "
                         "axes of length 1 or one axis of channels: write one channel or time point as its own dataset "
                         "first.")
     letters = iter("ZYX")
-    return "".join(next(letters) if size > 1 else "Q" for size in shape)
+    return "".join("C" if i == channel else next(letters) if size > 1 else "Q" for i, size in enumerate(shape))
 
 
 def _axes(node) -> Optional[str]:

@@ -425,6 +425,16 @@ LENGTH_UNITS_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "um": 1.0, "µm": 1.0,
                       "cm": 1e4, "m": 1e6}
 
 
+def length_scale(from_unit: Optional[str], to_unit: Optional[str]) -> Optional[float]:
+    """The factor that expresses lengths in ``from_unit`` in ``to_unit`` (short names, ``LENGTH_UNITS_IN_UM``):
+    1.0 for one unit, None where either is no length unit (the callers' errors say what to pass)."""
+    if from_unit == to_unit:
+        return 1.0
+    if from_unit not in LENGTH_UNITS_IN_UM or to_unit not in LENGTH_UNITS_IN_UM:
+        return None
+    return LENGTH_UNITS_IN_UM[from_unit] / LENGTH_UNITS_IN_UM[to_unit]
+
+
 def normal_unit(unit: Optional[str]) -> Optional[str]:
     """A unit as this project writes it: ImageJ's ``\\uXXXX`` escapes decoded, and
     'micron', 'µm' (either micro sign) all mean um; no unit or 'pixel' is None."""
@@ -494,11 +504,7 @@ def _zunit_scale(imagej_metadata: Dict[str, Any], unit: Optional[str]) -> float:
     """The factor from ImageJ's ``zunit`` (written when Z is calibrated in another unit than X and Y,
     e.g. Z in micron, X/Y in nm) to ``unit``; 1 when there is none or either is not a length."""
     zunit = normal_unit(imagej_metadata.get("zunit"))
-    if zunit is None or unit is None or zunit == unit:
-        return 1.0
-    if zunit not in LENGTH_UNITS_IN_UM or unit not in LENGTH_UNITS_IN_UM:
-        return 1.0
-    return LENGTH_UNITS_IN_UM[zunit] / LENGTH_UNITS_IN_UM[unit]
+    return (zunit is not None and unit is not None and length_scale(zunit, unit)) or 1.0
 
 
 def read_voxel_size(path: PathLike) -> Optional[Tuple[Optional[float], float, float]]:
@@ -521,10 +527,10 @@ def _ome_calibration(ome_xml: str) -> Optional[Tuple[Tuple[float, float, float],
                 if value is None:
                     sizes.append(None)
                     continue
-                if unit != unit_x and not (unit in LENGTH_UNITS_IN_UM and unit_x in LENGTH_UNITS_IN_UM):
+                scale = length_scale(unit, unit_x)
+                if scale is None:
                     raise UserError(f"OME metadata gives {axis} in '{unit}' and X in '{unit_x}', which cannot be "
                                     "converted; pass --z-step, --xy-size and --unit.")
-                scale = LENGTH_UNITS_IN_UM[unit] / LENGTH_UNITS_IN_UM[unit_x] if unit != unit_x else 1.0
                 sizes.append(float(value) * scale)
             return tuple(sizes), normal_unit(unit_x)
     return None

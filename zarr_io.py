@@ -43,8 +43,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import zarr
 
-from data import (LENGTH_UNITS_IN_UM, DamagedFileError, InputNotFoundError, MaskValues, OutputExistsError, StackChoice,
-                  UserError, as_grey_values, as_typed_stack, choose_stack, decide_kind, normal_unit)
+from data import (DamagedFileError, InputNotFoundError, MaskValues, OutputExistsError, StackChoice,
+                  UserError, as_grey_values, as_typed_stack, choose_stack, decide_kind, length_scale, normal_unit)
 
 PathLike = Union[str, Path]
 NGFF_VERSIONS = ("0.4", "0.5")
@@ -53,7 +53,7 @@ DEFAULT_NGFF_VERSION = "0.4"
 # (napari, neuroglancer, BigDataViewer) load quickly in 2D and 3D, and few enough files per volume.
 CHUNK_Z = 64
 CHUNK_XY = 256
-# The project's short units (data.LENGTH_UNITS_IN_UM) and their NGFF (UDUNITS-2) names.
+# The project's short units (data.LENGTH_UNITS_IN_UM, data.length_scale) and their NGFF (UDUNITS-2) names.
 NGFF_UNITS = {"pm": "picometer", "Å": "angstrom", "nm": "nanometer", "um": "micrometer", "mm": "millimeter",
               "cm": "centimeter", "m": "meter"}
 SHORT_UNITS = {name: short for short, name in NGFF_UNITS.items()}
@@ -294,14 +294,11 @@ def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage
         converted = []
         for axis, unit in zip("zyx", units):
             unit = unit or unit_x
-            if unit != unit_x:
-                short, short_x = short_unit(unit), short_unit(unit_x)
-                if short not in LENGTH_UNITS_IN_UM or short_x not in LENGTH_UNITS_IN_UM:
-                    raise UserError(f"'{path_text}' gives {axis} in '{unit}' and x in '{unit_x}', which cannot be "
-                                    "converted; pass --z-step, --xy-size and --unit.")
-                converted.append(LENGTH_UNITS_IN_UM[short] / LENGTH_UNITS_IN_UM[short_x])
-            else:
-                converted.append(1.0)
+            scale = 1.0 if unit == unit_x else length_scale(short_unit(unit), short_unit(unit_x))
+            if scale is None:
+                raise UserError(f"'{path_text}' gives {axis} in '{unit}' and x in '{unit_x}', which cannot be "
+                                "converted; pass --z-step, --xy-size and --unit.")
+            converted.append(scale)
         voxel_size = tuple(float(v * c) for v, c in zip(voxel, converted))
         offset = np.asarray(offset) * np.asarray(converted)
     version = multiscale.get("version") or ome.get("version")
