@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import glob
 import sys
 import warnings
@@ -21,10 +22,11 @@ from data import (INTEGER_RATIO_TOLERANCE, InputNotFoundError, MaskValues, Outpu
                   StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists,
                   normal_unit, other_series, read_calibration, read_stack, read_typed_stack, read_value_sample,
                   save_stack, stack_dtype, stack_shape)
-from tiff_io import is_ome_tiff_path, length_scale, refuse_unwritable
+from errors import refuse_unwritable, run_cli
+from tiff_io import is_ome_tiff_path, length_scale
 from h5_io import is_hdf5_path, split_hdf5_path
 from mrc_io import is_mrc_path
-from eval import default_recipe, run_cli
+from eval import default_recipe
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
@@ -36,6 +38,9 @@ from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, V
 # The settings apply.py's command line takes: all but eval.py's simulated voxel size, which is read from
 # the file here (the voxel-size flags override it).
 RESTORE_SETTING_NAMES = tuple(FIELDS)
+# The suffixes of a single output file (a TIFF or an OME-Zarr store); a name within a typo of one of them (x.tf,
+# x.tiif, x.zar) is refused rather than made a folder.
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".zarr")
 # Output names that ask for a format this tool does not write (a name with another suffix is a folder).
 OTHER_IMAGE_SUFFIXES = frozenset((".png", ".jpg", ".jpeg", ".bmp", ".gif", ".h5", ".hdf5", ".hdf", ".n5", ".mrc",
                                   ".rec", ".nii", ".gz", ".nrrd", ".mha", ".mhd", ".npy", ".npz", ".raw", ".czi",
@@ -97,10 +102,15 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: Stack
     """Where the restored version of ``input_path`` goes: ``output`` itself for one input (a .tif or an
     .ome.zarr), else ``<input name>_restored`` in the folder ``output``, in the input's format, with the
     channel and time point chosen (``_c1_t0``) so that one run per channel fills one folder."""
-    single = output.suffix.lower() in (".tif", ".tiff", ".zarr")
-    if not single and output.suffix.lower() in OTHER_IMAGE_SUFFIXES and not output.is_dir():
-        raise UserError(f"--output '{output}' names a {output.suffix} file, a format this tool does not write. Name a "
-                        ".tif (ImageJ TIFF), .ome.tif (OME-TIFF) or .ome.zarr output, or a folder for several inputs.")
+    single = output.suffix.lower() in OUTPUT_SUFFIXES
+    if not single and not output.is_dir():
+        suffix = output.suffix.lower()
+        typo = difflib.get_close_matches(suffix, OUTPUT_SUFFIXES, n=1, cutoff=0.75)
+        if suffix in OTHER_IMAGE_SUFFIXES or typo:
+            meant = f" ({output.with_suffix(typo[0]).name} was meant?)" if typo else ""
+            raise UserError(f"--output '{output}' names a {output.suffix} file, a format this tool does not "
+                            f"write{meant}. Name a .tif (ImageJ TIFF), .ome.tif (OME-TIFF) or .ome.zarr output, "
+                            "or a folder for several inputs.")
     if n_inputs == 1 and single:
         return output
     if single:
@@ -570,7 +580,8 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
             probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
             keep_probabilities=args.save_probabilities != "none", dense_labels=plan.dense_labels)
     voxel, unit = plan.voxel_out_zyx, plan.unit
-    save_stack(target, restored, voxel, unit, overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode)
+    save_stack(target, restored, voxel, unit, overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode,
+               grey_values=plan.kind == "intensity")
     if args.save_probabilities != "none":
         save_stack(probabilities_path_for(target), probabilities, voxel, unit, overwrite=args.overwrite)
     if args.preview:
@@ -597,7 +608,8 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
                             plan.kind, labels, name, overwrite=args.overwrite, mask_values=plan.written_mask_values)
     else:
         save_stack(plan.target, labels if plan.kind == "labels" else stack, plan.voxel_in_zyx, plan.unit,
-                   overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode)
+                   overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode,
+                   grey_values=plan.kind == "intensity")
     print(f"Wrote {plan.target}: the stack is already isotropic, converted without restoring.")
 
 

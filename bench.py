@@ -1037,14 +1037,14 @@ def run_per_isa(argv: Sequence[str], isas: Sequence[str], out_dir: Path) -> List
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.isa:
-        from eval import run_cli
+        from errors import run_cli
 
         out_dir = args.out or Path("bench_runs") / datetime.now().strftime("isa-%Y%m%d-%H%M%S")
         return run_cli(lambda _: run_per_isa(sys.argv[1:] if argv is None else list(argv), args.isa, out_dir), args)
     if args.itk_worker:
         _itk_worker(*args.itk_worker)
         return 0
-    from eval import run_cli
+    from errors import run_cli
 
     if args.restore_memory:
         out_dir = args.out or Path("bench_runs") / datetime.now().strftime("memory-%Y%m%d-%H%M%S")

@@ -13,11 +13,15 @@ depend on the block size), thresholds it (masks) or maps it back to grey values
 never by the lateral size of the volume.
 
 Passes, each a list of independent tasks: (1) probabilities and mask, or grey
-values, per block; (2) for label images, ids per block from the mask of the
-block and a halo around it (:func:`restore.assign_labels` works on 2D
-components and distances, so the halo grows until the conditions under which
-the block's ids match the whole-slice ones hold, see :func:`_ids_could_differ`);
-(3) the pyramid, level by level.
+values, per block (for a dense label image, the probabilities of the
+boundaries between its ids, :class:`LabelBoundaries`); (2) for label images, ids
+per block from the mask of the block and a halo around it
+(:func:`restore.assign_labels` works on 2D components and distances, so the
+halo grows until the conditions under which the block's ids match the
+whole-slice ones hold, see :func:`_ids_could_differ`), or for a dense label
+image the ids grown between the restored boundaries over the block and a halo
+(:func:`dense_label_block`, :func:`restore.grow_labels`); (3) the pyramid,
+level by level.
 
 Tasks run in this process one after the other (``workers=0``), on a local
 Dask cluster of worker processes, or on an existing cluster
@@ -164,7 +168,7 @@ def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None))
 
 @dataclass(frozen=True)
 class LabelBoundaries:
-    """The boundary mask of a dense label image's kept slices (:func:`restore.label_boundaries`), read
+    """The boundary mask of a dense label image's kept slices (:func:`morph.label_boundaries`), read
     like a kept-slice source: what the dense label rule restores, block by block.
 
     A window is read one pixel larger on each side, so that two ids touching across the window's edge
@@ -767,7 +771,11 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
                                    memory_limit=worker_memory if processes else 0, processes=processes,
                                    dashboard_address=":0")
-            client = Client(cluster)
+            try:
+                client = Client(cluster)
+            except BaseException:  # the cluster's worker processes must not outlive a failed connection
+                cluster.close()
+                raise
     try:
         n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
         dashboard = client.dashboard_link if importlib.util.find_spec("bokeh") or scheduler else \
@@ -860,6 +868,14 @@ def training_stack(source: Source, settings: SettingsLike, binarize_threshold: O
 
     Parameters
     ----------
+    source : ndarray (K, H, W), ZarrImage or LabelBoundaries
+        The kept slices.
+    settings : Settings or mapping
+        ``TRAIN_XY_SIZE``, ``TRAIN_NB``, ``MIN_CONTENT_RATIO`` and ``RANDOM_STATE`` are used.
+    binarize_threshold : float, optional
+        A mask's foreground is ``value > threshold``; default ``value != 0``.
+    max_bytes : int
+        The most bytes of kept slices read for training.
     value_range : (lo, hi), optional
         Grey-scale stacks: read grey values normalised by this range (the
         volume's, :func:`volume_intensity_range`) instead of a mask.
@@ -922,13 +938,7 @@ def volume_intensity_range(source: Source, max_values: int = INTENSITY_SAMPLE_VA
     """
     if isinstance(source, np.ndarray):
         return intensity_range(source)
-    n_kept, height, width = source.shape
-    excess = n_kept * height * width / max_values
-    slice_step = max(1, min(n_kept, int(math.sqrt(excess))))
-    n_slices = math.ceil(n_kept / slice_step)
-    row_step = max(1, math.ceil(n_slices * height * width / max_values))
-    sample = np.concatenate([source.read(slice(k, k + 1), slice(0, height, row_step)).ravel()
-                             for k in range(0, n_kept, slice_step)])
+    sample = zarr_io.sample_values(source, max_values)
     refuse_non_finite(sample, getattr(source, "path", "the input"))
     return intensity_range(sample)
 
@@ -1219,6 +1229,8 @@ def restore_to_ome_zarr(
     probabilities : {'uint8', 'float16', 'float32'}, optional
         Also write the probabilities (float16 is computed in float16, stored as
         float32 for Fiji) to ``probabilities_output``.
+    probabilities_output : str or Path, optional
+        The OME-Zarr store of the probabilities (given exactly when ``probabilities`` is).
     overwrite : bool
         Replace an existing output.
     processes : bool

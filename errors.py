@@ -2,6 +2,12 @@
 ``error: ...`` line (exit status 2). Every other exception is a programming error and keeps its traceback."""
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
 
 class UserError(ValueError):
     """A problem with the user's input, settings or outputs: the command line prints
@@ -26,3 +32,57 @@ class DamagedFileError(UserError):
         and ``detail``, what the reader said."""
         return cls(f"'{path}' is damaged or not a valid {what} ({detail}). Check that the file was copied "
                    "completely, or export it again.")
+
+
+def refuse_unwritable(path: Union[str, os.PathLike], what: str = "output") -> None:
+    """One error, before any work, for an output path that cannot be written: one under a file (a path that
+    names a file as a folder), or under a folder this user may not write to or on a read-only disk (the
+    nearest folder that exists decides; missing folders below it are created on writing)."""
+    path = Path(path).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"Cannot write the {what} '{path}': '{ancestor}' is a file, not a folder. Choose a path in a "
+                        "folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write the {what} '{path}': the folder '{ancestor}' is not writable (no permission, "
+                        "or a read-only disk). Choose a folder you may write to.")
+
+
+@contextlib.contextmanager
+def writing_to(path: Union[str, os.PathLike]) -> Iterator[None]:
+    """Turn the operating system's refusals while writing ``path`` (no permission, disk full,
+    read-only file system) into one :class:`UserError` naming the path and the fix; a partly
+    written file is removed, so that it is never mistaken for a result."""
+    import errno
+
+    fixes = {errno.EACCES: "choose a folder you may write to", errno.EPERM: "choose a folder you may write to",
+             errno.ENOSPC: "free some space or choose another disk", errno.EDQUOT: "free some space (disk quota)",
+             errno.EROFS: "choose a writable disk"}
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in fixes:
+            raise
+        with contextlib.suppress(OSError):
+            if Path(path).is_file():
+                Path(path).unlink()
+        raise UserError(f"Cannot write '{path}': {error.strerror or error}. {fixes[error.errno].capitalize()}."
+                        ) from error
+
+
+def run_cli(job: Callable[..., Any], *args: Any) -> int:
+    """Run a command-line job (``eval.py``, ``apply.py``, ``bench.py``): a :class:`UserError` (bad path,
+    damaged file, existing output, bad setting) prints one ``error: ...`` line and gives exit status 2;
+    Ctrl-C prints ``interrupted`` and gives 130, as a shell does. Any other exception is a bug and keeps
+    its traceback."""
+    try:
+        job(*args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C).", file=sys.stderr)
+        return 130
+    return 0

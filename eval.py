@@ -84,10 +84,11 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from errors import run_cli
 from settings import Settings as _Settings
 
 CONFIG_NAMES = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
@@ -320,7 +321,7 @@ def intensity_comparison_figure(truth_dhw: np.ndarray, linear_dhw: np.ndarray, c
 def output_paths(settings: Dict[str, Any]) -> Dict[str, Path]:
     """Every file this run writes; checked before any long work starts."""
     from data import OutputExistsError
-    from tiff_io import refuse_unwritable
+    from errors import refuse_unwritable
 
     run_dir = Path(settings["RUN_DIRECTORY"] or Path("runs") / datetime.now().strftime("eval-%Y%m%d-%H%M%S"))
     predicted_dir = Path(settings["OUTPUT_PREDICTION_OUTDIRECTORY"] or run_dir / "predicted")
@@ -392,7 +393,7 @@ def with_input_voxel_size(settings: Dict[str, Any], typed: Sequence[str] = ()) -
     return resolved
 
 
-def load_evaluation_stack(settings: Dict[str, Any]):
+def load_evaluation_stack(settings: Dict[str, Any]) -> Tuple[str, np.ndarray, Optional[np.ndarray], str]:
     """The isotropic ground truth: ``(kind, stack, labels or None, source)``.
 
     ``kind`` is 'mask', 'labels' or 'intensity' (``KIND``, or decided by
@@ -530,7 +531,8 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
     unit, overwrite = settings["VOXEL_UNIT"], settings["OVERWRITE"]
     config = dict(model_config(recipe, factor, training_kind(kind)), kind=kind)
     written = [save_model(paths["model"], model, config, overwrite=overwrite)]
-    written += [save_stack(paths[name], stack, voxel, unit, overwrite) for name, stack in stacks.items()]
+    written += [save_stack(paths[name], stack, voxel, unit, overwrite, grey_values=kind == "intensity")
+                for name, stack in stacks.items()]
     plot_loss_history(info["history"], paths["loss_curve"])
     display_training_results(model, info["examples"], path=paths["training_examples"])
     draw, arrays, figure_scores = figure
@@ -554,24 +556,6 @@ def run_evaluation(settings: Dict[str, Any], typed: Sequence[str] = ()) -> Dict[
         view_stacks_interactively(truth, stacks["morphed"], stacks["predicted"],
                                   titles=("raw (ground truth)", baseline, "predicted"))
     return metrics
-
-
-def run_cli(job, *args) -> int:
-    """Run a command-line job: a user error (``data.UserError``: bad path, damaged
-    file, existing output, bad setting) prints one ``error: ...`` line and gives
-    exit status 2; Ctrl-C prints ``interrupted`` and gives 130, as a shell does. Any
-    other exception is a bug and keeps its traceback."""
-    from data import UserError
-
-    try:
-        job(*args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C).", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

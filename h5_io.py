@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from errors import DamagedFileError, InputNotFoundError, UserError
-from tiff_io import StackChoice, choose_stack
+from tiff_io import StackChoice, choose_stack, sample_slices
 
 PathLike = Union[str, os.PathLike]
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -58,25 +58,37 @@ def _open(path: PathLike):
     file_path, key = split_hdf5_path(path)
     if not file_path.is_file():
         raise InputNotFoundError(f"Input '{file_path}' does not exist.")
+    if not os.access(file_path, os.R_OK):  # h5py reports it as an unreadable (damaged-looking) file
+        raise UserError(f"'{file_path}' cannot be read: permission denied. Check the file's permissions (ls -l), "
+                        "or copy it somewhere you can read.")
     try:
         handle = h5py.File(file_path, "r")
     except OSError as error:
         raise DamagedFileError.of(file_path, "HDF5 file", str(error)) from None
+    try:
+        return handle, _dataset(handle, file_path, key)
+    except BaseException:  # no handle is left open behind an error
+        handle.close()
+        raise
+
+
+def _dataset(handle, file_path: Path, key: Optional[str]):
+    """The dataset ``key`` of an open file, or its one dataset of 3 or more axes when ``key`` is None."""
+    import h5py
+
     if key is None:
         found: List[str] = []
         handle.visititems(lambda name, node: found.append(name) if isinstance(node, h5py.Dataset) and node.ndim >= 3
                           else None)
         if len(found) != 1:
-            handle.close()
             listed = ", ".join(found[:8]) + (" ..." if len(found) > 8 else "") if found else "none"
             raise UserError(f"'{file_path}' holds {len(found)} datasets of 3 or more axes ({listed}): name the one "
                             f"to restore, e.g. --input {file_path}/{found[0] if found else 'KEY'}.")
         key = found[0]
     node = handle.get(key)
     if not isinstance(node, h5py.Dataset):
-        handle.close()
         raise UserError(f"'{file_path}' has no dataset '{key}'; its datasets: {', '.join(_datasets(file_path))}.")
-    return handle, node
+    return node
 
 
 def _datasets(file_path: Path) -> List[str]:
@@ -178,7 +190,7 @@ def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice =
         index = _index(path, node.shape, choice, _axes(node))
         z_axis = next(axis for axis, i in enumerate(index) if isinstance(i, slice))
         depth = node.shape[z_axis]
-        slices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
+        slices = sample_slices(depth, max_slices)
         return np.stack([_read(node, index[:z_axis] + (int(z),) + index[z_axis + 1:], path) for z in slices])
 
 

@@ -182,10 +182,12 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
     """The kind a person would read from a sample of a stack's values, and why.
 
     Rule, in order: a bool stack or at most two values, one of them 0 (0/1,
-    0/255), or two positive integers (a two-class segmentation, ilastik's 1/2) -> 'mask'; non-integer values -> 'intensity'; an integer stack whose
-    object pixels are piecewise constant (:func:`flatness` >= ``LABEL_FLATNESS``)
-    -> 'labels'; one with noise or texture (<= ``INTENSITY_FLATNESS``) ->
-    'intensity'; in between, ``None`` (the evidence is ambiguous).
+    0/255), or two positive integers (a two-class segmentation, ilastik's 1/2)
+    -> 'mask'; a single value other than 0, non-integer values or negative
+    values -> 'intensity'; an integer stack whose object pixels are piecewise
+    constant (:func:`flatness` >= ``LABEL_FLATNESS``) -> 'labels'; one with
+    noise or texture (<= ``INTENSITY_FLATNESS``) -> 'intensity'; in between,
+    ``None`` (the evidence is ambiguous).
 
     Returns
     -------

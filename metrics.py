@@ -5,7 +5,7 @@ verbatim, so every report shows the score on the reconstructed slices too.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -48,7 +48,7 @@ def reconstructed_indices(kept_indices: Sequence[float], depth: int) -> np.ndarr
     return between[~np.isin(between, on_grid)]
 
 
-def mean_surface_distance(a: np.ndarray, b: np.ndarray, z_indices: Sequence[int] = None) -> float:
+def mean_surface_distance(a: np.ndarray, b: np.ndarray, z_indices: Optional[Sequence[int]] = None) -> float:
     """Average symmetric surface distance (ASSD) in voxels between two 3D masks.
 
     Surface voxels are foreground voxels with a background 6-neighbour. With
@@ -71,7 +71,7 @@ def mean_surface_distance(a: np.ndarray, b: np.ndarray, z_indices: Sequence[int]
     return float(distances.mean()) if distances.size else 0.0
 
 
-def mean_label_iou(predicted_labels: np.ndarray, true_labels: np.ndarray, z_indices: Sequence[int] = None,
+def mean_label_iou(predicted_labels: np.ndarray, true_labels: np.ndarray, z_indices: Optional[Sequence[int]] = None,
                    over: str = "either") -> float:
     """Mean over label ids of the IoU between same-id regions.
 
@@ -145,7 +145,7 @@ def score_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices:
 
 
 def score_intensity_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices: Sequence[int],
-                                   data_range: float = None) -> Dict[str, float]:
+                                   data_range: Optional[float] = None) -> Dict[str, float]:
     """PSNR and SSIM of a restored grey-scale stack on the reconstructed slices.
 
     Parameters

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from data import InputNotFoundError, OutputExistsError, UserError
+from errors import InputNotFoundError, OutputExistsError, UserError, writing_to
 
 PRECISIONS = ("auto", "fp32", "bf16")
 SKIP_MERGES = ("add", "concat")
@@ -314,7 +314,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     """Mixed-precision context for ``dtype`` (a no-op for float32)."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -348,8 +348,9 @@ def save_model(path: Union[str, Path], model: AttentionResUNet, config: Dict[str
         raise OutputExistsError(f"Model file '{path}' already exists; choose another path or pass overwrite=True.")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": "axial-sr-model/1", "architecture": model.architecture, "config": dict(config),
-                "state_dict": state}, path)
+    with writing_to(path):  # a full disk is one error, and no partial file is left to be loaded later
+        torch.save({"format": "axial-sr-model/1", "architecture": model.architecture, "config": dict(config),
+                    "state_dict": state}, path)
     return path
 
 

@@ -5,7 +5,8 @@ slices. It serves three purposes, which is why it lives in one place:
 
 * the shape-based (signed-distance) baseline, :func:`morph_stack_interpolated`;
 * the degradation of training inputs (``train.downscale_upscale_height``);
-* the initial Z upscaling at inference (``apply.upscale_height``).
+* the initial Z upscaling at inference (``restore.upscale_height``, whose torch twin
+  ``restore.upscale_along_z`` the engine runs).
 
 Training and inference must see the same interpolation: that match is what
 lets a network trained on lateral crops restore the Z axis.
@@ -22,13 +23,15 @@ Conventions (all methods)
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
 METHODS = ("nearest", "linear", "cubic", "sdf")
+# A numpy array or a torch tensor (torch is not imported here: the engine passes its planes).
+ArrayOrTensor = Any
 
 
 # --------------------------------------------------------------------------- #
@@ -198,7 +201,7 @@ def _blend_sdf(sdf_a: np.ndarray, sdf_b: np.ndarray, weight: float) -> np.ndarra
 
 def interpolate_along_axis(
     sparse: np.ndarray,
-    kept_positions: Sequence[int],
+    kept_positions: Sequence[float],
     length: int,
     axis: int = 0,
     method: str = "linear",
@@ -280,6 +283,8 @@ def morph_stack_interpolated(sparse_dhw: np.ndarray, kept_indices: Sequence[int]
         Z index of each kept slice in the full stack.
     original_depth : int
         Depth D of the restored stack.
+    progress : bool
+        Show a tqdm bar over the gaps.
 
     Returns
     -------
@@ -515,7 +520,7 @@ def fill_label_rows(kept_rows_njw: np.ndarray, positions: Sequence[float], heigh
 INTERFACES_SHARE = 0.5
 
 
-def mix_interfaces(linear, interfaces):
+def mix_interfaces(linear: ArrayOrTensor, interfaces: ArrayOrTensor) -> ArrayOrTensor:
     """The boundary network's input with interfaces: ``(1 - INTERFACES_SHARE) * linear + INTERFACES_SHARE *
     interfaces``, for numpy arrays or torch tensors of one float dtype (training crops and the engine's planes)."""
     return (1.0 - INTERFACES_SHARE) * linear + INTERFACES_SHARE * interfaces

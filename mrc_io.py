@@ -1,5 +1,5 @@
 """MRC stacks in: the volume EM format (FIB-SEM and serial-section stacks, tomograms, IMOD segmentations;
-``.mrc``, ``.rec``, ``.st``, ``.ali``, ``.map``), its voxel size from the header (Angstrom, given in nm).
+``.mrc``, ``.mrcs``, ``.rec``, ``.st``, ``.ali``, ``.map``), its voxel size from the header (Angstrom, given in nm).
 
 The functions mirror ``tiff_io``'s readers (same names, arguments and returns), so that ``stack_io`` can
 pick either by the path. The file is memory-mapped: a sample of slices reads only those slices.
@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from errors import DamagedFileError, InputNotFoundError, UserError
-from tiff_io import StackChoice, choose_stack
+from tiff_io import StackChoice, choose_stack, sample_slices
 
 PathLike = Union[str, os.PathLike]
 MRC_SUFFIXES = (".mrc", ".rec", ".st", ".ali", ".map", ".mrcs")
@@ -91,7 +91,7 @@ def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice =
     """At most ``max_slices`` evenly spaced slices, read without the rest (``tiff_io.read_value_sample``)."""
     with _open(path) as handle:
         volume = _volume(path, handle, choice)
-        slices = np.unique(np.linspace(0, volume.shape[0] - 1, min(volume.shape[0], max_slices)).round().astype(int))
+        slices = sample_slices(volume.shape[0], max_slices)
         return _native(np.array(volume[slices]))
 
 

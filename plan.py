@@ -260,11 +260,17 @@ def _throughput_key(kind: str, device: str) -> str:
 
 def recorded_throughput(kind: str, device: str = "") -> Optional[Dict[str, float]]:
     """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` last measured here for ``kind``, or None."""
+    rates = _throughput_table(throughput_file()).get(_throughput_key(kind, device))
+    return rates if isinstance(rates, dict) else None
+
+
+def _throughput_table(path: Path) -> Dict[str, Any]:
+    """The cache's table; one that is missing, unreadable or not a JSON object is empty (it is only a cache)."""
     try:
-        table = json.loads(throughput_file().read_text())
+        table = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    return table.get(_throughput_key(kind, device))
+        return {}
+    return table if isinstance(table, dict) else {}
 
 
 def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> None:
@@ -277,7 +283,7 @@ def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> No
         rates["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
     path = throughput_file()
     try:
-        table = json.loads(path.read_text()) if path.exists() else {}
+        table = _throughput_table(path)
         table[_throughput_key(plan.kind, plan.settings.get("DEVICE", ""))] = rates
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=1))

@@ -41,8 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data import UserError
-from settings import (FINE_TUNING_EPOCHS, FITTED_TO, RECIPE_BY_KIND, TRAINS_AS, Inference, Settings,  # noqa: F401
-                      SettingsLike, Training, as_settings)
+from settings import FITTED_TO, TRAINS_AS, Inference, Settings, SettingsLike, Training, as_settings
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import (ON_GRID_TOLERANCE, bracket, fill_label_gap, interpolate_along_axis, is_integer_factor,
                    kept_positions, label_boundaries, mix_interfaces, restored_depth, row_interfaces, slices_on_grid)
@@ -256,8 +255,11 @@ def upscale_height(sparse: np.ndarray, factor: float, original_depth: Optional[i
     sparse : ndarray, shape (K, ...) along ``axis``
     factor : float
     original_depth : int, optional
-        Output length; default ``(K - 1) * factor + 1``. Slices after the last
-        kept one copy it.
+        Output length; default ``floor((K - 1) * factor) + 1`` (:func:`morph.restored_depth`). Slices
+        after the last kept one copy it.
+    axis : int
+        The sparse axis.
+    method : {'linear', 'nearest'}
 
     Returns
     -------
@@ -455,11 +457,12 @@ def _tile_sums(occupied: torch.Tensor, starts_h: np.ndarray, starts_w: np.ndarra
 
 
 @torch.inference_mode()
-def predict_tiled(model: nn.Module, images_nchw, tile_size: int, overlap: int, batch_size: int,
+def predict_tiled(model: nn.Module, images_nchw: Union[np.ndarray, torch.Tensor], tile_size: int, overlap: int,
+                  batch_size: int,
                   device: Optional[torch.device] = None, flips: Sequence[Tuple[int, ...]] = ((),),
                   precision: str = "fp32", skip_empty: bool = True, batch_pixels: int = CPU_BATCH_PIXELS,
                   grids: Optional[Tuple[TileGrid, TileGrid]] = None, activation=torch.sigmoid,
-                  stats: Optional[Dict[str, int]] = None):
+                  stats: Optional[Dict[str, int]] = None) -> Union[np.ndarray, torch.Tensor]:
     """Probabilities of 2D images, tiled with smooth blending.
 
     Every image is cut into ``tile_size`` tiles (smaller images are one tile)
@@ -739,6 +742,11 @@ def _restore_orientation(job: _Pass, orientation: str, n_done: int, window_origi
     bar.close()
 
 
+# The dtypes restore_block writes probabilities in (uint8 stores round(255 * p)), and their torch twins.
+PROBABILITY_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16,
+                      np.dtype(np.float32): torch.float32}
+
+
 def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tuple[int, int],
                   global_hw: Tuple[int, int], region_yx: Tuple[Tuple[int, int], Tuple[int, int]], factor: float,
                   kernel: Optional[Kernel] = None, *, depth: Optional[int] = None, out_dtype=np.float32,
@@ -768,7 +776,7 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
         :class:`Kernel` fields, on top of ``kernel`` (or instead of it:
         ``train_depth=3, tile_size=64, ...``).
     depth : int, optional
-        Output depth D; default ``(K - 1) * factor + 1``.
+        Output depth D; default ``floor((K - 1) * factor) + 1`` (:func:`morph.restored_depth`).
     out_dtype : numpy dtype
         float32, float16, or uint8 (stores ``round(255 * p)``).
     stats : dict, optional
@@ -783,14 +791,16 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     probabilities : ndarray of ``out_dtype``, shape (D, y1 - y0, x1 - x0)
         Foreground probabilities, or normalised grey values for an intensity model.
     """
+    torch_out = PROBABILITY_DTYPES.get(np.dtype(out_dtype))
+    if torch_out is None:
+        raise ValueError(f"out_dtype must be one of {', '.join(str(d) for d in PROBABILITY_DTYPES)}, got "
+                         f"{np.dtype(out_dtype)}.")
     kernel = _kernel(kernel, options)
     device = device or select_device()
     network, activation = _network_for_inference(model, kernel, device, out_dtype)
     n_kept = sparse_window.shape[0]
     depth = restored_depth(n_kept, factor) if depth is None else int(depth)
     (y0, y1), (x0, x1) = region_yx
-    torch_out = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float16): torch.float16}.get(np.dtype(out_dtype),
-                                                                                         torch.float32)
     job = _Pass(network, activation, kernel, _as_engine_tensor(sparse_window, device),
                 torch.zeros((depth, y1 - y0, x1 - x0), dtype=torch_out, device=device), factor, depth,
                 tile_grid(depth, kernel.tile_size, kernel.tile_overlap, (0, depth)), device, stats, labels)
@@ -841,7 +851,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
         :class:`Kernel` fields: ``batch_size``, default 32 here, ``orientations``, ``flips``,
         ``channel_stride``, ``precision``, ...) change it.
     original_depth : int, optional
-        Output depth D; default ``(K - 1) * factor + 1``.
+        Output depth D; default ``floor((K - 1) * factor) + 1`` (:func:`morph.restored_depth`).
     out_dtype : numpy dtype
         float32 by default; float16 halves the memory of large outputs, and
         uint8 quarters it, storing ``round(255 * p)``.
@@ -852,7 +862,7 @@ def apply_model_to_stack_tiled_slice_by_slice(
     Returns
     -------
     probabilities_dhw : ndarray of ``out_dtype``, shape (D, H, W), values in [0, 1]
-        (0..255 for an integer ``out_dtype``)
+        (0..255 for uint8; :data:`PROBABILITY_DTYPES` are the dtypes written)
 
     Memory stays bounded by one chunk of planes (about 16 MB of inputs, or one
     plane of ``C x D x W`` floats if that is larger) plus the output array: the
@@ -908,6 +918,12 @@ def assign_labels(foreground_dhw: np.ndarray, sparse_labels_khw: np.ndarray, fac
     """
     from scipy import ndimage
 
+    if sparse_labels_khw.size and int(sparse_labels_khw.max()) > np.iinfo(np.int32).max:
+        # Ids beyond 32 bits (connectomics' uint64 ids): the search below compares ids through int64 keys and
+        # float64 promotions, exact only for smaller ids, so it runs on the ids renumbered 1..n (0 stays 0).
+        known = np.union1d(np.zeros(1, sparse_labels_khw.dtype), sparse_labels_khw)
+        compact = np.searchsorted(known, sparse_labels_khw).astype(np.uint32)
+        return known[assign_labels(foreground_dhw, compact, factor, progress, offset)]
     depth = foreground_dhw.shape[0]
     positions = kept_positions(len(sparse_labels_khw), factor) + offset
     lower, upper, _ = bracket(positions, depth)
@@ -1235,7 +1251,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     model : nn.Module, optional
         A trained model; without one, a model is trained on ``sparse_khw``.
     original_depth : int, optional
-        Output depth; default ``(K - 1) * factor + 1``.
+        Output depth; default ``floor((K - 1) * factor) + 1`` (:func:`morph.restored_depth`).
     out_dtype : numpy dtype
         Probability dtype (uint8, the default, stores 0-255: one byte per voxel).
     kind : {'mask', 'labels', 'dense labels'}
@@ -1379,7 +1395,7 @@ def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike =
                   probability_dtype=np.uint8, keep_probabilities: bool = True,
                   dense_labels: Optional[bool] = None
                   ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:
-    """Restore an anisotropic stack to ``(K - 1) * factor + 1`` slices.
+    """Restore an anisotropic stack to ``floor((K - 1) * factor) + 1`` slices.
 
     Parameters
     ----------

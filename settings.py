@@ -21,7 +21,7 @@ equal its defaults; a test checks).
 earlier versions (``NUM_EPOCHS 0``, ``BINARIZE_THRESHOLD -1``, ...) are still
 accepted wherever a value is read (:meth:`Settings.from_dict`, the flags).
 
-This module sits at the bottom of the project: it imports only ``errors``,
+This module sits below the scripts: it imports only ``data`` (the file readers' choices), ``errors``,
 ``kinds``, ``model`` and ``zarr_io``.
 """
 from __future__ import annotations
@@ -410,7 +410,7 @@ class Settings:
     large: LargeVolumes = field(default_factory=LargeVolumes)
     # (K, H, W, factor) the training recipe was fitted to (restore.fit_recipe_to_stack), so that it is
     # fitted again only for another stack.
-    fitted_to: Optional[Tuple[int, int, int, int]] = None
+    fitted_to: Optional[Tuple[int, int, int, float]] = None
 
     # ----- the view by constant name ----------------------------------------
     @classmethod
@@ -509,11 +509,34 @@ class Settings:
         if inference.batch_pixels < 0:
             raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
                             f"{inference.batch_pixels}.")
+        for constant, value, low, high in self._ranges():
+            if value < low or (high is not None and value > high):
+                raise UserError(f"{constant} must be at least {low}{'' if high is None else f' and at most {high}'}, "
+                                f"got {value}.")
         check_choice("SKIP_MERGE", self.network.skip_merge)
         check_choice("START_FROM", training.start_from)
         check_choice("NGFF_VERSION", self.large.ngff_version)
         check_choice("PRECISION", training.precision)
         return self
+
+
+    def _ranges(self) -> Tuple[Tuple[str, float, float, Optional[float]], ...]:
+        """``(constant, value, lowest, highest or None)`` of the numeric settings with a fixed range (both
+        bounds allowed): a batch or tile size of 0 would otherwise fail only after the training."""
+        training, network, inference = self.training, self.network, self.inference
+        return (("TRAIN_XY_SIZE", training.train_xy_size, 1, None),
+                ("BATCH_SIZE", training.batch_size, 1, None),
+                ("MIN_CONTENT_RATIO", training.min_content_ratio, 0, 1),
+                ("DICE_WEIGHT", training.dice_weight, 0, None),
+                ("PROFILE_FWHM", training.profile_fwhm, 0, None),
+                ("BASE_FILTERS", network.base_filters, 1, None),
+                ("DEPTH", network.depth, 1, None),
+                ("DROPOUT_RATE", network.dropout_rate, 0, 0.99),
+                ("INFERENCE_TILE_SIZE", inference.tile_size, 1, None),
+                ("INFERENCE_BATCH_SIZE", inference.batch_size, 1, None),
+                ("PROBABILITY_THRESHOLD", inference.probability_threshold, 0, 1),
+                ("BLOCK_SIZE", self.large.block_size, 1, None),
+                ("WORKERS", self.large.workers, 0, None))
 
 
 def check_choice(constant: str, value: Any) -> None:

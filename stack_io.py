@@ -12,11 +12,15 @@ import numpy as np
 import h5_io
 import mrc_io
 import tiff_io
+from errors import InputNotFoundError
 from tiff_io import PathLike, StackChoice
 
 
 def _reader(path: PathLike):
-    """The module that reads ``path``; a file of any other format is one error here, before it is opened."""
+    """The module that reads ``path``; a missing input or a file of any other format is one error here, before
+    anything is opened (a missing file is not reported as a damaged one)."""
+    if not input_exists(path):
+        raise InputNotFoundError(f"Input '{path}' does not exist.")
     if h5_io.is_hdf5_path(path):
         return h5_io
     if mrc_io.is_mrc_path(path):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import tifffile
 
-from errors import DamagedFileError, InputNotFoundError, OutputExistsError, UserError
+from errors import DamagedFileError, InputNotFoundError, OutputExistsError, UserError, writing_to
 
 PathLike = Union[str, os.PathLike]
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -161,10 +161,17 @@ def _chosen_pages(series: "tifffile.TiffPageSeries", index: Sequence[Union[int, 
     return np.arange(len(series.pages)).reshape(leading)[tuple(index[:len(leading)])]
 
 
+def first_series(tif: "tifffile.TiffFile") -> "tifffile.TiffPageSeries":
+    """The file's first image series, the one read; a file without any is damaged (an empty page list)."""
+    if not tif.series:
+        raise DamagedFileError.of(tif.filehandle.path, "TIFF", "no image in it")
+    return tif.series[0]
+
+
 def _read_chosen(tif: "tifffile.TiffFile", index: Sequence[Union[int, slice]]) -> np.ndarray:
     """The chosen stack of a file's first series (``index`` of :func:`choose_stack`), reading only its own
     pages where each page is one plane: one channel of a large hyperstack costs that channel's bytes."""
-    series = tif.series[0]
+    series = first_series(tif)
     if all(isinstance(i, slice) for i in index):
         return series.asarray()
     pages = _chosen_pages(series, index)
@@ -228,8 +235,13 @@ def _tiff_guard(path: Path):
     except PermissionError as error:  # the file may be fine: the user may not read it
         raise UserError(f"'{path}' cannot be read: permission denied ({error.strerror}). Check the file's "
                         "permissions (ls -l), or copy it somewhere you can read.") from error
-    except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, IndexError, KeyError, ValueError,
-            OSError, ET.ParseError) as error:  # only the read of one file runs inside: these are the file's faults
+    except (IndexError, KeyError, ValueError) as error:
+        damaged = _damage_reported(complaints)
+        if raised_here(error) and not damaged:  # this module's own slip, not the file's content: a bug
+            raise
+        detail = f"tifffile: {damaged[0]}" if damaged else f"{type(error).__name__}: {error}"
+        raise _damaged(path, detail) from error
+    except (tifffile.TiffFileError, zlib.error, struct.error, EOFError, OSError, ET.ParseError) as error:
         if "imagecodecs" in str(error):  # a compression tifffile decodes only through imagecodecs (LZW, JPEG, ...)
             raise UserError(f"'{path}' is compressed in a way that needs the imagecodecs package ({error}). Install "
                             "it (pip install -r requirements.txt, or pip install imagecodecs) and run again.") from error
@@ -239,6 +251,15 @@ def _tiff_guard(path: Path):
     damaged = _damage_reported(complaints)
     if damaged:
         raise _damaged(path, f"tifffile: {damaged[0]}")
+
+
+def raised_here(error: BaseException) -> bool:
+    """Whether ``error`` was raised by this module's own code (its innermost frame is here), not inside the
+    tifffile or numpy calls a damaged file makes fail."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve() == Path(__file__).resolve()
 
 
 def _damaged(path: Path, detail: str) -> DamagedFileError:
@@ -297,7 +318,7 @@ def read_stack(path: PathLike, choice: StackChoice = StackChoice()) -> np.ndarra
     else:
         refuse_other_formats(path)
         with _tiff_guard(path), tifffile.TiffFile(path) as tif:  # one open: the axes, then the pixels
-            stack = np.squeeze(_read_chosen(tif, _series_index(path, tif.series[0], choice)))
+            stack = np.squeeze(_read_chosen(tif, _series_index(path, first_series(tif), choice)))
     if stack.ndim != 3 or stack.shape[0] < 2:
         raise UserError(not_a_stack(path, stack.shape))
     return stack
@@ -309,7 +330,7 @@ def folder_slice_shape(folder: PathLike, files: Sequence[Path]) -> Tuple[int, in
     shapes = []
     for file in files:
         with _tiff_guard(file), tifffile.TiffFile(file) as tif:
-            shapes.append(tuple(int(n) for n in tif.series[0].shape if n != 1))
+            shapes.append(tuple(int(n) for n in first_series(tif).shape if n != 1))
     odd = [(file, shape) for file, shape in zip(files, shapes) if len(shape) != 2]
     if odd:
         file, shape = odd[0]
@@ -370,7 +391,7 @@ def stack_shape(path: PathLike, choice: StackChoice = StackChoice()) -> Tuple[in
         refuse_choice_in_folder(path, choice)
         return (len(files),) + folder_slice_shape(path, files)
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
+        series = first_series(tif)
         shape = _chosen_shape(series.shape, _series_index(path, series, choice))
         if len(shape) != 3:  # axes beyond Z, Y, X that are neither channels nor time points
             raise UserError(not_a_stack(path, tuple(series.shape), series.axes))
@@ -392,7 +413,13 @@ def stack_dtype(path: PathLike) -> np.dtype:
     path = Path(path)
     first = list_tiff_files(path)[0] if path.is_dir() else path
     with _tiff_guard(first), tifffile.TiffFile(first) as tif:
-        return np.dtype(tif.series[0].dtype)
+        return np.dtype(first_series(tif).dtype)
+
+
+def sample_slices(depth: int, max_slices: int) -> np.ndarray:
+    """At most ``max_slices`` evenly spaced slice indices of a stack ``depth`` slices deep, first and last
+    included (every reader's :func:`read_value_sample`)."""
+    return np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
 
 
 def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice = StackChoice()) -> np.ndarray:
@@ -406,12 +433,12 @@ def read_value_sample(path: PathLike, max_slices: int = 8, choice: StackChoice =
     """
     path = Path(path)
     depth = stack_shape(path, choice)[0]
-    indices = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
+    indices = sample_slices(depth, max_slices)
     if path.is_dir():
         files = list_tiff_files(path)
         return np.stack([np.squeeze(read_tiff(files[i])) for i in indices])
     with _tiff_guard(path), tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
+        series = first_series(tif)
         index = _series_index(path, series, choice)
         pages = _chosen_pages(series, index)
         pages = None if pages is None else np.squeeze(pages)
@@ -550,9 +577,11 @@ def _check_writable(path: Path, overwrite: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                grey_values: bool = False):
     """Data for tifffile: bool masks become 0/255 uint8 (shown as a mask in every viewer), or what
-    ``encode_mask`` makes of each page, converted page by page so a large mask is never copied whole."""
+    ``encode_mask`` makes of each page, converted page by page so a large mask is never copied whole;
+    integer grey values the ImageJ type that holds them (:func:`imagej_grey_dtype`)."""
     if stack.dtype == bool and encode_mask is not None and len(stack):
         dtype = encode_mask(stack[:1]).dtype
         return (encode_mask(page) for page in stack), dict(shape=stack.shape, dtype=dtype)
@@ -560,7 +589,23 @@ def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], 
         return (page.view(np.uint8) * np.uint8(255) for page in stack), dict(shape=stack.shape, dtype=np.uint8)
     if stack.dtype == np.float16:  # ImageJ reads no 16-bit floats: written as float32, page by page
         return (page.astype(np.float32) for page in stack), dict(shape=stack.shape, dtype=np.float32)
+    if grey_values and np.issubdtype(stack.dtype, np.integer):
+        return stack.astype(imagej_grey_dtype(stack), copy=False), {}
     return _as_savable_array(stack), {}
+
+
+def imagej_grey_dtype(stack: np.ndarray) -> np.dtype:
+    """The ImageJ pixel type that holds integer grey values exactly: uint8 and uint16 as they are, int16
+    (ImageJ's calibrated signed 16-bit) for values within it (an int8 or int16 tomogram), uint16 for other
+    non-negative values up to 65535, else float32 (exact up to 2**24; ImageJ has no 32-bit integers)."""
+    if stack.dtype in (np.uint8, np.uint16, np.int16):
+        return stack.dtype
+    low, high = (int(stack.min()), int(stack.max())) if stack.size else (0, 0)
+    if low >= 0 and high <= np.iinfo(np.uint16).max:
+        return np.dtype(np.uint16)
+    if np.iinfo(np.int16).min <= low and high <= np.iinfo(np.int16).max:
+        return np.dtype(np.int16)
+    return np.dtype(np.float32)
 
 
 def _as_savable_array(stack: np.ndarray) -> np.ndarray:
@@ -587,6 +632,7 @@ def save_stack(
     overwrite: bool = False,
     as_slices: bool = False,
     encode_mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    grey_values: bool = False,
 ) -> Path:
     """Write a stack that Fiji/ImageJ and napari open with the right voxel size.
 
@@ -596,14 +642,23 @@ def save_stack(
         Output ``.tif`` file, or with ``as_slices=True`` a folder that receives
         one ``slice_0000.tif`` per Z slice (the seed's format).
     stack_dhw : ndarray, shape (D, H, W)
-        bool (written as uint8 0/255, or by ``encode_mask``), uint8/uint16 labels or float32 probabilities.
+        bool (written as uint8 0/255, or by ``encode_mask``), label ids (any integer dtype, ids 0..65535,
+        written as uint16 unless uint8), float probabilities or grey values (float32; float64 and float16
+        are written as float32), or integer grey values with ``grey_values``.
     voxel_size_zyx : (float, float, float)
         Physical voxel size, stored as ImageJ ``spacing`` and X/Y resolution.
+    unit : str
+        Length unit of ``voxel_size_zyx`` ('um', 'nm', ...).
     overwrite : bool
         Existing files are never replaced unless this is True.
+    as_slices : bool
+        Write a folder of one TIFF per Z slice instead of one file.
     encode_mask : callable, optional
         How a bool mask's pages are written (``data.MaskValues.encode``: the input mask's own values, uint8,
         uint16 or float32); default 0/255 uint8.
+    grey_values : bool
+        ``stack_dhw`` holds grey values, not label ids: integers are written in the ImageJ type that holds
+        them exactly (:func:`imagej_grey_dtype`: an int16 tomogram stays int16), never refused as ids.
 
     Returns
     -------
@@ -613,7 +668,7 @@ def save_stack(
     stack_dhw = np.asarray(stack_dhw)
     if stack_dhw.ndim != 3:
         raise UserError(f"save_stack expects a (D, H, W) stack, got shape {stack_dhw.shape}.")
-    data, page_kwargs = _as_savable(stack_dhw, encode_mask)
+    data, page_kwargs = _as_savable(stack_dhw, encode_mask, grey_values)
     z, y, x = (float(v) for v in voxel_size_zyx)
     kwargs = dict(
         imagej=True,
@@ -646,39 +701,3 @@ def save_stack(
     return path
 
 
-def refuse_unwritable(path: PathLike, what: str = "output") -> None:
-    """One error, before any work, for an output path that cannot be written: one under a file (a path that
-    names a file as a folder), or under a folder this user may not write to or on a read-only disk (the
-    nearest folder that exists decides; missing folders below it are created on writing)."""
-    path = Path(path).absolute()
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"Cannot write the {what} '{path}': '{ancestor}' is a file, not a folder. Choose a path in a "
-                        "folder.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"Cannot write the {what} '{path}': the folder '{ancestor}' is not writable (no permission, "
-                        "or a read-only disk). Choose a folder you may write to.")
-
-
-@contextlib.contextmanager
-def writing_to(path: PathLike):
-    """Turn the operating system's refusals while writing ``path`` (no permission, disk full,
-    read-only file system) into one :class:`UserError` naming the path and the fix; a partly
-    written file is removed, so that it is never mistaken for a result."""
-    import errno
-
-    fixes = {errno.EACCES: "choose a folder you may write to", errno.EPERM: "choose a folder you may write to",
-             errno.ENOSPC: "free some space or choose another disk", errno.EDQUOT: "free some space (disk quota)",
-             errno.EROFS: "choose a writable disk"}
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in fixes:
-            raise
-        with contextlib.suppress(OSError):
-            if Path(path).is_file():
-                Path(path).unlink()
-        raise UserError(f"Cannot write '{path}': {error.strerror or error}. {fixes[error.errno].capitalize()}."
-                        ) from error

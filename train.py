@@ -23,8 +23,7 @@ from data import UserError
 from model import AttentionResUNet, autocast, network_architecture, resolve_precision, select_device, starting_weights
 from morph import (interpolate_along_axis, is_integer_factor, kept_positions, mix_interfaces, row_interfaces,
                    sample_rows)
-from settings import (LATERAL_AXES, Network, Settings, SettingsLike, Training, as_settings,  # noqa: F401
-                      check_crop_pool)
+from settings import Network, SettingsLike, Training, as_settings, check_choice, check_crop_pool
 
 
 def seed_everything(seed: int) -> None:
@@ -122,9 +121,8 @@ def row_phases(factor: float) -> int:
 
 
 def check_lateral_axes(lateral_axes: str) -> None:
-    """Raise a clear error for a ``TRAIN_LATERAL_AXES`` that is not one of :data:`LATERAL_AXES`."""
-    if lateral_axes not in LATERAL_AXES:
-        raise UserError(f"TRAIN_LATERAL_AXES must be one of {', '.join(LATERAL_AXES)}, got '{lateral_axes}'.")
+    """Raise a clear error for a ``TRAIN_LATERAL_AXES`` that is not one of ``settings.LATERAL_AXES``."""
+    check_choice("TRAIN_LATERAL_AXES", lateral_axes)
 
 
 def check_crop_size(stack_shape: Sequence[int], crop_size_zyx: Sequence[int], factor: float,

@@ -23,7 +23,8 @@ validate against ``ome-zarr-models`` (the pydantic models of the specification);
 
 Label ids: a label image is written in an integer dtype NGFF allows
 (:func:`ngff_label_dtype`); ids read from a TIFF for an OME-Zarr output may exceed a
-TIFF's 65535 (``data.as_label_image`` with ``dtype=None``: uint16 when they fit, else uint32).
+TIFF's 65535 (``data.as_label_image`` with ``dtype=None``: the smallest of uint16, uint32 and uint64 that
+holds them).
 
 NGFF 0.4 (Zarr v2) is the default: Fiji's readers (N5/BigDataViewer,
 MoBIE) and most released tools read it, while 0.5 (Zarr v3) readers are
@@ -365,6 +366,17 @@ def foreground(window: np.ndarray, threshold: Optional[float] = None) -> np.ndar
     return window != 0 if threshold is None else window > threshold
 
 
+def sample_values(image: ZarrImage, max_values: int) -> np.ndarray:
+    """About ``max_values`` of a store's values, flat, read slice by slice: every n-th slice and every m-th
+    row of those (as many slices as rows are skipped), so that a large store is never read whole; a store
+    of at most ``max_values`` values gives all of them."""
+    depth, height, width = image.shape
+    slice_step = max(1, min(depth, int(math.sqrt(depth * height * width / max_values))))
+    row_step = max(1, math.ceil(math.ceil(depth / slice_step) * height * width / max_values))
+    return np.concatenate([image.read(slice(k, k + 1), slice(0, height, row_step)).ravel()
+                           for k in range(0, depth, slice_step)])
+
+
 def display_window(source: Union[np.ndarray, ZarrImage], percentiles: Tuple[float, float] = DISPLAY_PERCENTILES,
                    max_values: int = DISPLAY_SAMPLE_VALUES) -> Tuple[float, float]:
     """The grey-value window ``(start, end)`` a viewer should open an image of ``source`` at: the
@@ -381,13 +393,7 @@ def display_window(source: Union[np.ndarray, ZarrImage], percentiles: Tuple[floa
         values = source.ravel()[:: max(1, source.size // max_values)]
         dtype = source.dtype
     else:
-        n_kept, height, width = source.shape
-        excess = n_kept * height * width / max_values
-        slice_step = max(1, min(n_kept, int(math.sqrt(excess))))
-        row_step = max(1, math.ceil(math.ceil(n_kept / slice_step) * height * width / max_values))
-        values = np.concatenate([source.read(slice(k, k + 1), slice(0, height, row_step)).ravel()
-                                 for k in range(0, n_kept, slice_step)])
-        dtype = np.dtype(source.dtype)
+        values, dtype = sample_values(source, max_values), np.dtype(source.dtype)
     if dtype == bool:
         values, dtype = values.view(np.uint8), np.dtype(np.uint8)
     if not np.issubdtype(dtype, np.integer):
@@ -414,8 +420,9 @@ def _ome_zarr_writer():
     return writer
 
 
-def ngff_format(ngff_version: str):
-    """The ome-zarr package's Format of an NGFF version, or a UserError naming the versions written."""
+def ngff_format(ngff_version: str) -> Any:
+    """The ome-zarr package's Format (``ome_zarr.format.FormatV04`` or ``FormatV05``) of an NGFF version, or a
+    UserError naming the versions written."""
     from ome_zarr.format import FormatV04, FormatV05
 
     if ngff_version not in NGFF_VERSIONS:
@@ -660,10 +667,13 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
     path : output folder (``.ome.zarr``)
     shape_dhw : (D, H, W) of the restored stack
     voxel_size_zyx : isotropic voxel size of the output, in ``unit``
+    unit : length unit ('um', 'nm', ...), written as its NGFF name
     translation_zyx : the input's origin (voxel 0 of the output is voxel 0 of the input)
     ngff_version : '0.4' (Zarr v2) or '0.5' (Zarr v3)
     label_dtype : numpy dtype, optional
         An integer dtype (:func:`ngff_label_dtype`).
+    label_name : str
+        With ``label_dtype``: the label image's name under ``labels/``.
     image_format : ImageFormat
         The root image's dtype, pyramid rule and display window (the grey values
         a viewer opens it at: the input's 0.1 / 99.9 percentiles,
@@ -794,13 +804,19 @@ def write_image(path: PathLike, image_dhw: np.ndarray, voxel_size_zyx: Sequence[
 
     Parameters
     ----------
+    path : str or Path
+        The ``.ome.zarr`` store written.
     image_dhw : ndarray, shape (D, H, W)
         A mask (bool or non-zero = foreground, written in ``mask_values``: 0/255 by default) or, with
         ``kind='intensity'``, grey values (written in their dtype, with the
         input's display window).
+    voxel_size_zyx, unit, translation_zyx, ngff_version
+        As in :func:`create_output`.
     kind : {'mask', 'labels', 'intensity'}
     labels_dhw : ndarray of uint, shape (D, H, W), optional
         Ids, written as ``labels/<label_name>``.
+    label_name : str
+        The label image's name inside the store.
     overwrite : bool
         Replace an existing store (never a folder that is not one).
     mask_values : data.MaskValues

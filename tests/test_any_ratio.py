@@ -260,7 +260,7 @@ def bench_rows(tmp_path, name, voxel, grid):
 
 
 def test_bench_scores_a_non_integer_ratio_against_the_truth_on_that_grid(tmp_path):
-    from metrics import calculate_iou, reconstructed_indices
+    from metrics import calculate_iou
 
     truth, rows = bench_rows(tmp_path, "urocell_like", (15.0, 16.0, 16.0), "isotropic")
     factor = 3 * 15 / 16

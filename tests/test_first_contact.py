@@ -418,6 +418,16 @@ def test_dry_run_of_an_ambiguous_stack_asks_for_kind(tmp_path, capsys):
     assert_one_error_line(err, "--kind labels or --kind intensity", "amb.tif")
 
 
+@pytest.mark.parametrize("cache_text", ["[]", "not json", '{"key": 3}'])
+def test_a_damaged_throughput_cache_is_an_empty_one(tmp_path, capsys, private_cache, cache_text):
+    private_cache.mkdir(parents=True)
+    (private_cache / "throughput.json").write_text(cache_text)
+    source = write_tif(tmp_path / "mask.tif", kept_mask())
+    status, printed, err = run_apply(capsys, "--input", source, "--output", tmp_path / "never.tif", "--dry-run")
+    assert status == 0, err
+    assert plan_of(printed)["expected time"].startswith("not known yet")
+
+
 def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_cache):
     source = write_tif(tmp_path / "mask.tif", kept_mask())
     dry = ["--input", source, "--output", tmp_path / "never.tif", "--dry-run"]

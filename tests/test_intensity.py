@@ -16,7 +16,8 @@ from data import (UserError, decide_kind, denormalize_intensity, downsample_z, i
 from eval import default_settings
 from metrics import score_intensity_reconstruction
 from morph import interpolate_along_axis
-from restore import RECIPE_BY_KIND, restore_intensity, training_kwargs, upscale_height
+from restore import restore_intensity, training_kwargs, upscale_height
+from settings import RECIPE_BY_KIND
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--train-xy-size", "32", "--train-z-size", "3", "--train-nb", "96", "--num-epochs", "1",

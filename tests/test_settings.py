@@ -95,6 +95,24 @@ def test_validation_names_the_setting():
     assert Settings().validate() == Settings()
 
 
+@pytest.mark.parametrize("constant, value, message", [
+    ("INFERENCE_BATCH_SIZE", 0, "INFERENCE_BATCH_SIZE must be at least 1, got 0"),
+    ("BATCH_SIZE", 0, "BATCH_SIZE must be at least 1, got 0"),
+    ("INFERENCE_TILE_SIZE", 0, "INFERENCE_TILE_SIZE must be at least 1, got 0"),
+    ("PROBABILITY_THRESHOLD", 7, "PROBABILITY_THRESHOLD must be at least 0 and at most 1, got 7"),
+    ("DROPOUT_RATE", 1.0, "DROPOUT_RATE must be at least 0 and at most 0.99, got 1.0"),
+    ("DEPTH", 0, "DEPTH must be at least 1, got 0"),
+])
+def test_sizes_and_fractions_out_of_range_are_refused_before_any_work(constant, value, message, capsys, tmp_path):
+    with pytest.raises(UserError, match=message):
+        Settings().with_values(**{constant: value}).validate()
+    import eval as evaluation  # the command line refuses it before reading or training anything
+    flag = "--" + constant.lower().replace("_", "-")
+    assert evaluation.main([flag, str(value), "--run-directory", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    assert message in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- #
 # The command lines, generated
 # --------------------------------------------------------------------------- #

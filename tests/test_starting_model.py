@@ -53,7 +53,8 @@ def test_unknown_start_from_is_one_clear_error():
 
 def test_recipe_takes_fewer_epochs_only_where_the_starting_model_is_used():
     from eval import default_settings
-    from restore import FINE_TUNING_EPOCHS, RECIPE_BY_KIND, training_kwargs
+    from restore import training_kwargs
+    from settings import FINE_TUNING_EPOCHS, RECIPE_BY_KIND
 
     settings = default_settings()
     assert training_kwargs(settings, "mask")["num_epochs"] == FINE_TUNING_EPOCHS

@@ -435,6 +435,23 @@ def test_assign_labels_restricts_ids_to_the_objects_a_component_touches():
     check_against_reference(restored, foreground, sparse, factor)
 
 
+def test_assign_labels_is_exact_for_connectomics_uint64_ids():
+    """The case above with FlyWire-sized uint64 ids two apart (about 2**59): ids that float64 cannot tell
+    apart must come out exactly as the same ids renumbered small do."""
+    factor, height, width = 4, 16, 40
+    small = np.zeros((2, height, width), np.uint16)
+    small[:, :, :10], small[:, :8, 10:] = 1, 2
+    foreground = np.zeros((factor + 1, height, width), bool)
+    foreground[1:factor, :, :8] = foreground[1:factor, 12:, :22] = foreground[1:factor, :8, 10:] = True
+    foreground[[0, factor]] = small > 0
+    base = np.uint64(720575940379279360)
+    large = np.where(small > 0, small.astype(np.uint64) + base, np.uint64(0))
+    expected = restore.assign_labels(foreground, small, factor, progress=False)
+    restored = restore.assign_labels(foreground, large, factor, progress=False)
+    assert restored.dtype == np.uint64
+    np.testing.assert_array_equal(restored, np.where(expected > 0, expected.astype(np.uint64) + base, np.uint64(0)))
+
+
 def test_assign_labels_random_cases_match_reference():
     rng = np.random.default_rng(0)
     for case in range(6):

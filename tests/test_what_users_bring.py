@@ -172,6 +172,17 @@ def test_an_output_format_not_written_is_one_error(tmp_path, capsys, tiny_model_
     assert not (tmp_path / name).exists()
 
 
+@pytest.mark.parametrize("name, meant", [("restored.tf", "restored.tif"), ("restored.zar", "restored.zarr"),
+                                         ("restored.tifff", "restored.tiff")])
+def test_a_typo_in_the_output_suffix_is_one_error_not_a_folder(tmp_path, capsys, tiny_model_args, name, meant):
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack().astype(np.uint8) * 255)
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / name), "--dry-run"] + tiny_model_args) == 2
+    assert f"({meant} was meant?)" in capsys.readouterr().err
+    (tmp_path / "run.2024").mkdir()  # a folder whose name has a dot stays a folder for the outputs
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "run.2024"), "--dry-run"]
+                      + tiny_model_args) == 0
+
+
 def test_an_ome_tiff_output_holds_ome_metadata(tmp_path, tiny_model_args):
     kept = mask_stack().astype(np.uint8) * 255
     path = fiji_tiff(tmp_path / "mask.tif", kept)
@@ -384,3 +395,91 @@ def test_scheduler_addresses_and_worker_memory_edge_cases(tmp_path, capsys, tiny
     blocks.check_worker_memory_floor("0")  # Dask's 'no limit'
     with pytest.raises(UserError, match="is not a size"):
         blocks.check_worker_memory_floor("lots")
+
+
+# --------------------------------------------------------------------------- #
+# Integer grey values: an int16 tomogram stays int16
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("values, written", [
+    (np.array([-3000, 0, 12000], np.int16), np.int16),   # a signed tomogram (MRC mode 1)
+    (np.array([-100, 0, 100], np.int8), np.int16),       # ImageJ has no 8-bit signed type
+    (np.array([0, 70000], np.int32), np.float32),        # beyond 16 bits: ImageJ's 32-bit float, exact here
+    (np.array([0, 4000], np.uint32), np.uint16),
+    (np.array([0, 200], np.uint8), np.uint8),
+])
+def test_integer_grey_values_are_written_in_a_type_that_holds_them(tmp_path, values, written):
+    from data import save_stack
+
+    stack = np.resize(values, (3, 4, 4)).astype(values.dtype)
+    path = save_stack(tmp_path / "grey.tif", stack, grey_values=True)
+    back = tifffile.imread(path)
+    assert back.dtype == written
+    np.testing.assert_array_equal(back.astype(np.int64), stack.astype(np.int64))
+    with pytest.raises(UserError, match="label ids 0..65535"):  # as label ids, negative values are refused
+        save_stack(tmp_path / "ids.tif", np.full((3, 4, 4), -1, np.int16))
+
+
+def test_an_int16_tomogram_restores_into_int16(tmp_path, capsys):
+    import torch
+    from model import AttentionResUNet, save_model
+
+    torch.manual_seed(0)
+    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity").eval()
+    model_path = save_model(tmp_path / "grey.pt", model, {"factor": 4, "kind": "intensity",
+                                                          "inference_tile_size": 32, "train_xy_size": 16})
+    rng = np.random.default_rng(0)
+    kept = rng.integers(-2000, 2000, size=(5, 32, 32)).astype(np.int16)
+    path = fiji_tiff(tmp_path / "tomogram.tif", kept)
+    out = tmp_path / "restored.tif"
+    assert apply.main(["--input", str(path), "--output", str(out), "--kind", "intensity", "--model",
+                       str(model_path), "--precision", "fp32", "--device", "cpu"]) == 0, capsys.readouterr().err
+    restored = tifffile.imread(out)
+    assert restored.dtype == np.int16 and restored.shape == (17, 32, 32)
+    np.testing.assert_array_equal(restored[::4], kept)  # kept slices verbatim, negative values included
+
+
+# --------------------------------------------------------------------------- #
+# Errors: a missing file is missing, a bug keeps its traceback, a failed save leaves no file
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("name", ["gone.tif", "gone.h5/raw", "gone.mrc", "no_folder"])
+def test_a_missing_input_is_reported_missing_not_damaged(tmp_path, name):
+    from data import InputNotFoundError, read_value_sample, stack_dtype
+
+    for read in (stack_shape, read_calibration, stack_dtype, read_value_sample):
+        with pytest.raises(InputNotFoundError, match="does not exist"):
+            read(tmp_path / name)
+
+
+def test_a_bug_in_the_tiff_reader_keeps_its_traceback(tmp_path, monkeypatch):
+    """An IndexError raised by the reader's own code is a programming error, not a damaged file; the same
+    error raised inside tifffile's read of a bad file is the file's fault."""
+    import tiff_io
+    from data import DamagedFileError
+
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(path, np.zeros((2, 3, 1, 4, 4), np.uint8), imagej=True, metadata={"axes": "TZCYX"})
+    namespace = {}
+    exec(compile("def _chosen_pages(series, index):\n    raise IndexError('a slip in the reader')\n",
+                 tiff_io.__file__, "exec"), namespace)  # a frame of tiff_io's own code
+    monkeypatch.setattr(tiff_io, "_chosen_pages", namespace["_chosen_pages"])
+    with pytest.raises(IndexError, match="a slip in the reader"):
+        read_stack(path, tiff_io.StackChoice(timepoint=1))
+    (tmp_path / "cut.tif").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DamagedFileError):
+        read_stack(tmp_path / "cut.tif")
+
+
+def test_a_model_save_on_a_full_disk_is_one_error_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+    from model import AttentionResUNet, save_model
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device. Free some space"):
+        save_model(tmp_path / "m.pt", AttentionResUNet(in_channels=3, depth=1, base_filters=4), {"factor": 4})
+    assert not (tmp_path / "m.pt").exists()
