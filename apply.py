@@ -30,8 +30,8 @@ from eval import default_recipe
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
-from restore import (fit_recipe_to_stack, is_dense_label_image, model_config, restore_intensity, restore_stack,
-                     training_kind)
+from labeling import is_dense_label_image
+from restore import fit_recipe_to_stack, model_config, restore_intensity, restore_stack, training_kind
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
                       typed_values)
 
@@ -406,7 +406,7 @@ def same_factor(trained_at: Optional[float], factor: float) -> bool:
 
 def labels_rule_for(path: Path, sample: np.ndarray, saved_config: Dict[str, Any], model_kind: Optional[str],
                     label_dtype=np.uint16) -> Tuple[bool, str]:
-    """Whether a label image is dense (``restore.is_dense_label_image`` of a ``sample`` of its values) and how its
+    """Whether a label image is dense (``labeling.is_dense_label_image`` of a ``sample`` of its values) and how its
     ids will be restored, for the plan; ids the output cannot hold (``label_dtype``: uint16 for a TIFF, None
     for OME-Zarr, ``data.as_label_image``) in the sample, and a saved model that restores the other target
     (boundaries of a dense label image, or a foreground), are one error here, before the whole stack is read."""

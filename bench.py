@@ -18,9 +18,9 @@ FIB-25 neuron crop) get a second table: voxel accuracy, mean per-label IoU and
 adapted Rand error of the restored ids (``metrics.score_label_reconstruction``).
 ``nearest`` copies the nearest kept slice's ids; ``sdf`` adds the row
 ``sdf-labels``, per-label shape-based interpolation (``morph.interpolate_labels_sdf``);
-every other method's ids come from its restored mask through ``restore.assign_labels``, except the
+every other method's ids come from its restored mask through ``labeling.assign_labels``, except the
 network's on a dense label image, which restores the boundaries between ids and grows the ids between
-them (``restore.grow_labels``), as apply.py does.
+them (``labeling.grow_labels``), as apply.py does.
 """
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ from metrics import (calculate_dice, calculate_iou, mean_surface_distance, recon
                      score_label_reconstruction)
 from morph import (interpolate_along_axis, interpolate_labels_sdf, is_integer_factor, kept_positions,
                    morph_stack_interpolated)
-from restore import (assign_labels, factor_value, is_dense_label_image, restore_dense_labels,
-                     restore_probabilities, threshold_probabilities, training_kwargs)
+from labeling import assign_labels, is_dense_label_image
+from restore import (factor_value, restore_dense_labels, restore_probabilities, threshold_probabilities,
+                     training_kwargs)
 from settings import Settings
 
 METHODS = ("nearest", "linear", "sdf", "itk_mci", "network")
@@ -171,7 +172,7 @@ def network_throughput(model, settings: Settings, info: Dict[str, Any], kind: st
 def restore_with(method: str, sparse: np.ndarray, kept: np.ndarray, depth: int, factor: int,
                  settings: Settings, device, sparse_labels: Optional[np.ndarray] = None) -> Dict[str, Any]:
     """Run one method; returns the restored bool stack and its costs. The network restores a dense label
-    image (``sparse_labels``, :func:`restore.is_dense_label_image`) as apply.py does, from its boundaries:
+    image (``sparse_labels``, :func:`labeling.is_dense_label_image`) as apply.py does, from its boundaries:
     ``labels`` then holds the ids and the restored mask is their foreground."""
     train_s = None
     start = time.perf_counter()
@@ -222,9 +223,9 @@ def score_row(stack_name: str, factor: int, method: str, restored: np.ndarray, t
 def restore_label_ids(method: str, restored: Optional[np.ndarray], sparse_labels: np.ndarray, kept: np.ndarray,
                       depth: int, factor: int) -> np.ndarray:
     """The restored label image of one method: ``nearest`` copies the nearest kept slice's ids (the
-    same as ``restore.assign_labels`` of its mask, without the search), :data:`LABEL_SDF_METHOD`
+    same as ``labeling.assign_labels`` of its mask, without the search), :data:`LABEL_SDF_METHOD`
     interpolates each id's shape (``morph.interpolate_labels_sdf``), any other method's restored
-    mask ``restored`` gets its ids from ``restore.assign_labels``."""
+    mask ``restored`` gets its ids from ``labeling.assign_labels``."""
     if method == "nearest":
         return interpolate_along_axis(sparse_labels, kept, depth, method="nearest")
     if method == LABEL_SDF_METHOD:

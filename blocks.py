@@ -16,11 +16,11 @@ Passes, each a list of independent tasks: (1) probabilities and mask, or grey
 values, per block (for a dense label image, the probabilities of the
 boundaries between its ids, :class:`LabelBoundaries`); (2) for label images, ids
 per block from the mask of the block and a halo around it
-(:func:`restore.assign_labels` works on 2D components and distances, so the
+(:func:`labeling.assign_labels` works on 2D components and distances, so the
 halo grows until the conditions under which the block's ids match the
 whole-slice ones hold, see :func:`_ids_could_differ`), or for a dense label
 image the ids grown between the restored boundaries over the block and a halo
-(:func:`dense_label_block`, :func:`restore.grow_labels`); (3) the pyramid,
+(:func:`dense_label_block`, :func:`labeling.grow_labels`); (3) the pyramid,
 level by level.
 
 Tasks run in this process one after the other (``workers=0``), on a local
@@ -76,12 +76,13 @@ from dask.utils import parse_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
+import labeling
 import restore
 import zarr_io
 from data import (MaskValues, OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
                   normalize_intensity, refuse_non_finite)
 from model import fuse_for_inference, load_model, save_model, select_device
-from morph import ON_GRID_TOLERANCE, bracket, kept_positions, restored_depth, slices_on_grid
+from morph import ON_GRID_TOLERANCE, bracket, kept_positions, label_boundaries, restored_depth, slices_on_grid
 from settings import LargeVolumes, Settings, SettingsLike, as_settings
 from zarr_io import OmeZarrImage, ZarrImage
 
@@ -194,7 +195,7 @@ class LabelBoundaries:
         g0, g1, h0, h1 = max(0, r0 - 1), min(height, r1 + 1), max(0, c0 - 1), min(width, c1 + 1)
         ids = _read_kept(self.labels, slice(g0, g1), slice(h0, h1), z)
         inner = (slice(None), slice(r0 - g0, r1 - g0), slice(c0 - h0, c1 - h0))
-        return ids[inner], restore.label_boundaries(ids)[inner]
+        return ids[inner], label_boundaries(ids)[inner]
 
 
 def _engine_input(values: np.ndarray, threshold: Optional[float],
@@ -476,7 +477,7 @@ def _slab_slices(ka: int, kb: int, factor: float) -> Tuple[slice, float]:
 
 def _ids_could_differ(mask_slab: np.ndarray, labels_slab: np.ndarray, factor: float, inner: Tuple[slice, slice],
                       open_edges: Dict[str, bool], halo: int, offset: float = 0.0) -> bool:
-    """Whether :func:`restore.assign_labels` on this window could give the region other ids than on
+    """Whether :func:`labeling.assign_labels` on this window could give the region other ids than on
     whole slices.
 
     The ids of a region's voxel depend on (a) its 2D connected component and
@@ -538,14 +539,14 @@ class DenseLabelJob:
     labels: OmeZarrImage
     output: str
     probability_threshold: float
-    drawn_boundaries: bool  # the kept slices hold id 0 somewhere (restore.grow_labels)
-    shape_prior: float  # weight of the shape-based interfaces (restore.grow_labels)
+    drawn_boundaries: bool  # the kept slices hold id 0 somewhere (labeling.grow_labels)
+    shape_prior: float  # weight of the shape-based interfaces (labeling.grow_labels)
     halo: int = LABEL_HALO
     max_halo: int = LABEL_HALO * 8
 
 
 def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
-    """Pass 2 of the dense label rule for block ``index``: :func:`restore.grow_labels` on the block plus a
+    """Pass 2 of the dense label rule for block ``index``: :func:`labeling.grow_labels` on the block plus a
     halo, a few kept-slice intervals at a time (each gap grows from its own two kept slices, so the
     intervals are independent), its ids and their foreground (0/255) written.
 
@@ -563,13 +564,13 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
     for ka, kb in _slabs(job.labels_source.shape[0], job.factor, window_pixels):
         z, offset = _slab_slices(ka, kb, job.factor)
         # The shape-based interfaces of a window are those of the whole slices beyond their reach from its edge.
-        halo, previous = max(min(job.halo, job.max_halo), restore.shape_prior_reach() if job.shape_prior else 0), None
+        halo, previous = max(min(job.halo, job.max_halo), labeling.shape_prior_reach() if job.shape_prior else 0), None
         while True:
             rows = slice(max(0, y0 - halo), min(height, y1 + halo))
             cols = slice(max(0, x0 - halo), min(width, x1 + halo))
             ids_kept, boundaries_kept = LabelBoundaries(job.labels_source).ids_and_boundaries(slice(ka, kb + 1),
                                                                                               rows, cols)
-            grown = restore.grow_labels(boundaries[z, rows, cols], ids_kept, job.factor, job.probability_threshold,
+            grown = labeling.grow_labels(boundaries[z, rows, cols], ids_kept, job.factor, job.probability_threshold,
                                         progress=False, drawn_boundaries=job.drawn_boundaries,
                                         boundaries_khw=boundaries_kept, offset=offset,
                                         origin_zyx=(z.start, rows.start, cols.start), shape_prior=job.shape_prior)
@@ -592,7 +593,7 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
 def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
     """Pass 2 for block ``index``: ids of its restored voxels, written into the label image.
 
-    :func:`restore.assign_labels` runs on the block plus a halo, a few
+    :func:`labeling.assign_labels` runs on the block plus a halo, a few
     kept-slice intervals at a time (each restored slice only looks at the two
     kept slices around it, so the intervals are independent). The halo doubles
     while :func:`_ids_could_differ` says the block's ids could differ from
@@ -618,7 +619,7 @@ def label_block(job: LabelJob, index: int) -> Dict[str, Any]:
                 could_differ = True
                 if halo < job.max_halo:
                     break  # try again with a larger halo
-            ids[z] = restore.assign_labels(mask_slab, labels_slab, job.factor, progress=False,
+            ids[z] = labeling.assign_labels(mask_slab, labels_slab, job.factor, progress=False,
                                            offset=offset)[(slice(None),) + inner]  # our bar counts blocks
         if not could_differ or halo >= job.max_halo:
             break
@@ -1063,7 +1064,7 @@ def estimate_dense_label_memory(plan: BlockPlan, n_kept: int, factor: float, lab
     The block's ids and the mask written from them; a slab of its window
     (:func:`_slabs`, sized for the first halo): the boundary probabilities read
     and the ids grown with two successive halos; one gap flooded on the window
-    (:func:`restore.grow_labels_memory`); and the process. The window is a
+    (:func:`labeling.grow_labels_memory`); and the process. The window is a
     middle block with ``halo`` pixels around it, by default the second halo
     tried: the first at which a block that does not span the slices can be
     accepted (two halos must agree). A block whose halo doubles further needs
@@ -1082,7 +1083,7 @@ def estimate_dense_label_memory(plan: BlockPlan, n_kept: int, factor: float, lab
     item = np.dtype(label_dtype).itemsize
     block_voxels = depth * (y1 - y0) * (x1 - x0)
     return int(block_voxels * (item + 2) + slab_voxels * (1 + 2 * item)
-               + restore.grow_labels_memory(factor, window_pixels(halo)) + PROCESS_BYTES)
+               + labeling.grow_labels_memory(factor, window_pixels(halo)) + PROCESS_BYTES)
 
 
 def estimate_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any],
@@ -1221,7 +1222,7 @@ def restore_to_ome_zarr(
         How the ids are restored. 'sparse' (separate objects): the foreground
         ``source`` is restored and each voxel takes the nearest id
         (:func:`label_block`). 'dense' (ids on most voxels,
-        ``restore.is_dense_label_image``): the network restores the boundaries
+        ``labeling.is_dense_label_image``): the network restores the boundaries
         between ids (:class:`LabelBoundaries`; ``source`` is not read) and the
         ids grow between them (:func:`dense_label_block`), as
         ``restore.restore_dense_labels`` does in memory; the probabilities kept

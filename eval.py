@@ -427,7 +427,8 @@ def _evaluate_masks(recipe, truth, true_labels, sparse, kept_indices, factor, de
     """Network, shape-based and nearest restorations of a mask, with IoU (and per-label IoU)."""
     from metrics import mean_label_iou, reconstructed_indices, score_reconstruction
     from morph import interpolate_along_axis, morph_stack_interpolated
-    from restore import assign_labels, restore_probabilities, threshold_probabilities
+    from labeling import assign_labels
+    from restore import restore_probabilities, threshold_probabilities
 
     print("Generating training samples, training and applying the model ...")
     probabilities, model, info = restore_probabilities(sparse, factor, recipe, original_depth=truth.shape[0],

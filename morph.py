@@ -372,7 +372,7 @@ def fill_label_gap(labels_a: np.ndarray, labels_b: np.ndarray, weights: np.ndarr
     With ``cap``, a local variant: every distance is clipped to ``[-cap, cap]`` and an id missing from one
     kept slice counts as ``cap`` away there (instead of never winning in the gap), so a voxel's id depends only
     on the kept slices within ``cap`` pixels of it, and a window of the slices gives the whole slices' result
-    wherever it is more than ``cap`` pixels from the window's edge (what ``restore.grow_labels`` needs block by
+    wherever it is more than ``cap`` pixels from the window's edge (what ``labeling.grow_labels`` needs block by
     block). An id that ends in the gap then fades out instead of stopping at its last kept slice.
 
     Parameters

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 import blocks
+import labeling
 import restore
 from data import MaskValues
 from machine import machine_key
@@ -56,7 +57,7 @@ class RestorePlan:
     notes: List[str] = field(default_factory=list)
     label_rule: Optional[str] = None  # label images: how the ids are restored
     other_images: List[Tuple[int, ...]] = field(default_factory=list)  # a TIFF's further series, not restored
-    dense_labels: bool = False  # a dense label image (restore.is_dense_label_image of a sample): the boundary rule
+    dense_labels: bool = False  # a dense label image (labeling.is_dense_label_image of a sample): the boundary rule
     mask_values: Optional[MaskValues] = None  # masks: the two values the output is written in
 
     @property
@@ -122,7 +123,7 @@ class RestorePlan:
         tile_pixels = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
         working = inference["batch_size"] * tile_pixels * blocks.ACTIVATION_BYTES
         if self.dense_labels:  # the ids grow after the restore, on whole slices
-            working = max(working, restore.grow_labels_memory(self.factor, height * width))
+            working = max(working, labeling.grow_labels_memory(self.factor, height * width))
         return int(held + working + PROCESS_BYTES)
 
     def training_crop_pixels(self) -> int:

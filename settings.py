@@ -230,7 +230,7 @@ class Training:
 # The "by kind" recipe: grey values are regressed, which gains from a longer, faster-stepping training
 # without hard crops; masks train shorter on hard crops (docs/ablations.md, "Training budget"). Training
 # cost does not grow with the volume (TRAIN_NB crops per epoch).
-# The boundaries of a dense label image (restore.label_boundaries) are sheets 1-2 pixels thick by
+# The boundaries of a dense label image (morph.label_boundaries) are sheets 1-2 pixels thick by
 # construction, and where they run decides every id: they train as a mask on four times the crops
 # (docs/dense-labels.md, "Four times the training crops"). A small stack still draws each distinct crop at
 # most train.DRAWS_PER_DISTINCT_CROP times (train.training_recipe).

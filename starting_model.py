@@ -5,7 +5,7 @@ smooth surfaces, how a blob narrows between two kept slices, where a thin sheet 
 network that has learnt that on synthetic phantoms needs fewer steps on the user's stack to reach the
 same quality, which matters on CPUs without bfloat16 hardware (docs/speed-by-machine.md). The phantoms
 are of three kinds (:data:`PHANTOMS`): compact objects, thin sheets, and the boundary masks of dense
-label images, which the network restores for a dense label image (``restore.label_boundaries``). Their
+label images, which the network restores for a dense label image (``morph.label_boundaries``). Their
 seeds are not the seeds ``eval.py`` or the benchmarks evaluate on, so no evaluation sees its own test
 volume in the prior.
 

@@ -9,11 +9,12 @@ import tifffile
 import apply
 import blocks
 import data
+import labeling
 import restore
 import zarr_io
 from data import UserError, make_sample_labels
 from eval import default_settings
-from morph import interpolate_along_axis, kept_positions, restored_depth, sample_rows, slices_on_grid
+from morph import interpolate_along_axis, kept_positions, label_boundaries, restored_depth, sample_rows, slices_on_grid
 from train import downscale_upscale_height, row_phases
 
 UROCELL_RATIO = 105 / 16  # every 7th slice of a 15 nm FIB-SEM stack with 16 nm pixels: 6.5625
@@ -175,11 +176,11 @@ def test_label_slabs_split_on_the_grid_agree_with_whole_columns():
     depth = restored_depth(len(kept_ids), factor)
     foreground = interpolate_along_axis(kept_ids > 0, kept_positions(len(kept_ids), factor), depth) >= 0.5
     foreground |= rng.random(foreground.shape) > 0.97
-    whole = restore.assign_labels(foreground, kept_ids, factor, progress=False)
+    whole = labeling.assign_labels(foreground, kept_ids, factor, progress=False)
     pieces = np.zeros_like(whole)
     for ka, kb in ((0, 3), (3, 6), (6, 10)):
         z, offset = blocks._slab_slices(ka, kb, factor)
-        pieces[z] = restore.assign_labels(foreground[z], kept_ids[ka:kb + 1], factor, progress=False, offset=offset)
+        pieces[z] = labeling.assign_labels(foreground[z], kept_ids[ka:kb + 1], factor, progress=False, offset=offset)
     np.testing.assert_array_equal(pieces, whole)
 
 
@@ -198,8 +199,8 @@ def test_grow_labels_on_a_fractional_grid_follows_a_perfect_boundary():
     kept_ids = np.repeat(kept_ids, 6, axis=1)
     for k, p in enumerate(positions):
         kept_ids[k, :, 8 + round(p)] = 0
-    boundaries = restore.label_boundaries(truth).astype(np.float32)
-    grown = restore.grow_labels(boundaries, kept_ids, factor, progress=False)
+    boundaries = label_boundaries(truth).astype(np.float32)
+    grown = labeling.grow_labels(boundaries, kept_ids, factor, progress=False)
     np.testing.assert_array_equal(grown, truth)
 
 

@@ -17,6 +17,7 @@ import zarr
 
 import apply
 import blocks
+import labeling
 import restore
 import train
 import zarr_io
@@ -113,7 +114,7 @@ def test_label_ids_and_pyramid_match_whole_stack(tmp_path, tiny_model):
     mask = read_level(out) != 0
     restored_ids = read_level(out / "labels" / "cells")
     # Whole-slice assignment on the same mask: the halo grew where it had to, and the ids agree everywhere.
-    np.testing.assert_array_equal(restored_ids, restore.assign_labels(mask, ids, factor))
+    np.testing.assert_array_equal(restored_ids, labeling.assign_labels(mask, ids, factor))
     assert summary["label_blocks_inexact"] == 0 and max(summary["label_halos"]) > 4
     assert restored_ids.dtype == ids.dtype
     # Pyramid: max-pooled mask, strided ids; scratch data of the run removed.
@@ -141,7 +142,7 @@ def test_local_cluster_of_two_processes(tmp_path, tiny_model):
     assert summary["state"] == "complete" and summary["restored"] == 6
     mask = read_level(out) != 0
     assert_masks_agree(mask, in_memory_probabilities(tiny_model, ids > 0, factor, settings))
-    np.testing.assert_array_equal(read_level(out / "labels" / "cells"), restore.assign_labels(mask, ids, factor))
+    np.testing.assert_array_equal(read_level(out / "labels" / "cells"), labeling.assign_labels(mask, ids, factor))
 
 
 def test_local_workers_take_the_users_malloc_setting(monkeypatch):
@@ -793,7 +794,7 @@ def test_worker_memory_warning_counts_the_dense_label_pass():
     id_pass = blocks.estimate_dense_label_memory(shallow, 5, 16, "uint32")
     assert blocks.estimate_worker_memory(shallow, 5, 16, inference, "uint8", None, "uint32") == id_pass > restore_pass
     # A middle block's window is the block and two halos on every side: one gap of 17 planes of it.
-    assert id_pass > restore.grow_labels_memory(16, (512 + 4 * blocks.LABEL_HALO) ** 2) + blocks.PROCESS_BYTES
+    assert id_pass > labeling.grow_labels_memory(16, (512 + 4 * blocks.LABEL_HALO) ** 2) + blocks.PROCESS_BYTES
 
 
 def test_resume_names_what_changed_in_the_recorded_inference():

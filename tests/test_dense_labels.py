@@ -250,7 +250,7 @@ def test_fib25_nearest_reference_breaks_midway_ties_upwards(fib25):
 # The network's rule for dense label images: restore the boundaries, grow the ids between them
 # --------------------------------------------------------------------------- #
 def test_label_boundaries_marks_zeros_and_both_sides_of_touching_ids():
-    from restore import label_boundaries
+    from morph import label_boundaries
 
     labels = np.array([[[1, 1, 2, 2, 0, 3]]], dtype=np.uint16)
     assert label_boundaries(labels)[0, 0].tolist() == [False, True, True, False, True, False]
@@ -259,7 +259,7 @@ def test_label_boundaries_marks_zeros_and_both_sides_of_touching_ids():
 
 
 def test_density_decides_the_rule():
-    from restore import is_dense_label_image
+    from labeling import is_dense_label_image
 
     assert is_dense_label_image(four_columns())  # 8 of 9 columns hold ids
     sparse_objects = np.zeros((3, 10, 10), dtype=np.uint16)
@@ -270,7 +270,7 @@ def test_density_decides_the_rule():
 def moving_interface(depth=9, factor=4, with_zero=False):
     """Ids 1 (left) and 2 (right) whose interface moves one column per slice; optionally a 0 column
     between them. Returns the truth and its boundary mask (what a perfect network restores)."""
-    from restore import label_boundaries
+    from morph import label_boundaries
 
     truth = np.zeros((depth, 6, 24), dtype=np.uint16)
     for z in range(depth):
@@ -283,7 +283,7 @@ def moving_interface(depth=9, factor=4, with_zero=False):
 
 @pytest.mark.parametrize("with_zero", [False, True])
 def test_grow_labels_follows_a_perfect_boundary_exactly(with_zero):
-    from restore import grow_labels
+    from labeling import grow_labels
 
     truth, boundaries = moving_interface(with_zero=with_zero)
     kept = np.arange(0, 9, 4)
@@ -301,7 +301,7 @@ def test_shape_prior_moves_the_ids_as_shape_based_interpolation_where_the_networ
     with the shape-based interfaces in the elevation the ids follow per-label shape-based interpolation, which
     on this linearly moving interface is the truth. A perfect probability still gives the truth exactly."""
     from morph import interpolate_labels_sdf
-    from restore import grow_labels
+    from labeling import grow_labels
 
     truth, boundaries = moving_interface()
     kept = np.arange(0, 9, 4)
@@ -338,7 +338,8 @@ def test_capped_shape_based_fill_is_local():
 def test_block_wise_shape_prior_window_grows_the_whole_slices_ids():
     """grow_labels on a window plus a halo of the prior's reach gives the block the whole slices' ids, where an
     id leaves the window between the kept slices (what blocks.dense_label_block relies on)."""
-    from restore import grow_labels, label_boundaries, shape_prior_reach
+    from labeling import grow_labels, shape_prior_reach
+    from morph import label_boundaries
 
     cells = np.arange(4)[:, None] * 100 + np.arange(10)[None, :] + 10
     a = cells.repeat(16, 0).repeat(16, 1).astype(np.uint32)  # 64 x 160
@@ -376,7 +377,7 @@ def test_shape_prior_is_checked():
 
 
 def test_grow_labels_ids_come_only_from_the_bracketing_kept_slices():
-    from restore import grow_labels
+    from labeling import grow_labels
 
     kept_labels = np.zeros((3, 8, 8), dtype=np.uint16)
     kept_labels[0], kept_labels[1], kept_labels[2] = 1, 2, 3  # each slice one id, no boundary at all
@@ -390,14 +391,15 @@ def test_grow_labels_ids_come_only_from_the_bracketing_kept_slices():
 
 @pytest.mark.parametrize("factor", [2.5, 4, 8, 16])
 def test_grow_labels_stays_within_its_memory_estimate(factor):
-    """The plan's memory per worker counts restore.grow_labels_memory for the id pass: the arrays grow_labels
+    """The plan's memory per worker counts labeling.grow_labels_memory for the id pass: the arrays grow_labels
     allocates beyond its output (tracemalloc sees numpy's) stay below it, with the shape prior on, and do not
     grow with the number of gaps."""
     import tracemalloc
 
     from scipy import ndimage as ndi
 
-    from restore import grow_labels, grow_labels_memory, label_boundaries
+    from labeling import grow_labels, grow_labels_memory
+    from morph import label_boundaries
 
     rng = np.random.default_rng(0)
     edge = 144
@@ -420,7 +422,7 @@ def test_plan_memory_counts_the_id_pass_of_a_dense_label_image():
     import dataclasses
 
     from plan import RestorePlan
-    from restore import grow_labels_memory
+    from labeling import grow_labels_memory
     from settings import Settings
 
     dense = RestorePlan(Path("neurons.tif"), Path("out.tif"), "labels", "", 8, "", (9, 1024, 1024),
@@ -449,7 +451,7 @@ def test_restore_stack_takes_the_boundary_rule_for_dense_labels():
     np.testing.assert_array_equal(restored[kept], truth[kept])
     assert set(np.unique(restored)) <= {1, 2}
     # The probabilities are the boundaries' (kept slices hold their boundary mask verbatim), not the foreground's.
-    from restore import label_boundaries
+    from morph import label_boundaries
     np.testing.assert_array_equal(probabilities[kept], label_boundaries(truth[kept]).astype(np.uint8) * 255)
     # Test-time flips by kind (settings.TTA_BY_KIND): the boundaries of a dense label image take four passes.
     _, _, _, plain = restore_stack(truth[kept] != 0, 4, {**settings, "TTA_FLIPS": False}, model=model,
@@ -586,7 +588,8 @@ def test_block_wise_dense_labels_equal_the_in_memory_ones(tmp_path, factor, with
     import blocks
     from eval import default_settings
     from morph import kept_positions
-    from restore import is_dense_label_image, restore_stack
+    from labeling import is_dense_label_image
+    from restore import restore_stack
 
     truth = dense_phantom(with_zero=with_zero)
     n_kept = int(24 // factor) + 1
@@ -613,7 +616,7 @@ def test_block_wise_dense_labels_equal_the_in_memory_ones(tmp_path, factor, with
 def test_ties_are_broken_by_global_position_so_a_window_floods_as_the_whole():
     """grow_labels orders equal boundary probabilities by a hash of the voxel's position in the volume: the
     hash of a window is the window of the whole volume's hash, and it never reorders two uint8 levels."""
-    from restore import TIE_BREAK, position_hash
+    from labeling import TIE_BREAK, position_hash
 
     whole = position_hash(np.arange(3, 9), (40, 50))
     window = position_hash(np.arange(5, 8), (10, 20), origin_yx=(12, 25))

@@ -12,8 +12,8 @@ import torch
 import apply
 import eval as eval_module
 from data import downsample_z, factor_from_voxel_size, make_sample_labels, make_sample_stack, save_stack
-from restore import (apply_model_to_stack_tiled_slice_by_slice, assign_labels, predict_tiled, reflect_indices,
-                     tile_starts, upscale_height)
+from labeling import assign_labels
+from restore import apply_model_to_stack_tiled_slice_by_slice, predict_tiled, reflect_indices, tile_starts, upscale_height
 from metrics import calculate_iou, mean_label_iou, reconstructed_indices, score_reconstruction
 from model import AttentionResUNet, load_model
 from train import downscale_upscale_height, fit_on_sparse_stack, seed_everything

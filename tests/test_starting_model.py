@@ -138,7 +138,7 @@ def test_tissue_phantom_is_a_dense_label_image(membrane):
     import numpy as np
 
     from phantoms import make_tissue_labels
-    from restore import is_dense_label_image
+    from labeling import is_dense_label_image
 
     labels = make_tissue_labels((48, 64, 64), seed=302, n_cells=60, membrane=membrane)
     background = np.mean(labels == 0)
@@ -151,7 +151,7 @@ def test_boundary_phantoms_teach_the_boundary_mask_a_dense_label_image_restores(
     import numpy as np
 
     from phantoms import make_tissue_labels
-    from restore import label_boundaries
+    from morph import label_boundaries
     from starting_model import PHANTOMS, TISSUE_CELLS, phantom_mask
 
     seed = PHANTOMS["boundaries"][0]

@@ -17,6 +17,7 @@ from torch import nn
 import apply
 import data
 import eval as eval_module
+import labeling
 import restore
 from data import DamagedFileError, UserError, make_sample_stack, read_calibration, read_stack
 from model import save_model
@@ -399,7 +400,7 @@ def test_assign_labels_boundary_moving_between_kept_slices():
         sparse[k, :, :boundary], sparse[k, :, boundary:] = 7, 900
     depth = 2 * factor + 1 + 2  # two slices after the last kept one
     foreground = np.ones((depth, height, width), bool)
-    restored = restore.assign_labels(foreground, sparse, factor)
+    restored = labeling.assign_labels(foreground, sparse, factor)
     assert restored.dtype == np.uint16
     assert set(np.unique(restored)) == {7, 900}
     check_against_reference(restored, foreground, sparse, factor)
@@ -423,7 +424,7 @@ def test_assign_labels_restricts_ids_to_the_objects_a_component_touches():
     foreground[1:factor, 12:, :22] = True  # ... and growing under B's rows
     foreground[1:factor, :8, 10:] = True  # B's restored region
     foreground[[0, factor]] = sparse > 0
-    restored = restore.assign_labels(foreground, sparse, factor)
+    restored = labeling.assign_labels(foreground, sparse, factor)
 
     a_component = np.zeros_like(foreground)
     a_component[1:factor, :, :8] = a_component[1:factor, 12:, :22] = True
@@ -446,8 +447,8 @@ def test_assign_labels_is_exact_for_connectomics_uint64_ids():
     foreground[[0, factor]] = small > 0
     base = np.uint64(720575940379279360)
     large = np.where(small > 0, small.astype(np.uint64) + base, np.uint64(0))
-    expected = restore.assign_labels(foreground, small, factor, progress=False)
-    restored = restore.assign_labels(foreground, large, factor, progress=False)
+    expected = labeling.assign_labels(foreground, small, factor, progress=False)
+    restored = labeling.assign_labels(foreground, large, factor, progress=False)
     assert restored.dtype == np.uint64
     np.testing.assert_array_equal(restored, np.where(expected > 0, expected.astype(np.uint64) + base, np.uint64(0)))
 
@@ -461,7 +462,7 @@ def test_assign_labels_random_cases_match_reference():
         sparse[:, : height // 2] = np.where(sparse[:, : height // 2] > 0, 70, 0)  # large touching regions
         depth = (n_kept - 1) * factor + 1 + case % 2
         foreground = ndimage.binary_opening(rng.random((depth, height, width)) > 0.35, np.ones((1, 2, 2)))
-        restored = restore.assign_labels(foreground, sparse, factor)
+        restored = labeling.assign_labels(foreground, sparse, factor)
         check_against_reference(restored, foreground, sparse, factor)
 
 
