@@ -601,6 +601,8 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
     """A stack that is already isotropic (factor 1): written in the output's format, values unchanged."""
     to_zarr = zarr_io.is_zarr_path(plan.target)
     stack, labels = read_input(plan, None if to_zarr else np.uint16)
+    if plan.kind == "intensity":
+        stack = stack.astype(plan.grey_out_dtype, copy=False)
     if to_zarr:
         name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else tiff_stem(plan.path)
         zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx,

@@ -1349,7 +1349,7 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     dense = labels_source is not None and label_rule == "dense"
     inference = restore.inference_kwargs(_fitted(settings, source, factor, model), model,
                                          restore.inference_kind(kind, dense))
-    grey_values = str(grey_dtype(source.dtype)) if kind == "intensity" else None
+    grey_values = str(grey_dtype(source.dtype, settings.inference.grey_dtype)) if kind == "intensity" else None
     kernel_dtype = "float32" if grey_values else {"float16": "float16", "float32": "float32"}.get(probabilities,
                                                                                                   "uint8")
     _check_worker_memory(plan, n_kept, factor, inference, kernel_dtype, large.worker_memory,

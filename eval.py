@@ -72,6 +72,7 @@ KEEP_KEPT_SLICES = True
 SKIP_EMPTY_TILES = True
 COMPILE = False
 PROBABILITY_THRESHOLD = 0.5
+GREY_DTYPE = "input"  # grey values written in the input's dtype, or "float32"
 SHAPE_PRIOR = 0.4  # dense label images: weight of shape-based interfaces where the ids grow
 DEVICE = None  # None: CUDA when available
 
@@ -476,6 +477,8 @@ def _evaluate_intensities(recipe, truth, sparse, kept_indices, factor, device):
     cubic = as_truth(interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="cubic"))
     scores = {name: score_intensity_reconstruction(stack, truth, kept_indices)
               for name, stack in (("linear", linear), ("cubic", cubic), ("predicted", predicted))}
+    over = "the 8-bit range" if truth.dtype in (np.uint8, np.int8) else "the true stack's minimum to maximum"
+    print(f"PSNR and SSIM over a data range of {scores['linear']['data_range']:g} grey levels ({over}).")
     for name in ("linear", "cubic", "predicted"):
         print(f"PSNR / SSIM for {name.capitalize()} Stack (reconstructed slices): "
               f"{scores[name]['psnr_recon']:.2f} dB / {scores[name]['ssim_recon']:.4f}")

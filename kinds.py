@@ -155,6 +155,10 @@ KINDS = ("auto", "mask", "labels", "intensity")
 # id (values change only at object borders); in a microscope image noise and texture make most of them differ.
 LABEL_FLATNESS = 0.8  # at least this fraction of equal neighbour pairs: a label image
 INTENSITY_FLATNESS = 0.5  # at most this fraction: a grey-scale image; in between the rule asks for --kind
+# ... and its objects are regions: almost every object pixel has a lateral neighbour of its own id. The photon
+# counts of a very dim image are isolated pixels of small values, whose few neighbour pairs are mostly equal
+# (1 beside 1): piecewise constant by the measure above, but no objects.
+LABEL_REGION_SHARE = 0.5  # below this fraction of object pixels beside their own value: not a label image
 
 
 def flatness(sample: np.ndarray) -> float:
@@ -178,6 +182,31 @@ def flatness(sample: np.ndarray) -> float:
     return equal / pairs if pairs else 1.0
 
 
+def region_share(sample: np.ndarray) -> float:
+    """Fraction of the non-zero pixels that have a lateral (4-connected, in their own slice) neighbour of the
+    same value: about 1 for the objects of a label image, small for isolated pixels (photon counts of a dim
+    image, single-pixel detections). 1.0 when no pixel is non-zero.
+
+    Parameters
+    ----------
+    sample : ndarray, shape (..., H, W)
+    """
+    sample = np.asarray(sample)
+    beside_own = np.zeros(sample.shape, dtype=bool)
+    for axis in (-1, -2):
+        length = sample.shape[axis]
+        first = np.take(sample, np.arange(length - 1), axis=axis)
+        second = np.take(sample, np.arange(1, length), axis=axis)
+        same = (first != 0) & (first == second)
+        index = [slice(None)] * sample.ndim
+        index[axis] = slice(0, length - 1)
+        beside_own[tuple(index)] |= same
+        index[axis] = slice(1, length)
+        beside_own[tuple(index)] |= same
+    objects = int(np.count_nonzero(sample))
+    return int(beside_own.sum()) / objects if objects else 1.0
+
+
 def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
     """The kind a person would read from a sample of a stack's values, and why.
 
@@ -185,9 +214,10 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
     0/255), or two positive integers (a two-class segmentation, ilastik's 1/2)
     -> 'mask'; a single value other than 0, non-integer values or negative
     values -> 'intensity'; an integer stack whose object pixels are piecewise
-    constant (:func:`flatness` >= ``LABEL_FLATNESS``) -> 'labels'; one with
+    constant (:func:`flatness` >= ``LABEL_FLATNESS``) and form regions
+    (:func:`region_share` >= ``LABEL_REGION_SHARE``) -> 'labels'; one with
     noise or texture (<= ``INTENSITY_FLATNESS``) -> 'intensity'; in between,
-    ``None`` (the evidence is ambiguous).
+    or piecewise constant without regions, ``None`` (the evidence is ambiguous).
 
     Returns
     -------
@@ -211,6 +241,11 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
     if values[0] < 0:
         return "intensity", "negative values"
     share = flatness(sample)
+    regions = region_share(sample)
+    if share >= LABEL_FLATNESS and regions < LABEL_REGION_SHARE:
+        return None, (f"most non-zero pixels are isolated: only {regions:.0%} lie beside a pixel of their own value, "
+                      "where a label image's objects are regions (photon counts of a dim image, or single-pixel "
+                      "detections?)")
     if share >= LABEL_FLATNESS:
         return "labels", f"piecewise constant: {share:.0%} of neighbouring object pixels are equal, {len(values)} values"
     if share <= INTENSITY_FLATNESS:
@@ -345,9 +380,12 @@ def denormalize_intensity(values: np.ndarray, value_range: Tuple[float, float], 
     return as_grey_values(out, dtype)
 
 
-def grey_dtype(dtype) -> np.dtype:
-    """The dtype grey values of ``dtype`` are written in: an integer dtype itself, float32 for
-    float dtypes of 32 bits or fewer (float16 is not an ImageJ type), wider floats themselves."""
+def grey_dtype(dtype, written: str = "input") -> np.dtype:
+    """The dtype grey values of ``dtype`` are written in: with ``written='input'`` (``GREY_DTYPE``) an
+    integer dtype itself, float32 for float dtypes of 32 bits or fewer (float16 is not an ImageJ type),
+    wider floats themselves; with ``written='float32'``, float32."""
+    if written == "float32":
+        return np.dtype(np.float32)
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer) or dtype.itemsize > 4:
         return dtype

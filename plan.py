@@ -20,7 +20,7 @@ import numpy as np
 import blocks
 import labeling
 import restore
-from data import MaskValues
+from data import MaskValues, grey_dtype
 from machine import machine_key
 from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
@@ -88,12 +88,17 @@ class RestorePlan:
         return (z / self.factor if is_integer_factor(self.factor) else x, y, x)
 
     @property
+    def grey_out_dtype(self) -> np.dtype:
+        """Grey values: the dtype written (``GREY_DTYPE``: the input's, or float32; ``data.grey_dtype``)."""
+        return grey_dtype(self.dtype, self.settings.inference.grey_dtype)
+
+    @property
     def output_voxels(self) -> int:
         return int(np.prod(self.output_shape, dtype=np.int64))
 
     def output_bytes(self) -> int:
         """Uncompressed bytes written: the image (mask or grey values), label ids, probabilities."""
-        per_voxel = np.dtype(self.dtype).itemsize if self.kind == "intensity" else 1
+        per_voxel = self.grey_out_dtype.itemsize if self.kind == "intensity" else 1
         if self.kind == "labels":
             per_voxel = self.label_bytes() + (1 if self.block_size else 0)  # OME-Zarr: mask + ids
         if self.probabilities:
@@ -108,7 +113,7 @@ class RestorePlan:
         """Peak memory of the process (in memory) or of one worker (block-wise), an estimate."""
         n_kept, height, width = self.shape_khw
         inference = self.inference()
-        grey = str(np.dtype(self.dtype)) if self.kind == "intensity" else None
+        grey = str(self.grey_out_dtype) if self.kind == "intensity" else None
         if self.block_size:
             plan = blocks.BlockPlan(self.output_shape, self.block_size)
             kernel = "float32" if grey else ("float32" if self.probabilities in ("float16", "float32") else "uint8")
@@ -116,7 +121,7 @@ class RestorePlan:
                                                  self.dtype if self.dense_labels else None)
         item = np.dtype(self.dtype).itemsize
         if self.kind == "intensity":  # normalised float32 input, float32 restore, grey values out
-            held = n_kept * height * width * (item + 4) + self.output_voxels * (4 + item)
+            held = n_kept * height * width * (item + 4) + self.output_voxels * (4 + self.grey_out_dtype.itemsize)
         else:  # bool input, uint8 probabilities, the mask (and ids)
             labels = self.label_bytes() if self.kind == "labels" else 0
             held = n_kept * height * width * (item + 1 + labels) + self.output_voxels * (2 + labels)
@@ -163,7 +168,8 @@ class RestorePlan:
                f"{', '.join(' x '.join(map(str, shape)) for shape in self.other_images)}); the first is restored"]
               if self.other_images else []),
             f"kind: {self.kind} ({self.kind_reason})"
-            + (f"; written as {self.mask_values.describe()}" if self.mask_values is not None else ""),
+            + (f"; written as {self.mask_values.describe()}" if self.mask_values is not None else "")
+            + (f"; written as {self.grey_out_dtype}" if self.kind == "intensity" else ""),
             f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
             f"input voxel size: {triple(f'{v:.6g}' for v in self.voxel_in_zyx)} {unit}",
@@ -259,10 +265,31 @@ def _throughput_key(kind: str, device: str) -> str:
     return f"{machine_key(device)} | {'intensity' if kind == 'intensity' else 'mask'}"
 
 
+# Runs kept per rate: the expected time uses their median, so that one run slowed by another job on the machine
+# (or a stack so small that fixed costs dominate) does not mislead the next plan.
+THROUGHPUT_RUNS = 5
+
+
 def recorded_throughput(kind: str, device: str = "") -> Optional[Dict[str, float]]:
-    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` last measured here for ``kind``, or None."""
-    rates = _throughput_table(throughput_file()).get(_throughput_key(kind, device))
-    return rates if isinstance(rates, dict) else None
+    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` measured here for ``kind``: the median of the
+    last :data:`THROUGHPUT_RUNS` runs of each, or None."""
+    runs = _recorded_runs(_throughput_table(throughput_file()), _throughput_key(kind, device))
+    return {name: float(np.median(values)) for name, values in runs.items()} if runs else None
+
+
+def _recorded_runs(table: Dict[str, Any], key: str) -> Dict[str, List[float]]:
+    """The rates of the last runs under ``key``, each a list (a single number, as earlier versions kept, is
+    one run); entries that are not positive numbers are left out."""
+    entry = table.get(key)
+    if not isinstance(entry, dict):
+        return {}
+    runs = {}
+    for name, values in entry.items():
+        values = [v for v in (values if isinstance(values, list) else [values])
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+        if values:
+            runs[name] = values
+    return runs
 
 
 def _throughput_table(path: Path) -> Dict[str, Any]:
@@ -278,14 +305,17 @@ def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> No
     """Keep the throughputs of a finished run (a cache: a failure to write it is no error)."""
     if plan.factor == 1 or restore_s <= 0:
         return
-    rates = dict(recorded_throughput(plan.kind, plan.settings.get("DEVICE", "")) or {})
-    rates["restore_voxel_passes_per_s"] = plan.output_voxels * plan.network_passes() / restore_s
-    if plan.trained and train_s > 0:
-        rates["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
     path = throughput_file()
+    key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""))
+    table = _throughput_table(path)
+    runs = _recorded_runs(table, key)
+    measured = {"restore_voxel_passes_per_s": plan.output_voxels * plan.network_passes() / restore_s}
+    if plan.trained and train_s > 0:
+        measured["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
+    for name, rate in measured.items():
+        runs[name] = (runs.get(name, []) + [rate])[-THROUGHPUT_RUNS:]
     try:
-        table = _throughput_table(path)
-        table[_throughput_key(plan.kind, plan.settings.get("DEVICE", ""))] = rates
+        table[key] = runs
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(table, indent=1))
     except (OSError, ValueError):

@@ -1030,8 +1030,8 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
     model : intensity model, optional
     original_depth : int, optional
     out_dtype : numpy dtype, optional
-        Default: the input's dtype (integer grey values are rounded and clipped
-        to its range); float32 on request.
+        Default ``data.grey_dtype`` of the input's dtype and ``GREY_DTYPE``: the input's
+        dtype (integer grey values are rounded and clipped to its range), or float32.
 
     Returns
     -------
@@ -1039,7 +1039,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
     model : the model used
     info : as :func:`restore_probabilities`, plus ``value_range``
     """
-    from data import denormalize_intensity, intensity_range, normalize_intensity
+    from data import denormalize_intensity, grey_dtype, intensity_range, normalize_intensity
 
     settings = as_settings(settings)
     device = device or select_device(settings.inference.device)
@@ -1056,7 +1056,8 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
         original_depth=original_depth, device=device, out_dtype=np.float32, progress=progress,
         stats=info["inference"])
     del normalized
-    restored = denormalize_intensity(restored, value_range, out_dtype or stack_khw.dtype)
+    restored = denormalize_intensity(restored, value_range,
+                                     out_dtype or grey_dtype(stack_khw.dtype, settings.inference.grey_dtype))
     if settings.inference.keep_kept_slices:
         copy_kept_slices(restored, stack_khw, factor)
     info["infer_s"] = time.perf_counter() - start

@@ -50,6 +50,7 @@ GROUPS = {
 LATERAL_AXES = ("yx", "y")  # training crops degraded along Y or X at random, or along Y only
 ORIENTATION_AXES = ("y", "x")
 UPSCALE_METHODS = ("linear", "nearest")
+GREY_DTYPES = ("input", "float32")  # grey values written in the input's dtype, or as float32
 BOUNDARY_INPUTS = ("interfaces", "linear")  # the network's input for a dense label image's boundaries
 INTENSITY_LOSSES = ("mse", "l1", "ssim", "mse+ssim")
 BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
@@ -288,6 +289,9 @@ class Inference:
                             "pays on large volumes", constant="COMPILE", group="inference")
     probability_threshold: float = setting(0.5, "masks: probability above which a voxel is foreground",
                                            constant="PROBABILITY_THRESHOLD", group="inference", model="read")
+    grey_dtype: str = setting("input", "grey values: written in the input's dtype (integers rounded and clipped) "
+                              "or as float32 (no rounding: for measuring dim images)", constant="GREY_DTYPE",
+                              group="inference", choices=GREY_DTYPES, metavar=None)
     # 0.4: better accuracy and per-label IoU than the network's boundaries alone on FIB-25 neurons (with and
     # without 0 boundaries) and a tissue phantom at factors 3-8, and the adapted Rand error lower but in one case
     # (+0.00003); 0.5 starts losing per-label IoU (docs/dense-labels.md, "Shape-based interfaces beside the
@@ -514,11 +518,11 @@ class Settings:
                 raise UserError(f"{constant} must be at least {low}{'' if high is None else f' and at most {high}'}, "
                                 f"got {value}.")
         check_choice("SKIP_MERGE", self.network.skip_merge)
+        check_choice("GREY_DTYPE", inference.grey_dtype)
         check_choice("START_FROM", training.start_from)
         check_choice("NGFF_VERSION", self.large.ngff_version)
         check_choice("PRECISION", training.precision)
         return self
-
 
     def _ranges(self) -> Tuple[Tuple[str, float, float, Optional[float]], ...]:
         """``(constant, value, lowest, highest or None)`` of the numeric settings with a fixed range (both
@@ -528,7 +532,7 @@ class Settings:
                 ("BATCH_SIZE", training.batch_size, 1, None),
                 ("MIN_CONTENT_RATIO", training.min_content_ratio, 0, 1),
                 ("DICE_WEIGHT", training.dice_weight, 0, None),
-                ("PROFILE_FWHM", training.profile_fwhm, 0, None),
+                ("SLICE_PROFILE_FWHM", training.profile_fwhm, 0, None),
                 ("BASE_FILTERS", network.base_filters, 1, None),
                 ("DEPTH", network.depth, 1, None),
                 ("DROPOUT_RATE", network.dropout_rate, 0, 0.99),

@@ -354,6 +354,24 @@ def test_kind_evidence_and_decide_kind():
         decide_kind(grey, "grey")
 
 
+def test_photon_counts_of_a_dim_image_are_not_taken_for_a_label_image():
+    """Poisson counts at a mean of 0.05 photons per pixel (0, and now and then 1, 2 or 3, alone): their few
+    neighbour pairs are mostly 1 beside 1, piecewise constant by flatness, but they form no objects. The rule
+    asks for --kind; the objects of a label image, even small ones, are regions."""
+    from kinds import LABEL_REGION_SHARE, region_share
+
+    counts = np.random.default_rng(3).poisson(0.05, (8, 96, 96)).astype(np.uint16)
+    assert flatness(counts) >= LABEL_FLATNESS and region_share(counts) < LABEL_REGION_SHARE
+    kind, reason = kind_evidence(counts)
+    assert kind is None and "isolated" in reason
+    with pytest.raises(UserError, match=r"--kind labels or --kind intensity"):
+        decide_kind(counts)
+    small_objects = np.zeros((8, 96, 96), np.uint16)  # 2 x 2 nuclei-sized spots, each its own id
+    for index, (y, x) in enumerate(np.random.default_rng(4).integers(0, 94, (40, 2))):
+        small_objects[index % 8, y:y + 2, x:x + 2] = index + 1
+    assert region_share(small_objects) == 1.0 and kind_evidence(small_objects)[0] == "labels"
+
+
 # --------------------------------------------------------------------------- #
 # 3. --dry-run
 # --------------------------------------------------------------------------- #
@@ -428,6 +446,30 @@ def test_a_damaged_throughput_cache_is_an_empty_one(tmp_path, capsys, private_ca
     assert plan_of(printed)["expected time"].startswith("not known yet")
 
 
+def test_the_expected_time_uses_the_median_of_the_last_runs(private_cache):
+    """One run slowed 25 times (another job on the machine) moves the recorded rate only to the median; a
+    single number, as earlier versions kept it, counts as one run; the last THROUGHPUT_RUNS runs are kept."""
+    from types import SimpleNamespace
+
+    from plan import THROUGHPUT_RUNS, record_throughput, recorded_throughput
+
+    plan = SimpleNamespace(factor=4, kind="mask", settings={"DEVICE": "cpu"}, output_voxels=1000, trained=True,
+                           network_passes=lambda: 2, training_crop_pixels=lambda: 100_000)
+    private_cache.mkdir(parents=True)
+    for train_s in (10.0, 10.0, 250.0, 10.0):
+        record_throughput(plan, train_s, restore_s=1.0)
+    assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 10_000.0, "restore_voxel_passes_per_s": 2000.0}
+    for _ in range(THROUGHPUT_RUNS):
+        record_throughput(plan, 20.0, restore_s=1.0)
+    table = json.loads((private_cache / "throughput.json").read_text())
+    (runs,) = table.values()
+    assert runs["train_pixels_per_s"] == [5000.0] * THROUGHPUT_RUNS
+    (key,) = table
+    (private_cache / "throughput.json").write_text(json.dumps({key: {"train_pixels_per_s": 7.0,
+                                                                     "restore_voxel_passes_per_s": "fast"}}))
+    assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 7.0}
+
+
 def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_cache):
     source = write_tif(tmp_path / "mask.tif", kept_mask())
     dry = ["--input", source, "--output", tmp_path / "never.tif", "--dry-run"]
@@ -436,7 +478,8 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
     status, _, err = run_apply(capsys, "--input", source, "--output", tmp_path / "o.tif", *CHEAP)
     assert status == 0, err
     table = json.loads((private_cache / "throughput.json").read_text())
-    (rates,) = table.values()
+    (runs,) = table.values()  # one run of each rate kept, so far
+    rates = {name: values[0] for name, values in runs.items()}
     assert rates["train_pixels_per_s"] > 0 and rates["restore_voxel_passes_per_s"] > 0
     status, printed, _ = run_apply(capsys, *dry)
     assert status == 0

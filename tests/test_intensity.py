@@ -93,6 +93,27 @@ def test_psnr_and_ssim_on_reconstructed_slices_only():
         assert score_intensity_reconstruction(truth, truth, [0, 4, 8])["ssim_recon"] == pytest.approx(1.0)
 
 
+def test_16_bit_grey_values_are_scored_over_their_own_range():
+    """A 12-bit camera's image in a uint16 file (offset 100, 1000 grey levels): PSNR over the dtype's 65535 would
+    add 36 dB to any method and SSIM would read 1.000; the scores are taken over the truth's range."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(2)
+    truth = (100 + rng.integers(0, 1001, (9, 32, 32))).astype(np.uint16)
+    truth[0, 0, :2] = 100, 1100  # the range, exactly
+    predicted = np.clip(truth.astype(int) + rng.integers(-200, 201, truth.shape), 0, None).astype(np.uint16)
+    scores = score_intensity_reconstruction(predicted, truth, kept_indices=[0, 4, 8])
+    recon = [1, 2, 3, 5, 6, 7]
+    mse = np.mean((predicted[recon].astype(float) - truth[recon]) ** 2)
+    assert scores["data_range"] == 1000
+    assert scores["psnr_recon"] == pytest.approx(10 * np.log10(1000**2 / mse), rel=1e-6)
+    reference = np.mean([structural_similarity(t.astype(float), p.astype(float), data_range=1000)
+                         for t, p in zip(truth[recon], predicted[recon])])
+    over_dtype = np.mean([structural_similarity(t.astype(float), p.astype(float), data_range=65535)
+                          for t, p in zip(truth[recon], predicted[recon])])
+    assert scores["ssim_recon"] == pytest.approx(reference) and over_dtype > scores["ssim_recon"] + 0.05
+
+
 def test_engine_with_a_pass_through_model_is_linear_interpolation():
     """Independent reference: a model returning its centre channel restores exactly the
     linear interpolation along Z, mapped back to uint8; kept slices verbatim."""

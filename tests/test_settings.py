@@ -95,6 +95,13 @@ def test_validation_names_the_setting():
     assert Settings().validate() == Settings()
 
 
+def test_every_range_checked_names_a_setting_the_defaults_satisfy():
+    from settings import FIELDS
+
+    for constant, value, low, high in Settings()._ranges():
+        assert constant in FIELDS and low <= value and (high is None or value <= high), constant
+
+
 @pytest.mark.parametrize("constant, value, message", [
     ("INFERENCE_BATCH_SIZE", 0, "INFERENCE_BATCH_SIZE must be at least 1, got 0"),
     ("BATCH_SIZE", 0, "BATCH_SIZE must be at least 1, got 0"),

@@ -483,3 +483,30 @@ def test_a_model_save_on_a_full_disk_is_one_error_and_leaves_no_file(tmp_path, m
     with pytest.raises(UserError, match="No space left on device. Free some space"):
         save_model(tmp_path / "m.pt", AttentionResUNet(in_channels=3, depth=1, base_filters=4), {"factor": 4})
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_grey_values_written_as_float32_on_request_in_memory_and_block_wise(tmp_path, capsys):
+    """A dim 16-bit image (signal over about 40 grey levels): rounded to uint16 its restored slices hold few
+    values; --grey-dtype float32 keeps them unrounded, the kept slices exact, in a TIFF and block by block."""
+    import torch
+    from model import AttentionResUNet, save_model
+
+    torch.manual_seed(0)
+    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity").eval()
+    model_path = save_model(tmp_path / "grey.pt", model, {"factor": 4, "kind": "intensity",
+                                                          "inference_tile_size": 32, "train_xy_size": 16})
+    kept = (100 + np.random.default_rng(1).poisson(20, size=(5, 32, 32))).astype(np.uint16)
+    path = fiji_tiff(tmp_path / "dim.tif", kept)
+    common = ["--input", str(path), "--kind", "intensity", "--model", str(model_path), "--precision", "fp32",
+              "--device", "cpu", "--grey-dtype", "float32"]
+    assert apply.main(common + ["--output", str(tmp_path / "dim_iso.tif"), "--dry-run"]) == 0
+    assert "; written as float32" in capsys.readouterr().out
+    assert apply.main(common + ["--output", str(tmp_path / "dim_iso.tif")]) == 0, capsys.readouterr().err
+    restored = tifffile.imread(tmp_path / "dim_iso.tif")
+    assert restored.dtype == np.float32 and restored.shape == (17, 32, 32)
+    np.testing.assert_array_equal(restored[::4], kept.astype(np.float32))
+    assert np.mean(restored[1::4] != np.round(restored[1::4])) > 0.9  # not rounded to grey levels
+    assert apply.main(common + ["--output", str(tmp_path / "dim_iso.ome.zarr"), "--block-size", "16"]) == 0
+    block_wise = zarr_io.open_image(tmp_path / "dim_iso.ome.zarr")
+    assert block_wise.dtype == "float32"
+    np.testing.assert_allclose(block_wise.read(slice(None), slice(None), slice(None)), restored, atol=1e-3)
