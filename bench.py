@@ -41,7 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data import (InputNotFoundError, OutputExistsError, UserError, as_grey_values, check_factor, downsample_z,
-                  list_tiff_files, make_sample_labels, read_mask_or_labels, read_voxel_size, simulate_isotropic_grid)
+                  grey_dtype, list_tiff_files, make_sample_labels, read_mask_or_labels, read_voxel_size,
+                  simulate_isotropic_grid)
 from metrics import (calculate_dice, calculate_iou, mean_surface_distance, reconstructed_indices,
                      score_label_reconstruction)
 from morph import (interpolate_along_axis, interpolate_labels_sdf, is_integer_factor, kept_positions,
@@ -769,7 +770,8 @@ def intensity_row(case: Case, method: str, label: str, settings: Settings, devic
         infer_s = info["infer_s"]
     else:
         values = interpolate_along_axis(case.sparse, case.kept, depth, method=method)
-        restored = as_grey_values(values, case.truth.dtype)
+        # Written as the network's values are (GREY_DTYPE), so that rounding does not favour either.
+        restored = as_grey_values(values, grey_dtype(case.truth.dtype, settings.inference.grey_dtype))
         infer_s = time.perf_counter() - start
     scores = score_intensity_reconstruction(restored, case.truth, case.kept)
     row = {"stack": case.name, "factor": case.factor, "method": label,

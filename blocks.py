@@ -1371,7 +1371,8 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
         "probability_threshold": float(settings.inference.probability_threshold),
         "inference": _recorded_inference(inference),
         **({"label_rule": label_rule} if labels_source is not None else {}),
-        **({"shape_prior": float(settings.inference.shape_prior)} if dense else {})})
+        **({"shape_prior": float(settings.inference.shape_prior)} if dense else {}),
+        **({"grey_values": grey_values} if grey_values else {})})
     probabilities_dtype = probabilities and ("float32" if probabilities in ("float16", "float32") else "uint8")
     return _Run(targets[0], targets[1] if probabilities else None, large, plan, inference, kernel_dtype,
                 grey_values, value_range, window, plan_record, described, probabilities_dtype, dense,

@@ -464,7 +464,7 @@ def _evaluate_masks(recipe, truth, true_labels, sparse, kept_indices, factor, de
 
 def _evaluate_intensities(recipe, truth, sparse, kept_indices, factor, device):
     """Network, linear and cubic restorations of a grey-scale stack, with PSNR and SSIM."""
-    from data import as_grey_values
+    from data import as_grey_values, grey_dtype
     from metrics import score_intensity_reconstruction
     from morph import interpolate_along_axis
     from restore import restore_intensity
@@ -472,7 +472,8 @@ def _evaluate_intensities(recipe, truth, sparse, kept_indices, factor, device):
     print("Generating training samples, training and applying the model (grey-scale) ...")
     predicted, model, info = restore_intensity(sparse, factor, recipe, original_depth=truth.shape[0], device=device)
     timings = {"train_s": info["train_s"], "infer_s": info["infer_s"]}
-    as_truth = functools.partial(as_grey_values, dtype=truth.dtype)
+    # The baselines are written as the network's values are (GREY_DTYPE), so that rounding favours neither.
+    as_truth = functools.partial(as_grey_values, dtype=grey_dtype(truth.dtype, recipe.inference.grey_dtype))
     linear = as_truth(interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="linear"))
     cubic = as_truth(interpolate_along_axis(sparse, kept_indices, truth.shape[0], method="cubic"))
     scores = {name: score_intensity_reconstruction(stack, truth, kept_indices)

@@ -10,7 +10,7 @@
 
 Both guarantee that ids come only from the kept slices and that the kept slices come back verbatim; both work
 on a lateral window as on the whole stack, so the block-wise restore (``blocks.py``) gives the in-memory
-result. numpy, SciPy and scikit-image only: no network here (``restore.py`` runs it, and calls these).
+result. No network code here: numpy, SciPy and scikit-image (``restore.py`` runs the network, and calls these).
 """
 from __future__ import annotations
 

@@ -148,10 +148,14 @@ def grey_data_range(truth: np.ndarray) -> float:
     """The data range PSNR and SSIM of grey values are taken over: 255 for 8-bit images (they fill it, and
     published EM figures use it), else the truth's own range, ``max - min``: a 12-bit camera's image in a
     16-bit file spans a sixteenth of the dtype, whose range would add about 24 dB to every PSNR and bring
-    every SSIM to 1.000, the methods' differences lost in the fourth decimal."""
-    if truth.dtype in (np.uint8, np.int8):
-        return float(np.iinfo(truth.dtype).max - np.iinfo(truth.dtype).min)
-    return float(truth.max() - truth.min()) if truth.size else 1.0
+    every SSIM to 1.000, the methods' differences lost in the fourth decimal. A constant truth, which has no
+    range, is scored over its dtype's (1 for floats)."""
+    dtype_range = (float(np.iinfo(truth.dtype).max) - float(np.iinfo(truth.dtype).min)
+                   if np.issubdtype(truth.dtype, np.integer) else 1.0)
+    if truth.dtype in (np.uint8, np.int8) or not truth.size:
+        return dtype_range
+    spread = float(truth.max()) - float(truth.min())  # as floats: an int16 difference would wrap around
+    return spread if spread > 0 else dtype_range  # a constant truth: the dtype's range (floats: 1)
 
 
 def score_intensity_reconstruction(predicted: np.ndarray, truth: np.ndarray, kept_indices: Sequence[int],

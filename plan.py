@@ -24,7 +24,7 @@ from data import MaskValues, grey_dtype
 from machine import machine_key
 from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
-from tiff_io import StackChoice
+from tiff_io import StackChoice, is_ome_tiff_path, tiff_grey_dtype
 
 # Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
 PROCESS_BYTES = blocks.PROCESS_BYTES
@@ -91,6 +91,17 @@ class RestorePlan:
     def grey_out_dtype(self) -> np.dtype:
         """Grey values: the dtype written (``GREY_DTYPE``: the input's, or float32; ``data.grey_dtype``)."""
         return grey_dtype(self.dtype, self.settings.inference.grey_dtype)
+
+    def grey_written(self) -> str:
+        """What grey values are written as, for the plan: :attr:`grey_out_dtype`, in a TIFF the type that
+        holds it (``tiff_io.tiff_grey_dtype``), or the rule where the values decide."""
+        dtype = self.grey_out_dtype
+        if str(self.target).lower().rstrip("/").endswith(".zarr"):
+            return str(dtype)
+        if not np.issubdtype(dtype, np.integer):
+            return "float32"  # every TIFF output holds floats as 32-bit ones
+        written = tiff_grey_dtype(dtype, is_ome_tiff_path(self.target))
+        return str(written) if written is not None else "uint16, int16 or float32 (the ImageJ type that holds them)"
 
     @property
     def output_voxels(self) -> int:
@@ -169,7 +180,7 @@ class RestorePlan:
               if self.other_images else []),
             f"kind: {self.kind} ({self.kind_reason})"
             + (f"; written as {self.mask_values.describe()}" if self.mask_values is not None else "")
-            + (f"; written as {self.grey_out_dtype}" if self.kind == "intensity" else ""),
+            + (f"; written as {self.grey_written()}" if self.kind == "intensity" else ""),
             f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
             f"input voxel size: {triple(f'{v:.6g}' for v in self.voxel_in_zyx)} {unit}",

@@ -514,7 +514,7 @@ class Settings:
             raise UserError(f"INFERENCE_BATCH_PIXELS must be 0 (no cap) or a number of pixels, got "
                             f"{inference.batch_pixels}.")
         for constant, value, low, high in self._ranges():
-            if value < low or (high is not None and value > high):
+            if not value >= low or (high is not None and not value <= high):  # NaN fails both
                 raise UserError(f"{constant} must be at least {low}{'' if high is None else f' and at most {high}'}, "
                                 f"got {value}.")
         check_choice("SKIP_MERGE", self.network.skip_merge)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import struct
+import warnings
 import zlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -237,7 +238,10 @@ def _tiff_guard(path: Path):
                         "permissions (ls -l), or copy it somewhere you can read.") from error
     except (IndexError, KeyError, ValueError) as error:
         damaged = _damage_reported(complaints)
-        if raised_here(error) and not damaged:  # this module's own slip, not the file's content: a bug
+        # An IndexError or KeyError in this module's own code, on a file tifffile read without complaint, is a
+        # slip of that code: a bug keeps its traceback. A ValueError here is the content's (a metadata number
+        # written '0,5', a page count that does not fit the axes): the file's fault.
+        if not isinstance(error, ValueError) and raised_here(error) and not damaged:
             raise
         detail = f"tifffile: {damaged[0]}" if damaged else f"{type(error).__name__}: {error}"
         raise _damaged(path, detail) from error
@@ -506,6 +510,7 @@ def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], fl
                 (z, y, x), unit = calibration
                 return ((None if from_folder else z), y, x), unit
         meta = tif.imagej_metadata
+        first_series(tif)  # a file without an image is damaged, not an IndexError
         tags = tif.pages[0].tags
         if "XResolution" not in tags:
             return None
@@ -578,10 +583,10 @@ def _check_writable(path: Path, overwrite: bool) -> None:
 
 
 def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                grey_values: bool = False):
+                grey_values: bool = False, ome: bool = False):
     """Data for tifffile: bool masks become 0/255 uint8 (shown as a mask in every viewer), or what
     ``encode_mask`` makes of each page, converted page by page so a large mask is never copied whole;
-    integer grey values the ImageJ type that holds them (:func:`imagej_grey_dtype`)."""
+    integer grey values the type that holds them (:func:`tiff_grey_dtype`)."""
     if stack.dtype == bool and encode_mask is not None and len(stack):
         dtype = encode_mask(stack[:1]).dtype
         return (encode_mask(page) for page in stack), dict(shape=stack.shape, dtype=dtype)
@@ -590,8 +595,30 @@ def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], 
     if stack.dtype == np.float16:  # ImageJ reads no 16-bit floats: written as float32, page by page
         return (page.astype(np.float32) for page in stack), dict(shape=stack.shape, dtype=np.float32)
     if grey_values and np.issubdtype(stack.dtype, np.integer):
-        return stack.astype(imagej_grey_dtype(stack), copy=False), {}
+        written = tiff_grey_dtype(stack.dtype, ome) or imagej_grey_dtype(stack)
+        if written == np.float32 and stack.size and max(abs(int(stack.min())), abs(int(stack.max()))) > 2**24:
+            warnings.warn(f"Grey values up to {max(abs(int(stack.min())), abs(int(stack.max())))} are written as "
+                          "float32, exact only up to 2**24 = 16777216: larger values are rounded. Write an "
+                          ".ome.tif or .ome.zarr output to keep them exact.")
+        return stack.astype(written, copy=False), {}
     return _as_savable_array(stack), {}
+
+
+# Integer pixel types an OME-TIFF holds as they are (OME's int8 ... uint32); 64-bit integers it does not.
+OME_INTEGER_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32))
+
+
+def tiff_grey_dtype(dtype, ome: bool = False) -> Optional[np.dtype]:
+    """The dtype integer grey values of ``dtype`` are written in a TIFF, where it follows from the dtype:
+    an OME-TIFF's own integer types as they are; in an ImageJ TIFF uint8, uint16 and int16 as they are and
+    int8 as int16. None where the values decide (:func:`imagej_grey_dtype`: wider integers become uint16,
+    int16 or float32)."""
+    dtype = np.dtype(dtype)
+    if ome and dtype in OME_INTEGER_DTYPES:
+        return dtype
+    if dtype in (np.uint8, np.uint16, np.int16):
+        return dtype
+    return np.dtype(np.int16) if dtype == np.int8 else None
 
 
 def imagej_grey_dtype(stack: np.ndarray) -> np.dtype:
@@ -657,8 +684,9 @@ def save_stack(
         How a bool mask's pages are written (``data.MaskValues.encode``: the input mask's own values, uint8,
         uint16 or float32); default 0/255 uint8.
     grey_values : bool
-        ``stack_dhw`` holds grey values, not label ids: integers are written in the ImageJ type that holds
-        them exactly (:func:`imagej_grey_dtype`: an int16 tomogram stays int16), never refused as ids.
+        ``stack_dhw`` holds grey values, not label ids: integers are written in a type that holds them
+        (:func:`tiff_grey_dtype`: an OME-TIFF's own integer types as they are; in an ImageJ TIFF an int16
+        tomogram stays int16, see :func:`imagej_grey_dtype`), never refused as ids.
 
     Returns
     -------
@@ -668,7 +696,7 @@ def save_stack(
     stack_dhw = np.asarray(stack_dhw)
     if stack_dhw.ndim != 3:
         raise UserError(f"save_stack expects a (D, H, W) stack, got shape {stack_dhw.shape}.")
-    data, page_kwargs = _as_savable(stack_dhw, encode_mask, grey_values)
+    data, page_kwargs = _as_savable(stack_dhw, encode_mask, grey_values, is_ome_tiff_path(path) and not as_slices)
     z, y, x = (float(v) for v in voxel_size_zyx)
     kwargs = dict(
         imagej=True,
@@ -678,7 +706,7 @@ def save_stack(
     )
     if is_ome_tiff_path(path) and not as_slices:  # the name promises OME-XML: Fiji's Bio-Formats, QuPath, OMERO
         ome_unit = "µm" if normal_unit(unit) == "um" else str(unit)
-        kwargs.update(imagej=False, ome=True, metadata={
+        kwargs.update(imagej=False, ome=True, photometric="minisblack", metadata={
             "axes": "ZYX", **{f"PhysicalSize{axis}": size for axis, size in zip("ZYX", (z, y, x))},
             **{f"PhysicalSize{axis}Unit": ome_unit for axis in "ZYX"}})
     if as_slices:

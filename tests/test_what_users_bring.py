@@ -400,6 +400,17 @@ def test_scheduler_addresses_and_worker_memory_edge_cases(tmp_path, capsys, tiny
 # --------------------------------------------------------------------------- #
 # Integer grey values: an int16 tomogram stays int16
 # --------------------------------------------------------------------------- #
+def tiny_grey_model(path):
+    """A small untrained intensity network saved for factor 4 (3 channel planes, depth 1)."""
+    import torch
+    from model import AttentionResUNet, save_model
+
+    torch.manual_seed(0)
+    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity").eval()
+    return save_model(path, model, {"factor": 4, "kind": "intensity", "inference_tile_size": 32,
+                                    "train_xy_size": 16})
+
+
 @pytest.mark.parametrize("values, written", [
     (np.array([-3000, 0, 12000], np.int16), np.int16),   # a signed tomogram (MRC mode 1)
     (np.array([-100, 0, 100], np.int8), np.int16),       # ImageJ has no 8-bit signed type
@@ -420,13 +431,7 @@ def test_integer_grey_values_are_written_in_a_type_that_holds_them(tmp_path, val
 
 
 def test_an_int16_tomogram_restores_into_int16(tmp_path, capsys):
-    import torch
-    from model import AttentionResUNet, save_model
-
-    torch.manual_seed(0)
-    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity").eval()
-    model_path = save_model(tmp_path / "grey.pt", model, {"factor": 4, "kind": "intensity",
-                                                          "inference_tile_size": 32, "train_xy_size": 16})
+    model_path = tiny_grey_model(tmp_path / "grey.pt")
     rng = np.random.default_rng(0)
     kept = rng.integers(-2000, 2000, size=(5, 32, 32)).astype(np.int16)
     path = fiji_tiff(tmp_path / "tomogram.tif", kept)
@@ -485,16 +490,23 @@ def test_a_model_save_on_a_full_disk_is_one_error_and_leaves_no_file(tmp_path, m
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_a_resume_with_another_grey_dtype_is_refused(tmp_path, capsys):
+    kept = (100 + np.random.default_rng(1).poisson(20, size=(5, 32, 32))).astype(np.uint16)
+    common = ["--input", str(fiji_tiff(tmp_path / "dim.tif", kept)), "--kind", "intensity", "--model",
+              str(tiny_grey_model(tmp_path / "grey.pt")), "--precision", "fp32", "--device", "cpu",
+              "--output", str(tmp_path / "dim_iso.ome.zarr"), "--block-size", "16"]
+    assert apply.main(common + ["--max-blocks", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert apply.main(common + ["--resume", "--grey-dtype", "float32"]) == 2
+    assert "differs from the interrupted one in grey_values" in capsys.readouterr().err
+    assert apply.main(common + ["--resume"]) == 0
+    assert zarr_io.open_image(tmp_path / "dim_iso.ome.zarr").dtype == "uint16"
+
+
 def test_grey_values_written_as_float32_on_request_in_memory_and_block_wise(tmp_path, capsys):
     """A dim 16-bit image (signal over about 40 grey levels): rounded to uint16 its restored slices hold few
     values; --grey-dtype float32 keeps them unrounded, the kept slices exact, in a TIFF and block by block."""
-    import torch
-    from model import AttentionResUNet, save_model
-
-    torch.manual_seed(0)
-    model = AttentionResUNet(in_channels=3, depth=1, base_filters=4, output="intensity").eval()
-    model_path = save_model(tmp_path / "grey.pt", model, {"factor": 4, "kind": "intensity",
-                                                          "inference_tile_size": 32, "train_xy_size": 16})
+    model_path = tiny_grey_model(tmp_path / "grey.pt")
     kept = (100 + np.random.default_rng(1).poisson(20, size=(5, 32, 32))).astype(np.uint16)
     path = fiji_tiff(tmp_path / "dim.tif", kept)
     common = ["--input", str(path), "--kind", "intensity", "--model", str(model_path), "--precision", "fp32",
@@ -510,3 +522,77 @@ def test_grey_values_written_as_float32_on_request_in_memory_and_block_wise(tmp_
     block_wise = zarr_io.open_image(tmp_path / "dim_iso.ome.zarr")
     assert block_wise.dtype == "float32"
     np.testing.assert_allclose(block_wise.read(slice(None), slice(None), slice(None)), restored, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- #
+# A review of the changes above, its findings pinned
+# --------------------------------------------------------------------------- #
+def test_malformed_metadata_numbers_are_a_damaged_file_not_a_traceback(tmp_path):
+    """A comma decimal in the OME-XML (PhysicalSizeX="0,5") or a spacing that is no number: the file's
+    content, one error; not the reader's own bug, although float() fails on the reader's own line."""
+    from data import DamagedFileError
+
+    ome = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint8" SizeX="4" SizeY="4" '
+           'SizeZ="3" SizeC="1" SizeT="1" PhysicalSizeX="0,5" PhysicalSizeY="0,5" PhysicalSizeZ="2">'
+           '<Channel ID="Channel:0:0" SamplesPerPixel="1"/><TiffData/></Pixels></Image></OME>')
+    tifffile.imwrite(tmp_path / "comma.ome.tif", np.zeros((3, 4, 4), np.uint8), description=ome, metadata=None)
+    tifffile.imwrite(tmp_path / "spacing.tif", np.zeros((3, 4, 4), np.uint8), resolution=(2.0, 2.0), metadata=None,
+                     description="ImageJ=1.11a\nimages=3\nslices=3\nunit=um\nspacing=abc\n")
+    for name in ("comma.ome.tif", "spacing.tif"):
+        with pytest.raises(DamagedFileError, match=name):
+            read_calibration(tmp_path / name)
+
+
+def test_grey_data_range_of_wide_signed_and_constant_truths():
+    from metrics import grey_data_range
+
+    assert grey_data_range(np.array([-20000, 20000], np.int16)) == 40000  # not an int16 difference, wrapped
+    assert grey_data_range(np.full((2, 2), 7, np.uint16)) == 65535  # no range of its own: the dtype's
+    assert grey_data_range(np.full((2, 2), 0.5, np.float32)) == 1.0
+    assert grey_data_range(np.array([3, 200], np.uint8)) == 255
+
+
+def test_nan_settings_are_refused():
+    from settings import Settings
+
+    for constant in ("PROBABILITY_THRESHOLD", "DROPOUT_RATE", "MIN_CONTENT_RATIO", "DICE_WEIGHT"):
+        with pytest.raises(UserError, match=f"{constant} must be at least"):
+            Settings().with_values(**{constant: float("nan")}).validate()
+
+
+@pytest.mark.parametrize("dtype, name, written", [
+    (np.int8, "g.tif", "int16"), (np.uint32, "g.tif", "uint16, int16 or float32"), (np.uint32, "g.ome.tif", "uint32"),
+    (np.int16, "g.tif", "int16"), (np.float64, "g.tif", "float32"), (np.uint32, "g.ome.zarr", "uint32"),
+])
+def test_the_plan_names_the_type_grey_values_are_written_in(tmp_path, capsys, dtype, name, written):
+    kept = np.arange(5 * 16 * 16).reshape(5, 16, 16).astype(dtype)
+    path = tmp_path / "grey.ome.tif"  # an OME-TIFF input holds every one of these dtypes
+    tifffile.imwrite(path, kept, ome=True, metadata={"axes": "ZYX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25,
+                                                     "PhysicalSizeZ": 1.0})
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / name), "--kind", "intensity",
+                       "--dry-run"]) == 0
+    assert f"; written as {written}" in capsys.readouterr().out
+
+
+def test_an_ome_tiff_keeps_wide_integer_grey_values_exact_an_imagej_tiff_warns(tmp_path):
+    from data import save_stack
+
+    stack = np.full((2, 8, 8), 2**24 + 1, np.uint32)
+    np.testing.assert_array_equal(tifffile.imread(save_stack(tmp_path / "g.ome.tif", stack, grey_values=True)), stack)
+    with pytest.warns(UserWarning, match="exact only up to 2\\*\\*24"):
+        save_stack(tmp_path / "g.tif", stack, grey_values=True)
+
+
+def test_baselines_are_written_as_the_network_is_so_rounding_favours_neither():
+    """With GREY_DTYPE float32 the network's values are unrounded: bench.py's (and eval.py's) classical rows
+    are then unrounded too; with the default both are rounded to the input's integers."""
+    import bench
+    from settings import Settings
+
+    truth = np.random.default_rng(5).poisson(3, size=(9, 16, 16)).astype(np.uint16)
+    case = bench.Case.of("dim", truth, 4)
+    for grey, dtype in (("input", np.uint16), ("float32", np.float32)):
+        settings = Settings().with_values(GREY_DTYPE=grey)
+        _, restored, _ = bench.intensity_row(case, "linear", "linear", settings, "cpu")
+        assert restored.dtype == dtype
