@@ -70,8 +70,9 @@ class MaskValues:
         if sample.dtype == bool:  # a 1-bit TIFF (MATLAB's logical), a bool store: 0/1
             return cls(1, "uint8")
         values = np.unique(sample)
-        if two_class_values(values) is not None:
-            background, foreground = two_class_values(values)
+        two_class = two_class_values(values)
+        if two_class is not None:
+            background, foreground = two_class
         elif len(values) in (1, 2) and values[0] == 0 and values[-1] > 0:
             background, foreground = 0, values[-1]
         else:
@@ -241,8 +242,8 @@ def kind_evidence(sample: np.ndarray) -> Tuple[Optional[str], str]:
     if values[0] < 0:
         return "intensity", "negative values"
     share = flatness(sample)
-    regions = region_share(sample)
-    if share >= LABEL_FLATNESS and regions < LABEL_REGION_SHARE:
+    regions = region_share(sample) if share >= LABEL_FLATNESS else 1.0  # asked only of what looks like labels
+    if regions < LABEL_REGION_SHARE:
         return None, (f"most non-zero pixels are isolated: only {regions:.0%} lie beside a pixel of their own value, "
                       "where a label image's objects are regions (photon counts of a dim image, or single-pixel "
                       "detections?)")

@@ -20,6 +20,7 @@ import numpy as np
 import blocks
 import labeling
 import restore
+import zarr_io
 from data import MaskValues, grey_dtype
 from machine import machine_key
 from morph import is_integer_factor, restored_depth, slices_on_grid
@@ -96,7 +97,7 @@ class RestorePlan:
         """What grey values are written as, for the plan: :attr:`grey_out_dtype`, in a TIFF the type that
         holds it (``tiff_io.tiff_grey_dtype``), or the rule where the values decide."""
         dtype = self.grey_out_dtype
-        if str(self.target).lower().rstrip("/").endswith(".zarr"):
+        if zarr_io.is_zarr_path(self.target):
             return str(dtype)
         if not np.issubdtype(dtype, np.integer):
             return "float32"  # every TIFF output holds floats as 32-bit ones

@@ -596,10 +596,10 @@ def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], 
         return (page.astype(np.float32) for page in stack), dict(shape=stack.shape, dtype=np.float32)
     if grey_values and np.issubdtype(stack.dtype, np.integer):
         written = tiff_grey_dtype(stack.dtype, ome) or imagej_grey_dtype(stack)
-        if written == np.float32 and stack.size and max(abs(int(stack.min())), abs(int(stack.max()))) > 2**24:
-            warnings.warn(f"Grey values up to {max(abs(int(stack.min())), abs(int(stack.max())))} are written as "
-                          "float32, exact only up to 2**24 = 16777216: larger values are rounded. Write an "
-                          ".ome.tif or .ome.zarr output to keep them exact.")
+        largest = max(abs(int(stack.min())), abs(int(stack.max()))) if stack.size else 0
+        if written == np.float32 and largest > 2**24:
+            warnings.warn(f"Grey values up to {largest} are written as float32, exact only up to 2**24 = 16777216: "
+                          "larger values are rounded. Write an .ome.tif or .ome.zarr output to keep them exact.")
         return stack.astype(written, copy=False), {}
     return _as_savable_array(stack), {}
 
@@ -622,11 +622,13 @@ def tiff_grey_dtype(dtype, ome: bool = False) -> Optional[np.dtype]:
 
 
 def imagej_grey_dtype(stack: np.ndarray) -> np.dtype:
-    """The ImageJ pixel type that holds integer grey values exactly: uint8 and uint16 as they are, int16
-    (ImageJ's calibrated signed 16-bit) for values within it (an int8 or int16 tomogram), uint16 for other
-    non-negative values up to 65535, else float32 (exact up to 2**24; ImageJ has no 32-bit integers)."""
-    if stack.dtype in (np.uint8, np.uint16, np.int16):
-        return stack.dtype
+    """The ImageJ pixel type that holds integer grey values exactly: where the dtype decides, its rule
+    (:func:`tiff_grey_dtype`: uint8, uint16 and int16 as they are, int8 as int16); for wider integers uint16
+    for non-negative values up to 65535, int16 (ImageJ's calibrated signed 16-bit) for values within it, else
+    float32 (exact up to 2**24; ImageJ has no 32-bit integers)."""
+    by_dtype = tiff_grey_dtype(stack.dtype)
+    if by_dtype is not None:
+        return by_dtype
     low, high = (int(stack.min()), int(stack.max())) if stack.size else (0, 0)
     if low >= 0 and high <= np.iinfo(np.uint16).max:
         return np.dtype(np.uint16)
