@@ -363,7 +363,9 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        workers=settings.large.workers, probabilities=None if args.save_probabilities == "none"
                        else args.save_probabilities, notes=notes, label_rule=label_rule,
                        other_images=[] if image is not None else other_series(path),
-                       dense_labels=dense, mask_values=mask_values)
+                       dense_labels=dense, mask_values=mask_values,
+                       levels=image.levels if image is not None else 1,
+                       label_images=image.label_images if image is not None else ())
 
 
 def value_sample(path: Path, image, choice: StackChoice) -> np.ndarray:
@@ -445,17 +447,25 @@ def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
 
 
 def resume_replaces_saved_model(args: argparse.Namespace, targets: Sequence[Path]) -> bool:
-    """Whether a ``--resume`` may replace its ``--save-model`` file: only one that holds a model saved by this
-    project, beside an output store being resumed (the interrupted run wrote it; the model is the store's)."""
+    """Whether a ``--resume`` may write over its existing ``--save-model`` file: only one that holds the
+    model of an output being resumed (a run stopped by ``--max-blocks`` saved it; saving it again changes
+    nothing). Any other file there is refused like any existing output."""
     if not (args.settings.large.resume and args.save_model and Path(args.save_model).is_file()):
         return False
-    if not any(zarr_io.is_zarr_path(t) and t.exists() for t in targets):
-        return False
     try:
-        load_model(args.save_model, "cpu")
+        saved = load_model(args.save_model, "cpu")[0]
     except UserError:
         return False
-    return True
+    resumed = (blocks.interrupted_run_model(t) for t in targets if zarr_io.is_zarr_path(t) and t.exists())
+    return any(model is not None and blocks.same_weights(model, saved) for model in resumed)
+
+
+def model_saved_already(path: Path, model) -> bool:
+    """Whether ``path`` holds ``model``'s weights (a resumed run's ``--save-model`` written before it)."""
+    try:
+        return Path(path).is_file() and blocks.same_weights(load_model(path, "cpu")[0], model)
+    except UserError:
+        return False
 
 
 def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) -> Settings:
@@ -676,9 +686,8 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
             print(f"\n'{target}' keeps the blocks written so far: the same command with --resume (and without "
                   "--overwrite) continues from them.", file=sys.stderr)
         raise
-    if args.save_model and result["model"] is not None:
-        save_model(args.save_model, result["model"], config,
-                   overwrite=args.overwrite or resume_replaces_saved_model(args, [target]))
+    if args.save_model and result["model"] is not None and not model_saved_already(args.save_model, result["model"]):
+        save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
     if result["state"] == "complete":
         if not result["skipped"]:
             record_throughput(plan, result["train_s"], result["restore_s"])

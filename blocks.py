@@ -51,10 +51,12 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -64,6 +66,7 @@ import types
 import uuid
 import warnings
 import weakref
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -95,6 +98,8 @@ LABEL_HALO = 64  # first halo (pixels) of the label-id pass; doubled while a blo
 MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids are accepted and reported
 LABEL_SLAB_VOXELS = 16_000_000  # voxels of mask per label-id step (a few kept-slice intervals at a time)
 TRAINING_BYTES = 256 * 2**20  # kept-slice bytes read from a large store to train on
+# An input store's values checksummed for --resume (values_checksum): 4 x 4 windows of 64 px on 8 slices.
+CHECKSUM_SLICES, CHECKSUM_WINDOWS, CHECKSUM_EDGE = 8, 4, 64
 INTENSITY_SAMPLE_VALUES = 10_000_000  # grey values read to find a store's range (data.intensity_range's sample)
 # Host memory a worker using CUDA adds (context and libraries, docs/gpu.md); such workers need a larger
 # --worker-memory than CPU workers.
@@ -158,6 +163,34 @@ class BlockPlan:
         """The region of the middle block: the widest read window, the memory estimates' block."""
         grid_y, grid_x = self.grid
         return self.region((grid_y // 2) * grid_x + grid_x // 2)
+
+
+def tile_pixels(shape_dhw: Tuple[int, int, int], block_size: Optional[int], inference: Dict[str, Any]) -> int:
+    """Pixels of network tiles along the planes' image axes, times the planes, summed over the orientations:
+    the network's work up to the Z tiling, which blocks do not change. Block by block (``block_size``) each
+    block computes every tile of the global grid that overlaps it (:func:`restore.tile_grid`), so that it
+    restores exactly as the whole stack does; ``None``: the whole stack in memory."""
+    _, height, width = shape_dhw
+    tile = inference["tile_size"]
+    overlap = inference.get("overlap")
+    overlap = restore.default_overlap(tile) if overlap is None else overlap
+
+    def along(size: int, region: Tuple[int, int]) -> int:
+        grid = restore.tile_grid(size, tile, overlap, region)
+        return len(grid.starts) * grid.tile
+
+    total = 0
+    for orientation in inference.get("orientations", restore.ORIENTATIONS):
+        planes, image = (height, width) if orientation == "y" else (width, height)
+        step = block_size or image
+        total += planes * sum(along(image, (start, min(start + step, image))) for start in range(0, image, step))
+    return total
+
+
+def tile_work(shape_dhw: Tuple[int, int, int], block_size: int, inference: Dict[str, Any]) -> float:
+    """The network's work block by block relative to the same restore in memory (1.0: no tile repeated):
+    blocks narrower than a tile, or cut across tiles, compute tiles their neighbours compute too."""
+    return tile_pixels(shape_dhw, block_size, inference) / tile_pixels(shape_dhw, None, inference)
 
 
 def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None)) -> np.ndarray:
@@ -751,6 +784,22 @@ def _shipped_task_runner() -> Callable[..., Dict[str, Any]]:
 
 
 @contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """SIGINT ignored while worker processes start: they inherit it, so a Ctrl-C, which the terminal sends
+    to every process of the job, reaches only this one, which keeps the blocks written and closes the
+    cluster, and not the workers (each would print a KeyboardInterrupt traceback). A no-op off the main
+    thread, where signal handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Optional[str] = None,
                 processes: bool = True) -> Iterator[Optional[Any]]:
     """A ``distributed.Client``: on ``scheduler`` when given, else on a new local cluster of
@@ -769,9 +818,10 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
             # would misread as theirs (and pause them): they get none.
             # The workers take the user's Dask configuration, its malloc setting included
             # (docs/large-volumes.md#worker-processes-and-glibcs-malloc).
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                                   memory_limit=worker_memory if processes else 0, processes=processes,
-                                   dashboard_address=":0")
+            with _interrupts_ignored():  # Ctrl-C reaches this process, which stops the workers
+                cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
+                                       memory_limit=worker_memory if processes else 0, processes=processes,
+                                       dashboard_address=":0")
             try:
                 client = Client(cluster)
             except BaseException:  # the cluster's worker processes must not outlive a failed connection
@@ -785,9 +835,32 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
               f"dashboard: {dashboard}", flush=True)
         yield client
     finally:
+        if cluster is None:
+            client.close()
+        else:
+            _close_quietly(client, cluster)
+
+
+def _silence_distributed_logs() -> None:
+    """Only critical messages from ``distributed`` in this process from now on."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
+def _close_quietly(client, cluster) -> None:
+    """Close a local cluster without the notices its shutdown races print after a finished or
+    interrupted run (a task cancelled, a heartbeat to a scheduler already gone, a worker killed after
+    4 s): the run's own outcome is reported by then, and they read like errors. A user's own scheduler
+    and its workers keep their logging."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    with contextlib.suppress(Exception):  # the workers may already be gone
+        client.run(_silence_distributed_logs)
+    logger.setLevel(logging.CRITICAL)  # the scheduler and nannies run in this process
+    try:
         client.close()
-        if cluster is not None:
-            cluster.close()
+        cluster.close()
+    finally:
+        logger.setLevel(level)
 
 
 def run_tasks(function: Callable[..., Dict[str, Any]], job: Any, items: Sequence[Any], client=None,
@@ -964,14 +1037,34 @@ def _describe(source: Source, name: Optional[str], stack: str = "") -> Dict[str,
     (its channel and time point, :class:`OutputMetadata`), array, shape, dtype and, for a Zarr image, the
     index of its channel and time point, its voxel size, unit and translation."""
     if isinstance(source, np.ndarray):
-        return {"path": _resolved(name), "stack": stack, "shape": list(source.shape), "dtype": str(source.dtype)}
+        return {"path": _resolved(name), "stack": stack, "shape": list(source.shape), "dtype": str(source.dtype),
+                "values_crc32": values_checksum(source)}
     def floats(values):
         return None if values is None else [float(v) for v in values]
 
     return {"path": os.path.realpath(source.path), "component": source.component,
             "leading_index": list(source.leading_index), "shape": list(source.shape),
             "dtype": str(source.dtype), "voxel_size_zyx": floats(source.voxel_size_zyx), "unit": source.unit,
-            "translation_zyx": floats(source.translation_zyx)}
+            "translation_zyx": floats(source.translation_zyx), "values_crc32": values_checksum(source)}
+
+
+def values_checksum(source: Source, slices: int = CHECKSUM_SLICES, windows: int = CHECKSUM_WINDOWS,
+                    edge: int = CHECKSUM_EDGE) -> int:
+    """A CRC-32 of an input's values, recorded so that ``--resume`` notices an input rewritten since the
+    interrupted run (a segmentation proofread and exported again under the same name). An array (a file
+    read whole) is checksummed whole; a store, which may be far larger than memory, on a sample: ``windows``
+    x ``windows`` windows of ``edge`` pixels, evenly spread, on ``slices`` evenly spaced slices (a few
+    chunks each), so an edit confined between the sampled windows goes unnoticed."""
+    if isinstance(source, np.ndarray):
+        return zlib.crc32(memoryview(np.ascontiguousarray(source)).cast("B"))
+    depth, height, width = source.shape
+    checksum = 0
+    for k in np.unique(np.linspace(0, depth - 1, min(slices, depth)).round().astype(int)):
+        for y in np.unique(np.linspace(0, max(height - edge, 0), windows).round().astype(int)):
+            for x in np.unique(np.linspace(0, max(width - edge, 0), windows).round().astype(int)):
+                window = source.read(slice(k, k + 1), slice(y, y + edge), slice(x, x + edge))
+                checksum = zlib.crc32(memoryview(np.ascontiguousarray(window)).cast("B"), checksum)
+    return checksum
 
 
 def _stack_read(stack: str) -> set:
@@ -991,6 +1084,8 @@ def _input_differences(recorded: Optional[Dict[str, Any]], current: Optional[Dic
     for key in ("component", "shape", "dtype", "voxel_size_zyx", "unit", "translation_zyx"):
         if key in recorded and recorded[key] != current.get(key):
             differences.append(f"{key} {recorded[key]} -> {current.get(key)}")
+    if "values_crc32" in recorded and recorded["values_crc32"] != current.get("values_crc32") and not differences:
+        differences.append("values changed since the interrupted run")
     # Records from before channels could be chosen read the file's only stack: '' and index 0 throughout. A stack
     # chosen at 0 along an axis is the same read as none chosen (a file with several is refused without a choice).
     if _stack_read(recorded.get("stack", "")) != _stack_read(current.get("stack", "")):
@@ -1051,10 +1146,17 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _same_weights(first: nn.Module, second: nn.Module) -> bool:
+def same_weights(first: nn.Module, second: nn.Module) -> bool:
     """Same architecture and identical weights."""
     a, b = first.state_dict(), second.state_dict()
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def interrupted_run_model(output: Union[str, Path]) -> Optional[nn.Module]:
+    """The model an unfinished run keeps in its output ``output`` (:data:`MODEL_FILE`), or None (not an
+    output of an unfinished run, or a finished one: its model file is removed when it completes)."""
+    model_file = Path(output) / MODEL_FILE
+    return load_model(model_file, "cpu")[0] if model_file.is_file() else None
 
 
 def estimate_dense_label_memory(plan: BlockPlan, n_kept: int, factor: float, label_dtype: Any,
@@ -1589,7 +1691,7 @@ def _resumed_run(output: str, plan_record: Dict[str, Any], model: Optional[nn.Mo
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(staged))
     stored_model = load_model(model_file)[0]
-    if model is not None and not _same_weights(model, stored_model):
+    if model is not None and not same_weights(model, stored_model):
         raise UserError("--resume: --model is not the model of the interrupted run; pass --overwrite.")
     return record, stored_model if model is None else model
 

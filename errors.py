@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -72,11 +73,27 @@ def writing_to(path: Union[str, os.PathLike]) -> Iterator[None]:
                         ) from error
 
 
+PROJECT_FOLDER = Path(__file__).resolve().parent
+
+
+def format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
+                   line: Any = None) -> str:
+    """A warning of this project's own code as a user reads it, ``warning: ...`` (its source line says
+    nothing to them); other packages' warnings as Python prints them, with where they come from."""
+    if Path(filename).resolve().parent == PROJECT_FOLDER and issubclass(category, UserWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def run_cli(job: Callable[..., Any], *args: Any) -> int:
     """Run a command-line job (``eval.py``, ``apply.py``, ``bench.py``): a :class:`UserError` (bad path,
     damaged file, existing output, bad setting) prints one ``error: ...`` line and gives exit status 2;
     Ctrl-C prints ``interrupted`` and gives 130, as a shell does. Any other exception is a bug and keeps
-    its traceback."""
+    its traceback. The project's own warnings print as ``warning: ...`` (:func:`format_warning`)."""
+    previous, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         job(*args)
     except UserError as error:
@@ -85,4 +102,6 @@ def run_cli(job: Callable[..., Any], *args: Any) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C).", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
     return 0

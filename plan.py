@@ -27,6 +27,10 @@ from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
 from tiff_io import StackChoice, is_ome_tiff_path, tiff_grey_dtype
 
+# Block work above this (blocks.tile_work) is named in the plan, with the smaller of these tile sizes that
+# repeats least.
+TILE_WORK_NOTED = 1.2
+TILE_SIZES_SUGGESTED = (256, 512)
 # Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
 PROCESS_BYTES = blocks.PROCESS_BYTES
 
@@ -60,6 +64,8 @@ class RestorePlan:
     other_images: List[Tuple[int, ...]] = field(default_factory=list)  # a TIFF's further series, not restored
     dense_labels: bool = False  # a dense label image (labeling.is_dense_label_image of a sample): the boundary rule
     mask_values: Optional[MaskValues] = None  # masks: the two values the output is written in
+    levels: int = 1  # an OME-Zarr input's resolution levels (level 0 is read)
+    label_images: Tuple[str, ...] = ()  # an OME-Zarr image's label images, not restored with it
 
     @property
     def written_mask_values(self) -> MaskValues:
@@ -159,7 +165,7 @@ class RestorePlan:
                 or (self.trained and not rates.get("train_pixels_per_s"))):
             return None
         train = self.training_crop_pixels() / rates["train_pixels_per_s"] if self.trained else 0.0
-        return train + self.output_voxels * self.network_passes() / rates["restore_voxel_passes_per_s"]
+        return train + self.output_voxels * self.network_work() / rates["restore_voxel_passes_per_s"]
 
     def network_passes(self) -> int:
         """Network passes per output voxel: one per orientation and test-time flip. The restore rate is
@@ -168,6 +174,36 @@ class RestorePlan:
         inference = self.inference()
         return len(inference["orientations"]) * len(inference["flips"])
 
+    def tile_work(self) -> float:
+        """The network's work block by block relative to in memory (``blocks.tile_work``); 1 in memory."""
+        if not self.block_size:
+            return 1.0
+        return blocks.tile_work(self.output_shape, self.block_size, self.inference())
+
+    def network_work(self) -> float:
+        """Network passes per output voxel, in units of an in-memory pass (:meth:`network_passes` x
+        :meth:`tile_work`): what the recorded restore rate is per, so that in-memory and block-wise runs
+        predict each other."""
+        return self.network_passes() * self.tile_work()
+
+    def tile_work_line(self) -> Optional[str]:
+        """Where blocks make the network repeat tiles (more than 1.2x the in-memory work), by how much, and
+        the smaller tile size that repeats least at this block size (its work relative to the same in-memory
+        restore at today's tile size)."""
+        work = self.tile_work()
+        if work <= TILE_WORK_NOTED:
+            return None
+        inference = self.inference()
+        tile, in_memory = inference["tile_size"], blocks.tile_pixels(self.output_shape, None, inference)
+        options = {size: blocks.tile_pixels(self.output_shape, self.block_size, dict(inference, tile_size=size))
+                   / in_memory for size in TILE_SIZES_SUGGESTED if size < tile}
+        best = min(options, key=options.get) if options else None
+        hint = (f"; --inference-tile-size {best} makes it {options[best]:.1f}x" if best and options[best] < work - 0.1
+                else "")
+        return (f"{work:.1f}x the network work of an in-memory restore: each block of {self.block_size} px computes "
+                f"every network tile (--inference-tile-size {tile}) that overlaps it, so that it restores exactly as "
+                f"the whole stack does{hint}; a larger --block-size repeats less")
+
     def lines(self) -> List[str]:
         """The plan, one ``name: value`` per line."""
         unit = self.unit
@@ -175,10 +211,14 @@ class RestorePlan:
         where = (f"OME-Zarr, blocks of {self.block_size} x {self.block_size} pixels"
                  + (f" on {self.workers} worker(s)" if self.workers else "") if self.block_size else "in memory")
         lines = [
-            f"input: {self.path}" + (f" ({self.choice.describe()})" if self.choice.describe() else ""),
+            f"input: {self.path}" + (f" ({self.choice.describe()})" if self.choice.describe() else "")
+            + (f" (level 0 of {self.levels}: full resolution)" if self.levels > 1 else ""),
             *([f"other images: the file holds {len(self.other_images)} more (shapes "
                f"{', '.join(' x '.join(map(str, shape)) for shape in self.other_images)}); the first is restored"]
               if self.other_images else []),
+            *([f"other images: the store's label images {', '.join(self.label_images)} are not restored with the "
+               f"image (give {str(self.path).rstrip('/')}/labels/{self.label_images[0]} to restore one)"]
+              if self.label_images else []),
             f"kind: {self.kind} ({self.kind_reason})"
             + (f"; written as {self.mask_values.describe()}" if self.mask_values is not None else "")
             + (f"; written as {self.grey_written()}" if self.kind == "intensity" else ""),
@@ -188,9 +228,12 @@ class RestorePlan:
             f"output: {self.target} ({where})",
             f"output shape: {triple(str(s) for s in self.output_shape)} (Z, Y, X)",
             f"output voxel size: {triple(f'{v:.6g}' for v in self.voxel_out_zyx)} {unit}",
-            f"translation: {triple(f'{v:.6g}' for v in self.translation_zyx)} {unit}",
+            f"translation: {triple(f'{v:.6g}' for v in self.translation_zyx)} {unit}"
+            + ("" if zarr_io.is_zarr_path(self.target) or not any(self.translation_zyx) else
+               " (not written: a TIFF holds no origin; an .ome.zarr output keeps it)"),
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
+            *([f"block work: {self.tile_work_line()}"] if self.block_size and self.tile_work_line() else []),
             f"training: {self.training_line()}",
             *([f"test-time flips: {self.flips_line()}"] if self.factor != 1 else []),
             *([f"label ids: {self.label_rule}"] if self.label_rule else []),
@@ -321,7 +364,7 @@ def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> No
     key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""))
     table = _throughput_table(path)
     runs = _recorded_runs(table, key)
-    measured = {"restore_voxel_passes_per_s": plan.output_voxels * plan.network_passes() / restore_s}
+    measured = {"restore_voxel_passes_per_s": plan.output_voxels * plan.network_work() / restore_s}
     if plan.trained and train_s > 0:
         measured["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
     for name, rate in measured.items():

@@ -144,6 +144,10 @@ class ZarrImage:
     name : str
         The image's (or label's) name: the last part of ``path``.
     ngff_version : str or None
+    levels : int
+        Resolution levels of the multiscale image (level 0, full resolution, is the one read).
+    label_images : tuple of str
+        Names of the label images in the image's ``labels`` group (not read with it).
     """
     path: str
     component: str
@@ -156,6 +160,8 @@ class ZarrImage:
     is_label: bool = False
     name: str = ""
     ngff_version: Optional[str] = None
+    levels: int = 1
+    label_images: Tuple[str, ...] = ()
 
     def array(self, mode: str = "r") -> zarr.Array:
         """The lazy Zarr array (all its axes, ``t``/``c`` included)."""
@@ -305,7 +311,17 @@ def open_image(path: PathLike, choice: StackChoice = StackChoice()) -> ZarrImage
     version = multiscale.get("version") or ome.get("version")
     return ZarrImage(path_text, dataset["path"], leading, tuple(array.shape[-3:]), str(array.dtype), voxel_size,
                      short_unit(unit_x), tuple(float(v) for v in offset), "image-label" in ome, name,
-                     None if version is None else str(version))
+                     None if version is None else str(version), len(multiscale["datasets"]), _label_images(node))
+
+
+def _label_images(node: zarr.Group) -> Tuple[str, ...]:
+    """The names an image's ``labels`` group lists (NGFF ``labels`` metadata), or none."""
+    try:
+        labels = node["labels"]
+    except (KeyError, FileNotFoundError):
+        return ()
+    names = _ome_attributes(labels).get("labels") if isinstance(labels, zarr.Group) else None
+    return tuple(str(name) for name in names) if isinstance(names, list) else ()
 
 
 def read_calibration(path: PathLike) -> Optional[Tuple[Tuple[Optional[float], float, float], Optional[str]]]:

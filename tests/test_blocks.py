@@ -76,6 +76,28 @@ def read_level(path, level=0):
     return np.asarray(zarr.open_array(store=str(path), path=f"s{level}", mode="r")[:])
 
 
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_tile_work_is_the_pixels_the_engine_runs_block_by_block(tiny_model, block):
+    """The plan's block work (blocks.tile_work) against the engine's own counters: every tile restore_block
+    runs for each block, summed, over the tiles of one restore of the whole stack."""
+    factor, ids = 4, kept_labels(4, seed=1)
+    inference = dict(restore.inference_kwargs(tiny_settings()), skip_empty=False)
+    shape_dhw = ((ids.shape[0] - 1) * factor + 1,) + ids.shape[1:]
+
+    def pixels_run(block_size):
+        plan, stats = blocks.BlockPlan(shape_dhw, block_size), {}
+        for index in range(len(plan)):
+            (wy0, wy1), (wx0, wx1) = blocks.read_window_for(ids.shape[1:], plan.region(index), factor, inference)
+            restore.restore_block(tiny_model, ids[:, wy0:wy1, wx0:wx1] > 0, (wy0, wx0), ids.shape[1:],
+                                  plan.region(index), factor, progress=False, stats=stats, **inference)
+        return stats["pixels_run"]
+
+    whole = pixels_run(max(ids.shape[1:]))
+    assert blocks.tile_work(shape_dhw, max(ids.shape[1:]), inference) == 1.0
+    assert blocks.tile_work(shape_dhw, block, inference) == pytest.approx(pixels_run(block) / whole)
+    assert blocks.tile_work(shape_dhw, block, inference) > 1.0  # every block edge cuts a tile here
+
+
 # --------------------------------------------------------------------------- #
 # (a) the block-wise result is the in-memory result
 # --------------------------------------------------------------------------- #

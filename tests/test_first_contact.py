@@ -454,7 +454,7 @@ def test_the_expected_time_uses_the_median_of_the_last_runs(private_cache):
     from plan import THROUGHPUT_RUNS, record_throughput, recorded_throughput
 
     plan = SimpleNamespace(factor=4, kind="mask", settings={"DEVICE": "cpu"}, output_voxels=1000, trained=True,
-                           network_passes=lambda: 2, training_crop_pixels=lambda: 100_000)
+                           network_work=lambda: 2, training_crop_pixels=lambda: 100_000)
     private_cache.mkdir(parents=True)
     for train_s in (10.0, 10.0, 250.0, 10.0):
         record_throughput(plan, train_s, restore_s=1.0)
@@ -495,6 +495,15 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
                                                           / rates["restore_voxel_passes_per_s"])
     assert int(match.group(1)) == round(expected)
     assert not (tmp_path / "never.tif").exists()
+    # Block by block, 32-px blocks of this 64-px stack each compute the planes' one tile: twice the restore's work.
+    status, printed, _ = run_apply(capsys, "--input", source, "--output", tmp_path / "never.ome.zarr", "--block-size",
+                                   "32", "--dry-run")
+    blockwise = re.fullmatch(r"about (\d+) s on .+", plan_of(printed)["expected time"])
+    assert status == 0 and int(blockwise.group(1)) == round(expected + 65 * 64 * 64 * 2
+                                                            / rates["restore_voxel_passes_per_s"])
+    assert plan_of(printed)["block work"].startswith("2.0x the network work of an in-memory restore")
+    status, printed, _ = run_apply(capsys, *dry)
+    assert "block work" not in plan_of(printed)
 
 
 def test_plan_output_bytes_of_a_uint8_label_image(tmp_path, capsys):

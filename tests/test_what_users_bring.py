@@ -596,3 +596,76 @@ def test_baselines_are_written_as_the_network_is_so_rounding_favours_neither():
         settings = Settings().with_values(GREY_DTYPE=grey)
         _, restored, _ = bench.intensity_row(case, "linear", "linear", settings, "cpu")
         assert restored.dtype == dtype
+
+
+# --------------------------------------------------------------------------- #
+# Large volumes as a connectomics user runs them: resume, Ctrl-C, the plan
+# --------------------------------------------------------------------------- #
+def test_a_resume_leaves_a_model_file_of_another_run_alone(tmp_path, capsys):
+    """--resume --save-model FILE may write FILE again only where it holds the resumed run's own model."""
+    import torch
+    from model import AttentionResUNet, save_model
+
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack((9, 64, 64)).astype(np.uint8) * 255)
+    out, own = tmp_path / "o.ome.zarr", tmp_path / "own.pt"
+    args = ["--input", str(path), "--output", str(out), "--block-size", "32"] + CHEAP
+    assert apply.main(args + ["--save-model", str(own), "--max-blocks", "1"]) == 0
+    torch.manual_seed(1)
+    other = save_model(tmp_path / "other.pt", AttentionResUNet(in_channels=5, depth=1, base_filters=4), {"factor": 4})
+    before = other.read_bytes()
+    capsys.readouterr()
+    assert apply.main(args + ["--save-model", str(other), "--resume", "--max-blocks", "1"]) == 2
+    assert f"Output exists: {other}" in capsys.readouterr().err and other.read_bytes() == before
+    assert apply.main(args + ["--save-model", str(own), "--resume"]) == 0  # its own model: no 'Output exists'
+
+
+@pytest.mark.parametrize("source", ["tif", "ome.zarr"])
+def test_a_resume_refuses_an_input_written_again(tmp_path, capsys, tiny_model_args, source):
+    """A segmentation proofread and exported again under the same name: the blocks done hold the old one."""
+    kept = mask_stack((9, 64, 64)).astype(np.uint8)
+    path = tmp_path / f"in.{source}"
+    write = (lambda values: fiji_tiff(path, values)) if source == "tif" else (
+        lambda values: zarr_io.write_image(path, values, VOXEL, "um", kind="mask", overwrite=True))
+    write(kept)
+    args = ["--input", str(path), "--output", str(tmp_path / "o.ome.zarr"), "--block-size", "32"] + tiny_model_args
+    assert apply.main(args + ["--max-blocks", "1"]) == 0
+    write(kept[:, ::-1].copy())  # the same shape, dtype and voxel size
+    capsys.readouterr()
+    assert apply.main(args + ["--resume"]) == 2
+    assert "values changed since the interrupted run" in capsys.readouterr().err
+    write(kept)
+    assert apply.main(args + ["--resume"]) == 0
+
+
+def test_store_checksum_sees_a_rewrite_and_reads_only_a_sample(tmp_path, monkeypatch):
+    import blocks
+
+    values = np.random.default_rng(3).integers(0, 9, (20, 300, 300)).astype(np.uint16)
+    zarr_io.write_image(tmp_path / "s.ome.zarr", values, VOXEL, "um", kind="intensity")
+    image = zarr_io.open_image(tmp_path / "s.ome.zarr")
+    reads, read = [], type(image).read
+    monkeypatch.setattr(type(image), "read", lambda self, *window: reads.append(window) or read(self, *window))
+    first = blocks.values_checksum(image)
+    assert len(reads) == 8 * 4 * 4 and all(w[1].stop - w[1].start <= 64 for w in reads)
+    assert blocks.values_checksum(image) == first
+    zarr_io.write_image(tmp_path / "s.ome.zarr", values + 1, VOXEL, "um", kind="intensity", overwrite=True)
+    assert blocks.values_checksum(zarr_io.open_image(tmp_path / "s.ome.zarr")) != first
+    assert blocks.values_checksum(values) != blocks.values_checksum(values[:, ::-1].copy())
+
+
+def test_workers_started_while_ctrl_c_is_ignored_inherit_it():
+    """A terminal's Ctrl-C reaches every process of the job: the workers of a local cluster start with SIGINT
+    ignored (a Python started so keeps ignoring it), so only apply.py takes it and closes them quietly."""
+    import signal
+    import subprocess
+    import sys
+
+    import blocks
+
+    before = signal.getsignal(signal.SIGINT)
+    probe = [sys.executable, "-c", "import signal, sys; sys.exit(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+    with blocks._interrupts_ignored():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert subprocess.run(probe).returncode == 1
+    assert signal.getsignal(signal.SIGINT) is before
+    assert subprocess.run(probe).returncode == 0
