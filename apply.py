@@ -22,7 +22,7 @@ from data import (INTEGER_RATIO_TOLERANCE, InputNotFoundError, MaskValues, Outpu
                   StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists,
                   normal_unit, other_series, read_calibration, read_stack, read_typed_stack, read_value_sample,
                   save_stack, stack_dtype, stack_shape)
-from errors import refuse_unwritable, run_cli
+from errors import ToolWarning, refuse_unwritable, run_cli
 from tiff_io import is_ome_tiff_path, length_scale
 from h5_io import is_hdf5_path, split_hdf5_path
 from mrc_io import is_mrc_path
@@ -365,7 +365,8 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        other_images=[] if image is not None else other_series(path),
                        dense_labels=dense, mask_values=mask_values,
                        levels=image.levels if image is not None else 1,
-                       label_images=image.label_images if image is not None else ())
+                       label_images=() if image is None else tuple(f"{image.path.rstrip('/')}/labels/{name}"
+                                                                    for name in image.label_images))
 
 
 def value_sample(path: Path, image, choice: StackChoice) -> np.ndarray:
@@ -447,21 +448,26 @@ def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
 
 
 def resume_replaces_saved_model(args: argparse.Namespace, targets: Sequence[Path]) -> bool:
-    """Whether a ``--resume`` may write over its existing ``--save-model`` file: only one that holds the
-    model of an output being resumed (a run stopped by ``--max-blocks`` saved it; saving it again changes
-    nothing). Any other file there is refused like any existing output."""
+    """Whether a ``--resume`` may meet its existing ``--save-model`` file: one that holds the model of an output
+    being resumed (a run stopped by ``--max-blocks`` saved it; saving it again changes nothing), or any file
+    beside a finished output (its resume restores nothing and saves no model). Any other file there is refused
+    like any existing output."""
     if not (args.settings.large.resume and args.save_model and Path(args.save_model).is_file()):
         return False
+    resumed = [t for t in targets if zarr_io.is_zarr_path(t) and t.exists()]
+    if resumed and all(blocks.finished_output(t) for t in resumed):
+        return True
     try:
         saved = load_model(args.save_model, "cpu")[0]
     except UserError:
         return False
-    resumed = (blocks.interrupted_run_model(t) for t in targets if zarr_io.is_zarr_path(t) and t.exists())
-    return any(model is not None and blocks.same_weights(model, saved) for model in resumed)
+    models = (blocks.interrupted_run_model(t) for t in resumed)
+    return any(model is not None and blocks.same_weights(model, saved) for model in models)
 
 
 def model_saved_already(path: Path, model) -> bool:
-    """Whether ``path`` holds ``model``'s weights (a resumed run's ``--save-model`` written before it)."""
+    """Whether ``path`` holds ``model``'s weights: a resumed run's ``--save-model``, written by the part before
+    (with the same settings: a resume refuses others), need not be written again."""
     try:
         return Path(path).is_file() and blocks.same_weights(load_model(path, "cpu")[0], model)
     except UserError:
@@ -477,7 +483,7 @@ def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) 
         if unused:
             warnings.warn(f"{', '.join(unused)} only change{'s' if len(unused) == 1 else ''} training: "
                           "with --model they have no effect (the model is trained already). Leave out --model "
-                          "to train with them.")
+                          "to train with them.", ToolWarning)
         settings = settings.with_values(TRAIN_Z_SIZE=model.architecture["in_channels"])
     return settings.validate()
 
@@ -686,7 +692,8 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
             print(f"\n'{target}' keeps the blocks written so far: the same command with --resume (and without "
                   "--overwrite) continues from them.", file=sys.stderr)
         raise
-    if args.save_model and result["model"] is not None and not model_saved_already(args.save_model, result["model"]):
+    if args.save_model and result["model"] is not None and not (args.settings.large.resume and model_saved_already(
+            args.save_model, result["model"])):
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
     if result["state"] == "complete":
         if not result["skipped"]:

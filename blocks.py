@@ -82,8 +82,8 @@ from tqdm.auto import tqdm
 import labeling
 import restore
 import zarr_io
-from data import (MaskValues, OutputExistsError, UserError, denormalize_intensity, grey_dtype, intensity_range,
-                  normalize_intensity, refuse_non_finite)
+from data import (MaskValues, OutputExistsError, ToolWarning, UserError, denormalize_intensity, grey_dtype,
+                  intensity_range, normalize_intensity, refuse_non_finite)
 from model import fuse_for_inference, load_model, save_model, select_device
 from morph import ON_GRID_TOLERANCE, bracket, kept_positions, label_boundaries, restored_depth, slices_on_grid
 from settings import LargeVolumes, Settings, SettingsLike, as_settings
@@ -98,7 +98,7 @@ LABEL_HALO = 64  # first halo (pixels) of the label-id pass; doubled while a blo
 MAX_LABEL_HALO_BLOCKS = 4  # largest halo, in blocks: beyond it a block's ids are accepted and reported
 LABEL_SLAB_VOXELS = 16_000_000  # voxels of mask per label-id step (a few kept-slice intervals at a time)
 TRAINING_BYTES = 256 * 2**20  # kept-slice bytes read from a large store to train on
-# An input store's values checksummed for --resume (values_checksum): 4 x 4 windows of 64 px on 8 slices.
+# An input store's values checksummed for --resume (values_checksum): 4 x 4 windows of 64 px on about 8 slices.
 CHECKSUM_SLICES, CHECKSUM_WINDOWS, CHECKSUM_EDGE = 8, 4, 64
 INTENSITY_SAMPLE_VALUES = 10_000_000  # grey values read to find a store's range (data.intensity_range's sample)
 # Host memory a worker using CUDA adds (context and libraries, docs/gpu.md); such workers need a larger
@@ -165,7 +165,8 @@ class BlockPlan:
         return self.region((grid_y // 2) * grid_x + grid_x // 2)
 
 
-def tile_pixels(shape_dhw: Tuple[int, int, int], block_size: Optional[int], inference: Dict[str, Any]) -> int:
+def network_tile_pixels(shape_dhw: Tuple[int, int, int], block_size: Optional[int], inference: Dict[str, Any]
+                        ) -> int:
     """Pixels of network tiles along the planes' image axes, times the planes, summed over the orientations:
     the network's work up to the Z tiling, which blocks do not change. Block by block (``block_size``) each
     block computes every tile of the global grid that overlaps it (:func:`restore.tile_grid`), so that it
@@ -190,7 +191,7 @@ def tile_pixels(shape_dhw: Tuple[int, int, int], block_size: Optional[int], infe
 def tile_work(shape_dhw: Tuple[int, int, int], block_size: int, inference: Dict[str, Any]) -> float:
     """The network's work block by block relative to the same restore in memory (1.0: no tile repeated):
     blocks narrower than a tile, or cut across tiles, compute tiles their neighbours compute too."""
-    return tile_pixels(shape_dhw, block_size, inference) / tile_pixels(shape_dhw, None, inference)
+    return network_tile_pixels(shape_dhw, block_size, inference) / network_tile_pixels(shape_dhw, None, inference)
 
 
 def _read_kept(source: Source, rows: slice, cols: slice, z: slice = slice(None)) -> np.ndarray:
@@ -783,20 +784,24 @@ def _shipped_task_runner() -> Callable[..., Dict[str, Any]]:
     return run_shipped_task
 
 
-@contextlib.contextmanager
-def _interrupts_ignored() -> Iterator[None]:
-    """SIGINT ignored while worker processes start: they inherit it, so a Ctrl-C, which the terminal sends
-    to every process of the job, reaches only this one, which keeps the blocks written and closes the
-    cluster, and not the workers (each would print a KeyboardInterrupt traceback). A no-op off the main
-    thread, where signal handlers cannot be set."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _ignore_interrupts() -> None:
+    """SIGINT ignored in this process (its main thread: handlers cannot be set elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _workers_ignore_interrupts(client) -> None:
+    """Make a local cluster's workers, and any the nanny restarts, ignore Ctrl-C: a terminal sends it to every
+    process of the job, and each worker would print a KeyboardInterrupt traceback; this process takes it,
+    keeps the blocks written and closes the workers. (Until the plugin reaches a starting worker, Ctrl-C
+    stops it as before; ignoring it here while they start would lose a Ctrl-C typed then.)"""
+    from distributed import WorkerPlugin
+
+    class IgnoreInterrupts(WorkerPlugin):
+        def setup(self, worker) -> None:
+            _ignore_interrupts()
+
+    client.register_plugin(IgnoreInterrupts(), name="axial-restore-ignore-interrupts")
 
 
 @contextlib.contextmanager
@@ -818,12 +823,13 @@ def dask_client(workers: int = 0, worker_memory: str = "1GiB", scheduler: Option
             # would misread as theirs (and pause them): they get none.
             # The workers take the user's Dask configuration, its malloc setting included
             # (docs/large-volumes.md#worker-processes-and-glibcs-malloc).
-            with _interrupts_ignored():  # Ctrl-C reaches this process, which stops the workers
-                cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                                       memory_limit=worker_memory if processes else 0, processes=processes,
-                                       dashboard_address=":0")
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
+                                   memory_limit=worker_memory if processes else 0, processes=processes,
+                                   dashboard_address=":0")
             try:
                 client = Client(cluster)
+                if processes:
+                    _workers_ignore_interrupts(client)
             except BaseException:  # the cluster's worker processes must not outlive a failed connection
                 cluster.close()
                 raise
@@ -1053,17 +1059,17 @@ def values_checksum(source: Source, slices: int = CHECKSUM_SLICES, windows: int 
     """A CRC-32 of an input's values, recorded so that ``--resume`` notices an input rewritten since the
     interrupted run (a segmentation proofread and exported again under the same name). An array (a file
     read whole) is checksummed whole; a store, which may be far larger than memory, on a sample: ``windows``
-    x ``windows`` windows of ``edge`` pixels, evenly spread, on ``slices`` evenly spaced slices (a few
-    chunks each), so an edit confined between the sampled windows goes unnoticed."""
+    x ``windows`` windows of ``edge`` pixels, evenly spread, each read once through about ``slices`` evenly
+    spaced slices (so each chunk they touch is decoded once), so an edit between the windows goes unnoticed."""
     if isinstance(source, np.ndarray):
         return zlib.crc32(memoryview(np.ascontiguousarray(source)).cast("B"))
     depth, height, width = source.shape
+    every = slice(0, depth, max(1, math.ceil(depth / slices)))
     checksum = 0
-    for k in np.unique(np.linspace(0, depth - 1, min(slices, depth)).round().astype(int)):
-        for y in np.unique(np.linspace(0, max(height - edge, 0), windows).round().astype(int)):
-            for x in np.unique(np.linspace(0, max(width - edge, 0), windows).round().astype(int)):
-                window = source.read(slice(k, k + 1), slice(y, y + edge), slice(x, x + edge))
-                checksum = zlib.crc32(memoryview(np.ascontiguousarray(window)).cast("B"), checksum)
+    for y in np.unique(np.linspace(0, max(height - edge, 0), windows).round().astype(int)):
+        for x in np.unique(np.linspace(0, max(width - edge, 0), windows).round().astype(int)):
+            window = source.read(every, slice(y, y + edge), slice(x, x + edge))
+            checksum = zlib.crc32(memoryview(np.ascontiguousarray(window)).cast("B"), checksum)
     return checksum
 
 
@@ -1152,6 +1158,15 @@ def same_weights(first: nn.Module, second: nn.Module) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
+def finished_output(output: Union[str, Path]) -> bool:
+    """Whether ``output`` is an output of this tool whose run completed (its record says so)."""
+    try:
+        root = zarr.open_group(str(output), mode="r")
+    except (OSError, ValueError):  # nothing there, or an array, not a group (zarr's errors are ValueErrors)
+        return False
+    return dict(root.attrs.asdict().get(zarr_io.RESTORE_ATTRIBUTE, {})).get("state") == "complete"
+
+
 def interrupted_run_model(output: Union[str, Path]) -> Optional[nn.Module]:
     """The model an unfinished run keeps in its output ``output`` (:data:`MODEL_FILE`), or None (not an
     output of an unfinished run, or a finished one: its model file is removed when it completes)."""
@@ -1223,8 +1238,8 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
     block_voxels = depth * (region[0][1] - region[0][0]) * (region[1][1] - region[1][0])
     tile = inference["tile_size"]
     overlap = restore.default_overlap(tile) if inference.get("overlap") is None else inference["overlap"]
-    tile_pixels = restore.fitted_tile(depth, tile, overlap)[0] * restore.fitted_tile(max(height, width), tile,
-                                                                                      overlap)[0]
+    one_tile = (restore.fitted_tile(depth, tile, overlap)[0]
+                * restore.fitted_tile(max(height, width), tile, overlap)[0])
     written, kept = (1, 1) if grey_values is None else (np.dtype(grey_values).itemsize, 4)
     interfaces = 0
     if inference.get("interfaces") and label_dtype is not None:
@@ -1233,7 +1248,7 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
         interfaces = n_kept * window * item + restore.CHUNK_VALUES * (4 + item + 6)
     return (block_voxels * (np.dtype(kernel_dtype).itemsize + written)
             + 2 * n_kept * (wy1 - wy0) * (wx1 - wx0) * kept + interfaces
-            + inference["batch_size"] * tile_pixels * ACTIVATION_BYTES + PROCESS_BYTES)
+            + inference["batch_size"] * one_tile * ACTIVATION_BYTES + PROCESS_BYTES)
 
 
 @dataclass(frozen=True)
@@ -1524,7 +1539,8 @@ def _already_complete(run: _Run, record: Dict[str, Any], model: nn.Module) -> Di
     try:
         _remove_scaffolding(run.output)  # a run killed while removing it leaves some
     except OSError as error:  # e.g. a complete output one may read, not write
-        warnings.warn(f"'{run.output}' is complete, but the leftovers of its run could not be removed: {error}")
+        warnings.warn(f"'{run.output}' is complete, but the leftovers of its run could not be removed: {error}",
+                      ToolWarning)
     print(f"'{run.output}' is already complete; nothing to resume.")
     return {"state": "complete", "blocks": len(run.plan), "skipped": len(run.plan), "restored": 0, "train_s": 0.0,
             "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
@@ -1576,7 +1592,7 @@ def _run_passes(run: _Run, record: Dict[str, Any], model: nn.Module, source: Sou
         summary["label_halos"] = sorted(r["halo"] for r in label_results)
         if summary["label_blocks_inexact"]:
             warnings.warn(f"{summary['label_blocks_inexact']} block(s) reached the largest label halo; their ids "
-                          "near the block borders may differ from a whole-slice assignment.")
+                          "near the block borders may differ from a whole-slice assignment.", ToolWarning)
     _write_pyramids(output, record, [("image", layout.image), ("labels", layout.labels),
                                      ("probabilities", prob_layout.image if prob_layout else None)],
                     client, retries, progress, ship["ship_code"])
@@ -1661,7 +1677,7 @@ def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference:
     if on_workers and 0 < limit < need:
         warnings.warn(f"A block of {plan.block_size} x {plan.block_size} x {plan.shape_dhw[0]} slices may need about "
                       f"{need / 2**20:.0f} MiB, more than --worker-memory {worker_memory}; pass a smaller "
-                      "--block-size if workers are restarted.")
+                      "--block-size if workers are restarted.", ToolWarning)
 
 
 def _resumed_run(output: str, plan_record: Dict[str, Any], model: Optional[nn.Module],

@@ -16,7 +16,7 @@ from typing import Tuple
 
 import numpy as np
 
-from errors import DamagedFileError, InputNotFoundError, OutputExistsError, UserError  # noqa: F401
+from errors import DamagedFileError, InputNotFoundError, OutputExistsError, ToolWarning, UserError  # noqa: F401
 from kinds import (INTENSITY_FLATNESS, KINDS, LABEL_FLATNESS, MaskValues, as_grey_values, as_label_image,  # noqa: F401
                    as_typed_stack, binarize, decide_kind, decide_kind_and_reason, denormalize_intensity, flatness,
                    grey_dtype, import_binary_tiff_sequence, intensity_range, kind_evidence, normalize_intensity,
@@ -102,11 +102,11 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2,
                         "(nearly) isotropic. Check the voxel size (Z_RESOLUTION and XY_RESOLUTION).")
     if not integer and not fractional and factor == 1:
         warnings.warn(f"Z/XY ratio {ratio:.3f} rounds to 1: no slices are added, the output keeps the input's Z step "
-                      f"({ratio:.3f} times XY along Z).", UserWarning, stacklevel=2)
+                      f"({ratio:.3f} times XY along Z).", ToolWarning, stacklevel=2)
     elif not integer and not fractional:
         warnings.warn(f"Z/XY ratio {ratio:.3f} is not an integer; restoring {factor} slices per input step. "
                       f"Output voxel size: Z {z_step / factor:.4g} x Y {xy_size:.4g} x X {xy_size:.4g} "
-                      f"({(z_step / factor) / xy_size:.3f} times XY along Z).", UserWarning, stacklevel=2)
+                      f"({(z_step / factor) / xy_size:.3f} times XY along Z).", ToolWarning, stacklevel=2)
     return factor, (xy_size if fractional else z_step / factor)
 
 

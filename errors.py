@@ -24,6 +24,11 @@ class OutputExistsError(UserError, FileExistsError):
     """An output that exists and may not be replaced."""
 
 
+class ToolWarning(UserWarning):
+    """Something a user should know that does not stop the run (a rounded factor, an input binarised): the
+    command line prints it as one ``warning: ...`` line."""
+
+
 class DamagedFileError(UserError):
     """A file that is cut short or is not what its header says."""
 
@@ -73,14 +78,11 @@ def writing_to(path: Union[str, os.PathLike]) -> Iterator[None]:
                         ) from error
 
 
-PROJECT_FOLDER = Path(__file__).resolve().parent
-
-
 def format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
                    line: Any = None) -> str:
-    """A warning of this project's own code as a user reads it, ``warning: ...`` (its source line says
-    nothing to them); other packages' warnings as Python prints them, with where they come from."""
-    if Path(filename).resolve().parent == PROJECT_FOLDER and issubclass(category, UserWarning):
+    """A :class:`ToolWarning` as a user reads it, ``warning: ...`` (its source line says nothing to them);
+    every other warning (other packages', even where they point at this project's code) as Python prints it."""
+    if issubclass(category, ToolWarning):
         return f"warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 
@@ -92,7 +94,7 @@ def run_cli(job: Callable[..., Any], *args: Any) -> int:
     """Run a command-line job (``eval.py``, ``apply.py``, ``bench.py``): a :class:`UserError` (bad path,
     damaged file, existing output, bad setting) prints one ``error: ...`` line and gives exit status 2;
     Ctrl-C prints ``interrupted`` and gives 130, as a shell does. Any other exception is a bug and keeps
-    its traceback. The project's own warnings print as ``warning: ...`` (:func:`format_warning`)."""
+    its traceback. The project's warnings (:class:`ToolWarning`) print as ``warning: ...``."""
     previous, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         job(*args)

@@ -89,7 +89,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from errors import run_cli
+from errors import ToolWarning, run_cli
 from settings import Settings as _Settings
 
 CONFIG_NAMES = [name for name in list(globals()) if name.isupper() and not name.startswith("_")]
@@ -390,7 +390,8 @@ def with_input_voxel_size(settings: Dict[str, Any], typed: Sequence[str] = ()) -
     print(f"Pixel size of '{path}': {x:g} {unit}; simulated Z step {resolved['Z_RESOLUTION']:g} {unit}.")
     if file_z is not None and file_x and "XY_RESOLUTION" not in typed and abs(file_z - x) > 0.01 * x:
         warnings.warn(f"'{path}' has a Z step of {file_z:g} {unit} and pixels of {x:g} {unit}: eval.py simulates the "
-                      "anisotropy of an isotropic stack, and this one is anisotropic already (apply.py restores it).")
+                      "anisotropy of an isotropic stack, and this one is anisotropic already (apply.py restores it).",
+                      ToolWarning)
     return resolved
 
 

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from errors import UserError
+from errors import ToolWarning, UserError
 from stack_io import read_stack
 from tiff_io import PathLike, StackChoice
 
@@ -33,12 +33,13 @@ def binarize(stack: np.ndarray, threshold: Optional[float] = None, source: str =
                 f"{source} is not binary ({len(values)} distinct values, range {values.min()}..{values.max()}); "
                 "binarized as foreground = value != 0. Pass a threshold to use another cut "
                 "(label images: use apply.py --labels to keep object ids).",
-                UserWarning,
+                ToolWarning,
                 stacklevel=2,
             )
         return stack != 0
     if len(values) > 2:
-        warnings.warn(f"{source} is not binary; binarized as foreground = value > {threshold}.", UserWarning, stacklevel=2)
+        warnings.warn(f"{source} is not binary; binarized as foreground = value > {threshold}.", ToolWarning,
+                      stacklevel=2)
     return stack > threshold
 
 

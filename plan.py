@@ -65,7 +65,7 @@ class RestorePlan:
     dense_labels: bool = False  # a dense label image (labeling.is_dense_label_image of a sample): the boundary rule
     mask_values: Optional[MaskValues] = None  # masks: the two values the output is written in
     levels: int = 1  # an OME-Zarr input's resolution levels (level 0 is read)
-    label_images: Tuple[str, ...] = ()  # an OME-Zarr image's label images, not restored with it
+    label_images: Tuple[str, ...] = ()  # the paths of an OME-Zarr image's label images, not restored with it
 
     @property
     def written_mask_values(self) -> MaskValues:
@@ -143,8 +143,8 @@ class RestorePlan:
         else:  # bool input, uint8 probabilities, the mask (and ids)
             labels = self.label_bytes() if self.kind == "labels" else 0
             held = n_kept * height * width * (item + 1 + labels) + self.output_voxels * (2 + labels)
-        tile_pixels = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
-        working = inference["batch_size"] * tile_pixels * blocks.ACTIVATION_BYTES
+        one_tile = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
+        working = inference["batch_size"] * one_tile * blocks.ACTIVATION_BYTES
         if self.dense_labels:  # the ids grow after the restore, on whole slices
             working = max(working, labeling.grow_labels_memory(self.factor, height * width))
         return int(held + working + PROCESS_BYTES)
@@ -175,39 +175,51 @@ class RestorePlan:
         return len(inference["orientations"]) * len(inference["flips"])
 
     def tile_work(self) -> float:
-        """The network's work block by block relative to in memory (``blocks.tile_work``); 1 in memory."""
+        """The network's work block by block relative to the same restore in memory (``blocks.tile_work``);
+        1 in memory."""
         if not self.block_size:
             return 1.0
         return blocks.tile_work(self.output_shape, self.block_size, self.inference())
 
     def network_work(self) -> float:
-        """Network passes per output voxel, in units of an in-memory pass (:meth:`network_passes` x
-        :meth:`tile_work`): what the recorded restore rate is per, so that in-memory and block-wise runs
-        predict each other."""
-        return self.network_passes() * self.tile_work()
+        """Network work per output voxel, in passes over each voxel once: :meth:`network_passes` times the
+        tile pixels computed per output pixel (``blocks.network_tile_pixels``: the tiles' overlaps, and the
+        tiles blocks repeat). The recorded restore rate is per this unit, so that runs with other tiles,
+        blocks or flips predict each other."""
+        inference = self.inference()
+        _, height, width = self.output_shape
+        per_pixel = blocks.network_tile_pixels(self.output_shape, self.block_size, inference) / (
+            len(inference["orientations"]) * height * width)
+        return self.network_passes() * per_pixel
 
     def tile_work_line(self) -> Optional[str]:
-        """Where blocks make the network repeat tiles (more than 1.2x the in-memory work), by how much, and
-        the smaller tile size that repeats least at this block size (its work relative to the same in-memory
-        restore at today's tile size)."""
+        """Where blocks make the network repeat tiles (more than 1.2x the in-memory work), by how much, and the
+        smaller ``--inference-tile-size`` (of :data:`TILE_SIZES_SUGGESTED`, as the restore takes it: at least
+        the training crop) that computes fewest tile pixels at this block size."""
         work = self.tile_work()
-        if work <= TILE_WORK_NOTED:
+        if self.factor == 1 or work <= TILE_WORK_NOTED:
             return None
         inference = self.inference()
-        tile, in_memory = inference["tile_size"], blocks.tile_pixels(self.output_shape, None, inference)
-        options = {size: blocks.tile_pixels(self.output_shape, self.block_size, dict(inference, tile_size=size))
-                   / in_memory for size in TILE_SIZES_SUGGESTED if size < tile}
-        best = min(options, key=options.get) if options else None
-        hint = (f"; --inference-tile-size {best} makes it {options[best]:.1f}x" if best and options[best] < work - 0.1
-                else "")
-        return (f"{work:.1f}x the network work of an in-memory restore: each block of {self.block_size} px computes "
-                f"every network tile (--inference-tile-size {tile}) that overlaps it, so that it restores exactly as "
-                f"the whole stack does{hint}; a larger --block-size repeats less")
+
+        def block_pixels(settings: Settings) -> int:
+            return blocks.network_tile_pixels(self.output_shape, self.block_size,
+                                              restore.inference_kwargs(settings, kind=self.inference_kind()))
+
+        now = block_pixels(self.settings)
+        options = {size: block_pixels(self.settings.with_values(INFERENCE_TILE_SIZE=size)) / now
+                   for size in TILE_SIZES_SUGGESTED if size < inference["tile_size"]}
+        options = {size: share for size, share in options.items() if share < 0.9}
+        hint = "" if not options else (f"; --inference-tile-size {min(options, key=options.get)} computes "
+                                       f"{1 - min(options.values()):.0%} fewer tile pixels")
+        return (f"{work:.1f}x the network work of the same restore in memory: each block of {self.block_size} px "
+                f"computes every network tile ({inference['tile_size']} px) that overlaps it, so that it restores "
+                f"exactly as the whole stack does{hint}; a larger --block-size repeats less")
 
     def lines(self) -> List[str]:
         """The plan, one ``name: value`` per line."""
         unit = self.unit
         triple = " x ".join
+        block_work = self.tile_work_line() if self.block_size else None
         where = (f"OME-Zarr, blocks of {self.block_size} x {self.block_size} pixels"
                  + (f" on {self.workers} worker(s)" if self.workers else "") if self.block_size else "in memory")
         lines = [
@@ -216,8 +228,8 @@ class RestorePlan:
             *([f"other images: the file holds {len(self.other_images)} more (shapes "
                f"{', '.join(' x '.join(map(str, shape)) for shape in self.other_images)}); the first is restored"]
               if self.other_images else []),
-            *([f"other images: the store's label images {', '.join(self.label_images)} are not restored with the "
-               f"image (give {str(self.path).rstrip('/')}/labels/{self.label_images[0]} to restore one)"]
+            *([f"other images: the store's label images {', '.join(Path(p).name for p in self.label_images)} are "
+               f"not restored with the image (give {self.label_images[0]} to restore one)"]
               if self.label_images else []),
             f"kind: {self.kind} ({self.kind_reason})"
             + (f"; written as {self.mask_values.describe()}" if self.mask_values is not None else "")
@@ -233,7 +245,7 @@ class RestorePlan:
                " (not written: a TIFF holds no origin; an .ome.zarr output keeps it)"),
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
-            *([f"block work: {self.tile_work_line()}"] if self.block_size and self.tile_work_line() else []),
+            *([f"block work: {block_work}"] if block_work else []),
             f"training: {self.training_line()}",
             *([f"test-time flips: {self.flips_line()}"] if self.factor != 1 else []),
             *([f"label ids: {self.label_rule}"] if self.label_rule else []),

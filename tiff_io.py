@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import tifffile
 
-from errors import DamagedFileError, InputNotFoundError, OutputExistsError, UserError, writing_to
+from errors import DamagedFileError, InputNotFoundError, OutputExistsError, ToolWarning, UserError, writing_to
 
 PathLike = Union[str, os.PathLike]
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -599,7 +599,8 @@ def _as_savable(stack: np.ndarray, encode_mask: Optional[Callable[[np.ndarray], 
         largest = max(abs(int(stack.min())), abs(int(stack.max()))) if stack.size else 0
         if written == np.float32 and largest > 2**24:
             warnings.warn(f"Grey values up to {largest} are written as float32, exact only up to 2**24 = 16777216: "
-                          "larger values are rounded. Write an .ome.tif or .ome.zarr output to keep them exact.")
+                          "larger values are rounded. Write an .ome.tif or .ome.zarr output to keep them exact.",
+                          ToolWarning)
         return stack.astype(written, copy=False), {}
     return _as_savable_array(stack), {}
 

@@ -501,7 +501,7 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
     blockwise = re.fullmatch(r"about (\d+) s on .+", plan_of(printed)["expected time"])
     assert status == 0 and int(blockwise.group(1)) == round(expected + 65 * 64 * 64 * 2
                                                             / rates["restore_voxel_passes_per_s"])
-    assert plan_of(printed)["block work"].startswith("2.0x the network work of an in-memory restore")
+    assert plan_of(printed)["block work"].startswith("2.0x the network work of the same restore in memory")
     status, printed, _ = run_apply(capsys, *dry)
     assert "block work" not in plan_of(printed)
 

@@ -646,26 +646,72 @@ def test_store_checksum_sees_a_rewrite_and_reads_only_a_sample(tmp_path, monkeyp
     reads, read = [], type(image).read
     monkeypatch.setattr(type(image), "read", lambda self, *window: reads.append(window) or read(self, *window))
     first = blocks.values_checksum(image)
-    assert len(reads) == 8 * 4 * 4 and all(w[1].stop - w[1].start <= 64 for w in reads)
+    assert len(reads) == 4 * 4 and all(w[1].stop - w[1].start <= 64 and w[0].step == 3 for w in reads)
     assert blocks.values_checksum(image) == first
     zarr_io.write_image(tmp_path / "s.ome.zarr", values + 1, VOXEL, "um", kind="intensity", overwrite=True)
     assert blocks.values_checksum(zarr_io.open_image(tmp_path / "s.ome.zarr")) != first
     assert blocks.values_checksum(values) != blocks.values_checksum(values[:, ::-1].copy())
 
 
-def test_workers_started_while_ctrl_c_is_ignored_inherit_it():
-    """A terminal's Ctrl-C reaches every process of the job: the workers of a local cluster start with SIGINT
-    ignored (a Python started so keeps ignoring it), so only apply.py takes it and closes them quietly."""
+def _ignores_ctrl_c() -> bool:
     import signal
-    import subprocess
-    import sys
 
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_local_workers_ignore_ctrl_c_even_when_restarted():
+    """A terminal's Ctrl-C reaches every process of the job: a local cluster's workers ignore it (a plugin, so
+    that a worker the nanny restarts does too), and only apply.py takes it and closes them quietly."""
     import blocks
 
-    before = signal.getsignal(signal.SIGINT)
-    probe = [sys.executable, "-c", "import signal, sys; sys.exit(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
-    with blocks._interrupts_ignored():
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-        assert subprocess.run(probe).returncode == 1
-    assert signal.getsignal(signal.SIGINT) is before
-    assert subprocess.run(probe).returncode == 0
+    with blocks.dask_client(workers=1, worker_memory="1GiB") as client:
+        assert list(client.run(_ignores_ctrl_c).values()) == [True]
+        client.restart()
+        assert list(client.run(_ignores_ctrl_c).values()) == [True]
+    assert not _ignores_ctrl_c()  # this process still takes it
+
+
+def test_the_plan_names_the_level_read_the_label_images_and_a_translation_a_tiff_drops(tmp_path, capsys):
+    """A multiscale OME-Zarr image, converted by bioformats2raw (its image under series 0) with a label image
+    beside it and an origin: the plan says which level it reads, how to restore the labels instead, and that a
+    TIFF output keeps no origin."""
+    import zarr
+
+    kept = mask_stack((5, 300, 300)).astype(np.uint8)  # wider than a chunk: a pyramid of levels
+    root = tmp_path / "scan.ome.zarr"
+    zarr_io.write_image(root / "0", kept, VOXEL, "um", translation_zyx=(2.0, 5.0, 7.0), kind="mask",
+                        labels_dhw=kept.astype(np.uint16), label_name="cells")
+    zarr.open_group(str(root), mode="a", zarr_format=2).attrs["bioformats2raw.layout"] = 3
+    levels = zarr_io.open_image(root).levels
+    assert levels > 1
+    assert apply.main(["--input", str(root), "--output", str(tmp_path / "o.tif"), "--kind", "mask", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"input: {root} (level 0 of {levels}: full resolution)" in printed
+    assert f"label images cells are not restored with the image (give {root}/0/labels/cells to restore one)" in printed
+    assert "translation: 2 x 5 x 7 um (not written: a TIFF holds no origin" in printed
+    assert apply.main(["--input", f"{root}/0/labels/cells", "--output", str(tmp_path / "o.ome.zarr"),
+                       "--dry-run"]) == 0  # the path the hint gives is one the tool reads
+    assert "translation: 2 x 5 x 7 um\n" in capsys.readouterr().out
+
+
+def test_block_work_is_not_in_the_plan_of_an_isotropic_stack(tmp_path, capsys):
+    path = fiji_tiff(tmp_path / "iso.tif", mask_stack((9, 64, 64)).astype(np.uint8) * 255, voxel=(0.25, 0.25, 0.25))
+    assert apply.main(["--input", str(path), "--output", str(tmp_path / "o.ome.zarr"), "--block-size", "32",
+                       "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "already isotropic" in printed and "block work" not in printed
+
+
+def test_a_resume_of_a_finished_output_leaves_its_model_file_and_an_overwrite_saves_anew(tmp_path, capsys):
+    import torch
+
+    path = fiji_tiff(tmp_path / "mask.tif", mask_stack((9, 64, 64)).astype(np.uint8) * 255)
+    out, saved = tmp_path / "o.ome.zarr", tmp_path / "m.pt"
+    args = ["--input", str(path), "--output", str(out), "--block-size", "32", "--save-model", str(saved)] + CHEAP
+    assert apply.main(args) == 0
+    before = saved.read_bytes()
+    capsys.readouterr()
+    assert apply.main(args + ["--resume"]) == 0  # as a batch script reruns it
+    assert "already complete" in capsys.readouterr().out and saved.read_bytes() == before
+    assert apply.main(args + ["--overwrite", "--probability-threshold", "0.3"]) == 0  # the same seeded weights
+    assert torch.load(saved, weights_only=True)["config"]["probability_threshold"] == 0.3
