@@ -27,8 +27,8 @@ from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
 from tiff_io import StackChoice, is_ome_tiff_path, tiff_grey_dtype
 
-# Block work above this (blocks.tile_work) is named in the plan, with the smaller of these tile sizes that
-# repeats least.
+# Block work above this (blocks.tile_work) is named in the plan, with the one of these smaller tile sizes that
+# computes fewest tile pixels.
 TILE_WORK_NOTED = 1.2
 TILE_SIZES_SUGGESTED = (256, 512)
 # Memory of the Python process itself (torch, the model), as blocks.PROCESS_BYTES counts it.
