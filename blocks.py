@@ -172,16 +172,14 @@ def network_tile_pixels(shape_dhw: Tuple[int, int, int], block_size: Optional[in
     block computes every tile of the global grid that overlaps it (:func:`restore.tile_grid`), so that it
     restores exactly as the whole stack does; ``None``: the whole stack in memory."""
     _, height, width = shape_dhw
-    tile = inference["tile_size"]
-    overlap = inference.get("overlap")
-    overlap = restore.default_overlap(tile) if overlap is None else overlap
+    kernel = restore.Kernel(**inference)
 
     def along(size: int, region: Tuple[int, int]) -> int:
-        grid = restore.tile_grid(size, tile, overlap, region)
+        grid = restore.tile_grid(size, kernel.tile_size, kernel.tile_overlap, region)
         return len(grid.starts) * grid.tile
 
     total = 0
-    for orientation in inference.get("orientations", restore.ORIENTATIONS):
+    for orientation in kernel.orientations:
         planes, image = (height, width) if orientation == "y" else (width, height)
         step = block_size or image
         total += planes * sum(along(image, (start, min(start + step, image))) for start in range(0, image, step))
@@ -1161,10 +1159,9 @@ def same_weights(first: nn.Module, second: nn.Module) -> bool:
 def finished_output(output: Union[str, Path]) -> bool:
     """Whether ``output`` is an output of this tool whose run completed (its record says so)."""
     try:
-        root = zarr.open_group(str(output), mode="r")
+        return zarr_io.open_output(output, mode="r")[1].get("state") == "complete"
     except (OSError, ValueError):  # nothing there, or an array, not a group (zarr's errors are ValueErrors)
         return False
-    return dict(root.attrs.asdict().get(zarr_io.RESTORE_ATTRIBUTE, {})).get("state") == "complete"
 
 
 def interrupted_run_model(output: Union[str, Path]) -> Optional[nn.Module]:
@@ -1237,7 +1234,7 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
     (wy0, wy1), (wx0, wx1) = read_window_for((height, width), region, factor, inference)
     block_voxels = depth * (region[0][1] - region[0][0]) * (region[1][1] - region[1][0])
     tile = inference["tile_size"]
-    overlap = restore.default_overlap(tile) if inference.get("overlap") is None else inference["overlap"]
+    overlap = restore.Kernel(**inference).tile_overlap
     one_tile = (restore.fitted_tile(depth, tile, overlap)[0]
                 * restore.fitted_tile(max(height, width), tile, overlap)[0])
     written, kept = (1, 1) if grey_values is None else (np.dtype(grey_values).itemsize, 4)
@@ -1475,11 +1472,13 @@ def _plan_run(source: Source, factor: float, settings: Settings, model: Optional
     # Read before anything is written; recorded, so that --resume refuses a volume whose range changed.
     value_range = volume_intensity_range(source) if grey_values else None
     window = zarr_io.display_window(source) if grey_values else None  # what a viewer opens the output at
+    input_record = _describe(source, described.source_name, described.source_stack)
+    # A label image read as its own source (a store's labels) is described, and its values checksummed, once.
+    labels_record = (None if labels_source is None else input_record if labels_source is source
+                     else _describe(labels_source, described.source_name, described.source_stack))
     plan_record = _json({
-        "input": _describe(source, described.source_name, described.source_stack), "kind": kind,
-        "value_range": value_range,
-        "labels_input": None if labels_source is None else _describe(labels_source, described.source_name,
-                                                                     described.source_stack),
+        "input": input_record, "kind": kind, "value_range": value_range,
+        "labels_input": labels_record,
         "factor": restore.factor_value(factor), "shape": list(plan.shape_dhw), "block_size": int(large.block_size),
         "output_voxel_size_zyx": [float(v) for v in described.voxel_size_zyx], "output_unit": described.unit,
         "output_translation_zyx": [float(v) for v in described.translation_zyx],

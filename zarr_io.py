@@ -729,9 +729,10 @@ def create_output(path: PathLike, shape_dhw: Sequence[int], voxel_size_zyx: Sequ
     return OutputLayout(str(path), ngff_version, image, labels, label_name if labels else None)
 
 
-def open_output(path: PathLike) -> Tuple[zarr.Group, Dict[str, Any]]:
-    """The root group of an existing output and its ``axial_restore`` record ({} when absent)."""
-    root = zarr.open_group(str(path), mode="r+")
+def open_output(path: PathLike, mode: str = "r+") -> Tuple[zarr.Group, Dict[str, Any]]:
+    """The root group of an existing output (opened in ``mode``) and its ``axial_restore`` record ({} when
+    absent)."""
+    root = zarr.open_group(str(path), mode=mode)
     return root, dict(root.attrs.asdict().get(RESTORE_ATTRIBUTE, {}))
 
 
