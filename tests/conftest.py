@@ -12,10 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Runs of apply.py record their throughput for the plan's expected time: tests keep theirs out of the user's
 # cache (subprocesses inherit this too).
+import atexit  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 os.environ["AXIAL_SR_CACHE"] = tempfile.mkdtemp(prefix="axial-sr-test-cache-")
+# Removed when the test run ends, so that runs of the suite leave nothing behind in the temporary folder.
+atexit.register(shutil.rmtree, os.environ["AXIAL_SR_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
