@@ -18,7 +18,7 @@ import numpy as np
 
 import blocks
 import zarr_io
-from data import (INTEGER_RATIO_TOLERANCE, InputNotFoundError, MaskValues, OutputExistsError,
+from data import (InputNotFoundError, MaskValues, OutputExistsError,
                   StackChoice, UserError, as_label_image, decide_kind_and_reason, factor_from_voxel_size, input_exists,
                   normal_unit, other_series, read_calibration, read_stack, read_typed_stack, read_value_sample,
                   save_stack, stack_dtype, stack_shape)
@@ -31,7 +31,7 @@ from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
 from labeling import is_dense_label_image
-from restore import fit_recipe_to_stack, model_config, restore_intensity, restore_stack, training_kind
+from restore import fit_recipe_to_stack, model_config, restore_intensity, restore_stack, same_factor, training_kind
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
                       typed_values)
 
@@ -401,12 +401,6 @@ def fuller_sample(path: Path, image, choice: StackChoice, max_values: int = 2**2
                            for k in range(depth)])
 
 
-def same_factor(trained_at: Optional[float], factor: float) -> bool:
-    """Whether a model trained at ``trained_at`` (None: not recorded) fits ``factor``: within 0.5 %, the
-    tolerance of the factor rule (a ratio of 6.56 and one of 6.5625 are one geometry)."""
-    return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
-
-
 def labels_rule_for(path: Path, sample: np.ndarray, saved_config: Dict[str, Any], model_kind: Optional[str],
                     label_dtype=np.uint16) -> Tuple[bool, str]:
     """Whether a label image is dense (``labeling.is_dense_label_image`` of a ``sample`` of its values) and how its
@@ -588,13 +582,15 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
     settings, factor, target = plan.settings, plan.factor, plan.target
     stack, labels = read_input(plan)
     if plan.kind == "intensity":
-        restored, used_model, info = restore_intensity(stack, factor, settings, model=model)
+        restored, used_model, info = restore_intensity(stack, factor, settings, model=model,
+                                                       allow_factor_mismatch=args.allow_factor_mismatch)
         probabilities = None
     else:
         restored, probabilities, used_model, info = restore_stack(
             stack, factor, settings, model=model, labels=labels,
             probability_dtype=np.float16 if args.save_probabilities == "float16" else np.uint8,
-            keep_probabilities=args.save_probabilities != "none", dense_labels=plan.dense_labels)
+            keep_probabilities=args.save_probabilities != "none", dense_labels=plan.dense_labels,
+            allow_factor_mismatch=args.allow_factor_mismatch)
     voxel, unit = plan.voxel_out_zyx, plan.unit
     save_stack(target, restored, voxel, unit, overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode,
                grey_values=plan.kind == "intensity")

@@ -10,7 +10,7 @@ import copy
 import functools
 import weakref
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -340,9 +340,18 @@ def select_device(device: Optional[str] = None) -> torch.device:
     return chosen
 
 
-def save_model(path: Union[str, Path], model: AttentionResUNet, config: Dict[str, Any], overwrite: bool = False) -> Path:
+def save_model(path: Union[str, Path], model: AttentionResUNet, config: Optional[Mapping[str, Any]] = None,
+               overwrite: bool = False) -> Path:
     """Save weights, architecture and training config (factor, TRAIN_Z_SIZE,
-    tile size, ...) in one file that :func:`load_model` restores."""
+    tile size, ...) in one file that :func:`load_model` restores.
+
+    ``config`` is saved over the model's own ``config``, which ``restore.train_on_stack`` and
+    :func:`load_model` attach (``restore.trained_config``: the recipe the training used, fitted to its stack,
+    and the factor): leave it out to save that record."""
+    if config is not None and not isinstance(config, Mapping):
+        raise UserError(f"save_model's config is a mapping of the recorded recipe (restore.trained_config), got "
+                        f"{type(config).__name__}: leave it out to save the record the training attached to the model.")
+    config = {**(getattr(model, "config", None) or {}), **(config or {})}
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"Model file '{path}' already exists; choose another path or pass overwrite=True.")
@@ -355,7 +364,8 @@ def save_model(path: Union[str, Path], model: AttentionResUNet, config: Dict[str
 
 
 def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[AttentionResUNet, Dict[str, Any]]:
-    """Load a model saved by :func:`save_model`, in eval mode, and its config."""
+    """Load a model saved by :func:`save_model`, in eval mode, and its config (also attached as
+    ``model.config``: a restore given the model and no settings restores with what it records)."""
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"Model file '{path}' does not exist. Train one with eval.py or apply.py --save-model.")
@@ -368,6 +378,7 @@ def load_model(path: Union[str, Path], device: Optional[str] = None) -> Tuple[At
     model = AttentionResUNet(**{**PREVIOUS_NETWORK, **checkpoint["architecture"]})
     model.load_state_dict(checkpoint["state_dict"])
     model.to(select_device(device)).eval()
+    model.config = dict(checkpoint["config"])  # what a restore checks the factor against, and saves again
     return model, checkpoint["config"]
 
 

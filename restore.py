@@ -23,7 +23,10 @@ towards their true positions, and only those that land on an output slice
 (:func:`morph.slices_on_grid`) are copied.
 
 This module also holds the train-then-restore recipe shared by every script
-and the translation of the settings model (``settings.Settings``) into the
+(:func:`train_on_stack`, :func:`restore_probabilities`, :func:`restore_intensity`,
+:func:`restore_dense_labels`, :func:`restore_stack`: the library a notebook calls, which checks its
+arguments at the boundary, :func:`check_stack`, :func:`check_factor`, :func:`check_labels`,
+:func:`check_model_for`) and the translation of the settings model (``settings.Settings``) into the
 engine's arguments. The label ids of the restored voxels are ``labeling.py``'s
 (:func:`labeling.assign_labels`, :func:`labeling.grow_labels`; the restore
 functions here call them). It imports nothing above it.
@@ -41,7 +44,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from data import UserError
+from data import INTEGER_RATIO_TOLERANCE, UserError
+from kinds import refuse_non_finite
 from labeling import assign_labels, grow_labels, is_dense_label_image
 from settings import FITTED_TO, TRAINS_AS, Inference, Settings, SettingsLike, Training, as_settings
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
@@ -902,8 +906,121 @@ def threshold_probabilities(probabilities_dhw: np.ndarray, threshold: float, in_
     return mask
 
 
+# --------------------------------------------------------------------------- #
+# Checks at the library's boundary: one clear error before any work
+# --------------------------------------------------------------------------- #
+RESTORE_KINDS = ("mask", "labels", "dense labels")
+
+
+def check_stack(stack_khw: Any, name: str = "stack_khw", grey: bool = False) -> np.ndarray:
+    """``stack_khw`` as a numeric ndarray of shape (K, H, W), or one ``UserError`` that names the problem and
+    the fix: another number of axes (a single image, a singleton axis, channels or RGB), no values, a dtype
+    that holds no numbers, NaN or infinite values, bool grey values. The array is not copied."""
+    stack = np.asarray(stack_khw)
+    if not (stack.dtype == bool or np.issubdtype(stack.dtype, np.integer) or np.issubdtype(stack.dtype, np.floating)):
+        raise UserError(f"{name} must hold numbers (bool, integer or float), got dtype {stack.dtype}.")
+    if stack.ndim != 3:
+        if stack.ndim == 2:
+            fix = "a single image is no stack; give the slices as one array of shape (K, H, W)"
+        elif 1 in stack.shape:
+            fix = f"drop the axis of length 1 (numpy.squeeze({name}))"
+        elif stack.ndim == 4 and stack.shape[-1] in (3, 4):
+            fix = f"this looks like RGB(A): pick one channel ({name}[..., 0]) or convert it to grey values"
+        else:
+            fix = f"pick one channel or time point ({name}[c])"
+        raise UserError(f"{name} must be a stack of shape (K, H, W) (slices, rows, columns), got shape "
+                        f"{stack.shape}: {fix}.")
+    if not stack.size:
+        raise UserError(f"{name} holds no values (shape {stack.shape}).")
+    if grey and stack.dtype == bool:
+        raise UserError(f"{name} is bool, a mask, not grey values: restore it with restore_stack, or pass "
+                        f"{name}.astype(numpy.uint8) to restore it as grey values.")
+    refuse_non_finite(stack, name)
+    return stack
+
+
+def check_factor(factor: Any) -> float:
+    """``factor`` as a float, or one ``UserError``: it must be a finite number above 1 (the Z step of the kept
+    slices in output slices; a stack whose Z step equals its pixel size has nothing to restore)."""
+    if isinstance(factor, (bool, np.bool_)) or not isinstance(factor, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(factor) or factor <= 1:
+        raise UserError(f"factor must be a number above 1 (the Z step over the XY pixel size, e.g. 4 or 3.125), got "
+                        f"{factor!r}.")
+    return float(factor)
+
+
+def check_labels(labels_khw: Any, shape_khw: Optional[Tuple[int, ...]] = None) -> np.ndarray:
+    """``labels_khw`` as an integer ndarray of shape (K, H, W) (that of the stack, ``shape_khw``, when given),
+    or one ``UserError``."""
+    labels = check_stack(labels_khw, "labels")
+    if not (labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)):
+        raise UserError(f"labels must be integer ids (0 = background), got dtype {labels.dtype}: convert them with "
+                        "labels.astype(numpy.uint32) if they are whole numbers.")
+    if shape_khw is not None and tuple(labels.shape) != tuple(shape_khw):
+        raise UserError(f"labels has shape {labels.shape} but the stack {tuple(shape_khw)}: give the ids of the same "
+                        "slices (or leave out the stack: its foreground is labels != 0).")
+    return labels
+
+
+def same_factor(trained_at: Optional[float], factor: float) -> bool:
+    """Whether a model trained at ``trained_at`` (None: not recorded) fits ``factor``: within 0.5 %, the
+    tolerance of the factor rule (a ratio of 6.56 and one of 6.5625 are one geometry)."""
+    return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
+
+
+def check_model_for(model: nn.Module, factor: float, kind: str, allow_factor_mismatch: bool = False) -> None:
+    """Refuse a model that cannot restore this stack, before any work: another output (grey values or masks,
+    :func:`check_model_kind`), the other target of a label image (boundaries of a dense one or a foreground),
+    or, unless ``allow_factor_mismatch``, another factor than the one it was trained at (its ``config``, which
+    :func:`train_on_stack` and ``model.load_model`` attach; a model without one is not checked)."""
+    check_model_kind(model, "intensity" if kind == "intensity" else "mask")
+    config = getattr(model, "config", None) or {}
+    if kind != "intensity" and "restores" in config:
+        wanted = "boundaries" if kind == "dense labels" else "foreground"
+        if config["restores"] != wanted:
+            of = "dense label images" if wanted == "foreground" else "masks or sparse label images"
+            raise UserError(f"The model restores the {config['restores']} of {of}, not the {wanted} this restore "
+                            "needs: train a model on this stack (model=None).")
+    trained_at = config.get("factor")
+    if not allow_factor_mismatch and not same_factor(trained_at, factor):
+        raise UserError(f"The model was trained at factor {trained_at}, this stack is restored at factor "
+                        f"{factor_value(factor)}: train a model on this stack (model=None), or pass "
+                        "allow_factor_mismatch=True to use it anyway (apply.py: --allow-factor-mismatch).")
+
+
+def recipe_for(settings: SettingsLike, model: Optional[nn.Module]) -> Settings:
+    """The settings a restore runs with: ``settings`` as given; without settings, those a model's ``config``
+    records for a restore (``model="read"`` settings: tile size, interpolation, threshold, ...) on top of the
+    defaults, as ``apply.py --model`` restores. Validated (:meth:`Settings.validate`)."""
+    config = getattr(model, "config", None)
+    if settings is None and config:
+        return Settings().with_model_record(config).validate()
+    return as_settings(settings).validate()
+
+
+def _device(device: Union[str, torch.device, None], settings: Settings) -> torch.device:
+    """``device`` (a name such as 'cpu' or 'cuda:0', or a torch.device), else the settings' ``DEVICE``,
+    resolved by ``model.select_device`` (one clear error for a device this machine lacks)."""
+    return select_device(str(device) if device is not None else settings.inference.device)
+
+
+TRAINING_KINDS = ("mask", "dense labels", "intensity")
+# What a model trained as each training kind is saved as (apply.py's record: the kind of stack it restores and,
+# for masks and label images, whether it restores a foreground or the boundaries of a dense label image).
+SAVED_KIND = {"mask": ("mask", "foreground"), "dense labels": ("labels", "boundaries"),
+              "intensity": ("intensity", None)}
+
+
+def trained_config(settings: SettingsLike, factor: float, kind: str = "mask") -> Dict[str, Any]:
+    """What :func:`train_on_stack` attaches to its model as ``config`` (and ``model.save_model`` saves by
+    default): :func:`model_config` of the recipe the training used, with the kind of stack and the target."""
+    saved_kind, restores = SAVED_KIND[kind]
+    return dict(model_config(settings, factor, kind), kind=saved_kind,
+                **({"restores": restores} if restores else {}))
+
+
 def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
-                   device: Optional[torch.device] = None, progress: bool = True, kind: str = "mask",
+                   device: Union[str, torch.device, None] = None, progress: bool = True, kind: str = "mask",
                    panel_width: Optional[int] = None, label_ids: Optional[np.ndarray] = None
                    ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Train a model on the kept slices with ``settings``' recipe (default: the command line's).
@@ -914,21 +1031,29 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
     separate windows of that many columns side by side (``blocks.training_stack``), and no training crop
     straddles two. ``label_ids``: the kept ids of the dense label image whose boundary mask ``sparse_khw`` is,
     given when the network takes interfaces (:func:`uses_interfaces`; ``train.create_cropped_image_dataset``).
+    ``device``: 'cpu', 'cuda', 'cuda:N' or a ``torch.device`` (default: the settings' ``DEVICE``, else CUDA
+    when available).
 
-    Returns the model and ``info`` with ``train_s``, ``history`` and
-    ``examples`` (three training and three validation samples for figures; the
-    full sample arrays are freed before this returns).
+    Returns the model, with the recipe it was trained with attached as ``model.config``
+    (:func:`trained_config`: what ``model.save_model`` saves and a restore checks the factor against), and
+    ``info`` with ``train_s``, ``history`` and ``examples`` (three training and three validation samples for
+    figures; the full sample arrays are freed before this returns).
     """
     from train import fit_on_sparse_stack
 
-    settings = as_settings(settings)
-    device = device or select_device(settings.inference.device)
+    settings = as_settings(settings).validate()
+    factor = check_factor(factor)
+    if kind not in TRAINING_KINDS:
+        raise UserError(f"kind must be one of {', '.join(TRAINING_KINDS)}, got '{kind}'.")
+    sparse_khw = check_stack(sparse_khw, "sparse_khw", grey=kind == "intensity")
+    device = _device(device, settings)
     if kind != "intensity":
         sparse_khw = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     settings = fit_recipe_to_stack(settings, sparse_khw.shape, factor, kind=kind)[0]  # a no-op when fitted
     start = time.perf_counter()
     model, history, samples = fit_on_sparse_stack(sparse_khw, factor, settings, kind=kind, device=device,
                                                   progress=progress, panel_width=panel_width, label_ids=label_ids)
+    model.config = trained_config(settings, factor, kind)
     examples = {name: (inputs[:3].copy(), labels[:3].copy()) for name, (inputs, labels) in samples.items()}
     del samples
     return model, {"train_s": time.perf_counter() - start, "history": history, "examples": examples}
@@ -936,8 +1061,9 @@ def train_on_stack(sparse_khw: np.ndarray, factor: float, settings: SettingsLike
 
 def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                           model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
-                          device: Optional[torch.device] = None, out_dtype=np.uint8,
-                          progress: bool = True, kind: str = "mask", label_ids: Optional[np.ndarray] = None
+                          device: Union[str, torch.device, None] = None, out_dtype=np.uint8,
+                          progress: bool = True, kind: str = "mask", label_ids: Optional[np.ndarray] = None,
+                          allow_factor_mismatch: bool = False
                           ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
     """Train on the kept slices (unless a model is given), then restore them.
 
@@ -949,15 +1075,22 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     sparse_khw : ndarray, shape (K, H, W)
         Kept slices, Z step ``factor`` (non-zero = foreground).
     factor : float
+        The Z step of the kept slices in output slices (above 1; see the module's docstring).
     settings : Settings, optional
         Training and inference recipe (a dict of ``eval.py``-style constants
-        is read as :meth:`Settings.from_dict`); default ``Settings()``.
+        is read as :meth:`Settings.from_dict`); default ``Settings()``, or, with a
+        model that carries a ``config``, the settings it records for a restore (:func:`recipe_for`).
     model : nn.Module, optional
-        A trained model; without one, a model is trained on ``sparse_khw``.
+        A trained model (:func:`train_on_stack`, ``model.load_model``); without one, a model is trained on
+        ``sparse_khw``. A model trained at another factor is refused unless ``allow_factor_mismatch``.
     original_depth : int, optional
         Output depth; default ``floor((K - 1) * factor) + 1`` (:func:`morph.restored_depth`).
+    device : str or torch.device, optional
+        'cpu', 'cuda' or 'cuda:N'; default the settings' ``DEVICE``, else CUDA when available.
     out_dtype : numpy dtype
         Probability dtype (uint8, the default, stores 0-255: one byte per voxel).
+    progress : bool
+        Show tqdm bars and the training's loss per epoch.
     kind : {'mask', 'labels', 'dense labels'}
         What the mask is of, for the settings that are "by kind" at inference (test-time flips:
         'dense labels' when it is the boundaries of a dense label image).
@@ -970,11 +1103,18 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     probabilities : ndarray of ``out_dtype``, shape (D, H, W)
     model : the model used
     info : dict with ``train_s``, ``infer_s``, ``history`` and ``examples``
-        (``None`` / 0 when a model was given), ``steps`` (training steps) and
-        ``inference`` (tile counters, see :func:`predict_tiled`)
+        (``None`` / 0 when a model was given) and ``inference`` (tile counters, see :func:`predict_tiled`)
     """
-    settings = as_settings(settings)
-    device = device or select_device(settings.inference.device)
+    settings = recipe_for(settings, model)
+    factor = check_factor(factor)
+    if kind not in RESTORE_KINDS:
+        raise UserError(f"kind must be one of {', '.join(RESTORE_KINDS)}, got '{kind}'.")
+    sparse_khw = check_stack(sparse_khw, "sparse_khw")
+    if label_ids is not None:
+        label_ids = check_labels(label_ids, sparse_khw.shape)
+    if model is not None:
+        check_model_for(model, factor, kind, allow_factor_mismatch)
+    device = _device(device, settings)
     foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     interfaces = uses_interfaces(settings, kind)
@@ -984,7 +1124,6 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     if model is None:
         model, info = train_on_stack(foreground, factor, settings, device, progress, kind=training_kind(kind),
                                      label_ids=label_ids)
-    check_model_kind(model, "mask")
     start = time.perf_counter()
     info["inference"] = {}
     probabilities = apply_model_to_stack_tiled_slice_by_slice(
@@ -998,9 +1137,11 @@ def check_model_kind(model: nn.Module, kind: str) -> None:
     """A mask model cannot restore grey values, nor the reverse: say so before any work."""
     output = getattr(model, "architecture", {}).get("output", "logits")
     if (output == "intensity") != (kind == "intensity"):
-        trained = "grey-scale intensities" if output == "intensity" else "masks"
-        raise UserError(f"The model was trained on {trained}; it cannot restore a {kind} stack. Train a model on "
-                        "this kind of stack (leave out --model) or pass the matching --kind.")
+        grey = output == "intensity"
+        trained, wanted = ("grey-scale values", "a mask or label") if grey else ("masks", "a grey-scale")
+        raise UserError(f"The model was trained on {trained}; it cannot restore {wanted} stack. Train a model on "
+                        "this kind of stack (apply.py: leave out --model; in Python: model=None) or restore the "
+                        "matching kind (apply.py: --kind).")
 
 
 def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: float) -> None:
@@ -1013,7 +1154,8 @@ def copy_kept_slices(restored_dhw: np.ndarray, kept_khw: np.ndarray, factor: flo
 
 def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                       model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
-                      device: Optional[torch.device] = None, out_dtype=None, progress: bool = True
+                      device: Union[str, torch.device, None] = None, out_dtype=None, progress: bool = True,
+                      allow_factor_mismatch: bool = False
                       ) -> Tuple[np.ndarray, nn.Module, Dict[str, Any]]:
     """Train on the kept grey-scale slices (unless a model is given), then restore them.
 
@@ -1024,14 +1166,13 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
 
     Parameters
     ----------
-    stack_khw : ndarray, shape (K, H, W), any numeric dtype
+    stack_khw : ndarray, shape (K, H, W), any integer or float dtype (finite values)
     factor : float
-    settings : Settings, optional (see :func:`restore_probabilities`)
-    model : intensity model, optional
-    original_depth : int, optional
+    settings, model, original_depth, device, progress, allow_factor_mismatch : see :func:`restore_probabilities`
+        (``model``: an intensity model)
     out_dtype : numpy dtype, optional
         Default ``data.grey_dtype`` of the input's dtype and ``GREY_DTYPE``: the input's
-        dtype (integer grey values are rounded and clipped to its range), or float32.
+        dtype (integer grey values are rounded and clipped to its range; float32 and float64 stay), else float32.
 
     Returns
     -------
@@ -1041,14 +1182,17 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
     """
     from data import denormalize_intensity, grey_dtype, intensity_range, normalize_intensity
 
-    settings = as_settings(settings)
-    device = device or select_device(settings.inference.device)
+    settings = recipe_for(settings, model)
+    factor = check_factor(factor)
+    stack_khw = check_stack(stack_khw, "stack_khw", grey=True)
+    if model is not None:
+        check_model_for(model, factor, "intensity", allow_factor_mismatch)
+    device = _device(device, settings)
     value_range = intensity_range(stack_khw)
     normalized = normalize_intensity(stack_khw, value_range)
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
     if model is None:
         model, info = train_on_stack(normalized, factor, settings, device, progress, kind="intensity")
-    check_model_kind(model, "intensity")
     start = time.perf_counter()
     info["inference"] = {}
     restored = apply_model_to_stack_tiled_slice_by_slice(
@@ -1067,12 +1211,13 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
 
 def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: SettingsLike = None,
                          model: Optional[nn.Module] = None, original_depth: Optional[int] = None,
-                         device: Optional[torch.device] = None, out_dtype=np.uint8
+                         device: Union[str, torch.device, None] = None, out_dtype=np.uint8, progress: bool = True,
+                         allow_factor_mismatch: bool = False
                          ) -> Tuple[np.ndarray, np.ndarray, nn.Module, Dict[str, Any]]:
     """A dense label image restored from its boundaries: the network restores :func:`label_boundaries`
     of the kept slices (trained on them unless ``model`` is given; with ``BOUNDARY_INPUT`` 'interfaces', from
     an input that also holds where per-label shape-based interpolation puts them, :func:`_chunk_interfaces`),
-    the ids grow between them (:func:`grow_labels`).
+    the ids grow between them (:func:`grow_labels`). The other arguments as :func:`restore_probabilities`.
 
     Returns
     -------
@@ -1081,41 +1226,49 @@ def restore_dense_labels(labels_khw: np.ndarray, factor: float, settings: Settin
     model : the model used
     info : dict of :func:`restore_probabilities`, plus ``labels_s`` (seconds growing the ids)
     """
-    settings = as_settings(settings)
+    settings = recipe_for(settings, model)
+    factor = check_factor(factor)
+    labels_khw = check_labels(labels_khw)
     probabilities, model, info = restore_probabilities(label_boundaries(labels_khw), factor, settings, model,
                                                        original_depth=original_depth, device=device,
-                                                       out_dtype=out_dtype,
+                                                       out_dtype=out_dtype, progress=progress,
                                                        kind=inference_kind("labels", dense_labels=True),
-                                                       label_ids=labels_khw)
+                                                       label_ids=labels_khw,
+                                                       allow_factor_mismatch=allow_factor_mismatch)
     start = time.perf_counter()
     labels_dhw = grow_labels(probabilities, labels_khw, factor, settings.inference.probability_threshold,
-                             shape_prior=settings.inference.shape_prior)
+                             progress=progress, shape_prior=settings.inference.shape_prior)
     info["labels_s"] = time.perf_counter() - start
     return labels_dhw, probabilities, model, info
 
 
-def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike = None,
+def restore_stack(stack_khw: Optional[np.ndarray], factor: float, settings: SettingsLike = None,
                   model: Optional[nn.Module] = None,
-                  labels: Optional[np.ndarray] = None, device: Optional[torch.device] = None,
+                  labels: Optional[np.ndarray] = None, device: Union[str, torch.device, None] = None,
                   probability_dtype=np.uint8, keep_probabilities: bool = True,
-                  dense_labels: Optional[bool] = None
+                  dense_labels: Optional[bool] = None, original_depth: Optional[int] = None,
+                  progress: bool = True, allow_factor_mismatch: bool = False
                   ) -> Tuple[np.ndarray, Optional[np.ndarray], nn.Module, Dict[str, Any]]:
     """Restore an anisotropic stack to ``floor((K - 1) * factor) + 1`` slices.
 
     Parameters
     ----------
-    stack_khw : ndarray of bool, shape (K, H, W)
-        The acquired slices (foreground mask).
+    stack_khw : ndarray, shape (K, H, W), or None
+        The acquired slices: a mask (bool, or any numbers: non-zero = foreground). None with ``labels``:
+        their foreground (``labels != 0``).
     factor : float
+        The Z step of the kept slices in output slices, above 1: an integer, or a non-integer Z/XY ratio for an
+        isotropic output (see the module's docstring).
     settings : Settings, optional (see :func:`restore_probabilities`)
     model : nn.Module, optional
         A trained model; without one, a model is trained on ``stack_khw``
         itself, exactly as ``eval.py`` trains.
-    labels : ndarray of uint, shape (K, H, W), optional
+    labels : ndarray of int, shape (K, H, W), optional
         Instance ids of the acquired slices: ids are restored too (see :func:`assign_labels`). A dense
         label image (:func:`is_dense_label_image`) is restored from its boundaries instead: the network
         restores :func:`label_boundaries` and the ids grow between them (:func:`grow_labels`);
         ``stack_khw`` is then not used and the probabilities returned are the boundaries'.
+    device : str or torch.device, optional (see :func:`restore_probabilities`)
     probability_dtype : numpy dtype
         uint8 (0-255) keeps memory at one byte per output voxel.
     keep_probabilities : bool
@@ -1126,6 +1279,7 @@ def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike =
         :func:`is_dense_label_image` of ``labels``. ``apply.py`` passes the
         decision its plan printed (made on a sample of the file, as the
         block-wise restore uses it), so what the plan says is what runs.
+    original_depth, progress, allow_factor_mismatch : see :func:`restore_probabilities`
 
     Returns
     -------
@@ -1136,14 +1290,25 @@ def restore_stack(stack_khw: np.ndarray, factor: float, settings: SettingsLike =
     model : the model used
     info : dict with ``train_s``, ``infer_s``, ``history``
     """
-    settings = as_settings(settings)
+    settings = recipe_for(settings, model)
+    factor = check_factor(factor)
+    if stack_khw is None and labels is None:
+        raise UserError("Give the acquired slices (stack_khw, a mask) or their ids (labels).")
+    if labels is not None:
+        labels = check_labels(labels, None if stack_khw is None else np.shape(stack_khw))
     if labels is not None and (is_dense_label_image(labels) if dense_labels is None else dense_labels):
-        return restore_dense_labels(labels, factor, settings, model, device=device, out_dtype=probability_dtype)
-    probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model, device=device,
-                                                       out_dtype=probability_dtype)
+        return restore_dense_labels(labels, factor, settings, model, original_depth=original_depth, device=device,
+                                    out_dtype=probability_dtype, progress=progress,
+                                    allow_factor_mismatch=allow_factor_mismatch)
+    stack_khw = labels != 0 if stack_khw is None else stack_khw
+    probabilities, model, info = restore_probabilities(stack_khw, factor, settings, model,
+                                                       original_depth=original_depth, device=device,
+                                                       out_dtype=probability_dtype, progress=progress,
+                                                       kind="mask" if labels is None else "labels",
+                                                       allow_factor_mismatch=allow_factor_mismatch)
     in_place = not keep_probabilities and probabilities.dtype == np.uint8
     restored = threshold_probabilities(probabilities, settings.inference.probability_threshold, in_place=in_place)
     probabilities = None if in_place else probabilities
     if labels is not None:
-        restored = assign_labels(restored, labels, factor)
+        restored = assign_labels(restored, labels, factor, progress=progress)
     return restored, probabilities, model, info

@@ -27,6 +27,7 @@ This module sits below the scripts: it imports only ``data`` (the file readers' 
 from __future__ import annotations
 
 import argparse
+import difflib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -426,6 +427,9 @@ class Settings:
         base = base or cls()
         changes: Dict[str, Dict[str, Any]] = {}
         for constant, value in values.items():
+            if constant not in FIELDS and isinstance(constant, str) and constant.upper() in FIELDS:
+                raise UserError(f"Settings are named by their constant: {constant.upper()}, not '{constant}' (a saved "
+                                "model's record is read with Settings().with_model_record(config)).")
             if constant in FIELDS:
                 section, item = FIELDS[constant]
                 changes.setdefault(section, {})[item.name] = normalize(constant, value)
@@ -452,7 +456,14 @@ class Settings:
         return self[constant] if constant in FIELDS or constant == FITTED_TO else default
 
     def with_values(self, **constants: Any) -> "Settings":
-        """A copy with the settings named by constant changed (``with_values(NUM_EPOCHS=3)``)."""
+        """A copy with the settings named by constant changed (``with_values(NUM_EPOCHS=3)``); a name that is
+        no setting is one error, with the nearest names."""
+        unknown = [name for name in constants if name not in FIELDS and name.upper() not in FIELDS]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0].upper(), list(FIELDS), n=3)
+            raise UserError(f"'{unknown[0]}' is no setting{f'; did you mean {near[0]}' if near else ''}"
+                            f"{'' if len(near) < 2 else ' (or ' + ', '.join(near[1:]) + ')'}? The settings are "
+                            "listed by `python apply.py --help` (their constants in eval.py).")
         return Settings.from_dict(constants, base=self)
 
     # ----- what a saved model keeps -----------------------------------------

@@ -7,10 +7,11 @@ inference), is a training input whose answer is known: the undegraded crop.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,12 +28,31 @@ from settings import Network, SettingsLike, Training, as_settings, check_choice,
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch so that a CPU run repeats exactly."""
+    """Seed python, numpy and torch so that a CPU run repeats exactly (with the same number of torch threads:
+    sums split across another number of threads round differently, by about one 255th of a probability)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """:func:`seed_everything` for the work inside, then the caller's random states (python, numpy, torch's
+    CPU and CUDA generators) and cuDNN flags back: a training called from a notebook leaves the user's random
+    streams where they were."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cudnn_flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            seed_everything(seed)
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
 
 
 def downscale_upscale_height(image: np.ndarray, factor: float, phase: int = 0, method: str = "linear",
@@ -577,7 +597,8 @@ def train_execution_process(
         val_loss = evaluate_loss(model, val_loader, loss_fn, device, compute_dtype)
         history["train"].append(train_loss)
         history["val"].append(val_loss)
-        bar.write(f"Epoch [{epoch + 1}/{num_epochs}] Train Loss: {train_loss:.4f}, Val Loss: {val_loss:.4f}")
+        if progress:
+            bar.write(f"Epoch [{epoch + 1}/{num_epochs}] Train Loss: {train_loss:.4f}, Val Loss: {val_loss:.4f}")
         if val_loss < best_val:
             best_val = val_loss
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -692,7 +713,14 @@ def fit_on_sparse_stack(
         the arrays the model was trained and validated on
     """
     training, network = training_recipe(recipe, kind, **changes)
-    seed_everything(training.random_state)
+    with seeded(training.random_state):
+        return _fit(sparse_dhw, factor, training, network, kind, device, progress, panel_width, label_ids)
+
+
+def _fit(sparse_dhw: np.ndarray, factor: float, training: Training, network: Network, kind: str,
+         device: Optional[torch.device], progress: bool, panel_width: Optional[int], label_ids: Optional[np.ndarray]
+         ) -> Tuple[AttentionResUNet, Dict[str, List[float]], Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """The body of :func:`fit_on_sparse_stack`, run with the random generators seeded."""
     inputs, labels = create_cropped_image_dataset(
         sparse_dhw, (training.train_z_size, training.train_xy_size, training.train_xy_size), training.train_nb,
         factor, training.min_content_ratio, training.random_state, training.upscale_method,

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from errors import UserError
 from metrics import adapted_rand_error, mean_label_iou, reconstructed_indices, score_label_reconstruction
 from morph import bracket, interpolate_along_axis, interpolate_labels_sdf, signed_distance
 
@@ -458,9 +459,12 @@ def test_restore_stack_takes_the_boundary_rule_for_dense_labels():
                                    labels=truth[kept])
     assert info["inference"]["pixels_run"] == 4 * plain["inference"]["pixels_run"] > 0
     # The caller's decision overrules the image's (apply.py passes the one its plan printed): the foreground rule
-    # returns the foreground's probabilities, 255 on the kept slices where every voxel holds an id.
-    _, foreground_probabilities, _, _ = restore_stack(truth[kept] != 0, 4, settings, model=model,
-                                                      labels=truth[kept], dense_labels=False)
+    # returns the foreground's probabilities, 255 on the kept slices where every voxel holds an id; it trains a
+    # foreground model, as the boundaries' model is refused for it.
+    with pytest.raises(UserError, match="restores the boundaries"):
+        restore_stack(truth[kept] != 0, 4, settings, model=model, labels=truth[kept], dense_labels=False)
+    _, foreground_probabilities, _, _ = restore_stack(truth[kept] != 0, 4, settings, labels=truth[kept],
+                                                      dense_labels=False)
     assert (foreground_probabilities[kept] == 255).all()
 
 
