@@ -31,7 +31,8 @@ from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
 from labeling import is_dense_label_image
-from restore import fit_recipe_to_stack, model_config, restore_intensity, restore_stack, same_factor, training_kind
+from restore import (check_model_settings, fit_recipe_to_stack, inference_kind, model_config, restore_intensity,
+                     restore_stack, same_factor, training_kind)
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
                       typed_values)
 
@@ -326,6 +327,12 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
     sample = value_sample(path, image, choice)  # read once: the kind, the label rule and the mask's values
     decided, why = input_kind(path, kind, threshold, model_kind, image, sample)
     check_kind_flags(args, decided, path)
+    if decided == "intensity" and np.dtype(dtype) == bool:
+        raise UserError(f"'{path}' is a 1-bit (bool) image, a mask, not grey values: leave out --kind intensity (or "
+                        "give --kind mask).")
+    if decided == "mask" and saved_config.get("restores") == "boundaries":
+        raise UserError(f"The model restores the boundaries of dense label images (it was saved from one), but "
+                        f"'{path}' is a mask: give a model trained on masks, or leave out --model to train one.")
     voxel, unit, said = voxel_size_for(path, settings.voxel)
     factor = factor_from_voxel_size(voxel[0], voxel[2], minimum=1, rounding=settings.voxel.factor_rounding)[0]
     trained_at = saved_config.get("factor")
@@ -350,6 +357,8 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
         label_rule += (f"; the ids pulled towards per-label shape-based interpolation's boundaries where the network "
                        f"is unsure (--shape-prior {prior:g})" if prior > 0 else "; the ids grow on the network's "
                        "boundaries alone (--shape-prior 0)")
+    if model_kind is not None:  # the restore checks it again; here it fails before any reading
+        check_model_settings(saved_config, inference_kind(decided, dense), settings)
     notes: List[str] = []
     if factor > 1 and model_kind is None:
         settings, notes = fit_recipe_to_stack(settings, shape, factor, list(args.typed),

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from data import INTEGER_RATIO_TOLERANCE, UserError
 from kinds import refuse_non_finite
 from labeling import assign_labels, grow_labels, is_dense_label_image
-from settings import FITTED_TO, TRAINS_AS, Inference, Settings, SettingsLike, Training, as_settings
+from settings import FIELDS, FITTED_TO, TRAINS_AS, Inference, Settings, SettingsLike, Training, as_settings
 from model import autocast, compile_for_inference, fuse_for_inference, resolve_precision, select_device
 from morph import (bracket, interpolate_along_axis, is_integer_factor, kept_positions, label_boundaries, mix_interfaces,
                    restored_depth, row_interfaces, slices_on_grid)
@@ -813,8 +813,11 @@ def restore_block(model: nn.Module, sparse_window: np.ndarray, window_origin: Tu
     if kernel.interfaces != (labels is not None):
         raise ValueError("The kept ids (labels) are given exactly when the kernel takes interfaces "
                          "(kernel.interfaces).")
-    for n_done, orientation in enumerate(kernel.orientations):
-        _restore_orientation(job, orientation, n_done, window_origin, global_hw, region_yx, progress)
+    # cuDNN picks among algorithms, some not deterministic (transposed convolutions): a GPU restore repeats
+    # bit for bit only with the deterministic ones, whatever flags the caller's process has set.
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True):
+        for n_done, orientation in enumerate(kernel.orientations):
+            _restore_orientation(job, orientation, n_done, window_origin, global_hw, region_yx, progress)
     if kernel.keep_kept_slices:
         rows = slice(y0 - window_origin[0], y1 - window_origin[0])
         cols = slice(x0 - window_origin[1], x1 - window_origin[1])
@@ -942,11 +945,16 @@ def check_stack(stack_khw: Any, name: str = "stack_khw", grey: bool = False) -> 
 def check_factor(factor: Any) -> float:
     """``factor`` as a float, or one ``UserError``: it must be a finite number above 1 (the Z step of the kept
     slices in output slices; a stack whose Z step equals its pixel size has nothing to restore)."""
-    if isinstance(factor, (bool, np.bool_)) or not isinstance(factor, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(factor) or factor <= 1:
+    value = None
+    if not isinstance(factor, (str, bytes, bool, np.bool_)) and np.ndim(factor) == 0:
+        try:
+            value = float(factor)  # int, float, numpy scalars and 0-d arrays, fractions.Fraction, ...
+        except (TypeError, ValueError):
+            pass
+    if value is None or not math.isfinite(value) or value <= 1:
         raise UserError(f"factor must be a number above 1 (the Z step over the XY pixel size, e.g. 4 or 3.125), got "
                         f"{factor!r}.")
-    return float(factor)
+    return value
 
 
 def check_labels(labels_khw: Any, shape_khw: Optional[Tuple[int, ...]] = None) -> np.ndarray:
@@ -968,13 +976,22 @@ def same_factor(trained_at: Optional[float], factor: float) -> bool:
     return trained_at is None or abs(float(trained_at) - factor) <= INTEGER_RATIO_TOLERANCE * factor
 
 
-def check_model_for(model: nn.Module, factor: float, kind: str, allow_factor_mismatch: bool = False) -> None:
+# Settings that decide what the network sees as its input: a restore must build it as the training did.
+INPUT_SETTINGS = {"UPSCALE_METHOD": ("mask", "labels", "dense labels", "intensity"),
+                  "BOUNDARY_INPUT": ("dense labels",)}
+
+
+def check_model_for(model: nn.Module, factor: float, kind: str, allow_factor_mismatch: bool = False,
+                    settings: Optional[Settings] = None) -> None:
     """Refuse a model that cannot restore this stack, before any work: another output (grey values or masks,
     :func:`check_model_kind`), the other target of a label image (boundaries of a dense one or a foreground),
-    or, unless ``allow_factor_mismatch``, another factor than the one it was trained at (its ``config``, which
-    :func:`train_on_stack` and ``model.load_model`` attach; a model without one is not checked)."""
+    unless ``allow_factor_mismatch`` another factor than the one it was trained at, or ``settings`` that build
+    another input than the one it learned from (:data:`INPUT_SETTINGS`). What it was trained with is its
+    ``config``, which :func:`train_on_stack` and ``model.load_model`` attach; a model without one is not checked."""
     check_model_kind(model, "intensity" if kind == "intensity" else "mask")
     config = getattr(model, "config", None) or {}
+    if settings is not None:
+        check_model_settings(config, kind, settings)
     if kind != "intensity" and "restores" in config:
         wanted = "boundaries" if kind == "dense labels" else "foreground"
         if config["restores"] != wanted:
@@ -988,6 +1005,22 @@ def check_model_for(model: nn.Module, factor: float, kind: str, allow_factor_mis
                         "allow_factor_mismatch=True to use it anyway (apply.py: --allow-factor-mismatch).")
 
 
+def check_model_settings(config: Mapping[str, Any], kind: str, settings: Settings) -> None:
+    """One ``UserError`` where ``settings`` would build another network input for a restore of ``kind`` than
+    the one a model trained with ``config`` (its record) learned from (:data:`INPUT_SETTINGS`)."""
+    if not config:
+        return
+    recorded = Settings().with_model_record(config)
+    for constant, kinds in INPUT_SETTINGS.items():
+        known = constant.lower() in config or FIELDS[constant][1].metadata["model_absent"] is not None
+        if kind in kinds and known and settings[constant] != recorded[constant]:
+            raise UserError(f"The model was trained with {constant} '{recorded[constant]}', these settings say "
+                            f"'{settings[constant]}': the network would see another input than it learned from. "
+                            "Restore with the model's (apply.py: leave out the flag; in Python: "
+                            "settings.with_model_record(model.config), or no settings), or train a model with these "
+                            "settings.")
+
+
 def recipe_for(settings: SettingsLike, model: Optional[nn.Module]) -> Settings:
     """The settings a restore runs with: ``settings`` as given; without settings, those a model's ``config``
     records for a restore (``model="read"`` settings: tile size, interpolation, threshold, ...) on top of the
@@ -999,8 +1032,10 @@ def recipe_for(settings: SettingsLike, model: Optional[nn.Module]) -> Settings:
 
 
 def _device(device: Union[str, torch.device, None], settings: Settings) -> torch.device:
-    """``device`` (a name such as 'cpu' or 'cuda:0', or a torch.device), else the settings' ``DEVICE``,
+    """``device`` (a name such as 'cpu' or 'cuda:0', a CUDA index, or a torch.device), else the settings' ``DEVICE``,
     resolved by ``model.select_device`` (one clear error for a device this machine lacks)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # torch's own reading of a bare index
     return select_device(str(device) if device is not None else settings.inference.device)
 
 
@@ -1113,7 +1148,7 @@ def restore_probabilities(sparse_khw: np.ndarray, factor: float, settings: Setti
     if label_ids is not None:
         label_ids = check_labels(label_ids, sparse_khw.shape)
     if model is not None:
-        check_model_for(model, factor, kind, allow_factor_mismatch)
+        check_model_for(model, factor, kind, allow_factor_mismatch, settings)
     device = _device(device, settings)
     foreground = sparse_khw if sparse_khw.dtype == bool else sparse_khw != 0
     info: Dict[str, Any] = {"train_s": 0.0, "history": None, "examples": None}
@@ -1186,7 +1221,7 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
     factor = check_factor(factor)
     stack_khw = check_stack(stack_khw, "stack_khw", grey=True)
     if model is not None:
-        check_model_for(model, factor, "intensity", allow_factor_mismatch)
+        check_model_for(model, factor, "intensity", allow_factor_mismatch, settings)
     device = _device(device, settings)
     value_range = intensity_range(stack_khw)
     normalized = normalize_intensity(stack_khw, value_range)

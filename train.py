@@ -38,13 +38,15 @@ def seed_everything(seed: int) -> None:
 
 
 @contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
     """:func:`seed_everything` for the work inside, then the caller's random states (python, numpy, torch's
-    CPU and CUDA generators) and cuDNN flags back: a training called from a notebook leaves the user's random
-    streams where they were."""
+    CPU generator and that of the CUDA ``device`` the work runs on) and cuDNN flags back: a training called
+    from a notebook leaves the user's random streams where they were. A CPU ``device`` starts no CUDA."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     cudnn_flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    cuda_devices = []
+    if device is not None and device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):
         try:
             seed_everything(seed)
@@ -713,7 +715,8 @@ def fit_on_sparse_stack(
         the arrays the model was trained and validated on
     """
     training, network = training_recipe(recipe, kind, **changes)
-    with seeded(training.random_state):
+    device = device or select_device()
+    with seeded(training.random_state, device):
         return _fit(sparse_dhw, factor, training, network, kind, device, progress, panel_width, label_ids)
 
 

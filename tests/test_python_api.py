@@ -2,6 +2,7 @@
 record, no progress output on request, the caller's random streams left alone."""
 import random
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,58 @@ def test_the_readmes_python_example_names_what_the_library_has():
             assert hasattr(imported, name.strip()), f"README: {module}.{name.strip()} does not exist"
     for call in ("restore_stack", "restore_intensity", "save_model", "load_model"):
         assert call + "(" in block
+
+
+@pytest.mark.parametrize("factor", [Fraction(25, 8), np.array(4.0), np.float32(3.125), 2])
+def test_any_real_factor_above_1_is_a_factor(factor):
+    assert restore.check_factor(factor) == float(factor)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_cuda_index_is_a_device():
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        restore.restore_stack(np.ones((3, 16, 16), bool), 4, TINY, model=untrained({"factor": 4}), device=0)
+
+
+def test_settings_that_change_the_networks_input_must_agree_with_the_model(kept_ids):
+    """A model learned from one input (how Z was upsampled; for dense label images whether the interfaces are
+    in it): other settings are refused, the model's own restore."""
+    mask = kept_ids > 0
+    linear = untrained({"factor": 4, "upscale_method": "linear"})
+    with pytest.raises(UserError, match="UPSCALE_METHOD 'linear'"):
+        restore.restore_stack(mask, 4, TINY.with_values(UPSCALE_METHOD="nearest"), model=linear)
+    dense = kept_ids.astype(np.int64) + 1
+    boundaries = untrained({"factor": 4, "boundary_input": "linear", "restores": "boundaries"})
+    with pytest.raises(UserError, match="BOUNDARY_INPUT 'linear'"):
+        restore.restore_dense_labels(dense, 4, TINY, model=boundaries)  # TINY: interfaces, the default
+    restored = restore.restore_dense_labels(dense, 4, TINY.with_model_record(boundaries.config), model=boundaries,
+                                            progress=False)[0]
+    assert np.array_equal(restored[::4], dense)
+    # A record from before the setting existed was trained as the setting's model_absent says (linear input).
+    older = untrained({"factor": 4, "restores": "boundaries"})
+    with pytest.raises(UserError, match="BOUNDARY_INPUT 'linear'"):
+        restore.restore_dense_labels(dense, 4, TINY, model=older)
+
+
+def test_apply_refuses_what_the_model_or_the_kind_cannot_restore_before_reading(tmp_path, capsys):
+    """The command line's wording, at plan time (a dry run), for a TIFF and an OME-Zarr output alike."""
+    import apply
+    import tifffile
+    from data import save_stack
+
+    mask = np.zeros((9, 32, 32), np.uint8)
+    mask[:, 8:20, 10:24] = 255
+    save_stack(tmp_path / "mask.tif", mask, (1.0, 0.25, 0.25), "um")
+    tifffile.imwrite(tmp_path / "bits.tif", mask > 0)  # 1 bit per pixel, as bilevel masks are saved
+    boundaries = untrained({"factor": 4, "kind": "labels", "restores": "boundaries"})
+    save_model(tmp_path / "dense.pt", boundaries)
+    save_model(tmp_path / "linear.pt", untrained({"factor": 4, "upscale_method": "linear"}))
+    cases = [(["--input", tmp_path / "bits.tif", "--kind", "intensity", "--z-step", "4", "--xy-size", "1", "--unit",
+               "um"], "1-bit (bool) image"),
+             (["--input", tmp_path / "mask.tif", "--model", tmp_path / "dense.pt"], "restores the boundaries"),
+             (["--input", tmp_path / "mask.tif", "--model", tmp_path / "linear.pt", "--upscale-method", "nearest"],
+              "UPSCALE_METHOD 'linear'")]
+    for arguments, message in cases:
+        for output in ("o.tif", "o.ome.zarr"):
+            status = apply.main([str(a) for a in arguments + ["--output", tmp_path / output, "--dry-run"]])
+            assert status == 2 and message in capsys.readouterr().err, (arguments, output)
