@@ -40,9 +40,13 @@ VOXEL = (1.0, 0.25, 0.25)  # um: factor 4
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    """Every test: measured throughputs go to a tmp folder, never to the user's cache."""
+    """Every test: measured throughputs go to a tmp folder, never to the user's cache; the tests' runs of a few
+    seconds are recorded (a user's are not, plan.MIN_TIMED_S: test_short_phases_leave_no_rate)."""
+    import plan
+
     cache = tmp_path / "cache"
     monkeypatch.setenv("AXIAL_SR_CACHE", str(cache))
+    monkeypatch.setattr(plan, "MIN_TIMED_S", 0.0)
     return cache
 
 
@@ -468,6 +472,25 @@ def test_the_expected_time_uses_the_median_of_the_last_runs(private_cache):
     (private_cache / "throughput.json").write_text(json.dumps({key: {"train_pixels_per_s": 7.0,
                                                                      "restore_voxel_passes_per_s": "fast"}}))
     assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 7.0}
+
+
+def test_short_phases_leave_no_rate(private_cache, monkeypatch):
+    """A training or restore of a few seconds is mostly fixed costs: its rate would predict a full run several
+    times too long, so it is not kept."""
+    from types import SimpleNamespace
+
+    import plan as plan_module
+    from plan import record_throughput, recorded_throughput
+
+    monkeypatch.setattr(plan_module, "MIN_TIMED_S", 10.0)
+    plan = SimpleNamespace(factor=4, kind="mask", settings={"DEVICE": "cpu"}, output_voxels=1000, trained=True,
+                           network_work=lambda: 2, training_crop_pixels=lambda: 100_000)
+    record_throughput(plan, 9.0, restore_s=2.0)
+    assert recorded_throughput("mask", "cpu") is None and not (private_cache / "throughput.json").exists()
+    record_throughput(plan, 20.0, restore_s=2.0)
+    assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 5000.0}
+    record_throughput(plan, 5.0, restore_s=10.0)
+    assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 5000.0, "restore_voxel_passes_per_s": 200.0}
 
 
 def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_cache):
