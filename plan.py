@@ -375,12 +375,14 @@ def _throughput_table(path: Path) -> Dict[str, Any]:
 def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> None:
     """Keep the throughputs of a finished run, of each phase that took at least :data:`MIN_TIMED_S` (a cache:
     a failure to write it is no error)."""
+    if plan.factor == 1:
+        return
     measured = {}
     if restore_s >= MIN_TIMED_S:
         measured["restore_voxel_passes_per_s"] = plan.output_voxels * plan.network_work() / restore_s
     if plan.trained and train_s >= MIN_TIMED_S:
         measured["train_pixels_per_s"] = plan.training_crop_pixels() / train_s
-    if plan.factor == 1 or not measured:
+    if not measured:
         return
     path = throughput_file()
     key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""))

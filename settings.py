@@ -27,8 +27,8 @@ This module sits below the scripts: it imports only ``data`` (the file readers' 
 from __future__ import annotations
 
 import argparse
-import difflib
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
