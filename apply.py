@@ -487,7 +487,10 @@ def run_settings(args: argparse.Namespace, saved_config: Dict[str, Any], model) 
             warnings.warn(f"{', '.join(unused)} only change{'s' if len(unused) == 1 else ''} training: "
                           "with --model they have no effect (the model is trained already). Leave out --model "
                           "to train with them.", ToolWarning)
-        settings = settings.with_values(TRAIN_Z_SIZE=model.architecture["in_channels"])
+        # the given network's shape, which the restore runs and the plan's expected time is recorded under
+        settings = settings.with_values(TRAIN_Z_SIZE=model.architecture["in_channels"],
+                                        BASE_FILTERS=model.architecture["base_filters"],
+                                        DEPTH=model.architecture["depth"])
     return settings.validate()
 
 

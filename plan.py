@@ -160,7 +160,7 @@ class RestorePlan:
         """Training plus restore time from the throughputs recorded on this machine class, or None."""
         if self.factor == 1:
             return None
-        rates = recorded_throughput(self.kind, self.settings.inference.device or "")
+        rates = recorded_throughput(self.kind, self.settings.inference.device or "", self.network_shape())
         if (rates is None or not rates.get("restore_voxel_passes_per_s")
                 or (self.trained and not rates.get("train_pixels_per_s"))):
             return None
@@ -180,6 +180,12 @@ class RestorePlan:
         if not self.block_size:
             return 1.0
         return blocks.tile_work(self.output_shape, self.block_size, self.inference())
+
+    def network_shape(self) -> Tuple[int, int]:
+        """The network's first-level width and depth (``BASE_FILTERS``, ``DEPTH``; a given model's own,
+        ``apply.run_settings``): its cost per pixel, so the key its rates are recorded under."""
+        network = self.settings.network
+        return network.base_filters, network.depth
 
     def network_work(self) -> float:
         """Network work per output voxel, in passes over each voxel once: :meth:`network_passes` times the
@@ -328,8 +334,12 @@ def throughput_file() -> Path:
     return Path(folder) / "throughput.json"
 
 
-def _throughput_key(kind: str, device: str) -> str:
-    return f"{machine_key(device)} | {'intensity' if kind == 'intensity' else 'mask'}"
+def _throughput_key(kind: str, device: str, network_shape: Tuple[int, int] = (16, 3)) -> str:
+    """The cache's key: the machine class, the kind's recipe family and the network's width and depth (a network
+    of 4 filters runs about 10x faster than the default 16, so its rates would mislead a default plan)."""
+    base_filters, depth = network_shape
+    return (f"{machine_key(device)} | {'intensity' if kind == 'intensity' else 'mask'} | "
+            f"{base_filters} filters, depth {depth}")
 
 
 # Runs kept per rate: the expected time uses their median, so that one run slowed by another job on the machine
@@ -341,10 +351,11 @@ THROUGHPUT_RUNS = 5
 MIN_TIMED_S = 10.0
 
 
-def recorded_throughput(kind: str, device: str = "") -> Optional[Dict[str, float]]:
-    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` measured here for ``kind``: the median of the
-    last :data:`THROUGHPUT_RUNS` runs of each, or None."""
-    runs = _recorded_runs(_throughput_table(throughput_file()), _throughput_key(kind, device))
+def recorded_throughput(kind: str, device: str = "", network_shape: Tuple[int, int] = (16, 3)
+                        ) -> Optional[Dict[str, float]]:
+    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` measured here for ``kind`` and a network of
+    ``network_shape`` (base filters, depth): the median of the last :data:`THROUGHPUT_RUNS` runs of each, or None."""
+    runs = _recorded_runs(_throughput_table(throughput_file()), _throughput_key(kind, device, network_shape))
     return {name: float(np.median(values)) for name, values in runs.items()} if runs else None
 
 
@@ -385,7 +396,7 @@ def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> No
     if not measured:
         return
     path = throughput_file()
-    key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""))
+    key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""), plan.network_shape())
     table = _throughput_table(path)
     runs = _recorded_runs(table, key)
     for name, rate in measured.items():

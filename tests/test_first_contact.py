@@ -458,7 +458,8 @@ def test_the_expected_time_uses_the_median_of_the_last_runs(private_cache):
     from plan import THROUGHPUT_RUNS, record_throughput, recorded_throughput
 
     plan = SimpleNamespace(factor=4, kind="mask", settings={"DEVICE": "cpu"}, output_voxels=1000, trained=True,
-                           network_work=lambda: 2, training_crop_pixels=lambda: 100_000)
+                           network_work=lambda: 2, training_crop_pixels=lambda: 100_000,
+                           network_shape=lambda: (16, 3))
     private_cache.mkdir(parents=True)
     for train_s in (10.0, 10.0, 250.0, 10.0):
         record_throughput(plan, train_s, restore_s=1.0)
@@ -474,6 +475,22 @@ def test_the_expected_time_uses_the_median_of_the_last_runs(private_cache):
     assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 7.0}
 
 
+def test_a_narrower_network_keeps_its_rates_apart(private_cache):
+    """A network of 4 filters trains about ten times faster than the default 16: its rates are kept under its own
+    key, so that a quick test run with --base-filters 4 does not make a default plan's expected time too short."""
+    from types import SimpleNamespace
+
+    from plan import record_throughput, recorded_throughput
+
+    narrow = SimpleNamespace(factor=4, kind="mask", settings={"DEVICE": "cpu"}, output_voxels=1000, trained=True,
+                             network_work=lambda: 2, training_crop_pixels=lambda: 100_000,
+                             network_shape=lambda: (4, 3))
+    record_throughput(narrow, 20.0, restore_s=20.0)
+    assert recorded_throughput("mask", "cpu") is None
+    assert recorded_throughput("mask", "cpu", (4, 3)) == {"train_pixels_per_s": 5000.0,
+                                                          "restore_voxel_passes_per_s": 100.0}
+
+
 def test_short_phases_leave_no_rate(private_cache, monkeypatch):
     """A training or restore of a few seconds is mostly fixed costs: its rate would predict a full run several
     times too long, so it is not kept."""
@@ -484,7 +501,8 @@ def test_short_phases_leave_no_rate(private_cache, monkeypatch):
 
     monkeypatch.setattr(plan_module, "MIN_TIMED_S", 10.0)
     plan = SimpleNamespace(factor=4, kind="mask", settings={"DEVICE": "cpu"}, output_voxels=1000, trained=True,
-                           network_work=lambda: 2, training_crop_pixels=lambda: 100_000)
+                           network_work=lambda: 2, training_crop_pixels=lambda: 100_000,
+                           network_shape=lambda: (16, 3))
     record_throughput(plan, 9.0, restore_s=2.0)
     assert recorded_throughput("mask", "cpu") is None and not (private_cache / "throughput.json").exists()
     record_throughput(plan, 20.0, restore_s=2.0)
@@ -504,13 +522,17 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
     (runs,) = table.values()  # one run of each rate kept, so far
     rates = {name: values[0] for name, values in runs.items()}
     assert rates["train_pixels_per_s"] > 0 and rates["restore_voxel_passes_per_s"] > 0
+    status, printed, _ = run_apply(capsys, *dry)  # the run's narrow network says nothing of the default one's time
+    assert status == 0 and plan_of(printed)["expected time"].startswith("not known yet")
+    dry.extend(["--base-filters", "4"])
     status, printed, _ = run_apply(capsys, *dry)
     assert status == 0
     match = re.fullmatch(r"about (\d+) s on .+ \(from earlier runs here\)", plan_of(printed)["expected time"])
     assert match, plan_of(printed)["expected time"]
-    # The estimate is the plan's work at the measured rates (416 crops of 64 x 64, 3 epochs fine-tuning the starting
-    # model; 65 x 64 x 64 voxels, two orientations and no flips for a mask).
-    expected = 416 * 64 * 64 * 3 / rates["train_pixels_per_s"] + 65 * 64 * 64 * 2 / rates["restore_voxel_passes_per_s"]
+    # The estimate is the plan's work at the measured rates (416 crops of 64 x 64, 4 epochs from random weights, as
+    # the starting model has 16 filters; 65 x 64 x 64 voxels, two orientations and no flips for a mask).
+    assert plan_of(printed)["training"].startswith("416 crops of 5 x 64 x 64")
+    expected = 416 * 64 * 64 * 4 / rates["train_pixels_per_s"] + 65 * 64 * 64 * 2 / rates["restore_voxel_passes_per_s"]
     # A restore rate is per network pass: with test-time flips the same plan expects four times the restore.
     status, printed, _ = run_apply(capsys, *dry, "--tta-flips")
     flipped = re.fullmatch(r"about (\d+) s on .+", plan_of(printed)["expected time"])
@@ -520,7 +542,7 @@ def test_dry_run_after_a_run_gives_the_expected_time(tmp_path, capsys, private_c
     assert not (tmp_path / "never.tif").exists()
     # Block by block, 32-px blocks of this 64-px stack each compute the planes' one tile: twice the restore's work.
     status, printed, _ = run_apply(capsys, "--input", source, "--output", tmp_path / "never.ome.zarr", "--block-size",
-                                   "32", "--dry-run")
+                                   "32", "--dry-run", "--base-filters", "4")
     blockwise = re.fullmatch(r"about (\d+) s on .+", plan_of(printed)["expected time"])
     assert status == 0 and int(blockwise.group(1)) == round(expected + 65 * 64 * 64 * 2
                                                             / rates["restore_voxel_passes_per_s"])
