@@ -324,19 +324,20 @@ def select_device(device: Optional[str] = None) -> torch.device:
     that is no device name or that this machine does not have."""
     if not device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    named = f"Device '{device}' (--device, or device= from Python)"
     try:
         chosen = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device '{device}' is not a device: use cpu, cuda or cuda:N (or leave it out: CUDA "
+        raise UserError(f"{named} is not a device: use cpu, cuda or cuda:N (or leave it out: CUDA "
                         "when available, else the CPU).") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: this machine has no CUDA GPU that torch can use (torch "
-                        f"{torch.__version__}). Leave out --device to run on the CPU.")
+        raise UserError(f"{named}: this machine has no CUDA GPU that torch can use (torch "
+                        f"{torch.__version__}). Leave the device out to run on the CPU.")
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise UserError(f"{named}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"numbered from 0.")
     if chosen.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device}: only cpu and cuda are supported.")
+        raise UserError(f"{named}: only cpu and cuda are supported.")
     return chosen
 
 

@@ -714,7 +714,7 @@ def test_device_errors_are_one_line(tmp_path, capsys, device, fragment):
     out = tmp_path / "o.tif"
     status, printed, err = run_apply(capsys, "--input", source, "--output", out, "--device", device, *CHEAP)
     assert status == 2
-    assert_one_error_line(err, f"--device {device}" if device == "cuda" else f"--device '{device}'", fragment)
+    assert_one_error_line(err, f"Device '{device}' (--device", fragment)
     assert not out.exists() and "Epoch" not in printed
 
 
