@@ -443,11 +443,15 @@ def check_outputs(args: argparse.Namespace, targets: Sequence[Path]) -> None:
     resumable = {str(t) for t in targets + extra if zarr_io.is_zarr_path(t)} if resume else set()
     if resume_replaces_saved_model(args, targets):
         resumable.add(str(args.save_model))
-    clashes = [str(t) for t in list(targets) + extra if t.exists() and str(t) not in resumable]
+    clashes = [(str(path), what) for path, what in output_files(args, targets)
+               if path.exists() and str(path) not in resumable]
     if clashes and not args.overwrite:
-        raise OutputExistsError(f"Output exists: {', '.join(clashes)}. Choose another --output or pass --overwrite"
+        # Each clash by the flag that names it: a model file is given by --save-model, not --output.
+        flags = sorted({"--save-model" if what.startswith("model") else "--output" for _, what in clashes})
+        raise OutputExistsError(f"Output exists: {', '.join(path for path, _ in clashes)}. Choose another "
+                                f"{' or '.join(flags)} or pass --overwrite"
                                 + (" (or --resume for an interrupted OME-Zarr output)." if any(
-                                    zarr_io.is_zarr_path(c) for c in clashes) else "."))
+                                    zarr_io.is_zarr_path(path) for path, _ in clashes) else "."))
 
 
 def resume_replaces_saved_model(args: argparse.Namespace, targets: Sequence[Path]) -> bool:
@@ -636,7 +640,7 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
         save_stack(plan.target, labels if plan.kind == "labels" else stack, plan.voxel_in_zyx, plan.unit,
                    overwrite=args.overwrite, encode_mask=plan.written_mask_values.encode,
                    grey_values=plan.kind == "intensity")
-    print(f"Wrote {plan.target}: the stack is already isotropic, converted without restoring.")
+    print(f"Wrote {plan.target}: converted without restoring ({plan.conversion_reason()}).")
 
 
 def check_kind_flags(args: argparse.Namespace, kind: str, path: Optional[Path] = None) -> None:

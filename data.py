@@ -92,7 +92,8 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2,
     nearest = int(math.floor(ratio + 0.5))
     if nearest < 1:
         raise UserError(f"The Z step ({z_step:g}) is less than half the XY pixel size ({xy_size:g}): nothing is "
-                        "missing along Z. Check the voxel size (the Z step comes first: --z-step).")
+                        "missing along Z. Check the voxel size: the Z step comes first (--z-step), and both sizes are "
+                        "in one unit (a size typed without --unit is taken in the file's unit: add --unit nm or um).")
     integer = abs(ratio - nearest) <= INTEGER_RATIO_TOLERANCE * ratio
     fractional = not integer and rounding == "isotropic" and ratio >= SMALLEST_FRACTIONAL_RATIO
     factor = ratio if fractional else nearest

@@ -10,23 +10,11 @@ the class is the emulated one.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-from model import ONEDNN_NO_CAP, cpu_computes_bf16, onednn_isa_cap, select_device
-
-
-def cpuinfo_field(name: str) -> Optional[str]:
-    """The value of the first ``name`` line of /proc/cpuinfo (Linux), or None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.lower().startswith(name):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+from model import ONEDNN_NO_CAP, cpu_computes_bf16, cpuinfo_field, onednn_isa_cap, select_device
 
 
 @lru_cache(maxsize=1)

@@ -291,19 +291,59 @@ def cpu_computes_bf16() -> bool:
     return hardware and onednn_allows and aten_allows
 
 
-def cpu_prefers_bf16() -> bool:
-    """True where bfloat16 is the faster arithmetic on this CPU: AMX, which oneDNN and torch may use (no cap
-    below it). AVX512-BF16 alone computes bfloat16 natively but not faster: on an AVX-512 Xeon without AMX the
-    everyday job ran 1.36x slower in bfloat16 than in float32, a training step 1.27x (docs/speed-by-machine.md)."""
+def cpuinfo_field(name: str) -> Optional[str]:
+    """The value of the first ``name`` line of /proc/cpuinfo (Linux), or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.lower().startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_is_amd() -> bool:
+    """True on an AMD CPU (Linux: /proc/cpuinfo's vendor; Windows: the platform's processor string)."""
+    import platform
+
+    return "AuthenticAMD" in (cpuinfo_field("vendor_id") or platform.processor() or "")
+
+
+def cpu_has_amx() -> bool:
+    """True where this CPU has AMX tiles and oneDNN may use them (no cap on the instruction set below AMX)."""
     hardware = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     onednn_cap = onednn_isa_cap()
-    onednn_allows = onednn_cap in ONEDNN_NO_CAP or "AMX" in onednn_cap
-    return hardware and onednn_allows and cpu_computes_bf16()
+    return hardware and (onednn_cap in ONEDNN_NO_CAP or "AMX" in onednn_cap) and cpu_computes_bf16()
+
+
+def cpu_prefers_bf16() -> bool:
+    """True where bfloat16 is the faster arithmetic on this CPU, as measured natively (docs/speed-by-machine.md):
+    AMX (Intel Sapphire Rapids and later), and AVX512-BF16 on AMD (Zen 4 and later: the everyday job 1.6x faster
+    than in float32), whose bfloat16 dot products run at twice float32's rate. Not Intel's AVX512-BF16 without
+    AMX, where they run at float32's rate plus conversions: the same job 1.36x slower than in float32."""
+    return cpu_has_amx() or (cpu_computes_bf16() and cpu_is_amd())
+
+
+def precision_reason(precision: str, device: torch.device) -> str:
+    """Why :func:`resolve_precision` chooses what it does, in the plan's words."""
+    if precision in ("fp32", "bf16"):
+        return f"--precision {precision}"
+    if device.type == "cuda":
+        return "auto: this GPU computes bfloat16 natively" if torch.cuda.is_bf16_supported() else \
+            "auto: this GPU has no native bfloat16"
+    if cpu_has_amx():
+        return "auto: AMX, where bfloat16 is the faster arithmetic; --precision fp32 for float32"
+    if cpu_prefers_bf16():
+        return "auto: AVX512-BF16 on an AMD CPU, where bfloat16 is the faster arithmetic; --precision fp32 for float32"
+    if cpu_computes_bf16():
+        return "auto: bfloat16 is not faster on this CPU without AMX"
+    return "auto: this CPU has no bfloat16 arithmetic"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for ``PRECISION``: 'auto' is bfloat16 where it is the faster arithmetic (AMX CPUs,
-    :func:`cpu_prefers_bf16`; GPUs that compute it natively, Ampere and later), else float32."""
+    """The compute dtype for ``PRECISION``: 'auto' is bfloat16 where it is the faster arithmetic (AMX CPUs and
+    AMD CPUs with AVX512-BF16, :func:`cpu_prefers_bf16`; GPUs that compute it natively, Ampere and later), else float32."""
     if precision not in PRECISIONS:
         raise UserError(f"PRECISION must be one of {PRECISIONS}, got '{precision}'.")
     if precision == "fp32":

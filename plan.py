@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 import blocks
 import labeling
 import restore
 import zarr_io
-from data import MaskValues, grey_dtype
+from data import INTEGER_RATIO_TOLERANCE, SMALLEST_FRACTIONAL_RATIO, MaskValues, grey_dtype
 from machine import machine_key
+from model import precision_reason, resolve_precision, select_device
 from morph import is_integer_factor, restored_depth, slices_on_grid
 from settings import Settings
 from tiff_io import StackChoice, is_ome_tiff_path, tiff_grey_dtype
@@ -160,7 +162,8 @@ class RestorePlan:
         """Training plus restore time from the throughputs recorded on this machine class, or None."""
         if self.factor == 1:
             return None
-        rates = recorded_throughput(self.kind, self.settings.inference.device or "", self.network_shape())
+        rates = recorded_throughput(self.kind, self.settings.inference.device or "", self.network_shape(),
+                                    self.settings.training.precision)
         if (rates is None or not rates.get("restore_voxel_passes_per_s")
                 or (self.trained and not rates.get("train_pixels_per_s"))):
             return None
@@ -186,6 +189,16 @@ class RestorePlan:
         ``apply.run_settings``): its cost per pixel, so the key its rates are recorded under."""
         network = self.settings.network
         return network.base_filters, network.depth
+
+    def arithmetic_line(self) -> str:
+        """The network's arithmetic (``PRECISION``) on this run's device, and why."""
+        device = select_device(self.settings.inference.device or None)
+        precision = self.settings.training.precision
+        dtype = resolve_precision(precision, device)
+        # Masks and label images score the same in both (IoU within 0.0005); grey values lost 0.15 dB PSNR.
+        cost = ("; grey values scored 0.15 dB PSNR higher in float32 where measured, for 1.4x the time"
+                if self.kind == "intensity" and precision == "auto" and dtype != torch.float32 else "")
+        return f"{_dtype_name(dtype)} ({precision_reason(precision, device)}{cost})"
 
     def network_work(self) -> float:
         """Network work per output voxel, in passes over each voxel once: :meth:`network_passes` times the
@@ -253,8 +266,9 @@ class RestorePlan:
             f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
             *([f"block work: {block_work}"] if block_work else []),
             f"training: {self.training_line()}",
+            *([f"arithmetic: {self.arithmetic_line()}"] if self.factor != 1 else []),
             *([f"test-time flips: {self.flips_line()}"] if self.factor != 1 else []),
-            *([f"label ids: {self.label_rule}"] if self.label_rule else []),
+            *([f"label ids: {self.label_rule}"] if self.label_rule and self.factor != 1 else []),
             f"expected time: {self.expected_line()}",
         ]
         return lines + [f"recipe fitted to the stack: {note}" for note in self.notes]
@@ -265,21 +279,31 @@ class RestorePlan:
             return "seconds: a conversion, no network runs"
         expected = self.expected_seconds()
         if expected is None:
-            return "not known yet (no run measured on this machine class)"
+            return "not known yet (no run of this network and arithmetic measured on this machine class)"
         return f"about {expected:.0f} s on {machine_key(self.settings.inference.device or '')} (from earlier runs here)"
 
     def factor_line(self) -> str:
         """The factor, where it comes from and what it does to the Z grid."""
         said = f"{self.factor:g} from {self.factor_reason}"
         if self.factor == 1:
-            return said + ": already isotropic, the stack is converted, not restored"
+            return f"{said}: {self.conversion_reason()}; the stack is converted, not restored"
         if is_integer_factor(self.factor):
             return said
         n_kept = self.shape_khw[0]
         on_grid = len(slices_on_grid(n_kept, self.factor, self.output_shape[0])[0])
+        falls = "falls on an output slice and is" if on_grid == 1 else "fall on an output slice and are"
         return (said + f": not an integer, so the output grid is isotropic (Z step = XY pixel size); {on_grid} of "
-                f"the {n_kept} kept slices fall on an output slice and are kept verbatim, the others fall between "
+                f"the {n_kept} kept slices {falls} kept verbatim, the others fall between "
                 "two and are restored around (--factor-rounding nearest rounds the factor and keeps every slice verbatim)")
+
+    def conversion_reason(self) -> str:
+        """Why a factor-1 stack is converted: already isotropic, or a Z/XY ratio below 1.5 (rounded to 1 by
+        ``data.factor_from_voxel_size``: less than half a slice would be added per step), whose Z step stays."""
+        ratio = self.voxel_in_zyx[0] / self.voxel_in_zyx[2]
+        if abs(ratio - 1) <= INTEGER_RATIO_TOLERANCE * ratio:
+            return "already isotropic"
+        return (f"the Z/XY ratio {ratio:.3g} is below {SMALLEST_FRACTIONAL_RATIO:g}: less than half a slice would be "
+                f"added per step, so the output keeps the input's Z step, {ratio:.3g} times the pixel size")
 
     def training_line(self) -> str:
         if self.factor == 1:
@@ -334,12 +358,20 @@ def throughput_file() -> Path:
     return Path(folder) / "throughput.json"
 
 
-def _throughput_key(kind: str, device: str, network_shape: Tuple[int, int] = (16, 3)) -> str:
-    """The cache's key: the machine class, the kind's recipe family and the network's width and depth (a network
-    of 4 filters runs about 10x faster than the default 16, so its rates would mislead a default plan)."""
+def _throughput_key(kind: str, device: str, network_shape: Tuple[int, int] = (16, 3), precision: str = "auto") -> str:
+    """The cache's key: the machine class, the kind's recipe family, the network's width and depth (a network
+    of 4 filters runs about 10x faster than the default 16, so its rates would mislead a default plan) and its
+    arithmetic (``precision`` resolved on ``device``: bfloat16 runs 1.4-2.5x faster or slower than float32,
+    by CPU)."""
     base_filters, depth = network_shape
+    arithmetic = _dtype_name(resolve_precision(precision, select_device(device or None)))
     return (f"{machine_key(device)} | {'intensity' if kind == 'intensity' else 'mask'} | "
-            f"{base_filters} filters, depth {depth}")
+            f"{base_filters} filters, depth {depth} | {arithmetic}")
+
+
+def _dtype_name(dtype: Any) -> str:
+    """'float32' for torch.float32, 'bfloat16' for torch.bfloat16."""
+    return str(dtype).replace("torch.", "")
 
 
 # Runs kept per rate: the expected time uses their median, so that one run slowed by another job on the machine
@@ -351,11 +383,13 @@ THROUGHPUT_RUNS = 5
 MIN_TIMED_S = 10.0
 
 
-def recorded_throughput(kind: str, device: str = "", network_shape: Tuple[int, int] = (16, 3)
-                        ) -> Optional[Dict[str, float]]:
-    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` measured here for ``kind`` and a network of
-    ``network_shape`` (base filters, depth): the median of the last :data:`THROUGHPUT_RUNS` runs of each, or None."""
-    runs = _recorded_runs(_throughput_table(throughput_file()), _throughput_key(kind, device, network_shape))
+def recorded_throughput(kind: str, device: str = "", network_shape: Tuple[int, int] = (16, 3),
+                        precision: str = "auto") -> Optional[Dict[str, float]]:
+    """``train_pixels_per_s`` and ``restore_voxel_passes_per_s`` measured here for ``kind``, a network of
+    ``network_shape`` (base filters, depth) and ``precision`` (``PRECISION``): the median of the last
+    :data:`THROUGHPUT_RUNS` runs of each, or None."""
+    runs = _recorded_runs(_throughput_table(throughput_file()),
+                          _throughput_key(kind, device, network_shape, precision))
     return {name: float(np.median(values)) for name, values in runs.items()} if runs else None
 
 
@@ -396,7 +430,8 @@ def record_throughput(plan: RestorePlan, train_s: float, restore_s: float) -> No
     if not measured:
         return
     path = throughput_file()
-    key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""), plan.network_shape())
+    key = _throughput_key(plan.kind, plan.settings.get("DEVICE", ""), plan.network_shape(),
+                          plan.settings.get("PRECISION", "auto"))
     table = _throughput_table(path)
     runs = _recorded_runs(table, key)
     for name, rate in measured.items():

@@ -194,7 +194,8 @@ class Training:
                                   "boundaries of per-label shape-based interpolation along each plane (interfaces)",
                                   constant="BOUNDARY_INPUT", group="advanced", choices=BOUNDARY_INPUTS,
                                   model="read", inference=True, model_absent="linear")
-    precision: str = setting("auto", "network arithmetic: auto (bfloat16 where it is faster: AMX CPUs, recent GPUs), "
+    precision: str = setting("auto", "network arithmetic: auto (bfloat16 where it is faster: AMX CPUs, AMD CPUs with "
+                             "AVX512-BF16, recent GPUs), "
                              "fp32 or bf16", constant="PRECISION", group="advanced", choices=PRECISIONS,
                              model="recorded", inference=True)
     lateral_axes: str = setting("yx", "degrade training crops along Y and X at random (yx) or along Y only (y)",

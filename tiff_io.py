@@ -458,7 +458,9 @@ LENGTH_UNITS_IN_UM = {"pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "um": 1.0, "µm": 1.0,
 
 def length_scale(from_unit: Optional[str], to_unit: Optional[str]) -> Optional[float]:
     """The factor that expresses lengths in ``from_unit`` in ``to_unit`` (short names, ``LENGTH_UNITS_IN_UM``):
-    1.0 for one unit, None where either is no length unit (the callers' errors say what to pass)."""
+    1.0 for one unit, None where either is no length unit (the callers' errors say what to pass). Spellings of one
+    unit are one unit (:func:`normal_unit`: the Greek mu of an OME-TIFF's 'μm' is the micro sign's 'µm')."""
+    from_unit, to_unit = normal_unit(from_unit) or from_unit, normal_unit(to_unit) or to_unit
     if from_unit == to_unit:
         return 1.0
     if from_unit not in LENGTH_UNITS_IN_UM or to_unit not in LENGTH_UNITS_IN_UM:

@@ -241,6 +241,25 @@ def test_apply_can_round_the_factor_instead(tmp_path, capsys):
     assert "output voxel size: 0.133333 x 0.16 x 0.16 um" in printed
 
 
+def test_a_ratio_below_one_and_a_half_is_converted_and_not_called_isotropic(tmp_path, capsys):
+    """A 0.21 um Z step under 0.15 um pixels (ratio 1.4) is rounded to factor 1: the plan and the last line say
+    why the output keeps the input's Z step, not that the stack is isotropic, and name no label rule."""
+    source = tmp_path / "cells.tif"
+    cells = make_sample_labels((8, 40, 48), seed=3).astype(np.uint16)
+    tifffile.imwrite(source, cells, imagej=True, resolution=(1 / 0.15, 1 / 0.15),
+                     metadata={"spacing": 0.21, "unit": "um", "axes": "ZYX"})
+    target = tmp_path / "cells_out.tif"
+    with pytest.warns(UserWarning, match="rounds to 1"):
+        assert apply.main(["--input", str(source), "--output", str(target), "--kind", "labels"]) == 0
+    printed = capsys.readouterr().out
+    factor_line = next(line for line in printed.splitlines() if line.startswith("factor: "))
+    assert "the Z/XY ratio 1.4 is below 1.5" in factor_line and "isotropic" not in factor_line
+    assert "label ids:" not in printed and "converted without restoring (the Z/XY ratio 1.4" in printed
+    np.testing.assert_array_equal(tifffile.imread(target), cells)
+    with tifffile.TiffFile(target) as tif:
+        assert tif.imagej_metadata["spacing"] == pytest.approx(0.21)
+
+
 # --------------------------------------------------------------------------- #
 # bench.py on the isotropic grid
 # --------------------------------------------------------------------------- #

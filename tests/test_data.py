@@ -386,12 +386,13 @@ def test_make_sample_labels_ids_and_touching_pair():
 
 
 
-def test_ome_sizes_in_different_units_are_converted(tmp_path):
+@pytest.mark.parametrize("micro", ["\u00b5m", "\u03bcm"])  # the micro sign and the Greek mu: both are in use
+def test_ome_sizes_in_different_units_are_converted(tmp_path, micro):
     from data import read_calibration
 
     path = tmp_path / "mixed.ome.tif"
     tifffile.imwrite(path, np.zeros((3, 16, 16), np.uint8), ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeZ": 0.04, "PhysicalSizeZUnit": "µm",
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 0.04, "PhysicalSizeZUnit": micro,
                                "PhysicalSizeY": 5, "PhysicalSizeYUnit": "nm",
                                "PhysicalSizeX": 5, "PhysicalSizeXUnit": "nm"})
     voxel, unit = read_calibration(path)

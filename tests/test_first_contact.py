@@ -475,7 +475,7 @@ def test_the_expected_time_uses_the_median_of_the_last_runs(private_cache):
     assert recorded_throughput("mask", "cpu") == {"train_pixels_per_s": 7.0}
 
 
-def test_a_narrower_network_keeps_its_rates_apart(private_cache):
+def test_a_narrower_network_or_another_arithmetic_keeps_its_rates_apart(private_cache):
     """A network of 4 filters trains about ten times faster than the default 16: its rates are kept under its own
     key, so that a quick test run with --base-filters 4 does not make a default plan's expected time too short."""
     from types import SimpleNamespace
@@ -489,6 +489,13 @@ def test_a_narrower_network_keeps_its_rates_apart(private_cache):
     assert recorded_throughput("mask", "cpu") is None
     assert recorded_throughput("mask", "cpu", (4, 3)) == {"train_pixels_per_s": 5000.0,
                                                           "restore_voxel_passes_per_s": 100.0}
+    # bfloat16 runs 1.4-2.5x faster or slower than float32 by CPU: each arithmetic keeps its own rates.
+    in_bf16 = SimpleNamespace(**dict(vars(narrow), settings={"DEVICE": "cpu", "PRECISION": "bf16"},
+                                     network_shape=lambda: (16, 3)))
+    record_throughput(in_bf16, 10.0, restore_s=20.0)
+    assert recorded_throughput("mask", "cpu", (16, 3), "fp32") is None
+    assert recorded_throughput("mask", "cpu", (16, 3), "bf16") == {"train_pixels_per_s": 10_000.0,
+                                                                   "restore_voxel_passes_per_s": 100.0}
 
 
 def test_short_phases_leave_no_rate(private_cache, monkeypatch):
@@ -862,17 +869,32 @@ def test_emulated_avx2_cpu_computes_in_float32(monkeypatch):
     assert model_module.cpu_computes_bf16() is True
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert model_module.cpu_computes_bf16() is True
-    # AVX512-BF16 without AMX computes bfloat16, but float32 is faster there: auto chooses float32.
+    # Intel's AVX512-BF16 without AMX computes bfloat16, but float32 is faster there: auto chooses float32.
+    monkeypatch.setattr(model_module, "cpu_is_amd", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert model_module.resolve_precision("auto", cpu) == torch.float32
+    assert model_module.precision_reason("auto", cpu) == "auto: bfloat16 is not faster on this CPU without AMX"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert model_module.resolve_precision("auto", cpu) == torch.bfloat16  # AMX: bfloat16
+    assert model_module.precision_reason("auto", cpu).startswith("auto: AMX")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX capped off, as on an AVX-512-BF16 part
     assert model_module.cpu_computes_bf16() is True and model_module.resolve_precision("auto", cpu) == torch.float32
+    # AMD's AVX512-BF16 (Zen 4 and later) runs bfloat16 dot products at twice float32's rate: auto chooses bfloat16.
+    monkeypatch.setattr(model_module, "cpu_is_amd", lambda: True)
+    assert model_module.resolve_precision("auto", cpu) == torch.bfloat16
+    assert model_module.precision_reason("auto", cpu).startswith("auto: AVX512-BF16 on an AMD CPU")
+    assert model_module.precision_reason("fp32", cpu) == "--precision fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # capped below bfloat16 on the same AMD CPU: float32
+    assert model_module.resolve_precision("auto", cpu) == torch.float32
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert model_module.resolve_precision("fp32", cpu) == torch.float32
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")  # oneDNN's older name for the cap
     assert model_module.cpu_computes_bf16() is False
+    monkeypatch.undo()  # the vendor, as /proc/cpuinfo names it
+    monkeypatch.setattr(model_module, "cpuinfo_field", lambda name: "AuthenticAMD" if name == "vendor_id" else None)
+    assert model_module.cpu_is_amd() is True
+    monkeypatch.setattr(model_module, "cpuinfo_field", lambda name: "GenuineIntel" if name == "vendor_id" else None)
+    assert model_module.cpu_is_amd() is False
 
 
 def amx_cpu(monkeypatch, capability="AVX512"):

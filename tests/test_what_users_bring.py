@@ -354,7 +354,9 @@ def test_resume_replaces_only_its_own_model_file(tmp_path, capsys):
             str(notes)] + CHEAP
     assert apply.main(args + ["--max-blocks", "1"]) == 2  # not a resume: an existing file is an existing file
     assert apply.main(args + ["--resume"]) == 2
-    assert "Output exists" in capsys.readouterr().err and notes.read_text() == "not a model"
+    err = capsys.readouterr().err
+    assert f"Output exists: {notes}. Choose another --save-model or pass --overwrite" in err  # the flag that named it
+    assert notes.read_text() == "not a model"
 
 
 def test_mask_values_come_from_every_slice_where_the_sample_misses_the_object(tmp_path, capsys, tiny_model_args):
