@@ -626,7 +626,8 @@ def restore_into_tiff(args: argparse.Namespace, plan: RestorePlan, model) -> Non
 
 
 def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
-    """A stack that is already isotropic (factor 1): written in the output's format, values unchanged."""
+    """A stack of factor 1 (already isotropic, or a Z/XY ratio below 1.5: ``plan.conversion_reason``): written in
+    the output's format, values and Z step unchanged."""
     to_zarr = zarr_io.is_zarr_path(plan.target)
     stack, labels = read_input(plan, None if to_zarr else np.uint16)
     if plan.kind == "intensity":

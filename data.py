@@ -65,7 +65,8 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2,
     z_step, xy_size : float, in one unit
     minimum : int
         The smallest factor accepted: 2 to simulate missing slices (eval.py),
-        1 where an already isotropic stack is converted instead (apply.py).
+        1 where a stack of factor 1 (isotropic, or a ratio below 1.5) is
+        converted instead (apply.py).
     rounding : {'isotropic', 'nearest'}
 
     Returns

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 import blocks
 import labeling
@@ -41,8 +40,8 @@ PROCESS_BYTES = blocks.PROCESS_BYTES
 class RestorePlan:
     """One input's restore, as decided before any work.
 
-    ``factor`` 1 means the stack is already isotropic: it is converted to the
-    output's format, not restored. ``settings`` is the recipe fitted to the
+    ``factor`` 1 (already isotropic, or a Z/XY ratio below 1.5: :meth:`conversion_reason`)
+    means the stack is converted to the output's format, not restored. ``settings`` is the recipe fitted to the
     stack (``restore.fit_recipe_to_stack``), ``notes`` what the fitting changed.
     """
     path: Path
@@ -195,10 +194,7 @@ class RestorePlan:
         device = select_device(self.settings.inference.device or None)
         precision = self.settings.training.precision
         dtype = resolve_precision(precision, device)
-        # Masks and label images score the same in both (IoU within 0.0005); grey values lost 0.15 dB PSNR.
-        cost = ("; grey values scored 0.15 dB PSNR higher in float32 where measured, for 1.4x the time"
-                if self.kind == "intensity" and precision == "auto" and dtype != torch.float32 else "")
-        return f"{_dtype_name(dtype)} ({precision_reason(precision, device)}{cost})"
+        return f"{_dtype_name(dtype)} ({precision_reason(precision, device, self.kind)})"
 
     def network_work(self) -> float:
         """Network work per output voxel, in passes over each voxel once: :meth:`network_passes` times the
@@ -297,11 +293,15 @@ class RestorePlan:
                 "two and are restored around (--factor-rounding nearest rounds the factor and keeps every slice verbatim)")
 
     def conversion_reason(self) -> str:
-        """Why a factor-1 stack is converted: already isotropic, or a Z/XY ratio below 1.5 (rounded to 1 by
-        ``data.factor_from_voxel_size``: less than half a slice would be added per step), whose Z step stays."""
+        """Why a factor-1 stack is converted: already isotropic, a Z step finer than the pixels, or a Z/XY ratio
+        below 1.5 (rounded to 1 by ``data.factor_from_voxel_size``: less than half a slice would be added per step);
+        in the last two the input's Z step stays."""
         ratio = self.voxel_in_zyx[0] / self.voxel_in_zyx[2]
         if abs(ratio - 1) <= INTEGER_RATIO_TOLERANCE * ratio:
             return "already isotropic"
+        if ratio < 1:
+            return (f"the Z step is finer than the pixel size (Z/XY ratio {ratio:.3g}): nothing is missing along Z, so "
+                    "the output keeps the input's Z step")
         return (f"the Z/XY ratio {ratio:.3g} is below {SMALLEST_FRACTIONAL_RATIO:g}: less than half a slice would be "
                 f"added per step, so the output keeps the input's Z step, {ratio:.3g} times the pixel size")
 

@@ -258,6 +258,13 @@ def test_a_ratio_below_one_and_a_half_is_converted_and_not_called_isotropic(tmp_
     np.testing.assert_array_equal(tifffile.imread(target), cells)
     with tifffile.TiffFile(target) as tif:
         assert tif.imagej_metadata["spacing"] == pytest.approx(0.21)
+    # A Z step finer than the pixels (ratio 0.7) also rounds to 1: nothing is missing, and the plan says that.
+    tifffile.imwrite(source, cells, imagej=True, resolution=(1 / 0.15, 1 / 0.15),
+                     metadata={"spacing": 0.105, "unit": "um", "axes": "ZYX"})
+    with pytest.warns(UserWarning, match="rounds to 1"):
+        assert apply.main(["--input", str(source), "--output", str(tmp_path / "never.tif"), "--dry-run"]) == 0
+    factor_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("factor: "))
+    assert "the Z step is finer than the pixel size (Z/XY ratio 0.7): nothing is missing along Z" in factor_line
 
 
 # --------------------------------------------------------------------------- #
