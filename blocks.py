@@ -1202,28 +1202,31 @@ def estimate_dense_label_memory(plan: BlockPlan, n_kept: int, factor: float, lab
 
 def estimate_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any],
                            kernel_dtype: str, grey_values: Optional[str] = None,
-                           dense_label_dtype: Optional[Any] = None) -> int:
+                           dense_label_dtype: Optional[Any] = None, device_type: str = "cpu") -> int:
     """Rough peak bytes of a worker: its largest task, a restore (:func:`estimate_block_memory`) or, for the
     ids of a dense label image of ``dense_label_dtype``, a dense label task (:func:`estimate_dense_label_memory`)."""
-    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype)
+    need = estimate_block_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype,
+                                 device_type)
     if dense_label_dtype is not None:
         need = max(need, estimate_dense_label_memory(plan, n_kept, factor, dense_label_dtype))
     return int(need)
 
 
 def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference: Dict[str, Any], kernel_dtype: str,
-                          grey_values: Optional[str] = None, label_dtype: Optional[Any] = None) -> int:
+                          grey_values: Optional[str] = None, label_dtype: Optional[Any] = None,
+                          device_type: str = "cpu") -> int:
     """Rough peak bytes of one restore task.
 
     The block's kernel output and what is written of it (the mask, or grey
     values of dtype ``grey_values``); the read window of a middle block (the
     widest, :func:`read_window_for`) twice: stored values and the engine's
     copy (bytes for a mask, float32 for normalised grey values); a batch of
-    network tiles as the engine cuts them (fitted to the planes,
-    ``restore.fitted_tile``) at :data:`ACTIVATION_BYTES` per tile pixel; and
-    the process itself. A 161 x 512 x 512 grey-scale block (uint8, default
-    network) is estimated at 0.9 GiB and measured at 1.05 GiB for the whole
-    ``apply.py`` process. A kernel that takes interfaces (a dense label image's
+    network tiles as the engine cuts and batches them (fitted to the planes,
+    ``restore.fitted_tile``; on a CPU as many as ``restore.tiles_per_batch``
+    runs at once) at :data:`ACTIVATION_BYTES` per tile pixel; and the process
+    itself. A 161 x 512 x 512 grey-scale block (uint8, default network) is
+    estimated at 584 MiB and measured at 638 MiB for the whole ``apply.py``
+    process (2026-12-02). A kernel that takes interfaces (a dense label image's
     ids of ``label_dtype``) also holds the ids of its window, widened by
     ``restore.interfaces_reach``, and one chunk of planes' interfaces being filled
     (``restore.CHUNK_VALUES`` output voxels: a float32 distance, an id and a few
@@ -1245,7 +1248,8 @@ def estimate_block_memory(plan: BlockPlan, n_kept: int, factor: float, inference
         interfaces = n_kept * window * item + restore.CHUNK_VALUES * (4 + item + 6)
     return (block_voxels * (np.dtype(kernel_dtype).itemsize + written)
             + 2 * n_kept * (wy1 - wy0) * (wx1 - wx0) * kept + interfaces
-            + inference["batch_size"] * one_tile * ACTIVATION_BYTES + PROCESS_BYTES)
+            + restore.tiles_per_batch(inference["batch_size"], inference.get("batch_pixels", 0), one_tile,
+                                      device_type) * one_tile * ACTIVATION_BYTES + PROCESS_BYTES)
 
 
 @dataclass(frozen=True)
@@ -1670,8 +1674,10 @@ def _check_worker_memory(plan: BlockPlan, n_kept: int, factor: float, inference:
     if on_workers:
         check_worker_memory_floor(worker_memory)
     limit = worker_memory_bytes(worker_memory)
-    need = estimate_worker_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype)
-    if select_device(device).type == "cuda":
+    device_type = select_device(device).type
+    need = estimate_worker_memory(plan, n_kept, factor, inference, kernel_dtype, grey_values, dense_label_dtype,
+                                  device_type)
+    if device_type == "cuda":
         need += CUDA_HOST_BYTES
     if on_workers and 0 < limit < need:
         warnings.warn(f"A block of {plan.block_size} x {plan.block_size} x {plan.shape_dhw[0]} slices may need about "

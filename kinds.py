@@ -374,12 +374,17 @@ def normalize_intensity(stack: np.ndarray, value_range: Tuple[float, float]) -> 
     return out
 
 
-def denormalize_intensity(values: np.ndarray, value_range: Tuple[float, float], dtype) -> np.ndarray:
-    """Back from the network's scale to grey values of ``dtype`` (see :func:`as_grey_values`)."""
+def denormalize_intensity(values: np.ndarray, value_range: Tuple[float, float], dtype,
+                          in_place: bool = False) -> np.ndarray:
+    """Back from the network's scale to grey values of ``dtype`` (see :func:`as_grey_values`). ``in_place``
+    reuses a float32 ``values`` (then changed) for the arithmetic, so that a restored volume is not held
+    three or four times over (one float32 copy and the written array at most)."""
     lo, hi = value_range
-    out = np.asarray(values, dtype=np.float32) * np.float32(hi - lo)
+    owned = in_place and isinstance(values, np.ndarray) and values.dtype == np.float32
+    out = values if owned else np.array(values, dtype=np.float32)
+    out *= np.float32(hi - lo)
     out += np.float32(lo)
-    return as_grey_values(out, dtype)
+    return _round_to_grey_values(out, dtype)
 
 
 def grey_dtype(dtype, written: str = "input") -> np.dtype:
@@ -402,3 +407,14 @@ def as_grey_values(values: np.ndarray, dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
     return np.asarray(values).astype(dtype, copy=False)
+
+
+def _round_to_grey_values(values: np.ndarray, dtype) -> np.ndarray:
+    """:func:`as_grey_values` of a float array this module owns, rounded and clipped in place (no temporaries)."""
+    dtype = grey_dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        np.rint(values, out=values)
+        np.clip(values, info.min, info.max, out=values)
+        return values.astype(dtype)
+    return values.astype(dtype, copy=False)

@@ -127,6 +127,14 @@ def inference_kwargs(settings: SettingsLike = None, model: Optional[nn.Module] =
         compile=inference.compile, interfaces=uses_interfaces(settings, kind))
 
 
+def tiles_per_batch(batch_size: int, batch_pixels: int, tile_pixels: int, device_type: str = "cpu") -> int:
+    """Tiles the network runs at once: ``batch_size``, on a CPU at most ``batch_pixels`` pixels (at least 2 tiles),
+    so that a batch stays in the caches; the memory estimates count the same batch."""
+    if device_type == "cpu" and batch_pixels > 0:
+        return min(batch_size, max(2, batch_pixels // tile_pixels))
+    return batch_size
+
+
 def uses_interfaces(settings: SettingsLike = None, kind: str = "mask") -> bool:
     """Whether a network of ``kind`` with these settings takes the input with interfaces: the boundaries of a
     dense label image ('dense labels') with ``BOUNDARY_INPUT`` 'interfaces'."""
@@ -516,8 +524,7 @@ def predict_tiled(model: nn.Module, images_nchw: Union[np.ndarray, torch.Tensor]
     grid_h, grid_w = grids
     tile_h, tile_w = grid_h.tile, grid_w.tile
     compute_dtype = resolve_precision(precision, device)
-    if device.type == "cpu" and batch_pixels > 0:
-        batch_size = min(batch_size, max(2, batch_pixels // (tile_h * tile_w)))
+    batch_size = tiles_per_batch(batch_size, batch_pixels, tile_h * tile_w, device.type)
     window = torch.from_numpy(blending_window(tile_h, tile_w)).to(device)
     weights = torch.zeros((height, width), device=device)
     for y in grid_h.starts:
@@ -1236,7 +1243,8 @@ def restore_intensity(stack_khw: np.ndarray, factor: float, settings: SettingsLi
         stats=info["inference"])
     del normalized
     restored = denormalize_intensity(restored, value_range,
-                                     out_dtype or grey_dtype(stack_khw.dtype, settings.inference.grey_dtype))
+                                     out_dtype or grey_dtype(stack_khw.dtype, settings.inference.grey_dtype),
+                                     in_place=True)
     if settings.inference.keep_kept_slices:
         copy_kept_slices(restored, stack_khw, factor)
     info["infer_s"] = time.perf_counter() - start

@@ -788,18 +788,22 @@ def test_worker_memory_warning_follows_the_fitted_tiles_and_the_volume():
     """Default settings: a modest volume fits a 1 GiB worker without a warning (its planes are cut
     into tiles of 161 x 512, not 1024 x 1024); a deep, wide one warns; grey values need more than masks."""
     inference = restore.inference_kwargs(default_settings())
-    modest, deep = blocks.BlockPlan((161, 512, 512), 512), blocks.BlockPlan((481, 3072, 3072), 512)
+    modest, deep = blocks.BlockPlan((161, 512, 512), 512), blocks.BlockPlan((961, 3072, 3072), 512)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         blocks._check_worker_memory(modest, 21, 8, inference, "uint8", "1GiB", True, "cpu")
     with pytest.warns(UserWarning, match="may need about"):
-        blocks._check_worker_memory(deep, 61, 8, inference, "uint8", "1GiB", True, "cpu")
+        blocks._check_worker_memory(deep, 121, 8, inference, "uint8", "1GiB", True, "cpu")
     mask = blocks.estimate_block_memory(modest, 21, 8, inference, "uint8")
     grey = blocks.estimate_block_memory(modest, 21, 8, inference, "float32", "uint8")
     assert grey > mask
-    # the tiles follow the planes: 16 tiles of 161 x 512 pixels, not of 1024 x 1024
+    # the tiles follow the planes: tiles of 161 x 512 pixels, not of 1024 x 1024, as many at once as the engine runs
+    # (on a CPU at most INFERENCE_BATCH_PIXELS pixels, at least 2 tiles: restore.tiles_per_batch)
     small_tiles = dict(inference, batch_size=1)
-    assert mask - blocks.estimate_block_memory(modest, 21, 8, small_tiles, "uint8") == 15 * 161 * 512 * blocks.ACTIVATION_BYTES
+    assert mask - blocks.estimate_block_memory(modest, 21, 8, small_tiles, "uint8") == 1 * 161 * 512 * blocks.ACTIVATION_BYTES
+    on_gpu = blocks.estimate_block_memory(modest, 21, 8, inference, "uint8", device_type="cuda")
+    assert on_gpu - blocks.estimate_block_memory(modest, 21, 8, small_tiles, "uint8", device_type="cuda") == (
+        15 * 161 * 512 * blocks.ACTIVATION_BYTES)  # a GPU runs the whole batch of 16
 
 
 def test_worker_memory_warning_counts_the_dense_label_pass():

@@ -426,14 +426,25 @@ def test_plan_memory_counts_the_id_pass_of_a_dense_label_image():
     from labeling import grow_labels_memory
     from settings import Settings
 
+    from restore import tiles_per_batch
+
+    # A given model (trained=False): no training samples, so the restore and the id pass are compared alone.
     dense = RestorePlan(Path("neurons.tif"), Path("out.tif"), "labels", "", 8, "", (9, 1024, 1024),
-                        np.dtype("uint16"), (0.04, 0.005, 0.005), "um", (0.0, 0.0, 0.0), Settings(), True,
+                        np.dtype("uint16"), (0.04, 0.005, 0.005), "um", (0.0, 0.0, 0.0), Settings(), False,
                         label_rule="dense", dense_labels=True)
     sparse = dataclasses.replace(dense, label_rule="sparse", dense_labels=False)
     inference = dense.inference()
-    tiles = inference["batch_size"] * min(65 * 1024, inference["tile_size"] ** 2) * 256
+    one_tile = min(65 * 1024, inference["tile_size"] ** 2)
+    from model import select_device
+
+    tiles = tiles_per_batch(inference["batch_size"], inference["batch_pixels"], one_tile,
+                            select_device(None).type) * one_tile * 256
     assert grow_labels_memory(8, 1024 * 1024) > tiles
     assert dense.memory_bytes() - sparse.memory_bytes() == grow_labels_memory(8, 1024 * 1024) - tiles
+    # Training it instead holds its samples (four times a mask's crops for dense labels): the larger part here.
+    trained = dataclasses.replace(dense, trained=True)
+    assert trained.memory_bytes() - dense.memory_bytes() == trained.training_bytes() - grow_labels_memory(8, 1024 * 1024)
+    assert trained.training_bytes() > 2880 * 6 * 128 * 128 * 4
 
 
 def test_restore_stack_takes_the_boundary_rule_for_dense_labels():

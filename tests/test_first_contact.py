@@ -503,6 +503,20 @@ def test_a_narrower_network_or_another_arithmetic_keeps_its_rates_apart(private_
     assert recorded_throughput("mask", "cpu", (16, 3), "auto") is None
 
 
+def test_the_memory_estimate_counts_the_training(tmp_path, capsys):
+    """A run that trains holds its samples (crops x (planes + 1) x crop pixels, float32) beside the stack: ten
+    times the crops raise the plan's memory by what their samples take."""
+    source = write_tif(tmp_path / "mask.tif", kept_mask())
+
+    def memory_mib(*flags):
+        status, printed, err = run_apply(capsys, "--input", source, "--output", tmp_path / "o.tif", "--dry-run", *flags)
+        assert status == 0, err
+        return float(re.match(r"about ([\d.]+) MiB", plan_of(printed)["memory per worker"]).group(1))
+
+    samples_mib = (320 - 32) * (5 + 1) * 64 * 64 * 4 / 2**20  # crops fitted to the 64 px slices, 5 planes
+    assert memory_mib("--train-nb", "320") - memory_mib("--train-nb", "32") == pytest.approx(samples_mib, abs=0.2)
+
+
 def test_short_phases_leave_no_rate(private_cache, monkeypatch):
     """A training or restore of a few seconds is mostly fixed costs: its rate would predict a full run several
     times too long, so it is not kept."""
