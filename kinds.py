@@ -402,11 +402,10 @@ def grey_dtype(dtype, written: str = "input") -> np.dtype:
 def as_grey_values(values: np.ndarray, dtype) -> np.ndarray:
     """Float grey values as :func:`grey_dtype` of ``dtype``: rounded and clipped to the range
     of an integer dtype (never wrapped around)."""
-    dtype = grey_dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return np.asarray(values).astype(dtype, copy=False)
+    values = np.asarray(values)
+    if np.issubdtype(grey_dtype(dtype), np.integer):  # rounded on a float copy: the input is left alone
+        values = np.array(values, dtype=np.result_type(values.dtype, np.float32))
+    return _round_to_grey_values(values, dtype)
 
 
 def _round_to_grey_values(values: np.ndarray, dtype) -> np.ndarray:

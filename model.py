@@ -279,12 +279,17 @@ def onednn_isa_cap() -> str:
     return os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
 
 
+def cpu_has_bf16_hardware() -> bool:
+    """True where the CPU has bfloat16 instructions (AVX512-BF16 or AMX), whatever caps torch and oneDNN."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def cpu_computes_bf16() -> bool:
     """True where this CPU computes bfloat16 natively (AVX512-BF16 or AMX) *and* torch may use it:
     a cap on the instruction set (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, as set to emulate an
     older CPU) counts, so an emulated AVX2 machine chooses float32 as a real one does."""
-    hardware = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                    or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    hardware = cpu_has_bf16_hardware()
     onednn_cap = onednn_isa_cap()
     onednn_allows = onednn_cap in ONEDNN_NO_CAP or onednn_cap in ONEDNN_BF16_ISAS
     aten_allows = torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512")
@@ -342,8 +347,7 @@ def precision_reason(precision: str, device: torch.device, kind: str = "mask") -
                 + ("; on an AMD Zen 4 grey values scored 0.15 dB PSNR higher in float32" if kind == "intensity" else ""))
     if cpu_computes_bf16():
         return "auto: bfloat16 is not faster on an Intel CPU without AMX"
-    if (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-            or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()):
+    if cpu_has_bf16_hardware():
         return "auto: this CPU's bfloat16 is capped off (ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY)"
     return "auto: this CPU has no bfloat16 arithmetic"
 
