@@ -128,6 +128,12 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: Stack
     return output / f"{tiff_stem(input_path)}{chosen}_restored{suffix}"
 
 
+def output_label_name(path: Path, image) -> str:
+    """The name of the label image an OME-Zarr output of label ids holds (``OUT.ome.zarr/labels/<name>``): the
+    input store's name, or the input file's stem."""
+    return image.name if image is not None else tiff_stem(path)
+
+
 def zarr_image_stem(path: Path) -> str:
     """An OME-Zarr image's name for a file name: the store's, and for an image inside it the path within
     (``cells.ome.zarr/labels/nuclei`` -> ``cells_labels_nuclei``), as label images share names across stores."""
@@ -312,7 +318,7 @@ def input_kind(path: Path, kind: str, threshold: Optional[float], model_kind: Op
         if decided == "intensity":
             raise UserError(f"The model restores masks, but '{path}' looks like a grey-scale image ({reason}). Pass "
                             "--kind mask or --kind labels to restore it with this model, or give a grey-scale model.")
-        return decided, f"a mask model; {reason}"
+        return decided, f"a {'label' if model_kind == 'labels' else 'mask'} model; {reason}"
     return decided, reason
 
 
@@ -375,7 +381,8 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        dense_labels=dense, mask_values=mask_values,
                        levels=image.levels if image is not None else 1,
                        label_images=() if image is None else tuple(f"{image.path.rstrip('/')}/labels/{name}"
-                                                                    for name in image.label_images))
+                                                                    for name in image.label_images),
+                       label_name=output_label_name(path, image) if decided == "labels" and to_zarr else None)
 
 
 def value_sample(path: Path, image, choice: StackChoice) -> np.ndarray:
@@ -683,11 +690,11 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     threshold = plan.binarize_threshold
     if zarr_io.is_zarr_path(path):
         image = zarr_io.open_image(path, plan.choice)
-        source, name = image, image.name
+        source = image
         labels = image if plan.kind == "labels" else None
     else:  # OME-Zarr holds ids beyond a TIFF's 65535
         source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None, choice=plan.choice)[1:]
-        name = tiff_stem(path)
+    name = output_label_name(path, image if zarr_io.is_zarr_path(path) else None)
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
     config = dict(model_config(settings, factor, plan.training_kind() if plan.trained else None), kind=plan.kind,
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))
@@ -708,10 +715,11 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     if args.save_model and result["model"] is not None and not (args.settings.large.resume and model_saved_already(
             args.save_model, result["model"])):
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
-    if result["state"] == "complete":
+    if result["state"] == "complete" and result["restored"]:
         if not result["skipped"]:
             record_throughput(plan, result["train_s"], result["restore_s"])
-        print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {plan.unit}); "
+        print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {plan.unit}"
+              + (f"; the ids in {target}/labels/{name}" if labels is not None else "") + "); "
               f"training {result['train_s']:.0f} s, restoring {result['restore_s']:.0f} s "
               f"({result['restored']} blocks restored, {result['skipped']} already done).")
 

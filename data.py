@@ -106,9 +106,9 @@ def factor_from_voxel_size(z_step: float, xy_size: float, minimum: int = 2,
         warnings.warn(f"Z/XY ratio {ratio:.3f} rounds to 1: no slices are added, the output keeps the input's Z step "
                       f"({ratio:.3f} times XY along Z).", ToolWarning, stacklevel=2)
     elif not integer and not fractional:
-        warnings.warn(f"Z/XY ratio {ratio:.3f} is not an integer; restoring {factor} slices per input step. "
-                      f"Output voxel size: Z {z_step / factor:.4g} x Y {xy_size:.4g} x X {xy_size:.4g} "
-                      f"({(z_step / factor) / xy_size:.3f} times XY along Z).", ToolWarning, stacklevel=2)
+        warnings.warn(f"Z/XY ratio {ratio:.6g} is not an integer; restoring {factor} slices per input step "
+                      f"(FACTOR_ROUNDING nearest): the output Z step is {(z_step / factor) / xy_size:.3f} times the "
+                      "XY pixel size.", ToolWarning, stacklevel=2)
     return factor, (xy_size if fractional else z_step / factor)
 
 

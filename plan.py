@@ -71,6 +71,7 @@ class RestorePlan:
     mask_values: Optional[MaskValues] = None  # masks: the two values the output is written in
     levels: int = 1  # an OME-Zarr input's resolution levels (level 0 is read)
     label_images: Tuple[str, ...] = ()  # the paths of an OME-Zarr image's label images, not restored with it
+    label_name: Optional[str] = None  # label ids into OME-Zarr: the output's label image, labels/<label_name>
 
     @property
     def written_mask_values(self) -> MaskValues:
@@ -143,18 +144,59 @@ class RestorePlan:
             kernel = "float32" if grey else ("float32" if self.probabilities in ("float16", "float32") else "uint8")
             return blocks.estimate_worker_memory(plan, n_kept, self.factor, inference, kernel, grey,
                                                  self.dtype if self.dense_labels else None, device_type)
-        item = np.dtype(self.dtype).itemsize
-        if self.kind == "intensity":  # normalised float32 input, float32 restore, grey values out
-            held = n_kept * height * width * (item + 4) + self.output_voxels * (4 + self.grey_out_dtype.itemsize)
-        else:  # bool input, uint8 probabilities, the mask (and ids)
+        if self.kind == "intensity":  # float32 restore, grey values out
+            held = self.input_held_bytes() + self.output_voxels * (4 + self.grey_out_dtype.itemsize)
+        else:  # uint8 probabilities, the mask (and ids)
             labels = self.label_bytes() if self.kind == "labels" else 0
-            held = n_kept * height * width * (item + 1 + labels) + self.output_voxels * (2 + labels)
+            held = self.input_held_bytes() + self.output_voxels * (2 + labels)
         one_tile = min(self.output_shape[0] * max(height, width), inference["tile_size"] ** 2)
         working = restore.tiles_per_batch(inference["batch_size"], inference["batch_pixels"], one_tile,
                                           device_type) * one_tile * blocks.ACTIVATION_BYTES
         if self.dense_labels:  # the ids grow after the restore, on whole slices
             working = max(working, labeling.grow_labels_memory(self.factor, height * width))
         return int(held + max(working, self.training_bytes()) + PROCESS_BYTES)
+
+    def input_held_bytes(self) -> int:
+        """The kept slices a run holds whole: the values read and the engine's copy (bool for masks and labels,
+        with the ids; normalised float32 for grey values)."""
+        n_kept, height, width = self.shape_khw
+        item = np.dtype(self.dtype).itemsize
+        if self.kind == "intensity":
+            return n_kept * height * width * (item + 4)
+        return n_kept * height * width * (item + 1 + (self.label_bytes() if self.kind == "labels" else 0))
+
+    def process_bytes(self) -> int:
+        """Peak memory of this process in a block-wise run, an estimate: the input it holds (a file is read whole;
+        of a store, the kept slices' windows the training reads, ``blocks.TRAINING_BYTES`` at most) beside the
+        training, or, where the blocks run in this process too (no ``--workers``, no ``--scheduler``), beside the
+        largest block task."""
+        n_kept, height, width = self.shape_khw
+        if zarr_io.is_zarr_path(self.path):
+            per_voxel = self.input_held_bytes() / (n_kept * height * width)
+            held = min(blocks.TRAINING_BYTES * per_voxel, self.input_held_bytes()) if self.trained else 0
+        else:
+            held = self.input_held_bytes()
+        working = self.training_bytes()
+        if self.in_process():
+            working = max(working, self.memory_bytes() - PROCESS_BYTES)
+        return int(held + working + PROCESS_BYTES)
+
+    def in_process(self) -> bool:
+        """Whether a block-wise run restores its blocks in this process (no ``--workers``, no ``--scheduler``)."""
+        return not self.workers and not self.settings.large.scheduler
+
+    def memory_lines(self) -> List[str]:
+        """The plan's memory: in memory, the process's peak; block-wise, a worker's and this process's (which
+        reads the input and trains), or one figure where the blocks run in this process."""
+        if not self.block_size:
+            return [f"memory: about {human_bytes(self.memory_bytes())} (estimate)"]
+        trains = " and the training" if self.trained and self.factor != 1 else ""
+        if self.in_process():
+            return [f"memory: about {human_bytes(self.process_bytes())} (estimate: the input this process holds, "
+                    f"with the largest block{trains.replace(' and', ' or')}; --workers N runs the blocks apart)"]
+        return [f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
+                f"memory of this process: about {human_bytes(self.process_bytes())} (estimate: the input it "
+                f"holds{trains})"]
 
     def training_bytes(self) -> int:
         """Memory of the training beside the stack: its samples (the training line's figure) and one batch's
@@ -266,14 +308,15 @@ class RestorePlan:
             f"factor: {self.factor_line()}",
             f"input shape: {triple(str(s) for s in self.shape_khw)} (Z, Y, X), {np.dtype(self.dtype)}",
             f"input voxel size: {triple(f'{v:.6g}' for v in self.voxel_in_zyx)} {unit}",
-            f"output: {self.target} ({where})",
+            f"output: {self.target} ({where})" + (f"; the ids in {self.target}/labels/{self.label_name}, the "
+                                                   "image their foreground" if self.label_name else ""),
             f"output shape: {triple(str(s) for s in self.output_shape)} (Z, Y, X)",
             f"output voxel size: {triple(f'{v:.6g}' for v in self.voxel_out_zyx)} {unit}",
             f"translation: {triple(f'{v:.6g}' for v in self.translation_zyx)} {unit}"
             + ("" if zarr_io.is_zarr_path(self.target) or not any(self.translation_zyx) else
                " (not written: a TIFF holds no origin; an .ome.zarr output keeps it)"),
             f"output bytes: {human_bytes(self.output_bytes())} (uncompressed)",
-            f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
+            *self.memory_lines(),
             *([f"block work: {block_work}"] if block_work else []),
             f"training: {self.training_line()}",
             *([f"arithmetic: {self.arithmetic_line()}"] if self.factor != 1 else []),
@@ -298,7 +341,11 @@ class RestorePlan:
         if self.factor == 1:
             return f"{said}: {self.conversion_reason()}; the stack is converted, not restored"
         if is_integer_factor(self.factor):
-            return said
+            ratio = self.voxel_in_zyx[0] / self.voxel_in_zyx[2]
+            if abs(ratio - self.factor) <= INTEGER_RATIO_TOLERANCE * ratio:
+                return said
+            return (said + f": the Z/XY ratio {ratio:.6g} rounded (--factor-rounding nearest), so every kept slice is "
+                    f"kept verbatim and the output Z step is {ratio / self.factor:.3f} times the pixel size")
         n_kept = self.shape_khw[0]
         on_grid = len(slices_on_grid(n_kept, self.factor, self.output_shape[0])[0])
         falls = "falls on an output slice and is" if on_grid == 1 else "fall on an output slice and are"

@@ -237,6 +237,8 @@ def test_apply_can_round_the_factor_instead(tmp_path, capsys):
                        "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "factor: 3 from" in printed  # 2.5 rounds half up
+    assert ("the Z/XY ratio 2.5 rounded (--factor-rounding nearest), so every kept slice is kept verbatim and the "
+            "output Z step is 0.833 times the pixel size") in printed
     assert f"output shape: {(len(kept) - 1) * 3 + 1} x 40 x 48" in printed
     assert "output voxel size: 0.133333 x 0.16 x 0.16 um" in printed
 

@@ -516,6 +516,13 @@ def test_apply_plans_the_label_rule_and_refuses_a_model_of_the_other_rule(tmp_pa
                                      "--dry-run")
     assert status == 0, err
     assert "(--boundary-input linear)" in plan_of(printed)["label ids"]
+    assert plan_of(printed)["kind"].startswith("labels (a label model; ")
+    # Into OME-Zarr the image is the ids' foreground: the plan says where the ids go.
+    status, printed, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.ome.zarr", "--dry-run",
+                                     "--kind", "labels")
+    assert status == 0, err
+    assert plan_of(printed)["output"].endswith(f"; the ids in {tmp_path / 'd.ome.zarr'}/labels/neurons, the image "
+                                               "their foreground")
     status, _, err = run_apply(capsys, "--input", dense_path, "--output", tmp_path / "d.tif", "--shape-prior", "1")
     assert status != 0 and "SHAPE_PRIOR must be at least 0 and below 1" in err
     torch.manual_seed(0)

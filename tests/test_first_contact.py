@@ -396,7 +396,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert plan["output voxel size"] == "0.25 x 0.25 x 0.25 um"
     assert plan["translation"] == "0 x 0 x 0 um"
     assert re.fullmatch(r"\d+(\.\d)? (B|KiB|MiB|GiB) \(uncompressed\)", plan["output bytes"])
-    assert re.fullmatch(r"about \d+\.\d (MiB|GiB) \(estimate\)", plan["memory per worker"])
+    assert re.fullmatch(r"about \d+\.\d (MiB|GiB) \(estimate\)", plan["memory"])
     assert plan["training"] == ("416 crops of 5 x 64 x 64 (39.0 MiB in memory), 3 epochs, from the phantom-trained starting model "
                                 "(phantom-mask.pt), fine-tuned")
     assert plan["test-time flips"] == ("off (by kind; --tta-flips averages four flipped passes, about 4x the "
@@ -511,10 +511,33 @@ def test_the_memory_estimate_counts_the_training(tmp_path, capsys):
     def memory_mib(*flags):
         status, printed, err = run_apply(capsys, "--input", source, "--output", tmp_path / "o.tif", "--dry-run", *flags)
         assert status == 0, err
-        return float(re.match(r"about ([\d.]+) MiB", plan_of(printed)["memory per worker"]).group(1))
+        return float(re.match(r"about ([\d.]+) MiB", plan_of(printed)["memory"]).group(1))
 
     samples_mib = (320 - 32) * (5 + 1) * 64 * 64 * 4 / 2**20  # crops fitted to the 64 px slices, 5 planes
     assert memory_mib("--train-nb", "320") - memory_mib("--train-nb", "32") == pytest.approx(samples_mib, abs=0.2)
+
+
+def test_a_block_wise_plan_counts_the_process_that_trains(tmp_path, capsys):
+    """Block by block on workers, the plan gives a worker's memory and, apart, this process's: it holds the input
+    file and trains, so more crops raise its figure and not the worker's. With the blocks in this process, one
+    figure covers both."""
+    source = write_tif(tmp_path / "mask.tif", kept_mask())
+
+    def memory_mib(*flags):
+        status, printed, err = run_apply(capsys, "--input", source, "--output", tmp_path / "o.ome.zarr", "--dry-run",
+                                         "--block-size", "32", *flags)
+        assert status == 0, err
+        plan = plan_of(printed)
+        return {name: float(re.match(r"about ([\d.]+) MiB", plan[name]).group(1)) for name in plan
+                if name.startswith("memory")}
+
+    samples_mib = (320 - 32) * (5 + 1) * 64 * 64 * 4 / 2**20
+    few, many = memory_mib("--workers", "2", "--train-nb", "32"), memory_mib("--workers", "2", "--train-nb", "320")
+    assert set(few) == {"memory per worker", "memory of this process"}
+    assert few["memory per worker"] == many["memory per worker"]
+    assert many["memory of this process"] - few["memory of this process"] == pytest.approx(samples_mib, abs=0.2)
+    in_process = memory_mib("--train-nb", "320")
+    assert set(in_process) == {"memory"} and in_process["memory"] == many["memory of this process"]
 
 
 def test_short_phases_leave_no_rate(private_cache, monkeypatch):
@@ -705,6 +728,7 @@ def test_isotropic_stacks_are_converted_not_restored(tmp_path, capsys):
     assert plan["factor"].startswith("1 ") and "converted, not restored" in plan["factor"]
     assert plan["training"] == "none (nothing to restore)" and "Epoch" not in printed
     assert plan["expected time"] == "seconds: a conversion, no network runs"
+    assert plan["output"].endswith(f"; the ids in {store}/labels/cells, the image their foreground")
     label_image = zarr_io.open_image(store / "labels" / "cells")
     assert label_image.is_label
     np.testing.assert_array_equal(label_image.read(slice(None), slice(None), slice(None)), ids)
