@@ -30,7 +30,7 @@ from eval import default_recipe
 from model import load_model, save_model, select_device
 from morph import interpolate_along_axis, kept_positions
 from plan import RestorePlan, record_throughput
-from labeling import is_dense_label_image
+from labeling import is_dense_label_image, touching_share
 from restore import (check_model_settings, fit_recipe_to_stack, inference_kind, model_config, restore_intensity,
                      restore_stack, same_factor, training_kind)
 from settings import (FIELDS, GROUPS, TRAINING_ONLY, Settings, SettingsParser, VoxelSize, add_setting_arguments,
@@ -425,13 +425,15 @@ def labels_rule_for(path: Path, sample: np.ndarray, saved_config: Dict[str, Any]
     (boundaries of a dense label image, or a foreground), are one error here, before the whole stack is read."""
     as_label_image(sample, path, label_dtype)
     dense = is_dense_label_image(sample)
+    density = (f"its ids cover {np.count_nonzero(sample) / sample.size:.0%} of the voxels and "
+               f"{touching_share(sample):.0%} of their outline lies against other ids")
     if model_kind is not None and saved_config.get("restores", "foreground") != ("boundaries" if dense else "foreground"):
         trained = saved_config.get("restores", "foreground")
         raise UserError(f"The model restores the {trained} of {'dense' if trained == 'boundaries' else 'sparse'} label "
-                        f"images, but the ids of '{path}' cover {np.count_nonzero(sample) / sample.size:.0%} of its "
-                        f"voxels ({'dense' if dense else 'not dense'}). Train on this stack (leave out --model).")
+                        f"images, but '{path}' is {'dense' if dense else 'not dense'}: {density}. Train on this stack "
+                        "(leave out --model).")
     if dense:
-        return True, "dense: the network restores the boundaries between ids, the ids grow between them"
+        return True, f"dense ({density}): the network restores the boundaries between ids, the ids grow between them"
     return False, "the nearest id of the kept slices within each restored object"
 
 

@@ -595,8 +595,11 @@ def dense_label_block(job: DenseLabelJob, index: int) -> Dict[str, Any]:
     window_pixels = (y1 - y0 + 2 * job.halo) * (x1 - x0 + 2 * job.halo)
     for ka, kb in _slabs(job.labels_source.shape[0], job.factor, window_pixels):
         z, offset = _slab_slices(ka, kb, job.factor)
-        # The shape-based interfaces of a window are those of the whole slices beyond their reach from its edge.
-        halo, previous = max(min(job.halo, job.max_halo), labeling.shape_prior_reach() if job.shape_prior else 0), None
+        # The shape-based interfaces and the share of 0 among the boundaries of a window are those of the whole
+        # slices beyond their reach from its edge.
+        reach = max(labeling.shape_prior_reach() if job.shape_prior else 0,
+                    labeling.zero_share_reach() if job.drawn_boundaries else 0)
+        halo, previous = max(min(job.halo, job.max_halo), reach), None
         while True:
             rows = slice(max(0, y0 - halo), min(height, y1 + halo))
             cols = slice(max(0, x0 - halo), min(width, x1 + halo))

@@ -3,7 +3,8 @@
 * Sparse label images (objects on background: nuclei, mitochondria, vesicles), :func:`assign_labels`: the
   network restores the foreground, and each restored voxel takes the id of the nearest labelled voxel of the
   two kept slices around it, among the ids its own restored object touches.
-* Dense label images (:func:`is_dense_label_image`: ids on most voxels, a connectomics or tissue segmentation),
+* Dense label images (:func:`is_dense_label_image`: ids on most voxels, or ids that mostly touch each other: a
+  connectomics or tissue segmentation, a tissue in an organ on a 0 background),
   :func:`grow_labels`: the network restores the boundaries between ids (``morph.label_boundaries``), and the
   kept slices' ids grow between them, gap by gap, a seeded watershed on the boundary probabilities blended with
   per-label shape-based interpolation's interfaces (:func:`shape_based_interfaces`).
@@ -138,11 +139,32 @@ def _nearest_of_ids(voxels: np.ndarray, ids: np.ndarray, sides: Sequence[Tuple[n
 # A label image whose ids cover at least this fraction of the voxels is dense (neurons of a connectomics
 # segmentation, cells of a tissue): its ids are restored from the boundaries between them, not from a foreground.
 DENSE_LABEL_FRACTION = 0.5
+# Ids whose outlines lie mostly against other ids are packed (cells of a tissue), whatever the background around
+# them: an organ's cells on a 0 background fill a third of a stack and share 90 % of their outline pixels.
+PACKED_OUTLINE_SHARE = 0.5
+
+
+def touching_share(labels_khw: np.ndarray) -> float:
+    """The share of the ids' in-plane outline that lies against another id (not 0): over every pair of
+    in-plane neighbours with two different values, the sides that hold an id, and of those the ones whose
+    neighbour is an id too. 0 for objects on background, 1 for a tessellation without 0; 0 without outline."""
+    outline = touching = 0
+    for axis in (-2, -1):
+        a = np.delete(labels_khw, -1, axis=axis)
+        b = np.delete(labels_khw, 0, axis=axis)
+        differ = a != b
+        a_id, b_id = differ & (a != 0), differ & (b != 0)
+        outline += np.count_nonzero(a_id) + np.count_nonzero(b_id)
+        touching += 2 * np.count_nonzero(a_id & b_id)
+    return touching / outline if outline else 0.0
 
 
 def is_dense_label_image(labels_khw: np.ndarray) -> bool:
-    """Whether the ids cover at least :data:`DENSE_LABEL_FRACTION` of the voxels (see :func:`grow_labels`)."""
-    return bool(np.count_nonzero(labels_khw) >= DENSE_LABEL_FRACTION * labels_khw.size)
+    """Whether a label image is restored by the dense rule (:func:`grow_labels`): its ids cover at least
+    :data:`DENSE_LABEL_FRACTION` of the voxels, or at least :data:`PACKED_OUTLINE_SHARE` of their outline lies
+    against other ids (:func:`touching_share`: cells packed in a tissue, with background around them)."""
+    return bool(np.count_nonzero(labels_khw) >= DENSE_LABEL_FRACTION * labels_khw.size
+                or touching_share(labels_khw) >= PACKED_OUTLINE_SHARE)
 
 
 # Ties between equal boundary probabilities are broken by a position hash of this size: far below one uint8
@@ -156,6 +178,31 @@ SHAPE_PRIOR_SIGMA = 1.0
 # Distances beyond this many pixels do not count in those interfaces (morph.fill_label_gap's cap), so that they
 # are local: a block's window with a halo wider than this (plus the smoothing) gives the whole slices' interfaces.
 SHAPE_PRIOR_CAP = 16.0
+
+
+# Where the restored boundary is sure, a voxel becomes 0 if the kept slices' boundaries nearby are mostly 0 (drawn
+# boundaries, background) rather than ids touching each other: their share (zero_boundary_share) is taken within a
+# Gaussian of this many pixels, so that an organ's cells keep touching while its background and membranes are 0.
+ZERO_SHARE_SIGMA = 1.0
+
+
+def zero_boundary_share(labels_hw: np.ndarray, boundaries_hw: np.ndarray, elsewhere: float) -> np.ndarray:
+    """The share of a kept slice's boundary pixels (:func:`label_boundaries`) near each pixel that are id 0,
+    within a Gaussian of :data:`ZERO_SHARE_SIGMA` pixels; ``elsewhere`` where no boundary pixel is that near.
+    Returns float32 (H, W) in [0, 1]."""
+    from scipy.ndimage import gaussian_filter
+
+    zero = gaussian_filter((labels_hw == 0).astype(np.float32), ZERO_SHARE_SIGMA)
+    near = gaussian_filter(boundaries_hw.astype(np.float32), ZERO_SHARE_SIGMA)
+    share = np.full(labels_hw.shape, elsewhere, dtype=np.float32)
+    np.divide(zero, near, out=share, where=near > 0)
+    return share
+
+
+def zero_share_reach() -> int:
+    """How far, in pixels, :func:`zero_boundary_share` at a pixel depends on the kept slice: the Gaussian's radius
+    (``gaussian_filter``'s truncation at 4 sigma) and one pixel for :func:`label_boundaries`."""
+    return int(4.0 * ZERO_SHARE_SIGMA + 0.5) + 1
 
 
 def shape_prior_reach() -> int:
@@ -221,7 +268,10 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     With ``shape_prior`` w > 0 the flooding runs on ``(1 - w) * probability + w * interfaces``, where
     ``interfaces`` are those of per-label shape-based interpolation of the gap (:func:`shape_based_interfaces`):
     the network places the boundary sheets where it is sure, the ids' outlines keep moving continuously
-    between the kept slices where it is not. Which voxels become 0 is decided by the probability alone.
+    between the kept slices where it is not. Which voxels become 0 is decided by the probability and by what the
+    kept slices' boundaries are nearby: 0 where they are mostly 0 (:func:`zero_boundary_share` at least one half,
+    blended between the two kept slices), the ids left touching where they touch (a tissue's cells inside an
+    organ whose background is 0).
 
     Guaranteed as by :func:`assign_labels`: ids only from the two kept slices around a voxel, kept slices
     verbatim.
@@ -235,9 +285,9 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     threshold : float
     progress : bool
     drawn_boundaries : bool, optional
-        Whether the segmentation draws its boundaries as id 0; default: whether
-        ``sparse_labels_khw`` holds a 0. A window of a larger volume (``blocks``)
-        passes the volume's answer.
+        Whether the segmentation holds id 0 (boundaries drawn as 0, or a background); default: whether
+        ``sparse_labels_khw`` holds a 0. A window of a larger volume (``blocks``) passes the volume's answer.
+        Without, no voxel becomes 0; with, a sure boundary far from any boundary of the kept slices does.
     boundaries_khw : ndarray of bool, shape (K, H, W), optional
         :func:`label_boundaries` of the kept slices; a window passes the
         whole slices' (at its edge, ids touching across it count).
@@ -303,7 +353,12 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
             flooded += shape_prior * interfaces
         grown = watershed(flooded + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]), markers)
         if drawn_boundaries:
-            grown[elevation >= threshold * scale] = 0
+            share_a = zero_boundary_share(sparse_labels_khw[k], boundaries_khw[k], 1.0)
+            share_b = zero_boundary_share(sparse_labels_khw[k + 1], boundaries_khw[k + 1], 1.0) if closed else share_a
+            for i, weight in enumerate(blend_weights[first:end], start=1):
+                sure = elevation[i] >= threshold * scale
+                sure &= (1.0 - weight) * share_a + weight * share_b >= 0.5
+                grown[i][sure] = 0
         out[first:end] = grown[1:1 + end - first]
     out[z_on_grid] = sparse_labels_khw[kept_on_grid]
     return out

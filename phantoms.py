@@ -219,3 +219,23 @@ def make_tissue_labels(shape: Tuple[int, int, int] = (128, 128, 128), seed: int 
         eroded = ndimage.grey_erosion(labels, size=(1, 2, 2)) != ndimage.grey_dilation(labels, size=(1, 2, 2))
         labels[eroded] = 0
     return labels
+
+
+def make_organ_labels(shape: Tuple[int, int, int] = (65, 160, 160), seed: int = 21, n_cells: int = 400,
+                      membrane: bool = False) -> np.ndarray:
+    """Deterministic phantom of a tissue in an organ: the packed cells of :func:`make_tissue_labels` inside an
+    ellipsoid centred in the stack (semi-axes 0.6 of its depth, 0.4 of its height and width; cut by the stack's
+    first and last slices), on a 0 background, as a plant organ's or an embryo's segmentation is. The cells
+    touch each other (with ``membrane``, mostly across a 0 boundary) and fill about a third of the voxels.
+
+    Returns
+    -------
+    labels_dhw : ndarray of uint16
+    """
+    cells = make_tissue_labels(shape, seed=seed, n_cells=n_cells, membrane=membrane)
+    z, y, x = (np.arange(n, dtype=np.float32) for n in shape)
+    radii = 0.6 * shape[0], 0.4 * shape[1], 0.4 * shape[2]
+    inside = (((z - shape[0] // 2) / radii[0]) ** 2)[:, None, None] + (((y - shape[1] // 2) / radii[1]) ** 2)[None, :, None] \
+        + (((x - shape[2] // 2) / radii[2]) ** 2)[None, None, :] <= 1
+    return np.where(inside, cells, 0).astype(np.uint16)
+
