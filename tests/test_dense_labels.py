@@ -330,6 +330,26 @@ def test_touching_ids_stay_touching_where_the_background_is_0():
     np.testing.assert_array_equal(restored[:, :, 3:-3], alone[:, :, 3:-3])
 
 
+def test_where_every_boundary_is_0_the_0_rule_is_the_probability_alone(monkeypatch):
+    """A segmentation whose boundaries are all drawn as 0 (FIB-25's) restores as it did before the share of 0:
+    every sure boundary voxel becomes 0, whatever the probabilities."""
+    from scipy import ndimage
+
+    import labeling
+
+    truth = dense_phantom(shape=(13, 40, 48), with_zero=True)
+    assert labeling.touching_share(truth) == 0.0
+    rng = np.random.default_rng(3)
+    probabilities = ndimage.gaussian_filter(rng.random(truth.shape, dtype=np.float32), 1.5)
+    probabilities = (probabilities - probabilities.min()) / np.ptp(probabilities)
+    kept = truth[::4]
+    restored = labeling.grow_labels(probabilities, kept, 4, progress=False)
+    monkeypatch.setattr(labeling, "zero_boundary_share", lambda labels, boundaries, elsewhere: np.ones(labels.shape))
+    np.testing.assert_array_equal(restored, labeling.grow_labels(probabilities, kept, 4, progress=False))
+    between = np.arange(13) % 4 != 0
+    assert ((restored[between] == 0) & (probabilities[between] >= 0.5)).sum() > 100  # the rule paints there
+
+
 def test_shape_prior_moves_the_ids_as_shape_based_interpolation_where_the_network_is_unsure():
     """With a boundary probability that says nothing (0 everywhere), the watershed alone floods in hash order;
     with the shape-based interfaces in the elevation the ids follow per-label shape-based interpolation, which
