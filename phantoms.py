@@ -238,4 +238,3 @@ def make_organ_labels(shape: Tuple[int, int, int] = (65, 160, 160), seed: int = 
     inside = (((z - shape[0] // 2) / radii[0]) ** 2)[:, None, None] + (((y - shape[1] // 2) / radii[1]) ** 2)[None, :, None] \
         + (((x - shape[2] // 2) / radii[2]) ** 2)[None, None, :] <= 1
     return np.where(inside, cells, 0).astype(np.uint16)
-

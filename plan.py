@@ -190,7 +190,9 @@ class RestorePlan:
         reads the input and trains), or one figure where the blocks run in this process."""
         if not self.block_size:
             return [f"memory: about {human_bytes(self.memory_bytes())} (estimate)"]
-        trains = " and the training" if self.trained and self.factor != 1 else ""
+        if self.factor == 1:  # a conversion: no block is restored
+            return [f"memory: about {human_bytes(self.process_bytes())} (estimate)"]
+        trains = " and the training" if self.trained else ""
         if self.in_process():
             return [f"memory: about {human_bytes(self.process_bytes())} (estimate: the input this process holds, "
                     f"with the largest block{trains.replace(' and', ' or')}; --workers N runs the blocks apart)"]
