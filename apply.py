@@ -717,7 +717,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
     if args.save_model and result["model"] is not None and not (args.settings.large.resume and model_saved_already(
             args.save_model, result["model"])):
         save_model(args.save_model, result["model"], config, overwrite=args.overwrite)
-    if result["state"] == "complete" and result["restored"]:
+    if result["state"] == "complete" and not result.get("already_complete"):  # blocks.py said so already
         if not result["skipped"]:
             record_throughput(plan, result["train_s"], result["restore_s"])
         print(f"Wrote {target} (voxel {voxel[0]:.4g} x {voxel[1]:.4g} x {voxel[2]:.4g} {plan.unit}"

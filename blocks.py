@@ -1548,7 +1548,8 @@ def _already_complete(run: _Run, record: Dict[str, Any], model: nn.Module) -> Di
         warnings.warn(f"'{run.output}' is complete, but the leftovers of its run could not be removed: {error}",
                       ToolWarning)
     print(f"'{run.output}' is already complete; nothing to resume.")
-    return {"state": "complete", "blocks": len(run.plan), "skipped": len(run.plan), "restored": 0, "train_s": 0.0,
+    return {"state": "complete", "already_complete": True, "blocks": len(run.plan), "skipped": len(run.plan),
+            "restored": 0, "train_s": 0.0,
             "restore_s": 0.0, "label_blocks_inexact": 0, "model": model,
             "layout": zarr_io.layout_from_record(record["layout"], run.output), "value_range": run.value_range}
 

@@ -169,11 +169,11 @@ class RestorePlan:
         """Peak memory of this process in a block-wise run, an estimate: the input it holds (a file is read whole;
         of a store, the kept slices' windows the training reads, ``blocks.TRAINING_BYTES`` at most) beside the
         training, or, where the blocks run in this process too (no ``--workers``, no ``--scheduler``), beside the
-        largest block task."""
-        n_kept, height, width = self.shape_khw
+        largest block task; a conversion (factor 1) reads the whole input, store or file."""
+        if self.factor == 1:  # a conversion reads the whole input and runs no network
+            return int(self.input_held_bytes() + PROCESS_BYTES)
         if zarr_io.is_zarr_path(self.path):
-            per_voxel = self.input_held_bytes() / (n_kept * height * width)
-            held = min(blocks.TRAINING_BYTES * per_voxel, self.input_held_bytes()) if self.trained else 0
+            held = min(blocks.TRAINING_BYTES, self.input_held_bytes()) if self.trained else 0
         else:
             held = self.input_held_bytes()
         working = self.training_bytes()

@@ -350,6 +350,29 @@ def test_where_every_boundary_is_0_the_0_rule_is_the_probability_alone(monkeypat
     assert ((restored[between] == 0) & (probabilities[between] >= 0.5)).sum() > 100  # the rule paints there
 
 
+def test_zero_share_of_a_window_is_the_whole_slices():
+    """labeling.zero_share_reach is how far the share of 0 among the boundaries depends on the kept slice: a window
+    that reaches that far around a region gives the whole slice's share there, bit for bit; one pixel less does not."""
+    from labeling import zero_boundary_share, zero_share_reach
+    from morph import label_boundaries
+    from phantoms import make_organ_labels
+
+    ids = make_organ_labels((1, 80, 96), seed=5, n_cells=40)[0]
+    boundaries = label_boundaries(ids[None])[0]  # of the whole slice: a window gets them so (blocks.LabelBoundaries)
+    whole = zero_boundary_share(ids, boundaries, 1.0)
+    region = (slice(56, 70), slice(30, 66))  # across the organ's edge: cells, their interfaces, the background
+    assert whole[region].min() == 0 and whole[region].max() == 1 and ((whole[region] > 0) & (whole[region] < 1)).any()
+
+    def in_window(margin):
+        rows, cols = slice(56 - margin, 70 + margin), slice(30 - margin, 66 + margin)
+        share = zero_boundary_share(ids[rows, cols], boundaries[rows, cols], 1.0)
+        return share[margin:-margin, margin:-margin]
+
+    reach = zero_share_reach()
+    np.testing.assert_array_equal(in_window(reach), whole[region])
+    assert not np.array_equal(in_window(reach - 2), whole[region])
+
+
 def test_shape_prior_moves_the_ids_as_shape_based_interpolation_where_the_network_is_unsure():
     """With a boundary probability that says nothing (0 everywhere), the watershed alone floods in hash order;
     with the shape-based interfaces in the elevation the ids follow per-label shape-based interpolation, which
@@ -678,11 +701,16 @@ def test_block_wise_dense_labels_equal_the_in_memory_ones(tmp_path, factor, with
                 "BASE_FILTERS": 4, "BATCH_SIZE": 4, "INFERENCE_TILE_SIZE": 32, "INFERENCE_BATCH_SIZE": 8,
                 "PRECISION": "fp32", "DEVICE": "cpu", "MIN_CONTENT_RATIO": 0.0, "START_FROM": "scratch",
                 "BLOCK_SIZE": 32}
+    # The organ: no shape prior and the smallest first halo, so that the windows start smaller than the slices and
+    # grow only as far as the ids need (the share of 0's own reach: test_zero_share_of_a_window_is_the_whole_slices).
+    organ = with_zero == "organ"
+    settings.update({"SHAPE_PRIOR": 0.0} if organ else {})
     restored, probabilities, model, _ = restore_stack(kept_ids != 0, factor, settings, labels=kept_ids)
     out = tmp_path / "out.ome.zarr"
     summary = blocks.restore_to_ome_zarr(kept_ids != 0, out, factor, settings,
                                          blocks.OutputMetadata((1.0, 1.0, 1.0), "um", label_name="cells"),
-                                         model=model, labels_source=kept_ids, label_rule="dense", progress=False)
+                                         model=model, labels_source=kept_ids, label_rule="dense", progress=False,
+                                         **({"label_halo": 1} if organ else {}))
     ids = np.asarray(zarr.open_array(store=str(out / "labels" / "cells"), path="s0", mode="r")[:])
     mask = np.asarray(zarr.open_array(store=str(out), path="s0", mode="r")[:])
     assert summary["state"] == "complete" and summary["label_blocks_inexact"] == 0
