@@ -128,10 +128,11 @@ def output_path_for(input_path: Path, output: Path, n_inputs: int, choice: Stack
     return output / f"{tiff_stem(input_path)}{chosen}_restored{suffix}"
 
 
-def output_label_name(path: Path, image) -> str:
-    """The name of the label image an OME-Zarr output of label ids holds (``OUT.ome.zarr/labels/<name>``): the
-    input store's name, or the input file's stem."""
-    return image.name if image is not None else tiff_stem(path)
+def output_label_name(path: Path) -> str:
+    """The name of the label image an OME-Zarr output of label ids holds (``OUT.ome.zarr/labels/<name>``), and of
+    a converted image: the input store's name (``zarr_io.zarr_stem``, as its ``ZarrImage.name``), or the input
+    file's stem."""
+    return zarr_io.zarr_stem(path) if zarr_io.is_zarr_path(path) else tiff_stem(path)
 
 
 def zarr_image_stem(path: Path) -> str:
@@ -382,7 +383,7 @@ def plan_input(args: argparse.Namespace, path: Path, target: Path, kind: str, se
                        levels=image.levels if image is not None else 1,
                        label_images=() if image is None else tuple(f"{image.path.rstrip('/')}/labels/{name}"
                                                                     for name in image.label_images),
-                       label_name=output_label_name(path, image) if decided == "labels" and to_zarr else None)
+                       label_name=output_label_name(path) if decided == "labels" and to_zarr else None)
 
 
 def value_sample(path: Path, image, choice: StackChoice) -> np.ndarray:
@@ -642,7 +643,7 @@ def convert_isotropic(args: argparse.Namespace, plan: RestorePlan) -> None:
     if plan.kind == "intensity":
         stack = stack.astype(plan.grey_out_dtype, copy=False)
     if to_zarr:
-        name = zarr_io.zarr_stem(plan.path) if zarr_io.is_zarr_path(plan.path) else tiff_stem(plan.path)
+        name = output_label_name(plan.path)
         zarr_io.write_image(plan.target, stack, plan.voxel_in_zyx, plan.unit, plan.translation_zyx,
                             plan.settings.large.ngff_version,
                             plan.kind, labels, name, overwrite=args.overwrite, mask_values=plan.written_mask_values)
@@ -696,7 +697,7 @@ def restore_into_ome_zarr(args: argparse.Namespace, plan: RestorePlan, model) ->
         labels = image if plan.kind == "labels" else None
     else:  # OME-Zarr holds ids beyond a TIFF's 65535
         source, labels = read_typed_stack(path, plan.kind, threshold, label_dtype=None, choice=plan.choice)[1:]
-    name = output_label_name(path, image if zarr_io.is_zarr_path(path) else None)
+    name = output_label_name(path)
     probabilities = None if args.save_probabilities == "none" else args.save_probabilities
     config = dict(model_config(settings, factor, plan.training_kind() if plan.trained else None), kind=plan.kind,
                   **({"restores": "boundaries" if plan.dense_labels else "foreground"} if labels is not None else {}))

@@ -318,6 +318,10 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
     on_grid = dict(zip(kept_on_grid.tolist(), z_on_grid.tolist()))
     blend_weights = bracket(positions, depth)[2]  # of each output slice between its two kept slices
 
+    @functools.lru_cache(maxsize=2)  # a kept slice closes one gap and opens the next
+    def zero_share(k: int) -> np.ndarray:
+        return zero_boundary_share(sparse_labels_khw[k], boundaries_khw[k], 1.0)
+
     def kept_plane(k: int) -> np.ndarray:
         """Elevation of kept slice k: its output slice where it has one, else its own boundary mask."""
         if k in on_grid:
@@ -351,8 +355,8 @@ def grow_labels(boundary_probabilities_dhw: np.ndarray, sparse_labels_khw: np.nd
             flooded += shape_prior * interfaces
         grown = watershed(flooded + TIE_BREAK * position_hash(z_planes, elevation.shape[1:], origin_zyx[1:]), markers)
         if drawn_boundaries:
-            share_a = zero_boundary_share(sparse_labels_khw[k], boundaries_khw[k], 1.0)
-            share_b = zero_boundary_share(sparse_labels_khw[k + 1], boundaries_khw[k + 1], 1.0) if closed else share_a
+            share_a = zero_share(k)
+            share_b = zero_share(k + 1) if closed else share_a
             for i, weight in enumerate(blend_weights[first:end], start=1):
                 sure = elevation[i] >= threshold * scale
                 sure &= (1.0 - weight) * share_a + weight * share_b >= 0.5

@@ -192,13 +192,13 @@ class RestorePlan:
             return [f"memory: about {human_bytes(self.memory_bytes())} (estimate)"]
         if self.factor == 1:  # a conversion: no block is restored
             return [f"memory: about {human_bytes(self.process_bytes())} (estimate)"]
-        trains = " and the training" if self.trained else ""
         if self.in_process():
+            beside = "the largest block or the training" if self.trained else "the largest block"
             return [f"memory: about {human_bytes(self.process_bytes())} (estimate: the input this process holds, "
-                    f"with the largest block{trains.replace(' and', ' or')}; --workers N runs the blocks apart)"]
+                    f"with {beside}; --workers N runs the blocks apart)"]
         return [f"memory per worker: about {human_bytes(self.memory_bytes())} (estimate)",
                 f"memory of this process: about {human_bytes(self.process_bytes())} (estimate: the input it "
-                f"holds{trains})"]
+                f"holds{' and the training' if self.trained else ''})"]
 
     def training_bytes(self) -> int:
         """Memory of the training beside the stack: its samples (the training line's figure) and one batch's

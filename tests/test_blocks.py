@@ -3,6 +3,7 @@ engine, in this process, on a local cluster and on a real scheduler; retries, re
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -849,3 +850,23 @@ def test_resume_compares_the_channel_planes_spacing_in_voxels():
     # Recorded by this version: the rule and a typed stride of the same spacing are one run; another is not.
     assert blocks._plan_differences(by_kind, {**by_kind, "inference": {**typed["inference"], "channel_stride": 4}}) == []
     assert blocks._plan_differences(by_kind, typed) == ["inference (channel_stride 4 -> 8)"]
+
+
+def test_the_plan_counts_what_the_training_reads_of_a_store(tmp_path, capsys, monkeypatch):
+    """Of an OME-Zarr input the process that trains holds at most blocks.TRAINING_BYTES of kept slices: the plan's
+    figure for it moves with that cap byte for byte while the store is larger, and not past it."""
+    from test_first_contact import plan_of, run_apply
+
+    mask = np.zeros((16, 256, 256), np.uint8)
+    mask[:, 50:100, 50:100] = 1
+    write_input(tmp_path / "in.ome.zarr", mask, voxel=(2.0, 0.5, 0.5))  # factor 4; 2 MiB as the engine holds it
+
+    def process_mib(cap):
+        monkeypatch.setattr(blocks, "TRAINING_BYTES", cap)
+        status, printed, err = run_apply(capsys, "--input", tmp_path / "in.ome.zarr", "--output",
+                                         tmp_path / "o.ome.zarr", "--dry-run", "--workers", "2")
+        assert status == 0, err
+        return float(re.match(r"about ([\d.]+) MiB", plan_of(printed)["memory of this process"]).group(1))
+
+    assert process_mib(2**20) - process_mib(2**19) == pytest.approx(0.5, abs=0.1)
+    assert process_mib(2**23) == process_mib(2**22)  # past the store's size the cap no longer counts

@@ -352,7 +352,8 @@ def test_where_every_boundary_is_0_the_0_rule_is_the_probability_alone(monkeypat
 
 def test_zero_share_of_a_window_is_the_whole_slices():
     """labeling.zero_share_reach is how far the share of 0 among the boundaries depends on the kept slice: a window
-    that reaches that far around a region gives the whole slice's share there, bit for bit; one pixel less does not."""
+    that reaches that far around a region gives the whole slice's share there, bit for bit (the boundaries given
+    are the whole slice's: the reach's pixel for label_boundaries is spare here); two pixels less does not."""
     from labeling import zero_boundary_share, zero_share_reach
     from morph import label_boundaries
     from phantoms import make_organ_labels
